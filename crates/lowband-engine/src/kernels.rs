@@ -1,0 +1,447 @@
+//! The GPT kernels, each forward beside its backward (llm.c style).
+//!
+//! Shapes in the comments: B batch, T time, C channels, NH heads, hs = C / NH, V vocab,
+//! IC / OC a matmul's input / output channels, N = B * T rows. All buffers are row-major.
+//! Backward kernels **overwrite** their outputs unless their doc says they accumulate.
+//! Reductions run over fixed-size row groups and are summed in group order, so results are the same
+//! bitwise whatever the thread count; matmuls come from `gemm`, which splits work over output
+//! blocks only (never over the summed dimension).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows per parallel task in the row-wise kernels and their reductions. Fixed (not derived from the
+/// thread count) so that the reduction order, and therefore every bit of the result, is too.
+pub const ROWS_PER_TASK: usize = 64;
+
+/// Number of row groups the reductions over N rows use (the size of their scratch, in groups).
+pub fn row_groups(rows: usize) -> usize {
+    rows.div_ceil(ROWS_PER_TASK)
+}
+
+/// A strided matrix operand: element (i, j) is at `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix whose rows are `row_stride` apart.
+    pub fn rows(data: &'a [f32], row_stride: usize) -> Self {
+        Mat { data, row_stride, col_stride: 1 }
+    }
+    /// The transpose of a row-major matrix whose rows are `row_stride` apart.
+    pub fn transposed(data: &'a [f32], row_stride: usize) -> Self {
+        Mat { data, row_stride: 1, col_stride: row_stride }
+    }
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.row_stride + (cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix operand out of bounds");
+        }
+    }
+}
+
+/// `dst[m, n] = scale * lhs[m, k] · rhs[k, n]` (+ the old `dst` if `accumulate`), with `dst` rows
+/// `dst_row_stride` apart. Bounds are checked once per call, then `gemm` does the work.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    lhs.check(m, k);
+    rhs.check(k, n);
+    Mat::rows(dst, dst_row_stride).check(m, n);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_row_stride..i * dst_row_stride + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: every index gemm touches is within the bounds checked above; dst does not alias
+    // lhs or rhs (it is a distinct &mut borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+fn all_threads() -> Parallelism {
+    Parallelism::Rayon(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoder: x[b, t] = wte[token[b, t]] + wpe[t]
+
+/// out (N, C) from tokens (N,) laid out as B rows of T; wte (V, C), wpe (>=T, C).
+pub fn encoder_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t_len: usize, c: usize) {
+    out.par_chunks_mut(c).zip(tokens.par_iter()).enumerate().for_each(|(row, (o, &tok))| {
+        let t = row % t_len;
+        let e = &wte[tok as usize * c..][..c];
+        let p = &wpe[t * c..][..c];
+        for i in 0..c {
+            o[i] = e[i] + p[i];
+        }
+    });
+}
+
+/// Accumulates into dwte (V, C) (the tied head wrote it first); overwrites dwpe rows 0..T.
+pub fn encoder_backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &[f32],
+    tokens: &[u32],
+    b_len: usize,
+    t_len: usize,
+    c: usize,
+) {
+    dwpe[..t_len * c].par_chunks_mut(c).enumerate().for_each(|(t, d)| {
+        d.fill(0.0);
+        for b in 0..b_len {
+            let src = &dout[(b * t_len + t) * c..][..c];
+            for i in 0..c {
+                d[i] += src[i];
+            }
+        }
+    });
+    for (row, &tok) in tokens.iter().enumerate() {
+        let d = &mut dwte[tok as usize * c..][..c];
+        let src = &dout[row * c..][..c];
+        for i in 0..c {
+            d[i] += src[i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm: y = (x - mean) * rstd * weight + bias, per row of C
+
+/// out, x (N, C); mean, rstd (N,).
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    c: usize,
+) {
+    out.par_chunks_mut(c)
+        .zip(mean.par_iter_mut())
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(c))
+        .with_min_len(8)
+        .for_each(|(((o, m), r), xr)| {
+            let mu = xr.iter().sum::<f32>() / c as f32;
+            let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            let s = 1.0 / (var + crate::config::LAYER_NORM_EPSILON).sqrt();
+            for i in 0..c {
+                o[i] = (xr[i] - mu) * s * weight[i] + bias[i];
+            }
+            *m = mu;
+            *r = s;
+        });
+}
+
+/// Accumulates into dx (N, C); overwrites dweight, dbias (C,). `partials` holds
+/// `row_groups(N) * 2C` floats of scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dx: &mut [f32],
+    dweight: &mut [f32],
+    dbias: &mut [f32],
+    partials: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    weight: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
+    let rows = mean.len();
+    let groups = row_groups(rows);
+    let partials = &mut partials[..groups * 2 * c];
+    dx.par_chunks_mut(ROWS_PER_TASK * c).zip(partials.par_chunks_mut(2 * c)).enumerate().for_each(
+        |(g, (dx_group, part))| {
+            part.fill(0.0);
+            let (pw, pb) = part.split_at_mut(c);
+            for (j, dxr) in dx_group.chunks_mut(c).enumerate() {
+                let row = g * ROWS_PER_TASK + j;
+                let (xr, dor) = (&x[row * c..][..c], &dout[row * c..][..c]);
+                let (mu, s) = (mean[row], rstd[row]);
+                let mut dnorm_mean = 0.0f32;
+                let mut dnorm_norm_mean = 0.0f32;
+                for i in 0..c {
+                    let norm = (xr[i] - mu) * s;
+                    let dnorm = weight[i] * dor[i];
+                    dnorm_mean += dnorm;
+                    dnorm_norm_mean += dnorm * norm;
+                }
+                dnorm_mean /= c as f32;
+                dnorm_norm_mean /= c as f32;
+                for i in 0..c {
+                    let norm = (xr[i] - mu) * s;
+                    let dnorm = weight[i] * dor[i];
+                    pb[i] += dor[i];
+                    pw[i] += norm * dor[i];
+                    dxr[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+                }
+            }
+        },
+    );
+    dweight.fill(0.0);
+    dbias.fill(0.0);
+    for part in partials.chunks(2 * c) {
+        for i in 0..c {
+            dweight[i] += part[i];
+            dbias[i] += part[c + i];
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear: out = x · Wᵀ + bias, W stored (OC, IC)
+
+/// out (N, OC) from x (N, IC), weight (OC, IC), bias (OC,).
+pub fn linear_forward(out: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, ic: usize, oc: usize) {
+    let n = x.len() / ic;
+    if let Some(bias) = bias {
+        out.par_chunks_mut(oc).with_min_len(16).for_each(|row| row.copy_from_slice(bias));
+    }
+    matmul(
+        out,
+        oc,
+        (n, oc, ic),
+        Mat::rows(x, ic),
+        Mat::transposed(weight, ic),
+        1.0,
+        bias.is_some(),
+        all_threads(),
+    );
+}
+
+/// Overwrites dx (N, IC) (if given), dweight (OC, IC) and dbias (OC,) (if given) from dout (N, OC).
+/// `ones` is N ones (the bias gradient is the matmul onesᵀ · dout, which keeps it deterministic).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    x: &[f32],
+    weight: &[f32],
+    ones: &[f32],
+    ic: usize,
+    oc: usize,
+) {
+    let n = x.len() / ic;
+    if let Some(dx) = dx {
+        matmul(dx, ic, (n, ic, oc), Mat::rows(dout, oc), Mat::rows(weight, ic), 1.0, false, all_threads());
+    }
+    matmul(dweight, ic, (oc, ic, n), Mat::transposed(dout, oc), Mat::rows(x, ic), 1.0, false, all_threads());
+    if let Some(dbias) = dbias {
+        matmul(dbias, oc, (1, oc, n), Mat::rows(&ones[..n], n), Mat::rows(dout, oc), 1.0, false, all_threads());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal self-attention: per (b, head), P = softmax(mask(q kᵀ / sqrt(hs))), y = P v
+
+/// y (B, T, C) and probabilities att (B, NH, T, T) from qkv (B, T, 3C). Masked entries of att are 0.
+pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: usize, c: usize, nh: usize) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    y.par_chunks_mut(t_len * c).zip(att.par_chunks_mut(nh * t_len * t_len)).enumerate().for_each(
+        |(b, (y_b, att_b))| {
+            let qkv_b = &qkv[b * t_len * 3 * c..][..t_len * 3 * c];
+            for h in 0..nh {
+                let p = &mut att_b[h * t_len * t_len..][..t_len * t_len];
+                let q = Mat::rows(&qkv_b[h * hs..], 3 * c);
+                let k_t = Mat::transposed(&qkv_b[c + h * hs..], 3 * c);
+                matmul(p, t_len, (t_len, t_len, hs), q, k_t, scale, false, Parallelism::None);
+                for (t, row) in p.chunks_mut(t_len).enumerate() {
+                    softmax_causal_row(row, t + 1);
+                }
+                let v = Mat::rows(&qkv_b[2 * c + h * hs..], 3 * c);
+                matmul(&mut y_b[h * hs..], c, (t_len, hs, t_len), Mat::rows(p, t_len), v, 1.0, false, Parallelism::None);
+            }
+        },
+    );
+}
+
+fn softmax_causal_row(row: &mut [f32], visible: usize) {
+    let (live, masked) = row.split_at_mut(visible);
+    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in live.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in live.iter_mut() {
+        *v *= inv;
+    }
+    masked.fill(0.0);
+}
+
+/// Overwrites dqkv (B, T, 3C) from dy (B, T, C); datt (B, NH, T, T) is scratch.
+pub fn attention_backward(
+    dqkv: &mut [f32],
+    datt: &mut [f32],
+    dy: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    t_len: usize,
+    c: usize,
+    nh: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let tt = t_len * t_len;
+    dqkv.par_chunks_mut(t_len * 3 * c).zip(datt.par_chunks_mut(nh * tt)).enumerate().for_each(
+        |(b, (dqkv_b, datt_b))| {
+            let qkv_b = &qkv[b * t_len * 3 * c..][..t_len * 3 * c];
+            let dy_b = &dy[b * t_len * c..][..t_len * c];
+            for h in 0..nh {
+                let p = &att[(b * nh + h) * tt..][..tt];
+                let dp = &mut datt_b[h * tt..][..tt];
+                let dy_h = Mat::rows(&dy_b[h * hs..], c);
+                let none = Parallelism::None;
+                // dP = dy · vᵀ ; dv = Pᵀ · dy
+                matmul(dp, t_len, (t_len, t_len, hs), dy_h, Mat::transposed(&qkv_b[2 * c + h * hs..], 3 * c), 1.0, false, none);
+                matmul(&mut dqkv_b[2 * c + h * hs..], 3 * c, (t_len, hs, t_len), Mat::transposed(p, t_len), dy_h, 1.0, false, none);
+                // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place
+                for (t, (dp_row, p_row)) in dp.chunks_mut(t_len).zip(p.chunks(t_len)).enumerate() {
+                    let visible = t + 1;
+                    let dot: f32 = dp_row[..visible].iter().zip(&p_row[..visible]).map(|(a, b)| a * b).sum();
+                    for j in 0..visible {
+                        dp_row[j] = p_row[j] * (dp_row[j] - dot);
+                    }
+                    dp_row[visible..].fill(0.0);
+                }
+                let ds = &*dp;
+                // dq = dS · k · scale ; dk = dSᵀ · q · scale
+                matmul(&mut dqkv_b[h * hs..], 3 * c, (t_len, hs, t_len), Mat::rows(ds, t_len), Mat::rows(&qkv_b[c + h * hs..], 3 * c), scale, false, none);
+                matmul(&mut dqkv_b[c + h * hs..], 3 * c, (t_len, hs, t_len), Mat::transposed(ds, t_len), Mat::rows(&qkv_b[h * hs..], 3 * c), scale, false, none);
+            }
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU, tanh approximation (GPT-2's `gelu_new`, PyTorch's `approximate='tanh'`)
+
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
+const GELU_CUBIC: f32 = 0.044_715;
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+pub fn gelu_forward(out: &mut [f32], x: &[f32]) {
+    out.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+            *o = 0.5 * x * (1.0 + u.tanh());
+        }
+    });
+}
+
+/// Overwrites dx.
+pub fn gelu_backward(dx: &mut [f32], x: &[f32], dout: &[f32]) {
+    dx.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(x.par_chunks(ELEMENTS_PER_TASK))
+        .zip(dout.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|((dx, x), dout)| {
+            for ((d, &x), &g) in dx.iter_mut().zip(x).zip(dout) {
+                let u = GELU_SCALE * (x + GELU_CUBIC * x * x * x);
+                let th = u.tanh();
+                let sech2 = 1.0 - th * th;
+                let local = 0.5 * (1.0 + th) + 0.5 * x * sech2 * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x);
+                *d = local * g;
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual: out = a + b (in place: a += b)
+
+pub fn residual_add(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(ELEMENTS_PER_TASK).zip(b.par_chunks(ELEMENTS_PER_TASK)).for_each(|(a, b)| {
+        for (a, b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax + cross-entropy over V per row
+
+/// probs (N, V) and per-row losses (N,) from logits (N, V) and targets (N,).
+pub fn crossentropy_forward(probs: &mut [f32], losses: &mut [f32], logits: &[f32], targets: &[u32], v: usize) {
+    probs.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(logits.par_chunks(v)).zip(targets.par_iter()).with_min_len(8).for_each(
+        |(((p, loss), l), &target)| {
+            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for (p, &l) in p.iter_mut().zip(l) {
+                *p = (l - max).exp();
+                sum += *p;
+            }
+            let inv = 1.0 / sum;
+            for p in p.iter_mut() {
+                *p *= inv;
+            }
+            *loss = sum.ln() + max - l[target as usize];
+        },
+    );
+}
+
+/// Overwrites dlogits (N, V) with d(mean loss)/d logits = (probs − onehot) · dloss.
+pub fn crossentropy_backward(dlogits: &mut [f32], probs: &[f32], targets: &[u32], dloss: f32, v: usize) {
+    dlogits.par_chunks_mut(v).zip(probs.par_chunks(v)).zip(targets.par_iter()).with_min_len(8).for_each(
+        |((d, p), &target)| {
+            for (d, &p) in d.iter_mut().zip(p) {
+                *d = p * dloss;
+            }
+            d[target as usize] -= dloss;
+        },
+    );
+}
+
+/// Sum of squares of a buffer in f64, reduced over fixed-size groups in order (deterministic).
+/// `partials` is reused scratch (no allocation once it has grown).
+pub fn sum_of_squares(x: &[f32], partials: &mut Vec<f64>) -> f64 {
+    x.par_chunks(ELEMENTS_PER_TASK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .collect_into_vec(partials);
+    partials.iter().sum()
+}
