@@ -3,6 +3,8 @@
 
 mod alloc_count;
 mod bench;
+mod engine_cmds;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -21,9 +23,35 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train one model at one site (the default when no command is given).
+    Train(train::TrainArgs),
+    /// Write a freshly initialized checkpoint.
+    Init(engine_cmds::InitArgs),
+    /// Mean next-byte loss of a checkpoint over a file, in non-overlapping context windows.
+    Eval(engine_cmds::EvalArgs),
+    /// Generate text from a checkpoint.
+    Sample(engine_cmds::SampleArgs),
+    /// Export a checkpoint to another format.
+    #[command(subcommand)]
+    Export(ExportCommand),
+    /// Import a checkpoint from another format.
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// Benchmarks (results go into docs/results.md with their command).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCommand {
+    /// Hugging Face GPT-2 layout (config.json + model.safetensors), loadable by `transformers`.
+    Hf(engine_cmds::ExportArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImportCommand {
+    /// From a Hugging Face GPT-2 directory (f32).
+    Hf(engine_cmds::ImportArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,7 +74,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }
     match cli.command {
+        None => match Cli::parse_from(["lowband", "train"]).command {
+            Some(Command::Train(defaults)) => train::run(&defaults),
+            _ => unreachable!("`lowband train` parses to the train command"),
+        },
+        Some(Command::Train(args)) => train::run(&args),
+        Some(Command::Init(args)) => engine_cmds::init(&args),
+        Some(Command::Eval(args)) => engine_cmds::eval(&args),
+        Some(Command::Sample(args)) => engine_cmds::sample(&args),
+        Some(Command::Export(ExportCommand::Hf(args))) => engine_cmds::export_hf(&args),
+        Some(Command::Import(ImportCommand::Hf(args))) => engine_cmds::import_hf(&args),
         Some(Command::Bench(BenchCommand::Engine(args))) => bench::run(&args),
-        None => Ok(()),
     }
 }

@@ -1,0 +1,166 @@
+//! Engine commands: init, eval, export hf, import hf, sample.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use lowband_engine::checkpoint::{self, Checkpoint};
+use lowband_engine::sample::{generate, SampleConfig};
+use lowband_engine::{hf, preset, Gpt};
+use serde::Serialize;
+
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// Model preset (tiny, small, ref).
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoint directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn init(args: &InitArgs) -> Result<()> {
+    let p = preset(&args.preset)?;
+    let model = Gpt::new(p.model, args.seed)?;
+    checkpoint::save(&args.out, &p.model, model.params(), None, serde_json::json!({ "preset": p.name, "seed": args.seed }))?;
+    println!("wrote {} ({} parameters, preset {}, seed {})", args.out.display(), p.model.parameter_count(), p.name, args.seed);
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text file to evaluate on (its bytes are the tokens).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct EvalReport {
+    /// Mean next-byte cross-entropy, nats.
+    loss: f64,
+    bits_per_byte: f64,
+    windows: usize,
+    tokens: usize,
+}
+
+pub fn load_model(dir: &std::path::Path) -> Result<Gpt> {
+    let Checkpoint { config, params, .. } = checkpoint::load(dir)?;
+    Ok(Gpt::from_params(config, params)?)
+}
+
+pub fn byte_level(model: &Gpt) -> Result<()> {
+    if model.config().vocab_size != 256 {
+        bail!("this command reads text as bytes and needs a byte-level model (vocab_size 256), not {}", model.config().vocab_size);
+    }
+    Ok(())
+}
+
+/// Mean loss over all non-overlapping full windows, `batch` windows per forward pass.
+pub fn mean_loss(model: &mut Gpt, inputs: &[u32], targets: &[u32], windows: usize, batch: usize) -> Result<f64> {
+    let t = inputs.len() / windows.max(1);
+    let mut total = 0.0;
+    for start in (0..windows).step_by(batch) {
+        let count = batch.min(windows - start);
+        let range = start * t..(start + count) * t;
+        let loss = model.forward(&inputs[range.clone()], Some(&targets[range]), count, t)?.unwrap_or(f32::NAN);
+        total += loss as f64 * count as f64;
+    }
+    Ok(total / windows as f64)
+}
+
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    anyhow::ensure!(args.batch > 0, "--batch: must be at least 1");
+    let mut model = load_model(&args.checkpoint)?;
+    byte_level(&model)?;
+    let bytes = std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let context = model.config().context_length;
+    let (inputs, targets, windows) = lowband_data::corpus::windows(&bytes, context);
+    if windows == 0 {
+        bail!("{}: {} bytes is shorter than one window of {} bytes (context + 1)", args.data.display(), bytes.len(), context + 1);
+    }
+    let loss = mean_loss(&mut model, &inputs, &targets, windows, args.batch)?;
+    let report = EvalReport { loss, bits_per_byte: loss / std::f64::consts::LN_2, windows, tokens: windows * context };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("loss {:.4} nats/byte ({:.4} bits/byte) over {} windows of {} bytes", report.loss, report.bits_per_byte, windows, context);
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Directory to write config.json and model.safetensors into.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn export_hf(args: &ExportArgs) -> Result<()> {
+    let Checkpoint { config, params, .. } = checkpoint::load(&args.checkpoint)?;
+    hf::export(&args.out, &config, &params)?;
+    println!("wrote {} (Hugging Face GPT-2 layout: GPT2LMHeadModel.from_pretrained loads it)", args.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// A Hugging Face GPT-2 directory (config.json + model.safetensors, f32).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Checkpoint directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn import_hf(args: &ImportArgs) -> Result<()> {
+    let (config, params) = hf::import(&args.from)?;
+    checkpoint::save(&args.out, &config, &params, None, serde_json::json!({ "imported_from": args.from.display().to_string() }))?;
+    println!("wrote {} ({} parameters)", args.out.display(), config.parameter_count());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SampleArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "\n")]
+    pub prompt: String,
+    /// Bytes to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely bytes (0 = all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn sample(args: &SampleArgs) -> Result<()> {
+    let mut model = load_model(&args.checkpoint)?;
+    byte_level(&model)?;
+    let text = sample_text(&mut model, &args.prompt, args.tokens, args.temperature, args.top_k, args.seed)?;
+    println!("{}{}", args.prompt, text);
+    Ok(())
+}
+
+/// Continue `prompt` (bytes) and return the new text (lossy UTF-8).
+pub fn sample_text(model: &mut Gpt, prompt: &str, tokens: usize, temperature: f32, top_k: usize, seed: u64) -> Result<String> {
+    let prompt: Vec<u32> = if prompt.is_empty() { vec![b'\n' as u32] } else { prompt.bytes().map(u32::from).collect() };
+    let config = SampleConfig { max_new_tokens: tokens, temperature, top_k, seed };
+    let new = generate(model, &prompt, &config)?;
+    let bytes: Vec<u8> = new.iter().map(|&t| t as u8).collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}

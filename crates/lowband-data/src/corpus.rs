@@ -1,0 +1,266 @@
+//! Byte corpora: reading, the train / validation split, shards, and the batch sampler.
+
+use std::path::{Path, PathBuf};
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// Largest corpus read into memory.
+pub const CORPUS_BYTES_MAX: u64 = 8 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("corpus {0}: is empty")]
+    Empty(String),
+    #[error("corpus {what}: {len} bytes is too short: {reason}")]
+    TooShort { what: String, len: usize, reason: String },
+    #[error("corpus {}: {bytes} bytes exceed the limit of {limit}", path.display())]
+    TooLarge { path: PathBuf, bytes: u64, limit: u64 },
+    #[error("invalid data setting {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// The bytes of a corpus and where they came from.
+#[derive(Clone, Debug)]
+pub struct Corpus {
+    pub bytes: Vec<u8>,
+    pub source: String,
+}
+
+/// Read a file, or every regular file under a directory (sorted by path, each followed by a
+/// newline), as bytes.
+pub fn read_corpus(path: &Path) -> Result<Corpus, DataError> {
+    let io = |e| DataError::Io { path: path.to_path_buf(), source: e };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let mut files = Vec::new();
+    if meta.is_dir() {
+        collect_files(path, &mut files)?;
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut total = 0u64;
+    for f in &files {
+        total += std::fs::metadata(f).map_err(|e| DataError::Io { path: f.clone(), source: e })?.len();
+        if total > CORPUS_BYTES_MAX {
+            return Err(DataError::TooLarge { path: path.to_path_buf(), bytes: total, limit: CORPUS_BYTES_MAX });
+        }
+    }
+    let mut bytes = Vec::with_capacity(total as usize + files.len());
+    for f in &files {
+        let mut content = std::fs::read(f).map_err(|e| DataError::Io { path: f.clone(), source: e })?;
+        bytes.append(&mut content);
+        if meta.is_dir() {
+            bytes.push(b'\n');
+        }
+    }
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(DataError::Empty(path.display().to_string()));
+    }
+    Ok(Corpus { bytes, source: path.display().to_string() })
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| DataError::Io { path: dir.to_path_buf(), source: e })?;
+    for entry in entries {
+        let entry = entry.map_err(|e| DataError::Io { path: dir.to_path_buf(), source: e })?;
+        let kind = entry.file_type().map_err(|e| DataError::Io { path: entry.path(), source: e })?;
+        if kind.is_dir() {
+            collect_files(&entry.path(), out)?;
+        } else if kind.is_file() {
+            out.push(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// How the training split is divided among sites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShardMode {
+    /// Blocks dealt round-robin (at most `IID_BLOCK_BYTES`, and small enough that each site gets
+    /// about 64): every site sees all parts of the corpus.
+    Iid,
+    /// K contiguous regions, one per site (the reference's sharding): sites see different text.
+    NonIid,
+}
+
+/// Largest block of `ShardMode::Iid`.
+pub const IID_BLOCK_BYTES: usize = 1 << 16;
+
+/// The corpus cut into a training part (sharded) and a held-out validation part no site trains on.
+#[derive(Clone, Debug)]
+pub struct Split {
+    pub shards: Vec<Vec<u8>>,
+    pub validation: Vec<u8>,
+    pub train_bytes: usize,
+}
+
+impl Split {
+    /// The first `1 − validation_fraction` of the bytes train, the rest validate (as the
+    /// reference: 95% / 5%); the train part is cut into `sites` shards. Every shard and the
+    /// validation part must hold at least one window of `context + 1` bytes.
+    pub fn new(bytes: &[u8], validation_fraction: f64, sites: usize, mode: ShardMode, context: usize) -> Result<Split, DataError> {
+        if sites == 0 {
+            return Err(DataError::Invalid { field: "sites", reason: "must be at least 1".into() });
+        }
+        if !(validation_fraction > 0.0 && validation_fraction < 1.0) {
+            return Err(DataError::Invalid { field: "validation_fraction", reason: "must be in (0, 1)".into() });
+        }
+        let cut = (bytes.len() as f64 * (1.0 - validation_fraction)) as usize;
+        let (train, validation) = bytes.split_at(cut);
+        let window = context + 1;
+        if validation.len() < window {
+            return Err(DataError::TooShort {
+                what: "validation split".into(),
+                len: validation.len(),
+                reason: format!("needs at least one window of {window} bytes (context + 1)"),
+            });
+        }
+        let shards: Vec<Vec<u8>> = match mode {
+            ShardMode::NonIid => {
+                let len = train.len() / sites;
+                (0..sites).map(|k| train[k * len..(k + 1) * len].to_vec()).collect()
+            }
+            ShardMode::Iid => {
+                let mut shards = vec![Vec::new(); sites];
+                let block_bytes = (train.len() / (sites * 64)).clamp(1, IID_BLOCK_BYTES);
+                for (i, block) in train.chunks(block_bytes).enumerate() {
+                    shards[i % sites].extend_from_slice(block);
+                }
+                shards
+            }
+        };
+        if let Some((k, s)) = shards.iter().enumerate().find(|(_, s)| s.len() < window) {
+            return Err(DataError::TooShort {
+                what: format!("shard of site {k}"),
+                len: s.len(),
+                reason: format!("needs at least one window of {window} bytes; use fewer sites or a longer corpus"),
+            });
+        }
+        Ok(Split { shards, validation: validation.to_vec(), train_bytes: cut })
+    }
+
+    /// Non-overlapping windows of the validation split: (inputs, targets) of `count` x `context`,
+    /// the evaluation protocol of the reference (all (len − 1) / context full windows).
+    pub fn validation_windows(&self, context: usize) -> (Vec<u32>, Vec<u32>, usize) {
+        windows(&self.validation, context)
+    }
+}
+
+/// All non-overlapping full windows of `bytes`: inputs, targets (shifted by one) and their count.
+pub fn windows(bytes: &[u8], context: usize) -> (Vec<u32>, Vec<u32>, usize) {
+    let count = bytes.len().saturating_sub(1) / context;
+    let mut inputs = Vec::with_capacity(count * context);
+    let mut targets = Vec::with_capacity(count * context);
+    for w in 0..count {
+        let start = w * context;
+        inputs.extend(bytes[start..start + context].iter().map(|&b| b as u32));
+        targets.extend(bytes[start + 1..start + context + 1].iter().map(|&b| b as u32));
+    }
+    (inputs, targets, count)
+}
+
+/// Draws batches of random windows from one shard, deterministically from its seed.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    rng: ChaCha8Rng,
+    /// Windows drawn so far (the position to resume from).
+    pub drawn: u64,
+    seed: u64,
+}
+
+impl Sampler {
+    pub fn new(seed: u64) -> Self {
+        Sampler { rng: ChaCha8Rng::seed_from_u64(seed), drawn: 0, seed }
+    }
+
+    /// A sampler that continues after `drawn` windows of a sampler with the same seed.
+    pub fn resume(seed: u64, drawn: u64) -> Self {
+        let mut s = Sampler::new(seed);
+        for _ in 0..drawn {
+            s.rng.next_u64();
+        }
+        s.drawn = drawn;
+        s
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Fill `inputs` and `targets` with `batch` windows of `context` bytes from `shard`.
+    pub fn fill(&mut self, shard: &[u8], batch: usize, context: usize, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) {
+        assert!(shard.len() > context, "shard shorter than a window (checked by Split::new)");
+        inputs.clear();
+        targets.clear();
+        let positions = (shard.len() - context) as u64;
+        for _ in 0..batch {
+            // Lemire-style multiply-shift: uniform enough over < 2^32 positions, one draw each.
+            let start = ((self.rng.next_u64() >> 32) * positions >> 32) as usize;
+            self.drawn += 1;
+            inputs.extend(shard[start..start + context].iter().map(|&b| b as u32));
+            targets.extend(shard[start + 1..start + context + 1].iter().map(|&b| b as u32));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_holds_validation_out_and_shards_cover_train() {
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        for mode in [ShardMode::Iid, ShardMode::NonIid] {
+            let s = Split::new(&bytes, 0.05, 4, mode, 16).unwrap();
+            assert_eq!(s.validation, bytes[190_000..]);
+            let total: usize = s.shards.iter().map(|x| x.len()).sum();
+            assert!(total <= 190_000 && total > 190_000 - 4);
+        }
+        let non_iid = Split::new(&bytes, 0.05, 4, ShardMode::NonIid, 16).unwrap();
+        assert_eq!(non_iid.shards[1], bytes[47_500..95_000]);
+    }
+
+    #[test]
+    fn too_short_corpus_and_zero_sites_are_refused() {
+        assert!(matches!(Split::new(&[1u8; 100], 0.05, 1, ShardMode::Iid, 16), Err(DataError::TooShort { .. })));
+        assert!(matches!(Split::new(&[1u8; 10_000], 0.05, 0, ShardMode::Iid, 16), Err(DataError::Invalid { .. })));
+        assert!(matches!(Split::new(&[1u8; 10_000], 0.05, 1000, ShardMode::NonIid, 16), Err(DataError::TooShort { .. })));
+    }
+
+    #[test]
+    fn sampler_is_deterministic_and_resumes_where_it_stopped() {
+        let shard: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 256) as u8).collect();
+        let (mut a_in, mut a_t, mut b_in, mut b_t) = (vec![], vec![], vec![], vec![]);
+        let mut a = Sampler::new(9);
+        a.fill(&shard, 4, 32, &mut a_in, &mut a_t);
+        a.fill(&shard, 4, 32, &mut a_in, &mut a_t);
+        let mut b = Sampler::resume(9, 4);
+        b.fill(&shard, 4, 32, &mut b_in, &mut b_t);
+        assert_eq!(a_in, b_in);
+        assert_eq!(a_t, b_t);
+        assert_eq!(&a_in[1..32], &a_t[..31], "targets are inputs shifted by one");
+    }
+
+    #[test]
+    fn windows_are_non_overlapping_and_complete() {
+        let bytes: Vec<u8> = (0..100u8).collect();
+        let (inputs, targets, count) = windows(&bytes, 10);
+        assert_eq!(count, 9);
+        assert_eq!(inputs[..10], (0..10).collect::<Vec<u32>>()[..]);
+        assert_eq!(targets[80..90], (81..91).collect::<Vec<u32>>()[..]);
+    }
+
+    #[test]
+    fn missing_and_empty_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(read_corpus(&dir.path().join("nope.txt")), Err(DataError::Io { .. })));
+        let empty = dir.path().join("empty.txt");
+        std::fs::write(&empty, "  \n").unwrap();
+        assert!(matches!(read_corpus(&empty), Err(DataError::Empty(_))));
+    }
+}
