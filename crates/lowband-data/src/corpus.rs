@@ -200,7 +200,7 @@ impl Sampler {
         let positions = (shard.len() - context) as u64;
         for _ in 0..batch {
             // Lemire-style multiply-shift: uniform enough over < 2^32 positions, one draw each.
-            let start = ((self.rng.next_u64() >> 32) * positions >> 32) as usize;
+            let start = (((self.rng.next_u64() >> 32) * positions) >> 32) as usize;
             self.drawn += 1;
             inputs.extend(shard[start..start + context].iter().map(|&b| b as u32));
             targets.extend(shard[start + 1..start + context + 1].iter().map(|&b| b as u32));

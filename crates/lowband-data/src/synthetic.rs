@@ -63,7 +63,7 @@ fn uniform(rng: &mut ChaCha8Rng) -> f64 {
 }
 
 fn below(rng: &mut ChaCha8Rng, n: usize) -> usize {
-    ((rng.next_u64() >> 32) * n as u64 >> 32) as usize
+    (((rng.next_u64() >> 32) * n as u64) >> 32) as usize
 }
 
 impl SyntheticLanguage {

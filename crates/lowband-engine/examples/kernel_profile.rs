@@ -60,4 +60,11 @@ fn main() {
     let logits = fill(n * v);
     total += time("crossentropy_fwd", 20, || crossentropy_forward(&mut probs, &mut losses, &logits, &targets, v));
     println!("{:<28} {total:8.3} ms", "sum (one ref step, approx)");
+    let mut dbias = vec![0.0f32; 4 * c];
+    time("bias grad only, OC=4C (x8)", 20, || {
+        matmul(&mut dbias, 4 * c, (1, 4 * c, n), Mat::rows(&ones, n), Mat::rows(&fch, 4 * c), 1.0, false, gemm::Parallelism::Rayon(0))
+    });
 }
+
+#[allow(dead_code)]
+fn bias_only() {}

@@ -178,7 +178,7 @@ mod tests {
         opt.update(&t, &mut p, &mut g, 0.01).unwrap();
         let decay = 1.0 - 0.01 * 0.1;
         assert!((p[0] - (1.0 * decay - 0.01)).abs() < 1e-6);
-        assert!((p[1] - (-1.0 * decay + 0.01)).abs() < 1e-6);
+        assert!((p[1] - (-decay + 0.01)).abs() < 1e-6);
         assert!((p[2] - 0.5 * decay).abs() < 1e-7);
         assert!((p[3] + 0.01 * 1e-3 / (1e-3 + 1e-8)).abs() < 1e-6);
     }
@@ -188,7 +188,7 @@ mod tests {
         let t = vec![TensorInfo { name: "b".into(), shape: vec![2], offset: 0, len: 2, weight_decay: false }];
         let mut opt = AdamW::new(OptimizerConfig::default(), 2);
         let mut p = vec![0.0; 2];
-        let report = opt.update(&t, &mut p, &mut vec![3.0, 4.0], 0.1).unwrap();
+        let report = opt.update(&t, &mut p, &mut [3.0, 4.0], 0.1).unwrap();
         assert!((report.grad_norm - 5.0).abs() < 1e-6);
         let mut g = vec![f32::NAN, 0.0];
         let before = p.clone();

@@ -51,7 +51,7 @@ fn every_tensor_gradient_matches_central_differences() {
             u.iter_mut().for_each(|v| *v /= norm);
             let analytic: f64 = grads[tensor.range()].iter().zip(&u).map(|(g, u)| (*g as f64) * (*u as f64)).sum();
             let original = model.params()[tensor.range()].to_vec();
-            let mut central = |step: f32, model: &mut Gpt| {
+            let central = |step: f32, model: &mut Gpt| {
                 let mut at = |sign: f32| {
                     for (p, (o, u)) in model.params_mut()[tensor.range()].iter_mut().zip(original.iter().zip(&u)) {
                         *p = o + sign * step * u;
@@ -93,7 +93,7 @@ fn largest_gradient_entries_match_central_differences() {
         order.sort_by(|&a, &b| grads[b].abs().total_cmp(&grads[a].abs()));
         for &i in order.iter().take(3) {
             let original = model.params()[i];
-            let mut central = |step: f32, model: &mut Gpt| {
+            let central = |step: f32, model: &mut Gpt| {
                 model.params_mut()[i] = original + step;
                 let plus = loss(model, &inputs, &targets, b, t);
                 model.params_mut()[i] = original - step;
