@@ -1,0 +1,278 @@
+//! The coordinator's side of a round: membership, deadlines, aggregation, the outer step.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lowband_codec::{Codec, Fp32};
+
+use crate::aggregate::{Aggregator, Mean};
+use crate::outer::{OuterConfig, OuterOptimizer};
+use crate::wire::{self, MessageKind};
+use crate::{ProtocolError, SiteId};
+
+/// Limits and settings; every limit has a unit-suffixed name and a default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Length of the flat parameter buffer.
+    pub params: usize,
+    pub outer: OuterConfig,
+    /// Updates that suffice to close a round once its deadline has passed (a round with every
+    /// member's update closes at once). At least 1.
+    pub quorum: usize,
+    /// Time after a round's start at which it may close on a quorum.
+    pub round_deadline_ms: u64,
+    pub sites_max: usize,
+}
+
+impl CoordinatorConfig {
+    pub fn new(params: usize, outer: OuterConfig) -> Self {
+        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024 }
+    }
+
+    fn validate(&self) -> Result<(), ProtocolError> {
+        let invalid = |field, reason: &str| Err(ProtocolError::InvalidConfig { field, reason: reason.into() });
+        if self.params == 0 {
+            return invalid("params", "must be at least 1");
+        }
+        if self.quorum == 0 {
+            return invalid("quorum", "must be at least 1");
+        }
+        if self.sites_max == 0 {
+            return invalid("sites_max", "must be at least 1");
+        }
+        self.outer.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "outer", reason })
+    }
+
+    /// Largest payload a site may send: one fp32 copy of the parameters plus the codec header.
+    pub fn payload_bytes_max(&self) -> usize {
+        Fp32.payload_bytes(self.params)
+    }
+}
+
+/// Inputs to the coordinator.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    SiteJoined { site: SiteId },
+    SiteLeft { site: SiteId },
+    /// `from` is the sender as the transport authenticated it.
+    PacketArrived { from: SiteId, bytes: &'a [u8] },
+    /// Time passed (deadlines are checked against `now_ms`).
+    Tick,
+}
+
+/// What a closed round did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundReport {
+    pub round: u64,
+    pub contributors: Vec<SiteId>,
+    /// Members that had not reported when the round closed on a quorum.
+    pub missing: Vec<SiteId>,
+    /// L2 norm of the merged delta.
+    pub delta_norm: f32,
+}
+
+/// Outputs of the coordinator, to be carried out by the driver in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Send { to: SiteId, bytes: Vec<u8> },
+    RoundClosed(RoundReport),
+    /// The global state changed (a round closed): save `Coordinator::state` now.
+    Checkpoint { round: u64 },
+    /// A packet was refused and dropped; the reason is for the log and the site's score.
+    Rejected { from: SiteId, reason: ProtocolError },
+}
+
+struct OpenRound {
+    round: u64,
+    started_ms: u64,
+    expected: BTreeSet<SiteId>,
+    received: BTreeMap<SiteId, Vec<f32>>,
+}
+
+/// The coordinator state machine.
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    global: Vec<f32>,
+    outer: OuterOptimizer,
+    aggregator: Box<dyn Aggregator>,
+    codec: Box<dyn Codec>,
+    members: BTreeSet<SiteId>,
+    /// The next round to run (the open one, if any).
+    round: u64,
+    open: Option<OpenRound>,
+    started: bool,
+    /// Delta buffers of closed rounds, reused so that steady state allocates nothing new.
+    spare: Vec<Vec<f32>>,
+    merged: Vec<f32>,
+}
+
+/// What a coordinator must persist to resume: the round, θ and the outer momentum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinatorState {
+    pub round: u64,
+    pub global: Vec<f32>,
+    pub momentum_buffer: Vec<f32>,
+}
+
+impl Coordinator {
+    pub fn new(config: CoordinatorConfig, initial: Vec<f32>) -> Result<Self, ProtocolError> {
+        config.validate()?;
+        if initial.len() != config.params {
+            return Err(ProtocolError::InvalidConfig { field: "params", reason: format!("{} initial values for {} params", initial.len(), config.params) });
+        }
+        let outer = OuterOptimizer::new(config.outer, config.params);
+        let merged = vec![0.0; config.params];
+        Ok(Coordinator {
+            config,
+            global: initial,
+            outer,
+            aggregator: Box::new(Mean),
+            codec: Box::new(Fp32),
+            members: BTreeSet::new(),
+            round: 0,
+            open: None,
+            started: false,
+            spare: Vec::new(),
+            merged,
+        })
+    }
+
+    /// Continue from a saved state (the round in flight when it was saved is run again).
+    pub fn restore(&mut self, state: CoordinatorState) -> Result<(), ProtocolError> {
+        let ok = state.global.len() == self.config.params
+            && (state.momentum_buffer.len() == self.outer.momentum_buffer.len());
+        if !ok {
+            return Err(ProtocolError::InvalidConfig { field: "state", reason: "saved state does not match the parameter count".into() });
+        }
+        self.round = state.round;
+        self.global = state.global;
+        self.outer.momentum_buffer = state.momentum_buffer;
+        self.open = None;
+        Ok(())
+    }
+
+    pub fn state(&self) -> CoordinatorState {
+        CoordinatorState { round: self.round, global: self.global.clone(), momentum_buffer: self.outer.momentum_buffer.clone() }
+    }
+
+    pub fn global(&self) -> &[f32] {
+        &self.global
+    }
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+    pub fn members(&self) -> &BTreeSet<SiteId> {
+        &self.members
+    }
+
+    /// Begin the first round with the sites that have joined so far.
+    pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
+        self.started = true;
+        let mut actions = Vec::new();
+        self.open_round(now_ms, &mut actions);
+        actions
+    }
+
+    pub fn handle(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::SiteJoined { site } => self.on_join(now_ms, site, &mut actions),
+            Event::SiteLeft { site } => {
+                self.members.remove(&site);
+                if let Some(open) = &mut self.open {
+                    open.expected.remove(&site);
+                }
+                self.maybe_close(now_ms, &mut actions);
+            }
+            Event::PacketArrived { from, bytes } => match self.accept_update(from, bytes) {
+                Ok(()) => self.maybe_close(now_ms, &mut actions),
+                Err(reason) => actions.push(Action::Rejected { from, reason }),
+            },
+            Event::Tick => self.maybe_close(now_ms, &mut actions),
+        }
+        actions
+    }
+
+    /// A new member takes part from the next round that opens (join at round boundaries).
+    fn on_join(&mut self, now_ms: u64, site: SiteId, actions: &mut Vec<Action>) {
+        if !self.members.contains(&site) && self.members.len() >= self.config.sites_max {
+            actions.push(Action::Rejected { from: site, reason: ProtocolError::TooManySites(self.config.sites_max) });
+            return;
+        }
+        self.members.insert(site);
+        if self.started && self.open.is_none() {
+            self.open_round(now_ms, actions);
+        }
+    }
+
+    fn open_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        debug_assert!(self.open.is_none());
+        if self.members.is_empty() {
+            return;
+        }
+        let mut payload = Vec::with_capacity(self.codec.payload_bytes(self.global.len()));
+        self.codec.encode(&self.global, &mut payload);
+        for &site in &self.members {
+            actions.push(Action::Send { to: site, bytes: wire::encode(MessageKind::Global, self.round, site, &payload) });
+        }
+        self.open = Some(OpenRound { round: self.round, started_ms: now_ms, expected: self.members.clone(), received: BTreeMap::new() });
+    }
+
+    fn accept_update(&mut self, from: SiteId, bytes: &[u8]) -> Result<(), ProtocolError> {
+        let message = wire::decode(bytes, self.config.payload_bytes_max())?;
+        if message.kind != MessageKind::Update {
+            return Err(ProtocolError::WrongKind(message.kind));
+        }
+        if message.site != from {
+            return Err(ProtocolError::SiteMismatch { claimed: message.site, from });
+        }
+        if !self.members.contains(&from) {
+            return Err(ProtocolError::UnknownSite(from));
+        }
+        let open = self.open.as_mut().ok_or(ProtocolError::NoOpenRound)?;
+        if message.round != open.round {
+            return Err(ProtocolError::WrongRound { expected: open.round, found: message.round });
+        }
+        if !open.expected.contains(&from) {
+            return Err(ProtocolError::NotInRound(from));
+        }
+        if open.received.contains_key(&from) {
+            return Err(ProtocolError::Duplicate { site: from, round: open.round });
+        }
+        let mut delta = self.spare.pop().unwrap_or_else(|| vec![0.0; self.config.params]);
+        if let Err(e) = self.codec.decode(message.payload, &mut delta) {
+            self.spare.push(delta);
+            return Err(e.into());
+        }
+        open.received.insert(from, delta);
+        Ok(())
+    }
+
+    fn maybe_close(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let Some(open) = &self.open else { return };
+        let everyone = !open.received.is_empty() && open.expected.iter().all(|s| open.received.contains_key(s));
+        let deadline_passed = now_ms >= open.started_ms.saturating_add(self.config.round_deadline_ms);
+        let quorum = open.received.len() >= self.config.quorum.min(open.expected.len().max(1));
+        if everyone || (deadline_passed && quorum && !open.received.is_empty()) {
+            self.close_round(now_ms, actions);
+        } else if open.expected.is_empty() {
+            // Every member left: start again with whoever is there.
+            self.open = None;
+            self.open_round(now_ms, actions);
+        }
+    }
+
+    fn close_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        let open = self.open.take().expect("close_round needs an open round");
+        let deltas: Vec<&[f32]> = open.received.values().map(|d| d.as_slice()).collect();
+        self.aggregator.aggregate(&deltas, &mut self.merged);
+        self.outer.step(&mut self.global, &self.merged);
+        let delta_norm = self.merged.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32;
+        let contributors: Vec<SiteId> = open.received.keys().copied().collect();
+        let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();
+        self.spare.extend(open.received.into_values());
+        actions.push(Action::RoundClosed(RoundReport { round: open.round, contributors, missing, delta_norm }));
+        self.round = open.round + 1;
+        actions.push(Action::Checkpoint { round: self.round });
+        self.open_round(now_ms, actions);
+    }
+}

@@ -1,0 +1,149 @@
+//! The envelope every message travels in (design.md's wire rules).
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "LBND"
+//!      4    1 format version (1)
+//!      5    1 kind (1 = update: site -> coordinator, 2 = global: coordinator -> site)
+//!      6    2 reserved, must be 0
+//!      8    8 round (u64 LE)
+//!     16    4 site id (u32 LE): the sender of an update, the addressee of a global
+//!     20    4 payload length (u32 LE)
+//!     24    n payload (a codec payload)
+//!   24+n    4 CRC-32 (IEEE) of bytes 0 .. 24+n
+//! ```
+//! Decoding checks the magic, version, kind and length against the configured limit before it
+//! looks at the payload, and the checksum before it trusts any of it.
+
+pub const MAGIC: [u8; 4] = *b"LBND";
+pub const WIRE_VERSION: u8 = 1;
+pub const HEADER_BYTES: usize = 24;
+pub const TRAILER_BYTES: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MessageKind {
+    /// A site's delta for a round.
+    Update = 1,
+    /// The global parameters a round starts from.
+    Global = 2,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("message truncated: {len} bytes, need {needed}")]
+    Truncated { len: usize, needed: usize },
+    #[error("bad magic {0:?}: not a lowband message")]
+    BadMagic([u8; 4]),
+    #[error("wire format version {0}; this build speaks version {WIRE_VERSION}")]
+    UnsupportedVersion(u8),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("reserved header bytes are not zero")]
+    ReservedNotZero,
+    #[error("payload of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: u64, max: usize },
+    #[error("message length {len} does not match its header ({expected})")]
+    LengthMismatch { len: usize, expected: usize },
+    #[error("checksum {found:08x} does not match the message's {expected:08x}")]
+    BadChecksum { expected: u32, found: u32 },
+}
+
+/// A decoded envelope; the payload borrows from the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub kind: MessageKind,
+    pub round: u64,
+    pub site: u32,
+    pub payload: &'a [u8],
+}
+
+/// Wrap `payload` in an envelope.
+pub fn encode(kind: MessageKind, round: u64, site: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("payload over 4 GiB");
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len() + TRAILER_BYTES);
+    out.extend_from_slice(&MAGIC);
+    out.push(WIRE_VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&round.to_le_bytes());
+    out.extend_from_slice(&site.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Check and open an envelope whose payload may be at most `payload_bytes_max`.
+pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, WireError> {
+    if bytes.len() < HEADER_BYTES + TRAILER_BYTES {
+        return Err(WireError::Truncated { len: bytes.len(), needed: HEADER_BYTES + TRAILER_BYTES });
+    }
+    let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    if bytes[4] != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion(bytes[4]));
+    }
+    let kind = match bytes[5] {
+        1 => MessageKind::Update,
+        2 => MessageKind::Global,
+        other => return Err(WireError::UnknownKind(other)),
+    };
+    if bytes[6] != 0 || bytes[7] != 0 {
+        return Err(WireError::ReservedNotZero);
+    }
+    let round = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let site = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
+    let len = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes")) as usize;
+    if len > payload_bytes_max {
+        return Err(WireError::TooLarge { len: len as u64, max: payload_bytes_max });
+    }
+    let expected = HEADER_BYTES + len + TRAILER_BYTES;
+    if bytes.len() != expected {
+        return Err(WireError::LengthMismatch { len: bytes.len(), expected });
+    }
+    let body = &bytes[..HEADER_BYTES + len];
+    let found = u32::from_le_bytes(bytes[HEADER_BYTES + len..].try_into().expect("4 bytes"));
+    let expected_crc = crc32fast::hash(body);
+    if found != expected_crc {
+        return Err(WireError::BadChecksum { expected: expected_crc, found });
+    }
+    Ok(Message { kind, round, site, payload: &bytes[HEADER_BYTES..HEADER_BYTES + len] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips() {
+        let bytes = encode(MessageKind::Update, 7, 3, b"hello");
+        assert_eq!(bytes.len(), HEADER_BYTES + 5 + TRAILER_BYTES);
+        let m = decode(&bytes, 100).unwrap();
+        assert_eq!((m.kind, m.round, m.site, m.payload), (MessageKind::Update, 7, 3, &b"hello"[..]));
+    }
+
+    #[test]
+    fn every_corruption_is_a_typed_error() {
+        let good = encode(MessageKind::Global, 1, 2, &[9u8; 32]);
+        let with = |i: usize, v: u8| {
+            let mut b = good.clone();
+            b[i] = v;
+            b
+        };
+        assert!(matches!(decode(&good[..10], 100), Err(WireError::Truncated { .. })));
+        assert!(matches!(decode(&with(0, b'X'), 100), Err(WireError::BadMagic(_))));
+        assert_eq!(decode(&with(4, 2), 100), Err(WireError::UnsupportedVersion(2)));
+        assert_eq!(decode(&with(5, 9), 100), Err(WireError::UnknownKind(9)));
+        assert_eq!(decode(&with(6, 1), 100), Err(WireError::ReservedNotZero));
+        assert!(matches!(decode(&good, 31), Err(WireError::TooLarge { len: 32, max: 31 })));
+        assert!(matches!(decode(&good[..good.len() - 1], 100), Err(WireError::LengthMismatch { .. })));
+        assert!(matches!(decode(&with(30, 0), 100), Err(WireError::BadChecksum { .. })));
+        let mut huge = good.clone();
+        huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&huge, 100), Err(WireError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,176 @@
+//! Scenario tests of the round protocol: coordinator and sites driven by hand with a virtual
+//! clock, no IO.
+
+use lowband_protocol::wire::{self, MessageKind};
+use lowband_protocol::{Action, Coordinator, CoordinatorConfig, Event, OuterConfig, ProtocolError, Site, SiteAction, SiteEvent};
+
+const PARAMS: usize = 4;
+
+fn coordinator(outer: OuterConfig, quorum: usize) -> Coordinator {
+    let config = CoordinatorConfig { quorum, round_deadline_ms: 1_000, ..CoordinatorConfig::new(PARAMS, outer) };
+    Coordinator::new(config, vec![1.0, 2.0, 3.0, 4.0]).unwrap()
+}
+
+fn sends(actions: &[Action]) -> Vec<(u32, Vec<u8>)> {
+    actions.iter().filter_map(|a| if let Action::Send { to, bytes } = a { Some((*to, bytes.clone())) } else { None }).collect()
+}
+
+/// Deliver the coordinator's sends to the sites, let each "train" by subtracting `step(site)`,
+/// and return their update packets.
+fn run_sites(sites: &mut [Site], packets: &[(u32, Vec<u8>)], step: impl Fn(u32) -> f32) -> Vec<(u32, Vec<u8>)> {
+    let mut updates = Vec::new();
+    for (to, bytes) in packets {
+        let site = sites.iter_mut().find(|s| s.id() == *to).unwrap();
+        let actions = site.handle(SiteEvent::PacketArrived(bytes)).unwrap();
+        let SiteAction::Train { round } = actions[0] else { panic!("expected Train") };
+        let trained: Vec<f32> = site.round_start().iter().map(|p| p - step(*to)).collect();
+        let actions = site.handle(SiteEvent::TrainingDone { round, params: &trained }).unwrap();
+        let SiteAction::Send(bytes) = &actions[0] else { panic!("expected Send") };
+        updates.push((*to, bytes.clone()));
+    }
+    updates
+}
+
+fn join_all(c: &mut Coordinator, ids: &[u32]) {
+    for &site in ids {
+        assert!(c.handle(0, Event::SiteJoined { site }).is_empty());
+    }
+}
+
+#[test]
+fn rounds_complete_and_every_site_starts_each_round_from_identical_parameters() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 3);
+    let mut sites: Vec<Site> = (0..3).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0, 1, 2]);
+    let mut packets = sends(&c.start(0));
+    for round in 0..3u64 {
+        assert_eq!(packets.len(), 3);
+        // Site k moves every parameter down by k + 1: the mean delta is 2.
+        let updates = run_sites(&mut sites, &packets, |k| (k + 1) as f32);
+        let before = c.global().to_vec();
+        let mut actions = Vec::new();
+        for (from, bytes) in &updates {
+            actions.extend(c.handle(10, Event::PacketArrived { from: *from, bytes }));
+        }
+        let closed: Vec<_> = actions.iter().filter(|a| matches!(a, Action::RoundClosed(_))).collect();
+        assert_eq!(closed.len(), 1, "round {round} closes exactly once");
+        assert!(actions.contains(&Action::Checkpoint { round: round + 1 }));
+        let expected: Vec<f32> = before.iter().map(|p| p - 2.0).collect();
+        assert_eq!(c.global(), expected.as_slice(), "FedAvg lands on the mean of the sites");
+        packets = sends(&actions);
+        for (_, bytes) in &packets {
+            let m = wire::decode(bytes, 1 << 20).unwrap();
+            assert_eq!((m.kind, m.round), (MessageKind::Global, round + 1));
+        }
+    }
+    run_sites(&mut sites, &packets, |_| 0.0);
+    for s in &sites {
+        assert_eq!(s.round_start(), c.global(), "site {} holds the global parameters", s.id());
+    }
+}
+
+#[test]
+fn diloco_nesterov_through_the_protocol_matches_a_hand_computation() {
+    let mut c = coordinator(OuterConfig::DILOCO, 2);
+    let mut sites: Vec<Site> = (0..2).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0, 1]);
+    let packets = sends(&c.start(0));
+    // Sites move by 1 and 3: delta = 2 everywhere. buf = 2; step = 0.7 * (2 + 0.9 * 2) = 2.66.
+    let updates = run_sites(&mut sites, &packets, |k| if k == 0 { 1.0 } else { 3.0 });
+    let mut actions = Vec::new();
+    for (from, bytes) in &updates {
+        actions.extend(c.handle(5, Event::PacketArrived { from: *from, bytes }));
+    }
+    let expected = [1.0 - 2.66f32, 2.0 - 2.66, 3.0 - 2.66, 4.0 - 2.66];
+    for (g, e) in c.global().iter().zip(expected) {
+        assert!((g - e).abs() < 1e-6, "{:?} vs {expected:?}", c.global());
+    }
+}
+
+#[test]
+fn round_closes_on_quorum_when_a_site_is_silent() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 2);
+    let mut sites: Vec<Site> = (0..3).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0, 1, 2]);
+    let packets = sends(&c.start(0));
+    let updates = run_sites(&mut sites, &packets, |_| 1.0);
+    for (from, bytes) in &updates[..2] {
+        assert!(c.handle(100, Event::PacketArrived { from: *from, bytes }).is_empty(), "waits for site 2");
+    }
+    assert!(c.handle(999, Event::Tick).is_empty(), "before the deadline nothing happens");
+    let actions = c.handle(1_000, Event::Tick);
+    let report = actions.iter().find_map(|a| if let Action::RoundClosed(r) = a { Some(r.clone()) } else { None }).unwrap();
+    assert_eq!((report.contributors, report.missing), (vec![0, 1], vec![2]));
+    // The silent site's update, arriving now, belongs to a closed round: refused, no effect.
+    let global = c.global().to_vec();
+    let late = c.handle(1_001, Event::PacketArrived { from: 2, bytes: &updates[2].1 });
+    assert!(matches!(late[..], [Action::Rejected { from: 2, reason: ProtocolError::WrongRound { expected: 1, found: 0 } }]));
+    assert_eq!(c.global(), global.as_slice());
+}
+
+#[test]
+fn below_quorum_the_round_waits_past_its_deadline() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 2);
+    let mut sites: Vec<Site> = (0..3).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0, 1, 2]);
+    let packets = sends(&c.start(0));
+    let updates = run_sites(&mut sites, &packets, |_| 1.0);
+    c.handle(10, Event::PacketArrived { from: 0, bytes: &updates[0].1 });
+    assert!(c.handle(5_000, Event::Tick).is_empty(), "one update is below the quorum of 2");
+    let actions = c.handle(5_001, Event::SiteLeft { site: 2 });
+    assert!(actions.is_empty(), "site 1 is still expected");
+    let actions = c.handle(5_002, Event::PacketArrived { from: 1, bytes: &updates[1].1 });
+    assert!(actions.iter().any(|a| matches!(a, Action::RoundClosed(_))));
+    assert_eq!(sends(&actions).len(), 2, "the next round goes to the two remaining members");
+}
+
+#[test]
+fn forged_duplicate_malformed_and_foreign_packets_are_refused_without_effect() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 2);
+    let mut sites: Vec<Site> = (0..2).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0, 1]);
+    let packets = sends(&c.start(0));
+    let updates = run_sites(&mut sites, &packets, |_| 1.0);
+    let reject = |c: &mut Coordinator, from: u32, bytes: &[u8]| match &c.handle(1, Event::PacketArrived { from, bytes })[..] {
+        [Action::Rejected { reason, .. }] => reason.clone(),
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    assert!(matches!(reject(&mut c, 1, &updates[0].1), ProtocolError::SiteMismatch { claimed: 0, from: 1 }));
+    assert!(matches!(reject(&mut c, 9, &wire::encode(MessageKind::Update, 0, 9, &[])), ProtocolError::UnknownSite(9)));
+    let mut corrupted = updates[0].1.clone();
+    corrupted[30] ^= 1;
+    assert!(matches!(reject(&mut c, 0, &corrupted), ProtocolError::Wire(_)));
+    assert!(matches!(reject(&mut c, 0, &packets[0].1), ProtocolError::WrongKind(MessageKind::Global)));
+    let short_payload = wire::encode(MessageKind::Update, 0, 0, &[1, 2, 0, 0, 0, 0, 0, 128, 127]);
+    assert!(matches!(reject(&mut c, 0, &short_payload), ProtocolError::Codec(_)));
+    let nan: Vec<u8> = [vec![1u8], 4u32.to_le_bytes().to_vec(), [1.0f32, f32::NAN, 0.0, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect()].concat();
+    assert!(matches!(reject(&mut c, 0, &wire::encode(MessageKind::Update, 0, 0, &nan)), ProtocolError::Codec(_)));
+    assert!(c.handle(1, Event::PacketArrived { from: 0, bytes: &updates[0].1 }).is_empty());
+    assert!(matches!(reject(&mut c, 0, &updates[0].1), ProtocolError::Duplicate { site: 0, round: 0 }));
+    assert_eq!(c.global(), &[1.0, 2.0, 3.0, 4.0], "nothing refused changed the parameters");
+    let actions = c.handle(2, Event::PacketArrived { from: 1, bytes: &updates[1].1 });
+    assert!(actions.iter().any(|a| matches!(a, Action::RoundClosed(_))));
+    assert_eq!(c.global(), &[0.0, 1.0, 2.0, 3.0]);
+}
+
+#[test]
+fn a_site_joining_mid_round_takes_part_from_the_next_round() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 1);
+    let mut sites: Vec<Site> = (0..2).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0]);
+    let packets = sends(&c.start(0));
+    assert!(c.handle(3, Event::SiteJoined { site: 1 }).is_empty(), "no packet for the newcomer mid-round");
+    let updates = run_sites(&mut sites, &packets, |_| 1.0);
+    let actions = c.handle(4, Event::PacketArrived { from: 0, bytes: &updates[0].1 });
+    assert!(actions.iter().any(|a| matches!(a, Action::RoundClosed(_))), "round 0 closes with its only member");
+    let next: Vec<u32> = sends(&actions).iter().map(|(to, _)| *to).collect();
+    assert_eq!(next, vec![0, 1]);
+}
+
+#[test]
+fn membership_is_bounded() {
+    let config = CoordinatorConfig { sites_max: 2, ..CoordinatorConfig::new(PARAMS, OuterConfig::FEDAVG) };
+    let mut c = Coordinator::new(config, vec![0.0; PARAMS]).unwrap();
+    join_all(&mut c, &[0, 1]);
+    assert!(matches!(c.handle(0, Event::SiteJoined { site: 2 })[..], [Action::Rejected { reason: ProtocolError::TooManySites(2), .. }]));
+}
