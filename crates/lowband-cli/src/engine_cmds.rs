@@ -63,19 +63,6 @@ pub fn byte_level(model: &Gpt) -> Result<()> {
     Ok(())
 }
 
-/// Mean loss over all non-overlapping full windows, `batch` windows per forward pass.
-pub fn mean_loss(model: &mut Gpt, inputs: &[u32], targets: &[u32], windows: usize, batch: usize) -> Result<f64> {
-    let t = inputs.len() / windows.max(1);
-    let mut total = 0.0;
-    for start in (0..windows).step_by(batch) {
-        let count = batch.min(windows - start);
-        let range = start * t..(start + count) * t;
-        let loss = model.forward(&inputs[range.clone()], Some(&targets[range]), count, t)?.unwrap_or(f32::NAN);
-        total += loss as f64 * count as f64;
-    }
-    Ok(total / windows as f64)
-}
-
 pub fn eval(args: &EvalArgs) -> Result<()> {
     anyhow::ensure!(args.batch > 0, "--batch: must be at least 1");
     let mut model = load_model(&args.checkpoint)?;
@@ -86,7 +73,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     if windows == 0 {
         bail!("{}: {} bytes is shorter than one window of {} bytes (context + 1)", args.data.display(), bytes.len(), context + 1);
     }
-    let loss = mean_loss(&mut model, &inputs, &targets, windows, args.batch)?;
+    let loss = model.mean_loss(&inputs, &targets, windows, args.batch)?;
     let report = EvalReport { loss, bits_per_byte: loss / std::f64::consts::LN_2, windows, tokens: windows * context };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lowband_data::{read_corpus, Sampler, ShardMode, Split, SyntheticLanguage, SyntheticSpec};
 use lowband_engine::{checkpoint, preset, Batch, CpuTrainer, Gpt, LrSchedule, OptimizerConfig, Trainer};
 
-use crate::engine_cmds::{mean_loss, sample_text};
+use crate::engine_cmds::sample_text;
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -86,7 +86,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     bar.finish();
     let train_seconds = start.elapsed().as_secs_f64();
     let (v_in, v_t, windows) = split.validation_windows(t);
-    let validation = mean_loss(&mut trainer.model, &v_in, &v_t, windows, 32)?;
+    let validation = trainer.model.mean_loss(&v_in, &v_t, windows, 32)?;
     println!("trained in {train_seconds:.1} s ({:.0} tokens/s)", (args.steps as usize * batch * t) as f64 / train_seconds);
     print!("validation loss {validation:.4} nats/byte ({:.4} bits/byte)", validation / std::f64::consts::LN_2);
     match floor {

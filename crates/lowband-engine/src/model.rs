@@ -259,6 +259,23 @@ impl Gpt {
         Ok(Some(loss as f32))
     }
 
+    /// Mean loss over `windows` sequences of T = inputs.len() / windows tokens, `batch` sequences
+    /// per forward pass (evaluation: no gradients).
+    pub fn mean_loss(&mut self, inputs: &[u32], targets: &[u32], windows: usize, batch: usize) -> Result<f64> {
+        if windows == 0 || batch == 0 || inputs.len() % windows != 0 {
+            return Err(EngineError::InvalidBatch(format!("{} tokens in {windows} windows, batch {batch}", inputs.len())));
+        }
+        let t = inputs.len() / windows;
+        let mut total = 0.0;
+        for start in (0..windows).step_by(batch) {
+            let count = batch.min(windows - start);
+            let range = start * t..(start + count) * t;
+            let loss = self.forward(&inputs[range.clone()], Some(&targets[range]), count, t)?.unwrap_or(f32::NAN);
+            total += loss as f64 * count as f64;
+        }
+        Ok(total / windows as f64)
+    }
+
     /// Gradients of the mean loss of the last forward pass (which must have had targets) into
     /// the gradient buffer (overwritten).
     pub fn backward(&mut self) -> Result<()> {

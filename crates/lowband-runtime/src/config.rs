@@ -1,0 +1,100 @@
+//! What a run is: model, sites, budget, optimizers, data split, link profile. One TOML-able
+//! struct whose defaults are the reference protocol (`shared/reference/diloco_torch.py`).
+
+use lowband_data::ShardMode;
+use lowband_engine::OptimizerConfig;
+use lowband_protocol::OuterConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::link::LinkProfile;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Model preset: tiny, small or ref.
+    pub preset: String,
+    /// Number of sites (K).
+    pub sites: usize,
+    /// Sequences each site trains on per inner step (the global batch is sites x site_batch).
+    pub site_batch: usize,
+    /// Inner steps per site. Every strategy trains the same tokens: steps x sites x site_batch x context.
+    pub steps: u64,
+    /// Inner steps per round (H) for round strategies (diloco, fedavg).
+    pub inner_steps: u64,
+    pub seed: u64,
+    /// The inner AdamW (peak lr, betas, eps, weight decay on 2-D weights, grad clip).
+    pub optimizer: OptimizerConfig,
+    /// DiLoCo's outer Nesterov SGD.
+    pub lr_outer: f32,
+    pub momentum_outer: f32,
+    /// How the training split is divided among sites: "non-iid" (contiguous, as the reference) or "iid".
+    pub shard: ShardMode,
+    /// Fraction of the corpus held out for validation (the end of it).
+    pub validation_fraction: f64,
+    /// Evaluate the global model about every this many inner steps (0: only at the end).
+    pub eval_every_steps: u64,
+    /// Validation windows used by the evaluations during the run (the final one uses all).
+    pub eval_windows: usize,
+    pub link: LinkProfile,
+    /// Save a resumable state every this many rounds (0: never).
+    pub checkpoint_every_rounds: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            preset: "small".into(),
+            sites: 4,
+            site_batch: 4,
+            steps: 1000,
+            inner_steps: 50,
+            seed: 0,
+            optimizer: OptimizerConfig::default(),
+            lr_outer: OuterConfig::DILOCO.lr,
+            momentum_outer: OuterConfig::DILOCO.momentum,
+            shard: ShardMode::NonIid,
+            validation_fraction: 0.05,
+            eval_every_steps: 100,
+            eval_windows: 64,
+            link: LinkProfile::default(),
+            checkpoint_every_rounds: 0,
+        }
+    }
+}
+
+/// Largest site count a run accepts (the protocol's own limit is a config field too).
+pub const SITES_MAX: usize = 1024;
+
+impl RunConfig {
+    /// Check every field; the error names it.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        lowband_engine::preset(&self.preset).map_err(|e| ("preset", e.to_string()))?;
+        let at_least_one = |field: &'static str, v: u64| if v == 0 { Err((field, "must be at least 1".to_string())) } else { Ok(()) };
+        at_least_one("sites", self.sites as u64)?;
+        if self.sites > SITES_MAX {
+            return Err(("sites", format!("{} exceeds the limit of {SITES_MAX}", self.sites)));
+        }
+        at_least_one("site_batch", self.site_batch as u64)?;
+        at_least_one("steps", self.steps)?;
+        at_least_one("inner_steps", self.inner_steps)?;
+        at_least_one("eval_windows", self.eval_windows as u64)?;
+        self.optimizer.validate().map_err(|e| ("optimizer", e.to_string()))?;
+        if self.optimizer.lr == 0.0 {
+            return Err(("optimizer.lr", "must be positive".into()));
+        }
+        self.outer(false).validate().map_err(|e| ("lr_outer", e))?;
+        if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
+            return Err(("validation_fraction", "must be in (0, 1)".into()));
+        }
+        self.link.validate().map_err(|e| ("link", e))
+    }
+
+    /// The outer optimizer: DiLoCo's Nesterov, or FedAvg's plain average.
+    pub fn outer(&self, fedavg: bool) -> OuterConfig {
+        if fedavg {
+            OuterConfig::FEDAVG
+        } else {
+            OuterConfig { lr: self.lr_outer, momentum: self.momentum_outer, nesterov: true }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The in-memory driver: K sites and the coordinator in one process, deterministic, every packet
+//! through the real protocol code and counted in the ledger. Time is emulated: each round costs
+//! the slowest site's measured compute time plus the link time of its packets (sites run side by
+//! side in reality, one after the other here).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use lowband_data::{Sampler, Split};
+use lowband_engine::{preset, Batch, CpuTrainer, Gpt, LrSchedule, Trainer};
+use lowband_protocol::{Action, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::ledger::{Endpoint, Ledger};
+use crate::state::{self, RunState};
+use crate::strategy::{Strategy, StrategyKind};
+use crate::RunError;
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Metric {
+    /// Mean training loss over the sites at one inner step.
+    Step { step: u64, loss: f32, lr: f32 },
+    /// A closed round (DDP: none; its traffic is per step).
+    Round { round: u64, step: u64, inter_site_bytes: u64, delta_norm: f32 },
+    /// Validation loss of the global model.
+    Eval { step: u64, tokens: u64, inter_site_bytes: u64, emulated_seconds: f64, val_loss: f64, windows: usize },
+}
+
+/// Progress for a display: tokens trained so far of the total, and the latest mean loss.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub tokens: u64,
+    pub tokens_total: u64,
+    pub loss: f32,
+}
+
+/// What one run of one strategy measured.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub strategy: Strategy,
+    pub params: usize,
+    pub tokens: u64,
+    /// Outer rounds (DDP: steps).
+    pub rounds: u64,
+    pub ledger: Ledger,
+    pub metrics: Vec<Metric>,
+    pub final_val_loss: f64,
+    pub validation_windows: usize,
+    /// Emulated: the slowest site's measured compute, summed over rounds.
+    pub compute_seconds: f64,
+    /// Emulated: link time of the packets on the configured link profile.
+    pub communication_seconds: f64,
+    pub final_params: Vec<f32>,
+}
+
+impl RunResult {
+    pub fn emulated_seconds(&self) -> f64 {
+        self.compute_seconds + self.communication_seconds
+    }
+
+    /// Bits a site sends per token it trains on, averaged over sites.
+    pub fn bits_per_token(&self, sites: usize) -> f64 {
+        let sent: u64 = (0..sites as u32).map(|k| self.ledger.bytes_sent_by(Endpoint::Site(k))).sum();
+        sent as f64 * 8.0 / self.tokens as f64
+    }
+}
+
+/// Where and how often to save a resumable state, and where to stop early (to test resuming).
+#[derive(Clone, Debug, Default)]
+pub struct Persistence {
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Stop after this many rounds as if killed (tests).
+    pub stop_after_rounds: Option<u64>,
+}
+
+pub(crate) struct SiteRuntime {
+    pub(crate) site: Site,
+    pub(crate) trainer: CpuTrainer,
+    pub(crate) sampler: Sampler,
+}
+
+/// Everything both kinds of strategy share.
+pub(crate) struct Common<'a> {
+    config: &'a RunConfig,
+    pub(crate) strategy: Strategy,
+    split: &'a Split,
+    context: usize,
+    schedule: LrSchedule,
+    evaluator: Gpt,
+    validation: (Vec<u32>, Vec<u32>, usize),
+    pub(crate) metrics: Vec<Metric>,
+    pub(crate) ledger: Ledger,
+    pub(crate) compute_seconds: f64,
+    pub(crate) communication_seconds: f64,
+    pub(crate) next_eval_step: u64,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+}
+
+impl<'a> Common<'a> {
+    fn new(config: &'a RunConfig, strategy: Strategy, split: &'a Split) -> Result<Self, RunError> {
+        let model = preset(&config.preset)?.model;
+        let context = model.context_length;
+        Ok(Common {
+            config,
+            strategy,
+            split,
+            context,
+            schedule: LrSchedule::reference(config.optimizer.lr, config.steps),
+            evaluator: Gpt::new(model, config.seed)?,
+            validation: split.validation_windows(context),
+            metrics: Vec::new(),
+            ledger: Ledger::default(),
+            compute_seconds: 0.0,
+            communication_seconds: 0.0,
+            next_eval_step: config.eval_every_steps.max(1),
+            inputs: Vec::new(),
+            targets: Vec::new(),
+        })
+    }
+
+    fn tokens_per_site_step(&self) -> u64 {
+        (self.config.site_batch * self.context) as u64
+    }
+
+    /// Validation loss of `params` on the first `windows` windows (all if None).
+    fn evaluate(&mut self, params: &[f32], windows: Option<usize>) -> Result<(f64, usize), RunError> {
+        let (inputs, targets, count) = &self.validation;
+        let count = windows.map_or(*count, |w| w.min(*count));
+        self.evaluator.params_mut().copy_from_slice(params);
+        let loss = self.evaluator.mean_loss(&inputs[..count * self.context], &targets[..count * self.context], count, 32)?;
+        Ok((loss, count))
+    }
+
+    /// Record an evaluation if `step` reached the next evaluation point.
+    fn maybe_evaluate(&mut self, step: u64, params: &[f32]) -> Result<(), RunError> {
+        if self.config.eval_every_steps == 0 || step < self.next_eval_step || step >= self.config.steps {
+            return Ok(());
+        }
+        while self.next_eval_step <= step {
+            self.next_eval_step += self.config.eval_every_steps;
+        }
+        let (val_loss, windows) = self.evaluate(params, Some(self.config.eval_windows))?;
+        self.push_eval(step, val_loss, windows);
+        Ok(())
+    }
+
+    fn push_eval(&mut self, step: u64, val_loss: f64, windows: usize) {
+        self.metrics.push(Metric::Eval {
+            step,
+            tokens: step * self.tokens_per_site_step() * self.config.sites as u64,
+            inter_site_bytes: self.ledger.total_bytes(),
+            emulated_seconds: self.compute_seconds + self.communication_seconds,
+            val_loss,
+            windows,
+        });
+    }
+
+    /// Train one site for `steps` inner steps from global step `first`; returns the per-step
+    /// losses summed into `losses` and the measured seconds.
+    fn train_site(&mut self, site: &mut SiteRuntime, shard: usize, first: u64, losses: &mut [f32]) -> Result<f64, RunError> {
+        let start = Instant::now();
+        for (i, loss_sum) in losses.iter_mut().enumerate() {
+            site.sampler.fill(&self.split.shards[shard], self.config.site_batch, self.context, &mut self.inputs, &mut self.targets);
+            let batch = Batch { inputs: &self.inputs, targets: &self.targets, batch_size: self.config.site_batch, seq_len: self.context };
+            let (loss, _) = site.trainer.step(&batch, self.schedule.lr_at(first + i as u64))?;
+            *loss_sum += loss;
+        }
+        Ok(start.elapsed().as_secs_f64())
+    }
+
+    fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
+        for (i, sum) in loss_sums.iter().enumerate() {
+            let step = first + i as u64;
+            self.metrics.push(Metric::Step { step, loss: sum / sites as f32, lr: self.schedule.lr_at(step) });
+        }
+    }
+
+    fn finish(mut self, rounds: u64, params: Vec<f32>) -> Result<RunResult, RunError> {
+        let (final_val_loss, windows) = self.evaluate(&params, None)?;
+        self.push_eval(self.config.steps, final_val_loss, windows);
+        let model = preset(&self.config.preset)?.model;
+        Ok(RunResult {
+            strategy: self.strategy,
+            params: model.parameter_count(),
+            tokens: self.config.steps * self.tokens_per_site_step() * self.config.sites as u64,
+            rounds,
+            ledger: self.ledger,
+            metrics: self.metrics,
+            final_val_loss,
+            validation_windows: windows,
+            compute_seconds: self.compute_seconds,
+            communication_seconds: self.communication_seconds,
+            final_params: params,
+        })
+    }
+}
+
+fn new_sites(config: &RunConfig, initial: &[f32]) -> Result<Vec<SiteRuntime>, RunError> {
+    let model = preset(&config.preset)?.model;
+    (0..config.sites)
+        .map(|k| {
+            let trainer = CpuTrainer::new(Gpt::from_params(model, initial.to_vec())?, config.optimizer)?;
+            // The reference's convention: site k's data stream is seeded with seed * 1000 + k.
+            let sampler = Sampler::new(config.seed.wrapping_mul(1000).wrapping_add(k as u64));
+            Ok(SiteRuntime { site: Site::new(k as u32, initial.len()), trainer, sampler })
+        })
+        .collect()
+}
+
+/// Run one strategy on `split` under `config`.
+pub fn run(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    persistence: &Persistence,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RunResult, RunError> {
+    config.validate().map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
+    if split.shards.len() != config.sites {
+        return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
+    }
+    match strategy.kind {
+        StrategyKind::Ddp => run_ddp(config, strategy, split, persistence, progress),
+        StrategyKind::Diloco | StrategyKind::Fedavg => run_rounds(config, strategy, split, persistence, progress),
+    }
+}
+
+fn run_ddp(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    persistence: &Persistence,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RunResult, RunError> {
+    let mut common = Common::new(config, strategy, split)?;
+    let initial = Gpt::new(preset(&config.preset)?.model, config.seed)?.params().to_vec();
+    let mut sites = new_sites(config, &initial)?;
+    // One replica stands for all: in DDP every site holds the same parameters and optimizer state.
+    let mut replica = sites.remove(0);
+    let mut samplers: Vec<Sampler> = std::iter::once(replica.sampler.clone()).chain(sites.into_iter().map(|s| s.sampler)).collect();
+    let n = initial.len();
+    let k_sites = config.sites as u64;
+    let mut first_step = 0;
+    if let Some(saved) = state::load(persistence, strategy)? {
+        first_step = saved.step;
+        saved.restore_ddp(&mut common, &mut replica.trainer, &mut samplers)?;
+    }
+    // Ring all-reduce of fp32 gradients: each site sends 2(K − 1)/K x 4 bytes x params per step.
+    let bytes_per_site = (2 * (k_sites - 1) * 4 * n as u64) / k_sites;
+    let mut sum = vec![0.0f32; n];
+    let tokens_total = config.steps * common.tokens_per_site_step() * k_sites;
+    for step in first_step..config.steps {
+        let (mut slowest, mut loss_sum) = (0.0f64, 0.0f32);
+        for (k, sampler) in samplers.iter_mut().enumerate() {
+            let start = Instant::now();
+            sampler.fill(&split.shards[k], config.site_batch, common.context, &mut common.inputs, &mut common.targets);
+            let batch = Batch { inputs: &common.inputs, targets: &common.targets, batch_size: config.site_batch, seq_len: common.context };
+            loss_sum += replica.trainer.compute_gradients(&batch)?;
+            let grads = replica.trainer.grads();
+            if k == 0 {
+                sum.copy_from_slice(grads);
+            } else {
+                sum.iter_mut().zip(grads).for_each(|(s, g)| *s += g);
+            }
+            slowest = slowest.max(start.elapsed().as_secs_f64());
+        }
+        let scale = 1.0 / k_sites as f32;
+        replica.trainer.grads_mut().iter_mut().zip(&sum).for_each(|(g, s)| *g = s * scale);
+        let lr = common.schedule.lr_at(step);
+        replica.trainer.apply_gradients(lr)?;
+        for k in 0..config.sites as u32 {
+            let next = (k + 1) % config.sites as u32;
+            if next != k {
+                common.ledger.record(step, Endpoint::Site(k), Endpoint::Site(next), bytes_per_site);
+            }
+        }
+        common.compute_seconds += slowest;
+        common.communication_seconds += config.link.ring_all_reduce_seconds(4 * n as u64, config.sites);
+        common.metrics.push(Metric::Step { step, loss: loss_sum / k_sites as f32, lr });
+        common.maybe_evaluate(step + 1, replica.trainer.params())?;
+        progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * k_sites, tokens_total, loss: loss_sum / k_sites as f32 });
+        let every = config.checkpoint_every_rounds.max(1) * config.inner_steps;
+        if config.checkpoint_every_rounds > 0 && (step + 1) % every == 0 {
+            RunState::of_ddp(&common, step + 1, &replica.trainer, &samplers).save(persistence, strategy)?;
+        }
+        if persistence.stop_after_rounds.is_some_and(|r| step + 1 >= r * config.inner_steps) {
+            return Err(RunError::Stopped { step: step + 1 });
+        }
+    }
+    let params = replica.trainer.params().to_vec();
+    common.finish(config.steps, params)
+}
+
+fn run_rounds(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    persistence: &Persistence,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RunResult, RunError> {
+    let mut common = Common::new(config, strategy, split)?;
+    let initial = Gpt::new(preset(&config.preset)?.model, config.seed)?.params().to_vec();
+    let n = initial.len();
+    let outer = config.outer(strategy.kind == StrategyKind::Fedavg);
+    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, ..CoordinatorConfig::new(n, outer) };
+    let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
+    let mut sites = new_sites(config, &initial)?;
+    let mut step = 0u64;
+    if let Some(saved) = state::load(persistence, strategy)? {
+        step = saved.step;
+        saved.restore_rounds(&mut common, &mut coordinator, &mut sites)?;
+    }
+    let mut now_ms = (common.emulated_seconds() * 1e3) as u64;
+    for k in 0..config.sites as u32 {
+        coordinator.handle(now_ms, Event::SiteJoined { site: k });
+    }
+    let mut pending: VecDeque<Action> = coordinator.start(now_ms).into();
+    let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
+    let mut losses = vec![0.0f32; strategy.inner_steps as usize];
+    while step < config.steps {
+        let round = coordinator.round();
+        let h = strategy.inner_steps.min(config.steps - step);
+        let sends = take_sends(&mut pending, &mut common, &coordinator)?;
+        let losses = &mut losses[..h as usize];
+        losses.fill(0.0);
+        let (mut slowest, mut down_bytes, mut up_bytes) = (0.0f64, 0u64, 0u64);
+        let mut updates = Vec::with_capacity(sends.len());
+        for (to, bytes) in sends {
+            common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
+            down_bytes = down_bytes.max(bytes.len() as u64);
+            let site = &mut sites[to as usize];
+            expect_train(site.site.handle(SiteEvent::PacketArrived(&bytes))?, round)?;
+            site.trainer.params_mut().copy_from_slice(site.site.round_start());
+            slowest = slowest.max(common.train_site(site, to as usize, step, losses)?);
+            let done = site.site.handle(SiteEvent::TrainingDone { round, params: site.trainer.params() })?;
+            let update = expect_send(done)?;
+            up_bytes = up_bytes.max(update.len() as u64);
+            updates.push((to, update));
+            progress(Progress { tokens: step * common.tokens_per_site_step() * config.sites as u64 + h * common.tokens_per_site_step() * (to as u64 + 1), tokens_total, loss: losses[h as usize - 1] / (to + 1) as f32 });
+        }
+        common.push_steps(step, losses, config.sites);
+        step += h;
+        common.compute_seconds += slowest;
+        common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
+        now_ms = (common.emulated_seconds() * 1e3) as u64;
+        for (from, bytes) in updates {
+            common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, bytes.len() as u64);
+            pending.extend(coordinator.handle(now_ms, Event::PacketArrived { from, bytes: &bytes }));
+        }
+        handle_round_actions(&mut pending, &mut common, &coordinator, step)?;
+        if config.checkpoint_every_rounds > 0 && coordinator.round() % config.checkpoint_every_rounds == 0 {
+            RunState::of_rounds(&common, step, &coordinator, &sites).save(persistence, strategy)?;
+        }
+        if persistence.stop_after_rounds.is_some_and(|r| coordinator.round() >= r) {
+            return Err(RunError::Stopped { step });
+        }
+    }
+    let rounds = coordinator.round();
+    let params = coordinator.global().to_vec();
+    common.finish(rounds, params)
+}
+
+impl Common<'_> {
+    fn emulated_seconds(&self) -> f64 {
+        self.compute_seconds + self.communication_seconds
+    }
+}
+
+/// The Send actions at the head of the queue (the next round's global parameters).
+fn take_sends(pending: &mut VecDeque<Action>, common: &mut Common, coordinator: &Coordinator) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
+    let mut sends = Vec::new();
+    while let Some(action) = pending.pop_front() {
+        match action {
+            Action::Send { to, bytes } => sends.push((to, bytes)),
+            other => handle_other(other, common, coordinator, 0)?,
+        }
+    }
+    if sends.is_empty() {
+        return Err(RunError::Protocol("the coordinator opened no round".into()));
+    }
+    Ok(sends)
+}
+
+/// Process what a round's updates produced, leaving the next round's sends queued.
+fn handle_round_actions(pending: &mut VecDeque<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<(), RunError> {
+    let mut sends = VecDeque::new();
+    while let Some(action) = pending.pop_front() {
+        match action {
+            send @ Action::Send { .. } => sends.push_back(send),
+            other => handle_other(other, common, coordinator, step)?,
+        }
+    }
+    *pending = sends;
+    Ok(())
+}
+
+fn handle_other(action: Action, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<(), RunError> {
+    match action {
+        Action::RoundClosed(report) => {
+            common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm });
+            if !report.missing.is_empty() {
+                return Err(RunError::Protocol(format!("round {} closed without sites {:?}", report.round, report.missing)));
+            }
+            common.maybe_evaluate(step, coordinator.global())
+        }
+        Action::Checkpoint { .. } => Ok(()),
+        Action::Rejected { from, reason } => Err(RunError::Protocol(format!("coordinator refused site {from}'s packet: {reason}"))),
+        Action::Send { .. } => unreachable!("sends are taken by the caller"),
+    }
+}
+
+fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {
+    match actions.as_slice() {
+        [SiteAction::Train { round: r }] if *r == round => Ok(()),
+        other => Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+    }
+}
+
+fn expect_send(actions: Vec<SiteAction>) -> Result<Vec<u8>, RunError> {
+    match actions.into_iter().next() {
+        Some(SiteAction::Send(bytes)) => Ok(bytes),
+        other => Err(RunError::Protocol(format!("site answered finished training with {other:?}"))),
+    }
+}

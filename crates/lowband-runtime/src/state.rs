@@ -1,0 +1,217 @@
+//! Resumable run state: what a run killed mid-way needs to end exactly as an uninterrupted one.
+//!
+//! ```text
+//! STATE_DIR/<strategy>/current.json         {"dir": "state-<step>"}: the commit point
+//! STATE_DIR/<strategy>/state-<step>/state.json        step, metrics, ledger, samplers, times
+//! STATE_DIR/<strategy>/state-<step>/tensors.safetensors  global θ and outer momentum (rounds) or
+//!                                                     the replica's θ (ddp); AdamW m, v per site
+//! ```
+//! A state directory is written whole (every file atomically) before `current.json` is switched
+//! to it; older directories are removed after. A crash at any moment leaves the previous state.
+
+use std::path::{Path, PathBuf};
+
+use lowband_data::Sampler;
+use lowband_engine::checkpoint::{read_limited, tensors_from_safetensors, tensors_to_safetensors, write_atomic};
+use lowband_engine::{CpuTrainer, Trainer};
+use lowband_protocol::coordinator::CoordinatorState;
+use lowband_protocol::Coordinator;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{Common, Metric, Persistence, SiteRuntime};
+use crate::ledger::Ledger;
+use crate::strategy::Strategy;
+use crate::RunError;
+
+const FORMAT: &str = "lowband-run-state";
+const VERSION: u32 = 1;
+const MANIFEST_BYTES_MAX: u64 = 1 << 28;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Manifest {
+    format: String,
+    version: u32,
+    strategy: String,
+    step: u64,
+    round: u64,
+    params: usize,
+    sites: usize,
+    samplers: Vec<(u64, u64)>,
+    optimizer_steps: Vec<u64>,
+    metrics: Vec<Metric>,
+    ledger: Ledger,
+    compute_seconds: f64,
+    communication_seconds: f64,
+    next_eval_step: u64,
+}
+
+/// A saved run, in memory.
+pub struct RunState {
+    manifest: Manifest,
+    /// (name, values): "global", "momentum" or "params"; "site<k>.m", "site<k>.v".
+    tensors: Vec<(String, Vec<f32>)>,
+    pub step: u64,
+}
+
+fn strategy_dir(persistence: &Persistence, strategy: Strategy) -> Option<PathBuf> {
+    persistence.state_dir.as_ref().map(|d| d.join(strategy.name().replace('@', "-h")))
+}
+
+impl RunState {
+    fn new(common: &Common, step: u64, round: u64, params: usize, samplers: Vec<&Sampler>, optimizers: Vec<&lowband_engine::AdamW>, mut tensors: Vec<(String, Vec<f32>)>) -> Self {
+        for (k, opt) in optimizers.iter().enumerate() {
+            tensors.push((format!("site{k}.m"), opt.m.clone()));
+            tensors.push((format!("site{k}.v"), opt.v.clone()));
+        }
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            version: VERSION,
+            strategy: common.strategy.name(),
+            step,
+            round,
+            params,
+            sites: samplers.len(),
+            samplers: samplers.iter().map(|s| (s.seed(), s.drawn)).collect(),
+            optimizer_steps: optimizers.iter().map(|o| o.step).collect(),
+            metrics: common.metrics.clone(),
+            ledger: common.ledger.clone(),
+            compute_seconds: common.compute_seconds,
+            communication_seconds: common.communication_seconds,
+            next_eval_step: common.next_eval_step,
+        };
+        RunState { manifest, tensors, step }
+    }
+
+    pub(crate) fn of_ddp(common: &Common, step: u64, trainer: &CpuTrainer, samplers: &[Sampler]) -> Self {
+        let params = trainer.params().to_vec();
+        let n = params.len();
+        RunState::new(common, step, step, n, samplers.iter().collect(), vec![trainer.optimizer()], vec![("params".into(), params)])
+    }
+
+    pub(crate) fn of_rounds(common: &Common, step: u64, coordinator: &Coordinator, sites: &[SiteRuntime]) -> Self {
+        let state = coordinator.state();
+        let n = state.global.len();
+        let tensors = vec![("global".into(), state.global), ("momentum".into(), state.momentum_buffer)];
+        RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors)
+    }
+
+    pub(crate) fn save(&self, persistence: &Persistence, strategy: Strategy) -> Result<(), RunError> {
+        let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(()) };
+        let name = format!("state-{}", self.step);
+        let target = dir.join(&name);
+        std::fs::create_dir_all(&target).map_err(|e| RunError::Io { path: target.clone(), source: e })?;
+        let named: Vec<_> = self.tensors.iter().map(|(n, v)| (n.clone(), vec![v.len()], v.as_slice())).collect();
+        write_atomic(&target.join("tensors.safetensors"), &tensors_to_safetensors(&named, None)?)?;
+        let json = serde_json::to_vec(&self.manifest).map_err(|e| RunError::State(e.to_string()))?;
+        write_atomic(&target.join("state.json"), &json)?;
+        write_atomic(&dir.join("current.json"), serde_json::json!({ "dir": name }).to_string().as_bytes())?;
+        remove_other_states(&dir, &name);
+        Ok(())
+    }
+
+    fn tensor(&mut self, name: &str) -> Result<Vec<f32>, RunError> {
+        let i = self.tensors.iter().position(|(n, _)| n == name).ok_or_else(|| RunError::State(format!("saved state lacks {name}")))?;
+        Ok(std::mem::take(&mut self.tensors[i].1))
+    }
+
+    fn restore_common(&self, common: &mut Common) {
+        common.metrics = self.manifest.metrics.clone();
+        common.ledger = self.manifest.ledger.clone();
+        common.compute_seconds = self.manifest.compute_seconds;
+        common.communication_seconds = self.manifest.communication_seconds;
+        common.next_eval_step = self.manifest.next_eval_step;
+    }
+
+    fn restore_site(&mut self, k: usize, trainer: &mut CpuTrainer, sampler: &mut Sampler) -> Result<(), RunError> {
+        let (seed, drawn) = self.manifest.samplers[k];
+        *sampler = Sampler::resume(seed, drawn);
+        let opt = trainer.optimizer_mut();
+        opt.m = self.tensor(&format!("site{k}.m"))?;
+        opt.v = self.tensor(&format!("site{k}.v"))?;
+        opt.step = self.manifest.optimizer_steps[k];
+        Ok(())
+    }
+
+    pub(crate) fn restore_ddp(mut self, common: &mut Common, trainer: &mut CpuTrainer, samplers: &mut [Sampler]) -> Result<(), RunError> {
+        self.check(samplers.len(), trainer.params().len())?;
+        self.restore_common(common);
+        trainer.params_mut().copy_from_slice(&self.tensor("params")?);
+        let mut opt_sampler = samplers[0].clone();
+        self.restore_site(0, trainer, &mut opt_sampler)?;
+        for (k, s) in samplers.iter_mut().enumerate() {
+            let (seed, drawn) = self.manifest.samplers[k];
+            *s = Sampler::resume(seed, drawn);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn restore_rounds(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(), RunError> {
+        self.check(sites.len(), coordinator.global().len())?;
+        self.restore_common(common);
+        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")? };
+        coordinator.restore(state)?;
+        for (k, site) in sites.iter_mut().enumerate() {
+            self.restore_site(k, &mut site.trainer, &mut site.sampler)?;
+        }
+        Ok(())
+    }
+
+    fn check(&self, sites: usize, params: usize) -> Result<(), RunError> {
+        let m = &self.manifest;
+        let optimizers = self.tensors.iter().filter(|(n, _)| n.ends_with(".m")).count();
+        if m.sites != sites || m.params != params || m.samplers.len() != sites || m.optimizer_steps.len() != optimizers {
+            return Err(RunError::State(format!("saved state is for {} sites and {} parameters, this run has {sites} and {params}", m.sites, m.params)));
+        }
+        if self.tensors.iter().any(|(n, v)| v.len() != params && !(n == "momentum" && v.is_empty())) {
+            return Err(RunError::State("a saved tensor has the wrong length".into()));
+        }
+        Ok(())
+    }
+}
+
+fn remove_other_states(dir: &Path, keep: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("state-") && name != keep {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The saved state of `strategy` under the state directory, if there is one.
+pub fn load(persistence: &Persistence, strategy: Strategy) -> Result<Option<RunState>, RunError> {
+    let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(None) };
+    let current = dir.join("current.json");
+    if !current.exists() {
+        return Ok(None);
+    }
+    #[derive(Deserialize)]
+    struct Current {
+        dir: String,
+    }
+    let pointer: Current = serde_json::from_slice(&read_limited(&current, 4096)?).map_err(|e| RunError::State(format!("{}: {e}", current.display())))?;
+    if pointer.dir.contains('/') || !pointer.dir.starts_with("state-") {
+        return Err(RunError::State(format!("{}: bad state directory name", current.display())));
+    }
+    let target = dir.join(&pointer.dir);
+    let manifest: Manifest = serde_json::from_slice(&read_limited(&target.join("state.json"), MANIFEST_BYTES_MAX)?)
+        .map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
+    if manifest.format != FORMAT || manifest.version != VERSION {
+        return Err(RunError::State(format!("{}: not a version {VERSION} run state", target.display())));
+    }
+    let path = target.join("tensors.safetensors");
+    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (2 + 2 * manifest.sites as u64))?;
+    let names = safetensors_names(&path, &bytes)?;
+    let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
+    let values = tensors_from_safetensors(&path, &bytes, &expected)?;
+    let tensors = names.into_iter().map(|(n, _)| n).zip(values).collect();
+    Ok(Some(RunState { step: manifest.step, manifest, tensors }))
+}
+
+fn safetensors_names(path: &Path, bytes: &[u8]) -> Result<Vec<(String, usize)>, RunError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| RunError::State(format!("{}: {e}", path.display())))?;
+    let mut names: Vec<(String, usize)> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().iter().product())).collect();
+    names.sort();
+    Ok(names)
+}
