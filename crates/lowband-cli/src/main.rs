@@ -3,7 +3,10 @@
 
 mod alloc_count;
 mod bench;
+mod compare;
 mod engine_cmds;
+mod plots;
+mod report;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -23,7 +26,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Train one model at one site (the default when no command is given).
+    /// Run strategies side by side on one budget against DDP (the default when no command is given).
+    Compare(compare::CompareArgs),
+    /// Train one model at one site.
     Train(train::TrainArgs),
     /// Write a freshly initialized checkpoint.
     Init(engine_cmds::InitArgs),
@@ -74,10 +79,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }
     match cli.command {
-        None => match Cli::parse_from(["lowband", "train"]).command {
-            Some(Command::Train(defaults)) => train::run(&defaults),
-            _ => unreachable!("`lowband train` parses to the train command"),
+        None => match Cli::parse_from(["lowband", "compare"]).command {
+            Some(Command::Compare(defaults)) => compare::run_compare(&defaults),
+            _ => unreachable!("`lowband compare` parses to the compare command"),
         },
+        Some(Command::Compare(args)) => compare::run_compare(&args),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Init(args)) => engine_cmds::init(&args),
         Some(Command::Eval(args)) => engine_cmds::eval(&args),

@@ -36,7 +36,8 @@ pub struct RunConfig {
     /// Validation windows used by the evaluations during the run (the final one uses all).
     pub eval_windows: usize,
     pub link: LinkProfile,
-    /// Save a resumable state every this many rounds (0: never).
+    /// Save a resumable state every this many rounds (DDP: every this many x inner_steps steps)
+    /// and at the end, when the driver has a state directory (0: never).
     pub checkpoint_every_rounds: u64,
 }
 
@@ -57,7 +58,7 @@ impl Default for RunConfig {
             eval_every_steps: 100,
             eval_windows: 64,
             link: LinkProfile::default(),
-            checkpoint_every_rounds: 0,
+            checkpoint_every_rounds: 5,
         }
     }
 }

@@ -284,7 +284,7 @@ fn run_ddp(
         common.maybe_evaluate(step + 1, replica.trainer.params())?;
         progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * k_sites, tokens_total, loss: loss_sum / k_sites as f32 });
         let every = config.checkpoint_every_rounds.max(1) * config.inner_steps;
-        if config.checkpoint_every_rounds > 0 && (step + 1) % every == 0 {
+        if config.checkpoint_every_rounds > 0 && ((step + 1) % every == 0 || step + 1 == config.steps) {
             RunState::of_ddp(&common, step + 1, &replica.trainer, &samplers).save(persistence, strategy)?;
         }
         if persistence.stop_after_rounds.is_some_and(|r| step + 1 >= r * config.inner_steps) {
@@ -352,7 +352,7 @@ fn run_rounds(
             pending.extend(coordinator.handle(now_ms, Event::PacketArrived { from, bytes: &bytes }));
         }
         handle_round_actions(&mut pending, &mut common, &coordinator, step)?;
-        if config.checkpoint_every_rounds > 0 && coordinator.round() % config.checkpoint_every_rounds == 0 {
+        if config.checkpoint_every_rounds > 0 && (coordinator.round() % config.checkpoint_every_rounds == 0 || step >= config.steps) {
             RunState::of_rounds(&common, step, &coordinator, &sites).save(persistence, strategy)?;
         }
         if persistence.stop_after_rounds.is_some_and(|r| coordinator.round() >= r) {

@@ -34,7 +34,7 @@ fn ddp_with_k_sites_equals_one_site_with_k_times_the_batch() {
     let model = preset("tiny").unwrap().model;
     let t = model.context_length;
     let mut trainer = CpuTrainer::new(Gpt::new(model, c.seed).unwrap(), c.optimizer).unwrap();
-    let mut samplers: Vec<_> = (0..2).map(|k| lowband_data::Sampler::new(k)).collect();
+    let mut samplers: Vec<_> = (0..2).map(lowband_data::Sampler::new).collect();
     let schedule = LrSchedule::reference(c.optimizer.lr, c.steps);
     for step in 0..c.steps {
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());

@@ -1,0 +1,220 @@
+//! `lowband compare`: several strategies on one budget (same corpus, model, seed and tokens),
+//! side by side with DDP; the default command.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lowband_data::Split;
+use lowband_runtime::{run, Persistence, RunConfig, RunError, RunResult, Strategy};
+
+use crate::report::{self, Comparison};
+use crate::train::load_corpus;
+
+#[derive(clap::Args, Debug, Default)]
+pub struct CompareArgs {
+    /// Strategies, comma-separated: ddp, diloco, fedavg, optionally NAME@H (e.g. diloco@10).
+    #[arg(long, value_delimiter = ',')]
+    pub strategies: Option<Vec<String>>,
+    /// Number of sites (K).
+    #[arg(long)]
+    pub sites: Option<usize>,
+    /// Model preset (tiny, small, ref).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Total training tokens per strategy (sets the steps: tokens / (sites x site_batch x context)).
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    /// Inner steps per site (instead of --tokens).
+    #[arg(long, conflicts_with = "tokens")]
+    pub steps: Option<u64>,
+    /// Inner steps per round (H) for strategies without @H.
+    #[arg(long)]
+    pub inner_steps: Option<u64>,
+    /// Sequences per site per inner step.
+    #[arg(long)]
+    pub site_batch: Option<usize>,
+    /// Text file or directory (default: the generated synthetic language).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// TOML file with any RunConfig field (and `strategies`, `corpus`); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Write the machine-readable summary here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run directory name under runs/ (default: from the settings).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Continue from the run directory's saved state instead of starting over.
+    #[arg(long)]
+    pub resume: bool,
+    /// Size of the generated corpus when no corpus is given.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub corpus_bytes: usize,
+    /// Directory that holds run directories.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// Stop each strategy after this many rounds as if killed (to test --resume).
+    #[arg(long, hide = true)]
+    pub stop_after_rounds: Option<u64>,
+}
+
+/// The file form of a comparison: RunConfig's fields, plus these two.
+struct FileSettings {
+    run: RunConfig,
+    strategies: Option<Vec<String>>,
+    corpus: Option<PathBuf>,
+}
+
+fn read_config(path: &Path) -> Result<FileSettings> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table = text.parse().with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let strategies = match table.remove("strategies") {
+        None => None,
+        Some(toml::Value::Array(items)) => Some(
+            items.into_iter().map(|v| v.as_str().map(str::to_owned).context("strategies: every entry must be a string")).collect::<Result<_>>()?,
+        ),
+        Some(_) => bail!("{}: strategies: must be an array of strings", path.display()),
+    };
+    let corpus = match table.remove("corpus") {
+        None => None,
+        Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
+        Some(_) => bail!("{}: corpus: must be a string (a path)", path.display()),
+    };
+    // Deserialize from the text (not the table) so that errors carry a span to name the field.
+    let run: RunConfig = toml::from_str(&without_keys(&text, &["strategies", "corpus"])).map_err(|e| field_error(path, &text, &e))?;
+    Ok(FileSettings { run, strategies, corpus })
+}
+
+/// The TOML text with top-level `key = ...` lines of the given keys blanked (kept as empty lines
+/// so that line numbers stay right). Only single-line values are supported for these keys.
+fn without_keys(text: &str, keys: &[&str]) -> String {
+    let mut in_table = false;
+    text.lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with('[') {
+                in_table = true;
+            }
+            let key = trimmed.split('=').next().unwrap_or("").trim();
+            if !in_table && trimmed.contains('=') && keys.contains(&key) { "" } else { line }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One line naming the field: "FILE: optimizer.lr: invalid type ... (line 3)".
+fn field_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error {
+    let Some(span) = error.span() else { return anyhow::anyhow!("{}: {}", path.display(), error.message()) };
+    let before = &text[..span.start.min(text.len())];
+    let line_number = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_number - 1).unwrap_or("");
+    let table = before.lines().rev().map(str::trim).find(|l| l.starts_with('[')).map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
+    let key = line.split('=').next().unwrap_or("").trim();
+    let field = match (table, key.is_empty()) {
+        (Some(t), false) => format!("{t}.{key}: "),
+        (None, false) => format!("{key}: "),
+        _ => String::new(),
+    };
+    anyhow::anyhow!("{}: {field}{} (line {line_number})", path.display(), error.message().trim())
+}
+
+/// Settings after the file and the flags.
+fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<PathBuf>)> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => FileSettings { run: RunConfig::default(), strategies: None, corpus: None },
+    };
+    let mut config = file.run;
+    if let Some(v) = &args.preset {
+        config.preset = v.clone();
+    }
+    if let Some(v) = args.sites {
+        config.sites = v;
+    }
+    if let Some(v) = args.site_batch {
+        config.site_batch = v;
+    }
+    if let Some(v) = args.inner_steps {
+        config.inner_steps = v;
+    }
+    if let Some(v) = args.seed {
+        config.seed = v;
+    }
+    if let Some(v) = args.steps {
+        config.steps = v;
+    }
+    config.validate().map_err(|(field, reason)| anyhow::anyhow!("{field}: {reason}"))?;
+    if let Some(tokens) = args.tokens {
+        let context = lowband_engine::preset(&config.preset)?.model.context_length as u64;
+        let per_step = config.sites as u64 * config.site_batch as u64 * context;
+        if tokens < per_step {
+            bail!("--tokens: {tokens} is less than one step ({per_step} tokens: sites x site_batch x context)");
+        }
+        config.steps = tokens / per_step;
+    }
+    let names = args.strategies.clone().or(file.strategies).unwrap_or_else(|| vec!["ddp".into(), "diloco".into()]);
+    if names.is_empty() {
+        bail!("--strategies: name at least one strategy");
+    }
+    let strategies = names.iter().map(|n| Strategy::parse(n.trim(), config.inner_steps).map_err(|e| anyhow::anyhow!("--strategies: {e}"))).collect::<Result<Vec<_>>>()?;
+    Ok((config, strategies, args.corpus.clone().or(file.corpus)))
+}
+
+pub fn run_compare(args: &CompareArgs) -> Result<()> {
+    let (config, strategies, corpus) = settings(args)?;
+    let model = lowband_engine::preset(&config.preset)?.model;
+    let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes)?;
+    let split = Split::new(&bytes, config.validation_fraction, config.sites, config.shard, model.context_length)?;
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-k{}-{}steps-seed{}", config.preset, config.sites, config.steps, config.seed));
+    let run_dir = args.runs_dir.join(&name);
+    let state_dir = run_dir.join("state");
+    if !args.resume && state_dir.exists() {
+        std::fs::remove_dir_all(&state_dir).with_context(|| format!("clearing {}", state_dir.display()))?;
+    }
+    let tokens = config.steps * (config.sites * config.site_batch * model.context_length) as u64;
+    println!("lowband compare: {} on {} sites, preset {} ({} params), {} tokens each ({} steps x {} sites x {} x {} bytes)",
+        strategies.iter().map(|s| s.name()).collect::<Vec<_>>().join(" vs "), config.sites, config.preset, model.parameter_count(),
+        tokens, config.steps, config.sites, config.site_batch, model.context_length);
+    println!("corpus: {source}: {} bytes train, {} held out for validation", split.train_bytes, split.validation.len());
+    let persistence = Persistence { state_dir: Some(state_dir), stop_after_rounds: args.stop_after_rounds };
+    let mut results: Vec<RunResult> = Vec::new();
+    for strategy in &strategies {
+        results.push(run_one(&config, *strategy, &split, &persistence, tokens)?);
+    }
+    let comparison = Comparison { config: &config, results: &results, corpus: &source, floor, name: &name };
+    report::write_all(&comparison, &run_dir, args.json.as_deref())?;
+    Ok(())
+}
+
+fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &Persistence, tokens: u64) -> Result<RunResult> {
+    if let Some(saved) = lowband_runtime::state::load(persistence, strategy)? {
+        println!("resuming {} from its saved state at step {}", strategy.name(), saved.step);
+    }
+    let bar = ProgressBar::new(tokens).with_style(
+        ProgressStyle::with_template(&format!("{:<11} {{bar:28}} {{percent:>3}}%  {{per_sec:>14}}  ETA {{eta:>4}}  {{msg}}", strategy.name()))?
+            .progress_chars("█▉▊▋▌▍▎▏ "),
+    );
+    bar.set_message("starting");
+    let result = run(config, strategy, split, persistence, &mut |p| {
+        bar.set_position(p.tokens);
+        bar.set_message(format!("loss {:.3}", p.loss));
+    });
+    match result {
+        Ok(r) => {
+            bar.finish_with_message(format!("val loss {:.4}", r.final_val_loss));
+            Ok(r)
+        }
+        Err(RunError::Stopped { step }) => {
+            bar.abandon();
+            bail!("{} stopped after {step} steps as requested; continue with the same command and --resume", strategy.name())
+        }
+        Err(e) => {
+            bar.abandon();
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! SVG plots of a comparison: validation loss against tokens and against inter-site bytes (log).
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use lowband_runtime::RunResult;
+use plotters::prelude::*;
+
+use crate::report::eval_points;
+
+const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
+
+fn loss_range(results: &[RunResult]) -> (f64, f64) {
+    let losses = results.iter().flat_map(|r| eval_points(r).into_iter().map(|p| p.2));
+    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
+    if lo.is_finite() { (lo * 0.97, hi * 1.03) } else { (0.0, 1.0) }
+}
+
+pub fn loss_curves(results: &[RunResult], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
+    let (lo, hi) = loss_range(results);
+    let max_tokens = results.iter().map(|r| r.tokens).max().unwrap_or(1) as f64;
+    plot(by_tokens, "validation loss vs training tokens", "tokens", 0.0..max_tokens, lo..hi, results, |p| Some((p.0 as f64, p.2)), false)?;
+    let max_bytes = results.iter().map(|r| r.ledger.total_bytes()).max().unwrap_or(1).max(2) as f64;
+    // Log scale: points before the first byte was sent cannot be drawn.
+    plot(by_bytes, "validation loss vs inter-site bytes (log)", "inter-site bytes", 1e3..max_bytes * 2.0, lo..hi, results, |p| (p.1 >= 1000).then_some((p.1 as f64, p.2)), true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    results: &[RunResult],
+    point: impl Fn((u64, u64, f64)) -> Option<(f64, f64)>,
+    log_x: bool,
+) -> Result<()> {
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(e)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(40).y_label_area_size(56);
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart.configure_mesh().x_desc(x_label).y_desc("validation loss (nats/byte)").draw().map_err(e)?;
+            for (i, r) in results.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                let points: Vec<(f64, f64)> = eval_points(r).into_iter().filter_map(&point).collect();
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                    .map_err(e)?
+                    .label(r.strategy.name())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                chart.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(e)?;
+            }
+            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+        }};
+    }
+    if log_x {
+        draw!(builder.build_cartesian_2d(x.log_scale(), y).map_err(e)?);
+    } else {
+        draw!(builder.build_cartesian_2d(x, y).map_err(e)?);
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! The comparison report: the table on stdout, and `runs/<name>/` with metrics.jsonl,
+//! summary.json, report.md and plots (SVG).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use lowband_engine::checkpoint::write_atomic;
+use lowband_runtime::{Endpoint, Metric, RunConfig, RunResult, StrategyKind};
+use serde::Serialize;
+
+pub struct Comparison<'a> {
+    pub config: &'a RunConfig,
+    pub results: &'a [RunResult],
+    pub corpus: &'a str,
+    /// Entropy rate of the corpus (nats per byte), when known.
+    pub floor: Option<f64>,
+    pub name: &'a str,
+}
+
+/// One strategy's line of summary.json.
+#[derive(Serialize)]
+pub struct StrategySummary {
+    pub strategy: String,
+    pub inner_steps: u64,
+    pub final_val_loss: f64,
+    /// (loss − DDP's) / DDP's, when DDP ran.
+    pub loss_gap_vs_ddp: Option<f64>,
+    pub inter_site_bytes: u64,
+    /// DDP's bytes / this strategy's bytes, when DDP ran.
+    pub bytes_ratio_vs_ddp: Option<f64>,
+    pub tokens: u64,
+    pub rounds: u64,
+    pub params: usize,
+    /// Bits a site sends per token it trains on (mean over sites).
+    pub bits_per_token: f64,
+    /// Bits a site sends per parameter per round (mean over sites; DDP: per step).
+    pub bits_per_param_per_round: f64,
+    pub emulated_seconds: f64,
+    pub compute_seconds: f64,
+    pub communication_seconds: f64,
+    pub egress_dollars: f64,
+    pub validation_windows: usize,
+}
+
+#[derive(Serialize)]
+struct Summary<'a> {
+    name: &'a str,
+    corpus: &'a str,
+    entropy_rate_nats_per_byte: Option<f64>,
+    config: &'a RunConfig,
+    strategies: Vec<StrategySummary>,
+}
+
+fn summarize(c: &Comparison) -> Vec<StrategySummary> {
+    let ddp = c.results.iter().find(|r| r.strategy.kind == StrategyKind::Ddp);
+    c.results
+        .iter()
+        .map(|r| {
+            let sites = c.config.sites;
+            let sent: u64 = (0..sites as u32).map(|k| r.ledger.bytes_sent_by(Endpoint::Site(k))).sum();
+            StrategySummary {
+                strategy: r.strategy.name(),
+                inner_steps: r.strategy.inner_steps,
+                final_val_loss: r.final_val_loss,
+                loss_gap_vs_ddp: ddp.map(|d| r.final_val_loss / d.final_val_loss - 1.0),
+                inter_site_bytes: r.ledger.total_bytes(),
+                bytes_ratio_vs_ddp: ddp.filter(|_| r.ledger.total_bytes() > 0).map(|d| d.ledger.total_bytes() as f64 / r.ledger.total_bytes() as f64),
+                tokens: r.tokens,
+                rounds: r.rounds,
+                params: r.params,
+                bits_per_token: r.bits_per_token(sites),
+                bits_per_param_per_round: sent as f64 * 8.0 / (sites as f64 * r.params as f64 * r.rounds.max(1) as f64),
+                emulated_seconds: r.emulated_seconds(),
+                compute_seconds: r.compute_seconds,
+                communication_seconds: r.communication_seconds,
+                egress_dollars: c.config.link.dollars(r.ledger.total_bytes()),
+                validation_windows: r.validation_windows,
+            }
+        })
+        .collect()
+}
+
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}
+
+/// The comparison table as markdown (printed and put in report.md).
+pub fn table(c: &Comparison, rows: &[StrategySummary]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "| strategy | val loss | gap vs DDP | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round | rounds | emulated time | egress $ |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let gap = r.loss_gap_vs_ddp.map_or("-".into(), |g| format!("{:+.1}%", g * 100.0));
+        let ratio = r.bytes_ratio_vs_ddp.map_or("-".into(), |x| format!("{x:.1}x"));
+        let _ = writeln!(
+            out,
+            "| {} | {:.4} | {} | {} | {} | {:.1} | {:.2} | {} | {:.1} s | {:.4} |",
+            r.strategy, r.final_val_loss, gap, human_bytes(r.inter_site_bytes), ratio, r.bits_per_token, r.bits_per_param_per_round, r.rounds, r.emulated_seconds, r.egress_dollars
+        );
+    }
+    let _ = c;
+    out
+}
+
+fn notes(c: &Comparison) -> String {
+    let link = c.config.link;
+    let mut out = String::new();
+    let _ = writeln!(out, "- Same corpus, model, seed and tokens for every strategy; validation loss in nats per byte over the whole held-out split.");
+    let _ = writeln!(out, "- Shipping the training data itself would cost 8 bits per token (one byte each): strategies above that send more than the data.");
+    let _ = writeln!(out, "- Emulated time: slowest site's measured compute on this machine + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
+    if let Some(floor) = c.floor {
+        let best = c.results.iter().map(|r| r.final_val_loss).fold(f64::INFINITY, f64::min);
+        let _ = writeln!(out, "- The synthetic language's entropy rate is {floor:.4} nats/byte: no model can go below it (best here {:+.0}% above).", (best / floor - 1.0) * 100.0);
+    }
+    let _ = writeln!(
+        out,
+        "- A run of a few minutes is far too short for full-precision DiLoCo to match DDP: at this length fewer rounds cost loss (see docs/results.md and shared/facts.md); the gap shrinks with training length. Closing it at a large traffic saving is the codecs' job."
+    );
+    out
+}
+
+pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let rows = summarize(c);
+    let table = table(c, &rows);
+    let notes = notes(c);
+    println!("\n{table}\n{notes}");
+    let summary = Summary { name: c.name, corpus: c.corpus, entropy_rate_nats_per_byte: c.floor, config: c.config, strategies: rows };
+    let summary_json = serde_json::to_vec_pretty(&summary)?;
+    write_atomic(&run_dir.join("summary.json"), &summary_json)?;
+    if let Some(path) = json {
+        write_atomic(path, &summary_json)?;
+    }
+    let mut lines = Vec::new();
+    for r in c.results {
+        for m in &r.metrics {
+            let mut value = serde_json::to_value(m)?;
+            value["strategy"] = serde_json::Value::String(r.strategy.name());
+            lines.extend(serde_json::to_vec(&value)?);
+            lines.push(b'\n');
+        }
+    }
+    write_atomic(&run_dir.join("metrics.jsonl"), &lines)?;
+    crate::plots::loss_curves(c.results, &run_dir.join("loss_vs_tokens.svg"), &run_dir.join("loss_vs_bytes.svg"))?;
+    let config_toml = toml::to_string(c.config).unwrap_or_default();
+    let report = format!(
+        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{notes}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
+        c.name, c.corpus
+    );
+    write_atomic(&run_dir.join("report.md"), report.as_bytes())?;
+    println!("wrote {}/ (report.md, summary.json, metrics.jsonl, loss_vs_tokens.svg, loss_vs_bytes.svg)", run_dir.display());
+    Ok(())
+}
+
+/// Evaluation points of a run: (tokens, bytes, loss).
+pub fn eval_points(r: &RunResult) -> Vec<(u64, u64, f64)> {
+    r.metrics
+        .iter()
+        .filter_map(|m| if let Metric::Eval { tokens, inter_site_bytes, val_loss, .. } = m { Some((*tokens, *inter_site_bytes, *val_loss)) } else { None })
+        .collect()
+}

@@ -1,0 +1,92 @@
+//! `lowband compare` through the binary: the report files, the JSON schema, resuming, bad input.
+
+use std::process::{Command, Output};
+
+fn lowband(args: &[&str], dir: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lowband")).args(args).current_dir(dir).env("RAYON_NUM_THREADS", "2").output().unwrap()
+}
+
+const SMALL_RUN: [&str; 9] = ["compare", "--preset", "tiny", "--steps", "12", "--inner-steps", "4", "--corpus-bytes", "60000"];
+
+#[test]
+fn compare_writes_the_report_and_a_json_summary_with_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend(["--strategies", "ddp,diloco,fedavg@3", "--sites", "2", "--json", "out.json", "--name", "t"]);
+    let o = lowband(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| diloco@4 |") && stdout.contains("| fedavg@3 |"), "{stdout}");
+    let run = dir.path().join("runs/t");
+    for file in ["report.md", "summary.json", "metrics.jsonl", "loss_vs_tokens.svg", "loss_vs_bytes.svg"] {
+        assert!(run.join(file).exists(), "{file} missing");
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    let strategies = summary["strategies"].as_array().unwrap();
+    assert_eq!(strategies.len(), 3);
+    for s in strategies {
+        for field in ["final_val_loss", "inter_site_bytes", "tokens", "rounds", "emulated_seconds", "bits_per_token"] {
+            assert!(s[field].is_number(), "{field} missing in {s}");
+        }
+    }
+    assert_eq!(strategies[0]["tokens"], strategies[1]["tokens"], "equal tokens");
+    assert_eq!(strategies[1]["rounds"], 3);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    assert!(metrics.contains("\"kind\":\"eval\"") && metrics.contains("\"kind\":\"round\""));
+}
+
+#[test]
+fn a_compare_stopped_midway_resumes_to_the_uninterrupted_result() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("every_round.toml"), "checkpoint_every_rounds = 1\n").unwrap();
+    let with = |extra: &[&str]| {
+        let mut args = SMALL_RUN.to_vec();
+        args.extend(["--strategies", "ddp,diloco", "--config", "every_round.toml"]);
+        args.extend(extra);
+        lowband(&args, dir.path())
+    };
+    assert!(with(&["--name", "straight", "--json", "straight.json"]).status.success());
+    let stopped = with(&["--name", "r", "--stop-after-rounds", "2"]);
+    assert_eq!(stopped.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
+    let resumed = with(&["--name", "r", "--json", "resumed.json", "--resume"]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("resuming ddp from its saved state at step 8"), "{}", String::from_utf8_lossy(&resumed.stdout));
+    let read = |f: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(dir.path().join(f)).unwrap()).unwrap() };
+    let (a, b) = (read("straight.json"), read("resumed.json"));
+    for i in 0..2 {
+        for field in ["final_val_loss", "inter_site_bytes", "rounds", "tokens", "bits_per_token"] {
+            assert_eq!(a["strategies"][i][field], b["strategies"][i][field], "strategy {i}: {field}");
+        }
+    }
+}
+
+#[test]
+fn bad_settings_are_one_clear_line_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("short.txt"), "only a few bytes").unwrap();
+    std::fs::write(dir.path().join("empty.txt"), "").unwrap();
+    std::fs::write(dir.path().join("wrong_type.toml"), "sites = \"four\"\n").unwrap();
+    std::fs::write(dir.path().join("unknown.toml"), "sitez = 4\n").unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "sites = [\n").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["compare", "--corpus", "empty.txt"], "empty"),
+        (&["compare", "--corpus", "short.txt"], "too short"),
+        (&["compare", "--sites", "0"], "sites"),
+        (&["compare", "--inner-steps", "0"], "inner_steps"),
+        (&["compare", "--strategies", "gossip"], "unknown strategy"),
+        (&["compare", "--config", "wrong_type.toml"], "sites"),
+        (&["compare", "--config", "unknown.toml"], "sitez"),
+        (&["compare", "--config", "bad.toml"], "TOML"),
+        (&["compare", "--config", "missing.toml"], "missing.toml"),
+        (&["compare", "--tokens", "5"], "--tokens"),
+    ];
+    for (args, fragment) in cases {
+        let o = lowband(args, dir.path());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(fragment), "{args:?}: {err:?} should mention {fragment:?}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
