@@ -11,7 +11,7 @@ use lowband_runtime::{run, Persistence, RunConfig, RunError, RunResult, Strategy
 use crate::report::{self, Comparison};
 use crate::train::load_corpus;
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug, Default, Clone)]
 pub struct CompareArgs {
     /// Strategies, comma-separated: ddp, diloco, fedavg, optionally NAME@H (e.g. diloco@10).
     #[arg(long, value_delimiter = ',')]
@@ -164,7 +164,20 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
     Ok((config, strategies, args.corpus.clone().or(file.corpus)))
 }
 
+/// What a comparison produced.
+pub struct Outcome {
+    pub config: RunConfig,
+    pub results: Vec<RunResult>,
+    pub split: Split,
+    pub run_dir: PathBuf,
+}
+
 pub fn run_compare(args: &CompareArgs) -> Result<()> {
+    run_with(args).map(|_| ())
+}
+
+/// Run the strategies, print and write the report.
+pub fn run_with(args: &CompareArgs) -> Result<Outcome> {
     let (config, strategies, corpus) = settings(args)?;
     let model = lowband_engine::preset(&config.preset)?.model;
     let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes)?;
@@ -176,7 +189,7 @@ pub fn run_compare(args: &CompareArgs) -> Result<()> {
         std::fs::remove_dir_all(&state_dir).with_context(|| format!("clearing {}", state_dir.display()))?;
     }
     let tokens = config.steps * (config.sites * config.site_batch * model.context_length) as u64;
-    println!("lowband compare: {} on {} sites, preset {} ({} params), {} tokens each ({} steps x {} sites x {} x {} bytes)",
+    println!("lowband: {} on {} sites, preset {} ({} params), {} tokens each ({} steps x {} sites x {} x {} bytes)",
         strategies.iter().map(|s| s.name()).collect::<Vec<_>>().join(" vs "), config.sites, config.preset, model.parameter_count(),
         tokens, config.steps, config.sites, config.site_batch, model.context_length);
     println!("corpus: {source}: {} bytes train, {} held out for validation", split.train_bytes, split.validation.len());
@@ -187,7 +200,7 @@ pub fn run_compare(args: &CompareArgs) -> Result<()> {
     }
     let comparison = Comparison { config: &config, results: &results, corpus: &source, floor, name: &name };
     report::write_all(&comparison, &run_dir, args.json.as_deref())?;
-    Ok(())
+    Ok(Outcome { config, results, split, run_dir })
 }
 
 fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &Persistence, tokens: u64) -> Result<RunResult> {

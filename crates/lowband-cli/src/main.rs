@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run strategies side by side on one budget against DDP (the default when no command is given).
     Compare(compare::CompareArgs),
-    /// Train one model at one site.
+    /// Train one model with one strategy (same settings as compare) and save its checkpoint.
     Train(train::TrainArgs),
     /// Write a freshly initialized checkpoint.
     Init(engine_cmds::InitArgs),

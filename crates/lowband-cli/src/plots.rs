@@ -10,6 +10,19 @@ use crate::report::eval_points;
 
 const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
 
+/// 2500000 → "2.5M".
+fn si(value: f64) -> String {
+    let (scaled, suffix) = match value.abs() {
+        v if v >= 1e12 => (value / 1e12, "T"),
+        v if v >= 1e9 => (value / 1e9, "G"),
+        v if v >= 1e6 => (value / 1e6, "M"),
+        v if v >= 1e3 => (value / 1e3, "k"),
+        _ => (value, ""),
+    };
+    let text = format!("{scaled:.1}");
+    format!("{}{suffix}", text.trim_end_matches(".0"))
+}
+
 fn loss_range(results: &[RunResult]) -> (f64, f64) {
     let losses = results.iter().flat_map(|r| eval_points(r).into_iter().map(|p| p.2));
     let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
@@ -44,7 +57,7 @@ fn plot(
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;
-            chart.configure_mesh().x_desc(x_label).y_desc("validation loss (nats/byte)").draw().map_err(e)?;
+            chart.configure_mesh().x_desc(x_label).y_desc("validation loss (nats/byte)").x_label_formatter(&|v| si(*v)).draw().map_err(e)?;
             for (i, r) in results.iter().enumerate() {
                 let color = COLORS[i % COLORS.len()];
                 let points: Vec<(f64, f64)> = eval_points(r).into_iter().filter_map(&point).collect();

@@ -90,3 +90,16 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn train_runs_one_strategy_and_saves_a_checkpoint_that_eval_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = lowband(&["train", "--preset", "tiny", "--sites", "1", "--strategy", "ddp", "--steps", "10", "--corpus-bytes", "60000", "--name", "one"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("sample: "));
+    std::fs::write(dir.path().join("text.txt"), "sa ke lo mi ".repeat(50)).unwrap();
+    let eval = lowband(&["eval", "--checkpoint", "runs/one/checkpoint", "--data", "text.txt", "--json"], dir.path());
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let o = lowband(&["train", "--preset", "tiny", "--strategies", "ddp,diloco"], dir.path());
+    assert_eq!(o.status.code(), Some(2), "train takes one strategy");
+}

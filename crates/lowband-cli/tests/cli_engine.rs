@@ -56,8 +56,10 @@ fn bad_input_is_one_clear_line_and_exit_code_2() {
     assert_refused(&["eval", "--checkpoint", &p("ckpt"), "--data", &p("short.txt")], "shorter than one window");
     assert_refused(&["import", "hf", "--from", &p("ckpt"), "--out", &p("y")], "config.json");
     assert_refused(&["train", "--corpus", &p("short.txt"), "--steps", "1"], "too short");
-    assert_refused(&["train", "--steps", "0"], "--steps");
-    assert_refused(&["train", "--lr=-1", "--steps", "1"], "--lr");
+    assert_refused(&["train", "--steps", "0"], "steps");
+    std::fs::write(p("negative_lr.toml"), "[optimizer]\nlr = -1.0\n").unwrap();
+    assert_refused(&["train", "--config", &p("negative_lr.toml")], "lr");
+    assert_refused(&["train", "--strategy", "gossip"], "unknown strategy");
     assert_refused(&["bench", "engine", "--steps", "0"], "--steps");
     assert_refused(&["eval", "--bogus-flag"], "--bogus-flag");
 }
