@@ -19,7 +19,9 @@ Prints one line per check and exits 1 if any fails.
     python3 bench/torch_reference.py DIR
 """
 import json, sys, os
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_gpt import GPT
 from safetensors.torch import load_file
 
 TOLERANCE = 1e-4
@@ -44,33 +46,6 @@ def check(name, ours, theirs):
     ok = rel <= TOLERANCE
     if not ok: failures.append(name)
     print(f'{"ok  " if ok else "FAIL"} {name:<28} rel err {rel:.2e}')
-
-
-class Block(nn.Module):
-    def __init__(s):
-        super().__init__()
-        s.ln_1, s.c_attn, s.attn_proj = nn.LayerNorm(C), nn.Linear(C, 3 * C), nn.Linear(C, C)
-        s.ln_2, s.c_fc, s.mlp_proj = nn.LayerNorm(C), nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-    def forward(s, x):
-        b, t, c = x.shape
-        q, k, v = s.c_attn(s.ln_1(x)).split(c, 2)
-        q, k, v = [z.view(b, t, NH, c // NH).transpose(1, 2) for z in (q, k, v)]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
-        x = x + s.attn_proj(y)
-        return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x)), approximate='tanh'))
-
-
-class GPT(nn.Module):
-    def __init__(s):
-        super().__init__()
-        s.wte, s.wpe = nn.Embedding(V, C), nn.Embedding(T_MAX, C)
-        s.h = nn.ModuleList([Block() for _ in range(L)]); s.ln_f = nn.LayerNorm(C)
-
-    def forward(s, idx):
-        x = s.wte(idx) + s.wpe(torch.arange(idx.shape[1]))
-        for blk in s.h: x = blk(x)
-        return s.ln_f(x) @ s.wte.weight.T
 
 
 # Our tensor names -> (torch parameter, hf name, transposed in hf)
@@ -105,7 +80,7 @@ check('transformers logits', expected['logits'], hf_logits)
 check('transformers loss', torch.tensor([case['loss']]), F.cross_entropy(hf_logits.reshape(-1, V), targets.reshape(-1)).reshape(1))
 
 # 2. Plain PyTorch: loss, logits, gradients.
-model = GPT()
+model = GPT(V, T_MAX, L, C, NH)
 rows = mapping(model)
 with torch.no_grad():
     for ours, param, hf_name, transposed in rows:

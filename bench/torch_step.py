@@ -8,7 +8,10 @@ tanh-GELU, learned positions, tied head) with the same AdamW settings. Prints on
     python3 bench/torch_step.py --preset ref --threads 2
 """
 import argparse, json, time
-import torch, torch.nn as nn, torch.nn.functional as F
+import os, sys
+import torch, torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_gpt import GPT
 
 PRESETS = {  # vocab, context, layers, width, heads, batch: as in lowband's config.rs
     'tiny': (256, 32, 2, 32, 2, 4),
@@ -28,38 +31,7 @@ V, T, L, C, NH, B = PRESETS[args.preset]
 B = args.batch or B
 
 
-class Block(nn.Module):
-    def __init__(s):
-        super().__init__()
-        s.ln_1, s.c_attn, s.attn_proj = nn.LayerNorm(C), nn.Linear(C, 3 * C), nn.Linear(C, C)
-        s.ln_2, s.c_fc, s.mlp_proj = nn.LayerNorm(C), nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
-
-    def forward(s, x):
-        b, t, c = x.shape
-        q, k, v = s.c_attn(s.ln_1(x)).split(c, 2)
-        q, k, v = [z.view(b, t, NH, c // NH).transpose(1, 2) for z in (q, k, v)]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
-        x = x + s.attn_proj(y)
-        return x + s.mlp_proj(F.gelu(s.c_fc(s.ln_2(x)), approximate='tanh'))
-
-
-class GPT(nn.Module):
-    def __init__(s):
-        super().__init__()
-        s.wte, s.wpe = nn.Embedding(V, C), nn.Embedding(T, C)
-        s.h = nn.ModuleList([Block() for _ in range(L)]); s.ln_f = nn.LayerNorm(C)
-        for m in s.modules():  # the init lowband and the reference use
-            if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, 0, 0.02)
-            if isinstance(m, nn.Linear): nn.init.zeros_(m.bias)
-
-    def forward(s, idx, targets):
-        x = s.wte(idx) + s.wpe(torch.arange(idx.shape[1]))
-        for blk in s.h: x = blk(x)
-        logits = s.ln_f(x) @ s.wte.weight.T
-        return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
-
-
-model = GPT()
+model = GPT(V, T, L, C, NH)
 decay = [p for p in model.parameters() if p.dim() >= 2]; rest = [p for p in model.parameters() if p.dim() < 2]
 opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': rest, 'weight_decay': 0.0}],
                         lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
@@ -67,7 +39,7 @@ x = torch.randint(V, (B, T)); y = torch.randint(V, (B, T))
 
 
 def step():
-    loss = model(x, y); loss.backward()
+    loss = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)); loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); opt.zero_grad(set_to_none=True)
     return loss.item()
 

@@ -223,21 +223,17 @@ pub fn run(
     if split.shards.len() != config.sites {
         return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
     }
+    let common = Common::new(config, strategy, split)?;
+    // Every strategy starts from the same initial parameters (the seed's).
+    let initial = Gpt::new(preset(&config.preset)?.model, config.seed)?.params().to_vec();
     match strategy.kind {
-        StrategyKind::Ddp => run_ddp(config, strategy, split, persistence, progress),
-        StrategyKind::Diloco | StrategyKind::Fedavg => run_rounds(config, strategy, split, persistence, progress),
+        StrategyKind::Ddp => run_ddp(common, initial, persistence, progress),
+        StrategyKind::Diloco | StrategyKind::Fedavg => run_rounds(common, initial, persistence, progress),
     }
 }
 
-fn run_ddp(
-    config: &RunConfig,
-    strategy: Strategy,
-    split: &Split,
-    persistence: &Persistence,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<RunResult, RunError> {
-    let mut common = Common::new(config, strategy, split)?;
-    let initial = Gpt::new(preset(&config.preset)?.model, config.seed)?.params().to_vec();
+fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
+    let (config, split, strategy) = (common.config, common.split, common.strategy);
     let mut sites = new_sites(config, &initial)?;
     // One replica stands for all: in DDP every site holds the same parameters and optimizer state.
     let mut replica = sites.remove(0);
@@ -295,15 +291,8 @@ fn run_ddp(
     common.finish(config.steps, params)
 }
 
-fn run_rounds(
-    config: &RunConfig,
-    strategy: Strategy,
-    split: &Split,
-    persistence: &Persistence,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<RunResult, RunError> {
-    let mut common = Common::new(config, strategy, split)?;
-    let initial = Gpt::new(preset(&config.preset)?.model, config.seed)?.params().to_vec();
+fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
+    let (config, strategy) = (common.config, common.strategy);
     let n = initial.len();
     let outer = config.outer(strategy.kind == StrategyKind::Fedavg);
     let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, ..CoordinatorConfig::new(n, outer) };
