@@ -208,7 +208,10 @@ fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &
         println!("resuming {} from its saved state at step {}", strategy.name(), saved.step);
     }
     let bar = ProgressBar::new(tokens).with_style(
-        ProgressStyle::with_template(&format!("{:<11} {{bar:28}} {{percent:>3}}%  {{per_sec:>14}}  ETA {{eta:>4}}  {{msg}}", strategy.name()))?
+        ProgressStyle::with_template(&format!("{:<11} {{bar:28}} {{percent:>3}}%  {{rate:>14}}  ETA {{eta:>4}}  {{msg}}", strategy.name()))?
+            .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.1}k tokens/s", state.per_sec() / 1e3);
+            })
             .progress_chars("█▉▊▋▌▍▎▏ "),
     );
     bar.set_message("starting");
