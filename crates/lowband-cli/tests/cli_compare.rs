@@ -81,6 +81,9 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
         (&["compare", "--config", "bad.toml"], "TOML"),
         (&["compare", "--config", "missing.toml"], "missing.toml"),
         (&["compare", "--tokens", "5"], "--tokens"),
+        (&["compare", "--inner-steps", "1000000000000"], "inner_steps"),
+        (&["compare", "--site-batch", "100000000"], "site_batch"),
+        (&["compare", "--sites", "1000", "--preset", "ref"], "GiB"),
     ];
     for (args, fragment) in cases {
         let o = lowband(args, dir.path());

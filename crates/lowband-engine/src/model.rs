@@ -11,6 +11,10 @@ use crate::error::{EngineError, Result};
 use crate::kernels::{self as k, row_groups};
 use crate::layout::{BlockOffsets, ParamLayout, TensorInfo};
 
+/// Largest activation memory a batch may ask for, in f32 values (16 GiB); a larger batch is an
+/// error, not an allocation failure.
+pub const ACTIVATION_VALUES_MAX: usize = 1 << 32;
+
 /// Standard deviation of GPT-2's (and the reference's) normal init for weights and embeddings.
 pub const INIT_STD: f32 = 0.02;
 
@@ -196,6 +200,14 @@ impl Gpt {
             )));
         }
         let n = b.checked_mul(t).ok_or_else(|| EngineError::InvalidBatch("batch too large".into()))?;
+        let c = self.config;
+        // What ensure_capacity would hold: per layer about 16 values per (row, channel) plus the
+        // attention probabilities, and the logits twice.
+        let per_layer = n.saturating_mul(c.width).saturating_mul(16).saturating_add(b.saturating_mul(c.heads).saturating_mul(t).saturating_mul(t));
+        let values = per_layer.saturating_mul(c.layers).saturating_add(n.saturating_mul(c.vocab_size).saturating_mul(3));
+        if values > ACTIVATION_VALUES_MAX {
+            return Err(EngineError::InvalidBatch(format!("a {b} x {t} batch needs about {} GiB of activations; the limit is {} GiB", (values * 4) >> 30, (ACTIVATION_VALUES_MAX * 4) >> 30)));
+        }
         for (what, tokens) in [("inputs", Some(inputs)), ("targets", targets)] {
             let Some(tokens) = tokens else { continue };
             if tokens.len() != n {

@@ -199,6 +199,7 @@ fn bad_batches_are_errors_not_panics() {
         (vec![1u32; 5], 2, 4, "tokens for a 2 x 4 batch"),
         (vec![300u32; 8], 2, 4, "outside the vocabulary"),
         (vec![], 0, 4, "empty batch"),
+        (vec![1u32; 8], 1 << 40, 8, "activations"),
     ] {
         let error = model.forward(&inputs, None, b, seq).unwrap_err().to_string();
         assert!(error.contains(fragment), "{error} should mention {fragment}");

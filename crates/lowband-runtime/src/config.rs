@@ -65,6 +65,13 @@ impl Default for RunConfig {
 
 /// Largest site count a run accepts (the protocol's own limit is a config field too).
 pub const SITES_MAX: usize = 1024;
+/// Largest sync interval.
+pub const INNER_STEPS_MAX: u64 = 10_000_000;
+/// Largest number of sequences per site per step.
+pub const SITE_BATCH_MAX: usize = 4096;
+/// Memory the in-memory driver may plan to use for the sites' model state (parameters,
+/// gradients and AdamW moments: 16 bytes per parameter per site).
+pub const SITE_STATE_BYTES_MAX: u64 = 16 << 30;
 
 impl RunConfig {
     /// Check every field; the error names it.
@@ -76,8 +83,19 @@ impl RunConfig {
             return Err(("sites", format!("{} exceeds the limit of {SITES_MAX}", self.sites)));
         }
         at_least_one("site_batch", self.site_batch as u64)?;
+        if self.site_batch > SITE_BATCH_MAX {
+            return Err(("site_batch", format!("{} exceeds the limit of {SITE_BATCH_MAX}", self.site_batch)));
+        }
         at_least_one("steps", self.steps)?;
         at_least_one("inner_steps", self.inner_steps)?;
+        if self.inner_steps > INNER_STEPS_MAX {
+            return Err(("inner_steps", format!("{} exceeds the limit of {INNER_STEPS_MAX}", self.inner_steps)));
+        }
+        let params = lowband_engine::preset(&self.preset).map(|p| p.model.parameter_count() as u64).unwrap_or(0);
+        let state_bytes = params * 16 * self.sites as u64;
+        if state_bytes > SITE_STATE_BYTES_MAX {
+            return Err(("sites", format!("{} sites of {params} parameters need about {} GiB of model state; the limit is {} GiB", self.sites, state_bytes >> 30, SITE_STATE_BYTES_MAX >> 30)));
+        }
         at_least_one("eval_windows", self.eval_windows as u64)?;
         self.optimizer.validate().map_err(|e| ("optimizer", e.to_string()))?;
         if self.optimizer.lr == 0.0 {

@@ -309,7 +309,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     }
     let mut pending: VecDeque<Action> = coordinator.start(now_ms).into();
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
-    let mut losses = vec![0.0f32; strategy.inner_steps as usize];
+    let mut losses = vec![0.0f32; strategy.inner_steps.min(config.steps) as usize];
     while step < config.steps {
         let round = coordinator.round();
         let h = strategy.inner_steps.min(config.steps - step);
