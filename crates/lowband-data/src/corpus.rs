@@ -178,12 +178,11 @@ impl Sampler {
         Sampler { rng: ChaCha8Rng::seed_from_u64(seed), drawn: 0, seed }
     }
 
-    /// A sampler that continues after `drawn` windows of a sampler with the same seed.
+    /// A sampler that continues after `drawn` windows of a sampler with the same seed. Each
+    /// window takes one `next_u64` (two 32-bit words of the ChaCha stream), so this seeks.
     pub fn resume(seed: u64, drawn: u64) -> Self {
         let mut s = Sampler::new(seed);
-        for _ in 0..drawn {
-            s.rng.next_u64();
-        }
+        s.rng.set_word_pos(2 * drawn as u128);
         s.drawn = drawn;
         s
     }
@@ -243,6 +242,15 @@ mod tests {
         b.fill(&shard, 4, 32, &mut b_in, &mut b_t);
         assert_eq!(a_in, b_in);
         assert_eq!(a_t, b_t);
+        // Far into the stream too (seeking, not replaying).
+        let mut far = Sampler::new(9);
+        let (mut f_in, mut f_t) = (vec![], vec![]);
+        for _ in 0..1001 {
+            far.fill(&shard, 3, 32, &mut f_in, &mut f_t);
+        }
+        let mut sought = Sampler::resume(9, 3000);
+        sought.fill(&shard, 3, 32, &mut b_in, &mut b_t);
+        assert_eq!(f_in, b_in);
         assert_eq!(&a_in[1..32], &a_t[..31], "targets are inputs shifted by one");
     }
 

@@ -267,7 +267,10 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
         let scale = 1.0 / k_sites as f32;
         replica.trainer.grads_mut().iter_mut().zip(&sum).for_each(|(g, s)| *g = s * scale);
         let lr = common.schedule.lr_at(step);
+        // Every site applies the same AdamW step to its own copy: part of each site's compute.
+        let start = Instant::now();
         replica.trainer.apply_gradients(lr)?;
+        slowest += start.elapsed().as_secs_f64();
         for k in 0..config.sites as u32 {
             let next = (k + 1) % config.sites as u32;
             if next != k {
