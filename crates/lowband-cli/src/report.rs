@@ -93,7 +93,7 @@ fn human_bytes(bytes: u64) -> String {
 }
 
 /// The comparison table as markdown (printed and put in report.md).
-pub fn table(c: &Comparison, rows: &[StrategySummary]) -> String {
+pub fn table(rows: &[StrategySummary]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "| strategy | val loss | gap vs DDP | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round | rounds | emulated time | egress $ |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
@@ -106,7 +106,6 @@ pub fn table(c: &Comparison, rows: &[StrategySummary]) -> String {
             r.strategy, r.final_val_loss, gap, human_bytes(r.inter_site_bytes), ratio, r.bits_per_token, r.bits_per_param_per_round, r.rounds, r.emulated_seconds, r.egress_dollars
         );
     }
-    let _ = c;
     out
 }
 
@@ -130,7 +129,7 @@ fn notes(c: &Comparison) -> String {
 pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<()> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let rows = summarize(c);
-    let table = table(c, &rows);
+    let table = table(&rows);
     let notes = notes(c);
     println!("\n{table}\n{notes}");
     let summary = Summary { name: c.name, corpus: c.corpus, entropy_rate_nats_per_byte: c.floor, config: c.config, strategies: rows };

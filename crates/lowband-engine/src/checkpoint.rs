@@ -13,7 +13,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -319,9 +319,4 @@ fn split_moments(layout: &ParamLayout, path: &Path, bytes: &[u8]) -> Result<(Vec
         }
     }
     Ok((m, v))
-}
-
-/// The path a checkpoint's manifest would have (for messages).
-pub fn manifest_path(dir: &Path) -> PathBuf {
-    dir.join(MANIFEST_FILE)
 }
