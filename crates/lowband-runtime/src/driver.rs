@@ -3,7 +3,6 @@
 //! the slowest site's measured compute time plus the link time of its packets (sites run side by
 //! side in reality, one after the other here).
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use lowband_data::{Sampler, Split};
@@ -84,7 +83,7 @@ pub(crate) struct SiteRuntime {
 
 /// Everything both kinds of strategy share.
 pub(crate) struct Common<'a> {
-    config: &'a RunConfig,
+    pub(crate) config: &'a RunConfig,
     pub(crate) strategy: Strategy,
     split: &'a Split,
     context: usize,
@@ -199,15 +198,19 @@ impl<'a> Common<'a> {
     }
 }
 
-fn new_sites(config: &RunConfig, initial: &[f32]) -> Result<Vec<SiteRuntime>, RunError> {
+/// Site k's data stream, seeded as the reference does: seed * 1000 + k.
+fn site_sampler(config: &RunConfig, k: usize) -> Sampler {
+    Sampler::new(config.seed.wrapping_mul(1000).wrapping_add(k as u64))
+}
+
+fn new_trainer(config: &RunConfig, initial: &[f32]) -> Result<CpuTrainer, RunError> {
     let model = preset(&config.preset)?.model;
+    Ok(CpuTrainer::new(Gpt::from_params(model, initial.to_vec())?, config.optimizer)?)
+}
+
+fn new_sites(config: &RunConfig, initial: &[f32]) -> Result<Vec<SiteRuntime>, RunError> {
     (0..config.sites)
-        .map(|k| {
-            let trainer = CpuTrainer::new(Gpt::from_params(model, initial.to_vec())?, config.optimizer)?;
-            // The reference's convention: site k's data stream is seeded with seed * 1000 + k.
-            let sampler = Sampler::new(config.seed.wrapping_mul(1000).wrapping_add(k as u64));
-            Ok(SiteRuntime { site: Site::new(k as u32, initial.len()), trainer, sampler })
-        })
+        .map(|k| Ok(SiteRuntime { site: Site::new(k as u32, initial.len()), trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k) }))
         .collect()
 }
 
@@ -224,8 +227,8 @@ pub fn run(
         return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
     }
     let common = Common::new(config, strategy, split)?;
-    // Every strategy starts from the same initial parameters (the seed's).
-    let initial = Gpt::new(preset(&config.preset)?.model, config.seed)?.params().to_vec();
+    // Every strategy starts from the seed's initial parameters (the evaluator was built from them).
+    let initial = common.evaluator.params().to_vec();
     match strategy.kind {
         StrategyKind::Ddp => run_ddp(common, initial, persistence, progress),
         StrategyKind::Diloco | StrategyKind::Fedavg => run_rounds(common, initial, persistence, progress),
@@ -234,16 +237,16 @@ pub fn run(
 
 fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
     let (config, split, strategy) = (common.config, common.split, common.strategy);
-    let mut sites = new_sites(config, &initial)?;
-    // One replica stands for all: in DDP every site holds the same parameters and optimizer state.
-    let mut replica = sites.remove(0);
-    let mut samplers: Vec<Sampler> = std::iter::once(replica.sampler.clone()).chain(sites.into_iter().map(|s| s.sampler)).collect();
+    // One trainer stands for all sites: in DDP every site holds the same parameters and optimizer
+    // state; each site has its own data stream.
+    let mut trainer = new_trainer(config, &initial)?;
+    let mut samplers: Vec<Sampler> = (0..config.sites).map(|k| site_sampler(config, k)).collect();
     let n = initial.len();
     let k_sites = config.sites as u64;
     let mut first_step = 0;
     if let Some(saved) = state::load(persistence, strategy)? {
         first_step = saved.step;
-        saved.restore_ddp(&mut common, &mut replica.trainer, &mut samplers)?;
+        saved.restore_ddp(&mut common, &mut trainer, &mut samplers)?;
     }
     // Ring all-reduce of fp32 gradients: each site sends 2(K − 1)/K x 4 bytes x params per step.
     let bytes_per_site = (2 * (k_sites - 1) * 4 * n as u64) / k_sites;
@@ -255,8 +258,8 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
             let start = Instant::now();
             sampler.fill(&split.shards[k], config.site_batch, common.context, &mut common.inputs, &mut common.targets);
             let batch = Batch { inputs: &common.inputs, targets: &common.targets, batch_size: config.site_batch, seq_len: common.context };
-            loss_sum += replica.trainer.compute_gradients(&batch)?;
-            let grads = replica.trainer.grads();
+            loss_sum += trainer.compute_gradients(&batch)?;
+            let grads = trainer.grads();
             if k == 0 {
                 sum.copy_from_slice(grads);
             } else {
@@ -265,11 +268,11 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
             slowest = slowest.max(start.elapsed().as_secs_f64());
         }
         let scale = 1.0 / k_sites as f32;
-        replica.trainer.grads_mut().iter_mut().zip(&sum).for_each(|(g, s)| *g = s * scale);
+        trainer.grads_mut().iter_mut().zip(&sum).for_each(|(g, s)| *g = s * scale);
         let lr = common.schedule.lr_at(step);
         // Every site applies the same AdamW step to its own copy: part of each site's compute.
         let start = Instant::now();
-        replica.trainer.apply_gradients(lr)?;
+        trainer.apply_gradients(lr)?;
         slowest += start.elapsed().as_secs_f64();
         for k in 0..config.sites as u32 {
             let next = (k + 1) % config.sites as u32;
@@ -280,17 +283,17 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
         common.compute_seconds += slowest;
         common.communication_seconds += config.link.ring_all_reduce_seconds(4 * n as u64, config.sites);
         common.metrics.push(Metric::Step { step, loss: loss_sum / k_sites as f32, lr });
-        common.maybe_evaluate(step + 1, replica.trainer.params())?;
+        common.maybe_evaluate(step + 1, trainer.params())?;
         progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * k_sites, tokens_total, loss: loss_sum / k_sites as f32 });
         let every = config.checkpoint_every_rounds.max(1) * config.inner_steps;
         if config.checkpoint_every_rounds > 0 && ((step + 1) % every == 0 || step + 1 == config.steps) {
-            RunState::of_ddp(&common, step + 1, &replica.trainer, &samplers).save(persistence, strategy)?;
+            RunState::of_ddp(&common, step + 1, &trainer, &samplers).save(persistence, strategy)?;
         }
         if persistence.stop_after_rounds.is_some_and(|r| step + 1 >= r * config.inner_steps) {
             return Err(RunError::Stopped { step: step + 1 });
         }
     }
-    let params = replica.trainer.params().to_vec();
+    let params = trainer.params().to_vec();
     common.finish(config.steps, params)
 }
 
@@ -310,18 +313,20 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     for k in 0..config.sites as u32 {
         coordinator.handle(now_ms, Event::SiteJoined { site: k });
     }
-    let mut pending: VecDeque<Action> = coordinator.start(now_ms).into();
+    let mut sends = absorb(coordinator.start(now_ms), &mut common, &coordinator, step)?;
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
     let mut losses = vec![0.0f32; strategy.inner_steps.min(config.steps) as usize];
     while step < config.steps {
         let round = coordinator.round();
         let h = strategy.inner_steps.min(config.steps - step);
-        let sends = take_sends(&mut pending, &mut common, &coordinator)?;
+        if sends.is_empty() {
+            return Err(RunError::Protocol("the coordinator opened no round".into()));
+        }
         let losses = &mut losses[..h as usize];
         losses.fill(0.0);
         let (mut slowest, mut down_bytes, mut up_bytes) = (0.0f64, 0u64, 0u64);
         let mut updates = Vec::with_capacity(sends.len());
-        for (to, bytes) in sends {
+        for (to, bytes) in std::mem::take(&mut sends) {
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
             down_bytes = down_bytes.max(bytes.len() as u64);
             let site = &mut sites[to as usize];
@@ -341,9 +346,9 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
         now_ms = (common.emulated_seconds() * 1e3) as u64;
         for (from, bytes) in updates {
             common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, bytes.len() as u64);
-            pending.extend(coordinator.handle(now_ms, Event::PacketArrived { from, bytes: &bytes }));
+            let actions = coordinator.handle(now_ms, Event::PacketArrived { from, bytes: &bytes });
+            sends.extend(absorb(actions, &mut common, &coordinator, step)?);
         }
-        handle_round_actions(&mut pending, &mut common, &coordinator, step)?;
         if config.checkpoint_every_rounds > 0 && (coordinator.round() % config.checkpoint_every_rounds == 0 || step >= config.steps) {
             RunState::of_rounds(&common, step, &coordinator, &sites).save(persistence, strategy)?;
         }
@@ -362,47 +367,26 @@ impl Common<'_> {
     }
 }
 
-/// The Send actions at the head of the queue (the next round's global parameters).
-fn take_sends(pending: &mut VecDeque<Action>, common: &mut Common, coordinator: &Coordinator) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
+/// Carry out the coordinator's actions except sending: returns the sends (the next round's
+/// global parameters), which the round loop delivers.
+fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
     let mut sends = Vec::new();
-    while let Some(action) = pending.pop_front() {
+    for action in actions {
         match action {
             Action::Send { to, bytes } => sends.push((to, bytes)),
-            other => handle_other(other, common, coordinator, 0)?,
+            Action::RoundClosed(report) => {
+                common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm });
+                if !report.missing.is_empty() {
+                    return Err(RunError::Protocol(format!("round {} closed without sites {:?}", report.round, report.missing)));
+                }
+                common.maybe_evaluate(step, coordinator.global())?;
+            }
+            // The in-memory driver saves its own resumable state (see `checkpoint_every_rounds`).
+            Action::Checkpoint { .. } => {}
+            Action::Rejected { from, reason } => return Err(RunError::Protocol(format!("coordinator refused site {from}'s packet: {reason}"))),
         }
-    }
-    if sends.is_empty() {
-        return Err(RunError::Protocol("the coordinator opened no round".into()));
     }
     Ok(sends)
-}
-
-/// Process what a round's updates produced, leaving the next round's sends queued.
-fn handle_round_actions(pending: &mut VecDeque<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<(), RunError> {
-    let mut sends = VecDeque::new();
-    while let Some(action) = pending.pop_front() {
-        match action {
-            send @ Action::Send { .. } => sends.push_back(send),
-            other => handle_other(other, common, coordinator, step)?,
-        }
-    }
-    *pending = sends;
-    Ok(())
-}
-
-fn handle_other(action: Action, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<(), RunError> {
-    match action {
-        Action::RoundClosed(report) => {
-            common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm });
-            if !report.missing.is_empty() {
-                return Err(RunError::Protocol(format!("round {} closed without sites {:?}", report.round, report.missing)));
-            }
-            common.maybe_evaluate(step, coordinator.global())
-        }
-        Action::Checkpoint { .. } => Ok(()),
-        Action::Rejected { from, reason } => Err(RunError::Protocol(format!("coordinator refused site {from}'s packet: {reason}"))),
-        Action::Send { .. } => unreachable!("sends are taken by the caller"),
-    }
 }
 
 fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {

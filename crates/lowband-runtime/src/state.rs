@@ -19,6 +19,7 @@ use lowband_protocol::Coordinator;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{Common, Metric, Persistence, SiteRuntime};
+use crate::config::RunConfig;
 use crate::ledger::Ledger;
 use crate::strategy::Strategy;
 use crate::RunError;
@@ -32,6 +33,8 @@ struct Manifest {
     format: String,
     version: u32,
     strategy: String,
+    /// The settings the state was made with; a resume under other settings is refused.
+    config: RunConfig,
     step: u64,
     round: u64,
     params: usize,
@@ -67,6 +70,7 @@ impl RunState {
             format: FORMAT.into(),
             version: VERSION,
             strategy: common.strategy.name(),
+            config: RunConfig { checkpoint_every_rounds: 0, ..common.config.clone() },
             step,
             round,
             params,
@@ -114,45 +118,54 @@ impl RunState {
         Ok(std::mem::take(&mut self.tensors[i].1))
     }
 
-    fn restore_common(&self, common: &mut Common) {
+    fn restore_common(&self, common: &mut Common) -> Result<(), RunError> {
+        if self.manifest.config != (RunConfig { checkpoint_every_rounds: 0, ..common.config.clone() }) {
+            return Err(RunError::State(
+                "the saved state was made with other settings (model, sites, steps, seed, optimizer, data or link); rerun without --resume to start over".into(),
+            ));
+        }
         common.metrics = self.manifest.metrics.clone();
         common.ledger = self.manifest.ledger.clone();
         common.compute_seconds = self.manifest.compute_seconds;
         common.communication_seconds = self.manifest.communication_seconds;
         common.next_eval_step = self.manifest.next_eval_step;
+        Ok(())
     }
 
-    fn restore_site(&mut self, k: usize, trainer: &mut CpuTrainer, sampler: &mut Sampler) -> Result<(), RunError> {
-        let (seed, drawn) = self.manifest.samplers[k];
-        *sampler = Sampler::resume(seed, drawn);
+    /// AdamW state `k` of the saved run into `trainer`.
+    fn restore_optimizer(&mut self, k: usize, trainer: &mut CpuTrainer) -> Result<(), RunError> {
+        let step = *self.manifest.optimizer_steps.get(k).ok_or_else(|| RunError::State(format!("saved state lacks optimizer {k}")))?;
+        let (m, v) = (self.tensor(&format!("site{k}.m"))?, self.tensor(&format!("site{k}.v"))?);
         let opt = trainer.optimizer_mut();
-        opt.m = self.tensor(&format!("site{k}.m"))?;
-        opt.v = self.tensor(&format!("site{k}.v"))?;
-        opt.step = self.manifest.optimizer_steps[k];
+        (opt.m, opt.v, opt.step) = (m, v, step);
         Ok(())
+    }
+
+    /// The data streams, continued where they stopped (lengths were checked).
+    fn restore_samplers<'s>(&self, samplers: impl Iterator<Item = &'s mut Sampler>) {
+        for (sampler, &(seed, drawn)) in samplers.zip(&self.manifest.samplers) {
+            *sampler = Sampler::resume(seed, drawn);
+        }
     }
 
     pub(crate) fn restore_ddp(mut self, common: &mut Common, trainer: &mut CpuTrainer, samplers: &mut [Sampler]) -> Result<(), RunError> {
         self.check(samplers.len(), trainer.params().len())?;
-        self.restore_common(common);
+        self.restore_common(common)?;
         trainer.params_mut().copy_from_slice(&self.tensor("params")?);
-        let mut opt_sampler = samplers[0].clone();
-        self.restore_site(0, trainer, &mut opt_sampler)?;
-        for (k, s) in samplers.iter_mut().enumerate() {
-            let (seed, drawn) = self.manifest.samplers[k];
-            *s = Sampler::resume(seed, drawn);
-        }
+        self.restore_optimizer(0, trainer)?;
+        self.restore_samplers(samplers.iter_mut());
         Ok(())
     }
 
     pub(crate) fn restore_rounds(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(), RunError> {
         self.check(sites.len(), coordinator.global().len())?;
-        self.restore_common(common);
+        self.restore_common(common)?;
         let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")? };
         coordinator.restore(state)?;
         for (k, site) in sites.iter_mut().enumerate() {
-            self.restore_site(k, &mut site.trainer, &mut site.sampler)?;
+            self.restore_optimizer(k, &mut site.trainer)?;
         }
+        self.restore_samplers(sites.iter_mut().map(|s| &mut s.sampler));
         Ok(())
     }
 
@@ -164,6 +177,9 @@ impl RunState {
         }
         if self.tensors.iter().any(|(n, v)| v.len() != params && !(n == "momentum" && v.is_empty())) {
             return Err(RunError::State("a saved tensor has the wrong length".into()));
+        }
+        if let Some((name, _)) = self.tensors.iter().find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n.ends_with(".v") && *x < 0.0))) {
+            return Err(RunError::State(format!("saved tensor {name} holds a non-finite (or negative second-moment) value")));
         }
         Ok(())
     }

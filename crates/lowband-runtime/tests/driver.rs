@@ -125,3 +125,29 @@ fn invalid_configs_name_their_field() {
         }
     }
 }
+
+#[test]
+fn resuming_under_other_settings_or_from_a_corrupted_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = RunConfig { checkpoint_every_rounds: 1, ..config(2, 12, 3) };
+    let stop = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(2) };
+    assert!(matches!(go(&c, "diloco", &stop), Err(RunError::Stopped { .. })));
+    let resume = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None };
+    let other = RunConfig { seed: 1, ..c.clone() };
+    match go(&other, "diloco", &resume) {
+        Err(RunError::State(reason)) => assert!(reason.contains("other settings"), "{reason}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.final_val_loss)),
+    }
+    // Corrupt the saved global parameters: a NaN where a value was.
+    let strategy_dir = dir.path().join("diloco-h3");
+    let current: serde_json::Value = serde_json::from_slice(&std::fs::read(strategy_dir.join("current.json")).unwrap()).unwrap();
+    let tensors = strategy_dir.join(current["dir"].as_str().unwrap()).join("tensors.safetensors");
+    let mut bytes = std::fs::read(&tensors).unwrap();
+    let at = bytes.len() - 4; // the last value of the last tensor
+    bytes[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&tensors, &bytes).unwrap();
+    match go(&c, "diloco", &resume) {
+        Err(RunError::State(reason)) => assert!(reason.contains("non-finite"), "{reason}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.final_val_loss)),
+    }
+}
