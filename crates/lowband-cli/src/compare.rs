@@ -84,34 +84,19 @@ fn read_config(path: &Path) -> Result<FileSettings> {
         Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
         Some(_) => bail!("{}: corpus: must be a string (a path)", path.display()),
     };
-    // Deserialize from the text (not the table) so that errors carry a span to name the field.
-    let run: RunConfig = toml::from_str(&without_keys(&text, &["strategies", "corpus"])).map_err(|e| field_error(path, &text, &e))?;
+    // The rest is a RunConfig. Deserialize it from text (the table written back without the two
+    // keys above) so that an error carries a span, from which the field is named.
+    let rest = toml::to_string(&table).with_context(|| format!("{}: re-reading the settings", path.display()))?;
+    let run: RunConfig = toml::from_str(&rest).map_err(|e| field_error(path, &rest, &e))?;
     Ok(FileSettings { run, strategies, corpus })
 }
 
-/// The TOML text with top-level `key = ...` lines of the given keys blanked (kept as empty lines
-/// so that line numbers stay right). Only single-line values are supported for these keys.
-fn without_keys(text: &str, keys: &[&str]) -> String {
-    let mut in_table = false;
-    text.lines()
-        .map(|line| {
-            let trimmed = line.trim_start();
-            if trimmed.starts_with('[') {
-                in_table = true;
-            }
-            let key = trimmed.split('=').next().unwrap_or("").trim();
-            if !in_table && trimmed.contains('=') && keys.contains(&key) { "" } else { line }
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// One line naming the field: "FILE: optimizer.lr: invalid type ... (line 3)".
+/// One line naming the field: "FILE: optimizer.lr: invalid type: ...".
 fn field_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error {
-    let Some(span) = error.span() else { return anyhow::anyhow!("{}: {}", path.display(), error.message()) };
+    let message = error.message().trim();
+    let Some(span) = error.span() else { return anyhow::anyhow!("{}: {message}", path.display()) };
     let before = &text[..span.start.min(text.len())];
-    let line_number = before.matches('\n').count() + 1;
-    let line = text.lines().nth(line_number - 1).unwrap_or("");
+    let line = text[before.rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("");
     let table = before.lines().rev().map(str::trim).find(|l| l.starts_with('[')).map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
     let key = line.split('=').next().unwrap_or("").trim();
     let field = match (table, key.is_empty()) {
@@ -119,7 +104,7 @@ fn field_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Erro
         (None, false) => format!("{key}: "),
         _ => String::new(),
     };
-    anyhow::anyhow!("{}: {field}{} (line {line_number})", path.display(), error.message().trim())
+    anyhow::anyhow!("{}: {field}{message}", path.display())
 }
 
 /// Settings after the file and the flags.

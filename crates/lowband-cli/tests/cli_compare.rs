@@ -39,10 +39,11 @@ fn compare_writes_the_report_and_a_json_summary_with_every_field() {
 #[test]
 fn a_compare_stopped_midway_resumes_to_the_uninterrupted_result() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("every_round.toml"), "checkpoint_every_rounds = 1\n").unwrap();
+    // Also a multi-line array, as people write them.
+    std::fs::write(dir.path().join("every_round.toml"), "strategies = [\n  \"ddp\",\n  \"diloco\",\n]\ncheckpoint_every_rounds = 1\n").unwrap();
     let with = |extra: &[&str]| {
         let mut args = SMALL_RUN.to_vec();
-        args.extend(["--strategies", "ddp,diloco", "--config", "every_round.toml"]);
+        args.extend(["--config", "every_round.toml"]);
         args.extend(extra);
         lowband(&args, dir.path())
     };
@@ -69,6 +70,7 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
     std::fs::write(dir.path().join("empty.txt"), "").unwrap();
     std::fs::write(dir.path().join("wrong_type.toml"), "sites = \"four\"\n").unwrap();
     std::fs::write(dir.path().join("unknown.toml"), "sitez = 4\n").unwrap();
+    std::fs::write(dir.path().join("nested.toml"), "strategies = [\"ddp\"]\n[optimizer]\nlr = \"fast\"\n").unwrap();
     std::fs::write(dir.path().join("bad.toml"), "sites = [\n").unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["compare", "--corpus", "empty.txt"], "empty"),
@@ -78,6 +80,7 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
         (&["compare", "--strategies", "gossip"], "unknown strategy"),
         (&["compare", "--config", "wrong_type.toml"], "sites"),
         (&["compare", "--config", "unknown.toml"], "sitez"),
+        (&["compare", "--config", "nested.toml"], "optimizer.lr"),
         (&["compare", "--config", "bad.toml"], "TOML"),
         (&["compare", "--config", "missing.toml"], "missing.toml"),
         (&["compare", "--tokens", "5"], "--tokens"),
