@@ -49,7 +49,7 @@ impl ModelConfig {
         positive("layers", self.layers, LAYERS_MAX)?;
         positive("width", self.width, WIDTH_MAX)?;
         positive("heads", self.heads, self.width)?;
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             return Err(EngineError::config(
                 "heads",
                 format!("width {} is not divisible by heads {}", self.width, self.heads),

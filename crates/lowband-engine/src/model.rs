@@ -274,7 +274,7 @@ impl Gpt {
     /// Mean loss over `windows` sequences of T = inputs.len() / windows tokens, `batch` sequences
     /// per forward pass (evaluation: no gradients).
     pub fn mean_loss(&mut self, inputs: &[u32], targets: &[u32], windows: usize, batch: usize) -> Result<f64> {
-        if windows == 0 || batch == 0 || inputs.len() % windows != 0 {
+        if windows == 0 || batch == 0 || !inputs.len().is_multiple_of(windows) {
             return Err(EngineError::InvalidBatch(format!("{} tokens in {windows} windows, batch {batch}", inputs.len())));
         }
         let t = inputs.len() / windows;
