@@ -1,0 +1,310 @@
+//! Sparse codecs: `topk` (largest magnitudes per chunk), `randomk` (seeded positions, a control)
+//! and `dct` (DeMo-style: the largest coefficients of each chunk's orthonormal DCT-II).
+//!
+//! Body: one bit stream, chunk after chunk. A chunk holds its f32 scales (32 bits each), then its
+//! positions (Elias-Fano; none for `randomk`, whose positions come from the packet's seed), then
+//! one code per kept value (see [`ValueCoding`]).
+
+use half::f16;
+
+use crate::bits::{elias_fano_read, elias_fano_write, BitReader, BitWriter, SplitMix64};
+use crate::dense::max_abs;
+use crate::{check_payload, count_u32, Codec, CodecError, CodecSpec, ValueCoding};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    TopK,
+    RandomK,
+    Dct,
+}
+
+pub struct Sparse {
+    spec: CodecSpec,
+    kind: Kind,
+    chunk: usize,
+    values: ValueCoding,
+    /// Source of per-packet seeds (`randomk`).
+    seeds: SplitMix64,
+    /// Scratch, sized for one chunk when the codec is built.
+    positions: Vec<u32>,
+    magnitude_bits: Vec<u32>,
+    kept: Vec<f32>,
+    signal: Vec<f32>,
+    /// `dct`: the chunk divided by its scale.
+    unit: Vec<f32>,
+    taken: Vec<u64>,
+    /// `dct`: basis[k · chunk + n] = a_k cos(π (2n + 1) k / (2 · chunk)), orthonormal.
+    basis: Vec<f32>,
+}
+
+impl Sparse {
+    pub fn new(spec: CodecSpec) -> Self {
+        let (kind, chunk, values, seed) = match spec {
+            CodecSpec::TopK { chunk, values, .. } => (Kind::TopK, chunk, values, 0),
+            CodecSpec::RandomK { chunk, values, seed, .. } => (Kind::RandomK, chunk, values, seed),
+            CodecSpec::DctTopK { chunk, values, .. } => (Kind::Dct, chunk, values, 0),
+            _ => unreachable!("Sparse is built for sparse codecs only"),
+        };
+        let chunk = chunk as usize;
+        let basis = if kind == Kind::Dct { dct_basis(chunk) } else { Vec::new() };
+        Sparse {
+            spec,
+            kind,
+            chunk,
+            values,
+            seeds: SplitMix64(seed),
+            positions: Vec::with_capacity(chunk),
+            magnitude_bits: Vec::with_capacity(chunk),
+            kept: Vec::with_capacity(chunk),
+            signal: vec![0.0; chunk],
+            unit: if kind == Kind::Dct { vec![0.0; chunk] } else { Vec::new() },
+            taken: vec![0; chunk.div_ceil(64)],
+            basis,
+        }
+    }
+
+    /// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index).
+    fn select_top(&mut self, signal_len: usize, k: usize) {
+        let signal = &self.signal[..signal_len];
+        self.magnitude_bits.clear();
+        self.magnitude_bits.extend(signal.iter().map(|v| v.to_bits() & 0x7fff_ffff));
+        let cut = signal_len - k;
+        let (_, &mut threshold, above) = self.magnitude_bits.select_nth_unstable(cut);
+        // Everything after the cut is ≥ the threshold, everything before it ≤.
+        let mut ties_needed = k - above.iter().filter(|&&m| m > threshold).count();
+        self.positions.clear();
+        for (i, v) in signal.iter().enumerate() {
+            let m = v.to_bits() & 0x7fff_ffff;
+            if m > threshold || (m == threshold && ties_needed > 0) {
+                if m == threshold {
+                    ties_needed -= 1;
+                }
+                self.positions.push(i as u32);
+            }
+        }
+        debug_assert_eq!(self.positions.len(), k);
+    }
+
+    /// `k` distinct positions in [0, len) from `random` (Floyd's algorithm), ascending.
+    fn select_random(positions: &mut Vec<u32>, taken: &mut [u64], random: &mut SplitMix64, len: usize, k: usize) {
+        positions.clear();
+        for j in (len - k)..len {
+            let t = random.below(j as u32 + 1) as usize;
+            let pick = if taken[t / 64] >> (t % 64) & 1 == 1 { j } else { t };
+            taken[pick / 64] |= 1 << (pick % 64);
+            positions.push(pick as u32);
+        }
+        for &p in positions.iter() {
+            taken[p as usize / 64] = 0;
+        }
+        positions.sort_unstable();
+    }
+
+    fn chunk_signal(&mut self, chunk: &[f32]) -> (usize, f32) {
+        match self.kind {
+            Kind::TopK | Kind::RandomK => {
+                self.signal[..chunk.len()].copy_from_slice(chunk);
+                (chunk.len(), 1.0)
+            }
+            Kind::Dct => {
+                let m = max_abs(chunk);
+                let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
+                for (x, unit) in chunk.iter().zip(self.unit.iter_mut()) {
+                    *unit = x / scale;
+                }
+                for (k, coefficient) in self.signal.iter_mut().enumerate() {
+                    let row = &self.basis[k * self.chunk..k * self.chunk + chunk.len()];
+                    *coefficient = row.iter().zip(&self.unit[..chunk.len()]).map(|(b, x)| b * x).sum();
+                }
+                (self.chunk, scale)
+            }
+        }
+    }
+}
+
+impl Codec for Sparse {
+    fn spec(&self) -> &CodecSpec {
+        &self.spec
+    }
+
+    fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(self.payload_bytes(values.len()));
+        let packet_seed = if self.kind == Kind::RandomK { self.seeds.next_u64() } else { 0 };
+        self.spec.write_header(count_u32(values), packet_seed, out);
+        let mut random = SplitMix64(packet_seed);
+        let mut writer = BitWriter::new(out);
+        for chunk in values.chunks(self.chunk) {
+            let k = self.spec.kept_in_chunk(chunk.len());
+            let (signal_len, chunk_scale) = self.chunk_signal(chunk);
+            match self.kind {
+                Kind::TopK | Kind::Dct => self.select_top(signal_len, k),
+                Kind::RandomK => Self::select_random(&mut self.positions, &mut self.taken, &mut random, signal_len, k),
+            }
+            self.kept.clear();
+            self.kept.extend(self.positions.iter().map(|&p| self.signal[p as usize]));
+            if self.kind == Kind::Dct {
+                writer.write(chunk_scale.to_bits(), 32);
+            }
+            write_values(&mut writer, self.values, &self.kept, &mut self.magnitude_bits, Some((&self.positions, signal_len, self.kind != Kind::RandomK)));
+        }
+        writer.finish();
+    }
+
+    fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+        check_payload(&self.spec, payload, out.len())?;
+        let packet_seed = match self.kind {
+            Kind::RandomK => u64::from_le_bytes(payload[15..23].try_into().expect("length checked")),
+            _ => 0,
+        };
+        let mut random = SplitMix64(packet_seed);
+        let mut reader = BitReader::new(&payload[self.spec.header_bytes()..]);
+        for (c, chunk) in out.chunks_mut(self.chunk).enumerate() {
+            let first = c * self.chunk;
+            let k = self.spec.kept_in_chunk(chunk.len());
+            let signal_len = if self.kind == Kind::Dct { self.chunk } else { chunk.len() };
+            let chunk_scale = if self.kind == Kind::Dct {
+                let s = f32::from_bits(reader.read(32));
+                if !(s.is_finite() && s > 0.0) {
+                    return Err(CodecError::NonFinite { index: first });
+                }
+                s
+            } else {
+                1.0
+            };
+            let scales = read_scales(&mut reader, self.values).ok_or(CodecError::NonFinite { index: first })?;
+            self.positions.clear();
+            match self.kind {
+                Kind::TopK | Kind::Dct => {
+                    self.positions.resize(k, 0);
+                    elias_fano_read(&mut reader, &mut self.positions, signal_len).ok_or(CodecError::Malformed("positions are not an increasing set inside the chunk"))?;
+                }
+                Kind::RandomK => Self::select_random(&mut self.positions, &mut self.taken, &mut random, signal_len, k),
+            }
+            self.kept.clear();
+            for _ in 0..k {
+                let v = read_value(&mut reader, self.values, scales);
+                if !v.is_finite() {
+                    return Err(CodecError::NonFinite { index: first });
+                }
+                self.kept.push(v);
+            }
+            chunk.fill(0.0);
+            match self.kind {
+                Kind::TopK | Kind::RandomK => {
+                    for (&p, &v) in self.positions.iter().zip(&self.kept) {
+                        chunk[p as usize] = v;
+                    }
+                }
+                Kind::Dct => {
+                    // Reconstruct in units of the chunk's scale, where the truth lies in [-1, 1]:
+                    // clamping to it never moves a value away from the truth, and keeps the final
+                    // product finite even at f32::MAX.
+                    for (&p, &v) in self.positions.iter().zip(&self.kept) {
+                        let row = &self.basis[p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
+                        for (o, b) in chunk.iter_mut().zip(row) {
+                            *o += v * b;
+                        }
+                    }
+                    for o in chunk.iter_mut() {
+                        *o = o.clamp(-1.0, 1.0) * chunk_scale;
+                    }
+                    if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
+                        return Err(CodecError::NonFinite { index: first + i });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dct_basis(chunk: usize) -> Vec<f32> {
+    let mut basis = vec![0.0f32; chunk * chunk];
+    for k in 0..chunk {
+        let a = if k == 0 { (1.0 / chunk as f64).sqrt() } else { (2.0 / chunk as f64).sqrt() };
+        for n in 0..chunk {
+            basis[k * chunk + n] = (a * (std::f64::consts::PI * (2 * n + 1) as f64 * k as f64 / (2 * chunk) as f64).cos()) as f32;
+        }
+    }
+    basis
+}
+
+/// Scales, then (if `positions` is given with the chunk length and whether to code them) the
+/// Elias-Fano positions, then the value codes.
+fn write_values(writer: &mut BitWriter, coding: ValueCoding, kept: &[f32], scratch: &mut Vec<u32>, positions: Option<(&[u32], usize, bool)>) {
+    let magnitude_max = max_abs(kept);
+    let unit = if magnitude_max > 0.0 && magnitude_max.is_finite() { magnitude_max } else { 1.0 };
+    let mut median_bits = 0u32;
+    match coding {
+        ValueCoding::F32 => {}
+        ValueCoding::F16 | ValueCoding::Q8 | ValueCoding::Q4 => writer.write(unit.to_bits(), 32),
+        ValueCoding::Sign => {
+            let mean = (kept.iter().map(|v| v.abs() as f64).sum::<f64>() / kept.len().max(1) as f64) as f32;
+            writer.write(mean.to_bits(), 32);
+        }
+        ValueCoding::Q2 => {
+            scratch.clear();
+            scratch.extend(kept.iter().map(|v| v.to_bits() & 0x7fff_ffff));
+            let cut = kept.len() / 2;
+            median_bits = *scratch.select_nth_unstable(cut).1;
+            let (mut low, mut low_n, mut high, mut high_n) = (0.0f64, 0usize, 0.0f64, 0usize);
+            for v in kept {
+                if v.to_bits() & 0x7fff_ffff >= median_bits {
+                    high += v.abs() as f64;
+                    high_n += 1;
+                } else {
+                    low += v.abs() as f64;
+                    low_n += 1;
+                }
+            }
+            writer.write(((low / low_n.max(1) as f64) as f32).to_bits(), 32);
+            writer.write(((high / high_n.max(1) as f64) as f32).to_bits(), 32);
+        }
+    }
+    if let Some((positions, len, coded)) = positions {
+        if coded {
+            elias_fano_write(writer, positions, len);
+        }
+    }
+    for &v in kept {
+        let sign = (v < 0.0) as u32;
+        match coding {
+            ValueCoding::F32 => writer.write(v.to_bits(), 32),
+            ValueCoding::F16 => writer.write(f16::from_f32(v / unit).to_bits() as u32, 16),
+            ValueCoding::Q8 | ValueCoding::Q4 => {
+                let levels = ((1u32 << (coding.bits() - 1)) - 1) as f32;
+                let level = (v.abs() / unit * levels).round().min(levels) as u32;
+                writer.write(sign | level << 1, coding.bits());
+            }
+            ValueCoding::Q2 => writer.write(sign | ((v.to_bits() & 0x7fff_ffff >= median_bits) as u32) << 1, 2),
+            ValueCoding::Sign => writer.write(sign, 1),
+        }
+    }
+}
+
+/// A chunk's value scales; `None` if any is negative or not finite.
+fn read_scales(reader: &mut BitReader, coding: ValueCoding) -> Option<[f32; 2]> {
+    let mut scales = [0.0f32; 2];
+    for s in scales.iter_mut().take(coding.scales()) {
+        *s = f32::from_bits(reader.read(32));
+        if !(s.is_finite() && *s >= 0.0) {
+            return None;
+        }
+    }
+    Some(scales)
+}
+
+fn read_value(reader: &mut BitReader, coding: ValueCoding, scales: [f32; 2]) -> f32 {
+    let code = reader.read(coding.bits());
+    let signed = |magnitude: f32| if code & 1 == 1 { -magnitude } else { magnitude };
+    match coding {
+        ValueCoding::F32 => f32::from_bits(code),
+        ValueCoding::F16 => f16::from_bits(code as u16).to_f32() * scales[0],
+        ValueCoding::Q8 | ValueCoding::Q4 => {
+            let levels = ((1u32 << (coding.bits() - 1)) - 1) as f32;
+            signed((code >> 1) as f32 / levels * scales[0])
+        }
+        ValueCoding::Q2 => signed(scales[(code >> 1) as usize & 1]),
+        ValueCoding::Sign => signed(scales[0]),
+    }
+}

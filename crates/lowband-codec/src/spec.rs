@@ -1,0 +1,485 @@
+//! Codec specifications: what a strategy names (`topk:k=64,chunk=4096,values=q2`), what a payload
+//! header carries, and the exact payload size formula of each codec.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::bits::elias_fano_bits;
+use crate::{read_f32, read_u32, CodecError, CodecId, CHUNK_MAX, COMMON_HEADER_BYTES, DCT_CHUNK_MAX, PAYLOAD_VERSION};
+
+/// How a quantizer picks each chunk's range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Range {
+    /// The chunk's minimum and maximum: every value is inside.
+    MinMax,
+    /// mean ± k·std of the chunk (INTELLECT-1's choice), clipped to min/max; values outside are
+    /// clamped to the range.
+    Std(f32),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rounding {
+    Nearest,
+    /// Round up with probability equal to the fraction (unbiased), from a seeded SplitMix64 stream.
+    Stochastic,
+}
+
+/// How a sparse codec codes the values it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueCoding {
+    F32,
+    /// Half floats of value / (chunk's largest kept magnitude).
+    F16,
+    /// Sign + 7-bit magnitude level, uniform in [0, largest kept magnitude].
+    Q8,
+    /// Sign + 3-bit magnitude level.
+    Q4,
+    /// Sign + 1 bit choosing one of two magnitudes: the means of the kept magnitudes below and
+    /// above their median (SparseLoCo's 2-bit "bin means").
+    Q2,
+    /// Sign only, times the mean kept magnitude of the chunk.
+    Sign,
+}
+
+impl ValueCoding {
+    pub fn bits(self) -> u32 {
+        match self {
+            ValueCoding::F32 => 32,
+            ValueCoding::F16 => 16,
+            ValueCoding::Q8 => 8,
+            ValueCoding::Q4 => 4,
+            ValueCoding::Q2 => 2,
+            ValueCoding::Sign => 1,
+        }
+    }
+    /// f32 scales stored per chunk.
+    pub fn scales(self) -> usize {
+        match self {
+            ValueCoding::F32 => 0,
+            ValueCoding::F16 | ValueCoding::Q8 | ValueCoding::Q4 | ValueCoding::Sign => 1,
+            ValueCoding::Q2 => 2,
+        }
+    }
+    fn byte(self) -> u8 {
+        match self {
+            ValueCoding::F32 => 0,
+            ValueCoding::F16 => 1,
+            ValueCoding::Q8 => 2,
+            ValueCoding::Q4 => 3,
+            ValueCoding::Q2 => 4,
+            ValueCoding::Sign => 5,
+        }
+    }
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0 => ValueCoding::F32,
+            1 => ValueCoding::F16,
+            2 => ValueCoding::Q8,
+            3 => ValueCoding::Q4,
+            4 => ValueCoding::Q2,
+            5 => ValueCoding::Sign,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            ValueCoding::F32 => "f32",
+            ValueCoding::F16 => "f16",
+            ValueCoding::Q8 => "q8",
+            ValueCoding::Q4 => "q4",
+            ValueCoding::Q2 => "q2",
+            ValueCoding::Sign => "sign",
+        }
+    }
+}
+
+/// A codec and its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CodecSpec {
+    Fp32,
+    Fp16 { chunk: u32 },
+    Bf16 { chunk: u32 },
+    /// `bits` ∈ {2, 4, 8}. `seed` starts the stochastic-rounding stream (not on the wire).
+    Int { bits: u8, chunk: u32, range: Range, rounding: Rounding, seed: u64 },
+    TopK { k: u32, chunk: u32, values: ValueCoding },
+    /// `seed` starts the encoder's stream of per-packet seeds; a payload carries its own.
+    RandomK { k: u32, chunk: u32, values: ValueCoding, seed: u64 },
+    DctTopK { k: u32, chunk: u32, values: ValueCoding },
+}
+
+pub const DEFAULT_CHUNK: u32 = 4096;
+pub const DEFAULT_SPARSE_K: u32 = 64;
+pub const DEFAULT_DCT_CHUNK: u32 = 64;
+pub const DEFAULT_DCT_K: u32 = 4;
+
+impl CodecSpec {
+    pub fn id(&self) -> CodecId {
+        match self {
+            CodecSpec::Fp32 => CodecId::Fp32,
+            CodecSpec::Fp16 { .. } => CodecId::Fp16,
+            CodecSpec::Bf16 { .. } => CodecId::Bf16,
+            CodecSpec::Int { .. } => CodecId::Int,
+            CodecSpec::TopK { .. } => CodecId::TopK,
+            CodecSpec::RandomK { .. } => CodecId::RandomK,
+            CodecSpec::DctTopK { .. } => CodecId::DctTopK,
+        }
+    }
+
+    pub fn is_dense(&self) -> bool {
+        !matches!(self, CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. })
+    }
+
+    pub fn validate(&self) -> Result<(), CodecError> {
+        let bad = |reason: String| Err(CodecError::InvalidSpec(format!("{self}: {reason}")));
+        let chunk = match *self {
+            CodecSpec::Fp32 => return Ok(()),
+            CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } => chunk,
+            CodecSpec::Int { bits, chunk, range, .. } => {
+                if !matches!(bits, 2 | 4 | 8) {
+                    return bad(format!("bits must be 2, 4 or 8, not {bits}"));
+                }
+                if let Range::Std(k) = range {
+                    if !(k.is_finite() && k > 0.0) {
+                        return bad("the std multiple must be positive and finite".into());
+                    }
+                }
+                chunk
+            }
+            CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } | CodecSpec::DctTopK { k, chunk, .. } => {
+                if k == 0 || k > chunk {
+                    return bad(format!("k must be in 1..={chunk}, not {k}"));
+                }
+                if matches!(self, CodecSpec::DctTopK { .. }) && chunk > DCT_CHUNK_MAX {
+                    return bad(format!("the dct chunk may be at most {DCT_CHUNK_MAX}"));
+                }
+                chunk
+            }
+        };
+        if chunk == 0 || chunk > CHUNK_MAX {
+            return bad(format!("chunk must be in 1..={CHUNK_MAX}, not {chunk}"));
+        }
+        Ok(())
+    }
+
+    /// Bytes of this codec's header (common part included).
+    pub fn header_bytes(&self) -> usize {
+        COMMON_HEADER_BYTES
+            + match self {
+                CodecSpec::Fp32 => 0,
+                CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => 4,
+                CodecSpec::Int { .. } => 11,
+                CodecSpec::TopK { .. } | CodecSpec::DctTopK { .. } => 9,
+                CodecSpec::RandomK { .. } => 17,
+            }
+    }
+
+    pub(crate) fn chunk(&self) -> usize {
+        match *self {
+            CodecSpec::Fp32 => usize::MAX,
+            CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } | CodecSpec::Int { chunk, .. } => chunk as usize,
+            CodecSpec::TopK { chunk, .. } | CodecSpec::RandomK { chunk, .. } | CodecSpec::DctTopK { chunk, .. } => chunk as usize,
+        }
+    }
+
+    /// Values kept in a sparse chunk of `len` entries (all of a `dct` chunk's are padded to full).
+    pub(crate) fn kept_in_chunk(&self, len: usize) -> usize {
+        let (k, chunk) = match *self {
+            CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } => (k as usize, chunk as usize),
+            CodecSpec::DctTopK { k, .. } => return k as usize,
+            _ => return len,
+        };
+        if len == chunk {
+            k
+        } else {
+            (k * len).div_ceil(chunk).clamp(1, len)
+        }
+    }
+
+    /// Index bits of a sparse chunk of `len` entries.
+    pub(crate) fn index_bits(&self, len: usize) -> usize {
+        match *self {
+            CodecSpec::TopK { .. } => elias_fano_bits(len, self.kept_in_chunk(len)),
+            CodecSpec::DctTopK { k, chunk, .. } => elias_fano_bits(chunk as usize, k as usize),
+            _ => 0,
+        }
+    }
+
+    /// f32 scales per chunk.
+    pub(crate) fn scales_per_chunk(&self) -> usize {
+        match *self {
+            CodecSpec::Fp32 => 0,
+            CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => 1,
+            CodecSpec::Int { .. } => 2,
+            CodecSpec::TopK { values, .. } | CodecSpec::RandomK { values, .. } => values.scales(),
+            CodecSpec::DctTopK { values, .. } => 1 + values.scales(),
+        }
+    }
+
+    /// Exact payload size in bytes for `count` values: the formulas of docs/wire-format.md.
+    pub fn payload_bytes(&self, count: usize) -> usize {
+        let header = self.header_bytes();
+        if count == 0 {
+            return header;
+        }
+        let chunk = self.chunk();
+        let chunks = count.div_ceil(chunk.min(count));
+        let scales = 4 * self.scales_per_chunk() * chunks;
+        header
+            + match *self {
+                CodecSpec::Fp32 => 4 * count,
+                CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => scales + 2 * count,
+                CodecSpec::Int { bits, .. } => scales + (count * bits as usize).div_ceil(8),
+                CodecSpec::TopK { values, .. } | CodecSpec::RandomK { values, .. } | CodecSpec::DctTopK { values, .. } => {
+                    let last = count - (chunks - 1) * chunk;
+                    let full_bits = self.index_bits(chunk) + self.kept_in_chunk(chunk) * values.bits() as usize;
+                    let last_bits = self.index_bits(last) + self.kept_in_chunk(last) * values.bits() as usize;
+                    scales + ((chunks - 1) * full_bits + last_bits).div_ceil(8)
+                }
+            }
+    }
+
+    /// Whether `other` would read this codec's payloads (seeds are not compared: a `randomk`
+    /// payload carries its own, and a quantizer's rounding seed stays with its encoder).
+    pub fn same_wire_parameters(&self, other: &CodecSpec) -> bool {
+        match (self, other) {
+            (CodecSpec::Int { bits: b1, chunk: c1, range: r1, rounding: o1, .. }, CodecSpec::Int { bits: b2, chunk: c2, range: r2, rounding: o2, .. }) => {
+                b1 == b2 && c1 == c2 && r1 == r2 && o1 == o2
+            }
+            (CodecSpec::RandomK { k: k1, chunk: c1, values: v1, .. }, CodecSpec::RandomK { k: k2, chunk: c2, values: v2, .. }) => k1 == k2 && c1 == c2 && v1 == v2,
+            _ => self == other,
+        }
+    }
+
+    /// Write the header for `count` values (`seed`: the per-packet seed of `randomk`).
+    pub(crate) fn write_header(&self, count: u32, seed: u64, out: &mut Vec<u8>) {
+        out.push(self.id() as u8);
+        out.push(PAYLOAD_VERSION);
+        out.extend_from_slice(&count.to_le_bytes());
+        match *self {
+            CodecSpec::Fp32 => {}
+            CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } => out.extend_from_slice(&chunk.to_le_bytes()),
+            CodecSpec::Int { bits, chunk, range, rounding, .. } => {
+                out.push(bits);
+                let (range_byte, std_multiple) = match range {
+                    Range::MinMax => (0u8, 0.0f32),
+                    Range::Std(k) => (1, k),
+                };
+                out.push(range_byte);
+                out.push(match rounding {
+                    Rounding::Nearest => 0,
+                    Rounding::Stochastic => 1,
+                });
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.extend_from_slice(&std_multiple.to_le_bytes());
+            }
+            CodecSpec::TopK { k, chunk, values } | CodecSpec::DctTopK { k, chunk, values } | CodecSpec::RandomK { k, chunk, values, .. } => {
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&chunk.to_le_bytes());
+                out.push(values.byte());
+                if matches!(self, CodecSpec::RandomK { .. }) {
+                    out.extend_from_slice(&seed.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Parse a payload's header: the codec, its parameters (validated) and the value count.
+pub(crate) fn read_header(payload: &[u8]) -> Result<(CodecSpec, usize), CodecError> {
+    let truncated = |needed| CodecError::Truncated { len: payload.len(), needed };
+    if payload.len() < COMMON_HEADER_BYTES {
+        return Err(truncated(COMMON_HEADER_BYTES));
+    }
+    let id = CodecId::from_byte(payload[0])?;
+    if payload[1] != PAYLOAD_VERSION {
+        return Err(CodecError::WrongVersion { expected: PAYLOAD_VERSION, found: payload[1] });
+    }
+    let count = read_u32(payload, 2) as usize;
+    let at = COMMON_HEADER_BYTES;
+    let need = |extra: usize| if payload.len() < at + extra { Err(truncated(at + extra)) } else { Ok(()) };
+    let spec = match id {
+        CodecId::Fp32 => CodecSpec::Fp32,
+        CodecId::Fp16 | CodecId::Bf16 => {
+            need(4)?;
+            let chunk = read_u32(payload, at);
+            if id == CodecId::Fp16 {
+                CodecSpec::Fp16 { chunk }
+            } else {
+                CodecSpec::Bf16 { chunk }
+            }
+        }
+        CodecId::Int => {
+            need(11)?;
+            let bits = payload[at];
+            let range = match payload[at + 1] {
+                0 => Range::MinMax,
+                1 => Range::Std(read_f32(payload, at + 7)),
+                _ => return Err(CodecError::Malformed("unknown range mode")),
+            };
+            let rounding = match payload[at + 2] {
+                0 => Rounding::Nearest,
+                1 => Rounding::Stochastic,
+                _ => return Err(CodecError::Malformed("unknown rounding mode")),
+            };
+            CodecSpec::Int { bits, chunk: read_u32(payload, at + 3), range, rounding, seed: 0 }
+        }
+        CodecId::TopK | CodecId::DctTopK | CodecId::RandomK => {
+            need(if id == CodecId::RandomK { 17 } else { 9 })?;
+            let k = read_u32(payload, at);
+            let chunk = read_u32(payload, at + 4);
+            let values = ValueCoding::from_byte(payload[at + 8]).ok_or(CodecError::Malformed("unknown value coding"))?;
+            match id {
+                CodecId::TopK => CodecSpec::TopK { k, chunk, values },
+                CodecId::DctTopK => CodecSpec::DctTopK { k, chunk, values },
+                _ => {
+                    let seed = u64::from_le_bytes(payload[at + 9..at + 17].try_into().expect("8 bytes"));
+                    CodecSpec::RandomK { k, chunk, values, seed }
+                }
+            }
+        }
+    };
+    spec.validate().map_err(|_| CodecError::Malformed("codec parameters out of range"))?;
+    Ok((spec, count))
+}
+
+impl fmt::Display for CodecSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            CodecSpec::Fp32 => write!(f, "fp32"),
+            CodecSpec::Fp16 { chunk } => write!(f, "fp16:chunk={chunk}"),
+            CodecSpec::Bf16 { chunk } => write!(f, "bf16:chunk={chunk}"),
+            CodecSpec::Int { bits, chunk, range, rounding, seed } => {
+                let range = match range {
+                    Range::MinMax => "minmax".to_string(),
+                    Range::Std(k) => format!("std:{k}"),
+                };
+                let rounding = match rounding {
+                    Rounding::Nearest => "nearest",
+                    Rounding::Stochastic => "stochastic",
+                };
+                write!(f, "int{bits}:chunk={chunk},range={range},round={rounding}")?;
+                if seed != 0 {
+                    write!(f, ",seed={seed}")?;
+                }
+                Ok(())
+            }
+            CodecSpec::TopK { k, chunk, values } => write!(f, "topk:k={k},chunk={chunk},values={}", values.name()),
+            CodecSpec::DctTopK { k, chunk, values } => write!(f, "dct:k={k},chunk={chunk},values={}", values.name()),
+            CodecSpec::RandomK { k, chunk, values, seed } => write!(f, "randomk:k={k},chunk={chunk},values={},seed={seed}", values.name()),
+        }
+    }
+}
+
+impl FromStr for CodecSpec {
+    type Err = CodecError;
+
+    /// `NAME[:KEY=VALUE,...]`; NAME is fp32, fp16, bf16, int8, int4, int2, topk, randomk or dct.
+    fn from_str(text: &str) -> Result<Self, CodecError> {
+        let bad = |reason: String| CodecError::InvalidSpec(format!("`{text}`: {reason}"));
+        let (name, options) = text.split_once(':').unwrap_or((text, ""));
+        let mut pairs = Vec::new();
+        for option in options.split(',').filter(|o| !o.is_empty()) {
+            let (key, value) = option.split_once('=').ok_or_else(|| bad(format!("`{option}` is not KEY=VALUE")))?;
+            pairs.push((key.trim(), value.trim()));
+        }
+        let mut used = vec![false; pairs.len()];
+        let mut take = |key: &str| -> Option<&str> {
+            let found = pairs.iter().position(|(k, _)| *k == key)?;
+            used[found] = true;
+            Some(pairs[found].1)
+        };
+        let number = |key: &str, value: Option<&str>, default: u64| -> Result<u64, CodecError> {
+            value.map_or(Ok(default), |v| v.parse().map_err(|_| bad(format!("{key}=`{v}` is not a whole number"))))
+        };
+        let values = |value: Option<&str>, default| -> Result<ValueCoding, CodecError> {
+            Ok(match value {
+                None => default,
+                Some("f32") => ValueCoding::F32,
+                Some("f16") => ValueCoding::F16,
+                Some("q8") => ValueCoding::Q8,
+                Some("q4") => ValueCoding::Q4,
+                Some("q2") => ValueCoding::Q2,
+                Some("sign") => ValueCoding::Sign,
+                Some(other) => return Err(bad(format!("values=`{other}`: expected f32, f16, q8, q4, q2 or sign"))),
+            })
+        };
+        let as_u32 = |key: &str, v: u64| u32::try_from(v).map_err(|_| bad(format!("{key} is too large")));
+        let spec = match name {
+            "fp32" => CodecSpec::Fp32,
+            "fp16" | "bf16" => {
+                let chunk = as_u32("chunk", number("chunk", take("chunk"), DEFAULT_CHUNK as u64)?)?;
+                if name == "fp16" {
+                    CodecSpec::Fp16 { chunk }
+                } else {
+                    CodecSpec::Bf16 { chunk }
+                }
+            }
+            "int8" | "int4" | "int2" => {
+                let bits = name[3..].parse().expect("digits");
+                let chunk = as_u32("chunk", number("chunk", take("chunk"), DEFAULT_CHUNK as u64)?)?;
+                let range = match take("range") {
+                    None | Some("minmax") => Range::MinMax,
+                    Some(v) => match v.strip_prefix("std:").map(str::parse::<f32>) {
+                        Some(Ok(k)) => Range::Std(k),
+                        _ => return Err(bad(format!("range=`{v}`: expected minmax or std:K"))),
+                    },
+                };
+                let rounding = match take("round") {
+                    None | Some("nearest") => Rounding::Nearest,
+                    Some("stochastic") => Rounding::Stochastic,
+                    Some(v) => return Err(bad(format!("round=`{v}`: expected nearest or stochastic"))),
+                };
+                let seed = number("seed", take("seed"), 0)?;
+                CodecSpec::Int { bits, chunk, range, rounding, seed }
+            }
+            "topk" | "randomk" => {
+                let k = as_u32("k", number("k", take("k"), DEFAULT_SPARSE_K as u64)?)?;
+                let chunk = as_u32("chunk", number("chunk", take("chunk"), DEFAULT_CHUNK as u64)?)?;
+                let values = values(take("values"), ValueCoding::Q2)?;
+                if name == "topk" {
+                    CodecSpec::TopK { k, chunk, values }
+                } else {
+                    CodecSpec::RandomK { k, chunk, values, seed: number("seed", take("seed"), 0)? }
+                }
+            }
+            "dct" => CodecSpec::DctTopK {
+                k: as_u32("k", number("k", take("k"), DEFAULT_DCT_K as u64)?)?,
+                chunk: as_u32("chunk", number("chunk", take("chunk"), DEFAULT_DCT_CHUNK as u64)?)?,
+                values: values(take("values"), ValueCoding::Sign)?,
+            },
+            other => return Err(bad(format!("unknown codec `{other}`: expected fp32, fp16, bf16, int8, int4, int2, topk, randomk or dct"))),
+        };
+        if let Some(unused) = used.iter().position(|u| !u) {
+            return Err(bad(format!("`{}` is not an option of {name}", pairs[unused].0)));
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_print_and_reparse() {
+        for text in ["fp32", "fp16", "bf16:chunk=128", "int8", "int4:range=std:3,round=stochastic,seed=5", "int2:chunk=64", "topk", "topk:k=32,values=sign", "randomk:k=8,chunk=512,seed=9", "dct", "dct:k=8,chunk=128,values=f16"] {
+            let spec: CodecSpec = text.parse().unwrap();
+            let again: CodecSpec = spec.to_string().parse().unwrap();
+            assert_eq!(spec, again, "{text}");
+        }
+        for bad in ["fp8", "topk:k=0", "topk:k=5000", "topk:z=3", "int3", "int8:range=median", "dct:chunk=4096", "fp16:chunk=0", "topk:k"] {
+            assert!(bad.parse::<CodecSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn size_formulas_match_hand_computed_cases() {
+        let topk: CodecSpec = "topk:k=64,chunk=4096,values=q2".parse().unwrap();
+        // 15-byte header; per full chunk 2 scales (8 bytes) and 511 index + 128 value bits.
+        assert_eq!(topk.payload_bytes(4096), 15 + 8 + (511 + 128usize).div_ceil(8));
+        assert_eq!(CodecSpec::Fp32.payload_bytes(10), 46);
+        assert_eq!("int8".parse::<CodecSpec>().unwrap().payload_bytes(4097), 17 + 16 + 4097);
+        assert_eq!("fp16:chunk=10".parse::<CodecSpec>().unwrap().payload_bytes(25), 10 + 12 + 50);
+    }
+}

@@ -1,0 +1,234 @@
+//! Property tests: every codec round-trips within its stated bound for arbitrary finite input
+//! (zeros, denormals, huge values, lengths that are not a multiple of the chunk), its payload size
+//! equals the documented formula exactly, and no byte string makes a decoder panic.
+
+use lowband_codec::{build, describe, CodecSpec, ErrorFeedback};
+use proptest::prelude::*;
+
+/// Finite f32s weighted towards the hard cases.
+fn value() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        3 => -1.0f32..1.0,
+        1 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        1 => prop::num::f32::SUBNORMAL,
+        1 => prop::num::f32::NORMAL,
+        1 => prop_oneof![Just(f32::MAX), Just(f32::MIN), Just(f32::MIN_POSITIVE), Just(1e30f32), Just(-3e38f32)],
+    ]
+}
+
+fn values() -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(value(), 1..700)
+}
+
+/// Specs with small chunks, so inputs span several chunks and end in a partial one.
+const SPECS: &[&str] = &[
+    "fp32",
+    "fp16:chunk=37",
+    "bf16:chunk=64",
+    "int8:chunk=50",
+    "int4:chunk=64,round=stochastic,seed=3",
+    "int2:chunk=33",
+    "int8:chunk=64,range=std:3",
+    "topk:k=5,chunk=64,values=f32",
+    "topk:k=9,chunk=100,values=q2",
+    "topk:k=3,chunk=31,values=sign",
+    "topk:k=8,chunk=64,values=q8",
+    "topk:k=8,chunk=64,values=q4",
+    "topk:k=8,chunk=64,values=f16",
+    "randomk:k=4,chunk=50,values=f32,seed=11",
+    "randomk:k=6,chunk=64,values=q2",
+    "dct:k=4,chunk=16,values=f32",
+    "dct:k=16,chunk=16,values=f32",
+    "dct:k=3,chunk=32,values=sign",
+];
+
+fn specs() -> impl Strategy<Value = CodecSpec> {
+    prop::sample::select(SPECS).prop_map(|s| s.parse::<CodecSpec>().unwrap())
+}
+
+fn chunk_of(spec: &CodecSpec, count: usize) -> usize {
+    match *spec {
+        CodecSpec::Fp32 => count,
+        CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } | CodecSpec::Int { chunk, .. } => chunk as usize,
+        CodecSpec::TopK { chunk, .. } | CodecSpec::RandomK { chunk, .. } | CodecSpec::DctTopK { chunk, .. } => chunk as usize,
+    }
+}
+
+fn max_abs(values: &[f32]) -> f32 {
+    values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Check one chunk against the bound its codec documents.
+fn check_chunk(spec: &CodecSpec, x: &[f32], y: &[f32]) -> Result<(), TestCaseError> {
+    let m = max_abs(x) as f64;
+    let err = |i: usize| (x[i] as f64 - y[i] as f64).abs();
+    match *spec {
+        CodecSpec::Fp32 => prop_assert!(x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits())),
+        CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => {
+            let relative = if matches!(spec, CodecSpec::Fp16 { .. }) { 2f64.powi(-11) } else { 2f64.powi(-8) };
+            for i in 0..x.len() {
+                prop_assert!(err(i) <= m * (relative + 2f64.powi(-20)), "{spec}: x {} y {} m {m}", x[i], y[i]);
+            }
+        }
+        CodecSpec::Int { bits, range, rounding, .. } => {
+            let levels = ((1u32 << bits) - 1) as f64;
+            let (lo, hi) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v as f64), h.max(v as f64)));
+            let step = (hi - lo) / levels;
+            let per_rounding = if rounding == lowband_codec::Rounding::Nearest { 0.5 } else { 1.0 };
+            for i in 0..x.len() {
+                let bound = step * per_rounding * (1.0 + 1e-6) + m * 2f64.powi(-23);
+                match range {
+                    lowband_codec::Range::MinMax => prop_assert!(err(i) <= bound, "{spec}: x {} y {}", x[i], y[i]),
+                    // Values outside mean ± k·std are clamped: the bound holds for the rest, and no
+                    // value leaves [min, max].
+                    lowband_codec::Range::Std(_) => prop_assert!((y[i] as f64) >= lo && (y[i] as f64) <= hi),
+                }
+            }
+        }
+        CodecSpec::TopK { values, .. } | CodecSpec::RandomK { values, .. } => {
+            let k = spec_kept(spec, x.len());
+            let nonzero = y.iter().filter(|v| **v != 0.0).count();
+            prop_assert!(nonzero <= k, "{spec}: {nonzero} values kept, at most {k}");
+            for i in 0..x.len() {
+                if y[i] != 0.0 {
+                    // A kept zero may decode to a bin's magnitude (q2, sign); a kept non-zero keeps its sign.
+                    prop_assert!(x[i] == 0.0 || (x[i] < 0.0) == (y[i] < 0.0), "{spec}: sign of {} decoded as {}", x[i], y[i]);
+                    prop_assert!((y[i].abs() as f64) <= m * (1.0 + 1e-6));
+                }
+                if values == lowband_codec::ValueCoding::F32 {
+                    prop_assert!(y[i] == 0.0 || y[i].to_bits() == x[i].to_bits());
+                }
+                if values == lowband_codec::ValueCoding::Q8 && y[i] != 0.0 {
+                    prop_assert!(err(i) <= m / 127.0 * 0.5 * (1.0 + 1e-5));
+                }
+            }
+            if matches!(spec, CodecSpec::TopK { values: lowband_codec::ValueCoding::F32, .. }) {
+                // Every dropped magnitude is at most every kept one.
+                let kept_min = (0..x.len()).filter(|&i| y[i] != 0.0).map(|i| x[i].abs()).fold(f32::INFINITY, f32::min);
+                let dropped_max = (0..x.len()).filter(|&i| y[i] == 0.0).map(|i| x[i].abs()).fold(0.0f32, f32::max);
+                prop_assert!(nonzero == 0 || dropped_max <= kept_min, "{spec}: dropped {dropped_max} > kept {kept_min}");
+            }
+        }
+        CodecSpec::DctTopK { k, chunk, values } => {
+            // An orthonormal projection never adds energy; keeping every coefficient reconstructs.
+            let norm = |v: &[f32]| v.iter().map(|a| (*a as f64 / m.max(1e-300)).powi(2)).sum::<f64>().sqrt();
+            let diff: Vec<f32> = x.iter().zip(y).map(|(a, b)| ((*a as f64 - *b as f64) / m.max(1e-300)) as f32).collect();
+            let diff_norm = diff.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+            if values == lowband_codec::ValueCoding::F32 {
+                prop_assert!(diff_norm <= norm(x) * (1.0 + 1e-4) + 1e-4, "{spec}");
+                if k == chunk {
+                    prop_assert!(diff_norm <= 1e-4 * chunk as f64, "{spec}: full DCT error {diff_norm}");
+                }
+            }
+            prop_assert!(y.iter().all(|v| v.is_finite()));
+        }
+    }
+    Ok(())
+}
+
+fn spec_kept(spec: &CodecSpec, len: usize) -> usize {
+    match *spec {
+        CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } => {
+            if len == chunk as usize {
+                k as usize
+            } else {
+                (k as usize * len).div_ceil(chunk as usize).clamp(1, len)
+            }
+        }
+        _ => len,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn round_trip_within_bound_and_size_is_the_formula(spec in specs(), x in values()) {
+        let mut codec = build(&spec).unwrap();
+        let mut payload = Vec::new();
+        codec.encode(&x, &mut payload);
+        prop_assert_eq!(payload.len(), spec.payload_bytes(x.len()), "{}", spec);
+        let info = describe(&payload).unwrap();
+        prop_assert_eq!(info.count, x.len());
+        prop_assert!(info.spec.same_wire_parameters(&spec));
+        let mut y = vec![f32::NAN; x.len()];
+        codec.decode(&payload, &mut y).unwrap();
+        let chunk = chunk_of(&spec, x.len());
+        for (xs, ys) in x.chunks(chunk).zip(y.chunks(chunk)) {
+            check_chunk(&spec, xs, ys)?;
+        }
+    }
+
+    #[test]
+    fn any_bytes_are_an_error_or_a_finite_decode(spec in specs(), bytes in prop::collection::vec(any::<u8>(), 0..400), count in 1usize..300) {
+        let mut codec = build(&spec).unwrap();
+        let mut out = vec![0.0f32; count];
+        if codec.decode(&bytes, &mut out).is_ok() {
+            prop_assert!(out.iter().all(|v| v.is_finite()));
+        }
+        let _ = describe(&bytes);
+    }
+
+    #[test]
+    fn flipping_bits_of_a_real_packet_never_panics(spec in specs(), x in values(), flips in prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..6)) {
+        let mut codec = build(&spec).unwrap();
+        let mut payload = Vec::new();
+        codec.encode(&x, &mut payload);
+        for (at, bit) in flips {
+            let i = at.index(payload.len());
+            payload[i] ^= 1 << bit;
+        }
+        let mut y = vec![0.0f32; x.len()];
+        if codec.decode(&payload, &mut y).is_ok() {
+            prop_assert!(y.iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn encoders_are_deterministic_for_a_seed() {
+    let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+    for text in SPECS {
+        let spec: CodecSpec = text.parse().unwrap();
+        let (mut a, mut b) = (build(&spec).unwrap(), build(&spec).unwrap());
+        let (mut pa, mut pb) = (Vec::new(), Vec::new());
+        a.encode(&x, &mut pa);
+        b.encode(&x, &mut pb);
+        assert_eq!(pa, pb, "{text}");
+    }
+}
+
+/// With error feedback the running sum of what was sent tracks the running sum of the deltas
+/// (they differ by exactly the residual, which stays bounded); without it the coordinates a
+/// top-k never picks are lost for good and the gap grows linearly.
+#[test]
+fn error_feedback_tracks_the_true_sum_and_its_absence_drifts() {
+    let spec: CodecSpec = "topk:k=2,chunk=64,values=f32".parse().unwrap();
+    let params = 256;
+    // A steady drift on every coordinate, larger on a few: top-k alone sends only the large ones.
+    let delta: Vec<f32> = (0..params).map(|i| if i % 32 == 0 { 1.0 } else { 0.05 + 0.001 * (i % 7) as f32 }).collect();
+    let gap_after = |rounds: usize, feedback: bool| {
+        let mut codec = build(&spec).unwrap();
+        let mut state = ErrorFeedback::new(params, if feedback { 1.0 } else { 0.0 });
+        let mut sent = vec![0.0f64; params];
+        let mut payload = Vec::new();
+        for _ in 0..rounds {
+            payload.clear();
+            state.encode(codec.as_mut(), &delta, &mut payload).unwrap();
+            for (s, d) in sent.iter_mut().zip(state.decoded()) {
+                *s += *d as f64;
+            }
+        }
+        let gap: f64 = sent.iter().zip(&delta).map(|(s, d)| (s - rounds as f64 * *d as f64).powi(2)).sum::<f64>().sqrt();
+        let truth: f64 = delta.iter().map(|d| (rounds as f64 * *d as f64).powi(2)).sum::<f64>().sqrt();
+        gap / truth
+    };
+    let (with_short, with_long) = (gap_after(50, true), gap_after(500, true));
+    let (without_short, without_long) = (gap_after(50, false), gap_after(500, false));
+    // Relative gap with feedback shrinks like 1/rounds (the residual is bounded).
+    assert!(with_long < with_short / 5.0, "with feedback: {with_short} -> {with_long}");
+    assert!(with_long < 0.02, "with feedback the sent sum is within 2% of the truth: {with_long}");
+    // Without it, the relative gap does not shrink: the small coordinates are never sent.
+    assert!(without_long > 0.2 && without_long >= without_short * 0.99, "without feedback: {without_short} -> {without_long}");
+}
