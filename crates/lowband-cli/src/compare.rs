@@ -13,9 +13,12 @@ use crate::train::load_corpus;
 
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct CompareArgs {
-    /// Strategies, comma-separated: ddp, diloco, fedavg, optionally NAME@H (e.g. diloco@10).
-    #[arg(long, value_delimiter = ',')]
-    pub strategies: Option<Vec<String>>,
+    /// Strategies, comma-separated: ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco,
+    /// demo-dct; optionally NAME@H (e.g. sparseloco@30) and [overrides] (e.g.
+    /// `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;decay=0.9]`, see ARCHITECTURE.md).
+    /// Commas inside brackets belong to the strategy.
+    #[arg(long, value_parser = parse_strategy_list)]
+    pub strategies: Option<StrategyList>,
     /// Number of sites (K).
     #[arg(long)]
     pub sites: Option<usize>,
@@ -141,7 +144,7 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
         }
         config.steps = tokens / per_step;
     }
-    let names = args.strategies.clone().or(file.strategies).unwrap_or_else(|| vec!["ddp".into(), "diloco".into()]);
+    let names = args.strategies.clone().map(|l| l.0).or(file.strategies).unwrap_or_else(|| vec!["ddp".into(), "diloco".into()]);
     if names.is_empty() {
         bail!("--strategies: name at least one strategy");
     }
@@ -181,7 +184,7 @@ pub fn run_with(args: &CompareArgs) -> Result<Outcome> {
     let persistence = Persistence { state_dir: Some(state_dir), stop_after_rounds: args.stop_after_rounds };
     let mut results: Vec<RunResult> = Vec::new();
     for strategy in &strategies {
-        results.push(run_one(&config, *strategy, &split, &persistence, tokens)?);
+        results.push(run_one(&config, strategy.clone(), &split, &persistence, tokens)?);
     }
     let comparison = Comparison { config: &config, results: &results, corpus: &source, floor, name: &name };
     report::write_all(&comparison, &run_dir, args.json.as_deref())?;
@@ -189,7 +192,7 @@ pub fn run_with(args: &CompareArgs) -> Result<Outcome> {
 }
 
 fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &Persistence, tokens: u64) -> Result<RunResult> {
-    if let Some(saved) = lowband_runtime::state::load(persistence, strategy)? {
+    if let Some(saved) = lowband_runtime::state::load(persistence, &strategy)? {
         println!("resuming {} from its saved state at step {}", strategy.name(), saved.step);
     }
     let bar = ProgressBar::new(tokens).with_style(
@@ -200,7 +203,7 @@ fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &
             .progress_chars("█▉▊▋▌▍▎▏ "),
     );
     bar.set_message("starting");
-    let result = run(config, strategy, split, persistence, &mut |p| {
+    let result = run(config, strategy.clone(), split, persistence, &mut |p| {
         bar.set_position(p.tokens);
         bar.set_message(format!("loss {:.3}", p.loss));
     });
@@ -218,4 +221,29 @@ fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &
             Err(e.into())
         }
     }
+}
+
+/// `--strategies`: split on commas outside brackets.
+#[derive(Clone, Debug)]
+pub struct StrategyList(pub Vec<String>);
+
+fn parse_strategy_list(text: &str) -> std::result::Result<StrategyList, String> {
+    let (mut names, mut current, mut depth) = (Vec::new(), String::new(), 0i32);
+    for c in text.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                names.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    if depth != 0 {
+        return Err(format!("unbalanced brackets in {text:?}"));
+    }
+    names.push(current);
+    Ok(StrategyList(names.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()))
 }

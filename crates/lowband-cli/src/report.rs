@@ -36,6 +36,8 @@ pub struct StrategySummary {
     pub bits_per_token: f64,
     /// Bits a site sends per parameter per round (mean over sites; DDP: per step).
     pub bits_per_param_per_round: f64,
+    /// Every inter-site bit (up and down), per site, per parameter, per inner step.
+    pub bits_per_param_per_step: f64,
     pub emulated_seconds: f64,
     pub compute_seconds: f64,
     pub communication_seconds: f64,
@@ -71,6 +73,7 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 params: r.params,
                 bits_per_token: r.bits_per_token(sites),
                 bits_per_param_per_round: sent as f64 * 8.0 / (sites as f64 * r.params as f64 * r.rounds.max(1) as f64),
+                bits_per_param_per_step: r.ledger.total_bytes() as f64 * 8.0 / (sites as f64 * r.params as f64 * c.config.steps.max(1) as f64),
                 emulated_seconds: r.emulated_seconds(),
                 compute_seconds: r.compute_seconds,
                 communication_seconds: r.communication_seconds,
@@ -95,15 +98,15 @@ fn human_bytes(bytes: u64) -> String {
 /// The comparison table as markdown (printed and put in report.md).
 pub fn table(rows: &[StrategySummary]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "| strategy | val loss | gap vs DDP | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round | rounds | emulated time | egress $ |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "| strategy | val loss | gap vs DDP | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round (up) | bits/param/step (all) | rounds | emulated time | egress $ |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let gap = r.loss_gap_vs_ddp.map_or("-".into(), |g| format!("{:+.1}%", g * 100.0));
         let ratio = r.bytes_ratio_vs_ddp.map_or("-".into(), |x| format!("{x:.1}x"));
         let _ = writeln!(
             out,
-            "| {} | {:.4} | {} | {} | {} | {:.1} | {:.2} | {} | {:.1} s | {:.4} |",
-            r.strategy, r.final_val_loss, gap, human_bytes(r.inter_site_bytes), ratio, r.bits_per_token, r.bits_per_param_per_round, r.rounds, r.emulated_seconds, r.egress_dollars
+            "| {} | {:.4} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
+            r.strategy, r.final_val_loss, gap, human_bytes(r.inter_site_bytes), ratio, r.bits_per_token, r.bits_per_param_per_round, r.bits_per_param_per_step, r.rounds, r.emulated_seconds, r.egress_dollars
         );
     }
     out

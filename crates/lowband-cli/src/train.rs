@@ -40,7 +40,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if args.settings.strategies.is_some() {
         bail!("--strategies: train runs one strategy; use --strategy (or `lowband compare`)");
     }
-    let mut settings = CompareArgs { strategies: Some(vec![args.strategy.clone()]), ..args.settings.clone() };
+    let mut settings = CompareArgs { strategies: Some(crate::compare::StrategyList(vec![args.strategy.clone()])), ..args.settings.clone() };
     settings.name = Some(settings.name.clone().unwrap_or_else(|| format!("train-{}", args.strategy.replace('@', "-h"))));
     let outcome = compare::run_with(&settings)?;
     let result = &outcome.results[0];

@@ -94,7 +94,7 @@ impl ValueCoding {
 }
 
 /// A codec and its parameters.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CodecSpec {
     Fp32,
     Fp16 { chunk: u32 },

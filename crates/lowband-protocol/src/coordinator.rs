@@ -2,12 +2,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lowband_codec::{Codec, Fp32};
+use lowband_codec::{build, Codec, Fp32};
 
 use crate::aggregate::{Aggregator, Mean};
 use crate::outer::{OuterConfig, OuterOptimizer};
 use crate::wire::{self, MessageKind};
-use crate::{ProtocolError, SiteId};
+use crate::{Compression, ProtocolError, SiteId};
 
 /// Limits and settings; every limit has a unit-suffixed name and a default.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,11 +21,15 @@ pub struct CoordinatorConfig {
     /// Time after a round's start at which it may close on a quorum.
     pub round_deadline_ms: u64,
     pub sites_max: usize,
+    pub compression: Compression,
+    /// Members present when the run starts already hold the initial parameters (derived from the
+    /// shared seed), so the first round sends them no parameters. Sites joining later get them.
+    pub sites_start_synced: bool,
 }
 
 impl CoordinatorConfig {
     pub fn new(params: usize, outer: OuterConfig) -> Self {
-        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024 }
+        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024, compression: Compression::default(), sites_start_synced: false }
     }
 
     fn validate(&self) -> Result<(), ProtocolError> {
@@ -39,12 +43,13 @@ impl CoordinatorConfig {
         if self.sites_max == 0 {
             return invalid("sites_max", "must be at least 1");
         }
+        self.compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
         self.outer.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "outer", reason })
     }
 
-    /// Largest payload a site may send: one fp32 copy of the parameters plus the codec header.
+    /// Largest payload a site may send: exactly its uplink codec's payload for the parameters.
     pub fn payload_bytes_max(&self) -> usize {
-        Fp32.payload_bytes(self.params)
+        self.compression.uplink.payload_bytes(self.params)
     }
 }
 
@@ -94,7 +99,18 @@ pub struct Coordinator {
     global: Vec<f32>,
     outer: OuterOptimizer,
     aggregator: Box<dyn Aggregator>,
-    codec: Box<dyn Codec>,
+    uplink: Box<dyn Codec>,
+    downlink: Box<dyn Codec>,
+    /// With a compressed downlink: the parameters as the sites hold them (θ minus what has not
+    /// been sent yet), and who holds them.
+    shared: Vec<f32>,
+    synced: BTreeSet<SiteId>,
+    change: Vec<f32>,
+    change_payload: Vec<u8>,
+    /// θ_sites and its holders as they were before the open round's broadcast: what a saved
+    /// state records, so that a restored coordinator sends that broadcast again.
+    shared_before: Vec<f32>,
+    synced_before: BTreeSet<SiteId>,
     members: BTreeSet<SiteId>,
     /// The next round to run (the open one, if any).
     round: u64,
@@ -111,6 +127,9 @@ pub struct CoordinatorState {
     pub round: u64,
     pub global: Vec<f32>,
     pub momentum_buffer: Vec<f32>,
+    /// With a compressed downlink: the parameters the sites hold (empty otherwise).
+    pub shared: Vec<f32>,
+    pub synced: Vec<SiteId>,
 }
 
 impl Coordinator {
@@ -121,12 +140,20 @@ impl Coordinator {
         }
         let outer = OuterOptimizer::new(config.outer, config.params);
         let merged = vec![0.0; config.params];
+        let changes = config.compression.sends_changes();
         Ok(Coordinator {
+            uplink: build(&config.compression.uplink)?,
+            downlink: build(&config.compression.downlink)?,
+            shared: if changes { initial.clone() } else { Vec::new() },
+            synced: BTreeSet::new(),
+            change: if changes { vec![0.0; config.params] } else { Vec::new() },
+            change_payload: Vec::new(),
+            shared_before: if changes { initial.clone() } else { Vec::new() },
+            synced_before: BTreeSet::new(),
             config,
             global: initial,
             outer,
             aggregator: Box::new(Mean),
-            codec: Box::new(Fp32),
             members: BTreeSet::new(),
             round: 0,
             open: None,
@@ -139,19 +166,30 @@ impl Coordinator {
     /// Continue from a saved state (the round in flight when it was saved is run again).
     pub fn restore(&mut self, state: CoordinatorState) -> Result<(), ProtocolError> {
         let ok = state.global.len() == self.config.params
-            && (state.momentum_buffer.len() == self.outer.momentum_buffer.len());
+            && (state.momentum_buffer.len() == self.outer.momentum_buffer.len())
+            && state.shared.len() == self.shared.len();
         if !ok {
             return Err(ProtocolError::InvalidConfig { field: "state", reason: "saved state does not match the parameter count".into() });
         }
         self.round = state.round;
         self.global = state.global;
         self.outer.momentum_buffer = state.momentum_buffer;
+        self.shared_before.clone_from(&state.shared);
+        self.shared = state.shared;
+        self.synced = state.synced.into_iter().collect();
+        self.synced_before = self.synced.clone();
         self.open = None;
         Ok(())
     }
 
     pub fn state(&self) -> CoordinatorState {
-        CoordinatorState { round: self.round, global: self.global.clone(), momentum_buffer: self.outer.momentum_buffer.clone() }
+        CoordinatorState {
+            round: self.round,
+            global: self.global.clone(),
+            momentum_buffer: self.outer.momentum_buffer.clone(),
+            shared: self.shared_before.clone(),
+            synced: self.synced_before.iter().copied().collect(),
+        }
     }
 
     pub fn global(&self) -> &[f32] {
@@ -166,6 +204,9 @@ impl Coordinator {
 
     /// Begin the first round with the sites that have joined so far.
     pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
+        if self.config.sites_start_synced && !self.started && self.round == 0 {
+            self.synced.extend(self.members.iter().copied());
+        }
         self.started = true;
         let mut actions = Vec::new();
         self.open_round(now_ms, &mut actions);
@@ -178,6 +219,7 @@ impl Coordinator {
             Event::SiteJoined { site } => self.on_join(now_ms, site, &mut actions),
             Event::SiteLeft { site } => {
                 self.members.remove(&site);
+                self.synced.remove(&site);
                 if let Some(open) = &mut self.open {
                     open.expected.remove(&site);
                 }
@@ -209,12 +251,53 @@ impl Coordinator {
         if self.members.is_empty() {
             return;
         }
-        let mut payload = Vec::with_capacity(self.codec.payload_bytes(self.global.len()));
-        self.codec.encode(&self.global, &mut payload);
-        for &site in &self.members {
-            actions.push(Action::Send { to: site, bytes: wire::encode(MessageKind::Global, self.round, site, &payload) });
+        if self.config.compression.sends_changes() {
+            self.broadcast_change(actions);
+        } else {
+            let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.global.len()));
+            Fp32.encode(&self.global, &mut payload);
+            for &site in &self.members {
+                actions.push(Action::Send { to: site, bytes: wire::encode(MessageKind::Global, self.round, site, &payload) });
+            }
         }
         self.open = Some(OpenRound { round: self.round, started_ms: now_ms, expected: self.members.clone(), received: BTreeMap::new() });
+    }
+
+    /// Compressed downlink: encode θ − θ_sites, apply what the sites will decode to θ_sites, send it
+    /// to the members that hold θ_sites and θ_sites in full to those that do not.
+    fn broadcast_change(&mut self, actions: &mut Vec<Action>) {
+        self.shared_before.copy_from_slice(&self.shared);
+        self.synced_before.clone_from(&self.synced);
+        for ((c, g), s) in self.change.iter_mut().zip(&self.global).zip(&self.shared) {
+            *c = g - s;
+        }
+        self.change_payload.clear();
+        if self.change.iter().any(|c| *c != 0.0) {
+            self.downlink.encode(&self.change, &mut self.change_payload);
+            // What every synced site will add; our own encoding decodes (checked by the tests).
+            if self.downlink.decode(&self.change_payload, &mut self.change).is_ok() {
+                for (s, c) in self.shared.iter_mut().zip(&self.change) {
+                    *s += c;
+                }
+            } else {
+                self.change_payload.clear();
+            }
+        }
+        let mut full: Option<Vec<u8>> = None;
+        for &site in &self.members {
+            let bytes = if self.synced.contains(&site) {
+                wire::encode(MessageKind::GlobalDelta, self.round, site, &self.change_payload)
+            } else {
+                let payload = full.get_or_insert_with(|| {
+                    let mut p = Vec::with_capacity(Fp32.payload_bytes(self.shared.len()));
+                    Fp32.encode(&self.shared, &mut p);
+                    p
+                });
+                wire::encode(MessageKind::Global, self.round, site, payload)
+            };
+            actions.push(Action::Send { to: site, bytes });
+        }
+        self.synced.extend(self.members.iter().copied());
     }
 
     fn accept_update(&mut self, from: SiteId, bytes: &[u8]) -> Result<(), ProtocolError> {
@@ -239,7 +322,7 @@ impl Coordinator {
             return Err(ProtocolError::Duplicate { site: from, round: open.round });
         }
         let mut delta = self.spare.pop().unwrap_or_else(|| vec![0.0; self.config.params]);
-        if let Err(e) = self.codec.decode(message.payload, &mut delta) {
+        if let Err(e) = self.uplink.decode(message.payload, &mut delta) {
             self.spare.push(delta);
             return Err(e.into());
         }

@@ -23,6 +23,49 @@ pub use coordinator::{Action, Coordinator, CoordinatorConfig, Event, RoundReport
 pub use outer::{OuterConfig, OuterOptimizer};
 pub use site::{Site, SiteAction, SiteEvent};
 
+use lowband_codec::CodecSpec;
+
+/// How a strategy compresses its rounds: the codec of the updates (site → coordinator), of the
+/// coordinator's broadcast, and the sites' error feedback.
+///
+/// With an `fp32` downlink the coordinator sends the full global parameters every round. With any
+/// other downlink it sends the *change* to the parameters the sites hold, encoded with the
+/// downlink codec, and keeps what it did not send for the next round (error feedback on the
+/// coordinator's side: the change is always θ − θ_sites). A site that does not hold the
+/// parameters yet (it joined later) gets them once in full.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Compression {
+    pub uplink: CodecSpec,
+    pub downlink: CodecSpec,
+    /// Sites keep the residual of what their codec did not send and add it, times this decay, to
+    /// the next update. `None`: no error feedback.
+    pub feedback_decay: Option<f32>,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression { uplink: CodecSpec::Fp32, downlink: CodecSpec::Fp32, feedback_decay: None }
+    }
+}
+
+impl Compression {
+    pub fn validate(&self) -> Result<(), String> {
+        self.uplink.validate().map_err(|e| format!("uplink: {e}"))?;
+        self.downlink.validate().map_err(|e| format!("downlink: {e}"))?;
+        if let Some(decay) = self.feedback_decay {
+            if !(0.0..=1.0).contains(&decay) {
+                return Err(format!("error-feedback decay {decay} is not in [0, 1]"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the coordinator broadcasts changes (compressed) rather than full parameters.
+    pub fn sends_changes(&self) -> bool {
+        self.downlink != CodecSpec::Fp32
+    }
+}
+
 /// A site's identity inside a cluster (the transport maps it to a public key).
 pub type SiteId = u32;
 
@@ -48,6 +91,10 @@ pub enum ProtocolError {
     Duplicate { site: SiteId, round: u64 },
     #[error("cluster is full ({0} sites)")]
     TooManySites(usize),
+    #[error("the update holds a non-finite value at index {0}: local training diverged")]
+    NonFiniteUpdate(usize),
+    #[error("a change to the global parameters arrived before the parameters themselves")]
+    NotSynced,
     #[error("invalid protocol config {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 }

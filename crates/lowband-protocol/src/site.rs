@@ -1,9 +1,9 @@
-//! A site's side of a round: adopt the global parameters, report the delta.
+//! A site's side of a round: hold the global parameters, report the (compressed) delta.
 
-use lowband_codec::{Codec, Fp32};
+use lowband_codec::{build, Codec, ErrorFeedback, Fp32};
 
 use crate::wire::{self, MessageKind};
-use crate::{ProtocolError, SiteId};
+use crate::{Compression, ProtocolError, SiteId};
 
 /// Inputs to a site.
 #[derive(Debug, Clone, Copy)]
@@ -25,15 +25,46 @@ pub enum SiteAction {
 pub struct Site {
     id: SiteId,
     round: Option<u64>,
+    /// The global parameters as this site holds them (what every round starts from).
     start: Vec<f32>,
+    /// Whether `start` holds the cluster's parameters (from the shared seed or a full global).
+    synced: bool,
     delta: Vec<f32>,
-    codec: Box<dyn Codec>,
+    change: Vec<f32>,
+    uplink: Box<dyn Codec>,
+    downlink: Box<dyn Codec>,
+    feedback: Option<ErrorFeedback>,
     payload: Vec<u8>,
 }
 
 impl Site {
+    /// A site that holds nothing yet: the coordinator sends it the parameters in full (fp32).
     pub fn new(id: SiteId, params: usize) -> Self {
-        Site { id, round: None, start: vec![0.0; params], delta: vec![0.0; params], codec: Box::new(Fp32), payload: Vec::new() }
+        Site::build(id, vec![0.0; params], false, Compression::default()).expect("fp32 is always valid")
+    }
+
+    /// A site that starts from `initial`, the parameters every member derives from the shared
+    /// seed (so the first round needs no broadcast).
+    pub fn with_initial(id: SiteId, initial: Vec<f32>, compression: Compression) -> Result<Self, ProtocolError> {
+        Site::build(id, initial, true, compression)
+    }
+
+    fn build(id: SiteId, start: Vec<f32>, synced: bool, compression: Compression) -> Result<Self, ProtocolError> {
+        compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
+        let n = start.len();
+        let feedback = compression.feedback_decay.map(|decay| ErrorFeedback::new(n, decay));
+        Ok(Site {
+            id,
+            round: None,
+            start,
+            synced,
+            delta: vec![0.0; n],
+            change: if compression.sends_changes() { vec![0.0; n] } else { Vec::new() },
+            uplink: build(&compression.uplink)?,
+            downlink: build(&compression.downlink)?,
+            feedback,
+            payload: Vec::new(),
+        })
     }
 
     pub fn id(&self) -> SiteId {
@@ -49,11 +80,36 @@ impl Site {
         self.round
     }
 
+    /// The error-feedback residual (what this site's codec has not sent yet), if it keeps one.
+    pub fn feedback_residual(&self) -> Option<&[f32]> {
+        self.feedback.as_ref().map(|f| f.residual())
+    }
+
+    /// Continue from a saved state: the parameters the site held and its residual.
+    pub fn restore(&mut self, start: &[f32], residual: Option<&[f32]>) -> Result<(), ProtocolError> {
+        let bad = |reason: &str| Err(ProtocolError::InvalidConfig { field: "site state", reason: reason.into() });
+        if start.len() != self.start.len() {
+            return bad("saved parameters have another length");
+        }
+        match (&mut self.feedback, residual) {
+            (Some(f), Some(r)) if r.len() == start.len() => f.set_residual(r),
+            (None, None) => {}
+            _ => return bad("saved error-feedback residual does not match this site's settings"),
+        }
+        self.start.copy_from_slice(start);
+        self.synced = true;
+        Ok(())
+    }
+
+    fn payload_bytes_max(&self) -> usize {
+        Fp32.payload_bytes(self.start.len()).max(self.downlink.payload_bytes(self.start.len()))
+    }
+
     pub fn handle(&mut self, event: SiteEvent) -> Result<Vec<SiteAction>, ProtocolError> {
         match event {
             SiteEvent::PacketArrived(bytes) => {
-                let message = wire::decode(bytes, self.codec.payload_bytes(self.start.len()))?;
-                if message.kind != MessageKind::Global {
+                let message = wire::decode(bytes, self.payload_bytes_max())?;
+                if message.kind == MessageKind::Update {
                     return Err(ProtocolError::WrongKind(message.kind));
                 }
                 if message.site != self.id {
@@ -64,7 +120,25 @@ impl Site {
                         return Err(ProtocolError::WrongRound { expected: current, found: message.round });
                     }
                 }
-                self.codec.decode(message.payload, &mut self.start)?;
+                if message.kind == MessageKind::Global {
+                    // Decode into scratch first: a bad packet must not touch the held parameters.
+                    Fp32.decode(message.payload, &mut self.delta)?;
+                    self.start.copy_from_slice(&self.delta);
+                    self.synced = true;
+                } else {
+                    if !self.synced {
+                        return Err(ProtocolError::NotSynced);
+                    }
+                    if !message.payload.is_empty() {
+                        if self.change.is_empty() {
+                            return Err(ProtocolError::WrongKind(message.kind));
+                        }
+                        self.downlink.decode(message.payload, &mut self.change)?;
+                        for (s, c) in self.start.iter_mut().zip(&self.change) {
+                            *s += c;
+                        }
+                    }
+                }
                 self.round = Some(message.round);
                 Ok(vec![SiteAction::Train { round: message.round }])
             }
@@ -77,8 +151,14 @@ impl Site {
                 for ((d, s), p) in self.delta.iter_mut().zip(&self.start).zip(params) {
                     *d = s - p;
                 }
+                if let Some(i) = self.delta.iter().position(|v| !v.is_finite()) {
+                    return Err(ProtocolError::NonFiniteUpdate(i));
+                }
                 self.payload.clear();
-                self.codec.encode(&self.delta, &mut self.payload);
+                match &mut self.feedback {
+                    Some(feedback) => feedback.encode(self.uplink.as_mut(), &self.delta, &mut self.payload)?,
+                    None => self.uplink.encode(&self.delta, &mut self.payload),
+                }
                 Ok(vec![SiteAction::Send(wire::encode(MessageKind::Update, round, self.id, &self.payload))])
             }
         }

@@ -4,7 +4,8 @@
 //! offset size field
 //!      0    4 magic "LBND"
 //!      4    1 format version (1)
-//!      5    1 kind (1 = update: site -> coordinator, 2 = global: coordinator -> site)
+//!      5    1 kind (1 = update: site -> coordinator, 2 = global: coordinator -> site,
+//!                  3 = global delta: coordinator -> site, a change to add; empty = no change)
 //!      6    2 reserved, must be 0
 //!      8    8 round (u64 LE)
 //!     16    4 site id (u32 LE): the sender of an update, the addressee of a global
@@ -27,6 +28,9 @@ pub enum MessageKind {
     Update = 1,
     /// The global parameters a round starts from.
     Global = 2,
+    /// The change to add to the global parameters the site holds (a compressed downlink); an
+    /// empty payload means no change.
+    GlobalDelta = 3,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,6 +94,7 @@ pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, Wir
     let kind = match bytes[5] {
         1 => MessageKind::Update,
         2 => MessageKind::Global,
+        3 => MessageKind::GlobalDelta,
         other => return Err(WireError::UnknownKind(other)),
     };
     if bytes[6] != 0 || bytes[7] != 0 {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use lowband_data::{Sampler, Split};
 use lowband_engine::{preset, Batch, CpuTrainer, Gpt, LrSchedule, Trainer};
-use lowband_protocol::{Action, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent};
+use lowband_protocol::{Action, Compression, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
@@ -182,10 +182,11 @@ impl<'a> Common<'a> {
         let (final_val_loss, windows) = self.evaluate(&params, None)?;
         self.push_eval(self.config.steps, final_val_loss, windows);
         let model = preset(&self.config.preset)?.model;
+        let tokens = self.config.steps * self.tokens_per_site_step() * self.config.sites as u64;
         Ok(RunResult {
             strategy: self.strategy,
             params: model.parameter_count(),
-            tokens: self.config.steps * self.tokens_per_site_step() * self.config.sites as u64,
+            tokens,
             rounds,
             ledger: self.ledger,
             metrics: self.metrics,
@@ -208,9 +209,12 @@ fn new_trainer(config: &RunConfig, initial: &[f32]) -> Result<CpuTrainer, RunErr
     Ok(CpuTrainer::new(Gpt::from_params(model, initial.to_vec())?, config.optimizer)?)
 }
 
-fn new_sites(config: &RunConfig, initial: &[f32]) -> Result<Vec<SiteRuntime>, RunError> {
+fn new_sites(config: &RunConfig, initial: &[f32], compression: Compression) -> Result<Vec<SiteRuntime>, RunError> {
     (0..config.sites)
-        .map(|k| Ok(SiteRuntime { site: Site::new(k as u32, initial.len()), trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k) }))
+        .map(|k| {
+            let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
+            Ok(SiteRuntime { site, trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k) })
+        })
         .collect()
 }
 
@@ -226,17 +230,18 @@ pub fn run(
     if split.shards.len() != config.sites {
         return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
     }
+    let kind = strategy.kind;
     let common = Common::new(config, strategy, split)?;
     // Every strategy starts from the seed's initial parameters (the evaluator was built from them).
     let initial = common.evaluator.params().to_vec();
-    match strategy.kind {
+    match kind {
         StrategyKind::Ddp => run_ddp(common, initial, persistence, progress),
-        StrategyKind::Diloco | StrategyKind::Fedavg => run_rounds(common, initial, persistence, progress),
+        StrategyKind::Rounds => run_rounds(common, initial, persistence, progress),
     }
 }
 
 fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
-    let (config, split, strategy) = (common.config, common.split, common.strategy);
+    let (config, split, strategy) = (common.config, common.split, common.strategy.clone());
     // One trainer stands for all sites: in DDP every site holds the same parameters and optimizer
     // state; each site has its own data stream.
     let mut trainer = new_trainer(config, &initial)?;
@@ -244,7 +249,7 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
     let n = initial.len();
     let k_sites = config.sites as u64;
     let mut first_step = 0;
-    if let Some(saved) = state::load(persistence, strategy)? {
+    if let Some(saved) = state::load(persistence, &strategy)? {
         first_step = saved.step;
         saved.restore_ddp(&mut common, &mut trainer, &mut samplers)?;
     }
@@ -287,7 +292,7 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
         progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * k_sites, tokens_total, loss: loss_sum / k_sites as f32 });
         let every = config.checkpoint_every_rounds.max(1) * config.inner_steps;
         if config.checkpoint_every_rounds > 0 && ((step + 1) % every == 0 || step + 1 == config.steps) {
-            RunState::of_ddp(&common, step + 1, &trainer, &samplers).save(persistence, strategy)?;
+            RunState::of_ddp(&common, step + 1, &trainer, &samplers).save(persistence, &strategy)?;
         }
         if persistence.stop_after_rounds.is_some_and(|r| step + 1 >= r * config.inner_steps) {
             return Err(RunError::Stopped { step: step + 1 });
@@ -298,14 +303,16 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
 }
 
 fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
-    let (config, strategy) = (common.config, common.strategy);
+    let (config, strategy) = (common.config, common.strategy.clone());
     let n = initial.len();
-    let outer = config.outer(strategy.kind == StrategyKind::Fedavg);
-    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, ..CoordinatorConfig::new(n, outer) };
+    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
+    let compression = strategy.compression;
+    // Every site derives the initial parameters from the shared seed: no first broadcast.
+    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, ..CoordinatorConfig::new(n, outer) };
     let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
-    let mut sites = new_sites(config, &initial)?;
+    let mut sites = new_sites(config, &initial, compression)?;
     let mut step = 0u64;
-    if let Some(saved) = state::load(persistence, strategy)? {
+    if let Some(saved) = state::load(persistence, &strategy)? {
         step = saved.step;
         saved.restore_rounds(&mut common, &mut coordinator, &mut sites)?;
     }
@@ -350,7 +357,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             sends.extend(absorb(actions, &mut common, &coordinator, step)?);
         }
         if config.checkpoint_every_rounds > 0 && (coordinator.round() % config.checkpoint_every_rounds == 0 || step >= config.steps) {
-            RunState::of_rounds(&common, step, &coordinator, &sites).save(persistence, strategy)?;
+            RunState::of_rounds(&common, step, &coordinator, &sites).save(persistence, &strategy)?;
         }
         if persistence.stop_after_rounds.is_some_and(|r| coordinator.round() >= r) {
             return Err(RunError::Stopped { step });

@@ -56,8 +56,8 @@ pub struct RunState {
     pub step: u64,
 }
 
-fn strategy_dir(persistence: &Persistence, strategy: Strategy) -> Option<PathBuf> {
-    persistence.state_dir.as_ref().map(|d| d.join(strategy.name().replace('@', "-h")))
+fn strategy_dir(persistence: &Persistence, strategy: &Strategy) -> Option<PathBuf> {
+    persistence.state_dir.as_ref().map(|d| d.join(strategy.dir_name()))
 }
 
 impl RunState {
@@ -95,11 +95,19 @@ impl RunState {
     pub(crate) fn of_rounds(common: &Common, step: u64, coordinator: &Coordinator, sites: &[SiteRuntime]) -> Self {
         let state = coordinator.state();
         let n = state.global.len();
-        let tensors = vec![("global".into(), state.global), ("momentum".into(), state.momentum_buffer)];
+        let mut tensors = vec![("global".into(), state.global), ("momentum".into(), state.momentum_buffer)];
+        if !state.shared.is_empty() {
+            tensors.push(("shared".into(), state.shared));
+        }
+        for (k, site) in sites.iter().enumerate() {
+            if let Some(residual) = site.site.feedback_residual() {
+                tensors.push((format!("site{k}.residual"), residual.to_vec()));
+            }
+        }
         RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors)
     }
 
-    pub(crate) fn save(&self, persistence: &Persistence, strategy: Strategy) -> Result<(), RunError> {
+    pub(crate) fn save(&self, persistence: &Persistence, strategy: &Strategy) -> Result<(), RunError> {
         let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(()) };
         let name = format!("state-{}", self.step);
         let target = dir.join(&name);
@@ -160,10 +168,19 @@ impl RunState {
     pub(crate) fn restore_rounds(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(), RunError> {
         self.check(sites.len(), coordinator.global().len())?;
         self.restore_common(common)?;
-        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")? };
+        let has_shared = self.tensors.iter().any(|(n, _)| n == "shared");
+        let shared = if has_shared { self.tensor("shared")? } else { Vec::new() };
+        let synced = if has_shared { (0..sites.len() as u32).collect() } else { Vec::new() };
+        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared: shared.clone(), synced };
         coordinator.restore(state)?;
         for (k, site) in sites.iter_mut().enumerate() {
             self.restore_optimizer(k, &mut site.trainer)?;
+            let residual_name = format!("site{k}.residual");
+            let residual = if self.tensors.iter().any(|(n, _)| *n == residual_name) { Some(self.tensor(&residual_name)?) } else { None };
+            if has_shared || residual.is_some() {
+                let start = if has_shared { shared.clone() } else { site.site.round_start().to_vec() };
+                site.site.restore(&start, residual.as_deref())?;
+            }
         }
         self.restore_samplers(sites.iter_mut().map(|s| &mut s.sampler));
         Ok(())
@@ -196,7 +213,7 @@ fn remove_other_states(dir: &Path, keep: &str) {
 }
 
 /// The saved state of `strategy` under the state directory, if there is one.
-pub fn load(persistence: &Persistence, strategy: Strategy) -> Result<Option<RunState>, RunError> {
+pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<RunState>, RunError> {
     let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(None) };
     let current = dir.join("current.json");
     if !current.exists() {
@@ -217,7 +234,8 @@ pub fn load(persistence: &Persistence, strategy: Strategy) -> Result<Option<RunS
         return Err(RunError::State(format!("{}: not a version {VERSION} run state", target.display())));
     }
     let path = target.join("tensors.safetensors");
-    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (2 + 2 * manifest.sites as u64))?;
+    // global, momentum, shared; per site m, v and an error-feedback residual.
+    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (3 + 3 * manifest.sites as u64))?;
     let names = safetensors_names(&path, &bytes)?;
     let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
     let values = tensors_from_safetensors(&path, &bytes, &expected)?;

@@ -1,31 +1,60 @@
-//! Strategies: named combinations of how often sites sync and how the merge is applied.
+//! Strategies: named combinations of how often sites sync, how the updates travel (codecs, error
+//! feedback) and how the merge is applied (outer optimizer).
+//!
+//! | name | uplink (site → coordinator) | downlink | error feedback | outer |
+//! |---|---|---|---|---|
+//! | `ddp` | fp32 gradients, ring all-reduce every step | | | |
+//! | `diloco` | fp32 | fp32 parameters | none | Nesterov (`lr_outer`, `momentum_outer`) |
+//! | `fedavg` | fp32 | fp32 parameters | none | mean of the sites (lr 1, no momentum) |
+//! | `diloco-int8` | `int8` (chunk 4096, min/max, nearest) | same, as changes | none | Nesterov |
+//! | `diloco-4bit` | `int4` (chunk 4096, min/max, nearest) | same, as changes | decay 1 | Nesterov |
+//! | `sparseloco` | `topk` 64 of 4096, q2 values | same, as changes | decay 0.95 | lr 1, no momentum |
+//! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | same, as changes | decay 1 | lr 1, no momentum |
+//!
+//! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
+//! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
 
-use serde::{Deserialize, Serialize};
+use lowband_codec::{CodecSpec, Range, Rounding, ValueCoding};
+use lowband_protocol::{Compression, OuterConfig};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StrategyKind {
     /// Every step, the sites' gradients are averaged (ring all-reduce of fp32), one AdamW step.
     Ddp,
-    /// H inner AdamW steps per site, then outer Nesterov SGD on the mean delta.
-    Diloco,
-    /// H inner steps per site, then the plain mean of the sites' parameters.
-    Fedavg,
+    /// H inner AdamW steps per site, then an outer step on the merged delta.
+    Rounds,
 }
 
-/// A strategy with its sync interval.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A strategy: its preset name, sync interval, codecs and outer optimizer.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Strategy {
     pub kind: StrategyKind,
+    /// The preset it was built from (`diloco`, `sparseloco`, ...).
+    pub preset: String,
     /// Inner steps per round (1 for DDP).
     pub inner_steps: u64,
+    pub compression: Compression,
+    /// None: DiLoCo's Nesterov with the run's `lr_outer` and `momentum_outer`.
+    pub outer: Option<OuterConfig>,
+    /// The bracketed overrides as written (part of the name).
+    overrides: String,
+}
+
+const PRESETS: &str = "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct";
+
+fn int(bits: u8) -> CodecSpec {
+    CodecSpec::Int { bits, chunk: 4096, range: Range::MinMax, rounding: Rounding::Nearest, seed: 0 }
 }
 
 impl Strategy {
-    /// Parse `ddp`, `diloco`, `fedavg`, optionally with `@H` (e.g. `diloco@10`); without it,
-    /// round strategies use `default_inner_steps`.
+    /// Parse `NAME[@H][[KEY=VALUE;...]]`; without `@H`, round strategies use `default_inner_steps`.
     pub fn parse(text: &str, default_inner_steps: u64) -> Result<Strategy, String> {
-        let (name, h) = match text.split_once('@') {
+        let text = text.trim();
+        let (head, overrides) = match text.split_once('[') {
+            Some((head, rest)) => (head, rest.strip_suffix(']').ok_or_else(|| format!("strategy {text:?}: overrides must end with ']'"))?),
+            None => (text, ""),
+        };
+        let (name, h) = match head.split_once('@') {
             Some((name, h)) => {
                 let h: u64 = h.parse().map_err(|_| format!("strategy {text:?}: H after '@' must be a whole number"))?;
                 if h == 0 {
@@ -33,28 +62,70 @@ impl Strategy {
                 }
                 (name, Some(h))
             }
-            None => (text, None),
+            None => (head, None),
         };
-        let kind = match name {
-            "ddp" => StrategyKind::Ddp,
-            "diloco" => StrategyKind::Diloco,
-            "fedavg" => StrategyKind::Fedavg,
-            other => return Err(format!("unknown strategy {other:?}; known: ddp, diloco, fedavg (optionally NAME@H)")),
+        let fedavg = Some(OuterConfig::FEDAVG);
+        let (kind, compression, outer) = match name {
+            "ddp" => (StrategyKind::Ddp, Compression::default(), None),
+            "diloco" => (StrategyKind::Rounds, Compression::default(), None),
+            "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
+            "diloco-int8" => (StrategyKind::Rounds, Compression { uplink: int(8), downlink: int(8), feedback_decay: None }, None),
+            "diloco-4bit" => (StrategyKind::Rounds, Compression { uplink: int(4), downlink: int(4), feedback_decay: Some(1.0) }, None),
+            "sparseloco" => {
+                let topk = CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 };
+                (StrategyKind::Rounds, Compression { uplink: topk, downlink: topk, feedback_decay: Some(0.95) }, fedavg)
+            }
+            "demo-dct" => {
+                let dct = CodecSpec::DctTopK { k: 8, chunk: 256, values: ValueCoding::Sign };
+                (StrategyKind::Rounds, Compression { uplink: dct, downlink: dct, feedback_decay: Some(1.0) }, fedavg)
+            }
+            other => return Err(format!("unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])")),
         };
-        if kind == StrategyKind::Ddp && h.is_some_and(|h| h != 1) {
-            return Err("ddp synchronises every step; it takes no @H".into());
+        if kind == StrategyKind::Ddp && (h.is_some_and(|h| h != 1) || !overrides.is_empty()) {
+            return Err("ddp synchronises fp32 gradients every step; it takes no @H or overrides".into());
         }
         let inner_steps = if kind == StrategyKind::Ddp { 1 } else { h.unwrap_or(default_inner_steps) };
-        Ok(Strategy { kind, inner_steps })
+        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, overrides: overrides.to_string() };
+        strategy.apply_overrides(overrides).map_err(|e| format!("strategy {text:?}: {e}"))?;
+        Ok(strategy)
     }
 
-    /// The name used in reports: `ddp`, `diloco@50`.
+    fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
+        for item in overrides.split(';').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or_else(|| format!("`{item}` is not KEY=VALUE"))?;
+            let number = |v: &str| v.parse::<f32>().map_err(|_| format!("{key}=`{v}` is not a number"));
+            match key.trim() {
+                "up" => self.compression.uplink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
+                "down" => self.compression.downlink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
+                "decay" => self.compression.feedback_decay = if value == "none" { None } else { Some(number(value)?) },
+                "lr" => self.outer.get_or_insert(OuterConfig::DILOCO).lr = number(value)?,
+                "momentum" => {
+                    let outer = self.outer.get_or_insert(OuterConfig::DILOCO);
+                    outer.momentum = number(value)?;
+                    outer.nesterov = outer.momentum > 0.0;
+                }
+                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum")),
+            }
+        }
+        self.compression.validate()?;
+        if let Some(outer) = self.outer {
+            outer.validate()?;
+        }
+        Ok(())
+    }
+
+    /// The name used in reports and state directories: `ddp`, `diloco@50`, `sparseloco@30[...]`.
     pub fn name(&self) -> String {
         match self.kind {
             StrategyKind::Ddp => "ddp".into(),
-            StrategyKind::Diloco => format!("diloco@{}", self.inner_steps),
-            StrategyKind::Fedavg => format!("fedavg@{}", self.inner_steps),
+            StrategyKind::Rounds if self.overrides.is_empty() => format!("{}@{}", self.preset, self.inner_steps),
+            StrategyKind::Rounds => format!("{}@{}[{}]", self.preset, self.inner_steps, self.overrides),
         }
+    }
+
+    /// A directory name for this strategy's saved state.
+    pub fn dir_name(&self) -> String {
+        self.name().replace('@', "-h").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
     }
 }
 
@@ -63,13 +134,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_names_and_intervals() {
-        assert_eq!(Strategy::parse("ddp", 50).unwrap(), Strategy { kind: StrategyKind::Ddp, inner_steps: 1 });
+    fn parses_names_intervals_and_overrides() {
+        let ddp = Strategy::parse("ddp", 50).unwrap();
+        assert_eq!((ddp.kind, ddp.inner_steps), (StrategyKind::Ddp, 1));
         assert_eq!(Strategy::parse("diloco", 50).unwrap().name(), "diloco@50");
-        assert_eq!(Strategy::parse("fedavg@10", 50).unwrap().name(), "fedavg@10");
+        assert_eq!(Strategy::parse("fedavg@10", 50).unwrap().outer, Some(OuterConfig::FEDAVG));
+        let sparse = Strategy::parse("sparseloco@30[up=topk:k=32;decay=0.9]", 50).unwrap();
+        assert_eq!(sparse.compression.uplink, CodecSpec::TopK { k: 32, chunk: 4096, values: ValueCoding::Q2 });
+        assert_eq!(sparse.compression.feedback_decay, Some(0.9));
+        assert_eq!(sparse.outer, Some(OuterConfig::FEDAVG));
+        assert_eq!(sparse.inner_steps, 30);
+        let tuned = Strategy::parse("diloco-int8[lr=0.5]", 50).unwrap();
+        assert_eq!(tuned.outer.unwrap().lr, 0.5);
+        assert_eq!(Strategy::parse("diloco-4bit[decay=none]", 50).unwrap().outer, None);
         assert!(Strategy::parse("ddp@5", 50).is_err());
+        assert!(Strategy::parse("ddp[up=int8]", 50).is_err());
         assert!(Strategy::parse("diloco@0", 50).is_err());
         assert!(Strategy::parse("diloco@x", 50).is_err());
+        assert!(Strategy::parse("sparseloco[up=topk:k=0]", 50).is_err());
+        assert!(Strategy::parse("sparseloco[colour=red]", 50).is_err());
+        assert!(Strategy::parse("sparseloco[decay=2]", 50).is_err());
         assert!(Strategy::parse("gossip", 50).unwrap_err().contains("unknown strategy"));
     }
 }

@@ -79,9 +79,9 @@ fn ledger_counts_every_packet_and_adds_up() {
     let r = go(&c, "diloco", &Persistence::default()).unwrap();
     let n = r.params as u64;
     // Rounds of 4, 4 and 2 steps; every round one global down and one update up per site, each
-    // an fp32 payload (5 + 4n bytes) in a 28-byte envelope.
+    // an fp32 payload (6 + 4n bytes) in a 28-byte envelope.
     assert_eq!(r.rounds, 3);
-    let packet = 28 + 5 + 4 * n;
+    let packet = 28 + 6 + 4 * n;
     assert_eq!(r.ledger.total_bytes(), 3 * 3 * 2 * packet);
     assert_eq!(r.ledger.bytes_sent_by(Endpoint::Coordinator), 9 * packet);
     for k in 0..3 {
@@ -107,6 +107,34 @@ fn a_run_stopped_midway_resumes_to_exactly_the_uninterrupted_result() {
         assert_eq!(resumed.final_val_loss, straight.final_val_loss, "{strategy}");
         assert_eq!(resumed.ledger, straight.ledger, "{strategy}: the ledger carries over");
         assert_eq!(resumed.metrics.len(), straight.metrics.len(), "{strategy}: metrics carry over");
+    }
+}
+
+/// A compressed strategy: each update is exactly its codec's documented size; the coordinator's
+/// first broadcast is empty (every site derives θ₀ from the seed), later ones carry the change in
+/// the same codec; and a stopped run resumes to exactly the uninterrupted result, error-feedback
+/// residuals included.
+#[test]
+fn compressed_rounds_send_exactly_their_codec_sizes_and_resume_exactly() {
+    let c = RunConfig { checkpoint_every_rounds: 1, ..config(3, 10, 4) };
+    for name in ["sparseloco", "diloco-int8", "demo-dct"] {
+        let strategy = Strategy::parse(name, c.inner_steps).unwrap();
+        let r = go(&c, name, &Persistence::default()).unwrap();
+        let n = r.params;
+        let up = 28 + strategy.compression.uplink.payload_bytes(n) as u64;
+        let down = 28 + strategy.compression.downlink.payload_bytes(n) as u64;
+        assert_eq!(r.rounds, 3);
+        for k in 0..3 {
+            assert_eq!(r.ledger.bytes_sent_by(Endpoint::Site(k)), 3 * up, "{name}");
+        }
+        assert_eq!(r.ledger.bytes_sent_by(Endpoint::Coordinator), 3 * (28 + 2 * down), "{name}");
+        assert!(r.final_val_loss.is_finite());
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(2) };
+        assert!(matches!(go(&c, name, &stop), Err(RunError::Stopped { step: 8 })), "{name}");
+        let resumed = go(&c, name, &Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None }).unwrap();
+        assert_eq!(resumed.final_params, r.final_params, "{name}");
+        assert_eq!(resumed.ledger.total_bytes(), r.ledger.total_bytes(), "{name}");
     }
 }
 
