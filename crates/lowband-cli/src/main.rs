@@ -5,6 +5,7 @@ mod alloc_count;
 mod bench;
 mod compare;
 mod engine_cmds;
+mod inspect;
 mod plots;
 mod report;
 mod train;
@@ -45,6 +46,16 @@ enum Command {
     /// Benchmarks (results go into docs/results.md with their command).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Look inside lowband's files.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum InspectCommand {
+    /// A packet (an envelope, as `compare` writes to runs/NAME/packets/, or a bare codec payload):
+    /// header fields, codec and parameters, size against the formula, and value statistics.
+    Packet(inspect::PacketArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,5 +102,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Export(ExportCommand::Hf(args))) => engine_cmds::export_hf(&args),
         Some(Command::Import(ImportCommand::Hf(args))) => engine_cmds::import_hf(&args),
         Some(Command::Bench(BenchCommand::Engine(args))) => bench::run(&args),
+        Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
     }
 }

@@ -38,6 +38,8 @@ pub struct StrategySummary {
     pub bits_per_param_per_round: f64,
     /// Every inter-site bit (up and down), per site, per parameter, per inner step.
     pub bits_per_param_per_step: f64,
+    /// Most bytes one site moved (up + down) in one sync: the link's peak load.
+    pub peak_sync_bytes_per_site: u64,
     pub emulated_seconds: f64,
     pub compute_seconds: f64,
     pub communication_seconds: f64,
@@ -73,6 +75,7 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 params: r.params,
                 bits_per_token: r.bits_per_token(sites),
                 bits_per_param_per_round: sent as f64 * 8.0 / (sites as f64 * r.params as f64 * r.rounds.max(1) as f64),
+                peak_sync_bytes_per_site: r.peak_sync_bytes_per_site,
                 bits_per_param_per_step: r.ledger.total_bytes() as f64 * 8.0 / (sites as f64 * r.params as f64 * c.config.steps.max(1) as f64),
                 emulated_seconds: r.emulated_seconds(),
                 compute_seconds: r.compute_seconds,
@@ -151,6 +154,14 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
         }
     }
     write_atomic(&run_dir.join("metrics.jsonl"), &lines)?;
+    // The last round's packets of site 0, for `lowband inspect packet`.
+    for r in c.results {
+        for (kind, bytes) in &r.sample_packets {
+            let dir = run_dir.join("packets");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_atomic(&dir.join(format!("{}.{kind}.bin", r.strategy.dir_name())), bytes)?;
+        }
+    }
     crate::plots::loss_curves(c.results, &run_dir.join("loss_vs_tokens.svg"), &run_dir.join("loss_vs_bytes.svg"))?;
     let config_toml = toml::to_string(c.config).unwrap_or_default();
     let report = format!(
@@ -158,7 +169,7 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
         c.name, c.corpus
     );
     write_atomic(&run_dir.join("report.md"), report.as_bytes())?;
-    println!("wrote {}/ (report.md, summary.json, metrics.jsonl, loss_vs_tokens.svg, loss_vs_bytes.svg)", run_dir.display());
+    println!("wrote {}/ (report.md, summary.json, metrics.jsonl, loss_vs_tokens.svg, loss_vs_bytes.svg, packets/)", run_dir.display());
     Ok(())
 }
 

@@ -109,3 +109,29 @@ fn train_runs_one_strategy_and_saves_a_checkpoint_that_eval_reads() {
     let o = lowband(&["train", "--preset", "tiny", "--strategies", "ddp,diloco"], dir.path());
     assert_eq!(o.status.code(), Some(2), "train takes one strategy");
 }
+
+/// Compressed strategies run side by side, write their packets, and `inspect packet` reads them
+/// back (and refuses a corrupted one with exit code 2).
+#[test]
+fn compressed_strategies_write_packets_that_inspect_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend(["--strategies", "ddp,sparseloco[up=topk:k=16,chunk=1024,values=q2;down=topk:k=32,chunk=1024],diloco-int8", "--sites", "2", "--name", "c"]);
+    let o = lowband(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| sparseloco@4[") && stdout.contains("| diloco-int8@4 |"), "{stdout}");
+    let packets = dir.path().join("runs/c/packets");
+    let update = std::fs::read_dir(&packets).unwrap().flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("sparseloco") && p.to_string_lossy().ends_with(".update.bin")).unwrap();
+    let o = lowband(&["inspect", "packet", update.to_str().unwrap()], dir.path());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("kind Update") && text.contains("codec: topk:k=16,chunk=1024,values=q2") && text.contains("checksum ok"), "{text}");
+    let mut bytes = std::fs::read(&update).unwrap();
+    let last = bytes.len() - 6;
+    bytes[last] ^= 0xff;
+    std::fs::write(&update, &bytes).unwrap();
+    let o = lowband(&["inspect", "packet", update.to_str().unwrap()], dir.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("checksum"), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -20,6 +20,10 @@ impl ErrorFeedback {
         ErrorFeedback { residual: vec![0.0; params], input: vec![0.0; params], decoded: vec![0.0; params], decay }
     }
 
+    pub fn decay(&self) -> f32 {
+        self.decay
+    }
+
     pub fn residual(&self) -> &[f32] {
         &self.residual
     }

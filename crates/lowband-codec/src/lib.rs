@@ -109,9 +109,9 @@ pub fn build(spec: &CodecSpec) -> Result<Box<dyn Codec>, CodecError> {
     spec.validate()?;
     Ok(match *spec {
         CodecSpec::Fp32 => Box::new(dense::Fp32),
-        CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => Box::new(dense::HalfFloat::new(spec.clone())),
-        CodecSpec::Int { .. } => Box::new(dense::Int::new(spec.clone())),
-        CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. } => Box::new(sparse::Sparse::new(spec.clone())),
+        CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => Box::new(dense::HalfFloat::new(*spec)),
+        CodecSpec::Int { .. } => Box::new(dense::Int::new(*spec)),
+        CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. } => Box::new(sparse::Sparse::new(*spec)),
     })
 }
 

@@ -25,11 +25,13 @@ pub struct CoordinatorConfig {
     /// Members present when the run starts already hold the initial parameters (derived from the
     /// shared seed), so the first round sends them no parameters. Sites joining later get them.
     pub sites_start_synced: bool,
+    /// Streaming: the fragments rounds synchronize in turn (see [`crate::validate_fragments`]).
+    pub fragments: Vec<std::ops::Range<usize>>,
 }
 
 impl CoordinatorConfig {
     pub fn new(params: usize, outer: OuterConfig) -> Self {
-        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024, compression: Compression::default(), sites_start_synced: false }
+        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024, compression: Compression::default(), sites_start_synced: false, fragments: Vec::new() }
     }
 
     fn validate(&self) -> Result<(), ProtocolError> {
@@ -44,7 +46,13 @@ impl CoordinatorConfig {
             return invalid("sites_max", "must be at least 1");
         }
         self.compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
+        crate::validate_fragments(&self.fragments, self.params).map_err(|reason| ProtocolError::InvalidConfig { field: "fragments", reason })?;
         self.outer.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "outer", reason })
+    }
+
+    /// Whether the broadcast carries changes (a compressed downlink, or fragments).
+    pub fn sends_changes(&self) -> bool {
+        self.compression.sends_changes() || !self.fragments.is_empty()
     }
 
     /// Largest payload a site may send: exactly its uplink codec's payload for the parameters.
@@ -140,7 +148,7 @@ impl Coordinator {
         }
         let outer = OuterOptimizer::new(config.outer, config.params);
         let merged = vec![0.0; config.params];
-        let changes = config.compression.sends_changes();
+        let changes = config.sends_changes();
         Ok(Coordinator {
             uplink: build(&config.compression.uplink)?,
             downlink: build(&config.compression.downlink)?,
@@ -251,7 +259,7 @@ impl Coordinator {
         if self.members.is_empty() {
             return;
         }
-        if self.config.compression.sends_changes() {
+        if self.config.sends_changes() {
             self.broadcast_change(actions);
         } else {
             let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.global.len()));
@@ -268,15 +276,19 @@ impl Coordinator {
     fn broadcast_change(&mut self, actions: &mut Vec<Action>) {
         self.shared_before.copy_from_slice(&self.shared);
         self.synced_before.clone_from(&self.synced);
-        for ((c, g), s) in self.change.iter_mut().zip(&self.global).zip(&self.shared) {
+        // The fragment the last closed round changed (all of θ without fragments); none before
+        // the first round.
+        let range = if self.round == 0 && !self.config.fragments.is_empty() { 0..0 } else { crate::fragment_of(&self.config.fragments, self.config.params, self.round.saturating_sub(1)) };
+        let change = &mut self.change[range.clone()];
+        for ((c, g), s) in change.iter_mut().zip(&self.global[range.clone()]).zip(&self.shared[range.clone()]) {
             *c = g - s;
         }
         self.change_payload.clear();
-        if self.change.iter().any(|c| *c != 0.0) {
-            self.downlink.encode(&self.change, &mut self.change_payload);
+        if change.iter().any(|c| *c != 0.0) {
+            self.downlink.encode(change, &mut self.change_payload);
             // What every synced site will add; our own encoding decodes (checked by the tests).
-            if self.downlink.decode(&self.change_payload, &mut self.change).is_ok() {
-                for (s, c) in self.shared.iter_mut().zip(&self.change) {
+            if self.downlink.decode(&self.change_payload, change).is_ok() {
+                for (s, c) in self.shared[range].iter_mut().zip(change.iter()) {
                     *s += c;
                 }
             } else {
@@ -321,7 +333,9 @@ impl Coordinator {
         if open.received.contains_key(&from) {
             return Err(ProtocolError::Duplicate { site: from, round: open.round });
         }
-        let mut delta = self.spare.pop().unwrap_or_else(|| vec![0.0; self.config.params]);
+        let length = crate::fragment_of(&self.config.fragments, self.config.params, open.round).len();
+        let mut delta = self.spare.pop().unwrap_or_default();
+        delta.resize(length, 0.0);
         if let Err(e) = self.uplink.decode(message.payload, &mut delta) {
             self.spare.push(delta);
             return Err(e.into());
@@ -347,8 +361,10 @@ impl Coordinator {
     fn close_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let open = self.open.take().expect("close_round needs an open round");
         let deltas: Vec<&[f32]> = open.received.values().map(|d| d.as_slice()).collect();
+        let range = crate::fragment_of(&self.config.fragments, self.config.params, open.round);
+        self.merged.resize(range.len(), 0.0);
         self.aggregator.aggregate(&deltas, &mut self.merged);
-        self.outer.step(&mut self.global, &self.merged);
+        self.outer.step_range(&mut self.global, &self.merged, range);
         let delta_norm = self.merged.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32;
         let contributors: Vec<SiteId> = open.received.keys().copied().collect();
         let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();

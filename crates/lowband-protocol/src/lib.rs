@@ -66,6 +66,33 @@ impl Compression {
     }
 }
 
+/// Streaming (fragment) mode: round r synchronizes `fragments[r % P]` only, and the broadcast
+/// that opens round r carries the change of the fragment round r − 1 synchronized. An empty list
+/// means one fragment, the whole buffer. Fragments must be non-empty, in order, and cover the
+/// buffer exactly.
+pub fn validate_fragments(fragments: &[std::ops::Range<usize>], params: usize) -> Result<(), String> {
+    let mut next = 0;
+    for f in fragments {
+        if f.start != next || f.end <= f.start {
+            return Err(format!("fragment {f:?} does not continue at {next} or is empty"));
+        }
+        next = f.end;
+    }
+    if !fragments.is_empty() && next != params {
+        return Err(format!("fragments cover {next} of {params} parameters"));
+    }
+    Ok(())
+}
+
+/// The fragment round `round` synchronizes.
+pub fn fragment_of(fragments: &[std::ops::Range<usize>], params: usize, round: u64) -> std::ops::Range<usize> {
+    if fragments.is_empty() {
+        0..params
+    } else {
+        fragments[(round % fragments.len() as u64) as usize].clone()
+    }
+}
+
 /// A site's identity inside a cluster (the transport maps it to a public key).
 pub type SiteId = u32;
 

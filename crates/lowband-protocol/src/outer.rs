@@ -43,6 +43,13 @@ impl OuterOptimizer {
     /// θ ← θ − lr·(δ + m·b) with b ← m·b + δ (Nesterov), θ ← θ − lr·b (heavy ball), or
     /// θ ← θ − lr·δ without momentum. δ is θ_start − θ_site averaged: a descent direction's negative.
     pub fn step(&mut self, params: &mut [f32], delta: &[f32]) {
+        let n = params.len();
+        self.step_range(params, delta, 0..n);
+    }
+
+    /// The same step on `params[range]` with `delta` for that range (a fragment).
+    pub fn step_range(&mut self, params: &mut [f32], delta: &[f32], range: std::ops::Range<usize>) {
+        let params = &mut params[range.clone()];
         assert_eq!(params.len(), delta.len());
         let OuterConfig { lr, momentum, nesterov } = self.config;
         if momentum == 0.0 {
@@ -51,8 +58,7 @@ impl OuterOptimizer {
             }
             return;
         }
-        assert_eq!(self.momentum_buffer.len(), params.len());
-        for ((p, d), b) in params.iter_mut().zip(delta).zip(self.momentum_buffer.iter_mut()) {
+        for ((p, d), b) in params.iter_mut().zip(delta).zip(self.momentum_buffer[range].iter_mut()) {
             *b = momentum * *b + d;
             *p -= if nesterov { lr * (d + momentum * *b) } else { lr * *b };
         }

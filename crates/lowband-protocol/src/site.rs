@@ -33,7 +33,9 @@ pub struct Site {
     change: Vec<f32>,
     uplink: Box<dyn Codec>,
     downlink: Box<dyn Codec>,
-    feedback: Option<ErrorFeedback>,
+    /// One error-feedback state per fragment (one in all without fragments).
+    feedback: Vec<ErrorFeedback>,
+    fragments: Vec<std::ops::Range<usize>>,
     payload: Vec<u8>,
 }
 
@@ -52,7 +54,7 @@ impl Site {
     fn build(id: SiteId, start: Vec<f32>, synced: bool, compression: Compression) -> Result<Self, ProtocolError> {
         compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
         let n = start.len();
-        let feedback = compression.feedback_decay.map(|decay| ErrorFeedback::new(n, decay));
+        let feedback = compression.feedback_decay.map(|decay| ErrorFeedback::new(n, decay)).into_iter().collect();
         Ok(Site {
             id,
             round: None,
@@ -63,8 +65,39 @@ impl Site {
             uplink: build(&compression.uplink)?,
             downlink: build(&compression.downlink)?,
             feedback,
+            fragments: Vec::new(),
             payload: Vec::new(),
         })
+    }
+
+    /// Streaming: synchronize these fragments in turn (the coordinator must use the same list).
+    /// Round r sends the delta of fragment r mod P; the broadcast opening round r changes the
+    /// fragment of round r − 1 ([`Site::changed_by_round`]).
+    pub fn with_fragments(mut self, fragments: Vec<std::ops::Range<usize>>) -> Result<Self, ProtocolError> {
+        crate::validate_fragments(&fragments, self.start.len()).map_err(|reason| ProtocolError::InvalidConfig { field: "fragments", reason })?;
+        if self.change.is_empty() {
+            self.change = vec![0.0; self.start.len()];
+        }
+        let decay = self.feedback.first().map(|f| f.decay());
+        self.feedback = match decay {
+            Some(decay) => fragments.iter().map(|f| ErrorFeedback::new(f.len(), decay)).collect(),
+            None => Vec::new(),
+        };
+        self.fragments = fragments;
+        Ok(self)
+    }
+
+    /// The parameters the broadcast opening `round` changed: a fragment in streaming mode
+    /// (none for round 0), all of them otherwise.
+    pub fn changed_by_round(&self, round: u64) -> std::ops::Range<usize> {
+        let n = self.start.len();
+        if self.fragments.is_empty() {
+            0..n
+        } else if round == 0 {
+            0..0
+        } else {
+            crate::fragment_of(&self.fragments, n, round - 1)
+        }
     }
 
     pub fn id(&self) -> SiteId {
@@ -81,8 +114,8 @@ impl Site {
     }
 
     /// The error-feedback residual (what this site's codec has not sent yet), if it keeps one.
-    pub fn feedback_residual(&self) -> Option<&[f32]> {
-        self.feedback.as_ref().map(|f| f.residual())
+    pub fn feedback_residual(&self) -> Option<Vec<f32>> {
+        (!self.feedback.is_empty()).then(|| self.feedback.iter().flat_map(|f| f.residual().iter().copied()).collect())
     }
 
     /// Continue from a saved state: the parameters the site held and its residual.
@@ -91,9 +124,16 @@ impl Site {
         if start.len() != self.start.len() {
             return bad("saved parameters have another length");
         }
-        match (&mut self.feedback, residual) {
-            (Some(f), Some(r)) if r.len() == start.len() => f.set_residual(r),
-            (None, None) => {}
+        match residual {
+            Some(r) if !self.feedback.is_empty() && r.len() == start.len() => {
+                let mut at = 0;
+                for f in &mut self.feedback {
+                    let len = f.residual().len();
+                    f.set_residual(&r[at..at + len]);
+                    at += len;
+                }
+            }
+            None if self.feedback.is_empty() => {}
             _ => return bad("saved error-feedback residual does not match this site's settings"),
         }
         self.start.copy_from_slice(start);
@@ -130,11 +170,12 @@ impl Site {
                         return Err(ProtocolError::NotSynced);
                     }
                     if !message.payload.is_empty() {
-                        if self.change.is_empty() {
+                        let range = self.changed_by_round(message.round);
+                        if self.change.is_empty() || range.is_empty() {
                             return Err(ProtocolError::WrongKind(message.kind));
                         }
-                        self.downlink.decode(message.payload, &mut self.change)?;
-                        for (s, c) in self.start.iter_mut().zip(&self.change) {
+                        self.downlink.decode(message.payload, &mut self.change[range.clone()])?;
+                        for (s, c) in self.start[range.clone()].iter_mut().zip(&self.change[range]) {
                             *s += c;
                         }
                     }
@@ -148,16 +189,19 @@ impl Site {
                     return Err(ProtocolError::WrongRound { expected: current, found: round });
                 }
                 assert_eq!(params.len(), self.start.len(), "trainer and protocol disagree on the parameter count");
-                for ((d, s), p) in self.delta.iter_mut().zip(&self.start).zip(params) {
+                let range = crate::fragment_of(&self.fragments, self.start.len(), round);
+                let delta = &mut self.delta[range.clone()];
+                for ((d, s), p) in delta.iter_mut().zip(&self.start[range.clone()]).zip(&params[range.clone()]) {
                     *d = s - p;
                 }
-                if let Some(i) = self.delta.iter().position(|v| !v.is_finite()) {
-                    return Err(ProtocolError::NonFiniteUpdate(i));
+                if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
+                    return Err(ProtocolError::NonFiniteUpdate(range.start + i));
                 }
                 self.payload.clear();
-                match &mut self.feedback {
-                    Some(feedback) => feedback.encode(self.uplink.as_mut(), &self.delta, &mut self.payload)?,
-                    None => self.uplink.encode(&self.delta, &mut self.payload),
+                let fragment = if self.fragments.is_empty() { 0 } else { (round % self.fragments.len() as u64) as usize };
+                match self.feedback.get_mut(fragment) {
+                    Some(feedback) => feedback.encode(self.uplink.as_mut(), delta, &mut self.payload)?,
+                    None => self.uplink.encode(delta, &mut self.payload),
                 }
                 Ok(vec![SiteAction::Send(wire::encode(MessageKind::Update, round, self.id, &self.payload))])
             }

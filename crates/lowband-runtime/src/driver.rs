@@ -53,6 +53,12 @@ pub struct RunResult {
     /// Emulated: link time of the packets on the configured link profile.
     pub communication_seconds: f64,
     pub final_params: Vec<f32>,
+    /// The last round's packets of site 0, as sent: ("update", bytes) and ("global", bytes), for
+    /// `lowband inspect packet`. Empty for DDP.
+    pub sample_packets: Vec<(String, Vec<u8>)>,
+    /// Largest number of bytes one site moved (up + down) in one sync: what its link must carry
+    /// at peak. DDP: one step's all-reduce share.
+    pub peak_sync_bytes_per_site: u64,
 }
 
 impl RunResult {
@@ -195,6 +201,8 @@ impl<'a> Common<'a> {
             compute_seconds: self.compute_seconds,
             communication_seconds: self.communication_seconds,
             final_params: params,
+            sample_packets: Vec::new(),
+            peak_sync_bytes_per_site: 0,
         })
     }
 }
@@ -236,6 +244,7 @@ pub fn run(
     let initial = common.evaluator.params().to_vec();
     match kind {
         StrategyKind::Ddp => run_ddp(common, initial, persistence, progress),
+        StrategyKind::Rounds if common.strategy.streaming.is_some() => run_streaming(common, initial, persistence, progress),
         StrategyKind::Rounds => run_rounds(common, initial, persistence, progress),
     }
 }
@@ -299,7 +308,9 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
         }
     }
     let params = trainer.params().to_vec();
-    common.finish(config.steps, params)
+    let mut result = common.finish(config.steps, params)?;
+    result.peak_sync_bytes_per_site = 2 * bytes_per_site;
+    Ok(result)
 }
 
 fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
@@ -323,6 +334,8 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     let mut sends = absorb(coordinator.start(now_ms), &mut common, &coordinator, step)?;
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
     let mut losses = vec![0.0f32; strategy.inner_steps.min(config.steps) as usize];
+    let mut sample_packets: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut peak_sync_bytes = 0u64;
     while step < config.steps {
         let round = coordinator.round();
         let h = strategy.inner_steps.min(config.steps - step);
@@ -336,6 +349,9 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
         for (to, bytes) in std::mem::take(&mut sends) {
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
             down_bytes = down_bytes.max(bytes.len() as u64);
+            if to == 0 {
+                sample_packets = vec![("global".into(), bytes.clone())];
+            }
             let site = &mut sites[to as usize];
             expect_train(site.site.handle(SiteEvent::PacketArrived(&bytes))?, round)?;
             site.trainer.params_mut().copy_from_slice(site.site.round_start());
@@ -343,6 +359,9 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             let done = site.site.handle(SiteEvent::TrainingDone { round, params: site.trainer.params() })?;
             let update = expect_send(done)?;
             up_bytes = up_bytes.max(update.len() as u64);
+            if to == 0 {
+                sample_packets.push(("update".into(), update.clone()));
+            }
             updates.push((to, update));
             progress(Progress { tokens: step * common.tokens_per_site_step() * config.sites as u64 + h * common.tokens_per_site_step() * (to as u64 + 1), tokens_total, loss: losses[h as usize - 1] / (to + 1) as f32 });
         }
@@ -350,6 +369,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
         step += h;
         common.compute_seconds += slowest;
         common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
+        peak_sync_bytes = peak_sync_bytes.max(down_bytes + up_bytes);
         now_ms = (common.emulated_seconds() * 1e3) as u64;
         for (from, bytes) in updates {
             common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, bytes.len() as u64);
@@ -363,9 +383,153 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             return Err(RunError::Stopped { step });
         }
     }
-    let rounds = coordinator.round();
-    let params = coordinator.global().to_vec();
-    common.finish(rounds, params)
+    finish_rounds(common, &coordinator, sample_packets, peak_sync_bytes)
+}
+
+/// The result of a round strategy: the coordinator's θ is the global model.
+fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>, peak_sync_bytes: u64) -> Result<RunResult, RunError> {
+    let mut result = common.finish(coordinator.round(), coordinator.global().to_vec())?;
+    result.sample_packets = sample_packets;
+    result.peak_sync_bytes_per_site = peak_sync_bytes;
+    Ok(result)
+}
+
+/// Packets the coordinator addressed to sites: (site, bytes).
+type Sends = Vec<(u32, Vec<u8>)>;
+
+/// Contiguous, nearly equal ranges of `params` (the layout keeps each block together, so these
+/// are groups of layers).
+fn fragments(params: usize, count: usize) -> Vec<std::ops::Range<usize>> {
+    (0..count).map(|i| i * params / count..(i + 1) * params / count).collect()
+}
+
+/// Streaming DiLoCo: fragment r mod P syncs at step ⌊(r + 1)·H/P⌋; sites keep training and mix the
+/// merge in `overlap_steps` later. Every packet still goes through the protocol code; the link time
+/// of a sync is hidden up to `overlap_steps` of the sites' compute.
+fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
+    let (config, strategy) = (common.config, common.strategy.clone());
+    let streaming = strategy.streaming.expect("run_streaming needs streaming settings");
+    let n = initial.len();
+    let parts = fragments(n, streaming.fragments);
+    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
+    let compression = strategy.compression;
+    let coordinator_config = CoordinatorConfig {
+        quorum: config.sites,
+        sites_max: config.sites,
+        compression,
+        sites_start_synced: true,
+        fragments: parts.clone(),
+        ..CoordinatorConfig::new(n, outer)
+    };
+    let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
+    let mut sites = Vec::with_capacity(config.sites);
+    for k in 0..config.sites {
+        let site = Site::with_initial(k as u32, initial.clone(), compression)?.with_fragments(parts.clone())?;
+        sites.push(SiteRuntime { site, trainer: new_trainer(config, &initial)?, sampler: site_sampler(config, k) });
+    }
+    if persistence.state_dir.as_ref().is_some_and(|d| d.join(strategy.dir_name()).exists()) {
+        return Err(RunError::State(format!("{}: streaming runs do not save or resume state yet; rerun without --resume", strategy.name())));
+    }
+    for k in 0..config.sites as u32 {
+        coordinator.handle(0, Event::SiteJoined { site: k });
+    }
+    let mut in_flight: Option<(u64, Sends)> = Some((0, absorb(coordinator.start(0), &mut common, &coordinator, 0)?));
+    let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
+    let (mut sample_packets, mut peak_sync_bytes) = (Vec::new(), 0u64);
+    let (mut step_seconds_sum, mut losses) = (0.0f64, [0.0f32]);
+    let p = streaming.fragments as u64;
+    for step in 0..config.steps {
+        // A merge due now arrives before this step's training.
+        if in_flight.as_ref().is_some_and(|(due, _)| *due <= step) {
+            let (_, sends) = in_flight.take().expect("checked");
+            deliver(&mut common, &mut sites, sends, streaming.mix, &mut sample_packets)?;
+        }
+        losses[0] = 0.0;
+        let mut slowest = 0.0f64;
+        for (k, site) in sites.iter_mut().enumerate() {
+            slowest = slowest.max(common.train_site(site, k, step, &mut losses)?);
+        }
+        common.compute_seconds += slowest;
+        step_seconds_sum += slowest;
+        common.push_steps(step, &losses, config.sites);
+        progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * config.sites as u64, tokens_total, loss: losses[0] / config.sites as f32 });
+        let round = coordinator.round();
+        let sync_step = ((round + 1) * strategy.inner_steps / p).max(round + 1);
+        if step + 1 != sync_step || step + 1 >= config.steps {
+            continue;
+        }
+        // Fragment `round` syncs: every site's update, then the coordinator's merge goes out.
+        if let Some((_, sends)) = in_flight.take() {
+            deliver(&mut common, &mut sites, sends, streaming.mix, &mut sample_packets)?;
+        }
+        let (sends, link_seconds) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1, &mut sample_packets, &mut peak_sync_bytes)?;
+        // The sites compute on while the sync travels: `overlap_steps` of their (mean) step time hides it.
+        let hidden = streaming.overlap_steps as f64 * step_seconds_sum / (step + 1) as f64;
+        common.communication_seconds += (link_seconds - hidden).max(0.0);
+        in_flight = Some((step + 1 + streaming.overlap_steps, sends));
+    }
+    if let Some((_, sends)) = in_flight.take() {
+        deliver(&mut common, &mut sites, sends, streaming.mix, &mut sample_packets)?;
+    }
+    // The end: every fragment syncs once more, back to back and without overlap, so that no
+    // site's last steps are left out of the global model (DiLoCo's last round does the same).
+    // These merges only update the coordinator's model: no site trains after them, so, as after
+    // DiLoCo's last round, their broadcasts are not counted (the sites still read them, to move
+    // to the next round of the protocol).
+    for _ in 0..p {
+        let (sends, link_seconds) = sync_fragment(&mut common, &mut coordinator, &mut sites, config.steps, &mut sample_packets, &mut peak_sync_bytes)?;
+        common.communication_seconds += link_seconds;
+        let ledger = common.ledger.clone();
+        deliver(&mut common, &mut sites, sends, 0.0, &mut Vec::new())?;
+        common.ledger = ledger;
+    }
+    // The global model: the coordinator's θ (every fragment as last merged).
+    finish_rounds(common, &coordinator, sample_packets, peak_sync_bytes)
+}
+
+/// One fragment sync: every site's update through the coordinator; returns the coordinator's
+/// broadcast (not yet delivered) and the sync's link time.
+fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, Vec<u8>)>, peak: &mut u64) -> Result<(Sends, f64), RunError> {
+    let round = coordinator.round();
+    let now_ms = (common.emulated_seconds() * 1e3) as u64;
+    let (mut sends, mut up_bytes) = (Vec::new(), 0u64);
+    for (k, site) in sites.iter_mut().enumerate() {
+        let update = expect_send(site.site.handle(SiteEvent::TrainingDone { round, params: site.trainer.params() })?)?;
+        up_bytes = up_bytes.max(update.len() as u64);
+        common.ledger.record(round, Endpoint::Site(k as u32), Endpoint::Coordinator, update.len() as u64);
+        sends.extend(absorb(coordinator.handle(now_ms, Event::PacketArrived { from: k as u32, bytes: &update }), common, coordinator, step)?);
+        if k == 0 {
+            samples.retain(|(kind, _)| kind != "update");
+            samples.push(("update".into(), update));
+        }
+    }
+    let down_bytes = sends.iter().map(|(_, b)| b.len() as u64).max().unwrap_or(0);
+    *peak = (*peak).max(up_bytes + down_bytes);
+    Ok((sends, common.config.link.transfer_seconds(up_bytes) + common.config.link.transfer_seconds(down_bytes)))
+}
+
+/// Deliver a broadcast to the sites and mix the fragment it changed into their parameters.
+fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f32, samples: &mut Vec<(String, Vec<u8>)>) -> Result<(), RunError> {
+    for (to, bytes) in sends {
+        let site = sites.get_mut(to as usize).ok_or_else(|| RunError::Protocol(format!("a packet for unknown site {to}")))?;
+        let round = site.site.round().map_or(0, |r| r + 1);
+        common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
+        let actions = site.site.handle(SiteEvent::PacketArrived(&bytes))?;
+        let round = match actions.as_slice() {
+            [SiteAction::Train { round }] => *round,
+            other => return Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+        };
+        let range = site.site.changed_by_round(round);
+        let (local, global) = (&mut site.trainer.params_mut()[range.clone()], &site.site.round_start()[range]);
+        for (l, g) in local.iter_mut().zip(global) {
+            *l = mix * *l + (1.0 - mix) * g;
+        }
+        if to == 0 {
+            samples.retain(|(kind, _)| kind != "global");
+            samples.push(("global".into(), bytes));
+        }
+    }
+    Ok(())
 }
 
 impl Common<'_> {

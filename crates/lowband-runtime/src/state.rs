@@ -101,7 +101,7 @@ impl RunState {
         }
         for (k, site) in sites.iter().enumerate() {
             if let Some(residual) = site.site.feedback_residual() {
-                tensors.push((format!("site{k}.residual"), residual.to_vec()));
+                tensors.push((format!("site{k}.residual"), residual));
             }
         }
         RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors)

@@ -10,6 +10,14 @@
 //! | `diloco-4bit` | `int4` (chunk 4096, min/max, nearest) | same, as changes | decay 1 | Nesterov |
 //! | `sparseloco` | `topk` 64 of 4096, q2 values | same, as changes | decay 0.95 | lr 1, no momentum |
 //! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | same, as changes | decay 1 | lr 1, no momentum |
+//! | `streaming` | `int4` per fragment | same, as changes | decay 1 | Nesterov |
+//!
+//! `streaming` (Streaming DiLoCo) splits the parameters into `fragments` (default 4) contiguous
+//! ranges (the layout keeps each block's tensors together, so these are groups of layers); one
+//! fragment syncs every H/P steps, in turn, so each syncs every H steps. Sites keep training
+//! while the merge travels: it arrives `overlap` inner steps later (default 5; the link time up to
+//! that much compute is hidden) and is mixed in as θ_f ← mix·θ_f,local + (1 − mix)·θ_f,global
+//! (default mix 0.5). Overrides: `fragments=P;overlap=T;mix=A`.
 //!
 //! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
 //! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
@@ -36,11 +44,24 @@ pub struct Strategy {
     pub compression: Compression,
     /// None: DiLoCo's Nesterov with the run's `lr_outer` and `momentum_outer`.
     pub outer: Option<OuterConfig>,
+    /// Streaming DiLoCo's fragment schedule, for `streaming`.
+    pub streaming: Option<Streaming>,
     /// The bracketed overrides as written (part of the name).
     overrides: String,
 }
 
-const PRESETS: &str = "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct";
+/// Streaming DiLoCo's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Streaming {
+    /// P: contiguous parameter ranges synchronized in turn.
+    pub fragments: usize,
+    /// τ: inner steps between a fragment's sync and the arrival of its merge (< H/P).
+    pub overlap_steps: u64,
+    /// α: weight of the local fragment when the merge arrives.
+    pub mix: f32,
+}
+
+const PRESETS: &str = "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct, streaming";
 
 fn int(bits: u8) -> CodecSpec {
     CodecSpec::Int { bits, chunk: 4096, range: Range::MinMax, rounding: Rounding::Nearest, seed: 0 }
@@ -70,7 +91,7 @@ impl Strategy {
             "diloco" => (StrategyKind::Rounds, Compression::default(), None),
             "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
             "diloco-int8" => (StrategyKind::Rounds, Compression { uplink: int(8), downlink: int(8), feedback_decay: None }, None),
-            "diloco-4bit" => (StrategyKind::Rounds, Compression { uplink: int(4), downlink: int(4), feedback_decay: Some(1.0) }, None),
+            "diloco-4bit" | "streaming" => (StrategyKind::Rounds, Compression { uplink: int(4), downlink: int(4), feedback_decay: Some(1.0) }, None),
             "sparseloco" => {
                 let topk = CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 };
                 (StrategyKind::Rounds, Compression { uplink: topk, downlink: topk, feedback_decay: Some(0.95) }, fedavg)
@@ -85,7 +106,8 @@ impl Strategy {
             return Err("ddp synchronises fp32 gradients every step; it takes no @H or overrides".into());
         }
         let inner_steps = if kind == StrategyKind::Ddp { 1 } else { h.unwrap_or(default_inner_steps) };
-        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, overrides: overrides.to_string() };
+        let streaming = (name == "streaming").then_some(Streaming { fragments: 4, overlap_steps: 5, mix: 0.5 });
+        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, overrides: overrides.to_string() };
         strategy.apply_overrides(overrides).map_err(|e| format!("strategy {text:?}: {e}"))?;
         Ok(strategy)
     }
@@ -104,10 +126,29 @@ impl Strategy {
                     outer.momentum = number(value)?;
                     outer.nesterov = outer.momentum > 0.0;
                 }
-                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum")),
+                "fragments" | "overlap" | "mix" => {
+                    let streaming = self.streaming.as_mut().ok_or_else(|| format!("`{key}` applies to the streaming strategy only"))?;
+                    match key.trim() {
+                        "fragments" => streaming.fragments = value.parse().map_err(|_| format!("fragments=`{value}` is not a whole number"))?,
+                        "overlap" => streaming.overlap_steps = value.parse().map_err(|_| format!("overlap=`{value}` is not a whole number"))?,
+                        _ => streaming.mix = number(value)?,
+                    }
+                }
+                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum (streaming: fragments, overlap, mix)")),
             }
         }
         self.compression.validate()?;
+        if let Some(st) = self.streaming {
+            if st.fragments == 0 || st.fragments as u64 > self.inner_steps {
+                return Err(format!("fragments must be in 1..=H ({}), not {}", self.inner_steps, st.fragments));
+            }
+            if st.overlap_steps >= (self.inner_steps / st.fragments as u64).max(1) {
+                return Err(format!("overlap must be below H/P = {} steps (a merge must arrive before the next sync)", self.inner_steps / st.fragments as u64));
+            }
+            if !(0.0..=1.0).contains(&st.mix) {
+                return Err(format!("mix {} is not in [0, 1]", st.mix));
+            }
+        }
         if let Some(outer) = self.outer {
             outer.validate()?;
         }
@@ -154,6 +195,10 @@ mod tests {
         assert!(Strategy::parse("sparseloco[up=topk:k=0]", 50).is_err());
         assert!(Strategy::parse("sparseloco[colour=red]", 50).is_err());
         assert!(Strategy::parse("sparseloco[decay=2]", 50).is_err());
+        let streaming = Strategy::parse("streaming@40[fragments=2;overlap=3;mix=0.25]", 50).unwrap();
+        assert_eq!(streaming.streaming, Some(Streaming { fragments: 2, overlap_steps: 3, mix: 0.25 }));
+        assert!(Strategy::parse("streaming@8[fragments=4;overlap=2]", 50).is_err(), "overlap must be below H/P");
+        assert!(Strategy::parse("diloco[fragments=2]", 50).is_err());
         assert!(Strategy::parse("gossip", 50).unwrap_err().contains("unknown strategy"));
     }
 }

@@ -179,3 +179,20 @@ fn resuming_under_other_settings_or_from_a_corrupted_state_is_refused() {
         other => panic!("expected a refusal, got {:?}", other.map(|r| r.final_val_loss)),
     }
 }
+
+/// Streaming with one fragment, no overlap and no mixing is exactly DiLoCo with the same codecs;
+/// with P fragments each sync moves about 1/P of the bytes (the lower peak bandwidth).
+#[test]
+fn streaming_reduces_to_diloco_and_lowers_the_peak() {
+    let c = config(2, 16, 8);
+    let diloco = go(&c, "diloco-4bit", &Persistence::default()).unwrap();
+    let one = go(&c, "streaming[fragments=1;overlap=0;mix=0]", &Persistence::default()).unwrap();
+    assert_eq!(one.final_params, diloco.final_params, "P = 1, τ = 0, α = 0 is DiLoCo");
+    assert_eq!(one.ledger.total_bytes(), diloco.ledger.total_bytes());
+    let four = go(&c, "streaming[fragments=4;overlap=1]", &Persistence::default()).unwrap();
+    assert!(four.final_val_loss.is_finite());
+    // 16 steps, H = 8, P = 4: a fragment syncs every 2 steps (7 inside the run) + 4 at the end.
+    assert_eq!(four.rounds, 11);
+    let ratio = four.peak_sync_bytes_per_site as f64 / diloco.peak_sync_bytes_per_site as f64;
+    assert!((0.2..0.3).contains(&ratio), "peak per sync: {} vs {} bytes", four.peak_sync_bytes_per_site, diloco.peak_sync_bytes_per_site);
+}

@@ -1,0 +1,12 @@
+//! Fuzz the envelope and a site's handling of whatever arrives: never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use lowband_protocol::{Compression, Site, SiteEvent};
+
+fuzz_target!(|data: &[u8]| {
+    let _ = lowband_protocol::wire::decode(data, 1 << 16);
+    let compression = Compression { uplink: "topk:k=4,chunk=64".parse().unwrap(), downlink: "topk:k=4,chunk=64".parse().unwrap(), feedback_decay: Some(1.0) };
+    let mut site = Site::with_initial(0, vec![0.0; 300], compression).expect("valid");
+    let _ = site.handle(SiteEvent::PacketArrived(data));
+});
