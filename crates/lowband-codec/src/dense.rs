@@ -162,22 +162,24 @@ impl Codec for Int {
     fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(self.payload_bytes(values.len()));
         self.spec.write_header(count_u32(values), 0, out);
-        for chunk in values.chunks(self.chunk) {
-            let (lo, hi) = self.range_of(chunk);
+        let ranges: Vec<(f32, f32)> = values.chunks(self.chunk).map(|chunk| self.range_of(chunk)).collect();
+        for (lo, hi) in &ranges {
             out.extend_from_slice(&lo.to_le_bytes());
             out.extend_from_slice(&hi.to_le_bytes());
         }
-        let levels = ((1u32 << self.bits) - 1) as f64;
+        let levels = ((1u32 << self.bits) - 1) as f32;
         let mut writer = BitWriter::new(out);
-        for chunk in values.chunks(self.chunk) {
-            let (lo, hi) = self.range_of(chunk);
-            let width = hi as f64 - lo as f64;
+        for (chunk, &(lo, hi)) in values.chunks(self.chunk).zip(&ranges) {
+            // f32 arithmetic unless the range itself overflows f32 (|lo|, |hi| near f32::MAX).
+            let width = hi - lo;
+            let fast = width.is_finite();
             let per_unit = if width > 0.0 { levels / width } else { 0.0 };
+            let per_unit_wide = if hi as f64 > lo as f64 { levels as f64 / (hi as f64 - lo as f64) } else { 0.0 };
             for &v in chunk {
-                let position = ((v as f64 - lo as f64) * per_unit).clamp(0.0, levels);
+                let position = if fast { ((v - lo) * per_unit).clamp(0.0, levels) } else { ((v as f64 - lo as f64) * per_unit_wide).clamp(0.0, levels as f64) as f32 };
                 let code = match self.rounding {
                     Rounding::Nearest => position.round(),
-                    Rounding::Stochastic => (position + self.random.next_unit_f32() as f64).floor().min(levels),
+                    Rounding::Stochastic => (position + self.random.next_unit_f32()).floor().min(levels),
                 };
                 writer.write(code as u32, self.bits);
             }

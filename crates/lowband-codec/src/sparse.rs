@@ -5,7 +5,11 @@
 //! positions (Elias-Fano; none for `randomk`, whose positions come from the packet's seed), then
 //! one code per kept value (see [`ValueCoding`]).
 
+use std::sync::Arc;
+
 use half::f16;
+use rayon::prelude::*;
+use rustdct::{DctPlanner, TransformType2And3};
 
 use crate::bits::{elias_fano_read, elias_fano_write, BitReader, BitWriter, SplitMix64};
 use crate::dense::max_abs;
@@ -25,16 +29,26 @@ pub struct Sparse {
     values: ValueCoding,
     /// Source of per-packet seeds (`randomk`).
     seeds: SplitMix64,
-    /// Scratch, sized for one chunk when the codec is built.
+    /// Decode scratch, sized for one chunk when the codec is built.
     positions: Vec<u32>,
     magnitude_bits: Vec<u32>,
     kept: Vec<f32>,
-    signal: Vec<f32>,
-    /// `dct`: the chunk divided by its scale.
-    unit: Vec<f32>,
     taken: Vec<u64>,
-    /// `dct`: basis[k · chunk + n] = a_k cos(π (2n + 1) k / (2 · chunk)), orthonormal.
+    /// Encode: every chunk's picks (k slots per chunk) and `dct` scales, filled in parallel.
+    all_positions: Vec<u32>,
+    all_kept: Vec<f32>,
+    chunk_scales: Vec<f32>,
+    /// `dct`: basis[k · chunk + n] = a_k cos(π (2n + 1) k / (2 · chunk)), orthonormal (decode),
+    /// and a fast DCT-II plan (encode).
     basis: Vec<f32>,
+    plan: Option<Arc<dyn TransformType2And3<f32>>>,
+}
+
+/// Per-thread encode scratch.
+struct Scratch {
+    magnitude_bits: Vec<u32>,
+    signal: Vec<f32>,
+    transform: Vec<f32>,
 }
 
 impl Sparse {
@@ -46,7 +60,7 @@ impl Sparse {
             _ => unreachable!("Sparse is built for sparse codecs only"),
         };
         let chunk = chunk as usize;
-        let basis = if kind == Kind::Dct { dct_basis(chunk) } else { Vec::new() };
+        let (basis, plan) = if kind == Kind::Dct { (dct_basis(chunk), Some(DctPlanner::new().plan_dct2(chunk))) } else { (Vec::new(), None) };
         Sparse {
             spec,
             kind,
@@ -56,33 +70,51 @@ impl Sparse {
             positions: Vec::with_capacity(chunk),
             magnitude_bits: Vec::with_capacity(chunk),
             kept: Vec::with_capacity(chunk),
-            signal: vec![0.0; chunk],
-            unit: if kind == Kind::Dct { vec![0.0; chunk] } else { Vec::new() },
             taken: vec![0; chunk.div_ceil(64)],
+            all_positions: Vec::new(),
+            all_kept: Vec::new(),
+            chunk_scales: Vec::new(),
             basis,
+            plan,
         }
     }
 
-    /// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index).
-    fn select_top(&mut self, signal_len: usize, k: usize) {
-        let signal = &self.signal[..signal_len];
-        self.magnitude_bits.clear();
-        self.magnitude_bits.extend(signal.iter().map(|v| v.to_bits() & 0x7fff_ffff));
-        let cut = signal_len - k;
-        let (_, &mut threshold, above) = self.magnitude_bits.select_nth_unstable(cut);
-        // Everything after the cut is ≥ the threshold, everything before it ≤.
-        let mut ties_needed = k - above.iter().filter(|&&m| m > threshold).count();
-        self.positions.clear();
-        for (i, v) in signal.iter().enumerate() {
-            let m = v.to_bits() & 0x7fff_ffff;
-            if m > threshold || (m == threshold && ties_needed > 0) {
-                if m == threshold {
-                    ties_needed -= 1;
-                }
-                self.positions.push(i as u32);
+    fn scratch(&self) -> Scratch {
+        let transform = self.plan.as_ref().map_or(0, |p| p.get_scratch_len());
+        Scratch { magnitude_bits: Vec::with_capacity(self.chunk), signal: vec![0.0; self.chunk], transform: vec![0.0; transform] }
+    }
+
+    /// Pick one chunk's values: `dct` transforms it first. Writes the ascending positions and
+    /// their values into the slots and returns the chunk's scale (1 except for `dct`).
+    fn pick(&self, chunk: &[f32], k: usize, scratch: &mut Scratch, positions: &mut [u32], kept: &mut [f32]) -> f32 {
+        let (signal_len, scale) = match self.kind {
+            Kind::TopK | Kind::RandomK => {
+                scratch.signal[..chunk.len()].copy_from_slice(chunk);
+                (chunk.len(), 1.0)
             }
+            Kind::Dct => {
+                let m = max_abs(chunk);
+                let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
+                // Division, not a reciprocal: 1 / a subnormal scale overflows.
+                for (unit, x) in scratch.signal.iter_mut().zip(chunk.iter().chain(std::iter::repeat(&0.0))) {
+                    *unit = x / scale;
+                }
+                let plan = self.plan.as_ref().expect("dct has a plan");
+                plan.process_dct2_with_scratch(&mut scratch.signal, &mut scratch.transform);
+                // rustdct's DCT-II is unnormalized: scale to the orthonormal basis.
+                let n = self.chunk as f32;
+                let (first, rest) = ((1.0 / n).sqrt(), (2.0 / n).sqrt());
+                for (i, c) in scratch.signal.iter_mut().enumerate() {
+                    *c *= if i == 0 { first } else { rest };
+                }
+                (self.chunk, scale)
+            }
+        };
+        select_top(&scratch.signal[..signal_len], k, &mut scratch.magnitude_bits, positions);
+        for (v, &p) in kept.iter_mut().zip(positions.iter()) {
+            *v = scratch.signal[p as usize];
         }
-        debug_assert_eq!(self.positions.len(), k);
+        scale
     }
 
     /// `k` distinct positions in [0, len) from `random` (Floyd's algorithm), ascending.
@@ -99,27 +131,30 @@ impl Sparse {
         }
         positions.sort_unstable();
     }
+}
 
-    fn chunk_signal(&mut self, chunk: &[f32]) -> (usize, f32) {
-        match self.kind {
-            Kind::TopK | Kind::RandomK => {
-                self.signal[..chunk.len()].copy_from_slice(chunk);
-                (chunk.len(), 1.0)
+/// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index), into
+/// `positions` (length k).
+fn select_top(signal: &[f32], k: usize, magnitude_bits: &mut Vec<u32>, positions: &mut [u32]) {
+    // The bits of |v| order like |v| for non-negative floats: select on integers.
+    magnitude_bits.clear();
+    magnitude_bits.extend(signal.iter().map(|v| v.to_bits() & 0x7fff_ffff));
+    let cut = signal.len() - k;
+    let (_, &mut threshold, above) = magnitude_bits.select_nth_unstable(cut);
+    // Everything after the cut is ≥ the threshold, everything before it ≤.
+    let mut ties_needed = k - above.iter().filter(|&&m| m > threshold).count();
+    let mut at = 0;
+    for (i, v) in signal.iter().enumerate() {
+        let m = v.to_bits() & 0x7fff_ffff;
+        if m > threshold || (m == threshold && ties_needed > 0) {
+            if m == threshold {
+                ties_needed -= 1;
             }
-            Kind::Dct => {
-                let m = max_abs(chunk);
-                let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
-                for (x, unit) in chunk.iter().zip(self.unit.iter_mut()) {
-                    *unit = x / scale;
-                }
-                for (k, coefficient) in self.signal.iter_mut().enumerate() {
-                    let row = &self.basis[k * self.chunk..k * self.chunk + chunk.len()];
-                    *coefficient = row.iter().zip(&self.unit[..chunk.len()]).map(|(b, x)| b * x).sum();
-                }
-                (self.chunk, scale)
-            }
+            positions[at] = i as u32;
+            at += 1;
         }
     }
+    debug_assert_eq!(at, k);
 }
 
 impl Codec for Sparse {
@@ -131,23 +166,53 @@ impl Codec for Sparse {
         out.reserve(self.payload_bytes(values.len()));
         let packet_seed = if self.kind == Kind::RandomK { self.seeds.next_u64() } else { 0 };
         self.spec.write_header(count_u32(values), packet_seed, out);
-        let mut random = SplitMix64(packet_seed);
+        // Phase 1: pick every chunk's positions and values (in parallel, except `randomk`, whose
+        // positions follow one random stream).
+        let k_max = self.spec.kept_in_chunk(self.chunk.min(values.len().max(1)));
+        let chunks = values.len().div_ceil(self.chunk);
+        let slots = k_max.max(1);
+        let (mut all_positions, mut all_kept, mut chunk_scales) = (std::mem::take(&mut self.all_positions), std::mem::take(&mut self.all_kept), std::mem::take(&mut self.chunk_scales));
+        all_positions.resize(chunks * slots, 0);
+        all_kept.resize(chunks * slots, 0.0);
+        chunk_scales.resize(chunks, 1.0);
+        if self.kind == Kind::RandomK {
+            let mut random = SplitMix64(packet_seed);
+            for (c, chunk) in values.chunks(self.chunk).enumerate() {
+                let k = self.spec.kept_in_chunk(chunk.len());
+                Self::select_random(&mut self.positions, &mut self.taken, &mut random, chunk.len(), k);
+                all_positions[c * slots..c * slots + k].copy_from_slice(&self.positions);
+                for (v, &p) in all_kept[c * slots..c * slots + k].iter_mut().zip(&self.positions) {
+                    *v = chunk[p as usize];
+                }
+            }
+        } else {
+            let this = &*self;
+            values
+                .par_chunks(self.chunk)
+                .zip(all_positions.par_chunks_mut(slots))
+                .zip(all_kept.par_chunks_mut(slots))
+                .zip(chunk_scales.par_iter_mut())
+                .for_each_init(
+                    || this.scratch(),
+                    |scratch, (((chunk, positions), kept), scale)| {
+                        let k = this.spec.kept_in_chunk(chunk.len());
+                        *scale = this.pick(chunk, k, scratch, &mut positions[..k], &mut kept[..k]);
+                    },
+                );
+        }
+        // Phase 2: the bit stream, chunk after chunk.
         let mut writer = BitWriter::new(out);
-        for chunk in values.chunks(self.chunk) {
+        for (c, chunk) in values.chunks(self.chunk).enumerate() {
             let k = self.spec.kept_in_chunk(chunk.len());
-            let (signal_len, chunk_scale) = self.chunk_signal(chunk);
-            match self.kind {
-                Kind::TopK | Kind::Dct => self.select_top(signal_len, k),
-                Kind::RandomK => Self::select_random(&mut self.positions, &mut self.taken, &mut random, signal_len, k),
-            }
-            self.kept.clear();
-            self.kept.extend(self.positions.iter().map(|&p| self.signal[p as usize]));
+            let signal_len = if self.kind == Kind::Dct { self.chunk } else { chunk.len() };
             if self.kind == Kind::Dct {
-                writer.write(chunk_scale.to_bits(), 32);
+                writer.write(chunk_scales[c].to_bits(), 32);
             }
-            write_values(&mut writer, self.values, &self.kept, &mut self.magnitude_bits, Some((&self.positions, signal_len, self.kind != Kind::RandomK)));
+            let positions = &all_positions[c * slots..c * slots + k];
+            write_values(&mut writer, self.values, &all_kept[c * slots..c * slots + k], &mut self.magnitude_bits, Some((positions, signal_len, self.kind != Kind::RandomK)));
         }
         writer.finish();
+        (self.all_positions, self.all_kept, self.chunk_scales) = (all_positions, all_kept, chunk_scales);
     }
 
     fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
