@@ -8,8 +8,8 @@
 //! | `fedavg` | fp32 | fp32 parameters | none | mean of the sites (lr 1, no momentum) |
 //! | `diloco-int8` | `int8` (chunk 4096, min/max, nearest) | same, as changes | none | Nesterov |
 //! | `diloco-4bit` | `int4` (chunk 4096, min/max, nearest) | same, as changes | decay 1 | Nesterov |
-//! | `sparseloco` | `topk` 64 of 4096, q2 values | same, as changes | decay 0.95 | lr 1, no momentum |
-//! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | same, as changes | decay 1 | lr 1, no momentum |
+//! | `sparseloco` | `topk` 64 of 4096, q2 values | `topk` 256 of 4096, q2, as changes | decay 0.95 | lr 1, no momentum |
+//! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | `dct` 32 of 256, as changes | decay 1 | lr 1, no momentum |
 //! | `streaming` | `int4` per fragment | same, as changes | decay 1 | Nesterov |
 //!
 //! `streaming` (Streaming DiLoCo) splits the parameters into `fragments` (default 4) contiguous
@@ -92,13 +92,17 @@ impl Strategy {
             "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
             "diloco-int8" => (StrategyKind::Rounds, Compression { uplink: int(8), downlink: int(8), feedback_decay: None }, None),
             "diloco-4bit" | "streaming" => (StrategyKind::Rounds, Compression { uplink: int(4), downlink: int(4), feedback_decay: Some(1.0) }, None),
+            // The downlink keeps 4x the uplink's density: the merge of K = 4 sparse updates has up
+            // to 4k entries, and re-sparsifying it to k lost most of the quality (docs/results.md).
             "sparseloco" => {
-                let topk = CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 };
-                (StrategyKind::Rounds, Compression { uplink: topk, downlink: topk, feedback_decay: Some(0.95) }, fedavg)
+                let up = CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 };
+                let down = CodecSpec::TopK { k: 256, chunk: 4096, values: ValueCoding::Q2 };
+                (StrategyKind::Rounds, Compression { uplink: up, downlink: down, feedback_decay: Some(0.95) }, fedavg)
             }
             "demo-dct" => {
-                let dct = CodecSpec::DctTopK { k: 8, chunk: 256, values: ValueCoding::Sign };
-                (StrategyKind::Rounds, Compression { uplink: dct, downlink: dct, feedback_decay: Some(1.0) }, fedavg)
+                let up = CodecSpec::DctTopK { k: 8, chunk: 256, values: ValueCoding::Sign };
+                let down = CodecSpec::DctTopK { k: 32, chunk: 256, values: ValueCoding::Sign };
+                (StrategyKind::Rounds, Compression { uplink: up, downlink: down, feedback_decay: Some(1.0) }, fedavg)
             }
             other => return Err(format!("unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])")),
         };
