@@ -133,16 +133,35 @@ impl Sparse {
     }
 }
 
+/// Magnitude buckets of the threshold search: the top 11 bits of |v|'s bits (exponent and 3
+/// mantissa bits).
+const BUCKETS: usize = 1 << 11;
+const BUCKET_SHIFT: u32 = 20;
+
 /// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index), into
 /// `positions` (length k).
-fn select_top(signal: &[f32], k: usize, magnitude_bits: &mut Vec<u32>, positions: &mut [u32]) {
-    // The bits of |v| order like |v| for non-negative floats: select on integers.
-    magnitude_bits.clear();
-    magnitude_bits.extend(signal.iter().map(|v| v.to_bits() & 0x7fff_ffff));
-    let cut = signal.len() - k;
-    let (_, &mut threshold, above) = magnitude_bits.select_nth_unstable(cut);
-    // Everything after the cut is ≥ the threshold, everything before it ≤.
-    let mut ties_needed = k - above.iter().filter(|&&m| m > threshold).count();
+///
+/// The bits of |v| order like |v| for non-negative floats, so the search works on integers: a
+/// histogram of the top bits finds the bucket holding the k-th largest, a selection among that
+/// bucket's few members finds the exact threshold, and one more pass emits the positions.
+fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<u32>, positions: &mut [u32]) {
+    let mut histogram = [0u32; BUCKETS];
+    for v in signal {
+        histogram[((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize] += 1;
+    }
+    let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
+    while above + (histogram[bucket] as usize) < k {
+        above += histogram[bucket] as usize;
+        bucket -= 1;
+    }
+    candidates.clear();
+    candidates.extend(signal.iter().map(|v| v.to_bits() & 0x7fff_ffff).filter(|m| (m >> BUCKET_SHIFT) as usize == bucket));
+    // The (k − above)-th largest inside the bucket is the threshold.
+    let wanted = k - above;
+    let cut = candidates.len() - wanted;
+    let (_, &mut threshold, greater_in_bucket) = candidates.select_nth_unstable(cut);
+    let greater = above + greater_in_bucket.iter().filter(|&&m| m > threshold).count();
+    let mut ties_needed = k - greater;
     let mut at = 0;
     for (i, v) in signal.iter().enumerate() {
         let m = v.to_bits() & 0x7fff_ffff;
