@@ -14,6 +14,8 @@ pub struct PacketArgs {
 
 /// Largest packet file we read: the envelope's own limit.
 const PACKET_BYTES_MAX: u64 = 1 << 32;
+/// Largest value count we decode (1 GiB of f32): a header may claim up to 2^32.
+const VALUES_MAX: usize = 1 << 28;
 
 pub fn packet(args: &PacketArgs) -> Result<()> {
     let bytes = lowband_engine::checkpoint::read_limited(&args.file, PACKET_BYTES_MAX)?;
@@ -36,6 +38,9 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
     println!("payload: {} bytes; formula {} bytes; {:.4} bits per parameter", payload.len(), info.payload_bytes, info.bits_per_param);
     if payload.len() != info.payload_bytes {
         bail!("payload is {} bytes, its header implies {}", payload.len(), info.payload_bytes);
+    }
+    if info.count > VALUES_MAX {
+        bail!("the payload claims {} values; inspect decodes at most {VALUES_MAX}", info.count);
     }
     let mut values = vec![0.0f32; info.count];
     decode_any(payload, &mut values).context("decoding the payload")?;
