@@ -174,3 +174,50 @@ fn membership_is_bounded() {
     join_all(&mut c, &[0, 1]);
     assert!(matches!(c.handle(0, Event::SiteJoined { site: 2 })[..], [Action::Rejected { reason: ProtocolError::TooManySites(2), .. }]));
 }
+
+/// A compressed downlink: members present at the start get an empty change (they hold θ₀), a
+/// site that joins later gets θ_sites in full once, then changes; every site holds exactly what
+/// every other member holds; a change for a site that holds nothing is refused.
+#[test]
+fn compressed_downlink_sends_changes_and_parameters_only_to_newcomers() {
+    use lowband_protocol::Compression;
+    let int8: lowband_codec::CodecSpec = "int8:chunk=2".parse().unwrap();
+    let compression = Compression { uplink: int8, downlink: int8, feedback_decay: Some(1.0) };
+    let config = CoordinatorConfig { quorum: 2, round_deadline_ms: 1_000, compression, sites_start_synced: true, ..CoordinatorConfig::new(PARAMS, OuterConfig::FEDAVG) };
+    let initial = vec![1.0, 2.0, 3.0, 4.0];
+    let mut c = Coordinator::new(config, initial.clone()).unwrap();
+    let mut sites: Vec<Site> = (0..2).map(|i| Site::with_initial(i, initial.clone(), compression).unwrap()).collect();
+    join_all(&mut c, &[0, 1]);
+    let first = sends(&c.start(0));
+    for (_, bytes) in &first {
+        let m = wire::decode(bytes, 1 << 20).unwrap();
+        assert_eq!((m.kind, m.payload.len()), (MessageKind::GlobalDelta, 0), "round 0 needs no parameters");
+    }
+    let updates = run_sites(&mut sites, &first, |s| 0.25 * (s + 1) as f32);
+    let mut next = Vec::new();
+    for (from, bytes) in &updates {
+        next.extend(sends(&c.handle(10, Event::PacketArrived { from: *from, bytes })));
+    }
+    assert_eq!(next.len(), 2);
+    assert!(next.iter().all(|(_, b)| wire::decode(b, 1 << 20).unwrap().kind == MessageKind::GlobalDelta));
+    // A newcomer joins: the next round sends it θ_sites in full.
+    let mut late = Site::new(2, PARAMS);
+    let forged = wire::encode(MessageKind::GlobalDelta, 1, 2, &[]);
+    assert_eq!(late.handle(SiteEvent::PacketArrived(&forged)), Err(ProtocolError::NotSynced));
+    assert!(c.handle(20, Event::SiteJoined { site: 2 }).is_empty(), "joins at the next round boundary");
+    let updates = run_sites(&mut sites, &next, |_| 0.1);
+    let mut third = Vec::new();
+    for (from, bytes) in &updates {
+        third.extend(sends(&c.handle(30, Event::PacketArrived { from: *from, bytes })));
+    }
+    let to_late = third.iter().find(|(to, _)| *to == 2).unwrap();
+    assert_eq!(wire::decode(&to_late.1, 1 << 20).unwrap().kind, MessageKind::Global);
+    late.handle(SiteEvent::PacketArrived(&to_late.1)).unwrap();
+    for (to, bytes) in third.iter().filter(|(to, _)| *to != 2) {
+        sites[*to as usize].handle(SiteEvent::PacketArrived(bytes)).unwrap();
+    }
+    // Everyone holds the same θ_sites: the members by adding changes, the newcomer from one copy.
+    assert_eq!(sites[0].round_start(), sites[1].round_start());
+    assert_eq!(late.round_start(), sites[0].round_start());
+    assert_ne!(sites[0].round_start(), &initial[..]);
+}
