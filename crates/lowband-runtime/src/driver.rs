@@ -442,7 +442,7 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         // A merge due now arrives before this step's training.
         if in_flight.as_ref().is_some_and(|(due, _)| *due <= step) {
             let (_, sends) = in_flight.take().expect("checked");
-            deliver(&mut common, &mut sites, sends, streaming.mix, &mut sample_packets)?;
+            deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
         }
         losses[0] = 0.0;
         let mut slowest = 0.0f64;
@@ -460,16 +460,17 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         }
         // Fragment `round` syncs: every site's update, then the coordinator's merge goes out.
         if let Some((_, sends)) = in_flight.take() {
-            deliver(&mut common, &mut sites, sends, streaming.mix, &mut sample_packets)?;
+            deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
         }
-        let (sends, link_seconds) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1, &mut sample_packets, &mut peak_sync_bytes)?;
+        let (sends, up_bytes, down_bytes) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1, &mut sample_packets, &mut peak_sync_bytes)?;
+        let link_seconds = config.link.transfer_seconds(up_bytes) + config.link.transfer_seconds(down_bytes);
         // The sites compute on while the sync travels: `overlap_steps` of their (mean) step time hides it.
         let hidden = streaming.overlap_steps as f64 * step_seconds_sum / (step + 1) as f64;
         common.communication_seconds += (link_seconds - hidden).max(0.0);
         in_flight = Some((step + 1 + streaming.overlap_steps, sends));
     }
     if let Some((_, sends)) = in_flight.take() {
-        deliver(&mut common, &mut sites, sends, streaming.mix, &mut sample_packets)?;
+        deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
     }
     // The end: every fragment syncs once more, back to back and without overlap, so that no
     // site's last steps are left out of the global model (DiLoCo's last round does the same).
@@ -477,19 +478,17 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
     // DiLoCo's last round, their broadcasts are not counted (the sites still read them, to move
     // to the next round of the protocol).
     for _ in 0..p {
-        let (sends, link_seconds) = sync_fragment(&mut common, &mut coordinator, &mut sites, config.steps, &mut sample_packets, &mut peak_sync_bytes)?;
-        common.communication_seconds += link_seconds;
-        let ledger = common.ledger.clone();
-        deliver(&mut common, &mut sites, sends, 0.0, &mut Vec::new())?;
-        common.ledger = ledger;
+        let (sends, up_bytes, _) = sync_fragment(&mut common, &mut coordinator, &mut sites, config.steps, &mut sample_packets, &mut peak_sync_bytes)?;
+        common.communication_seconds += config.link.transfer_seconds(up_bytes);
+        deliver(&mut common, &mut sites, sends, 0.0, None)?;
     }
     // The global model: the coordinator's θ (every fragment as last merged).
     finish_rounds(common, &coordinator, sample_packets, peak_sync_bytes)
 }
 
 /// One fragment sync: every site's update through the coordinator; returns the coordinator's
-/// broadcast (not yet delivered) and the sync's link time.
-fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, Vec<u8>)>, peak: &mut u64) -> Result<(Sends, f64), RunError> {
+/// broadcast (not yet delivered) and the largest update and broadcast message, in bytes.
+fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, Vec<u8>)>, peak: &mut u64) -> Result<(Sends, u64, u64), RunError> {
     let round = coordinator.round();
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     let (mut sends, mut up_bytes) = (Vec::new(), 0u64);
@@ -505,15 +504,18 @@ fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut
     }
     let down_bytes = sends.iter().map(|(_, b)| b.len() as u64).max().unwrap_or(0);
     *peak = (*peak).max(up_bytes + down_bytes);
-    Ok((sends, common.config.link.transfer_seconds(up_bytes) + common.config.link.transfer_seconds(down_bytes)))
+    Ok((sends, up_bytes, down_bytes))
 }
 
 /// Deliver a broadcast to the sites and mix the fragment it changed into their parameters.
-fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f32, samples: &mut Vec<(String, Vec<u8>)>) -> Result<(), RunError> {
+/// With `samples` None the broadcast is not counted in the ledger (the end-of-run syncs).
+fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f32, mut samples: Option<&mut Vec<(String, Vec<u8>)>>) -> Result<(), RunError> {
     for (to, bytes) in sends {
         let site = sites.get_mut(to as usize).ok_or_else(|| RunError::Protocol(format!("a packet for unknown site {to}")))?;
-        let round = site.site.round().map_or(0, |r| r + 1);
-        common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
+        if samples.is_some() {
+            let round = site.site.round().map_or(0, |r| r + 1);
+            common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
+        }
         let actions = site.site.handle(SiteEvent::PacketArrived(&bytes))?;
         let round = match actions.as_slice() {
             [SiteAction::Train { round }] => *round,
@@ -524,7 +526,7 @@ fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f3
         for (l, g) in local.iter_mut().zip(global) {
             *l = mix * *l + (1.0 - mix) * g;
         }
-        if to == 0 {
+        if let Some(samples) = samples.as_deref_mut().filter(|_| to == 0) {
             samples.retain(|(kind, _)| kind != "global");
             samples.push(("global".into(), bytes));
         }
