@@ -170,10 +170,11 @@ impl Codec for Int {
         let levels = ((1u32 << self.bits) - 1) as f32;
         let mut writer = BitWriter::new(out);
         for (chunk, &(lo, hi)) in values.chunks(self.chunk).zip(&ranges) {
-            // f32 arithmetic unless the range itself overflows f32 (|lo|, |hi| near f32::MAX).
+            // f32 arithmetic unless the range overflows f32 (|lo|, |hi| near f32::MAX) or is so
+            // narrow (denormal) that levels / width does.
             let width = hi - lo;
-            let fast = width.is_finite();
             let per_unit = if width > 0.0 { levels / width } else { 0.0 };
+            let fast = width.is_finite() && per_unit.is_finite();
             let per_unit_wide = if hi as f64 > lo as f64 { levels as f64 / (hi as f64 - lo as f64) } else { 0.0 };
             for &v in chunk {
                 let position = if fast { ((v - lo) * per_unit).clamp(0.0, levels) } else { ((v as f64 - lo as f64) * per_unit_wide).clamp(0.0, levels as f64) as f32 };

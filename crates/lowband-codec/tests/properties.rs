@@ -140,8 +140,23 @@ fn spec_kept(spec: &CodecSpec, len: usize) -> usize {
     }
 }
 
+const PROPTEST_SEED: u64 = 20_261_125;
+
+/// PROPTEST_RNG_SEED=N or =random overrides the fixed seed.
+fn seed_from_env() -> proptest::test_runner::RngSeed {
+    match std::env::var("PROPTEST_RNG_SEED").as_deref() {
+        Ok("random") => proptest::test_runner::RngSeed::Random,
+        Ok(n) => n.parse().unwrap_or(proptest::test_runner::RngSeed::Fixed(PROPTEST_SEED)),
+        Err(_) => proptest::test_runner::RngSeed::Fixed(PROPTEST_SEED),
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    // A fixed seed: the suite is deterministic (CI must not fail at random); the random
+    // exploration is the fuzzers' job, and cases found there or by a run with
+    // PROPTEST_RNG_SEED=random go into properties.proptest-regressions. (A random-seed run found
+    // the int codec's overflow on denormal ranges, now a saved regression.)
+    #![proptest_config(ProptestConfig { cases: 400, rng_seed: seed_from_env(), ..ProptestConfig::default() })]
 
     #[test]
     fn round_trip_within_bound_and_size_is_the_formula(spec in specs(), x in values()) {
