@@ -60,6 +60,14 @@ pub struct CompareArgs {
     /// Directory that holds run directories.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// Aggregator of round strategies that do not choose one with `[agg=...]`: mean, median,
+    /// trimmed-mean[:trim=F], centered-clip[:iterations=L], clipped-mean.
+    #[arg(long, value_parser = parse_aggregator)]
+    pub aggregator: Option<lowband_protocol::AggregatorSpec>,
+    /// Make a site hostile, SITE:MODE (repeatable): signflip, scale=X, noise=S, zeros, nan,
+    /// stale, garbage; e.g. `--attack 2:scale=-10`. DDP, the reference, runs honest.
+    #[arg(long = "attack", value_parser = parse_attack)]
+    pub attacks: Vec<lowband_runtime::Attack>,
     /// Stop each strategy after this many rounds as if killed (to test --resume).
     #[arg(long, hide = true)]
     pub stop_after_rounds: Option<u64>,
@@ -134,6 +142,12 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
     }
     if let Some(v) = args.steps {
         config.steps = v;
+    }
+    if let Some(v) = args.aggregator {
+        config.aggregator = v;
+    }
+    if !args.attacks.is_empty() {
+        config.attacks = args.attacks.clone();
     }
     config.validate().map_err(|(field, reason)| anyhow::anyhow!("{field}: {reason}"))?;
     if let Some(tokens) = args.tokens {
@@ -223,11 +237,19 @@ fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &
     }
 }
 
+fn parse_aggregator(text: &str) -> std::result::Result<lowband_protocol::AggregatorSpec, String> {
+    text.parse()
+}
+
+fn parse_attack(text: &str) -> std::result::Result<lowband_runtime::Attack, String> {
+    text.parse()
+}
+
 /// `--strategies`: split on commas outside brackets.
 #[derive(Clone, Debug)]
 pub struct StrategyList(pub Vec<String>);
 
-fn parse_strategy_list(text: &str) -> std::result::Result<StrategyList, String> {
+pub(crate) fn parse_strategy_list(text: &str) -> std::result::Result<StrategyList, String> {
     let (mut names, mut current, mut depth) = (Vec::new(), String::new(), 0i32);
     for c in text.chars() {
         match c {

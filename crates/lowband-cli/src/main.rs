@@ -8,6 +8,7 @@ mod engine_cmds;
 mod inspect;
 mod plots;
 mod report;
+mod robustness;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -74,6 +75,8 @@ enum ImportCommand {
 enum BenchCommand {
     /// Time training steps of the engine: ms/step, tokens/s, GFLOP/s, peak fraction, peak RSS.
     Engine(bench::EngineBenchArgs),
+    /// Every attack x every aggregator against the honest run (the table in docs/results.md).
+    Robustness(robustness::RobustnessArgs),
 }
 
 fn main() {
@@ -102,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Export(ExportCommand::Hf(args))) => engine_cmds::export_hf(&args),
         Some(Command::Import(ImportCommand::Hf(args))) => engine_cmds::import_hf(&args),
         Some(Command::Bench(BenchCommand::Engine(args))) => bench::run(&args),
+        Some(Command::Bench(BenchCommand::Robustness(args))) => robustness::run_grid(&args),
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
     }
 }

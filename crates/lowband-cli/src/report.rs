@@ -45,6 +45,19 @@ pub struct StrategySummary {
     pub communication_seconds: f64,
     pub egress_dollars: f64,
     pub validation_windows: usize,
+    /// The coordinator's aggregator ("mean" for DDP's all-reduce).
+    pub aggregator: String,
+    /// Per site: updates accepted, refused, cut hard by the aggregator; exclusion reason.
+    pub site_scores: Vec<SiteScoreSummary>,
+}
+
+#[derive(Serialize)]
+pub struct SiteScoreSummary {
+    pub site: u32,
+    pub accepted: u64,
+    pub refused: u64,
+    pub downweighted: u64,
+    pub excluded: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -82,6 +95,12 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 communication_seconds: r.communication_seconds,
                 egress_dollars: c.config.link.dollars(r.ledger.total_bytes()),
                 validation_windows: r.validation_windows,
+                aggregator: r.aggregator.clone(),
+                site_scores: r
+                    .site_scores
+                    .iter()
+                    .map(|(site, s)| SiteScoreSummary { site: *site, accepted: s.accepted, refused: s.refused, downweighted: s.downweighted, excluded: s.excluded.clone() })
+                    .collect(),
             }
         })
         .collect()
@@ -115,6 +134,36 @@ pub fn table(rows: &[StrategySummary]) -> String {
     out
 }
 
+/// Who attacked, and what the coordinator made of every site (when there is anything to say).
+fn trust_section(c: &Comparison, rows: &[StrategySummary]) -> String {
+    let mut out = String::new();
+    let eventful = |r: &StrategySummary| r.site_scores.iter().any(|s| s.refused > 0 || s.downweighted > 0 || s.excluded.is_some());
+    if c.config.attacks.is_empty() && rows.iter().all(|r| r.aggregator == "mean" && !eventful(r)) {
+        return out;
+    }
+    let attacks: Vec<String> = c.config.attacks.iter().map(|a| a.to_string()).collect();
+    let _ = writeln!(out, "Untrusted sites: attacks {} (DDP runs honest). Per site: updates accepted / refused / cut hard by the aggregator.
+", if attacks.is_empty() { "none".into() } else { attacks.join(", ") });
+    let _ = writeln!(out, "| strategy | aggregator | {} |", (0..c.config.sites).map(|k| format!("site {k}")).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(out, "|---|---|{}", "---|".repeat(c.config.sites));
+    for r in rows.iter().filter(|r| !r.site_scores.is_empty()) {
+        let cells: Vec<String> = (0..c.config.sites as u32)
+            .map(|k| match r.site_scores.iter().find(|s| s.site == k) {
+                Some(s) => format!("{} / {} / {}{}", s.accepted, s.refused, s.downweighted, if s.excluded.is_some() { " **excluded**" } else { "" }),
+                None => "-".into(),
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} | {} |", r.strategy, r.aggregator, cells.join(" | "));
+    }
+    for r in rows {
+        for s in r.site_scores.iter().filter(|s| s.excluded.is_some()) {
+            let _ = writeln!(out, "
+- {}: site {} excluded: {}", r.strategy, s.site, s.excluded.as_deref().unwrap_or(""));
+        }
+    }
+    out
+}
+
 fn notes(c: &Comparison) -> String {
     let link = c.config.link;
     let mut out = String::new();
@@ -137,7 +186,8 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     let rows = summarize(c);
     let table = table(&rows);
     let notes = notes(c);
-    println!("\n{table}\n{notes}");
+    let trust = trust_section(c, &rows);
+    println!("\n{table}\n{trust}{}{notes}", if trust.is_empty() { "" } else { "\n" });
     let summary = Summary { name: c.name, corpus: c.corpus, entropy_rate_nats_per_byte: c.floor, config: c.config, strategies: rows };
     let summary_json = serde_json::to_vec_pretty(&summary)?;
     write_atomic(&run_dir.join("summary.json"), &summary_json)?;
@@ -165,7 +215,7 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     crate::plots::loss_curves(c.results, &run_dir.join("loss_vs_tokens.svg"), &run_dir.join("loss_vs_bytes.svg"))?;
     let config_toml = toml::to_string(c.config).unwrap_or_default();
     let report = format!(
-        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{notes}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
+        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
         c.name, c.corpus
     );
     write_atomic(&run_dir.join("report.md"), report.as_bytes())?;

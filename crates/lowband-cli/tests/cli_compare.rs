@@ -87,6 +87,11 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
         (&["compare", "--inner-steps", "1000000000000"], "inner_steps"),
         (&["compare", "--site-batch", "100000000"], "site_batch"),
         (&["compare", "--sites", "1000", "--preset", "ref"], "GiB"),
+        (&["compare", "--attack", "9:zeros"], "only sites 0 to 3"),
+        (&["compare", "--attack", "1:bogus"], "unknown attack mode"),
+        (&["compare", "--attack", "1:scale=inf"], "not a finite number"),
+        (&["compare", "--aggregator", "avg"], "unknown aggregator"),
+        (&["compare", "--strategies", "diloco[agg=median;norm=0.5]"], "above 1"),
     ];
     for (args, fragment) in cases {
         let o = lowband(args, dir.path());
@@ -134,4 +139,26 @@ fn compressed_strategies_write_packets_that_inspect_reads() {
     let o = lowband(&["inspect", "packet", update.to_str().unwrap()], dir.path());
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("checksum"), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn an_attacked_compare_reports_every_site_and_the_exclusion() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args[4] = "40";
+    args.extend(["--strategies", "diloco@4,diloco@4[agg=median]", "--attack", "1:scale=-10", "--json", "out.json", "--name", "t"]);
+    let o = lowband(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("Untrusted sites: attacks 1:scale=-10"), "{stdout}");
+    assert!(stdout.contains("site 1 excluded: refused in 3"), "{stdout}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    let strategies = summary["strategies"].as_array().unwrap();
+    assert_eq!(strategies[0]["aggregator"], "mean");
+    assert_eq!(strategies[1]["aggregator"], "median");
+    let scores = strategies[1]["site_scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 4);
+    assert!(scores[1]["excluded"].is_string() && scores[0]["excluded"].is_null(), "{scores:?}");
+    assert!(strategies[1]["final_val_loss"].as_f64().unwrap() < strategies[0]["final_val_loss"].as_f64().unwrap(), "the median beats the attacked mean");
+    assert_eq!(summary["config"]["attacks"][0], "1:scale=-10");
 }

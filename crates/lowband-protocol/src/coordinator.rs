@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lowband_codec::{build, Codec, Fp32};
 
-use crate::aggregate::{Aggregator, Mean};
+use crate::aggregate::{self, Aggregator};
+use crate::trust::{Robustness, SiteScore, TrustState};
 use crate::outer::{OuterConfig, OuterOptimizer};
 use crate::wire::{self, MessageKind};
 use crate::{Compression, ProtocolError, SiteId};
@@ -27,11 +28,13 @@ pub struct CoordinatorConfig {
     pub sites_start_synced: bool,
     /// Streaming: the fragments rounds synchronize in turn (see [`crate::validate_fragments`]).
     pub fragments: Vec<std::ops::Range<usize>>,
+    /// The aggregator, the norm check and the exclusion rule (see [`crate::trust`]).
+    pub robustness: Robustness,
 }
 
 impl CoordinatorConfig {
     pub fn new(params: usize, outer: OuterConfig) -> Self {
-        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024, compression: Compression::default(), sites_start_synced: false, fragments: Vec::new() }
+        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024, compression: Compression::default(), sites_start_synced: false, fragments: Vec::new(), robustness: Robustness::default() }
     }
 
     fn validate(&self) -> Result<(), ProtocolError> {
@@ -46,6 +49,7 @@ impl CoordinatorConfig {
             return invalid("sites_max", "must be at least 1");
         }
         self.compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
+        self.robustness.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "robustness", reason })?;
         crate::validate_fragments(&self.fragments, self.params).map_err(|reason| ProtocolError::InvalidConfig { field: "fragments", reason })?;
         self.outer.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "outer", reason })
     }
@@ -79,8 +83,18 @@ pub struct RoundReport {
     pub contributors: Vec<SiteId>,
     /// Members that had not reported when the round closed on a quorum.
     pub missing: Vec<SiteId>,
-    /// L2 norm of the merged delta.
+    /// Updates refused when the round closed (their norm was out of bounds); packets refused
+    /// on arrival are reported as [`Action::Rejected`] at once.
+    pub refused: Vec<SiteId>,
+    /// Accepted updates whose influence the aggregator cut hard.
+    pub downweighted: Vec<SiteId>,
+    /// L2 norm of every received update, in site order (accepted or not).
+    pub update_norms: Vec<(SiteId, f32)>,
+    /// L2 norm of the merged delta (0 when nothing was applied).
     pub delta_norm: f32,
+    /// Whether the outer step ran: false when every update was refused, or when the merge was
+    /// not finite (then θ is left as it was).
+    pub applied: bool,
 }
 
 /// Outputs of the coordinator, to be carried out by the driver in order.
@@ -90,8 +104,11 @@ pub enum Action {
     RoundClosed(RoundReport),
     /// The global state changed (a round closed): save `Coordinator::state` now.
     Checkpoint { round: u64 },
-    /// A packet was refused and dropped; the reason is for the log and the site's score.
+    /// A packet was refused and dropped; the reason is for the log and the site's score. A
+    /// member's refused update forfeits its round (the round does not wait for it).
     Rejected { from: SiteId, reason: ProtocolError },
+    /// A site was refused too often and is no longer a member; it cannot join again.
+    Excluded { site: SiteId, reason: String },
 }
 
 struct OpenRound {
@@ -127,6 +144,7 @@ pub struct Coordinator {
     /// Delta buffers of closed rounds, reused so that steady state allocates nothing new.
     spare: Vec<Vec<f32>>,
     merged: Vec<f32>,
+    trust: TrustState,
 }
 
 /// What a coordinator must persist to resume: the round, θ and the outer momentum.
@@ -138,6 +156,8 @@ pub struct CoordinatorState {
     /// With a compressed downlink: the parameters the sites hold (empty otherwise).
     pub shared: Vec<f32>,
     pub synced: Vec<SiteId>,
+    /// Site scores, exclusions and recent update norms.
+    pub trust: TrustState,
 }
 
 impl Coordinator {
@@ -150,6 +170,7 @@ impl Coordinator {
         let merged = vec![0.0; config.params];
         let changes = config.sends_changes();
         Ok(Coordinator {
+            aggregator: aggregate::build(config.robustness.aggregator),
             uplink: build(&config.compression.uplink)?,
             downlink: build(&config.compression.downlink)?,
             shared: if changes { initial.clone() } else { Vec::new() },
@@ -161,13 +182,13 @@ impl Coordinator {
             config,
             global: initial,
             outer,
-            aggregator: Box::new(Mean),
             members: BTreeSet::new(),
             round: 0,
             open: None,
             started: false,
             spare: Vec::new(),
             merged,
+            trust: TrustState::default(),
         })
     }
 
@@ -186,6 +207,8 @@ impl Coordinator {
         self.shared = state.shared;
         self.synced = state.synced.into_iter().collect();
         self.synced_before = self.synced.clone();
+        self.members.retain(|s| !state.trust.is_excluded(*s));
+        self.trust = state.trust;
         self.open = None;
         Ok(())
     }
@@ -197,6 +220,7 @@ impl Coordinator {
             momentum_buffer: self.outer.momentum_buffer.clone(),
             shared: self.shared_before.clone(),
             synced: self.synced_before.iter().copied().collect(),
+            trust: self.trust.clone(),
         }
     }
 
@@ -208,6 +232,17 @@ impl Coordinator {
     }
     pub fn members(&self) -> &BTreeSet<SiteId> {
         &self.members
+    }
+    /// The fragment round `round` synchronizes (all of θ without fragments).
+    pub fn fragment(&self, round: u64) -> std::ops::Range<usize> {
+        crate::fragment_of(&self.config.fragments, self.config.params, round)
+    }
+    pub fn uplink(&self) -> lowband_codec::CodecSpec {
+        self.config.compression.uplink
+    }
+    /// Every site's score so far (sites that never sent anything are absent).
+    pub fn scores(&self) -> &std::collections::BTreeMap<SiteId, SiteScore> {
+        &self.trust.scores
     }
 
     /// Begin the first round with the sites that have joined so far.
@@ -226,16 +261,23 @@ impl Coordinator {
         match event {
             Event::SiteJoined { site } => self.on_join(now_ms, site, &mut actions),
             Event::SiteLeft { site } => {
-                self.members.remove(&site);
-                self.synced.remove(&site);
-                if let Some(open) = &mut self.open {
-                    open.expected.remove(&site);
-                }
+                self.remove_member(site);
                 self.maybe_close(now_ms, &mut actions);
             }
             Event::PacketArrived { from, bytes } => match self.accept_update(from, bytes) {
                 Ok(()) => self.maybe_close(now_ms, &mut actions),
-                Err(reason) => actions.push(Action::Rejected { from, reason }),
+                Err(reason) => {
+                    let forfeits = reason.forfeits_round() && self.open.as_ref().is_some_and(|o| o.expected.contains(&from) && !o.received.contains_key(&from));
+                    if forfeits {
+                        if let Some(open) = &mut self.open {
+                            open.expected.remove(&from);
+                        }
+                        self.refuse(from, reason, &mut actions);
+                        self.maybe_close(now_ms, &mut actions);
+                    } else {
+                        actions.push(Action::Rejected { from, reason });
+                    }
+                }
             },
             Event::Tick => self.maybe_close(now_ms, &mut actions),
         }
@@ -243,7 +285,29 @@ impl Coordinator {
     }
 
     /// A new member takes part from the next round that opens (join at round boundaries).
+    fn remove_member(&mut self, site: SiteId) {
+        self.members.remove(&site);
+        self.synced.remove(&site);
+        if let Some(open) = &mut self.open {
+            open.expected.remove(&site);
+        }
+    }
+
+    /// Report a refused update, score it, and exclude the site if it was refused too often.
+    fn refuse(&mut self, site: SiteId, reason: ProtocolError, actions: &mut Vec<Action>) {
+        let excluded = self.trust.record_refusal(site, &reason.to_string(), &self.config.robustness);
+        actions.push(Action::Rejected { from: site, reason });
+        if let Some(reason) = excluded {
+            self.remove_member(site);
+            actions.push(Action::Excluded { site, reason });
+        }
+    }
+
     fn on_join(&mut self, now_ms: u64, site: SiteId, actions: &mut Vec<Action>) {
+        if self.trust.is_excluded(site) {
+            actions.push(Action::Rejected { from: site, reason: ProtocolError::Excluded(site) });
+            return;
+        }
         if !self.members.contains(&site) && self.members.len() >= self.config.sites_max {
             actions.push(Action::Rejected { from: site, reason: ProtocolError::TooManySites(self.config.sites_max) });
             return;
@@ -360,16 +424,52 @@ impl Coordinator {
 
     fn close_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let open = self.open.take().expect("close_round needs an open round");
-        let deltas: Vec<&[f32]> = open.received.values().map(|d| d.as_slice()).collect();
         let range = crate::fragment_of(&self.config.fragments, self.config.params, open.round);
+        let fragment = if self.config.fragments.is_empty() { 0 } else { (open.round % self.config.fragments.len() as u64) as usize };
+        // The norm check, against recent rounds (or this round's median in the first).
+        let norms: Vec<f32> = open.received.values().map(|d| d.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32).collect();
+        let reference = self.trust.reference_norm(fragment, &norms);
+        let robustness = self.config.robustness;
+        let mut accepted: Vec<(SiteId, &[f32], f32)> = Vec::with_capacity(norms.len());
+        let mut refused = Vec::new();
+        for ((site, delta), norm) in open.received.iter().zip(&norms) {
+            if TrustState::norm_ok(*norm, reference, robustness.norm_ratio_max) {
+                accepted.push((*site, delta, *norm));
+            } else {
+                refused.push((*site, ProtocolError::UpdateNorm { norm: *norm, reference, ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY) }));
+            }
+        }
         self.merged.resize(range.len(), 0.0);
-        self.aggregator.aggregate(&deltas, &mut self.merged);
-        self.outer.step_range(&mut self.global, &self.merged, range);
-        let delta_norm = self.merged.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32;
-        let contributors: Vec<SiteId> = open.received.keys().copied().collect();
+        let mut applied = false;
+        let mut downweighted = Vec::new();
+        if !accepted.is_empty() {
+            let deltas: Vec<&[f32]> = accepted.iter().map(|(_, d, _)| *d).collect();
+            let flags = self.aggregator.aggregate(&deltas, &mut self.merged);
+            for ((site, _, _), flag) in accepted.iter().zip(&flags) {
+                self.trust.record_accepted(*site, *flag, &robustness);
+                if *flag {
+                    downweighted.push(*site);
+                }
+            }
+            let norms = accepted.iter().map(|(_, _, n)| *n).collect();
+            self.trust.record_norms(fragment, norms, robustness.norm_history_rounds);
+            // A merge of finite values can still overflow; never let it into θ.
+            applied = self.merged.iter().all(|v| v.is_finite());
+            if applied {
+                self.outer.step_range(&mut self.global, &self.merged, range);
+            }
+        }
+        let delta_norm = if applied { self.merged.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32 } else { 0.0 };
+        let contributors: Vec<SiteId> = accepted.iter().map(|(s, _, _)| *s).collect();
         let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();
+        let refused_sites: Vec<SiteId> = refused.iter().map(|(s, _)| *s).collect();
+        let update_norms = open.received.keys().copied().zip(norms.iter().copied()).collect();
+        drop(accepted);
         self.spare.extend(open.received.into_values());
-        actions.push(Action::RoundClosed(RoundReport { round: open.round, contributors, missing, delta_norm }));
+        for (site, reason) in refused {
+            self.refuse(site, reason, actions);
+        }
+        actions.push(Action::RoundClosed(RoundReport { round: open.round, contributors, missing, refused: refused_sites, downweighted, update_norms, delta_norm, applied }));
         self.round = open.round + 1;
         actions.push(Action::Checkpoint { round: self.round });
         self.open_round(now_ms, actions);

@@ -16,12 +16,14 @@ pub mod aggregate;
 pub mod coordinator;
 pub mod outer;
 pub mod site;
+pub mod trust;
 pub mod wire;
 
-pub use aggregate::{Aggregator, Mean};
+pub use aggregate::{Aggregator, AggregatorSpec, Mean};
 pub use coordinator::{Action, Coordinator, CoordinatorConfig, Event, RoundReport};
 pub use outer::{OuterConfig, OuterOptimizer};
 pub use site::{Site, SiteAction, SiteEvent};
+pub use trust::{Robustness, SiteScore, TrustState};
 
 use lowband_codec::CodecSpec;
 
@@ -122,6 +124,19 @@ pub enum ProtocolError {
     NonFiniteUpdate(usize),
     #[error("a change to the global parameters arrived before the parameters themselves")]
     NotSynced,
+    #[error("update norm {norm:.4e} is outside [reference / {ratio_max}, reference x {ratio_max}] (reference {reference:.4e}, the median of recent accepted norms)")]
+    UpdateNorm { norm: f32, reference: f32, ratio_max: f32 },
+    #[error("site {0} was excluded for repeated refused updates")]
+    Excluded(SiteId),
     #[error("invalid protocol config {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
+}
+
+impl ProtocolError {
+    /// Whether a member's packet refused with this error uses up its turn in the open round: a
+    /// malformed, forged, non-finite or out-of-bounds update does; a late, duplicate or
+    /// misaddressed one does not (it may be a retransmission).
+    pub fn forfeits_round(&self) -> bool {
+        matches!(self, ProtocolError::Wire(_) | ProtocolError::Codec(_) | ProtocolError::WrongKind(_) | ProtocolError::SiteMismatch { .. } | ProtocolError::NonFiniteUpdate(_) | ProtocolError::UpdateNorm { .. })
+    }
 }

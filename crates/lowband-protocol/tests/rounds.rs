@@ -126,28 +126,51 @@ fn below_quorum_the_round_waits_past_its_deadline() {
 
 #[test]
 fn forged_duplicate_malformed_and_foreign_packets_are_refused_without_effect() {
-    let mut c = coordinator(OuterConfig::FEDAVG, 2);
-    let mut sites: Vec<Site> = (0..2).map(|i| Site::new(i, PARAMS)).collect();
-    join_all(&mut c, &[0, 1]);
-    let packets = sends(&c.start(0));
-    let updates = run_sites(&mut sites, &packets, |_| 1.0);
+    let setup = || {
+        let mut c = coordinator(OuterConfig::FEDAVG, 2);
+        let mut sites: Vec<Site> = (0..2).map(|i| Site::new(i, PARAMS)).collect();
+        join_all(&mut c, &[0, 1]);
+        let packets = sends(&c.start(0));
+        let updates = run_sites(&mut sites, &packets, |_| 1.0);
+        (c, packets, updates)
+    };
     let reject = |c: &mut Coordinator, from: u32, bytes: &[u8]| match &c.handle(1, Event::PacketArrived { from, bytes })[..] {
         [Action::Rejected { reason, .. }] => reason.clone(),
         other => panic!("expected a rejection, got {other:?}"),
     };
-    assert!(matches!(reject(&mut c, 1, &updates[0].1), ProtocolError::SiteMismatch { claimed: 0, from: 1 }));
-    assert!(matches!(reject(&mut c, 9, &wire::encode(MessageKind::Update, 0, 9, &[])), ProtocolError::UnknownSite(9)));
+    let (_, packets, updates) = setup();
     let mut corrupted = updates[0].1.clone();
     corrupted[30] ^= 1;
-    assert!(matches!(reject(&mut c, 0, &corrupted), ProtocolError::Wire(_)));
-    assert!(matches!(reject(&mut c, 0, &packets[0].1), ProtocolError::WrongKind(MessageKind::Global)));
     let short_payload = wire::encode(MessageKind::Update, 0, 0, &[1, 2, 0, 0, 0, 0, 0, 128, 127]);
-    assert!(matches!(reject(&mut c, 0, &short_payload), ProtocolError::Codec(_)));
     let nan: Vec<u8> = [vec![1u8], 4u32.to_le_bytes().to_vec(), [1.0f32, f32::NAN, 0.0, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect()].concat();
-    assert!(matches!(reject(&mut c, 0, &wire::encode(MessageKind::Update, 0, 0, &nan)), ProtocolError::Codec(_)));
+    let nan = wire::encode(MessageKind::Update, 0, 0, &nan);
+    // A member's bad update forfeits its turn: the round closes on the other site alone, and
+    // the bad packet changed nothing.
+    type Case<'a> = (u32, &'a [u8], fn(&ProtocolError) -> bool);
+    let cases: [Case; 5] = [
+        (1, &updates[0].1, |e| matches!(e, ProtocolError::SiteMismatch { claimed: 0, from: 1 })),
+        (0, &corrupted, |e| matches!(e, ProtocolError::Wire(_))),
+        (0, &packets[0].1, |e| matches!(e, ProtocolError::WrongKind(MessageKind::Global))),
+        (0, &short_payload, |e| matches!(e, ProtocolError::Codec(_))),
+        (0, &nan, |e| matches!(e, ProtocolError::Codec(_))),
+    ];
+    for (from, bytes, expected) in cases {
+        let (mut c, _, updates) = setup();
+        let reason = reject(&mut c, from, bytes);
+        assert!(expected(&reason), "{reason:?}");
+        assert_eq!(c.global(), &[1.0, 2.0, 3.0, 4.0], "nothing refused changed the parameters");
+        let other = 1 - from;
+        let actions = c.handle(2, Event::PacketArrived { from: other, bytes: &updates[other as usize].1 });
+        let report = actions.iter().find_map(|a| if let Action::RoundClosed(r) = a { Some(r.clone()) } else { None }).expect("closes without the forfeited site");
+        assert_eq!((report.contributors, report.missing), (vec![other], vec![]));
+        assert_eq!(c.scores()[&from].refused, 1);
+    }
+    // A foreign site and a duplicate are refused but do not forfeit anything.
+    let (mut c, _, updates) = setup();
+    assert!(matches!(reject(&mut c, 9, &wire::encode(MessageKind::Update, 0, 9, &[])), ProtocolError::UnknownSite(9)));
     assert!(c.handle(1, Event::PacketArrived { from: 0, bytes: &updates[0].1 }).is_empty());
     assert!(matches!(reject(&mut c, 0, &updates[0].1), ProtocolError::Duplicate { site: 0, round: 0 }));
-    assert_eq!(c.global(), &[1.0, 2.0, 3.0, 4.0], "nothing refused changed the parameters");
+    assert_eq!(c.global(), &[1.0, 2.0, 3.0, 4.0]);
     let actions = c.handle(2, Event::PacketArrived { from: 1, bytes: &updates[1].1 });
     assert!(actions.iter().any(|a| matches!(a, Action::RoundClosed(_))));
     assert_eq!(c.global(), &[0.0, 1.0, 2.0, 3.0]);

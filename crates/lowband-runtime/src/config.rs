@@ -3,7 +3,9 @@
 
 use lowband_data::ShardMode;
 use lowband_engine::OptimizerConfig;
-use lowband_protocol::OuterConfig;
+use lowband_protocol::{AggregatorSpec, OuterConfig};
+
+use crate::attack::Attack;
 use serde::{Deserialize, Serialize};
 
 use crate::link::LinkProfile;
@@ -39,6 +41,11 @@ pub struct RunConfig {
     /// Save a resumable state every this many rounds (DDP: every this many x inner_steps steps)
     /// and at the end, when the driver has a state directory (0: never).
     pub checkpoint_every_rounds: u64,
+    /// The aggregator of round strategies that do not choose one (`[agg=...]`): mean, median,
+    /// trimmed-mean, centered-clip, clipped-mean (see `lowband_protocol::aggregate`).
+    pub aggregator: AggregatorSpec,
+    /// Hostile sites for experiments, `SITE:MODE` (see `crate::attack`). DDP runs honest.
+    pub attacks: Vec<Attack>,
 }
 
 impl Default for RunConfig {
@@ -59,6 +66,8 @@ impl Default for RunConfig {
             eval_windows: 64,
             link: LinkProfile::default(),
             checkpoint_every_rounds: 5,
+            aggregator: AggregatorSpec::Mean,
+            attacks: Vec::new(),
         }
     }
 }
@@ -104,6 +113,17 @@ impl RunConfig {
         self.outer(false).validate().map_err(|e| ("lr_outer", e))?;
         if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
             return Err(("validation_fraction", "must be in (0, 1)".into()));
+        }
+        for (i, attack) in self.attacks.iter().enumerate() {
+            if attack.site as usize >= self.sites {
+                return Err(("attacks", format!("{attack}: there are only sites 0 to {}", self.sites - 1)));
+            }
+            if self.attacks[..i].iter().any(|a| a.site == attack.site) {
+                return Err(("attacks", format!("site {} is given two attacks", attack.site)));
+            }
+        }
+        if self.attacks.len() >= self.sites {
+            return Err(("attacks", "every site is hostile: no honest run to defend".into()));
         }
         self.link.validate().map_err(|e| ("link", e))
     }

@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use lowband_data::{Sampler, Split};
 use lowband_engine::{preset, Batch, CpuTrainer, Gpt, LrSchedule, Trainer};
-use lowband_protocol::{Action, Compression, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent};
+use lowband_codec::CodecSpec;
+use lowband_protocol::{Action, Compression, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent, SiteScore};
 use serde::{Deserialize, Serialize};
 
+use crate::attack::Attacker;
 use crate::config::RunConfig;
 use crate::ledger::{Endpoint, Ledger};
 use crate::state::{self, RunState};
@@ -23,7 +25,19 @@ pub enum Metric {
     /// Mean training loss over the sites at one inner step.
     Step { step: u64, loss: f32, lr: f32 },
     /// A closed round (DDP: none; its traffic is per step).
-    Round { round: u64, step: u64, inter_site_bytes: u64, delta_norm: f32 },
+    Round {
+        round: u64,
+        step: u64,
+        inter_site_bytes: u64,
+        delta_norm: f32,
+        /// (site, L2 norm) of every update the coordinator decoded this round.
+        #[serde(default)]
+        update_norms: Vec<(u32, f32)>,
+    },
+    /// The coordinator refused a site's update (it forfeits the round).
+    Refused { round: u64, site: u32, reason: String },
+    /// The coordinator excluded a site for repeated refusals.
+    Excluded { round: u64, site: u32, reason: String },
     /// Validation loss of the global model.
     Eval { step: u64, tokens: u64, inter_site_bytes: u64, emulated_seconds: f64, val_loss: f64, windows: usize },
 }
@@ -59,6 +73,10 @@ pub struct RunResult {
     /// Largest number of bytes one site moved (up + down) in one sync: what its link must carry
     /// at peak. DDP: one step's all-reduce share.
     pub peak_sync_bytes_per_site: u64,
+    /// The coordinator's score of every site that sent something (round strategies).
+    pub site_scores: Vec<(u32, SiteScore)>,
+    /// The aggregator the coordinator used ("mean" for DDP's all-reduce).
+    pub aggregator: String,
 }
 
 impl RunResult {
@@ -85,6 +103,25 @@ pub(crate) struct SiteRuntime {
     pub(crate) site: Site,
     pub(crate) trainer: CpuTrainer,
     pub(crate) sampler: Sampler,
+    /// Set when the run makes this site hostile (`RunConfig::attacks`).
+    pub(crate) attacker: Option<Attacker>,
+}
+
+impl SiteRuntime {
+    /// Finish the site's round: its update packet (a hostile site's attack, if it is one).
+    fn update(&mut self, round: u64, range: std::ops::Range<usize>, uplink: &CodecSpec) -> Result<Vec<u8>, RunError> {
+        let Some(attacker) = self.attacker.as_mut() else {
+            return expect_send(self.site.handle(SiteEvent::TrainingDone { round, params: self.trainer.params() })?);
+        };
+        let start = self.site.round_start().to_vec();
+        let sent = attacker.tamper(&start, self.trainer.params(), range.clone(), round);
+        let packet = expect_send(self.site.handle(SiteEvent::TrainingDone { round, params: &sent })?)?;
+        Ok(attacker.replace_packet(&packet, &start, self.trainer.params(), range, round, uplink).unwrap_or(packet))
+    }
+}
+
+fn attacker_of(config: &RunConfig, k: usize) -> Option<Attacker> {
+    config.attacks.iter().find(|a| a.site as usize == k).map(|a| Attacker::new(*a, config.seed))
 }
 
 /// Everything both kinds of strategy share.
@@ -203,6 +240,8 @@ impl<'a> Common<'a> {
             final_params: params,
             sample_packets: Vec::new(),
             peak_sync_bytes_per_site: 0,
+            site_scores: Vec::new(),
+            aggregator: "mean".into(),
         })
     }
 }
@@ -221,7 +260,7 @@ fn new_sites(config: &RunConfig, initial: &[f32], compression: Compression) -> R
     (0..config.sites)
         .map(|k| {
             let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
-            Ok(SiteRuntime { site, trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k) })
+            Ok(SiteRuntime { site, trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) })
         })
         .collect()
 }
@@ -319,7 +358,8 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
     let compression = strategy.compression;
     // Every site derives the initial parameters from the shared seed: no first broadcast.
-    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, ..CoordinatorConfig::new(n, outer) };
+    let robustness = strategy.robustness(config.aggregator);
+    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, robustness, ..CoordinatorConfig::new(n, outer) };
     let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
     let mut sites = new_sites(config, &initial, compression)?;
     let mut step = 0u64;
@@ -346,6 +386,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
         losses.fill(0.0);
         let (mut slowest, mut down_bytes, mut up_bytes) = (0.0f64, 0u64, 0u64);
         let mut updates = Vec::with_capacity(sends.len());
+        let trained = sends.len();
         for (to, bytes) in std::mem::take(&mut sends) {
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
             down_bytes = down_bytes.max(bytes.len() as u64);
@@ -356,16 +397,16 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             expect_train(site.site.handle(SiteEvent::PacketArrived(&bytes))?, round)?;
             site.trainer.params_mut().copy_from_slice(site.site.round_start());
             slowest = slowest.max(common.train_site(site, to as usize, step, losses)?);
-            let done = site.site.handle(SiteEvent::TrainingDone { round, params: site.trainer.params() })?;
-            let update = expect_send(done)?;
+            let update = site.update(round, 0..n, &compression.uplink)?;
             up_bytes = up_bytes.max(update.len() as u64);
             if to == 0 {
                 sample_packets.push(("update".into(), update.clone()));
             }
             updates.push((to, update));
-            progress(Progress { tokens: step * common.tokens_per_site_step() * config.sites as u64 + h * common.tokens_per_site_step() * (to as u64 + 1), tokens_total, loss: losses[h as usize - 1] / (to + 1) as f32 });
+            let done = updates.len() as u64;
+            progress(Progress { tokens: step * common.tokens_per_site_step() * config.sites as u64 + h * common.tokens_per_site_step() * done, tokens_total, loss: losses[h as usize - 1] / done as f32 });
         }
-        common.push_steps(step, losses, config.sites);
+        common.push_steps(step, losses, trained);
         step += h;
         common.compute_seconds += slowest;
         common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
@@ -388,9 +429,12 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
 
 /// The result of a round strategy: the coordinator's θ is the global model.
 fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>, peak_sync_bytes: u64) -> Result<RunResult, RunError> {
+    let aggregator = common.strategy.robustness(common.config.aggregator).aggregator.to_string();
     let mut result = common.finish(coordinator.round(), coordinator.global().to_vec())?;
     result.sample_packets = sample_packets;
     result.peak_sync_bytes_per_site = peak_sync_bytes;
+    result.site_scores = coordinator.scores().iter().map(|(k, s)| (*k, s.clone())).collect();
+    result.aggregator = aggregator;
     Ok(result)
 }
 
@@ -419,13 +463,14 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         compression,
         sites_start_synced: true,
         fragments: parts.clone(),
+        robustness: strategy.robustness(config.aggregator),
         ..CoordinatorConfig::new(n, outer)
     };
     let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
     let mut sites = Vec::with_capacity(config.sites);
     for k in 0..config.sites {
         let site = Site::with_initial(k as u32, initial.clone(), compression)?.with_fragments(parts.clone())?;
-        sites.push(SiteRuntime { site, trainer: new_trainer(config, &initial)?, sampler: site_sampler(config, k) });
+        sites.push(SiteRuntime { site, trainer: new_trainer(config, &initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) });
     }
     if persistence.state_dir.as_ref().is_some_and(|d| d.join(strategy.dir_name()).exists()) {
         return Err(RunError::State(format!("{}: streaming runs do not save or resume state yet; rerun without --resume", strategy.name())));
@@ -446,13 +491,15 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         }
         losses[0] = 0.0;
         let mut slowest = 0.0f64;
-        for (k, site) in sites.iter_mut().enumerate() {
+        // An excluded site is out of the run.
+        let members = coordinator.members().clone();
+        for (k, site) in sites.iter_mut().enumerate().filter(|(k, _)| members.contains(&(*k as u32))) {
             slowest = slowest.max(common.train_site(site, k, step, &mut losses)?);
         }
         common.compute_seconds += slowest;
         step_seconds_sum += slowest;
-        common.push_steps(step, &losses, config.sites);
-        progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * config.sites as u64, tokens_total, loss: losses[0] / config.sites as f32 });
+        common.push_steps(step, &losses, members.len());
+        progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * config.sites as u64, tokens_total, loss: losses[0] / members.len().max(1) as f32 });
         let round = coordinator.round();
         let sync_step = ((round + 1) * strategy.inner_steps / p).max(round + 1);
         if step + 1 != sync_step || step + 1 >= config.steps {
@@ -492,8 +539,11 @@ fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut
     let round = coordinator.round();
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     let (mut sends, mut up_bytes) = (Vec::new(), 0u64);
-    for (k, site) in sites.iter_mut().enumerate() {
-        let update = expect_send(site.site.handle(SiteEvent::TrainingDone { round, params: site.trainer.params() })?)?;
+    let range = coordinator.fragment(round);
+    let uplink = coordinator.uplink();
+    let members = coordinator.members().clone();
+    for (k, site) in sites.iter_mut().enumerate().filter(|(k, _)| members.contains(&(*k as u32))) {
+        let update = site.update(round, range.clone(), &uplink)?;
         up_bytes = up_bytes.max(update.len() as u64);
         common.ledger.record(round, Endpoint::Site(k as u32), Endpoint::Coordinator, update.len() as u64);
         sends.extend(absorb(coordinator.handle(now_ms, Event::PacketArrived { from: k as u32, bytes: &update }), common, coordinator, step)?);
@@ -544,11 +594,14 @@ impl Common<'_> {
 /// global parameters), which the round loop delivers.
 fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
     let mut sends = Vec::new();
+    // Refusals at a round's close come before its report: log them under that round.
+    let closing = actions.iter().find_map(|a| if let Action::RoundClosed(r) = a { Some(r.round) } else { None });
+    let round_of_refusal = closing.unwrap_or_else(|| coordinator.round());
     for action in actions {
         match action {
             Action::Send { to, bytes } => sends.push((to, bytes)),
             Action::RoundClosed(report) => {
-                common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm });
+                common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm, update_norms: report.update_norms });
                 if !report.missing.is_empty() {
                     return Err(RunError::Protocol(format!("round {} closed without sites {:?}", report.round, report.missing)));
                 }
@@ -556,7 +609,9 @@ fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, 
             }
             // The in-memory driver saves its own resumable state (see `checkpoint_every_rounds`).
             Action::Checkpoint { .. } => {}
-            Action::Rejected { from, reason } => return Err(RunError::Protocol(format!("coordinator refused site {from}'s packet: {reason}"))),
+            // A hostile (or broken) site: logged, scored by the coordinator, the run goes on.
+            Action::Rejected { from, reason } => common.metrics.push(Metric::Refused { round: round_of_refusal, site: from, reason: reason.to_string() }),
+            Action::Excluded { site, reason } => common.metrics.push(Metric::Excluded { round: round_of_refusal, site, reason }),
         }
     }
     Ok(sends)

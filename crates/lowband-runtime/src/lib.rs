@@ -5,6 +5,7 @@
 //! the ledger into emulated network time and money. The networked driver (QUIC) will drive the
 //! same protocol code.
 
+pub mod attack;
 pub mod config;
 pub mod driver;
 pub mod ledger;
@@ -12,6 +13,7 @@ pub mod link;
 pub mod state;
 pub mod strategy;
 
+pub use attack::{Attack, AttackMode};
 pub use config::RunConfig;
 pub use driver::{run, Metric, Persistence, Progress, RunResult};
 pub use ledger::{Endpoint, Ledger};

@@ -15,7 +15,7 @@ use lowband_data::Sampler;
 use lowband_engine::checkpoint::{read_limited, tensors_from_safetensors, tensors_to_safetensors, write_atomic};
 use lowband_engine::{CpuTrainer, Trainer};
 use lowband_protocol::coordinator::CoordinatorState;
-use lowband_protocol::Coordinator;
+use lowband_protocol::{Coordinator, TrustState};
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{Common, Metric, Persistence, SiteRuntime};
@@ -46,6 +46,9 @@ struct Manifest {
     compute_seconds: f64,
     communication_seconds: f64,
     next_eval_step: u64,
+    /// The coordinator's site scores, exclusions and recent norms (round strategies).
+    #[serde(default)]
+    trust: Option<TrustState>,
 }
 
 /// A saved run, in memory.
@@ -82,6 +85,7 @@ impl RunState {
             compute_seconds: common.compute_seconds,
             communication_seconds: common.communication_seconds,
             next_eval_step: common.next_eval_step,
+            trust: None,
         };
         RunState { manifest, tensors, step }
     }
@@ -103,8 +107,13 @@ impl RunState {
             if let Some(residual) = site.site.feedback_residual() {
                 tensors.push((format!("site{k}.residual"), residual));
             }
+            if let Some(stale) = site.attacker.as_ref().and_then(|a| a.stale.clone()) {
+                tensors.push((format!("site{k}.stale"), stale));
+            }
         }
-        RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors)
+        let mut saved = RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors);
+        saved.manifest.trust = Some(state.trust);
+        saved
     }
 
     pub(crate) fn save(&self, persistence: &Persistence, strategy: &Strategy) -> Result<(), RunError> {
@@ -171,12 +180,17 @@ impl RunState {
         let has_shared = self.tensors.iter().any(|(n, _)| n == "shared");
         let shared = if has_shared { self.tensor("shared")? } else { Vec::new() };
         let synced = if has_shared { (0..sites.len() as u32).collect() } else { Vec::new() };
-        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared: shared.clone(), synced };
+        let trust = self.manifest.trust.take().unwrap_or_default();
+        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared: shared.clone(), synced, trust };
         coordinator.restore(state)?;
         for (k, site) in sites.iter_mut().enumerate() {
             self.restore_optimizer(k, &mut site.trainer)?;
             let residual_name = format!("site{k}.residual");
             let residual = if self.tensors.iter().any(|(n, _)| *n == residual_name) { Some(self.tensor(&residual_name)?) } else { None };
+            let stale_name = format!("site{k}.stale");
+            if let Some(attacker) = site.attacker.as_mut().filter(|_| self.tensors.iter().any(|(n, _)| *n == stale_name)) {
+                attacker.stale = Some(self.tensor(&stale_name)?);
+            }
             if has_shared || residual.is_some() {
                 let start = if has_shared { shared.clone() } else { site.site.round_start().to_vec() };
                 site.site.restore(&start, residual.as_deref())?;
@@ -234,8 +248,8 @@ pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<Run
         return Err(RunError::State(format!("{}: not a version {VERSION} run state", target.display())));
     }
     let path = target.join("tensors.safetensors");
-    // global, momentum, shared; per site m, v and an error-feedback residual.
-    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (3 + 3 * manifest.sites as u64))?;
+    // global, momentum, shared; per site m, v, an error-feedback residual and a stale update.
+    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (3 + 4 * manifest.sites as u64))?;
     let names = safetensors_names(&path, &bytes)?;
     let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
     let values = tensors_from_safetensors(&path, &bytes, &expected)?;

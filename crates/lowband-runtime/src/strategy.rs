@@ -21,9 +21,14 @@
 //!
 //! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
 //! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
+//!
+//! Untrusted sites: `agg=median` (or `trimmed-mean`, `trimmed-mean:trim=0.25`, `centered-clip`,
+//! `clipped-mean`, `mean`) picks the aggregator (default: the run's `aggregator`, the mean), and
+//! `norm=X` or `norm=off` the bound on an update's norm relative to recent rounds (default 4 for
+//! every aggregator but the mean, off for the mean; see `lowband_protocol::trust`).
 
 use lowband_codec::{CodecSpec, Range, Rounding, ValueCoding};
-use lowband_protocol::{Compression, OuterConfig};
+use lowband_protocol::{AggregatorSpec, Compression, OuterConfig, Robustness};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StrategyKind {
@@ -46,6 +51,10 @@ pub struct Strategy {
     pub outer: Option<OuterConfig>,
     /// Streaming DiLoCo's fragment schedule, for `streaming`.
     pub streaming: Option<Streaming>,
+    /// None: the run's aggregator.
+    pub aggregator: Option<AggregatorSpec>,
+    /// The norm bound: None for the aggregator's default, Some(None) for off.
+    pub norm_ratio_max: Option<Option<f32>>,
     /// The bracketed overrides as written (part of the name).
     overrides: String,
 }
@@ -111,7 +120,7 @@ impl Strategy {
         }
         let inner_steps = if kind == StrategyKind::Ddp { 1 } else { h.unwrap_or(default_inner_steps) };
         let streaming = (name == "streaming").then_some(Streaming { fragments: 4, overlap_steps: 5, mix: 0.5 });
-        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, overrides: overrides.to_string() };
+        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, aggregator: None, norm_ratio_max: None, overrides: overrides.to_string() };
         strategy.apply_overrides(overrides).map_err(|e| format!("strategy {text:?}: {e}"))?;
         Ok(strategy)
     }
@@ -130,6 +139,8 @@ impl Strategy {
                     outer.momentum = number(value)?;
                     outer.nesterov = outer.momentum > 0.0;
                 }
+                "agg" => self.aggregator = Some(value.parse()?),
+                "norm" => self.norm_ratio_max = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
                 "fragments" | "overlap" | "mix" => {
                     let streaming = self.streaming.as_mut().ok_or_else(|| format!("`{key}` applies to the streaming strategy only"))?;
                     match key.trim() {
@@ -138,7 +149,7 @@ impl Strategy {
                         _ => streaming.mix = number(value)?,
                     }
                 }
-                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum (streaming: fragments, overlap, mix)")),
+                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm (streaming: fragments, overlap, mix)")),
             }
         }
         self.compression.validate()?;
@@ -156,7 +167,16 @@ impl Strategy {
         if let Some(outer) = self.outer {
             outer.validate()?;
         }
-        Ok(())
+        self.robustness(AggregatorSpec::Mean).validate()
+    }
+
+    /// The coordinator's defences under this strategy, given the run's default aggregator.
+    pub fn robustness(&self, run_default: AggregatorSpec) -> Robustness {
+        let mut robustness = Robustness::with(self.aggregator.unwrap_or(run_default));
+        if let Some(bound) = self.norm_ratio_max {
+            robustness.norm_ratio_max = bound;
+        }
+        robustness
     }
 
     /// The name used in reports and state directories: `ddp`, `diloco@50`, `sparseloco@30[...]`.
@@ -204,5 +224,11 @@ mod tests {
         assert!(Strategy::parse("streaming@8[fragments=4;overlap=2]", 50).is_err(), "overlap must be below H/P");
         assert!(Strategy::parse("diloco[fragments=2]", 50).is_err());
         assert!(Strategy::parse("gossip", 50).unwrap_err().contains("unknown strategy"));
+        let robust = Strategy::parse("diloco[agg=trimmed-mean:trim=0.2;norm=3]", 50).unwrap();
+        assert_eq!(robust.robustness(AggregatorSpec::Mean), Robustness { norm_ratio_max: Some(3.0), ..Robustness::with(AggregatorSpec::TrimmedMean { trim: 0.2 }) });
+        assert_eq!(Strategy::parse("diloco[norm=off]", 50).unwrap().robustness(AggregatorSpec::Median).norm_ratio_max, None);
+        assert_eq!(Strategy::parse("diloco", 50).unwrap().robustness(AggregatorSpec::Median).aggregator, AggregatorSpec::Median, "the run's default");
+        assert!(Strategy::parse("diloco[agg=mode]", 50).is_err());
+        assert!(Strategy::parse("diloco[norm=1]", 50).is_err(), "a bound must be above 1");
     }
 }
