@@ -443,6 +443,45 @@ mod tests {
     }
 
     #[test]
+    fn ties_are_broken_deterministically_and_do_not_change_the_value() {
+        // Equal values at the trim boundary: whichever copy is dropped, the result is the same,
+        // and the input order does not matter.
+        let a: [&[f32]; 5] = [&[2.0], &[2.0], &[2.0], &[5.0], &[-1.0]];
+        let b: [&[f32]; 5] = [&[5.0], &[2.0], &[-1.0], &[2.0], &[2.0]];
+        for name in ["median", "trimmed-mean", "trimmed-mean:trim=0.2"] {
+            assert_eq!(run(name, &a).0, vec![2.0], "{name}");
+            assert_eq!(run(name, &b).0, vec![2.0], "{name}");
+        }
+        // Even count with a tie in the middle: the mean of the two middle values.
+        assert_eq!(run("median", &[&[1.0], &[3.0], &[3.0], &[9.0]]).0, vec![3.0]);
+        // trimmed-mean at n = 4 keeps the middle two: (3 + 3) / 2.
+        assert_eq!(run("trimmed-mean", &[&[1.0], &[3.0], &[3.0], &[9.0]]).0, vec![3.0]);
+    }
+
+    #[test]
+    fn centered_clip_withstands_its_claimed_number_of_bad_inputs() {
+        // n = 5 tolerates 2: two far-away inputs (in opposite and equal directions) move the
+        // result by at most a fraction of the honest spread.
+        let spec: AggregatorSpec = "centered-clip".parse().unwrap();
+        assert_eq!(spec.tolerates(5), 2);
+        for bad in [[1e3f32, 1e3], [1e3, -1e3]] {
+            let (out, flags) = run("centered-clip", &[&[1.0, 1.0], &[1.2, 0.8], &[bad[0], bad[0]], &[0.8, 1.2], &[bad[1], bad[1]]]);
+            assert!(out.iter().all(|v| (v - 1.0).abs() < 0.25), "{bad:?}: {out:?}");
+            assert_eq!(flags, vec![false, false, true, false, true]);
+        }
+    }
+
+    #[test]
+    fn clipped_mean_bounds_but_does_not_remove_a_bad_input() {
+        // It tolerates no bad input in the strict sense: one sign-flipped input of equal norm
+        // is averaged in (the result halves), but a huge one moves the result by at most c/n.
+        let (out, _) = run("clipped-mean", &[&[1.0], &[1.0], &[-1.0], &[1.0]]);
+        assert_eq!(out, vec![0.5]);
+        let (out, _) = run("clipped-mean", &[&[1.0], &[1.0], &[-1e9], &[1.0]]);
+        assert_eq!(out, vec![0.5], "-1e9 is clipped to norm 1 (the median)");
+    }
+
+    #[test]
     fn one_input_is_returned_as_is() {
         for name in AggregatorSpec::NAMES {
             assert_eq!(run(name, &[&[1.0, -2.0, 0.0]]).0, vec![1.0, -2.0, 0.0], "{name}");
