@@ -46,7 +46,8 @@ pub struct Sparse {
 
 /// Per-thread encode scratch.
 struct Scratch {
-    magnitude_bits: Vec<u32>,
+    candidates: Vec<(u32, u32)>,
+    magnitudes: Vec<u32>,
     signal: Vec<f32>,
     transform: Vec<f32>,
 }
@@ -81,17 +82,16 @@ impl Sparse {
 
     fn scratch(&self) -> Scratch {
         let transform = self.plan.as_ref().map_or(0, |p| p.get_scratch_len());
-        Scratch { magnitude_bits: Vec::with_capacity(self.chunk), signal: vec![0.0; self.chunk], transform: vec![0.0; transform] }
+        let signal = if self.kind == Kind::Dct { vec![0.0; self.chunk] } else { Vec::new() };
+        Scratch { candidates: Vec::with_capacity(self.chunk), magnitudes: Vec::with_capacity(self.chunk), signal, transform: vec![0.0; transform] }
     }
 
     /// Pick one chunk's values: `dct` transforms it first. Writes the ascending positions and
     /// their values into the slots and returns the chunk's scale (1 except for `dct`).
     fn pick(&self, chunk: &[f32], k: usize, scratch: &mut Scratch, positions: &mut [u32], kept: &mut [f32]) -> f32 {
-        let (signal_len, scale) = match self.kind {
-            Kind::TopK | Kind::RandomK => {
-                scratch.signal[..chunk.len()].copy_from_slice(chunk);
-                (chunk.len(), 1.0)
-            }
+        let (signal, scale): (&[f32], f32) = match self.kind {
+            // Top-k selects on the chunk itself (no copy).
+            Kind::TopK | Kind::RandomK => (chunk, 1.0),
             Kind::Dct => {
                 let m = max_abs(chunk);
                 let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
@@ -107,12 +107,12 @@ impl Sparse {
                 for (i, c) in scratch.signal.iter_mut().enumerate() {
                     *c *= if i == 0 { first } else { rest };
                 }
-                (self.chunk, scale)
+                (&scratch.signal, scale)
             }
         };
-        select_top(&scratch.signal[..signal_len], k, &mut scratch.magnitude_bits, positions);
+        select_top(signal, k, &mut scratch.candidates, &mut scratch.magnitudes, positions);
         for (v, &p) in kept.iter_mut().zip(positions.iter()) {
-            *v = scratch.signal[p as usize];
+            *v = signal[p as usize];
         }
         scale
     }
@@ -133,18 +133,21 @@ impl Sparse {
     }
 }
 
-/// Magnitude buckets of the threshold search: the top 11 bits of |v|'s bits (exponent and 3
-/// mantissa bits).
+/// Magnitude buckets of the threshold search: the top 11 bits of |v| (exponent and 3 mantissa
+/// bits: an eighth of a binade each, so the threshold's bucket holds few values).
 const BUCKETS: usize = 1 << 11;
 const BUCKET_SHIFT: u32 = 20;
 
 /// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index), into
-/// `positions` (length k).
+/// `positions` (length k). `candidates` and `magnitudes` are scratch.
 ///
-/// The bits of |v| order like |v| for non-negative floats, so the search works on integers: a
-/// histogram of the top bits finds the bucket holding the k-th largest, a selection among that
-/// bucket's few members finds the exact threshold, and one more pass emits the positions.
-fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<u32>, positions: &mut [u32]) {
+/// The bits of |v| order like |v| for non-negative floats, so the search works on integers. Two
+/// passes over the chunk: a histogram of the top bits finds the bucket holding the k-th
+/// largest; the second pass (branch-free) emits every position above that bucket and collects
+/// the bucket's few members, among which a selection finds the exact threshold; the two
+/// ascending lists are then merged.
+fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<(u32, u32)>, magnitudes: &mut Vec<u32>, positions: &mut [u32]) {
+    debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
     let mut histogram = [0u32; BUCKETS];
     for v in signal {
         histogram[((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize] += 1;
@@ -154,26 +157,58 @@ fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<u32>, positions: &m
         above += histogram[bucket] as usize;
         bucket -= 1;
     }
+    let in_bucket = histogram[bucket] as usize;
+    // Every slot is written before it is counted: `at` stays below k (the k-th largest is in
+    // the bucket, so above < k) and `found` below the bucket's size + 1.
     candidates.clear();
-    candidates.extend(signal.iter().map(|v| v.to_bits() & 0x7fff_ffff).filter(|m| (m >> BUCKET_SHIFT) as usize == bucket));
-    // The (k − above)-th largest inside the bucket is the threshold.
-    let wanted = k - above;
-    let cut = candidates.len() - wanted;
-    let (_, &mut threshold, greater_in_bucket) = candidates.select_nth_unstable(cut);
-    let greater = above + greater_in_bucket.iter().filter(|&&m| m > threshold).count();
-    let mut ties_needed = k - greater;
-    let mut at = 0;
-    for (i, v) in signal.iter().enumerate() {
-        let m = v.to_bits() & 0x7fff_ffff;
-        if m > threshold || (m == threshold && ties_needed > 0) {
-            if m == threshold {
-                ties_needed -= 1;
-            }
-            positions[at] = i as u32;
-            at += 1;
+    candidates.resize(in_bucket + 1, (0, 0));
+    let (mut at, mut found) = (0usize, 0usize);
+    let bucket = bucket as u32;
+    {
+        let (slots, picks) = (candidates.as_mut_slice(), &mut *positions);
+        for (i, v) in signal.iter().enumerate() {
+            let m = v.to_bits() & 0x7fff_ffff;
+            let b = m >> BUCKET_SHIFT;
+            picks[at] = i as u32;
+            at += (b > bucket) as usize;
+            slots[found] = (m, i as u32);
+            found += (b == bucket) as usize;
         }
     }
-    debug_assert_eq!(at, k);
+    candidates.truncate(found);
+    debug_assert_eq!(at, above);
+    // The (k − above)-th largest magnitude in the bucket is the threshold; take everything
+    // above it and the lowest-indexed ties.
+    let wanted = k - above;
+    let cut = candidates.len() - wanted;
+    magnitudes.clear();
+    magnitudes.extend(candidates.iter().map(|c| c.0));
+    let threshold = *magnitudes.select_nth_unstable(cut).1;
+    let greater = candidates.iter().filter(|c| c.0 > threshold).count();
+    let mut ties_needed = wanted - greater;
+    candidates.retain(|&(m, _)| {
+        if m > threshold {
+            true
+        } else if m == threshold && ties_needed > 0 {
+            ties_needed -= 1;
+            true
+        } else {
+            false
+        }
+    });
+    debug_assert_eq!(candidates.len(), wanted);
+    // Merge from the back: positions[..above] and the chosen candidates, both ascending.
+    let (mut i, mut j, mut out) = (above, wanted, k);
+    while j > 0 {
+        out -= 1;
+        if i > 0 && positions[i - 1] > candidates[j - 1].1 {
+            positions[out] = positions[i - 1];
+            i -= 1;
+        } else {
+            positions[out] = candidates[j - 1].1;
+            j -= 1;
+        }
+    }
 }
 
 impl Codec for Sparse {
