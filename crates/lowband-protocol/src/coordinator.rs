@@ -90,6 +90,9 @@ pub struct RoundReport {
     pub downweighted: Vec<SiteId>,
     /// L2 norm of every received update, in site order (accepted or not).
     pub update_norms: Vec<(SiteId, f32)>,
+    /// Cosine of every received update with the sum of the others (its agreement with the
+    /// round), in site order.
+    pub update_cosines: Vec<(SiteId, f32)>,
     /// L2 norm of the merged delta (0 when nothing was applied).
     pub delta_norm: f32,
     /// Whether the outer step ran: false when every update was refused, or when the merge was
@@ -439,6 +442,23 @@ impl Coordinator {
                 refused.push((*site, ProtocolError::UpdateNorm { norm: *norm, reference, ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY) }));
             }
         }
+        // The direction check, among the updates the norm check kept.
+        if let Some(ratio_min) = robustness.cosine_ratio_min {
+            let deltas: Vec<&[f32]> = accepted.iter().map(|(_, d, _)| *d).collect();
+            let cosines = crate::trust::leave_one_out_cosines(&deltas);
+            if let Some(reference) = TrustState::cosine_reference(&cosines) {
+                let mut kept = Vec::with_capacity(accepted.len());
+                for (update, cosine) in accepted.into_iter().zip(cosines) {
+                    if cosine >= ratio_min * reference {
+                        kept.push(update);
+                    } else {
+                        refused.push((update.0, ProtocolError::UpdateDirection { cosine, reference, ratio_min }));
+                    }
+                }
+                accepted = kept;
+                refused.sort_by_key(|(site, _)| *site);
+            }
+        }
         self.merged.resize(range.len(), 0.0);
         let mut applied = false;
         let mut downweighted = Vec::new();
@@ -464,12 +484,13 @@ impl Coordinator {
         let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();
         let refused_sites: Vec<SiteId> = refused.iter().map(|(s, _)| *s).collect();
         let update_norms = open.received.keys().copied().zip(norms.iter().copied()).collect();
+        let update_cosines = open.received.keys().copied().zip(crate::trust::leave_one_out_cosines(&open.received.values().map(|d| d.as_slice()).collect::<Vec<_>>())).collect();
         drop(accepted);
         self.spare.extend(open.received.into_values());
         for (site, reason) in refused {
             self.refuse(site, reason, actions);
         }
-        actions.push(Action::RoundClosed(RoundReport { round: open.round, contributors, missing, refused: refused_sites, downweighted, update_norms, delta_norm, applied }));
+        actions.push(Action::RoundClosed(RoundReport { round: open.round, contributors, missing, refused: refused_sites, downweighted, update_norms, update_cosines, delta_norm, applied }));
         self.round = open.round + 1;
         actions.push(Action::Checkpoint { round: self.round });
         self.open_round(now_ms, actions);

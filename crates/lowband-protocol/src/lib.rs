@@ -126,6 +126,8 @@ pub enum ProtocolError {
     NotSynced,
     #[error("update norm {norm:.4e} is outside [reference / {ratio_max}, reference x {ratio_max}] (reference {reference:.4e}, the median of recent accepted norms)")]
     UpdateNorm { norm: f32, reference: f32, ratio_max: f32 },
+    #[error("update disagrees with the round: cosine {cosine:.3} with the sum of the others, below {ratio_min} x the round's median cosine {reference:.3}")]
+    UpdateDirection { cosine: f32, reference: f32, ratio_min: f32 },
     #[error("site {0} was excluded for repeated refused updates")]
     Excluded(SiteId),
     #[error("invalid protocol config {field}: {reason}")]
@@ -137,6 +139,6 @@ impl ProtocolError {
     /// malformed, forged, non-finite or out-of-bounds update does; a late, duplicate or
     /// misaddressed one does not (it may be a retransmission).
     pub fn forfeits_round(&self) -> bool {
-        matches!(self, ProtocolError::Wire(_) | ProtocolError::Codec(_) | ProtocolError::WrongKind(_) | ProtocolError::SiteMismatch { .. } | ProtocolError::NonFiniteUpdate(_) | ProtocolError::UpdateNorm { .. })
+        matches!(self, ProtocolError::Wire(_) | ProtocolError::Codec(_) | ProtocolError::WrongKind(_) | ProtocolError::SiteMismatch { .. } | ProtocolError::NonFiniteUpdate(_) | ProtocolError::UpdateNorm { .. } | ProtocolError::UpdateDirection { .. })
     }
 }

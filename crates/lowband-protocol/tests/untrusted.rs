@@ -93,19 +93,35 @@ fn a_site_refused_repeatedly_is_excluded_with_its_reason_and_cannot_rejoin() {
 }
 
 #[test]
-fn a_sign_flipping_site_is_outvoted_and_scored_as_downweighted() {
+fn a_sign_flipping_site_is_refused_by_the_direction_check_or_else_outvoted() {
     let flip = |h: &[f32]| h.iter().map(|v| -v).collect::<Vec<_>>();
     for aggregator in ["median", "trimmed-mean", "centered-clip"] {
-        let mut c = coordinator(aggregator);
-        let (mut sites, mut packets) = start(&mut c, 4);
-        for _ in 0..3 {
-            packets = sends(&round(&mut c, &mut sites, packets, 1, &flip));
+        for direction_check in [true, false] {
+            let mut c = if direction_check {
+                coordinator(aggregator)
+            } else {
+                let robustness = Robustness { cosine_ratio_min: None, ..Robustness::with(aggregator.parse().unwrap()) };
+                Coordinator::new(CoordinatorConfig { quorum: 1, round_deadline_ms: 1_000, robustness, ..CoordinatorConfig::new(PARAMS, OuterConfig::FEDAVG) }, vec![0.0; PARAMS]).unwrap()
+            };
+            let (mut sites, mut packets) = start(&mut c, 4);
+            let mut refusals = Vec::new();
+            for _ in 0..3 {
+                let actions = round(&mut c, &mut sites, packets, 1, &flip);
+                refusals.extend(actions.iter().filter_map(|a| if let Action::Rejected { from, reason } = a { Some((*from, reason.clone())) } else { None }));
+                packets = sends(&actions);
+            }
+            // Three rounds of honest deltas ≈ 1.0x: θ ≈ −3 (the mean would give −1.5).
+            assert!(c.global().iter().all(|p| (-3.2..=-2.6).contains(p)), "{aggregator}: {:?}", &c.global()[..4]);
+            let score = &c.scores()[&1];
+            if direction_check {
+                assert_eq!((score.accepted, score.refused), (0, 3), "{aggregator}");
+                assert!(refusals.iter().all(|(site, reason)| *site == 1 && matches!(reason, ProtocolError::UpdateDirection { .. })), "{refusals:?}");
+                assert!(score.excluded.is_some());
+            } else {
+                assert_eq!((score.accepted, score.downweighted, score.refused), (3, 3, 0), "{aggregator}: the aggregator alone cuts it");
+            }
+            assert!(c.scores()[&0].downweighted == 0 && c.scores()[&0].refused == 0, "{aggregator}: an honest site is not flagged");
         }
-        // Three rounds of honest deltas ≈ 1.0x: θ ≈ −3 (the mean would give −1.5).
-        assert!(c.global().iter().all(|p| (-3.2..=-2.6).contains(p)), "{aggregator}: {:?}", &c.global()[..4]);
-        let score = &c.scores()[&1];
-        assert_eq!((score.accepted, score.downweighted, score.refused), (3, 3, 0), "{aggregator}");
-        assert!(c.scores()[&0].downweighted == 0, "{aggregator}: an honest site is not flagged");
     }
 }
 

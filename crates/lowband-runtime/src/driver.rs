@@ -33,6 +33,9 @@ pub enum Metric {
         /// (site, L2 norm) of every update the coordinator decoded this round.
         #[serde(default)]
         update_norms: Vec<(u32, f32)>,
+        /// (site, cosine of its update with the sum of the others).
+        #[serde(default)]
+        update_cosines: Vec<(u32, f32)>,
     },
     /// The coordinator refused a site's update (it forfeits the round).
     Refused { round: u64, site: u32, reason: String },
@@ -601,7 +604,7 @@ fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, 
         match action {
             Action::Send { to, bytes } => sends.push((to, bytes)),
             Action::RoundClosed(report) => {
-                common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm, update_norms: report.update_norms });
+                common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm, update_norms: report.update_norms, update_cosines: report.update_cosines });
                 if !report.missing.is_empty() {
                     return Err(RunError::Protocol(format!("round {} closed without sites {:?}", report.round, report.missing)));
                 }

@@ -24,8 +24,9 @@
 //!
 //! Untrusted sites: `agg=median` (or `trimmed-mean`, `trimmed-mean:trim=0.25`, `centered-clip`,
 //! `clipped-mean`, `mean`) picks the aggregator (default: the run's `aggregator`, the mean), and
-//! `norm=X` or `norm=off` the bound on an update's norm relative to recent rounds (default 4 for
-//! every aggregator but the mean, off for the mean; see `lowband_protocol::trust`).
+//! `norm=X` or `norm=off` the bound on an update's norm relative to its round (default 4), and
+//! `cos=X` or `cos=off` the direction check (default 0.25): both on for every aggregator but the
+//! mean, off for the mean; see `lowband_protocol::trust`.
 
 use lowband_codec::{CodecSpec, Range, Rounding, ValueCoding};
 use lowband_protocol::{AggregatorSpec, Compression, OuterConfig, Robustness};
@@ -55,6 +56,8 @@ pub struct Strategy {
     pub aggregator: Option<AggregatorSpec>,
     /// The norm bound: None for the aggregator's default, Some(None) for off.
     pub norm_ratio_max: Option<Option<f32>>,
+    /// The direction check's ratio: None for the aggregator's default, Some(None) for off.
+    pub cosine_ratio_min: Option<Option<f32>>,
     /// The bracketed overrides as written (part of the name).
     overrides: String,
 }
@@ -120,7 +123,7 @@ impl Strategy {
         }
         let inner_steps = if kind == StrategyKind::Ddp { 1 } else { h.unwrap_or(default_inner_steps) };
         let streaming = (name == "streaming").then_some(Streaming { fragments: 4, overlap_steps: 5, mix: 0.5 });
-        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, aggregator: None, norm_ratio_max: None, overrides: overrides.to_string() };
+        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, aggregator: None, norm_ratio_max: None, cosine_ratio_min: None, overrides: overrides.to_string() };
         strategy.apply_overrides(overrides).map_err(|e| format!("strategy {text:?}: {e}"))?;
         Ok(strategy)
     }
@@ -141,6 +144,7 @@ impl Strategy {
                 }
                 "agg" => self.aggregator = Some(value.parse()?),
                 "norm" => self.norm_ratio_max = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
+                "cos" => self.cosine_ratio_min = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
                 "fragments" | "overlap" | "mix" => {
                     let streaming = self.streaming.as_mut().ok_or_else(|| format!("`{key}` applies to the streaming strategy only"))?;
                     match key.trim() {
@@ -149,7 +153,7 @@ impl Strategy {
                         _ => streaming.mix = number(value)?,
                     }
                 }
-                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm (streaming: fragments, overlap, mix)")),
+                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos (streaming: fragments, overlap, mix)")),
             }
         }
         self.compression.validate()?;
@@ -175,6 +179,9 @@ impl Strategy {
         let mut robustness = Robustness::with(self.aggregator.unwrap_or(run_default));
         if let Some(bound) = self.norm_ratio_max {
             robustness.norm_ratio_max = bound;
+        }
+        if let Some(ratio) = self.cosine_ratio_min {
+            robustness.cosine_ratio_min = ratio;
         }
         robustness
     }
