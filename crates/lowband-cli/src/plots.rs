@@ -91,3 +91,45 @@ fn plot(
     root.present().map_err(e)?;
     Ok(())
 }
+
+/// Gap to the honest run (%) for every attack (x) and aggregator (one line each), clamped to
+/// [−10%, +50%] so a diverged mean does not flatten the rest; ±3% marked.
+pub fn robustness_chart(path: &Path, title: &str, attacks: &[String], series: &[(String, Vec<Option<f64>>)]) -> Result<()> {
+    const LOW: f64 = -10.0;
+    const HIGH: f64 = 50.0;
+    let root = SVGBackend::new(path, (820, 460)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(-0.5..attacks.len() as f64 - 0.5, LOW..HIGH)
+        .map_err(e)?;
+    let names = attacks.to_vec();
+    chart
+        .configure_mesh()
+        .x_labels(attacks.len())
+        .x_label_formatter(&move |v| names.get(v.round() as usize).filter(|_| (v - v.round()).abs() < 0.01).cloned().unwrap_or_default())
+        .y_desc("gap to the honest run, % (clamped to [-10, 50])")
+        .draw()
+        .map_err(e)?;
+    for bound in [-3.0, 3.0] {
+        chart.draw_series(LineSeries::new(vec![(-0.5, bound), (attacks.len() as f64 - 0.5, bound)], BLACK.mix(0.4).stroke_width(1))).map_err(e)?;
+    }
+    for (i, (name, gaps)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        // Each aggregator a little to the side, so equal values stay visible.
+        let offset = (i as f64 - (series.len() as f64 - 1.0) / 2.0) * 0.08;
+        let points: Vec<(f64, f64)> = gaps.iter().enumerate().filter_map(|(x, g)| g.map(|g| (x as f64 + offset, g.clamp(LOW, HIGH)))).collect();
+        chart
+            .draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))
+            .map_err(e)?
+            .label(name.clone())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}

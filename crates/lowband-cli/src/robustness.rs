@@ -46,6 +46,9 @@ pub struct RobustnessArgs {
     /// Every cell as JSON; cells already in this file are not run again (delete it to rerun).
     #[arg(long, default_value = "runs/robustness.json")]
     pub json: PathBuf,
+    /// Run nothing: print the table and plots of the cells already in the JSON file.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -114,7 +117,7 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
                 for aggregator in &aggregators {
                     let key = (strategy.name(), k, attack.clone(), aggregator.to_string(), args.preset.clone(), args.tokens, args.seed);
                     bar.set_message(format!("{} K={k} {attack} {aggregator}", strategy.name()));
-                    if done.iter().any(|c| c.key() == key) {
+                    if args.report_only || done.iter().any(|c| c.key() == key) {
                         bar.inc(1);
                         continue;
                     }
@@ -146,6 +149,20 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
     bar.finish_with_message("done");
     let cells: Vec<Cell> = done.into_iter().filter(|c| c.preset == args.preset && c.tokens == args.tokens && c.seed == args.seed).collect();
     println!("\n{}", table(&cells, &strategies, &settings, &attacks, &aggregators));
+    let dir = args.json.parent().filter(|d| !d.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_default();
+    for (i, strategy) in strategies.iter().enumerate() {
+        for &(k, f) in &settings {
+            let find = |attack: &str, aggregator: &str| cells.iter().find(|c| c.strategy == strategy.name() && c.sites == k && c.attack == attack && c.aggregator == aggregator);
+            let Some(honest) = find("none", "mean") else { continue };
+            let series: Vec<(String, Vec<Option<f64>>)> = aggregators
+                .iter()
+                .map(|a| (a.to_string(), attacks.iter().map(|attack| find(attack, &a.to_string()).map(|c| (c.final_val_loss / honest.final_val_loss - 1.0) * 100.0)).collect()))
+                .collect();
+            let path = dir.join(format!("robustness-s{i}-k{k}.svg"));
+            crate::plots::robustness_chart(&path, &format!("{}: K = {k}, {f} hostile", strategy.preset), &attacks, &series)?;
+            println!("plot: {}", path.display());
+        }
+    }
     println!("cells: {}", args.json.display());
     Ok(())
 }
