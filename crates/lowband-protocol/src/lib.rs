@@ -124,7 +124,7 @@ pub enum ProtocolError {
     NonFiniteUpdate(usize),
     #[error("a change to the global parameters arrived before the parameters themselves")]
     NotSynced,
-    #[error("update norm {norm:.4e} is outside [reference / {ratio_max}, reference x {ratio_max}] (reference {reference:.4e}, the median of recent accepted norms)")]
+    #[error("update norm {norm:.4e} is outside [reference / {ratio_max}, reference x {ratio_max}] (reference {reference:.4e}: the median norm of the round, or of recent rounds when it has fewer than 3 updates)")]
     UpdateNorm { norm: f32, reference: f32, ratio_max: f32 },
     #[error("update disagrees with the round: cosine {cosine:.3} with the sum of the others, below {ratio_min} x the round's median cosine {reference:.3}")]
     UpdateDirection { cosine: f32, reference: f32, ratio_min: f32 },
