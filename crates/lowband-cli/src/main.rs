@@ -47,9 +47,31 @@ enum Command {
     /// Benchmarks (results go into docs/results.md with their command).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Make a node key (ed25519) and print its public key: the line a cluster config lists.
+    Keygen(KeygenArgs),
     /// Look inside lowband's files.
     #[command(subcommand)]
     Inspect(InspectCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// Where to write the key (mode 0600).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Replace an existing key file (its node loses its identity).
+    #[arg(long)]
+    force: bool,
+}
+
+fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
+    if args.out.exists() && !args.force {
+        anyhow::bail!("{} exists: a node's key is its identity; pass --force to replace it", args.out.display());
+    }
+    let identity = lowband_net::Identity::generate()?;
+    identity.save(&args.out)?;
+    println!("public {}", identity.public_key());
+    Ok(())
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,5 +129,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Engine(args))) => bench::run(&args),
         Some(Command::Bench(BenchCommand::Robustness(args))) => robustness::run_grid(&args),
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
+        Some(Command::Keygen(args)) => keygen(&args),
     }
 }

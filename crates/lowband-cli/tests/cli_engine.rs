@@ -63,3 +63,20 @@ fn bad_input_is_one_clear_line_and_exit_code_2() {
     assert_refused(&["bench", "engine", "--steps", "0"], "--steps");
     assert_refused(&["eval", "--bogus-flag"], "--bogus-flag");
 }
+
+#[test]
+fn keygen_writes_a_key_once_and_prints_its_public_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_lowband")).args(args).current_dir(dir.path()).output().unwrap();
+    let first = run(&["keygen", "--out", "node.key"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let public = String::from_utf8_lossy(&first.stdout).trim().to_string();
+    assert!(public.starts_with("public ") && public.len() == 7 + 64, "{public}");
+    assert!(std::fs::read_to_string(dir.path().join("node.key")).unwrap().contains(&public));
+    let again = run(&["keygen", "--out", "node.key"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    let forced = run(&["keygen", "--out", "node.key", "--force"]);
+    assert!(forced.status.success());
+    assert_ne!(String::from_utf8_lossy(&forced.stdout).trim(), public, "a new identity");
+}

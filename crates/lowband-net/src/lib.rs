@@ -1,0 +1,85 @@
+//! lowband's network layer: the only crate that knows tokio, QUIC and TLS.
+//!
+//! Nodes are named by ed25519 keys ([`Identity`], [`PublicKey`]). A coordinator listens and
+//! admits the keys on its allow-list; a site connects and accepts only the coordinator's key
+//! ([`tls`]). Messages travel one per QUIC stream under a size limit ([`transport`]). Packets are
+//! also signed by the site that made them ([`seal`], [`open`]), so whoever relays them cannot
+//! alter or forge them. The protocol above is sans-IO: this layer moves its bytes.
+
+pub mod identity;
+pub mod tls;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
+pub use tls::AllowList;
+pub use transport::{Limits, Node, Peer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("bad key: {0}")]
+    BadKey(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
+    #[error("connecting failed: {0}")]
+    Connect(String),
+    #[error("a peer failed the handshake: {0}")]
+    Handshake(String),
+    #[error("connection closed: {0}")]
+    Closed(String),
+    #[error("the peer refused the message (stream stopped with code {0})")]
+    Refused(u64),
+    #[error("message of {bytes} bytes is over the limit of {limit}")]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("bad signature: the packet was not made by {0}")]
+    BadSignature(PublicKey),
+    #[error("invalid network config: {0}")]
+    Config(String),
+}
+
+/// A packet signed by its maker: `bytes || ed25519 signature (64 bytes)`.
+pub fn seal(identity: &Identity, bytes: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(bytes.len() + SIGNATURE_BYTES);
+    sealed.extend_from_slice(bytes);
+    sealed.extend_from_slice(&identity.sign(bytes));
+    sealed
+}
+
+/// The packet inside `sealed`, if `maker` signed it.
+pub fn open(maker: PublicKey, sealed: &[u8]) -> Result<&[u8], NetError> {
+    if sealed.len() < SIGNATURE_BYTES {
+        return Err(NetError::BadSignature(maker));
+    }
+    let (bytes, signature) = sealed.split_at(sealed.len() - SIGNATURE_BYTES);
+    if maker.verify(bytes, signature) {
+        Ok(bytes)
+    } else {
+        Err(NetError::BadSignature(maker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_packet_opens_only_unchanged_and_for_its_maker() {
+        let (site, other) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let sealed = seal(&site, b"update for round 3");
+        assert_eq!(open(site.public_key(), &sealed).unwrap(), b"update for round 3");
+        assert!(matches!(open(other.public_key(), &sealed), Err(NetError::BadSignature(_))), "forged maker");
+        for i in [0, 5, sealed.len() - 1] {
+            let mut altered = sealed.clone();
+            altered[i] ^= 1;
+            assert!(open(site.public_key(), &altered).is_err(), "byte {i} altered");
+        }
+        assert!(open(site.public_key(), &sealed[..10]).is_err(), "truncated");
+        assert!(open(site.public_key(), &[]).is_err());
+    }
+}
