@@ -159,6 +159,14 @@ impl Codec for Int {
         &self.spec
     }
 
+    fn random_state(&self) -> Option<u64> {
+        (self.rounding == Rounding::Stochastic).then_some(self.random.0)
+    }
+
+    fn set_random_state(&mut self, state: u64) {
+        self.random.0 = state;
+    }
+
     fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(self.payload_bytes(values.len()));
         self.spec.write_header(count_u32(values), 0, out);

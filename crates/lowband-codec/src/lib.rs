@@ -102,6 +102,15 @@ pub trait Codec: Send {
     fn payload_bytes(&self, count: usize) -> usize {
         self.spec().payload_bytes(count)
     }
+    /// Where the codec's pseudo-random stream stands (stochastic rounding, random-k packet
+    /// seeds): a resumable run saves it so that the resumed packets are the uninterrupted ones.
+    /// `None` for deterministic codecs.
+    fn random_state(&self) -> Option<u64> {
+        None
+    }
+    /// Continue the pseudo-random stream from a saved [`Codec::random_state`] (no effect on a
+    /// deterministic codec).
+    fn set_random_state(&mut self, _state: u64) {}
 }
 
 /// Build the codec a specification names.

@@ -216,6 +216,14 @@ impl Codec for Sparse {
         &self.spec
     }
 
+    fn random_state(&self) -> Option<u64> {
+        (self.kind == Kind::RandomK).then_some(self.seeds.0)
+    }
+
+    fn set_random_state(&mut self, state: u64) {
+        self.seeds.0 = state;
+    }
+
     fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(self.payload_bytes(values.len()));
         let packet_seed = if self.kind == Kind::RandomK { self.seeds.next_u64() } else { 0 };

@@ -148,6 +148,8 @@ pub struct Coordinator {
     spare: Vec<Vec<f32>>,
     merged: Vec<f32>,
     trust: TrustState,
+    /// The downlink codec's random state before the open round's broadcast (saved with θ_sites).
+    downlink_random_before: Option<u64>,
 }
 
 /// What a coordinator must persist to resume: the round, θ and the outer momentum.
@@ -161,6 +163,8 @@ pub struct CoordinatorState {
     pub synced: Vec<SiteId>,
     /// Site scores, exclusions and recent update norms.
     pub trust: TrustState,
+    /// The downlink codec's pseudo-random stream as it was before the open round's broadcast.
+    pub downlink_random: Option<u64>,
 }
 
 impl Coordinator {
@@ -192,6 +196,7 @@ impl Coordinator {
             spare: Vec::new(),
             merged,
             trust: TrustState::default(),
+            downlink_random_before: None,
         })
     }
 
@@ -211,6 +216,10 @@ impl Coordinator {
         self.synced = state.synced.into_iter().collect();
         self.synced_before = self.synced.clone();
         self.members.retain(|s| !state.trust.is_excluded(*s));
+        if let Some(random) = state.downlink_random {
+            self.downlink.set_random_state(random);
+        }
+        self.downlink_random_before = state.downlink_random;
         self.trust = state.trust;
         self.open = None;
         Ok(())
@@ -224,6 +233,7 @@ impl Coordinator {
             shared: self.shared_before.clone(),
             synced: self.synced_before.iter().copied().collect(),
             trust: self.trust.clone(),
+            downlink_random: self.downlink_random_before,
         }
     }
 
@@ -343,6 +353,7 @@ impl Coordinator {
     fn broadcast_change(&mut self, actions: &mut Vec<Action>) {
         self.shared_before.copy_from_slice(&self.shared);
         self.synced_before.clone_from(&self.synced);
+        self.downlink_random_before = self.downlink.random_state();
         // The fragment the last closed round changed (all of θ without fragments); none before
         // the first round.
         let range = if self.round == 0 && !self.config.fragments.is_empty() { 0..0 } else { crate::fragment_of(&self.config.fragments, self.config.params, self.round.saturating_sub(1)) };

@@ -119,6 +119,15 @@ impl Site {
     }
 
     /// Continue from a saved state: the parameters the site held and its residual.
+    /// Where the uplink codec's pseudo-random stream stands (see `Codec::random_state`).
+    pub fn codec_random_state(&self) -> Option<u64> {
+        self.uplink.random_state()
+    }
+
+    pub fn set_codec_random_state(&mut self, state: u64) {
+        self.uplink.set_random_state(state);
+    }
+
     pub fn restore(&mut self, start: &[f32], residual: Option<&[f32]>) -> Result<(), ProtocolError> {
         let bad = |reason: &str| Err(ProtocolError::InvalidConfig { field: "site state", reason: reason.into() });
         if start.len() != self.start.len() {

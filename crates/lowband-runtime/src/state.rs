@@ -49,6 +49,11 @@ struct Manifest {
     /// The coordinator's site scores, exclusions and recent norms (round strategies).
     #[serde(default)]
     trust: Option<TrustState>,
+    /// Random streams of the sites' uplink codecs and of the coordinator's downlink codec.
+    #[serde(default)]
+    site_codec_random: Vec<Option<u64>>,
+    #[serde(default)]
+    downlink_random: Option<u64>,
 }
 
 /// A saved run, in memory.
@@ -86,6 +91,8 @@ impl RunState {
             communication_seconds: common.communication_seconds,
             next_eval_step: common.next_eval_step,
             trust: None,
+            site_codec_random: Vec::new(),
+            downlink_random: None,
         };
         RunState { manifest, tensors, step }
     }
@@ -113,6 +120,8 @@ impl RunState {
         }
         let mut saved = RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors);
         saved.manifest.trust = Some(state.trust);
+        saved.manifest.site_codec_random = sites.iter().map(|s| s.site.codec_random_state()).collect();
+        saved.manifest.downlink_random = state.downlink_random;
         saved
     }
 
@@ -181,10 +190,13 @@ impl RunState {
         let shared = if has_shared { self.tensor("shared")? } else { Vec::new() };
         let synced = if has_shared { (0..sites.len() as u32).collect() } else { Vec::new() };
         let trust = self.manifest.trust.take().unwrap_or_default();
-        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared: shared.clone(), synced, trust };
+        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared: shared.clone(), synced, trust, downlink_random: self.manifest.downlink_random };
         coordinator.restore(state)?;
         for (k, site) in sites.iter_mut().enumerate() {
             self.restore_optimizer(k, &mut site.trainer)?;
+            if let Some(Some(random)) = self.manifest.site_codec_random.get(k) {
+                site.site.set_codec_random_state(*random);
+            }
             let residual_name = format!("site{k}.residual");
             let residual = if self.tensors.iter().any(|(n, _)| *n == residual_name) { Some(self.tensor(&residual_name)?) } else { None };
             let stale_name = format!("site{k}.stale");

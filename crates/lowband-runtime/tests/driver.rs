@@ -196,3 +196,19 @@ fn streaming_reduces_to_diloco_and_lowers_the_peak() {
     let ratio = four.peak_sync_bytes_per_site as f64 / diloco.peak_sync_bytes_per_site as f64;
     assert!((0.2..0.3).contains(&ratio), "peak per sync: {} vs {} bytes", four.peak_sync_bytes_per_site, diloco.peak_sync_bytes_per_site);
 }
+
+/// Codecs with a pseudo-random stream (random-k positions, stochastic rounding, on the uplink
+/// and the downlink) resume to exactly the uninterrupted run: their streams are saved too.
+#[test]
+fn randomized_codecs_resume_exactly() {
+    let c = RunConfig { checkpoint_every_rounds: 1, ..config(3, 10, 4) };
+    for name in ["sparseloco[up=randomk:k=64,chunk=4096,values=q2,seed=5;down=randomk:k=256,chunk=4096,values=q2,seed=6]", "diloco-4bit[up=int4:round=stochastic,seed=3;down=int4:round=stochastic,seed=4]"] {
+        let straight = go(&c, name, &Persistence::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(1) };
+        assert!(matches!(go(&c, name, &stop), Err(RunError::Stopped { .. })), "{name}");
+        let resumed = go(&c, name, &Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None }).unwrap();
+        assert!(resumed.final_params == straight.final_params, "{name}: the resumed parameters differ");
+        assert_eq!(resumed.ledger, straight.ledger, "{name}");
+    }
+}
