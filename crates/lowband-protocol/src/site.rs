@@ -118,7 +118,6 @@ impl Site {
         (!self.feedback.is_empty()).then(|| self.feedback.iter().flat_map(|f| f.residual().iter().copied()).collect())
     }
 
-    /// Continue from a saved state: the parameters the site held and its residual.
     /// Where the uplink codec's pseudo-random stream stands (see `Codec::random_state`).
     pub fn codec_random_state(&self) -> Option<u64> {
         self.uplink.random_state()
@@ -128,6 +127,7 @@ impl Site {
         self.uplink.set_random_state(state);
     }
 
+    /// Continue from a saved state: the parameters the site held and its residual.
     pub fn restore(&mut self, start: &[f32], residual: Option<&[f32]>) -> Result<(), ProtocolError> {
         let bad = |reason: &str| Err(ProtocolError::InvalidConfig { field: "site state", reason: reason.into() });
         if start.len() != self.start.len() {

@@ -141,6 +141,8 @@ pub(crate) struct Common<'a> {
     pub(crate) compute_seconds: f64,
     pub(crate) communication_seconds: f64,
     pub(crate) next_eval_step: u64,
+    /// Largest bytes one site moved (up + down) in one sync so far.
+    pub(crate) peak_sync_bytes: u64,
     inputs: Vec<u32>,
     targets: Vec<u32>,
 }
@@ -162,6 +164,7 @@ impl<'a> Common<'a> {
             compute_seconds: 0.0,
             communication_seconds: 0.0,
             next_eval_step: config.eval_every_steps.max(1),
+            peak_sync_bytes: 0,
             inputs: Vec::new(),
             targets: Vec::new(),
         })
@@ -378,7 +381,6 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
     let mut losses = vec![0.0f32; strategy.inner_steps.min(config.steps) as usize];
     let mut sample_packets: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut peak_sync_bytes = 0u64;
     while step < config.steps {
         let round = coordinator.round();
         let h = strategy.inner_steps.min(config.steps - step);
@@ -413,7 +415,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
         step += h;
         common.compute_seconds += slowest;
         common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
-        peak_sync_bytes = peak_sync_bytes.max(down_bytes + up_bytes);
+        common.peak_sync_bytes = common.peak_sync_bytes.max(down_bytes + up_bytes);
         now_ms = (common.emulated_seconds() * 1e3) as u64;
         for (from, bytes) in updates {
             common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, bytes.len() as u64);
@@ -427,12 +429,13 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             return Err(RunError::Stopped { step });
         }
     }
-    finish_rounds(common, &coordinator, sample_packets, peak_sync_bytes)
+    finish_rounds(common, &coordinator, sample_packets)
 }
 
 /// The result of a round strategy: the coordinator's θ is the global model.
-fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>, peak_sync_bytes: u64) -> Result<RunResult, RunError> {
+fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>) -> Result<RunResult, RunError> {
     let aggregator = common.strategy.robustness(common.config.aggregator).aggregator.to_string();
+    let peak_sync_bytes = common.peak_sync_bytes;
     let mut result = common.finish(coordinator.round(), coordinator.global().to_vec())?;
     result.sample_packets = sample_packets;
     result.peak_sync_bytes_per_site = peak_sync_bytes;
@@ -475,18 +478,23 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         let site = Site::with_initial(k as u32, initial.clone(), compression)?.with_fragments(parts.clone())?;
         sites.push(SiteRuntime { site, trainer: new_trainer(config, &initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) });
     }
-    if persistence.state_dir.as_ref().is_some_and(|d| d.join(strategy.dir_name()).exists()) {
-        return Err(RunError::State(format!("{}: streaming runs do not save or resume state yet; rerun without --resume", strategy.name())));
+    // A saved state is taken right after a sync, with its merge in flight: the restored
+    // coordinator sends that merge again, and it arrives at the step it was due.
+    let (mut first_step, mut due_step, mut step_seconds_sum) = (0u64, 0u64, 0.0f64);
+    if let Some(saved) = state::load(persistence, &strategy)? {
+        first_step = saved.step;
+        (due_step, step_seconds_sum) = saved.restore_streaming(&mut common, &mut coordinator, &mut sites)?;
     }
+    let now_ms = (common.emulated_seconds() * 1e3) as u64;
     for k in 0..config.sites as u32 {
-        coordinator.handle(0, Event::SiteJoined { site: k });
+        coordinator.handle(now_ms, Event::SiteJoined { site: k });
     }
-    let mut in_flight: Option<(u64, Sends)> = Some((0, absorb(coordinator.start(0), &mut common, &coordinator, 0)?));
+    let mut in_flight: Option<(u64, Sends)> = Some((due_step, absorb(coordinator.start(now_ms), &mut common, &coordinator, first_step)?));
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
-    let (mut sample_packets, mut peak_sync_bytes) = (Vec::new(), 0u64);
-    let (mut step_seconds_sum, mut losses) = (0.0f64, [0.0f32]);
+    let mut sample_packets = Vec::new();
+    let mut losses = [0.0f32];
     let p = streaming.fragments as u64;
-    for step in 0..config.steps {
+    for step in first_step..config.steps {
         // A merge due now arrives before this step's training.
         if in_flight.as_ref().is_some_and(|(due, _)| *due <= step) {
             let (_, sends) = in_flight.take().expect("checked");
@@ -512,12 +520,18 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         if let Some((_, sends)) = in_flight.take() {
             deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
         }
-        let (sends, up_bytes, down_bytes) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1, &mut sample_packets, &mut peak_sync_bytes)?;
+        let (sends, up_bytes, down_bytes) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1, &mut sample_packets)?;
         let link_seconds = config.link.transfer_seconds(up_bytes) + config.link.transfer_seconds(down_bytes);
         // The sites compute on while the sync travels: `overlap_steps` of their (mean) step time hides it.
         let hidden = streaming.overlap_steps as f64 * step_seconds_sum / (step + 1) as f64;
         common.communication_seconds += (link_seconds - hidden).max(0.0);
         in_flight = Some((step + 1 + streaming.overlap_steps, sends));
+        if config.checkpoint_every_rounds > 0 && coordinator.round() % config.checkpoint_every_rounds == 0 {
+            RunState::of_streaming(&common, step + 1, &coordinator, &sites, step + 1 + streaming.overlap_steps, step_seconds_sum).save(persistence, &strategy)?;
+        }
+        if persistence.stop_after_rounds.is_some_and(|r| coordinator.round() >= r) {
+            return Err(RunError::Stopped { step: step + 1 });
+        }
     }
     if let Some((_, sends)) = in_flight.take() {
         deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
@@ -528,17 +542,17 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
     // DiLoCo's last round, their broadcasts are not counted (the sites still read them, to move
     // to the next round of the protocol).
     for _ in 0..p {
-        let (sends, up_bytes, _) = sync_fragment(&mut common, &mut coordinator, &mut sites, config.steps, &mut sample_packets, &mut peak_sync_bytes)?;
+        let (sends, up_bytes, _) = sync_fragment(&mut common, &mut coordinator, &mut sites, config.steps, &mut sample_packets)?;
         common.communication_seconds += config.link.transfer_seconds(up_bytes);
         deliver(&mut common, &mut sites, sends, 0.0, None)?;
     }
     // The global model: the coordinator's θ (every fragment as last merged).
-    finish_rounds(common, &coordinator, sample_packets, peak_sync_bytes)
+    finish_rounds(common, &coordinator, sample_packets)
 }
 
 /// One fragment sync: every site's update through the coordinator; returns the coordinator's
 /// broadcast (not yet delivered) and the largest update and broadcast message, in bytes.
-fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, Vec<u8>)>, peak: &mut u64) -> Result<(Sends, u64, u64), RunError> {
+fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, Vec<u8>)>) -> Result<(Sends, u64, u64), RunError> {
     let round = coordinator.round();
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     let (mut sends, mut up_bytes) = (Vec::new(), 0u64);
@@ -556,7 +570,7 @@ fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut
         }
     }
     let down_bytes = sends.iter().map(|(_, b)| b.len() as u64).max().unwrap_or(0);
-    *peak = (*peak).max(up_bytes + down_bytes);
+    common.peak_sync_bytes = common.peak_sync_bytes.max(up_bytes + down_bytes);
     Ok((sends, up_bytes, down_bytes))
 }
 
@@ -566,7 +580,8 @@ fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f3
     for (to, bytes) in sends {
         let site = sites.get_mut(to as usize).ok_or_else(|| RunError::Protocol(format!("a packet for unknown site {to}")))?;
         if samples.is_some() {
-            let round = site.site.round().map_or(0, |r| r + 1);
+            // Counted under the round the broadcast opens (its envelope says which).
+            let round = lowband_protocol::wire::decode(&bytes, bytes.len()).map(|m| m.round).map_err(|e| RunError::Protocol(format!("the coordinator sent a malformed broadcast: {e}")))?;
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
         }
         let actions = site.site.handle(SiteEvent::PacketArrived(&bytes))?;

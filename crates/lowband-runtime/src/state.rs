@@ -54,6 +54,12 @@ struct Manifest {
     site_codec_random: Vec<Option<u64>>,
     #[serde(default)]
     downlink_random: Option<u64>,
+    #[serde(default)]
+    peak_sync_bytes: u64,
+    /// Streaming: the step the in-flight merge is due, and the sum of the slowest sites' step
+    /// times so far (how much compute hides a sync).
+    #[serde(default)]
+    streaming: Option<(u64, f64)>,
 }
 
 /// A saved run, in memory.
@@ -93,6 +99,8 @@ impl RunState {
             trust: None,
             site_codec_random: Vec::new(),
             downlink_random: None,
+            peak_sync_bytes: common.peak_sync_bytes,
+            streaming: None,
         };
         RunState { manifest, tensors, step }
     }
@@ -155,6 +163,7 @@ impl RunState {
         common.compute_seconds = self.manifest.compute_seconds;
         common.communication_seconds = self.manifest.communication_seconds;
         common.next_eval_step = self.manifest.next_eval_step;
+        common.peak_sync_bytes = self.manifest.peak_sync_bytes;
         Ok(())
     }
 
@@ -181,6 +190,34 @@ impl RunState {
         self.restore_optimizer(0, trainer)?;
         self.restore_samplers(samplers.iter_mut());
         Ok(())
+    }
+
+    /// Streaming: a round strategy's state plus every site's own parameters (they differ from
+    /// the global ones between syncs) and where the in-flight merge is due.
+    pub(crate) fn of_streaming(common: &Common, step: u64, coordinator: &Coordinator, sites: &[SiteRuntime], due_step: u64, step_seconds_sum: f64) -> Self {
+        let mut saved = RunState::of_rounds(common, step, coordinator, sites);
+        for (k, site) in sites.iter().enumerate() {
+            saved.tensors.push((format!("site{k}.params"), site.trainer.params().to_vec()));
+        }
+        saved.manifest.streaming = Some((due_step, step_seconds_sum));
+        saved
+    }
+
+    /// Returns the step the in-flight merge is due and the step-time sum.
+    pub(crate) fn restore_streaming(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(u64, f64), RunError> {
+        let streaming = self.manifest.streaming.ok_or_else(|| RunError::State("the saved state is not a streaming run's".into()))?;
+        self.check(sites.len(), coordinator.global().len())?;
+        let mut params = Vec::with_capacity(sites.len());
+        for k in 0..sites.len() {
+            let name = format!("site{k}.params");
+            let at = self.tensors.iter().position(|(n, _)| *n == name).ok_or_else(|| RunError::State(format!("saved state lacks {name}")))?;
+            params.push(self.tensors.remove(at).1);
+        }
+        self.restore_rounds(common, coordinator, sites)?;
+        for (site, p) in sites.iter_mut().zip(params) {
+            site.trainer.params_mut().copy_from_slice(&p);
+        }
+        Ok(streaming)
     }
 
     pub(crate) fn restore_rounds(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(), RunError> {
@@ -260,8 +297,9 @@ pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<Run
         return Err(RunError::State(format!("{}: not a version {VERSION} run state", target.display())));
     }
     let path = target.join("tensors.safetensors");
-    // global, momentum, shared; per site m, v, an error-feedback residual and a stale update.
-    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (3 + 4 * manifest.sites as u64))?;
+    // global, momentum, shared; per site m, v, an error-feedback residual, a stale update and
+    // (streaming) its own parameters.
+    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (3 + 5 * manifest.sites as u64))?;
     let names = safetensors_names(&path, &bytes)?;
     let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
     let values = tensors_from_safetensors(&path, &bytes, &expected)?;

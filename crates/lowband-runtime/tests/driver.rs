@@ -212,3 +212,21 @@ fn randomized_codecs_resume_exactly() {
         assert_eq!(resumed.ledger, straight.ledger, "{name}");
     }
 }
+
+/// Streaming DiLoCo saves a state right after a sync (its merge in flight) and resumes to
+/// exactly the uninterrupted run: parameters, ledger, peak and emulated time.
+#[test]
+fn a_streaming_run_stopped_midway_resumes_exactly() {
+    let c = RunConfig { checkpoint_every_rounds: 1, ..config(3, 24, 8) };
+    let name = "streaming@8[fragments=4;overlap=1;mix=0.5]";
+    let straight = go(&c, name, &Persistence::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(5) };
+    assert!(matches!(go(&c, name, &stop), Err(RunError::Stopped { .. })));
+    let resumed = go(&c, name, &Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None }).unwrap();
+    assert!(resumed.final_params == straight.final_params, "the resumed parameters differ");
+    assert_eq!(resumed.ledger, straight.ledger);
+    assert_eq!(resumed.peak_sync_bytes_per_site, straight.peak_sync_bytes_per_site);
+    assert_eq!(resumed.rounds, straight.rounds);
+    assert_eq!(resumed.metrics.len(), straight.metrics.len());
+}
