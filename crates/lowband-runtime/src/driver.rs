@@ -112,7 +112,7 @@ pub(crate) struct SiteRuntime {
 
 impl SiteRuntime {
     /// Finish the site's round: its update packet (a hostile site's attack, if it is one).
-    fn update(&mut self, round: u64, range: std::ops::Range<usize>, uplink: &CodecSpec) -> Result<Vec<u8>, RunError> {
+    pub(crate) fn update(&mut self, round: u64, range: std::ops::Range<usize>, uplink: &CodecSpec) -> Result<Vec<u8>, RunError> {
         let Some(attacker) = self.attacker.as_mut() else {
             return expect_send(self.site.handle(SiteEvent::TrainingDone { round, params: self.trainer.params() })?);
         };
@@ -132,8 +132,8 @@ pub(crate) struct Common<'a> {
     pub(crate) config: &'a RunConfig,
     pub(crate) strategy: Strategy,
     split: &'a Split,
-    context: usize,
-    schedule: LrSchedule,
+    pub(crate) context: usize,
+    pub(crate) schedule: LrSchedule,
     evaluator: Gpt,
     validation: (Vec<u32>, Vec<u32>, usize),
     pub(crate) metrics: Vec<Metric>,
@@ -148,7 +148,7 @@ pub(crate) struct Common<'a> {
 }
 
 impl<'a> Common<'a> {
-    fn new(config: &'a RunConfig, strategy: Strategy, split: &'a Split) -> Result<Self, RunError> {
+    pub(crate) fn new(config: &'a RunConfig, strategy: Strategy, split: &'a Split) -> Result<Self, RunError> {
         let model = preset(&config.preset)?.model;
         let context = model.context_length;
         Ok(Common {
@@ -170,7 +170,12 @@ impl<'a> Common<'a> {
         })
     }
 
-    fn tokens_per_site_step(&self) -> u64 {
+    /// The parameters every strategy starts from (the seed's initialization).
+    pub(crate) fn initial_params(&self) -> Vec<f32> {
+        self.evaluator.params().to_vec()
+    }
+
+    pub(crate) fn tokens_per_site_step(&self) -> u64 {
         (self.config.site_batch * self.context) as u64
     }
 
@@ -210,14 +215,8 @@ impl<'a> Common<'a> {
     /// Train one site for `steps` inner steps from global step `first`; returns the per-step
     /// losses summed into `losses` and the measured seconds.
     fn train_site(&mut self, site: &mut SiteRuntime, shard: usize, first: u64, losses: &mut [f32]) -> Result<f64, RunError> {
-        let start = Instant::now();
-        for (i, loss_sum) in losses.iter_mut().enumerate() {
-            site.sampler.fill(&self.split.shards[shard], self.config.site_batch, self.context, &mut self.inputs, &mut self.targets);
-            let batch = Batch { inputs: &self.inputs, targets: &self.targets, batch_size: self.config.site_batch, seq_len: self.context };
-            let (loss, _) = site.trainer.step(&batch, self.schedule.lr_at(first + i as u64))?;
-            *loss_sum += loss;
-        }
-        Ok(start.elapsed().as_secs_f64())
+        let batch = BatchShape { site_batch: self.config.site_batch, context: self.context };
+        train_steps(site, &self.split.shards[shard], batch, &self.schedule, first, losses, (&mut self.inputs, &mut self.targets))
     }
 
     fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
@@ -252,6 +251,27 @@ impl<'a> Common<'a> {
     }
 }
 
+/// Sequences per site step and their length.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BatchShape {
+    pub(crate) site_batch: usize,
+    pub(crate) context: usize,
+}
+
+/// `losses.len()` inner steps of one site from global step `first` on its shard; each step's loss
+/// is added to `losses`; returns the measured seconds. Both drivers train through this.
+pub(crate) fn train_steps(site: &mut SiteRuntime, shard: &[u8], batch: BatchShape, schedule: &LrSchedule, first: u64, losses: &mut [f32], buffers: (&mut Vec<u32>, &mut Vec<u32>)) -> Result<f64, RunError> {
+    let start = Instant::now();
+    let (inputs, targets) = buffers;
+    for (i, loss_sum) in losses.iter_mut().enumerate() {
+        site.sampler.fill(shard, batch.site_batch, batch.context, inputs, targets);
+        let b = Batch { inputs, targets, batch_size: batch.site_batch, seq_len: batch.context };
+        let (loss, _) = site.trainer.step(&b, schedule.lr_at(first + i as u64))?;
+        *loss_sum += loss;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// Site k's data stream, seeded as the reference does: seed * 1000 + k.
 fn site_sampler(config: &RunConfig, k: usize) -> Sampler {
     Sampler::new(config.seed.wrapping_mul(1000).wrapping_add(k as u64))
@@ -262,7 +282,7 @@ fn new_trainer(config: &RunConfig, initial: &[f32]) -> Result<CpuTrainer, RunErr
     Ok(CpuTrainer::new(Gpt::from_params(model, initial.to_vec())?, config.optimizer)?)
 }
 
-fn new_sites(config: &RunConfig, initial: &[f32], compression: Compression) -> Result<Vec<SiteRuntime>, RunError> {
+pub(crate) fn new_sites(config: &RunConfig, initial: &[f32], compression: Compression) -> Result<Vec<SiteRuntime>, RunError> {
     (0..config.sites)
         .map(|k| {
             let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
@@ -433,7 +453,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
 }
 
 /// The result of a round strategy: the coordinator's θ is the global model.
-fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>) -> Result<RunResult, RunError> {
+pub(crate) fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>) -> Result<RunResult, RunError> {
     let aggregator = common.strategy.robustness(common.config.aggregator).aggregator.to_string();
     let peak_sync_bytes = common.peak_sync_bytes;
     let mut result = common.finish(coordinator.round(), coordinator.global().to_vec())?;
@@ -445,7 +465,7 @@ fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<
 }
 
 /// Packets the coordinator addressed to sites: (site, bytes).
-type Sends = Vec<(u32, Vec<u8>)>;
+pub(crate) type Sends = Vec<(u32, Vec<u8>)>;
 
 /// Contiguous, nearly equal ranges of `params` (the layout keeps each block together, so these
 /// are groups of layers).
@@ -610,7 +630,7 @@ impl Common<'_> {
 
 /// Carry out the coordinator's actions except sending: returns the sends (the next round's
 /// global parameters), which the round loop delivers.
-fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
+pub(crate) fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
     let mut sends = Vec::new();
     // Refusals at a round's close come before its report: log them under that round.
     let closing = actions.iter().find_map(|a| if let Action::RoundClosed(r) = a { Some(r.round) } else { None });
@@ -635,7 +655,7 @@ fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, 
     Ok(sends)
 }
 
-fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {
+pub(crate) fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {
     match actions.as_slice() {
         [SiteAction::Train { round: r }] if *r == round => Ok(()),
         other => Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),

@@ -9,6 +9,7 @@ pub mod attack;
 pub mod config;
 pub mod driver;
 pub mod ledger;
+pub mod network;
 pub mod link;
 pub mod state;
 pub mod strategy;

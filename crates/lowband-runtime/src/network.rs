@@ -1,0 +1,214 @@
+//! The networked driver, first part (issue 5): the coordinator and K sites run the same protocol
+//! code as the in-memory driver, but every packet crosses a real QUIC connection (lowband-net:
+//! ed25519 keys, TLS 1.3, a size limit per message) and is signed by its maker. Today the nodes
+//! are tasks of one process on loopback; the `coordinator` / `site` processes, membership
+//! changes, crash recovery and link shaping are the rest of issue 5.
+//!
+//! What the coordinator receives is opened with the sending site's key (a packet that another
+//! key signed is refused and counted against that site); what it sends is signed with its own.
+//! Sites train in parallel; since the coordinator merges in site order, the result is bitwise
+//! the in-memory driver's. The ledger counts the bytes handed to QUIC: the envelope plus its
+//! 64-byte signature (the in-memory ledger has no signatures), not QUIC's own headers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use lowband_codec::CodecSpec;
+use lowband_data::Split;
+use lowband_net::{open, seal, AllowList, Identity, Limits, NetError, Node, PublicKey};
+use lowband_engine::Trainer;
+use lowband_protocol::{Coordinator, CoordinatorConfig, Event, SiteEvent};
+
+use crate::config::RunConfig;
+use crate::driver::{absorb, finish_rounds, new_sites, train_steps, BatchShape, Common, Metric, SiteRuntime};
+use crate::ledger::Endpoint;
+use crate::strategy::{Strategy, StrategyKind};
+use crate::{RunError, RunResult};
+
+impl From<NetError> for RunError {
+    fn from(e: NetError) -> Self {
+        RunError::Protocol(format!("network: {e}"))
+    }
+}
+
+/// Run a round strategy with every node on loopback QUIC, in this process.
+pub fn run_over_loopback(config: &RunConfig, strategy: Strategy, split: &Split, limits: Limits) -> Result<RunResult, RunError> {
+    config.validate().map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
+    if strategy.kind != StrategyKind::Rounds || strategy.streaming.is_some() {
+        return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round strategies (not DDP, not streaming yet)", strategy.name()) });
+    }
+    if split.shards.len() != config.sites {
+        return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(config.sites.clamp(2, 8)).enable_all().build().map_err(|e| RunError::Io { path: "tokio runtime".into(), source: e })?;
+    runtime.block_on(run_async(config, strategy, split, limits))
+}
+
+/// What a site task needs besides its state.
+struct SiteJob {
+    identity: Arc<Identity>,
+    coordinator: (SocketAddr, PublicKey),
+    shard: Arc<Vec<u8>>,
+    batch: BatchShape,
+    schedule: lowband_engine::LrSchedule,
+    steps: u64,
+    inner_steps: u64,
+    params: usize,
+    uplink: CodecSpec,
+    limits: Limits,
+}
+
+async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits: Limits) -> Result<RunResult, RunError> {
+    let started = Instant::now();
+    let mut common = Common::new(config, strategy.clone(), split)?;
+    let initial = common.initial_params();
+    let n = initial.len();
+    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
+    let compression = strategy.compression;
+    let robustness = strategy.robustness(config.aggregator);
+    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, robustness, ..CoordinatorConfig::new(n, outer) };
+    let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
+    let sites = new_sites(config, &initial, compression)?;
+
+    // Keys: the coordinator's, and one per site on its allow-list.
+    let coordinator_identity = Arc::new(Identity::generate()?);
+    let site_identities: Vec<Arc<Identity>> = (0..config.sites).map(|_| Identity::generate().map(Arc::new)).collect::<Result<_, _>>()?;
+    let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
+    let ids: BTreeMap<PublicKey, u32> = site_keys.iter().enumerate().map(|(k, key)| (*key, k as u32)).collect();
+    let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
+    let node = Node::listen(coordinator_identity.clone(), "127.0.0.1:0".parse().expect("loopback"), allowed, limits.clone())?;
+    let address = node.local_addr()?;
+
+    let mut site_tasks = Vec::new();
+    for (k, site) in sites.into_iter().enumerate() {
+        let job = SiteJob {
+            identity: site_identities[k].clone(),
+            coordinator: (address, coordinator_identity.public_key()),
+            shard: Arc::new(split.shards[k].clone()),
+            batch: BatchShape { site_batch: config.site_batch, context: common.context },
+            schedule: common.schedule.clone(),
+            steps: config.steps,
+            inner_steps: strategy.inner_steps,
+            params: n,
+            uplink: compression.uplink,
+            limits: limits.clone(),
+        };
+        site_tasks.push(tokio::spawn(site_task(site, job)));
+    }
+
+    // Every site connects; each connection gets a reader that forwards (site, message).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Result<Vec<u8>, NetError>)>();
+    let mut peers = BTreeMap::new();
+    while peers.len() < config.sites {
+        match node.accept().await {
+            Some(Ok(peer)) => {
+                let Some(&id) = ids.get(&peer.key()) else { continue };
+                let (reader, tx) = (peer.clone(), tx.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let message = reader.recv().await;
+                        let closed = matches!(message, Err(NetError::Closed(_)));
+                        if tx.send((id, message)).is_err() || closed {
+                            return;
+                        }
+                    }
+                });
+                peers.insert(id, peer);
+            }
+            Some(Err(_)) => continue,
+            None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
+        }
+    }
+    let now_ms = || started.elapsed().as_millis() as u64;
+    for k in 0..config.sites as u32 {
+        coordinator.handle(now_ms(), Event::SiteJoined { site: k });
+    }
+    let mut sends = absorb(coordinator.start(now_ms()), &mut common, &coordinator, 0)?;
+    let mut step = 0u64;
+    let mut sample_packets: Vec<(String, Vec<u8>)> = Vec::new();
+    while step < config.steps {
+        let round = coordinator.round();
+        for (to, bytes) in std::mem::take(&mut sends) {
+            let sealed = seal(&coordinator_identity, &bytes);
+            common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), sealed.len() as u64);
+            if to == 0 {
+                sample_packets = vec![("global".into(), bytes)];
+            }
+            if let Some(peer) = peers.get(&to) {
+                peer.send(&sealed).await?;
+            }
+        }
+        step += strategy.inner_steps.min(config.steps - step);
+        // Updates until the round closes (every member reported, refused, or left).
+        while coordinator.round() == round {
+            let (from, message) = rx.recv().await.ok_or_else(|| RunError::Protocol("every site connection closed".into()))?;
+            let sealed = match message {
+                Ok(bytes) => bytes,
+                Err(NetError::Closed(reason)) => {
+                    sends.extend(absorb(coordinator.handle(now_ms(), Event::SiteLeft { site: from }), &mut common, &coordinator, step)?);
+                    common.metrics.push(Metric::Refused { round, site: from, reason: format!("connection closed: {reason}") });
+                    continue;
+                }
+                Err(e) => {
+                    common.metrics.push(Metric::Refused { round, site: from, reason: e.to_string() });
+                    continue;
+                }
+            };
+            common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, sealed.len() as u64);
+            let packet = match open(site_keys[from as usize], &sealed) {
+                Ok(packet) => packet,
+                // Not signed by the site that sent it: logged as such, and handed to the protocol
+                // as an empty (malformed) packet, which refuses and scores it, so that it cannot
+                // stall the round.
+                Err(e) => {
+                    common.metrics.push(Metric::Refused { round, site: from, reason: e.to_string() });
+                    let actions = coordinator.handle(now_ms(), Event::PacketArrived { from, bytes: &[] });
+                    let actions = actions.into_iter().filter(|a| !matches!(a, lowband_protocol::Action::Rejected { .. })).collect();
+                    sends.extend(absorb(actions, &mut common, &coordinator, step)?);
+                    continue;
+                }
+            };
+            if from == 0 {
+                sample_packets.retain(|(kind, _)| kind != "update");
+                sample_packets.push(("update".into(), packet.to_vec()));
+            }
+            sends.extend(absorb(coordinator.handle(now_ms(), Event::PacketArrived { from, bytes: packet }), &mut common, &coordinator, step)?);
+        }
+    }
+    node.close();
+    for task in site_tasks {
+        task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+    }
+    common.compute_seconds = started.elapsed().as_secs_f64();
+    finish_rounds(common, &coordinator, sample_packets)
+}
+
+/// One site: connect, then per round: the coordinator's packet, H inner steps, the update.
+async fn site_task(mut site: SiteRuntime, job: SiteJob) -> Result<(), RunError> {
+    let node = Node::client(job.identity.clone(), "127.0.0.1:0".parse().expect("loopback"), job.limits.clone())?;
+    let peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
+    let (mut step, mut inputs, mut targets) = (0u64, Vec::new(), Vec::new());
+    while step < job.steps {
+        let sealed = match peer.recv().await {
+            Ok(sealed) => sealed,
+            // The coordinator ended the run, or excluded this site: nothing more to do.
+            Err(NetError::Closed(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let packet = open(job.coordinator.1, &sealed)?;
+        let round = match site.site.handle(SiteEvent::PacketArrived(packet))?.as_slice() {
+            [lowband_protocol::SiteAction::Train { round }] => *round,
+            other => return Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+        };
+        let h = job.inner_steps.min(job.steps - step);
+        let mut losses = vec![0.0f32; h as usize];
+        site.trainer.params_mut().copy_from_slice(site.site.round_start());
+        tokio::task::block_in_place(|| train_steps(&mut site, &job.shard, job.batch, &job.schedule, step, &mut losses, (&mut inputs, &mut targets)))?;
+        let update = site.update(round, 0..job.params, &job.uplink)?;
+        peer.send(&seal(&job.identity, &update)).await?;
+        step += h;
+    }
+    Ok(())
+}
