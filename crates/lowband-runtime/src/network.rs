@@ -88,7 +88,7 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
             coordinator: (address, coordinator_identity.public_key()),
             shard: Arc::new(split.shards[k].clone()),
             batch: BatchShape { site_batch: config.site_batch, context: common.context },
-            schedule: common.schedule.clone(),
+            schedule: common.schedule,
             steps: config.steps,
             inner_steps: strategy.inner_steps,
             params: n,

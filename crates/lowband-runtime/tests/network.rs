@@ -49,7 +49,7 @@ fn ddp_and_streaming_are_refused_with_a_reason() {
     let c = config(2, &[], "mean");
     let s = split(&c);
     for name in ["ddp", "streaming@8[overlap=1]"] {
-        let error = run_over_loopback(&c, Strategy::parse(name, 4).unwrap(), &s, Limits::default()).err().expect("refused").to_string();
+        let error = run_over_loopback(&c, Strategy::parse(name, 4).unwrap(), &s, Limits::default()).expect_err("refused").to_string();
         assert!(error.contains("round strategies"), "{error}");
     }
 }
