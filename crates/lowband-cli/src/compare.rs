@@ -180,7 +180,29 @@ pub fn run_compare(args: &CompareArgs) -> Result<()> {
 
 /// Run the strategies, print and write the report.
 pub fn run_with(args: &CompareArgs) -> Result<Outcome> {
+    run_with_driver(args, Driver::Memory)
+}
+
+/// Which driver runs the round strategies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Driver {
+    /// Every site and the coordinator in this process, packets handed over in memory.
+    Memory,
+    /// The coordinator and every site as nodes on loopback QUIC (keys, TLS, signed packets);
+    /// DDP still runs in memory (it is the reference, not a lowband protocol).
+    Loopback,
+}
+
+pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     let (config, strategies, corpus) = settings(args)?;
+    if driver == Driver::Loopback {
+        if args.resume || args.stop_after_rounds.is_some() {
+            bail!("cluster: --resume is not supported yet (the networked driver saves no state)");
+        }
+        if let Some(s) = strategies.iter().find(|s| s.streaming.is_some()) {
+            bail!("--strategies: {}: streaming does not run over the network yet", s.name());
+        }
+    }
     let model = lowband_engine::preset(&config.preset)?.model;
     let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes)?;
     let split = Split::new(&bytes, config.validation_fraction, config.sites, config.shard, model.context_length)?;
@@ -198,11 +220,31 @@ pub fn run_with(args: &CompareArgs) -> Result<Outcome> {
     let persistence = Persistence { state_dir: Some(state_dir), stop_after_rounds: args.stop_after_rounds };
     let mut results: Vec<RunResult> = Vec::new();
     for strategy in &strategies {
-        results.push(run_one(&config, strategy.clone(), &split, &persistence, tokens)?);
+        let networked = driver == Driver::Loopback && strategy.kind == lowband_runtime::StrategyKind::Rounds;
+        results.push(if networked { run_networked(&config, strategy.clone(), &split)? } else { run_one(&config, strategy.clone(), &split, &persistence, tokens)? });
+    }
+    if driver == Driver::Loopback {
+        println!("\ncluster: the round strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites);
     }
     let comparison = Comparison { config: &config, results: &results, corpus: &source, floor, name: &name };
     report::write_all(&comparison, &run_dir, args.json.as_deref())?;
     Ok(Outcome { config, results, split, run_dir })
+}
+
+fn run_networked(config: &RunConfig, strategy: Strategy, split: &Split) -> Result<RunResult> {
+    let spinner = ProgressBar::new_spinner().with_message(format!("{} over QUIC on loopback", strategy.name()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let result = lowband_runtime::network::run_over_loopback(config, strategy, split, lowband_net::Limits::default());
+    match result {
+        Ok(r) => {
+            spinner.finish_with_message(format!("{:<11} over QUIC: val loss {:.4}", r.strategy.name(), r.final_val_loss));
+            Ok(r)
+        }
+        Err(e) => {
+            spinner.abandon();
+            Err(e.into())
+        }
+    }
 }
 
 fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &Persistence, tokens: u64) -> Result<RunResult> {

@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run strategies side by side on one budget against DDP (the default when no command is given).
     Compare(compare::CompareArgs),
+    /// Like compare, with the coordinator and the sites as nodes on loopback QUIC (ed25519 keys,
+    /// TLS, signed packets; one process for now: separate processes are issue 5's next step).
+    Cluster(compare::CompareArgs),
     /// Train one model with one strategy (same settings as compare) and save its checkpoint.
     Train(train::TrainArgs),
     /// Write a freshly initialized checkpoint.
@@ -120,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             _ => unreachable!("`lowband compare` parses to the compare command"),
         },
         Some(Command::Compare(args)) => compare::run_compare(&args),
+        Some(Command::Cluster(args)) => compare::run_with_driver(&args, compare::Driver::Loopback).map(|_| ()),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Init(args)) => engine_cmds::init(&args),
         Some(Command::Eval(args)) => engine_cmds::eval(&args),

@@ -162,3 +162,26 @@ fn an_attacked_compare_reports_every_site_and_the_exclusion() {
     assert!(strategies[1]["final_val_loss"].as_f64().unwrap() < strategies[0]["final_val_loss"].as_f64().unwrap(), "the median beats the attacked mean");
     assert_eq!(summary["config"]["attacks"][0], "1:scale=-10");
 }
+
+#[test]
+fn cluster_runs_the_round_strategies_over_quic_with_the_same_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args[0] = "cluster";
+    args[4] = "24";
+    args.extend(["--sites", "3", "--strategies", "diloco@4,diloco@4[agg=trimmed-mean]", "--attack", "2:garbage", "--json", "out.json", "--name", "c"]);
+    let o = lowband(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("loopback QUIC"), "{stdout}");
+    assert!(stdout.contains("site 2 excluded"), "{stdout}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    assert_eq!(summary["strategies"].as_array().unwrap().len(), 2);
+    // Streaming and resuming are refused with a reason.
+    let mut streaming = SMALL_RUN.to_vec();
+    streaming[0] = "cluster";
+    streaming.extend(["--strategies", "streaming@4[fragments=2;overlap=1]"]);
+    let o = lowband(&streaming, dir.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("streaming does not run over the network yet"));
+}

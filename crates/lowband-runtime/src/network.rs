@@ -8,7 +8,10 @@
 //! key signed is refused and counted against that site); what it sends is signed with its own.
 //! Sites train in parallel; since the coordinator merges in site order, the result is bitwise
 //! the in-memory driver's. The ledger counts the bytes handed to QUIC: the envelope plus its
-//! 64-byte signature (the in-memory ledger has no signatures), not QUIC's own headers.
+//! 64-byte signature (the in-memory ledger has no signatures), not QUIC's own headers. Emulated
+//! time is defined as in the in-memory driver (per round, the slowest site's measured training
+//! plus the link profile's time for the largest message each way), from what the sites report
+//! when the run ends.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -130,8 +133,10 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
     let mut sample_packets: Vec<(String, Vec<u8>)> = Vec::new();
     while step < config.steps {
         let round = coordinator.round();
+        let (mut down_bytes, mut up_bytes) = (0u64, 0u64);
         for (to, bytes) in std::mem::take(&mut sends) {
             let sealed = seal(&coordinator_identity, &bytes);
+            down_bytes = down_bytes.max(sealed.len() as u64);
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), sealed.len() as u64);
             if to == 0 {
                 sample_packets = vec![("global".into(), bytes)];
@@ -157,6 +162,7 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
                 }
             };
             common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, sealed.len() as u64);
+            up_bytes = up_bytes.max(sealed.len() as u64);
             let packet = match open(site_keys[from as usize], &sealed) {
                 Ok(packet) => packet,
                 // Not signed by the site that sent it: logged as such, and handed to the protocol
@@ -176,25 +182,36 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
             }
             sends.extend(absorb(coordinator.handle(now_ms(), Event::PacketArrived { from, bytes: packet }), &mut common, &coordinator, step)?);
         }
+        common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
+        common.peak_sync_bytes = common.peak_sync_bytes.max(down_bytes + up_bytes);
     }
     node.close();
+    // Per round, the slowest site's training time.
+    let mut slowest: Vec<f64> = Vec::new();
     for task in site_tasks {
-        task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+        let seconds = task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+        for (round, s) in seconds.into_iter().enumerate() {
+            if slowest.len() <= round {
+                slowest.resize(round + 1, 0.0);
+            }
+            slowest[round] = slowest[round].max(s);
+        }
     }
-    common.compute_seconds = started.elapsed().as_secs_f64();
+    common.compute_seconds = slowest.iter().sum();
     finish_rounds(common, &coordinator, sample_packets)
 }
 
 /// One site: connect, then per round: the coordinator's packet, H inner steps, the update.
-async fn site_task(mut site: SiteRuntime, job: SiteJob) -> Result<(), RunError> {
+/// Returns its training seconds per round.
+async fn site_task(mut site: SiteRuntime, job: SiteJob) -> Result<Vec<f64>, RunError> {
     let node = Node::client(job.identity.clone(), "127.0.0.1:0".parse().expect("loopback"), job.limits.clone())?;
     let peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
-    let (mut step, mut inputs, mut targets) = (0u64, Vec::new(), Vec::new());
+    let (mut step, mut inputs, mut targets, mut seconds) = (0u64, Vec::new(), Vec::new(), Vec::new());
     while step < job.steps {
         let sealed = match peer.recv().await {
             Ok(sealed) => sealed,
             // The coordinator ended the run, or excluded this site: nothing more to do.
-            Err(NetError::Closed(_)) => return Ok(()),
+            Err(NetError::Closed(_)) => return Ok(seconds),
             Err(e) => return Err(e.into()),
         };
         let packet = open(job.coordinator.1, &sealed)?;
@@ -205,10 +222,10 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob) -> Result<(), RunError> 
         let h = job.inner_steps.min(job.steps - step);
         let mut losses = vec![0.0f32; h as usize];
         site.trainer.params_mut().copy_from_slice(site.site.round_start());
-        tokio::task::block_in_place(|| train_steps(&mut site, &job.shard, job.batch, &job.schedule, step, &mut losses, (&mut inputs, &mut targets)))?;
+        seconds.push(tokio::task::block_in_place(|| train_steps(&mut site, &job.shard, job.batch, &job.schedule, step, &mut losses, (&mut inputs, &mut targets)))?);
         let update = site.update(round, 0..job.params, &job.uplink)?;
         peer.send(&seal(&job.identity, &update)).await?;
         step += h;
     }
-    Ok(())
+    Ok(seconds)
 }
