@@ -141,74 +141,77 @@ const BUCKET_SHIFT: u32 = 20;
 /// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index), into
 /// `positions` (length k). `candidates` and `magnitudes` are scratch.
 ///
-/// The bits of |v| order like |v| for non-negative floats, so the search works on integers. Two
-/// passes over the chunk: a histogram of the top bits finds the bucket holding the k-th
-/// largest; the second pass (branch-free) emits every position above that bucket and collects
-/// the bucket's few members, among which a selection finds the exact threshold; the two
-/// ascending lists are then merged.
+/// The bits of |v| order like |v| for non-negative floats, so the search works on integers. A
+/// histogram of every 16th value's top bits estimates a bucket below which at most ~k/2 of the
+/// k largest can lie; one (branch-free) pass collects every value from that bucket up, in index
+/// order; a selection among those finds the exact threshold, and a filter keeps the k in index
+/// order. If the estimate was too high (fewer than k collected), an exact histogram decides
+/// instead. Either way the result is the exact top k.
 fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<(u32, u32)>, magnitudes: &mut Vec<u32>, positions: &mut [u32]) {
     debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
+    const STRIDE: usize = 16;
+    let bucket_of = |v: &f32| ((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize;
     let mut histogram = [0u32; BUCKETS];
-    for v in signal {
-        histogram[((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize] += 1;
+    for v in signal.iter().step_by(STRIDE) {
+        histogram[bucket_of(v)] += 1;
     }
+    // Aim for about 2k candidates: the bucket where the sampled count from the top reaches 2k/16.
+    let wanted_sampled = (2 * k).div_ceil(STRIDE);
     let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
-    while above + (histogram[bucket] as usize) < k {
+    while bucket > 0 && above + (histogram[bucket] as usize) < wanted_sampled {
         above += histogram[bucket] as usize;
         bucket -= 1;
     }
-    let in_bucket = histogram[bucket] as usize;
-    // Every slot is written before it is counted: `at` stays below k (the k-th largest is in
-    // the bucket, so above < k) and `found` below the bucket's size + 1.
-    candidates.clear();
-    candidates.resize(in_bucket + 1, (0, 0));
-    let (mut at, mut found) = (0usize, 0usize);
-    let bucket = bucket as u32;
-    {
-        let (slots, picks) = (candidates.as_mut_slice(), &mut *positions);
-        for (i, v) in signal.iter().enumerate() {
-            let m = v.to_bits() & 0x7fff_ffff;
-            let b = m >> BUCKET_SHIFT;
-            picks[at] = i as u32;
-            at += (b > bucket) as usize;
-            slots[found] = (m, i as u32);
-            found += (b == bucket) as usize;
+    let mut found = collect_from(signal, bucket as u32, candidates);
+    if found < k {
+        // The sample misled us: find the exact bucket of the k-th largest.
+        histogram.fill(0);
+        for v in signal {
+            histogram[bucket_of(v)] += 1;
         }
+        let (mut exact, mut count) = (BUCKETS - 1, 0usize);
+        while count + (histogram[exact] as usize) < k {
+            count += histogram[exact] as usize;
+            exact -= 1;
+        }
+        found = collect_from(signal, exact as u32, candidates);
     }
-    candidates.truncate(found);
-    debug_assert_eq!(at, above);
-    // The (k − above)-th largest magnitude in the bucket is the threshold; take everything
-    // above it and the lowest-indexed ties.
-    let wanted = k - above;
-    let cut = candidates.len() - wanted;
+    let candidates = &candidates[..found];
+    // The k-th largest magnitude among the candidates is the threshold; keep everything above it
+    // and the lowest-indexed ties.
     magnitudes.clear();
     magnitudes.extend(candidates.iter().map(|c| c.0));
+    let cut = magnitudes.len() - k;
     let threshold = *magnitudes.select_nth_unstable(cut).1;
-    let greater = candidates.iter().filter(|c| c.0 > threshold).count();
-    let mut ties_needed = wanted - greater;
-    candidates.retain(|&(m, _)| {
-        if m > threshold {
-            true
-        } else if m == threshold && ties_needed > 0 {
-            ties_needed -= 1;
-            true
-        } else {
-            false
-        }
-    });
-    debug_assert_eq!(candidates.len(), wanted);
-    // Merge from the back: positions[..above] and the chosen candidates, both ascending.
-    let (mut i, mut j, mut out) = (above, wanted, k);
-    while j > 0 {
-        out -= 1;
-        if i > 0 && positions[i - 1] > candidates[j - 1].1 {
-            positions[out] = positions[i - 1];
-            i -= 1;
-        } else {
-            positions[out] = candidates[j - 1].1;
-            j -= 1;
+    let greater = magnitudes[cut + 1..].iter().filter(|m| **m > threshold).count();
+    let mut ties_needed = k - greater;
+    let mut at = 0;
+    for &(m, i) in candidates.iter() {
+        if m > threshold || (m == threshold && ties_needed > 0) {
+            if m == threshold {
+                ties_needed -= 1;
+            }
+            positions[at] = i;
+            at += 1;
         }
     }
+    debug_assert_eq!(at, k);
+}
+
+/// Every (|v| bits, index) whose bucket is at least `bucket`, in index order, into the front of
+/// `candidates`; returns how many (branch-free: each value is written, the count advances only
+/// for members). The scratch keeps its length between calls (no clearing).
+fn collect_from(signal: &[f32], bucket: u32, candidates: &mut Vec<(u32, u32)>) -> usize {
+    if candidates.len() < signal.len() + 1 {
+        candidates.resize(signal.len() + 1, (0, 0));
+    }
+    let mut found = 0usize;
+    for (i, v) in signal.iter().enumerate() {
+        let m = v.to_bits() & 0x7fff_ffff;
+        candidates[found] = (m, i as u32);
+        found += ((m >> BUCKET_SHIFT) >= bucket) as usize;
+    }
+    found
 }
 
 impl Codec for Sparse {
