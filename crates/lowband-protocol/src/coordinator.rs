@@ -28,7 +28,7 @@ pub struct CoordinatorConfig {
     pub sites_start_synced: bool,
     /// Streaming: the fragments rounds synchronize in turn (see [`crate::validate_fragments`]).
     pub fragments: Vec<std::ops::Range<usize>>,
-    /// The aggregator, the norm check and the exclusion rule (see [`crate::trust`]).
+    /// The aggregator, the norm and direction checks and the exclusion rule (see [`crate::trust`]).
     pub robustness: Robustness,
 }
 
@@ -83,8 +83,8 @@ pub struct RoundReport {
     pub contributors: Vec<SiteId>,
     /// Members that had not reported when the round closed on a quorum.
     pub missing: Vec<SiteId>,
-    /// Updates refused when the round closed (their norm was out of bounds); packets refused
-    /// on arrival are reported as [`Action::Rejected`] at once.
+    /// Updates refused when the round closed (by the norm or the direction check); packets
+    /// refused on arrival are reported as [`Action::Rejected`] at once.
     pub refused: Vec<SiteId>,
     /// Accepted updates whose influence the aggregator cut hard.
     pub downweighted: Vec<SiteId>,
@@ -297,7 +297,6 @@ impl Coordinator {
         actions
     }
 
-    /// A new member takes part from the next round that opens (join at round boundaries).
     fn remove_member(&mut self, site: SiteId) {
         self.members.remove(&site);
         self.synced.remove(&site);
@@ -316,6 +315,7 @@ impl Coordinator {
         }
     }
 
+    /// A new member takes part from the next round that opens (join at round boundaries).
     fn on_join(&mut self, now_ms: u64, site: SiteId, actions: &mut Vec<Action>) {
         if self.trust.is_excluded(site) {
             actions.push(Action::Rejected { from: site, reason: ProtocolError::Excluded(site) });
@@ -440,7 +440,8 @@ impl Coordinator {
         let open = self.open.take().expect("close_round needs an open round");
         let range = crate::fragment_of(&self.config.fragments, self.config.params, open.round);
         let fragment = if self.config.fragments.is_empty() { 0 } else { (open.round % self.config.fragments.len() as u64) as usize };
-        // The norm check, against recent rounds (or this round's median in the first).
+        // The norm check, against this round's median norm (recent rounds' when it has fewer
+        // than 3 updates).
         let norms: Vec<f32> = open.received.values().map(|d| d.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32).collect();
         let reference = self.trust.reference_norm(fragment, &norms);
         let robustness = self.config.robustness;
