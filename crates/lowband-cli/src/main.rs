@@ -6,6 +6,7 @@ mod bench;
 mod compare;
 mod engine_cmds;
 mod inspect;
+mod nodes;
 mod plots;
 mod report;
 mod robustness;
@@ -50,6 +51,10 @@ enum Command {
     /// Benchmarks (results go into docs/results.md with their command).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run the coordinator of a cluster (a cluster file lists the strategy, the run and the keys).
+    Coordinator(nodes::CoordinatorArgs),
+    /// Run one site of a cluster, joining its coordinator.
+    Site(nodes::SiteArgs),
     /// Make a node key (ed25519) and print its public key: the line a cluster config lists.
     Keygen(KeygenArgs),
     /// Look inside lowband's files.
@@ -134,5 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Robustness(args))) => robustness::run_grid(&args),
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
         Some(Command::Keygen(args)) => keygen(&args),
+        Some(Command::Coordinator(args)) => nodes::coordinator(&args),
+        Some(Command::Site(args)) => nodes::site(&args),
     }
 }

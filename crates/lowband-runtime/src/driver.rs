@@ -283,12 +283,13 @@ fn new_trainer(config: &RunConfig, initial: &[f32]) -> Result<CpuTrainer, RunErr
 }
 
 pub(crate) fn new_sites(config: &RunConfig, initial: &[f32], compression: Compression) -> Result<Vec<SiteRuntime>, RunError> {
-    (0..config.sites)
-        .map(|k| {
-            let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
-            Ok(SiteRuntime { site, trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) })
-        })
-        .collect()
+    (0..config.sites).map(|k| new_site(config, initial, compression, k)).collect()
+}
+
+/// Site k of a run: its protocol state, trainer, data stream and (if hostile) attacker.
+pub(crate) fn new_site(config: &RunConfig, initial: &[f32], compression: Compression, k: usize) -> Result<SiteRuntime, RunError> {
+    let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
+    Ok(SiteRuntime { site, trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) })
 }
 
 /// Run one strategy on `split` under `config`.

@@ -25,7 +25,7 @@ use lowband_engine::Trainer;
 use lowband_protocol::{Coordinator, CoordinatorConfig, Event, SiteEvent};
 
 use crate::config::RunConfig;
-use crate::driver::{absorb, finish_rounds, new_sites, train_steps, BatchShape, Common, Metric, SiteRuntime};
+use crate::driver::{absorb, finish_rounds, new_site, new_sites, train_steps, BatchShape, Common, Metric, SiteRuntime};
 use crate::ledger::Endpoint;
 use crate::strategy::{Strategy, StrategyKind};
 use crate::{RunError, RunResult};
@@ -38,6 +38,15 @@ impl From<NetError> for RunError {
 
 /// Run a round strategy with every node on loopback QUIC, in this process.
 pub fn run_over_loopback(config: &RunConfig, strategy: Strategy, split: &Split, limits: Limits) -> Result<RunResult, RunError> {
+    check_networkable(config, &strategy, split)?;
+    runtime(config.sites)?.block_on(run_async(config, strategy, split, limits))
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, RunError> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads.clamp(2, 8)).enable_all().build().map_err(|e| RunError::Io { path: "tokio runtime".into(), source: e })
+}
+
+fn check_networkable(config: &RunConfig, strategy: &Strategy, split: &Split) -> Result<(), RunError> {
     config.validate().map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
     if strategy.kind != StrategyKind::Rounds || strategy.streaming.is_some() {
         return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round strategies (not DDP, not streaming yet)", strategy.name()) });
@@ -45,8 +54,71 @@ pub fn run_over_loopback(config: &RunConfig, strategy: Strategy, split: &Split, 
     if split.shards.len() != config.sites {
         return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(config.sites.clamp(2, 8)).enable_all().build().map_err(|e| RunError::Io { path: "tokio runtime".into(), source: e })?;
-    runtime.block_on(run_async(config, strategy, split, limits))
+    Ok(())
+}
+
+/// A coordinator process: listen on `listen`, admit exactly `site_keys` (site k is the k-th),
+/// run the rounds, return the result. `listening` is told the bound address first (a port 0
+/// becomes a real one). The emulated time is the coordinator's wall clock here: the sites'
+/// compute is not reported across processes yet.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_coordinator(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    identity: Arc<Identity>,
+    site_keys: Vec<PublicKey>,
+    listen: SocketAddr,
+    limits: Limits,
+    listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
+) -> Result<RunResult, RunError> {
+    check_networkable(config, &strategy, split)?;
+    if site_keys.len() != config.sites {
+        return Err(RunError::InvalidConfig { field: "site_keys", reason: format!("{} keys for {} sites", site_keys.len(), config.sites) });
+    }
+    runtime(config.sites)?.block_on(async {
+        let started = Instant::now();
+        let common = Common::new(config, strategy.clone(), split)?;
+        let initial = common.initial_params();
+        let coordinator = Coordinator::new(coordinator_config(config, &strategy, initial.len()), initial)?;
+        let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
+        let node = Node::listen(identity.clone(), listen, allowed, limits)?;
+        listening(node.local_addr()?)?;
+        let (mut common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &identity, &site_keys, strategy.inner_steps, started).await?;
+        node.close();
+        common.compute_seconds = started.elapsed().as_secs_f64() - common.communication_seconds;
+        finish_rounds(common, &coordinator, sample_packets)
+    })
+}
+
+/// A site process: site `site` of the run, connecting to the coordinator at `coordinator`.
+pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u32, identity: Arc<Identity>, coordinator: (SocketAddr, PublicKey), limits: Limits) -> Result<(), RunError> {
+    check_networkable(config, &strategy, split)?;
+    let k = site as usize;
+    if k >= config.sites {
+        return Err(RunError::InvalidConfig { field: "site", reason: format!("site {site} of a {}-site run", config.sites) });
+    }
+    let model = lowband_engine::preset(&config.preset)?.model;
+    let initial = lowband_engine::Gpt::new(model, config.seed)?.params().to_vec();
+    let state = new_site(config, &initial, strategy.compression, k)?;
+    let job = SiteJob {
+        identity,
+        coordinator,
+        shard: Arc::new(split.shards[k].clone()),
+        batch: BatchShape { site_batch: config.site_batch, context: model.context_length },
+        schedule: lowband_engine::LrSchedule::reference(config.optimizer.lr, config.steps),
+        steps: config.steps,
+        inner_steps: strategy.inner_steps,
+        params: initial.len(),
+        uplink: strategy.compression.uplink,
+        limits,
+    };
+    runtime(2)?.block_on(site_task(state, job)).map(|_| ())
+}
+
+fn coordinator_config(config: &RunConfig, strategy: &Strategy, params: usize) -> CoordinatorConfig {
+    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
+    CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression: strategy.compression, sites_start_synced: true, robustness: strategy.robustness(config.aggregator), ..CoordinatorConfig::new(params, outer) }
 }
 
 /// What a site task needs besides its state.
@@ -65,21 +137,17 @@ struct SiteJob {
 
 async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits: Limits) -> Result<RunResult, RunError> {
     let started = Instant::now();
-    let mut common = Common::new(config, strategy.clone(), split)?;
+    let common = Common::new(config, strategy.clone(), split)?;
     let initial = common.initial_params();
     let n = initial.len();
-    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
     let compression = strategy.compression;
-    let robustness = strategy.robustness(config.aggregator);
-    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, robustness, ..CoordinatorConfig::new(n, outer) };
-    let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
+    let coordinator = Coordinator::new(coordinator_config(config, &strategy, n), initial.clone())?;
     let sites = new_sites(config, &initial, compression)?;
 
     // Keys: the coordinator's, and one per site on its allow-list.
     let coordinator_identity = Arc::new(Identity::generate()?);
     let site_identities: Vec<Arc<Identity>> = (0..config.sites).map(|_| Identity::generate().map(Arc::new)).collect::<Result<_, _>>()?;
     let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
-    let ids: BTreeMap<PublicKey, u32> = site_keys.iter().enumerate().map(|(k, key)| (*key, k as u32)).collect();
     let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
     let node = Node::listen(coordinator_identity.clone(), "127.0.0.1:0".parse().expect("loopback"), allowed, limits.clone())?;
     let address = node.local_addr()?;
@@ -101,10 +169,41 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
         site_tasks.push(tokio::spawn(site_task(site, job)));
     }
 
+    let (mut common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &coordinator_identity, &site_keys, strategy.inner_steps, started).await?;
+    node.close();
+    // Per round, the slowest site's training time.
+    let mut slowest: Vec<f64> = Vec::new();
+    for task in site_tasks {
+        let seconds = task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+        for (round, s) in seconds.into_iter().enumerate() {
+            if slowest.len() <= round {
+                slowest.resize(round + 1, 0.0);
+            }
+            slowest[round] = slowest[round].max(s);
+        }
+    }
+    common.compute_seconds = slowest.iter().sum();
+    finish_rounds(common, &coordinator, sample_packets)
+}
+
+/// The coordinator's side over the network: admit every site (by key), then run rounds until
+/// `steps` inner steps are done, every packet signed and checked. Returns the run's state for
+/// `finish_rounds`.
+async fn coordinate<'a>(
+    mut common: Common<'a>,
+    mut coordinator: Coordinator,
+    node: &Node,
+    identity: &Identity,
+    site_keys: &[PublicKey],
+    inner_steps: u64,
+    started: Instant,
+) -> Result<(Common<'a>, Coordinator, Vec<(String, Vec<u8>)>), RunError> {
+    let steps = common.config.steps;
+    let ids: BTreeMap<PublicKey, u32> = site_keys.iter().enumerate().map(|(k, key)| (*key, k as u32)).collect();
     // Every site connects; each connection gets a reader that forwards (site, message).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Result<Vec<u8>, NetError>)>();
     let mut peers = BTreeMap::new();
-    while peers.len() < config.sites {
+    while peers.len() < site_keys.len() {
         match node.accept().await {
             Some(Ok(peer)) => {
                 let Some(&id) = ids.get(&peer.key()) else { continue };
@@ -125,17 +224,17 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
         }
     }
     let now_ms = || started.elapsed().as_millis() as u64;
-    for k in 0..config.sites as u32 {
+    for k in 0..site_keys.len() as u32 {
         coordinator.handle(now_ms(), Event::SiteJoined { site: k });
     }
     let mut sends = absorb(coordinator.start(now_ms()), &mut common, &coordinator, 0)?;
     let mut step = 0u64;
     let mut sample_packets: Vec<(String, Vec<u8>)> = Vec::new();
-    while step < config.steps {
+    while step < steps {
         let round = coordinator.round();
         let (mut down_bytes, mut up_bytes) = (0u64, 0u64);
         for (to, bytes) in std::mem::take(&mut sends) {
-            let sealed = seal(&coordinator_identity, &bytes);
+            let sealed = seal(identity, &bytes);
             down_bytes = down_bytes.max(sealed.len() as u64);
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), sealed.len() as u64);
             if to == 0 {
@@ -145,7 +244,7 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
                 peer.send(&sealed).await?;
             }
         }
-        step += strategy.inner_steps.min(config.steps - step);
+        step += inner_steps.min(steps - step);
         // Updates until the round closes (every member reported, refused, or left).
         while coordinator.round() == round {
             let (from, message) = rx.recv().await.ok_or_else(|| RunError::Protocol("every site connection closed".into()))?;
@@ -182,23 +281,10 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
             }
             sends.extend(absorb(coordinator.handle(now_ms(), Event::PacketArrived { from, bytes: packet }), &mut common, &coordinator, step)?);
         }
-        common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
+        common.communication_seconds += common.config.link.transfer_seconds(down_bytes) + common.config.link.transfer_seconds(up_bytes);
         common.peak_sync_bytes = common.peak_sync_bytes.max(down_bytes + up_bytes);
     }
-    node.close();
-    // Per round, the slowest site's training time.
-    let mut slowest: Vec<f64> = Vec::new();
-    for task in site_tasks {
-        let seconds = task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
-        for (round, s) in seconds.into_iter().enumerate() {
-            if slowest.len() <= round {
-                slowest.resize(round + 1, 0.0);
-            }
-            slowest[round] = slowest[round].max(s);
-        }
-    }
-    common.compute_seconds = slowest.iter().sum();
-    finish_rounds(common, &coordinator, sample_packets)
+    Ok((common, coordinator, sample_packets))
 }
 
 /// One site: connect, then per round: the coordinator's packet, H inner steps, the update.

@@ -1,0 +1,149 @@
+//! `lowband coordinator` and `lowband site`: the nodes of a cluster as separate processes.
+//!
+//! Both read the same cluster file (TOML):
+//! ```toml
+//! strategy = "diloco@50"          # one round strategy
+//! coordinator = "<64 hex digits>" # the coordinator's public key (lowband keygen)
+//! sites = ["<hex>", "<hex>"]      # site k is the k-th key; only these keys get in
+//! corpus = "kjv.txt"              # optional (default: the generated synthetic language)
+//! corpus_bytes = 8388608          # size of the generated corpus
+//! [run]                           # any RunConfig field (sites = the number of keys)
+//! preset = "tiny"
+//! steps = 200
+//! ```
+//! Every node builds the same split from the same corpus and seed, so a site needs only the file
+//! and its key. What is still missing for real deployments (issue 5): joins mid-run, crash
+//! recovery, checkpoints of the coordinator, link shaping.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use lowband_data::Split;
+use lowband_engine::checkpoint::write_atomic;
+use lowband_net::{Identity, Limits, PublicKey};
+use lowband_runtime::{RunConfig, Strategy};
+use serde::Deserialize;
+
+use crate::report::{self, Comparison};
+use crate::train::load_corpus;
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    strategy: String,
+    coordinator: String,
+    sites: Vec<String>,
+    corpus: Option<PathBuf>,
+    #[serde(default = "default_corpus_bytes")]
+    corpus_bytes: usize,
+    #[serde(default)]
+    run: Option<RunConfig>,
+}
+
+fn default_corpus_bytes() -> usize {
+    8 << 20
+}
+
+/// A cluster file, checked: keys parse, sites match, the strategy is a round strategy.
+struct Cluster {
+    config: RunConfig,
+    strategy: Strategy,
+    coordinator: PublicKey,
+    sites: Vec<PublicKey>,
+    corpus: Option<PathBuf>,
+    corpus_bytes: usize,
+}
+
+fn read_cluster(path: &Path) -> Result<Cluster> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: ClusterFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let coordinator: PublicKey = file.coordinator.parse().with_context(|| format!("{}: coordinator", path.display()))?;
+    let sites: Vec<PublicKey> = file.sites.iter().enumerate().map(|(k, s)| s.parse().with_context(|| format!("{}: sites[{k}]", path.display()))).collect::<Result<_>>()?;
+    if sites.is_empty() {
+        bail!("{}: sites: list at least one site key", path.display());
+    }
+    let mut config = file.run.unwrap_or_default();
+    config.sites = sites.len();
+    config.validate().map_err(|(field, reason)| anyhow::anyhow!("{}: run.{field}: {reason}", path.display()))?;
+    let strategy = Strategy::parse(&file.strategy, config.inner_steps).map_err(|e| anyhow::anyhow!("{}: strategy: {e}", path.display()))?;
+    Ok(Cluster { config, strategy, coordinator, sites, corpus: file.corpus, corpus_bytes: file.corpus_bytes })
+}
+
+fn split_of(cluster: &Cluster) -> Result<(Split, String, Option<f64>)> {
+    let model = lowband_engine::preset(&cluster.config.preset)?.model;
+    let (bytes, source, floor) = load_corpus(cluster.corpus.as_ref(), cluster.corpus_bytes)?;
+    let split = Split::new(&bytes, cluster.config.validation_fraction, cluster.config.sites, cluster.config.shard, model.context_length)?;
+    Ok((split, source, floor))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// The cluster file.
+    #[arg(long)]
+    config: PathBuf,
+    /// This node's key file (its public key must be the file's `coordinator`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Address to listen on (port 0: any free port; see --address-file).
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    listen: std::net::SocketAddr,
+    /// Write the bound address here once listening (for scripts that start the sites).
+    #[arg(long)]
+    address_file: Option<PathBuf>,
+    /// Run directory name under --runs-dir.
+    #[arg(long, default_value = "cluster")]
+    name: String,
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Write the machine-readable summary here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SiteArgs {
+    /// The cluster file.
+    #[arg(long)]
+    config: PathBuf,
+    /// This node's key file (its public key must be one of the file's `sites`).
+    #[arg(long)]
+    key: PathBuf,
+    /// The coordinator's address.
+    #[arg(long)]
+    join: std::net::SocketAddr,
+}
+
+pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
+    let cluster = read_cluster(&args.config)?;
+    let identity = Arc::new(Identity::load(&args.key)?);
+    if identity.public_key() != cluster.coordinator {
+        bail!("{}: this key is {}, the cluster's coordinator is {}", args.key.display(), identity.public_key(), cluster.coordinator);
+    }
+    let (split, source, floor) = split_of(&cluster)?;
+    println!("lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites", cluster.strategy.name(), cluster.config.sites, cluster.config.preset, cluster.config.steps);
+    let address_file = args.address_file.clone();
+    let result = lowband_runtime::network::serve_coordinator(&cluster.config, cluster.strategy.clone(), &split, identity, cluster.sites.clone(), args.listen, Limits::default(), |address| {
+        println!("listening on {address}");
+        if let Some(path) = &address_file {
+            write_atomic(path, address.to_string().as_bytes()).map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
+        }
+        Ok(())
+    })?;
+    let results = vec![result];
+    let comparison = Comparison { config: &cluster.config, results: &results, corpus: &source, floor, name: &args.name };
+    report::write_all(&comparison, &args.runs_dir.join(&args.name), args.json.as_deref())
+}
+
+pub fn site(args: &SiteArgs) -> Result<()> {
+    let cluster = read_cluster(&args.config)?;
+    let identity = Arc::new(Identity::load(&args.key)?);
+    let Some(k) = cluster.sites.iter().position(|key| *key == identity.public_key()) else {
+        bail!("{}: key {} is not one of the cluster's sites", args.key.display(), identity.public_key());
+    };
+    let (split, _, _) = split_of(&cluster)?;
+    println!("lowband site {k}: joining {}", args.join);
+    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), Limits::default())?;
+    println!("lowband site {k}: done");
+    Ok(())
+}
