@@ -31,9 +31,9 @@ struct Cli {
 enum Command {
     /// Run strategies side by side on one budget against DDP (the default when no command is given).
     Compare(compare::CompareArgs),
-    /// Like compare, with the coordinator and the sites as nodes on loopback QUIC (ed25519 keys,
-    /// TLS, signed packets; one process for now: separate processes are issue 5's next step).
-    Cluster(compare::CompareArgs),
+    /// Like compare, with this process as the coordinator and every site a separate `lowband
+    /// site` process, on loopback QUIC (ed25519 keys, TLS, signed packets).
+    Cluster(ClusterArgs),
     /// Train one model with one strategy (same settings as compare) and save its checkpoint.
     Train(train::TrainArgs),
     /// Write a freshly initialized checkpoint.
@@ -60,6 +60,15 @@ enum Command {
     /// Look inside lowband's files.
     #[command(subcommand)]
     Inspect(InspectCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    #[command(flatten)]
+    settings: compare::CompareArgs,
+    /// Run the sites as tasks of this process instead of separate processes.
+    #[arg(long)]
+    in_process: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -128,7 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             _ => unreachable!("`lowband compare` parses to the compare command"),
         },
         Some(Command::Compare(args)) => compare::run_compare(&args),
-        Some(Command::Cluster(args)) => compare::run_with_driver(&args, compare::Driver::Loopback).map(|_| ()),
+        Some(Command::Cluster(args)) => compare::run_with_driver(&args.settings, if args.in_process { compare::Driver::Loopback } else { compare::Driver::Processes }).map(|_| ()),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Init(args)) => engine_cmds::init(&args),
         Some(Command::Eval(args)) => engine_cmds::eval(&args),

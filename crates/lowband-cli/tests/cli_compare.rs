@@ -175,8 +175,26 @@ fn cluster_runs_the_round_strategies_over_quic_with_the_same_report() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("loopback QUIC"), "{stdout}");
     assert!(stdout.contains("site 2 excluded"), "{stdout}");
+    assert!(dir.path().join("runs/c/nodes").exists(), "keys, cluster files and site logs are kept");
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     assert_eq!(summary["strategies"].as_array().unwrap().len(), 2);
+    // The same settings in one process, and in memory: the same models.
+    let mut in_process = args.clone();
+    in_process.extend(["--in-process"]);
+    *in_process.iter_mut().find(|a| **a == "out.json").unwrap() = "in_process.json";
+    let o = lowband(&in_process, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut memory = args.clone();
+    memory[0] = "compare";
+    *memory.iter_mut().find(|a| **a == "out.json").unwrap() = "memory.json";
+    let o = lowband(&memory, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for other in ["in_process.json", "memory.json"] {
+        let other: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(other)).unwrap()).unwrap();
+        for i in 0..2 {
+            assert_eq!(summary["strategies"][i]["final_val_loss"], other["strategies"][i]["final_val_loss"]);
+        }
+    }
     // Streaming and resuming are refused with a reason.
     let mut streaming = SMALL_RUN.to_vec();
     streaming[0] = "cluster";

@@ -121,6 +121,9 @@ fn coordinator_config(config: &RunConfig, strategy: &Strategy, params: usize) ->
     CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression: strategy.compression, sites_start_synced: true, robustness: strategy.robustness(config.aggregator), ..CoordinatorConfig::new(params, outer) }
 }
 
+/// How long the coordinator waits for every listed site to connect before it gives up.
+pub const JOIN_TIMEOUT_MS: u64 = 120_000;
+
 /// What a site task needs besides its state.
 struct SiteJob {
     identity: Arc<Identity>,
@@ -203,8 +206,10 @@ async fn coordinate<'a>(
     // Every site connects; each connection gets a reader that forwards (site, message).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Result<Vec<u8>, NetError>)>();
     let mut peers = BTreeMap::new();
+    let join_deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(JOIN_TIMEOUT_MS);
     while peers.len() < site_keys.len() {
-        match node.accept().await {
+        let accepted = tokio::time::timeout_at(join_deadline, node.accept()).await.map_err(|_| RunError::Protocol(format!("{} of {} sites joined within {} s", peers.len(), site_keys.len(), JOIN_TIMEOUT_MS / 1000)))?;
+        match accepted {
             Some(Ok(peer)) => {
                 let Some(&id) = ids.get(&peer.key()) else { continue };
                 let (reader, tx) = (peer.clone(), tx.clone());
