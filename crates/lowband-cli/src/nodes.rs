@@ -99,6 +99,15 @@ pub struct CoordinatorArgs {
     /// Write the machine-readable summary here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A site silent this long (no packet, no keep-alive) is dropped and the round goes on
+    /// without it.
+    #[arg(long, default_value_t = 30_000)]
+    idle_timeout_ms: u64,
+}
+
+fn limits(idle_timeout_ms: u64) -> Result<Limits> {
+    anyhow::ensure!(idle_timeout_ms >= 100, "--idle-timeout-ms: at least 100");
+    Ok(Limits { idle_timeout_ms, keep_alive_ms: (idle_timeout_ms / 4).max(50), ..Limits::default() })
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,6 +121,9 @@ pub struct SiteArgs {
     /// The coordinator's address.
     #[arg(long)]
     join: std::net::SocketAddr,
+    /// The coordinator silent this long ends this site.
+    #[arg(long, default_value_t = 30_000)]
+    idle_timeout_ms: u64,
 }
 
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
@@ -123,7 +135,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     let (split, source, floor) = split_of(&cluster)?;
     println!("lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites", cluster.strategy.name(), cluster.config.sites, cluster.config.preset, cluster.config.steps);
     let address_file = args.address_file.clone();
-    let result = lowband_runtime::network::serve_coordinator(&cluster.config, cluster.strategy.clone(), &split, identity, cluster.sites.clone(), args.listen, Limits::default(), |address| {
+    let result = lowband_runtime::network::serve_coordinator(&cluster.config, cluster.strategy.clone(), &split, identity, cluster.sites.clone(), args.listen, limits(args.idle_timeout_ms)?, |address| {
         println!("listening on {address}");
         if let Some(path) = &address_file {
             write_atomic(path, address.to_string().as_bytes()).map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
@@ -143,7 +155,11 @@ pub fn site(args: &SiteArgs) -> Result<()> {
     };
     let (split, _, _) = split_of(&cluster)?;
     println!("lowband site {k}: joining {}", args.join);
-    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), Limits::default())?;
+    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), limits(args.idle_timeout_ms)?, || {
+        use std::io::Write;
+        println!("lowband site {k}: connected");
+        let _ = std::io::stdout().flush();
+    })?;
     println!("lowband site {k}: done");
     Ok(())
 }

@@ -86,3 +86,51 @@ fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
     let extra = networked["strategies"][0]["inter_site_bytes"].as_u64().unwrap() - memory["strategies"][0]["inter_site_bytes"].as_u64().unwrap();
     assert_eq!(extra, 64 * packets, "each packet carries its 64-byte signature");
 }
+
+#[test]
+fn a_site_killed_mid_run_is_dropped_and_the_run_finishes_with_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = keygen(dir.path(), "coordinator.key");
+    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
+    let run = "preset = \"tiny\"\nsteps = 600\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\n";
+    std::fs::write(
+        dir.path().join("cluster.toml"),
+        format!("strategy = \"diloco@10\"\ncoordinator = \"{coordinator}\"\nsites = [\"{}\", \"{}\", \"{}\"]\ncorpus_bytes = 200000\n[run]\n{run}", sites[0], sites[1], sites[2]),
+    )
+    .unwrap();
+    let mut coordinator_process = Guard(
+        lowband(dir.path())
+            .args(["coordinator", "--config", "cluster.toml", "--key", "coordinator.key", "--listen", "127.0.0.1:0", "--address-file", "address", "--json", "out.json", "--idle-timeout-ms", "1500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !dir.path().join("address").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the coordinator never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
+    let mut site_processes: Vec<Guard> = (0..3)
+        .map(|k| Guard(lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", &format!("site{k}.key"), "--join", &address, "--idle-timeout-ms", "1500"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()))
+        .collect();
+    // kill -9 site 1 once it has joined and the run is going.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(site_processes[1].0.stdout.take().unwrap()));
+    assert!(lines.any(|l| l.unwrap().contains("connected")), "site 1 never connected");
+    std::thread::sleep(Duration::from_millis(300));
+    site_processes[1].0.kill().unwrap();
+    for k in [0, 2] {
+        assert!(wait(&mut site_processes[k], Duration::from_secs(120)).success(), "site {k} failed");
+    }
+    assert!(wait(&mut coordinator_process, Duration::from_secs(120)).success(), "the coordinator failed");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    let strategy = &summary["strategies"][0];
+    assert_eq!(strategy["rounds"], 60, "every round ran");
+    let scores = strategy["site_scores"].as_array().unwrap();
+    let accepted = |k: usize| scores.iter().find(|s| s["site"] == k).map_or(0, |s| s["accepted"].as_u64().unwrap());
+    assert_eq!((accepted(0), accepted(2)), (60, 60));
+    assert!(accepted(1) < 60, "the killed site stopped contributing");
+    // The model trained: far below the uniform-byte loss ln 256 = 5.55.
+    assert!(strategy["final_val_loss"].as_f64().unwrap() < 4.0, "{strategy}");
+}

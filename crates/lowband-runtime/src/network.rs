@@ -91,8 +91,10 @@ pub fn serve_coordinator(
     })
 }
 
-/// A site process: site `site` of the run, connecting to the coordinator at `coordinator`.
-pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u32, identity: Arc<Identity>, coordinator: (SocketAddr, PublicKey), limits: Limits) -> Result<(), RunError> {
+/// A site process: site `site` of the run, connecting to the coordinator at `coordinator`;
+/// `connected` is called once the coordinator has accepted it.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u32, identity: Arc<Identity>, coordinator: (SocketAddr, PublicKey), limits: Limits, connected: impl FnOnce() + Send) -> Result<(), RunError> {
     check_networkable(config, &strategy, split)?;
     let k = site as usize;
     if k >= config.sites {
@@ -113,7 +115,7 @@ pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u
         uplink: strategy.compression.uplink,
         limits,
     };
-    runtime(2)?.block_on(site_task(state, job)).map(|_| ())
+    runtime(2)?.block_on(site_task(state, job, connected)).map(|_| ())
 }
 
 fn coordinator_config(config: &RunConfig, strategy: &Strategy, params: usize) -> CoordinatorConfig {
@@ -169,7 +171,7 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, limits
             uplink: compression.uplink,
             limits: limits.clone(),
         };
-        site_tasks.push(tokio::spawn(site_task(site, job)));
+        site_tasks.push(tokio::spawn(site_task(site, job, || {})));
     }
 
     let (mut common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &coordinator_identity, &site_keys, strategy.inner_steps, started).await?;
@@ -246,7 +248,12 @@ async fn coordinate<'a>(
                 sample_packets = vec![("global".into(), bytes)];
             }
             if let Some(peer) = peers.get(&to) {
-                peer.send(&sealed).await?;
+                // A site that cannot be reached has left: the round goes on without it.
+                if let Err(e) = peer.send(&sealed).await {
+                    common.metrics.push(Metric::Refused { round, site: to, reason: format!("unreachable: {e}") });
+                    let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: to });
+                    sends.extend(absorb(actions, &mut common, &coordinator, step)?);
+                }
             }
         }
         step += inner_steps.min(steps - step);
@@ -294,9 +301,10 @@ async fn coordinate<'a>(
 
 /// One site: connect, then per round: the coordinator's packet, H inner steps, the update.
 /// Returns its training seconds per round.
-async fn site_task(mut site: SiteRuntime, job: SiteJob) -> Result<Vec<f64>, RunError> {
+async fn site_task(mut site: SiteRuntime, job: SiteJob, connected: impl FnOnce()) -> Result<Vec<f64>, RunError> {
     let node = Node::client(job.identity.clone(), "127.0.0.1:0".parse().expect("loopback"), job.limits.clone())?;
     let peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
+    connected();
     let (mut step, mut inputs, mut targets, mut seconds) = (0u64, Vec::new(), Vec::new(), Vec::new());
     while step < job.steps {
         let sealed = match peer.recv().await {
