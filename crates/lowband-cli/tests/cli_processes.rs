@@ -36,32 +36,31 @@ fn wait(child: &mut Guard, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Write a cluster file for `sites` and start its coordinator on a free loopback port; returns
+/// the running coordinator and its address.
+fn start_coordinator(dir: &Path, coordinator: &str, sites: &[String], cluster: &str, extra: &[&str]) -> (Guard, String) {
+    let keys: Vec<String> = sites.iter().map(|k| format!("\"{k}\"")).collect();
+    std::fs::write(dir.join("cluster.toml"), format!("coordinator = \"{coordinator}\"\nsites = [{}]\n{cluster}", keys.join(", "))).unwrap();
+    let mut args = vec!["coordinator", "--config", "cluster.toml", "--key", "coordinator.key", "--listen", "127.0.0.1:0", "--address-file", "address", "--json", "out.json"];
+    args.extend_from_slice(extra);
+    // Output is not read: a full pipe must not block the node.
+    let process = Guard(lowband(dir).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let started = Instant::now();
+    while !dir.join("address").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the coordinator never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (process, std::fs::read_to_string(dir.join("address")).unwrap())
+}
+
 #[test]
 fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites = [keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
+    let sites = vec![keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
     let _stranger = keygen(dir.path(), "stranger.key");
-    let run = "preset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
-    std::fs::write(
-        dir.path().join("cluster.toml"),
-        format!("strategy = \"diloco@4\"\ncoordinator = \"{coordinator}\"\nsites = [\"{}\", \"{}\"]\ncorpus_bytes = 60000\n[run]\n{run}", sites[0], sites[1]),
-    )
-    .unwrap();
-    let mut coordinator_process = Guard(
-        lowband(dir.path())
-            .args(["coordinator", "--config", "cluster.toml", "--key", "coordinator.key", "--listen", "127.0.0.1:0", "--address-file", "address", "--json", "out.json", "--name", "net"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while !dir.path().join("address").exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "the coordinator never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
+    let cluster = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
+    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &["--name", "net"]);
     // A key the cluster does not list cannot take part.
     let o = lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", "stranger.key", "--join", &address]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -92,26 +91,8 @@ fn a_site_killed_mid_run_is_dropped_and_the_run_finishes_with_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
     let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
-    let run = "preset = \"tiny\"\nsteps = 600\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\n";
-    std::fs::write(
-        dir.path().join("cluster.toml"),
-        format!("strategy = \"diloco@10\"\ncoordinator = \"{coordinator}\"\nsites = [\"{}\", \"{}\", \"{}\"]\ncorpus_bytes = 200000\n[run]\n{run}", sites[0], sites[1], sites[2]),
-    )
-    .unwrap();
-    let mut coordinator_process = Guard(
-        lowband(dir.path())
-            .args(["coordinator", "--config", "cluster.toml", "--key", "coordinator.key", "--listen", "127.0.0.1:0", "--address-file", "address", "--json", "out.json", "--idle-timeout-ms", "1500"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let started = Instant::now();
-    while !dir.path().join("address").exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "the coordinator never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
+    let cluster = "strategy = \"diloco@10\"\ncorpus_bytes = 200000\n[run]\npreset = \"tiny\"\nsteps = 600\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\n";
+    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &["--idle-timeout-ms", "1500"]);
     let mut site_processes: Vec<Guard> = (0..3)
         .map(|k| Guard(lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", &format!("site{k}.key"), "--join", &address, "--idle-timeout-ms", "1500"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()))
         .collect();

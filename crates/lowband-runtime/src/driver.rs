@@ -656,7 +656,7 @@ pub(crate) fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Co
     Ok(sends)
 }
 
-pub(crate) fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {
+fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {
     match actions.as_slice() {
         [SiteAction::Train { round: r }] if *r == round => Ok(()),
         other => Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
