@@ -7,6 +7,7 @@ mod compare;
 mod engine_cmds;
 mod inspect;
 mod nodes;
+mod plan;
 mod plots;
 mod report;
 mod robustness;
@@ -57,6 +58,10 @@ enum Command {
     Site(nodes::SiteArgs),
     /// Make a node key (ed25519) and print its public key: the line a cluster config lists.
     Keygen(KeygenArgs),
+    /// When is training across sites cheaper than in one place? Plans (time, utilization,
+    /// bytes, dollars, quality priced in) and break-even thresholds; `--from-run` uses a measured
+    /// compare run.
+    Plan(plan::PlanArgs),
     /// Look inside lowband's files.
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -148,6 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Robustness(args))) => robustness::run_grid(&args),
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
         Some(Command::Keygen(args)) => keygen(&args),
+        Some(Command::Plan(args)) => plan::run(&args),
         Some(Command::Coordinator(args)) => nodes::coordinator(&args),
         Some(Command::Site(args)) => nodes::site(&args),
     }

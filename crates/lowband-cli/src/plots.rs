@@ -133,3 +133,62 @@ pub fn robustness_chart(path: &Path, title: &str, attacks: &[String], series: &[
     root.present().map_err(e)?;
     Ok(())
 }
+
+/// Total dollars (log) against the slowest site's WAN bandwidth (log), one line per plan: where a
+/// strategy's line crosses the centralized one is its bandwidth break-even.
+pub fn cost_vs_bandwidth(
+    path: &Path,
+    title: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let points = series.iter().flat_map(|s| s.1.iter());
+    let (x_lo, x_hi, y_lo, y_hi) = points.fold(
+        (f64::INFINITY, 0f64, f64::INFINITY, 0f64),
+        |(a, b, c, d), p| (a.min(p.0), b.max(p.0), c.min(p.1), d.max(p.1)),
+    );
+    if !(x_lo.is_finite() && y_lo.is_finite() && y_lo > 0.0) {
+        return Err(anyhow!("plotting {}: nothing to plot", path.display()));
+    }
+    // Keep the chart readable when a plan is orders of magnitude dearer at low bandwidth.
+    let y_hi = y_hi.min(y_lo * 1e3);
+    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (x_lo..x_hi).log_scale(),
+            (y_lo * 0.9..y_hi * 1.1).log_scale(),
+        )
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("WAN bandwidth of the slowest site (Gbit/s)")
+        .y_desc("total $ (loss gap priced in)")
+        .y_label_formatter(&|v| format!("${}", si(*v)))
+        .draw()
+        .map_err(e)?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let clipped: Vec<(f64, f64)> = points.iter().map(|p| (p.0, p.1.min(y_hi * 1.1))).collect();
+        chart
+            .draw_series(LineSeries::new(clipped, color.stroke_width(2)))
+            .map_err(e)?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}

@@ -49,6 +49,9 @@ pub struct StrategySummary {
     pub aggregator: String,
     /// Per site: updates accepted, refused, cut hard by the aggregator; exclusion reason.
     pub site_scores: Vec<SiteScoreSummary>,
+    /// Streaming: fragments synced in turn per round, and inner steps each sync overlaps.
+    pub fragments: Option<usize>,
+    pub overlap_steps: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -101,6 +104,8 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                     .iter()
                     .map(|(site, s)| SiteScoreSummary { site: *site, accepted: s.accepted, refused: s.refused, downweighted: s.downweighted, excluded: s.excluded.clone() })
                     .collect(),
+                fragments: r.strategy.streaming.as_ref().map(|s| s.fragments),
+                overlap_steps: r.strategy.streaming.as_ref().map(|s| s.overlap_steps),
             }
         })
         .collect()
@@ -191,6 +196,11 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     let summary = Summary { name: c.name, corpus: c.corpus, entropy_rate_nats_per_byte: c.floor, config: c.config, strategies: rows };
     let summary_json = serde_json::to_vec_pretty(&summary)?;
     write_atomic(&run_dir.join("summary.json"), &summary_json)?;
+    // The planner on this run's own figures, projected to sizes worth paying for.
+    let projection = crate::plan::projection(&summary_json).unwrap_or_else(|error| format!("(no cost projection: {error:#})\n"));
+    if !projection.is_empty() {
+        println!("{projection}");
+    }
     if let Some(path) = json {
         write_atomic(path, &summary_json)?;
     }
@@ -215,7 +225,7 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     crate::plots::loss_curves(c.results, &run_dir.join("loss_vs_tokens.svg"), &run_dir.join("loss_vs_bytes.svg"))?;
     let config_toml = toml::to_string(c.config).unwrap_or_default();
     let report = format!(
-        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
+        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n{projection}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
         c.name, c.corpus
     );
     write_atomic(&run_dir.join("report.md"), report.as_bytes())?;

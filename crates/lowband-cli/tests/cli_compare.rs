@@ -34,6 +34,16 @@ fn compare_writes_the_report_and_a_json_summary_with_every_field() {
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     assert!(metrics.contains("\"kind\":\"eval\"") && metrics.contains("\"kind\":\"round\""));
+    // The report ends with the planner on this run's own figures, and `plan --from-run` reads it.
+    assert!(stdout.contains("What this run's strategies would cost at scale") && stdout.contains("| 1e10 | diloco@4 |"), "{stdout}");
+    let plan = lowband(&["plan", "--from-run", "runs/t", "--params", "1B", "--json", "plan.json"], dir.path());
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let plans: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("plan.json")).unwrap()).unwrap();
+    let names: Vec<&str> = plans["plans"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["centralized", "decentralized ddp", "ship the data", "diloco@4", "fedavg@3"]);
+    // The measured gap is what the plan prices in.
+    let gap = strategies[1]["loss_gap_vs_ddp"].as_f64().unwrap();
+    assert!((plans["plans"][3]["loss_gap"].as_f64().unwrap() - gap).abs() < 1e-12);
 }
 
 #[test]
