@@ -143,7 +143,7 @@ fn published_checks_reproduce_intellect_1_within_two_points() {
             .unwrap();
         assert!((planner - published).abs() <= 2.0, "{row}");
     }
-    assert!(stdout.contains("| streaming diloco H=100 fp4 |"));
+    assert!(stdout.contains("| 1e10 | 0.8 s | Streaming DiLoCo w/ overlapped FP4 com. |"), "{stdout}");
 }
 
 #[test]

@@ -220,15 +220,20 @@ pub struct Strategy {
     /// evenly over the round (1: the whole model at once).
     #[serde(default = "one")]
     pub fragments: u32,
-    /// Inner steps a sync may overlap with compute before the sites wait for it (Streaming
-    /// DiLoCo's τ; 0: the sites wait for every sync). A fragment's sync of T seconds stalls
-    /// the sites max(0, T − overlap_steps × step) seconds.
+    /// Inner steps (fractions allowed) a sync may overlap with compute before the sites wait
+    /// for it (Streaming DiLoCo's τ; 0: the sites wait for every sync; [`BACKWARD_STEPS`]: the
+    /// sync overlaps one backward pass). A fragment's sync of T seconds stalls the sites
+    /// max(0, T − overlap_steps × step) seconds.
     #[serde(default)]
-    pub overlap_steps: u64,
+    pub overlap_steps: f64,
     /// Validation loss at equal tokens relative to DDP's, minus one (+0.02 = 2% worse).
     #[serde(default)]
     pub loss_gap: f64,
 }
+
+/// The backward pass's share of a step (4 of the 6 N FLOPs per token): what a gradient
+/// all-reduce (or an outer sync started at the last backward) can hide behind.
+pub const BACKWARD_STEPS: f64 = 2.0 / 3.0;
 
 fn one() -> u32 {
     1
@@ -250,11 +255,11 @@ impl Strategy {
         if self.fragments == 0 {
             return Err(invalid(field("fragments"), "must be at least 1"));
         }
-        if self.overlap_steps > self.inner_steps {
+        if !(self.overlap_steps.is_finite() && self.overlap_steps >= 0.0) || self.overlap_steps > self.inner_steps as f64 {
             return Err(invalid(
                 field("overlap_steps"),
                 format!(
-                    "at most inner_steps ({}): a sync cannot overlap the next round's",
+                    "must be in [0, inner_steps = {}]: a sync cannot overlap the next round's",
                     self.inner_steps
                 ),
             ));
@@ -579,7 +584,7 @@ fn run_strategy(scenario: &Scenario, strategy: &Strategy, tokens: f64) -> Run {
         down_bytes,
     );
     let step = steps.iter().map(|s| s.1).fold(0.0, f64::max);
-    let stall = (sync.seconds - strategy.overlap_steps as f64 * step).max(0.0);
+    let stall = (sync.seconds - strategy.overlap_steps * step).max(0.0);
     // The sites stall for what a fragment's sync cannot hide, and the link cannot carry more
     // than one round's fragments per round.
     let round_seconds = (compute_per_round + fragments * stall).max(fragments * sync.seconds);
@@ -689,7 +694,7 @@ pub fn decentralized_ddp_strategy(scenario: &Scenario) -> Strategy {
         bits_per_param_down: None,
         pattern: Pattern::AllReduce,
         fragments: 1,
-        overlap_steps: 1,
+        overlap_steps: BACKWARD_STEPS,
         loss_gap: 0.0,
     }
 }

@@ -59,7 +59,7 @@ fn int8_diloco(inner_steps: u64, overlap: bool) -> Strategy {
         bits_per_param_down: None,
         pattern: Pattern::AllReduce,
         fragments: 1,
-        overlap_steps: if overlap { inner_steps } else { 0 },
+        overlap_steps: if overlap { inner_steps as f64 } else { 0.0 },
         loss_gap: 0.0,
     }
 }
@@ -131,7 +131,7 @@ fn fragments_and_overlap_steps() {
     // one 1 s step, so each stalls the sites 2.24 s: a round is 100 + 4 × 2.24 s.
     let streaming = Strategy {
         fragments: 4,
-        overlap_steps: 1,
+        overlap_steps: 1.0,
         ..int8_diloco(100, false)
     };
     let plan = plan_strategy(&s, &streaming).unwrap();
@@ -147,7 +147,7 @@ fn fragments_and_overlap_steps() {
     // Overlapping five steps hides it all.
     let hidden = Strategy {
         fragments: 4,
-        overlap_steps: 5,
+        overlap_steps: 5.0,
         ..int8_diloco(100, false)
     };
     close(plan_strategy(&s, &hidden).unwrap().round_seconds, 100.0);
@@ -182,10 +182,11 @@ fn centralized_and_decentralized_ddp() {
     close(central.utilization, 1.0);
     close(central.compute_dollars, 1e6 * 3.0 / 3600.0 * 8.0);
     // Each site: 6e9 × 2.5e5 / 5e14 = 3 s per step. DDP over 1 Gbit/s: 2e9 bytes BF16,
-    // 1.5 × 2e9 / 125e6 = 24 s + 0.24 s per step, overlapped with the 3 s of compute.
+    // 1.5 × 2e9 / 125e6 = 24 s + 0.24 s per step, overlapped with the 2 s backward pass:
+    // 3 + (24.24 − 2) s per step.
     let ddp = plan_decentralized_ddp(&s).unwrap();
-    close(ddp.round_seconds, 24.24);
-    close(ddp.utilization, 3.0 / 24.24);
+    close(ddp.round_seconds, 25.24);
+    close(ddp.utilization, 3.0 / 25.24);
     close(ddp.wan_bytes, 1e6 * 4.0 * 3e9);
 }
 
@@ -353,5 +354,23 @@ fn intellect_1_utilization() {
             "{} vs {published}",
             result.utilization
         );
+    }
+}
+
+/// Streaming DiLoCo's Table 4 (arXiv 2501.18512), set up as its caption states: every cell up to
+/// 95% utilization within 25% of the paper's. The paper's values sit on a grid about 21% apart
+/// (152.6, 184.2, 222.3, 268.3, 323.8, ...: ratios of 1.21), so one grid step is the resolution of the comparison; the 99%
+/// column is documented, not held (docs/economics.md).
+#[test]
+fn streaming_diloco_table_4_within_one_grid_step() {
+    for (params, layers, step, rows) in crate::presets::STREAMING_DILOCO_TABLE_4 {
+        let (scenario, strategies) = crate::presets::streaming_diloco_table_4(params, layers, step).unwrap();
+        for (strategy, (name, published)) in strategies.iter().zip(rows) {
+            assert_eq!(strategy.name, name);
+            for (target, paper) in crate::presets::TABLE_4_TARGETS.iter().zip(published).take(4) {
+                let ours = bandwidth_for_utilization(&scenario, strategy, *target).unwrap().unwrap();
+                assert!((ours / paper).max(paper / ours) < 1.25, "{params:e} {name} at {target}: {ours} vs {paper}");
+            }
+        }
     }
 }

@@ -95,7 +95,7 @@ fn plan_strategy_of() -> impl proptest::strategy::Strategy<Value = lowband_plan:
                 },
                 pattern,
                 fragments,
-                overlap_steps: (overlap * inner_steps as f64) as u64,
+                overlap_steps: overlap * inner_steps as f64,
                 loss_gap: gap,
             },
         )
