@@ -289,7 +289,7 @@ fn run_site_processes(config: &RunConfig, strategy: Strategy, split: &Split, lau
     lowband_engine::checkpoint::write_atomic(&cluster_file, toml::to_string(&file)?.as_bytes())?;
     let executable = std::env::current_exe().context("finding the lowband executable")?;
     let mut children = Vec::new();
-    let result = lowband_runtime::network::serve_coordinator(config, strategy, split, coordinator, site_keys, "127.0.0.1:0".parse()?, lowband_net::Limits::default(), |address| {
+    let result = lowband_runtime::network::serve_coordinator(config, strategy, split, coordinator, site_keys, "127.0.0.1:0".parse()?, lowband_runtime::network::NetworkOptions::new(lowband_net::Limits::default()), |address| {
         for k in 0..config.sites {
             let log = std::fs::File::create(dir.join(format!("site{k}.log"))).map_err(|e| lowband_runtime::RunError::Io { path: dir.join(format!("site{k}.log")), source: e })?;
             let child = std::process::Command::new(&executable)

@@ -103,6 +103,21 @@ pub struct CoordinatorArgs {
     /// without it.
     #[arg(long, default_value_t = 30_000)]
     idle_timeout_ms: u64,
+    /// Updates that close a round once its deadline has passed (default: every site, so a
+    /// round waits for all members still connected).
+    #[arg(long)]
+    quorum: Option<usize>,
+    /// Time after a round opens at which it closes on a quorum: a straggler or a hung site
+    /// cannot hold the run longer.
+    #[arg(long, default_value_t = 600_000)]
+    round_deadline_ms: u64,
+    /// How long to wait for the sites before the first round (then start with a quorum).
+    #[arg(long, default_value_t = lowband_runtime::network::JOIN_TIMEOUT_MS)]
+    join_timeout_ms: u64,
+    /// Continue from the state saved in the run directory after every round (a coordinator
+    /// restarted after a crash); without it the run starts over.
+    #[arg(long)]
+    resume: bool,
 }
 
 fn limits(idle_timeout_ms: u64) -> Result<Limits> {
@@ -121,9 +136,13 @@ pub struct SiteArgs {
     /// The coordinator's address.
     #[arg(long)]
     join: std::net::SocketAddr,
-    /// The coordinator silent this long ends this site.
+    /// The coordinator silent this long ends this site's connection.
     #[arg(long, default_value_t = 30_000)]
     idle_timeout_ms: u64,
+    /// After losing the coordinator mid-run, keep trying to reach it this long (a coordinator
+    /// restarting from its checkpoint).
+    #[arg(long, default_value_t = 60_000)]
+    reconnect_ms: u64,
 }
 
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
@@ -135,7 +154,16 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     let (split, source, floor) = split_of(&cluster)?;
     println!("lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites", cluster.strategy.name(), cluster.config.sites, cluster.config.preset, cluster.config.steps);
     let address_file = args.address_file.clone();
-    let result = lowband_runtime::network::serve_coordinator(&cluster.config, cluster.strategy.clone(), &split, identity, cluster.sites.clone(), args.listen, limits(args.idle_timeout_ms)?, |address| {
+    anyhow::ensure!(args.quorum != Some(0), "--quorum: at least 1");
+    let options = lowband_runtime::network::NetworkOptions {
+        quorum: args.quorum.unwrap_or(0),
+        round_deadline_ms: args.round_deadline_ms,
+        join_timeout_ms: args.join_timeout_ms,
+        state_dir: Some(args.runs_dir.join(&args.name).join("coordinator-state")),
+        resume: args.resume,
+        ..lowband_runtime::network::NetworkOptions::new(limits(args.idle_timeout_ms)?)
+    };
+    let result = lowband_runtime::network::serve_coordinator(&cluster.config, cluster.strategy.clone(), &split, identity, cluster.sites.clone(), args.listen, options, |address| {
         println!("listening on {address}");
         if let Some(path) = &address_file {
             write_atomic(path, address.to_string().as_bytes()).map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
@@ -155,7 +183,7 @@ pub fn site(args: &SiteArgs) -> Result<()> {
     };
     let (split, _, _) = split_of(&cluster)?;
     println!("lowband site {k}: joining {}", args.join);
-    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), limits(args.idle_timeout_ms)?, || {
+    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), limits(args.idle_timeout_ms)?, args.reconnect_ms, || {
         use std::io::Write;
         println!("lowband site {k}: connected");
         let _ = std::io::stdout().flush();

@@ -41,6 +41,10 @@ pub enum Metric {
     Refused { round: u64, site: u32, reason: String },
     /// The coordinator excluded a site for repeated refusals.
     Excluded { round: u64, site: u32, reason: String },
+    /// Networked runs: a site (re)joined; it takes part from the next round that opens.
+    Joined { round: u64, site: u32 },
+    /// Networked runs: a round closed on a quorum after its deadline without this member.
+    Missed { round: u64, site: u32 },
     /// Validation loss of the global model.
     Eval { step: u64, tokens: u64, inter_site_bytes: u64, emulated_seconds: f64, val_loss: f64, windows: usize },
 }

@@ -133,6 +133,37 @@ impl RunState {
         saved
     }
 
+    /// A networked coordinator's state: θ, the outer momentum, θ_sites, trust, and the run's
+    /// metrics and ledger (the sites keep their own optimizer state).
+    pub(crate) fn of_coordinator(common: &Common, step: u64, coordinator: &Coordinator) -> Self {
+        let state = coordinator.state();
+        let n = state.global.len();
+        let mut tensors = vec![("global".into(), state.global), ("momentum".into(), state.momentum_buffer)];
+        if !state.shared.is_empty() {
+            tensors.push(("shared".into(), state.shared));
+        }
+        let mut saved = RunState::new(common, step, state.round, n, Vec::new(), Vec::new(), tensors);
+        saved.manifest.trust = Some(state.trust);
+        saved.manifest.downlink_random = state.downlink_random;
+        saved
+    }
+
+    /// Back into a fresh coordinator. No site holds θ_sites yet: every site that (re)joins gets it
+    /// in full.
+    pub(crate) fn restore_coordinator(mut self, common: &mut Common, coordinator: &mut Coordinator) -> Result<(), RunError> {
+        self.check(0, coordinator.global().len())?;
+        self.restore_common(common)?;
+        let shared = if self.tensors.iter().any(|(n, _)| n == "shared") { self.tensor("shared")? } else { Vec::new() };
+        let trust = self.manifest.trust.take().unwrap_or_default();
+        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared, synced: Vec::new(), trust, downlink_random: self.manifest.downlink_random };
+        coordinator.restore(state)?;
+        Ok(())
+    }
+
+    pub fn round(&self) -> u64 {
+        self.manifest.round
+    }
+
     pub(crate) fn save(&self, persistence: &Persistence, strategy: &Strategy) -> Result<(), RunError> {
         let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(()) };
         let name = format!("state-{}", self.step);
