@@ -29,6 +29,10 @@ pub struct Site {
     start: Vec<f32>,
     /// Whether `start` holds the cluster's parameters (from the shared seed or a full global).
     synced: bool,
+    /// `start` is the shared seed's parameters and nothing has been received or restored yet:
+    /// they are the cluster's only before round 1 (a site restarted mid-run must not apply a
+    /// change to them).
+    seed_only: bool,
     delta: Vec<f32>,
     change: Vec<f32>,
     uplink: Box<dyn Codec>,
@@ -60,6 +64,7 @@ impl Site {
             round: None,
             start,
             synced,
+            seed_only: synced,
             delta: vec![0.0; n],
             change: if compression.sends_changes() { vec![0.0; n] } else { Vec::new() },
             uplink: build(&compression.uplink)?,
@@ -147,6 +152,7 @@ impl Site {
         }
         self.start.copy_from_slice(start);
         self.synced = true;
+        self.seed_only = false;
         Ok(())
     }
 
@@ -175,10 +181,17 @@ impl Site {
                     self.start.copy_from_slice(&self.delta);
                     self.synced = true;
                 } else {
-                    if !self.synced {
+                    // A change applies to the parameters of the round before: a site that holds only
+                    // the seed's (it restarted mid-run) must get them in full first. Refusing is
+                    // loud; applying would silently diverge from the cluster.
+                    if !self.synced || (self.seed_only && message.round > 0) {
                         return Err(ProtocolError::NotSynced);
                     }
-                    if !message.payload.is_empty() {
+                    // The change of the round this site already holds, sent again (a coordinator
+                    // restored from the state it saved before that broadcast re-sends it,
+                    // byte for byte): it was applied once and must not be applied twice.
+                    let repeated = self.round == Some(message.round);
+                    if !message.payload.is_empty() && !repeated {
                         let range = self.changed_by_round(message.round);
                         if self.change.is_empty() || range.is_empty() {
                             return Err(ProtocolError::WrongKind(message.kind));
@@ -190,6 +203,7 @@ impl Site {
                     }
                 }
                 self.round = Some(message.round);
+                self.seed_only = false;
                 Ok(vec![SiteAction::Train { round: message.round }])
             }
             SiteEvent::TrainingDone { round, params } => {
