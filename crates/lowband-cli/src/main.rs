@@ -4,6 +4,7 @@
 mod alloc_count;
 mod bench;
 mod compare;
+mod coordinator_bench;
 mod engine_cmds;
 mod inspect;
 mod nodes;
@@ -121,6 +122,8 @@ enum BenchCommand {
     Engine(bench::EngineBenchArgs),
     /// Every attack x every aggregator against the honest run (the table in docs/results.md).
     Robustness(robustness::RobustnessArgs),
+    /// The coordinator's time, memory and bytes per round as the number of sites grows.
+    Coordinator(coordinator_bench::CoordinatorBenchArgs),
 }
 
 fn main() {
@@ -151,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Import(ImportCommand::Hf(args))) => engine_cmds::import_hf(&args),
         Some(Command::Bench(BenchCommand::Engine(args))) => bench::run(&args),
         Some(Command::Bench(BenchCommand::Robustness(args))) => robustness::run_grid(&args),
+        Some(Command::Bench(BenchCommand::Coordinator(args))) => coordinator_bench::run(&args),
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
         Some(Command::Keygen(args)) => keygen(&args),
         Some(Command::Plan(args)) => plan::run(&args),

@@ -192,3 +192,35 @@ pub fn cost_vs_bandwidth(
     root.present().map_err(e)?;
     Ok(())
 }
+
+/// Lines on log-log axes (one per series), with points.
+pub fn log_log(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let points = series.iter().flat_map(|s| s.1.iter()).filter(|p| p.0 > 0.0 && p.1 > 0.0);
+    let (x_lo, x_hi, y_lo, y_hi) = points.fold((f64::INFINITY, 0f64, f64::INFINITY, 0f64), |(a, b, c, d), p| (a.min(p.0), b.max(p.0), c.min(p.1), d.max(p.1)));
+    if !(x_lo.is_finite() && y_lo.is_finite()) {
+        return Err(anyhow!("plotting {}: nothing to plot", path.display()));
+    }
+    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
+    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo * 0.8..x_hi * 1.25).log_scale(), (y_lo * 0.8..y_hi * 1.25).log_scale())
+        .map_err(e)?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(e)?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(e)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(e)?;
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+    root.present().map_err(e)?;
+    Ok(())
+}

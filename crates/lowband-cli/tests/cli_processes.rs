@@ -277,3 +277,96 @@ fn a_hung_site_does_not_stall_the_rounds_and_catches_up_when_it_wakes() {
     let reference = fault_free_loss(dir.path(), 3);
     assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
 }
+
+/// A network namespace with a veth pair to the host, removed on drop. Needs root and `ip`.
+struct Namespace {
+    name: String,
+    host_side: String,
+}
+
+impl Namespace {
+    fn ip(args: &[&str]) -> bool {
+        Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    }
+
+    /// `10.<a>.<b>.1` on the host side, `.2` inside; None when namespaces are not available.
+    fn create(tag: u32) -> Option<(Namespace, String, String)> {
+        let (name, host_side, inside) = (format!("lowband-t{tag}"), format!("lbh{tag}"), format!("lbn{tag}"));
+        let (a, b) = (200 + (tag % 50), (tag / 50) % 250);
+        let (host_ip, site_ip) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
+        if !Namespace::ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Namespace { name: name.clone(), host_side: host_side.clone() };
+        let ok = Namespace::ip(&["link", "add", &host_side, "type", "veth", "peer", "name", &inside])
+            && Namespace::ip(&["link", "set", &inside, "netns", &name])
+            && Namespace::ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_side])
+            && Namespace::ip(&["link", "set", &host_side, "up"])
+            && Namespace::ip(&["-n", &name, "addr", "add", &format!("{site_ip}/24"), "dev", &inside])
+            && Namespace::ip(&["-n", &name, "link", "set", &inside, "up"])
+            && Namespace::ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ok.then_some((ns, host_ip, site_ip))
+    }
+
+    fn link(&self, up: bool) {
+        assert!(Namespace::ip(&["link", "set", &self.host_side, if up { "up" } else { "down" }]), "ip link set {} failed", self.host_side);
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        Namespace::ip(&["link", "del", &self.host_side]);
+        Namespace::ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A site on another host: inside its own network namespace, joined to the coordinator over a
+/// veth pair rate-limited by `tc tbf` (100 Mbit/s). Its link goes down for 4 s mid-run (longer
+/// than the idle timeout, so both ends drop the connection): the run goes on with the other two
+/// sites, and the cut-off site reconnects and rejoins when the link comes back.
+#[test]
+fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
+    let tag = std::process::id() % 10_000;
+    let Some((namespace, host_ip, _site_ip)) = Namespace::create(tag) else {
+        // Not root, or no `ip netns` here: say so rather than pass silently.
+        eprintln!("SKIPPED: network namespaces are not available (needs root and iproute2)");
+        assert!(std::env::var("LOWBAND_REQUIRE_NETNS").is_err(), "LOWBAND_REQUIRE_NETNS is set but namespaces are not available");
+        return;
+    };
+    assert!(Command::new("tc").args(["qdisc", "add", "dev", &namespace.host_side, "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "50ms"]).status().unwrap().success(), "tc tbf");
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = keygen(dir.path(), "coordinator.key");
+    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("0.0.0.0:{port}");
+    let (mut coordinator_process, _) = start_coordinator(dir.path(), &coordinator, &sites, LONG_CLUSTER, &["--idle-timeout-ms", "1500", "--listen", &listen]);
+    let local = format!("127.0.0.1:{port}");
+    let remote = format!("{host_ip}:{port}");
+    let site_flags = ["--idle-timeout-ms", "1500", "--reconnect-ms", "60000"];
+    let mut site_processes = vec![start_site(dir.path(), 0, &local, &site_flags), start_site(dir.path(), 1, &local, &site_flags)];
+    let mut args = vec!["netns", "exec", namespace.name.as_str(), env!("CARGO_BIN_EXE_lowband"), "site", "--config", "cluster.toml", "--key", "site2.key", "--join", remote.as_str()];
+    args.extend_from_slice(&site_flags);
+    site_processes.push(Guard(Command::new("ip").args(&args).current_dir(dir.path()).env("RAYON_NUM_THREADS", "1").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()));
+    for site in &mut site_processes {
+        until_connected(site);
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    namespace.link(false);
+    std::thread::sleep(Duration::from_millis(4000));
+    namespace.link(true);
+    for (k, site) in site_processes.iter_mut().enumerate() {
+        assert!(wait(site, Duration::from_secs(180)).success(), "site {k} failed");
+    }
+    assert!(wait(&mut coordinator_process, Duration::from_secs(180)).success(), "the coordinator failed");
+    let strategy = summary(dir.path());
+    assert_eq!(strategy["rounds"], 100, "every round ran");
+    assert_eq!((accepted(&strategy, 0), accepted(&strategy, 1)), (100, 100));
+    assert!(accepted(&strategy, 2) < 100, "the cut-off site missed rounds");
+    let rejoined = metrics(dir.path(), "joined").iter().any(|m| m["site"] == 2 && m["round"].as_u64().unwrap() > 0);
+    assert!(rejoined, "site 2 rejoined after its link came back");
+    let rounds = metrics(dir.path(), "round");
+    assert!(rounds.last().unwrap()["update_norms"].as_array().unwrap().iter().any(|n| n[0] == 2), "site 2 contributes again");
+    let loss = strategy["final_val_loss"].as_f64().unwrap();
+    let reference = fault_free_loss(dir.path(), 3);
+    assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
+}

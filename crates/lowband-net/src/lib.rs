@@ -31,8 +31,12 @@ pub enum NetError {
     Connect(String),
     #[error("a peer failed the handshake: {0}")]
     Handshake(String),
+    /// The connection broke (timeout, reset, endpoint gone).
     #[error("connection closed: {0}")]
     Closed(String),
+    /// The peer closed the connection on purpose, saying why (`Peer::close_with`).
+    #[error("the peer ended the connection (code {code}: {reason})")]
+    Ended { code: u64, reason: String },
     #[error("the peer refused the message (stream stopped with code {0})")]
     Refused(u64),
     #[error("message of {bytes} bytes is over the limit of {limit}")]

@@ -99,9 +99,17 @@ impl Node {
         .await)
     }
 
-    /// Close every connection and stop accepting.
+    /// Close every connection and stop accepting (peers see `NetError::Ended` with code 0).
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+/// A lost connection as our error: a deliberate close by the peer keeps its code and reason.
+fn lost(e: quinn::ConnectionError) -> NetError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => NetError::Ended { code: close.error_code.into_inner(), reason: String::from_utf8_lossy(&close.reason).into_owned() },
+        other => NetError::Closed(other.to_string()),
     }
 }
 
@@ -134,9 +142,10 @@ impl Peer {
         if message.len() > self.message_bytes_max {
             return Err(NetError::TooLarge { bytes: message.len(), limit: self.message_bytes_max });
         }
-        let mut stream = self.connection.open_uni().await.map_err(|e| NetError::Closed(e.to_string()))?;
+        let mut stream = self.connection.open_uni().await.map_err(lost)?;
         stream.write_all(message).await.map_err(|e| match e {
             quinn::WriteError::Stopped(code) => NetError::Refused(code.into_inner()),
+            quinn::WriteError::ConnectionLost(e) => lost(e),
             other => NetError::Closed(other.to_string()),
         })?;
         stream.finish().map_err(|e| NetError::Closed(e.to_string()))?;
@@ -144,6 +153,7 @@ impl Peer {
         match stream.stopped().await {
             Ok(None) => Ok(()),
             Ok(Some(code)) => Err(NetError::Refused(code.into_inner())),
+            Err(quinn::StoppedError::ConnectionLost(e)) => Err(lost(e)),
             Err(e) => Err(NetError::Closed(e.to_string())),
         }
     }
@@ -151,19 +161,30 @@ impl Peer {
     /// The next message. A message over the size limit is refused (its stream is stopped) and
     /// reported as `TooLarge`; the connection stays up.
     pub async fn recv(&self) -> Result<Vec<u8>, NetError> {
-        let mut stream = self.connection.accept_uni().await.map_err(|e| NetError::Closed(e.to_string()))?;
+        let mut stream = self.connection.accept_uni().await.map_err(lost)?;
         match stream.read_to_end(self.message_bytes_max).await {
             Ok(bytes) => Ok(bytes),
             Err(quinn::ReadToEndError::TooLong) => {
                 let _ = stream.stop(1u32.into());
                 Err(NetError::TooLarge { bytes: self.message_bytes_max + 1, limit: self.message_bytes_max })
             }
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e))) => Err(lost(e)),
             Err(e) => Err(NetError::Closed(e.to_string())),
         }
     }
 
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"bye");
+    }
+
+    /// Close on purpose: the peer's next receive or send gets `NetError::Ended { code, reason }`.
+    pub fn close_with(&self, code: u32, reason: &str) {
+        self.connection.close(code.into(), reason.as_bytes());
+    }
+
+    /// Whether the connection has closed (and why), without waiting.
+    pub fn close_reason(&self) -> Option<NetError> {
+        self.connection.close_reason().map(lost)
     }
 
     /// The QUIC connection itself, for tests that must misbehave (hold streams open, ...).

@@ -1,17 +1,29 @@
-//! The networked driver, first part (issue 5): the coordinator and K sites run the same protocol
-//! code as the in-memory driver, but every packet crosses a real QUIC connection (lowband-net:
-//! ed25519 keys, TLS 1.3, a size limit per message) and is signed by its maker. Today the nodes
-//! are tasks of one process on loopback; the `coordinator` / `site` processes, membership
-//! changes, crash recovery and link shaping are the rest of issue 5.
+//! The networked driver (issue 5): the coordinator and K sites run the same protocol code as
+//! the in-memory driver, but every packet crosses a real QUIC connection (lowband-net: ed25519
+//! keys, TLS 1.3, a size limit per message) and is signed by its maker. The nodes are separate
+//! processes (`serve_coordinator`, `serve_site`) or tasks of one process (`run_over_loopback`).
+//!
+//! The coordinator is an event loop over new connections, packets and deadline ticks:
+//! - sites join at any time (a newcomer, or a site restarted after a crash, gets the current
+//!   parameters in full and trains from the next round); a site that reconnects retires its old
+//!   connection (connections carry a generation, and what an old one still delivers is ignored);
+//! - a site whose connection closes (QUIC idle timeout) or cannot be sent to leaves the round;
+//! - a round closes when every member has reported, or on `quorum` updates once
+//!   `round_deadline_ms` has passed: a straggler or a hung site cannot stall the run; its late
+//!   update is refused as late (not held against its trust score), and when it catches up it
+//!   applies every queued packet and trains on the newest round only;
+//! - after every round the coordinator saves its state atomically (`state_dir`); started again
+//!   with `resume` it continues from there (at most the round in flight is redone) and the sites,
+//!   which keep trying to reconnect for `reconnect_ms`, come back by themselves.
 //!
 //! What the coordinator receives is opened with the sending site's key (a packet that another
 //! key signed is refused and counted against that site); what it sends is signed with its own.
-//! Sites train in parallel; since the coordinator merges in site order, the result is bitwise
-//! the in-memory driver's. The ledger counts the bytes handed to QUIC: the envelope plus its
-//! 64-byte signature (the in-memory ledger has no signatures), not QUIC's own headers. Emulated
-//! time is defined as in the in-memory driver (per round, the slowest site's measured training
-//! plus the link profile's time for the largest message each way), from what the sites report
-//! when the run ends.
+//! Sites train in parallel; since the coordinator merges in site order, a fault-free run is
+//! bitwise the in-memory driver's. The ledger counts the bytes handed to QUIC: the envelope plus
+//! its 64-byte signature (the in-memory ledger has no signatures), not QUIC's own headers.
+//! Emulated time is defined as in the in-memory driver (per round, the slowest site's measured
+//! training plus the link profile's time for the largest message each way); across processes the
+//! coordinator's wall clock stands in for the sites' compute.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -260,7 +272,7 @@ fn spawn_reader(peer: Peer, site: u32, generation: u64, tx: tokio::sync::mpsc::U
     tokio::spawn(async move {
         loop {
             let message = peer.recv().await;
-            let closed = matches!(message, Err(NetError::Closed(_)));
+            let closed = matches!(message, Err(NetError::Closed(_) | NetError::Ended { .. }));
             if tx.send((site, generation, message)).is_err() || closed {
                 return;
             }
@@ -357,6 +369,13 @@ async fn coordinate<'a>(
         if coordinator.round() >= end_round {
             break;
         }
+        // An excluded site's connection is ended with the reason (it does not try again).
+        let excluded: Vec<(u32, String)> = coordinator.scores().iter().filter_map(|(site, score)| score.excluded.clone().filter(|_| peers.contains_key(site)).map(|reason| (*site, reason))).collect();
+        for (site, reason) in excluded {
+            if let Some((_, peer)) = peers.remove(&site) {
+                peer.close_with(1, &format!("excluded: {reason}"));
+            }
+        }
         let round = coordinator.round();
         for (to, bytes) in std::mem::take(&mut sends) {
             let sealed = seal(identity, &bytes);
@@ -406,9 +425,10 @@ async fn coordinate<'a>(
                 }
                 let sealed = match message {
                     Ok(bytes) => bytes,
-                    Err(NetError::Closed(reason)) => {
+                    Err(e @ (NetError::Closed(_) | NetError::Ended { .. })) => {
+                        let reason = e.to_string();
                         peers.remove(&from);
-                        common.metrics.push(Metric::Refused { round, site: from, reason: format!("connection closed: {reason}") });
+                        common.metrics.push(Metric::Refused { round, site: from, reason });
                         let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: from });
                         sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence)?);
                         continue;
@@ -453,7 +473,10 @@ async fn coordinate<'a>(
 /// it sent, and the update. A site that falls behind (packets queued while it trained) applies
 /// them all and trains for the newest round only. Returns its training seconds per round.
 async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMut()) -> Result<Vec<f64>, RunError> {
-    let node = Node::client(job.identity.clone(), "127.0.0.1:0".parse().expect("loopback"), job.limits.clone())?;
+    // Any local address of the coordinator's family (a loopback-bound socket cannot reach
+    // another host).
+    let local: SocketAddr = if job.coordinator.0.is_ipv6() { "[::]:0".parse().expect("any IPv6") } else { "0.0.0.0:0".parse().expect("any IPv4") };
+    let node = Node::client(job.identity.clone(), local, job.limits.clone())?;
     let last_round = job.steps.div_ceil(job.inner_steps).saturating_sub(1);
     let (mut inputs, mut targets, mut seconds) = (Vec::new(), Vec::new(), Vec::new());
     let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
@@ -464,7 +487,7 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
         tokio::spawn(async move {
             loop {
                 let message = reader.recv().await;
-                let closed = matches!(message, Err(NetError::Closed(_)));
+                let closed = matches!(message, Err(NetError::Closed(_) | NetError::Ended { .. }));
                 if tx.send(message).is_err() || closed {
                     return;
                 }
@@ -481,6 +504,8 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
         while !closed {
             let mut round = match rx.recv().await {
                 Some(Ok(sealed)) => open_round(&mut site, sealed)?,
+                // The coordinator ended the run, or our part in it (excluded): nothing more to do.
+                Some(Err(NetError::Ended { .. })) => return Ok(seconds),
                 Some(Err(NetError::Closed(_))) | None => break,
                 Some(Err(e)) => return Err(e.into()),
             };
@@ -488,6 +513,7 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
             loop {
                 match rx.try_recv() {
                     Ok(Ok(sealed)) => round = open_round(&mut site, sealed)?,
+                    Ok(Err(NetError::Ended { .. })) => return Ok(seconds),
                     Ok(Err(NetError::Closed(_))) => {
                         closed = true;
                         break;
