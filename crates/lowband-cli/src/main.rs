@@ -12,6 +12,7 @@ mod plan;
 mod plots;
 mod report;
 mod robustness;
+mod shape;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,9 @@ enum Command {
     Coordinator(nodes::CoordinatorArgs),
     /// Run one site of a cluster, joining its coordinator.
     Site(nodes::SiteArgs),
+    /// Put an emulated WAN link (bandwidth, latency, jitter, loss) in front of a node: a UDP
+    /// relay that clients send to instead of the node.
+    Shape(shape::ShapeArgs),
     /// Make a node key (ed25519) and print its public key: the line a cluster config lists.
     Keygen(KeygenArgs),
     /// When is training across sites cheaper than in one place? Plans (time, utilization,
@@ -158,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
         Some(Command::Keygen(args)) => keygen(&args),
         Some(Command::Plan(args)) => plan::run(&args),
+        Some(Command::Shape(args)) => shape::run(&args),
         Some(Command::Coordinator(args)) => nodes::coordinator(&args),
         Some(Command::Site(args)) => nodes::site(&args),
     }

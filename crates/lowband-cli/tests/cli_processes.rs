@@ -370,3 +370,41 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
     let reference = fault_free_loss(dir.path(), 3);
     assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
 }
+
+/// Both sites reach the coordinator through `lowband shape` processes (20 Mbit/s, 15 ± 5 ms one
+/// way, 3% loss each way): QUIC recovers every loss, so the model is bitwise the in-memory one.
+#[test]
+fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = keygen(dir.path(), "coordinator.key");
+    let sites = vec![keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
+    let cluster = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
+    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &["--name", "net"]);
+    let mut shapers = Vec::new();
+    let mut site_processes = Vec::new();
+    for k in 0..2 {
+        let file = format!("shaper{k}");
+        let seed = k.to_string();
+        let args = ["shape", "--listen", "127.0.0.1:0", "--to", &address, "--bandwidth-mbit", "20", "--latency-ms", "15", "--jitter-ms", "5", "--loss", "0.03", "--seed", &seed, "--address-file", &file];
+        shapers.push(Guard(lowband(dir.path()).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
+        let started = Instant::now();
+        while !dir.path().join(&file).exists() {
+            assert!(started.elapsed() < Duration::from_secs(30), "shaper {k} never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let through = std::fs::read_to_string(dir.path().join(&file)).unwrap();
+        site_processes.push(start_site(dir.path(), k, &through, &[]));
+    }
+    for (k, site) in site_processes.iter_mut().enumerate() {
+        assert!(wait(site, Duration::from_secs(120)).success(), "site {k} failed");
+    }
+    assert!(wait(&mut coordinator_process, Duration::from_secs(120)).success(), "the coordinator failed");
+    let networked: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    let o = lowband(dir.path())
+        .args(["compare", "--preset", "tiny", "--steps", "24", "--inner-steps", "4", "--site-batch", "2", "--sites", "2", "--corpus-bytes", "60000", "--strategies", "diloco@4", "--json", "memory.json", "--name", "memory"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("memory.json")).unwrap()).unwrap();
+    assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model across the shaped links");
+}

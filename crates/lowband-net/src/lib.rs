@@ -4,9 +4,11 @@
 //! admits the keys on its allow-list; a site connects and accepts only the coordinator's key
 //! ([`tls`]). Messages travel one per QUIC stream under a size limit ([`transport`]). Packets are
 //! also signed by the site that made them ([`seal`], [`open`]), so whoever relays them cannot
-//! alter or forge them. The protocol above is sans-IO: this layer moves its bytes.
+//! alter or forge them. [`Shaper`] puts an emulated WAN (bandwidth, latency, jitter, loss) between
+//! nodes on one machine. The protocol above is sans-IO: this layer moves its bytes.
 
 pub mod identity;
+pub mod shaper;
 pub mod tls;
 pub mod transport;
 
@@ -14,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
+pub use shaper::{LinkShape, Shaper};
 pub use tls::AllowList;
 pub use transport::{Limits, Node, Peer};
 

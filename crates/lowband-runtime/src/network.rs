@@ -535,9 +535,12 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
             }
             seconds[round as usize] = took;
             let update = site.update(round, 0..job.params, &job.uplink)?;
-            // A send that fails means the connection is gone: reconnect below.
-            if peer.send(&seal(&job.identity, &update)).await.is_err() {
-                break;
+            // A send that fails means the connection is gone: reconnect below (unless the
+            // coordinator ended it on purpose).
+            match peer.send(&seal(&job.identity, &update)).await {
+                Ok(()) => {}
+                Err(NetError::Ended { .. }) => return Ok(seconds),
+                Err(_) => break,
             }
             if round >= last_round {
                 return Ok(seconds);
