@@ -143,6 +143,14 @@ pub struct SiteArgs {
     /// restarting from its checkpoint).
     #[arg(long, default_value_t = 60_000)]
     reconnect_ms: u64,
+    /// Where this site saves its own state (optimizer moments, data position, error feedback)
+    /// after every update.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Continue from the state saved in --state-dir (a site restarted after a crash); it gets the
+    /// current parameters from the coordinator when it rejoins.
+    #[arg(long, requires = "state_dir")]
+    resume: bool,
 }
 
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
@@ -183,7 +191,7 @@ pub fn site(args: &SiteArgs) -> Result<()> {
     };
     let (split, _, _) = split_of(&cluster)?;
     println!("lowband site {k}: joining {}", args.join);
-    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), limits(args.idle_timeout_ms)?, args.reconnect_ms, || {
+    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), lowband_runtime::network::SiteOptions { limits: limits(args.idle_timeout_ms)?, reconnect_ms: args.reconnect_ms, state_dir: args.state_dir.clone(), resume: args.resume }, || {
         use std::io::Write;
         println!("lowband site {k}: connected");
         let _ = std::io::stdout().flush();

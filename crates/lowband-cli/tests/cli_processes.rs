@@ -128,27 +128,57 @@ fn start_site(dir: &Path, k: usize, address: &str, extra: &[&str]) -> Guard {
     Guard(lowband(dir).args(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap())
 }
 
-/// Block until the site prints that it is connected.
-fn until_connected(site: &mut Guard) {
+/// Block until the site prints that it is connected; returns what it printed until then.
+fn until_connected(site: &mut Guard) -> Vec<String> {
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(site.0.stdout.take().unwrap()));
-    assert!(lines.any(|l| l.unwrap().contains("connected")), "a site never connected");
+    let mut seen = Vec::new();
+    loop {
+        let line = lines.next().expect("a site never connected").unwrap();
+        seen.push(line);
+        if seen.last().unwrap().contains("connected") {
+            break;
+        }
+    }
     // Keep draining so that a full pipe never blocks the site.
     std::thread::spawn(move || for _ in lines {});
+    seen
 }
 
 fn signal(child: &Guard, name: &str) {
     assert!(Command::new("kill").args([name, &child.0.id().to_string()]).status().unwrap().success());
 }
 
-/// The same run in memory, without faults: its final validation loss.
-fn fault_free_loss(dir: &Path, sites: usize) -> f64 {
-    let o = lowband(dir)
-        .args(["compare", "--preset", "tiny", "--steps", "1000", "--inner-steps", "10", "--site-batch", "4", "--sites", &sites.to_string(), "--corpus-bytes", "200000", "--strategies", "diloco@10", "--json", "memory.json", "--name", "memory"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("memory.json")).unwrap()).unwrap();
-    memory["strategies"][0]["final_val_loss"].as_f64().unwrap()
+/// The fault-free band: the final validation loss of the same run in memory under seeds 0-4
+/// (computed once per test binary). On this tiny model the seed alone moves it by about ±7%
+/// (2.05-2.38 nats/byte), and a fault that redoes a round with other data moves it within that
+/// band; a stalled or diverged run lands far outside (the uniform-byte loss is 5.55).
+fn fault_free_band() -> (f64, f64) {
+    static BAND: std::sync::OnceLock<(f64, f64)> = std::sync::OnceLock::new();
+    *BAND.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let losses: Vec<f64> = (0..5)
+            .map(|seed| {
+                let json = format!("memory{seed}.json");
+                let o = lowband(dir.path())
+                    .args(["compare", "--preset", "tiny", "--steps", "1000", "--inner-steps", "10", "--site-batch", "4", "--sites", "3", "--corpus-bytes", "200000", "--strategies", "diloco@10"])
+                    .args(["--seed", &seed.to_string(), "--json", &json, "--name", &format!("memory{seed}")])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(&json)).unwrap()).unwrap();
+                memory["strategies"][0]["final_val_loss"].as_f64().unwrap()
+            })
+            .collect();
+        (losses.iter().cloned().fold(f64::INFINITY, f64::min), losses.iter().cloned().fold(0.0, f64::max))
+    })
+}
+
+/// A faulty run ends as close to the fault-free one as another seed would: inside the band,
+/// widened by 3%.
+fn assert_close_to_fault_free(loss: f64) {
+    let (low, high) = fault_free_band();
+    eprintln!("final validation loss {loss}; fault-free runs {low}..{high}");
+    assert!(loss >= low * (1.0 - TOLERANCE) && loss <= high * (1.0 + TOLERANCE), "{loss} outside the fault-free band {low}..{high} (± {TOLERANCE})");
 }
 
 fn summary(dir: &Path) -> serde_json::Value {
@@ -166,11 +196,9 @@ fn metrics(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|m| m["kind"] == kind).collect()
 }
 
-/// A 1,000-step run of 3 sites over 100 rounds on the tiny model. Tolerance for a faulty run
-/// against the fault-free one: 5% of the validation loss. A fault costs a few rounds of one
-/// site's data and (for a restarted site) its AdamW moments; different data orders alone move
-/// this model's final loss by about 1%, a diverged or stalled run by far more than 5%.
-const TOLERANCE: f64 = 0.05;
+/// A 1,000-step run of 3 sites over 100 rounds on the tiny model; a faulty run must end inside
+/// the fault-free band (`fault_free_band`) widened by this fraction.
+const TOLERANCE: f64 = 0.03;
 
 #[test]
 fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
@@ -178,15 +206,24 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     let coordinator = keygen(dir.path(), "coordinator.key");
     let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
     let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, LONG_CLUSTER, &["--idle-timeout-ms", "1500"]);
-    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "1500"])).collect();
+    // Site 1 saves its own state (optimizer moments, data position) after every update.
+    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "1500", "--state-dir", &format!("site{k}-state")])).collect();
     until_connected(&mut site_processes[1]);
-    std::thread::sleep(Duration::from_millis(500));
+    let saved = dir.path().join("site1-state/current.json");
+    let started = Instant::now();
+    while !saved.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "site 1 saved no state");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     site_processes[1].0.kill().unwrap();
     let _ = site_processes[1].0.wait();
-    // Restarted with the same key: it gets the current parameters and trains from there.
+    // Restarted with the same key and its saved state: it gets the current parameters from the
+    // coordinator and trains from there with its own optimizer state.
     std::thread::sleep(Duration::from_millis(2500));
-    site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500"]);
-    until_connected(&mut site_processes[1]);
+    site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
+    let printed = until_connected(&mut site_processes[1]);
+    assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
     for (k, site) in site_processes.iter_mut().enumerate() {
         assert!(wait(site, Duration::from_secs(180)).success(), "site {k} failed");
     }
@@ -201,8 +238,7 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     let last = rounds.last().unwrap();
     assert!(last["update_norms"].as_array().unwrap().iter().any(|n| n[0] == 1), "site 1 contributes again: {last}");
     let loss = strategy["final_val_loss"].as_f64().unwrap();
-    let reference = fault_free_loss(dir.path(), 3);
-    assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
+    assert_close_to_fault_free(loss);
 }
 
 #[test]
@@ -242,8 +278,7 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_the_sites_reconn
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran once in the report");
     let loss = strategy["final_val_loss"].as_f64().unwrap();
-    let reference = fault_free_loss(dir.path(), 3);
-    assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
+    assert_close_to_fault_free(loss);
 }
 
 #[test]
@@ -274,8 +309,7 @@ fn a_hung_site_does_not_stall_the_rounds_and_catches_up_when_it_wakes() {
     let rounds = metrics(dir.path(), "round");
     assert!(rounds.iter().any(|r| r["round"].as_u64().unwrap() > last_missed && r["update_norms"].as_array().unwrap().iter().any(|n| n[0] == 2)), "site 2 took part again after it woke");
     let loss = strategy["final_val_loss"].as_f64().unwrap();
-    let reference = fault_free_loss(dir.path(), 3);
-    assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
+    assert_close_to_fault_free(loss);
 }
 
 /// A network namespace with a veth pair to the host, removed on drop. Needs root and `ip`.
@@ -367,8 +401,7 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
     let rounds = metrics(dir.path(), "round");
     assert!(rounds.last().unwrap()["update_norms"].as_array().unwrap().iter().any(|n| n[0] == 2), "site 2 contributes again");
     let loss = strategy["final_val_loss"].as_f64().unwrap();
-    let reference = fault_free_loss(dir.path(), 3);
-    assert!((loss / reference - 1.0).abs() < TOLERANCE, "{loss} vs fault-free {reference}");
+    assert_close_to_fault_free(loss);
 }
 
 /// Both sites reach the coordinator through `lowband shape` processes (20 Mbit/s, 15 ± 5 ms one
@@ -407,4 +440,31 @@ fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("memory.json")).unwrap()).unwrap();
     assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model across the shaped links");
+}
+
+/// Ctrl-C on a site is a graceful leave: the coordinator learns it at once, so the round does not
+/// wait for the (here 120 s) idle timeout, and the site exits cleanly.
+#[test]
+fn a_site_interrupted_with_ctrl_c_leaves_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = keygen(dir.path(), "coordinator.key");
+    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
+    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, LONG_CLUSTER, &["--idle-timeout-ms", "120000"]);
+    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "120000"])).collect();
+    for site in &mut site_processes {
+        until_connected(site);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&site_processes[1], "-INT");
+    assert!(wait(&mut site_processes[1], Duration::from_secs(60)).success(), "the interrupted site exits cleanly");
+    for k in [0, 2] {
+        assert!(wait(&mut site_processes[k], Duration::from_secs(60)).success(), "site {k} failed");
+    }
+    // Well inside the idle timeout: nobody waited for it.
+    assert!(wait(&mut coordinator_process, Duration::from_secs(60)).success(), "the coordinator failed");
+    let strategy = summary(dir.path());
+    assert_eq!(strategy["rounds"], 100);
+    assert!(accepted(&strategy, 1) < 100, "site 1 stopped contributing");
+    let left = metrics(dir.path(), "refused").iter().any(|m| m["site"] == 1 && m["reason"].as_str().unwrap().contains("leaving"));
+    assert!(left, "the coordinator logged the leave");
 }

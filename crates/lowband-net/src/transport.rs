@@ -103,6 +103,12 @@ impl Node {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"bye");
     }
+
+    /// Wait (at most `limit`) until every connection has finished closing, so that the peers
+    /// have been told before the process exits.
+    pub async fn wait_closed(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, self.endpoint.wait_idle()).await;
+    }
 }
 
 /// A lost connection as our error: a deliberate close by the peer keeps its code and reason.

@@ -156,6 +156,21 @@ impl Site {
         Ok(())
     }
 
+    /// Continue the error feedback from a saved residual, without claiming to hold the cluster's
+    /// parameters (a restarted site gets them from the coordinator when it rejoins).
+    pub fn restore_feedback(&mut self, residual: &[f32]) -> Result<(), ProtocolError> {
+        if self.feedback.is_empty() || residual.len() != self.start.len() {
+            return Err(ProtocolError::InvalidConfig { field: "site state", reason: "saved error-feedback residual does not match this site's settings".into() });
+        }
+        let mut at = 0;
+        for f in &mut self.feedback {
+            let len = f.residual().len();
+            f.set_residual(&residual[at..at + len]);
+            at += len;
+        }
+        Ok(())
+    }
+
     fn payload_bytes_max(&self) -> usize {
         Fp32.payload_bytes(self.start.len()).max(self.downlink.payload_bytes(self.start.len()))
     }

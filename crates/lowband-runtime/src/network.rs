@@ -7,7 +7,10 @@
 //! - sites join at any time (a newcomer, or a site restarted after a crash, gets the current
 //!   parameters in full and trains from the next round); a site that reconnects retires its old
 //!   connection (connections carry a generation, and what an old one still delivers is ignored);
-//! - a site whose connection closes (QUIC idle timeout) or cannot be sent to leaves the round;
+//! - a site whose connection closes (QUIC idle timeout) or cannot be sent to leaves the round; a
+//!   site interrupted with Ctrl-C closes its connection saying so, and leaves at once;
+//! - a site saves its own state (AdamW moments, data position, error feedback, codec stream)
+//!   after every update when given a state directory, and a restarted one resumes from it;
 //! - a round closes when every member has reported, or on `quorum` updates once
 //!   `round_deadline_ms` has passed: a straggler or a hung site cannot stall the run; its late
 //!   update is refused as late (not held against its trust score), and when it catches up it
@@ -142,6 +145,8 @@ pub fn serve_coordinator(
         listening(node.local_addr()?)?;
         let (mut common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &identity, &site_keys, &options, started).await?;
         node.close();
+        // Tell every site the run is over before this process goes.
+        node.wait_closed(std::time::Duration::from_secs(2)).await;
         common.compute_seconds = started.elapsed().as_secs_f64() - common.communication_seconds;
         finish_rounds(common, &coordinator, sample_packets)
     })
@@ -153,7 +158,16 @@ pub fn serve_coordinator(
 /// is sent. If the connection drops before the run's last round, the site keeps trying to
 /// reconnect for `reconnect_ms` (a coordinator restarting from its checkpoint).
 #[allow(clippy::too_many_arguments)]
-pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u32, identity: Arc<Identity>, coordinator: (SocketAddr, PublicKey), limits: Limits, reconnect_ms: u64, connected: impl FnMut() + Send) -> Result<(), RunError> {
+pub fn serve_site(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    site: u32,
+    identity: Arc<Identity>,
+    coordinator: (SocketAddr, PublicKey),
+    options: SiteOptions,
+    connected: impl FnMut() + Send,
+) -> Result<(), RunError> {
     check_networkable(config, &strategy, split)?;
     let k = site as usize;
     if k >= config.sites {
@@ -161,7 +175,17 @@ pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u
     }
     let model = lowband_engine::preset(&config.preset)?.model;
     let initial = lowband_engine::Gpt::new(model, config.seed)?.params().to_vec();
-    let state = new_site(config, &initial, strategy.compression, k)?;
+    let mut state = new_site(config, &initial, strategy.compression, k)?;
+    if let Some(dir) = &options.state_dir {
+        if options.resume {
+            match crate::state::restore_site(dir, &mut state)? {
+                Some(round) => println!("site {site}: resuming from its saved state after round {round} (optimizer, data position, error feedback)"),
+                None => println!("site {site}: no saved state to resume: starting fresh"),
+            }
+        } else if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| RunError::Io { path: dir.clone(), source: e })?;
+        }
+    }
     let job = SiteJob {
         identity,
         coordinator,
@@ -172,8 +196,10 @@ pub fn serve_site(config: &RunConfig, strategy: Strategy, split: &Split, site: u
         inner_steps: strategy.inner_steps,
         params: initial.len(),
         uplink: strategy.compression.uplink,
-        limits,
-        reconnect_ms,
+        limits: options.limits,
+        reconnect_ms: options.reconnect_ms,
+        state_dir: options.state_dir,
+        leave_on_signal: true,
     };
     runtime(2)?.block_on(site_task(state, job, connected)).map(|_| ())
 }
@@ -209,6 +235,22 @@ struct SiteJob {
     limits: Limits,
     /// How long to keep trying to reach the coordinator after the connection drops mid-run.
     reconnect_ms: u64,
+    /// Where the site saves its own state after every update it sends.
+    state_dir: Option<std::path::PathBuf>,
+    /// Ctrl-C / SIGINT makes the site leave the run gracefully (a process; not in-process tasks).
+    leave_on_signal: bool,
+}
+
+/// How a site process behaves (the transport's own limits are in `limits`).
+#[derive(Clone, Debug)]
+pub struct SiteOptions {
+    pub limits: Limits,
+    /// After losing the coordinator mid-run, keep trying to reach it this long.
+    pub reconnect_ms: u64,
+    /// Where the site saves its optimizer state, data position and error-feedback residual after
+    /// every update (atomically); with `resume`, a restarted site continues from them.
+    pub state_dir: Option<std::path::PathBuf>,
+    pub resume: bool,
 }
 
 async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, options: NetworkOptions) -> Result<RunResult, RunError> {
@@ -243,6 +285,8 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, option
             uplink: compression.uplink,
             limits: limits.clone(),
             reconnect_ms: 0,
+            state_dir: None,
+            leave_on_signal: false,
         };
         site_tasks.push(tokio::spawn(site_task(site, job, || {})));
     }
@@ -480,6 +524,16 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
     let last_round = job.steps.div_ceil(job.inner_steps).saturating_sub(1);
     let (mut inputs, mut targets, mut seconds) = (Vec::new(), Vec::new(), Vec::new());
     let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
+    // Ctrl-C is remembered even while the site trains: it leaves before the next round.
+    let mut leave = job.leave_on_signal.then(|| {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = tx.send(());
+            }
+        });
+        rx
+    });
     loop {
         connected();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -502,7 +556,21 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
         };
         let mut closed = false;
         while !closed {
-            let mut round = match rx.recv().await {
+            let received = if let Some(leave) = leave.as_mut() {
+                tokio::select! {
+                    message = rx.recv() => message,
+                    _ = leave.changed() => {
+                        // A graceful leave: the coordinator learns it at once (no timeout).
+                        peer.close_with(2, "leaving");
+                        node.wait_closed(std::time::Duration::from_secs(2)).await;
+                        println!("site {}: left the run", job.identity.public_key());
+                        return Ok(seconds);
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            let mut round = match received {
                 Some(Ok(sealed)) => open_round(&mut site, sealed)?,
                 // The coordinator ended the run, or our part in it (excluded): nothing more to do.
                 Some(Err(NetError::Ended { .. })) => return Ok(seconds),
@@ -535,6 +603,9 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
             }
             seconds[round as usize] = took;
             let update = site.update(round, 0..job.params, &job.uplink)?;
+            if let Some(dir) = &job.state_dir {
+                crate::state::save_site(dir, &site, round)?;
+            }
             // A send that fails means the connection is gone: reconnect below (unless the
             // coordinator ended it on purpose).
             match peer.send(&seal(&job.identity, &update)).await {

@@ -344,3 +344,150 @@ fn safetensors_names(path: &Path, bytes: &[u8]) -> Result<Vec<(String, usize)>, 
     names.sort();
     Ok(names)
 }
+
+/// What a site process keeps across a restart (networked runs): its AdamW moments, its place in
+/// its data stream, its error-feedback residual and its uplink codec's random stream. The
+/// parameters themselves come from the coordinator when it rejoins.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SiteManifest {
+    format: String,
+    version: u32,
+    site: u32,
+    /// The last round it sent an update for.
+    round: u64,
+    params: usize,
+    sampler: (u64, u64),
+    optimizer_step: u64,
+    codec_random: Option<u64>,
+}
+
+const SITE_FORMAT: &str = "lowband-site-state";
+
+/// Save site `site`'s state after `round` under `dir` (a new `state-<round>/`, then the atomic
+/// switch of `current.json`; the previous state survives a crash at any moment).
+pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<(), RunError> {
+    let optimizer = site.trainer.optimizer();
+    let manifest = SiteManifest {
+        format: SITE_FORMAT.into(),
+        version: VERSION,
+        site: site.site.id(),
+        round,
+        params: optimizer.m.len(),
+        sampler: (site.sampler.seed(), site.sampler.drawn),
+        optimizer_step: optimizer.step,
+        codec_random: site.site.codec_random_state(),
+    };
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![("m".into(), vec![optimizer.m.len()], &optimizer.m), ("v".into(), vec![optimizer.v.len()], &optimizer.v)];
+    let residual = site.site.feedback_residual();
+    if let Some(r) = &residual {
+        tensors.push(("residual".into(), vec![r.len()], r));
+    }
+    let name = format!("state-{round}");
+    let target = dir.join(&name);
+    std::fs::create_dir_all(&target).map_err(|e| RunError::Io { path: target.clone(), source: e })?;
+    write_atomic(&target.join("tensors.safetensors"), &tensors_to_safetensors(&tensors, None)?)?;
+    write_atomic(&target.join("state.json"), &serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?)?;
+    write_atomic(&dir.join("current.json"), serde_json::json!({ "dir": name }).to_string().as_bytes())?;
+    remove_other_states(dir, &name);
+    Ok(())
+}
+
+/// Restore site state saved by [`save_site`] into `site`; returns the round it had reached, or
+/// None when there is nothing saved. Every length, the site number and every value is checked.
+pub(crate) fn restore_site(dir: &Path, site: &mut SiteRuntime) -> Result<Option<u64>, RunError> {
+    let current = dir.join("current.json");
+    if !current.exists() {
+        return Ok(None);
+    }
+    #[derive(Deserialize)]
+    struct Current {
+        dir: String,
+    }
+    let pointer: Current = serde_json::from_slice(&read_limited(&current, 4096)?).map_err(|e| RunError::State(format!("{}: {e}", current.display())))?;
+    if pointer.dir.contains('/') || !pointer.dir.starts_with("state-") {
+        return Err(RunError::State(format!("{}: bad state directory name", current.display())));
+    }
+    let target = dir.join(&pointer.dir);
+    let manifest: SiteManifest = serde_json::from_slice(&read_limited(&target.join("state.json"), 1 << 16)?).map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
+    let params = site.trainer.optimizer().m.len();
+    if manifest.format != SITE_FORMAT || manifest.version != VERSION {
+        return Err(RunError::State(format!("{}: not a version {VERSION} site state", target.display())));
+    }
+    if manifest.site != site.site.id() || manifest.params != params {
+        return Err(RunError::State(format!("{}: saved for site {} with {} parameters, this is site {} with {params}", target.display(), manifest.site, manifest.params, site.site.id())));
+    }
+    let path = target.join("tensors.safetensors");
+    let bytes = read_limited(&path, params as u64 * 4 * 3 + 4096)?;
+    let names = safetensors_names(&path, &bytes)?;
+    if names.iter().any(|(_, len)| *len != params) {
+        return Err(RunError::State(format!("{}: a saved tensor has the wrong length", path.display())));
+    }
+    let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
+    let values = tensors_from_safetensors(&path, &bytes, &expected)?;
+    let mut tensors: Vec<(String, Vec<f32>)> = names.into_iter().map(|(n, _)| n).zip(values).collect();
+    if let Some((name, _)) = tensors.iter().find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n == "v" && *x < 0.0))) {
+        return Err(RunError::State(format!("{}: saved tensor {name} holds a non-finite (or negative second-moment) value", path.display())));
+    }
+    let mut take = |name: &str| tensors.iter().position(|(n, _)| n == name).map(|i| tensors.swap_remove(i).1);
+    let (m, v) = (take("m").ok_or_else(|| RunError::State("saved site state lacks m".into()))?, take("v").ok_or_else(|| RunError::State("saved site state lacks v".into()))?);
+    if let Some(residual) = take("residual") {
+        site.site.restore_feedback(&residual)?;
+    }
+    if let Some(random) = manifest.codec_random {
+        site.site.set_codec_random_state(random);
+    }
+    let optimizer = site.trainer.optimizer_mut();
+    (optimizer.m, optimizer.v, optimizer.step) = (m, v, manifest.optimizer_step);
+    site.sampler = Sampler::resume(manifest.sampler.0, manifest.sampler.1);
+    Ok(Some(manifest.round))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::new_site;
+
+    fn site(k: usize) -> SiteRuntime {
+        let config = RunConfig { preset: "tiny".into(), sites: 2, ..RunConfig::default() };
+        let model = lowband_engine::preset("tiny").unwrap().model;
+        let initial = lowband_engine::Gpt::new(model, 0).unwrap().params().to_vec();
+        let compression = lowband_protocol::Compression { uplink: "topk:k=16,chunk=256,values=q8".parse().unwrap(), downlink: lowband_codec::CodecSpec::Fp32, feedback_decay: Some(0.9) };
+        new_site(&config, &initial, compression, k).unwrap()
+    }
+
+    #[test]
+    fn a_site_state_round_trips_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut original = site(1);
+        {
+            let optimizer = original.trainer.optimizer_mut();
+            optimizer.m.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32 * 1e-3);
+            optimizer.v.iter_mut().for_each(|x| *x = 0.5);
+            optimizer.step = 40;
+        }
+        original.sampler = Sampler::resume(original.sampler.seed(), 123);
+        let residual: Vec<f32> = (0..original.trainer.params().len()).map(|i| (i % 7) as f32).collect();
+        original.site.restore_feedback(&residual).unwrap();
+        save_site(dir.path(), &original, 9).unwrap();
+
+        let mut restored = site(1);
+        assert_eq!(restore_site(dir.path(), &mut restored).unwrap(), Some(9));
+        assert_eq!(restored.trainer.optimizer().m, original.trainer.optimizer().m);
+        assert_eq!(restored.trainer.optimizer().v, original.trainer.optimizer().v);
+        assert_eq!(restored.trainer.optimizer().step, 40);
+        assert_eq!(restored.sampler.drawn, 123);
+        assert_eq!(restored.site.feedback_residual().unwrap(), residual);
+        // Nothing saved: nothing restored.
+        assert_eq!(restore_site(&dir.path().join("none"), &mut site(1)).unwrap(), None);
+        // Another site's state is refused.
+        let error = restore_site(dir.path(), &mut site(0)).err().unwrap().to_string();
+        assert!(error.contains("saved for site 1"), "{error}");
+        // A truncated tensor file is refused, not half-loaded.
+        let tensors = dir.path().join("state-9/tensors.safetensors");
+        let bytes = std::fs::read(&tensors).unwrap();
+        std::fs::write(&tensors, &bytes[..bytes.len() / 2]).unwrap();
+        let mut victim = site(1);
+        assert!(restore_site(dir.path(), &mut victim).is_err());
+        assert_eq!(victim.trainer.optimizer().step, 0, "untouched by a failed restore");
+    }
+}
