@@ -306,9 +306,8 @@ fn remove_other_states(dir: &Path, keep: &str) {
     }
 }
 
-/// The saved state of `strategy` under the state directory, if there is one.
-pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<RunState>, RunError> {
-    let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(None) };
+/// The directory `current.json` in `dir` points to (the committed state), if there is one.
+fn current_state(dir: &Path) -> Result<Option<PathBuf>, RunError> {
     let current = dir.join("current.json");
     if !current.exists() {
         return Ok(None);
@@ -321,7 +320,13 @@ pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<Run
     if pointer.dir.contains('/') || !pointer.dir.starts_with("state-") {
         return Err(RunError::State(format!("{}: bad state directory name", current.display())));
     }
-    let target = dir.join(&pointer.dir);
+    Ok(Some(dir.join(&pointer.dir)))
+}
+
+/// The saved state of `strategy` under the state directory, if there is one.
+pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<RunState>, RunError> {
+    let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(None) };
+    let Some(target) = current_state(&dir)? else { return Ok(None) };
     let manifest: Manifest = serde_json::from_slice(&read_limited(&target.join("state.json"), MANIFEST_BYTES_MAX)?)
         .map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
     if manifest.format != FORMAT || manifest.version != VERSION {
@@ -395,19 +400,7 @@ pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<()
 /// Restore site state saved by [`save_site`] into `site`; returns the round it had reached, or
 /// None when there is nothing saved. Every length, the site number and every value is checked.
 pub(crate) fn restore_site(dir: &Path, site: &mut SiteRuntime) -> Result<Option<u64>, RunError> {
-    let current = dir.join("current.json");
-    if !current.exists() {
-        return Ok(None);
-    }
-    #[derive(Deserialize)]
-    struct Current {
-        dir: String,
-    }
-    let pointer: Current = serde_json::from_slice(&read_limited(&current, 4096)?).map_err(|e| RunError::State(format!("{}: {e}", current.display())))?;
-    if pointer.dir.contains('/') || !pointer.dir.starts_with("state-") {
-        return Err(RunError::State(format!("{}: bad state directory name", current.display())));
-    }
-    let target = dir.join(&pointer.dir);
+    let Some(target) = current_state(dir)? else { return Ok(None) };
     let manifest: SiteManifest = serde_json::from_slice(&read_limited(&target.join("state.json"), 1 << 16)?).map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
     let params = site.trainer.optimizer().m.len();
     if manifest.format != SITE_FORMAT || manifest.version != VERSION {
