@@ -421,16 +421,6 @@ fn human_duration(seconds: f64) -> String {
     }
 }
 
-fn human_bytes(bytes: f64) -> String {
-    match bytes {
-        b if b >= 1e15 => format!("{:.1} PB", b / 1e15),
-        b if b >= 1e12 => format!("{:.1} TB", b / 1e12),
-        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
-        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
-        b => format!("{b:.0} B"),
-    }
-}
-
 fn dollars(value: f64) -> String {
     match value {
         v if v >= 1e6 => format!("${:.2}M", v / 1e6),
@@ -466,7 +456,7 @@ pub fn plans_table(plans: &[Plan]) -> String {
             (p.token_factor - 1.0) * 100.0,
             human_duration(p.wall_seconds),
             p.utilization * 100.0,
-            human_bytes(p.wan_bytes),
+            crate::report::human_bytes(p.wan_bytes as u64),
             dollars(p.egress_dollars),
             dollars(p.compute_dollars),
             dollars(p.total_dollars),

@@ -111,8 +111,9 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
         .collect()
 }
 
-fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "KB", "MB", "GB", "TB"];
+/// 1234567 → "1.2 MB" (SI units).
+pub(crate) fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB", "PB"];
     let mut value = bytes as f64;
     let mut unit = 0;
     while value >= 1000.0 && unit + 1 < units.len() {

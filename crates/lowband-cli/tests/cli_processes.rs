@@ -48,13 +48,38 @@ fn start_coordinator(dir: &Path, coordinator: &str, sites: &[String], cluster: &
     args.extend_from_slice(extra);
     // Output is not read: a full pipe must not block the node.
     let process = Guard(lowband(dir).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    let started = Instant::now();
-    while !dir.join("address").exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "the coordinator never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_file(&dir.join("address"), "the coordinator never listened");
     (process, std::fs::read_to_string(dir.join("address")).unwrap())
 }
+
+/// Block until `path` exists (a node writes it once it is up).
+fn wait_for_file(path: &Path, what: &str) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every site, then the coordinator, must exit successfully within `limit`.
+fn all_finish(sites: &mut [Guard], coordinator: &mut Guard, limit: Duration) {
+    for (k, site) in sites.iter_mut().enumerate() {
+        assert!(wait(site, limit).success(), "site {k} failed");
+    }
+    assert!(wait(coordinator, limit).success(), "the coordinator failed");
+}
+
+/// The small 2-site run of `SMALL_CLUSTER` in memory: its summary.
+fn small_run_in_memory(dir: &Path) -> serde_json::Value {
+    let o = lowband(dir)
+        .args(["compare", "--preset", "tiny", "--steps", "24", "--inner-steps", "4", "--site-batch", "2", "--sites", "2", "--corpus-bytes", "60000", "--strategies", "diloco@4", "--json", "memory.json", "--name", "memory"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&std::fs::read(dir.join("memory.json")).unwrap()).unwrap()
+}
+
+const SMALL_CLUSTER: &str = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
 
 #[test]
 fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
@@ -62,8 +87,7 @@ fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
     let coordinator = keygen(dir.path(), "coordinator.key");
     let sites = vec![keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
     let _stranger = keygen(dir.path(), "stranger.key");
-    let cluster = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &["--name", "net"]);
+    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, SMALL_CLUSTER, &["--name", "net"]);
     // A key the cluster does not list cannot take part.
     let o = lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", "stranger.key", "--join", &address]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
@@ -71,18 +95,10 @@ fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
     let mut site_processes: Vec<Guard> = (0..2)
         .map(|k| Guard(lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", &format!("site{k}.key"), "--join", &address]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()))
         .collect();
-    for site in &mut site_processes {
-        assert!(wait(site, Duration::from_secs(120)).success(), "a site failed");
-    }
-    assert!(wait(&mut coordinator_process, Duration::from_secs(120)).success(), "the coordinator failed");
+    all_finish(&mut site_processes, &mut coordinator_process, Duration::from_secs(120));
     let networked: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     // The same run in memory.
-    let o = lowband(dir.path())
-        .args(["compare", "--preset", "tiny", "--steps", "24", "--inner-steps", "4", "--site-batch", "2", "--sites", "2", "--corpus-bytes", "60000", "--strategies", "diloco@4", "--json", "memory.json", "--name", "memory"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("memory.json")).unwrap()).unwrap();
+    let memory = small_run_in_memory(dir.path());
     assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model");
     let packets = 2 * 6 + 2 * 6; // 6 rounds: 2 broadcasts and 2 updates each
     let extra = networked["strategies"][0]["inter_site_bytes"].as_u64().unwrap() - memory["strategies"][0]["inter_site_bytes"].as_u64().unwrap();
@@ -209,12 +225,7 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     // Site 1 saves its own state (optimizer moments, data position) after every update.
     let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "1500", "--state-dir", &format!("site{k}-state")])).collect();
     until_connected(&mut site_processes[1]);
-    let saved = dir.path().join("site1-state/current.json");
-    let started = Instant::now();
-    while !saved.exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "site 1 saved no state");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_file(&dir.path().join("site1-state/current.json"), "site 1 saved no state");
     std::thread::sleep(Duration::from_millis(300));
     site_processes[1].0.kill().unwrap();
     let _ = site_processes[1].0.wait();
@@ -224,10 +235,7 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
     let printed = until_connected(&mut site_processes[1]);
     assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
-    for (k, site) in site_processes.iter_mut().enumerate() {
-        assert!(wait(site, Duration::from_secs(180)).success(), "site {k} failed");
-    }
-    assert!(wait(&mut coordinator_process, Duration::from_secs(180)).success(), "the coordinator failed");
+    all_finish(&mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
     assert_eq!((accepted(&strategy, 0), accepted(&strategy, 2)), (100, 100));
@@ -297,10 +305,7 @@ fn a_hung_site_does_not_stall_the_rounds_and_catches_up_when_it_wakes() {
     signal(&site_processes[2], "-STOP");
     std::thread::sleep(Duration::from_millis(3000));
     signal(&site_processes[2], "-CONT");
-    for (k, site) in site_processes.iter_mut().enumerate() {
-        assert!(wait(site, Duration::from_secs(180)).success(), "site {k} failed");
-    }
-    assert!(wait(&mut coordinator_process, Duration::from_secs(180)).success(), "the coordinator failed");
+    all_finish(&mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
     let missed: Vec<u64> = metrics(dir.path(), "missed").iter().filter(|m| m["site"] == 2).map(|m| m["round"].as_u64().unwrap()).collect();
@@ -388,10 +393,7 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
     namespace.link(false);
     std::thread::sleep(Duration::from_millis(4000));
     namespace.link(true);
-    for (k, site) in site_processes.iter_mut().enumerate() {
-        assert!(wait(site, Duration::from_secs(180)).success(), "site {k} failed");
-    }
-    assert!(wait(&mut coordinator_process, Duration::from_secs(180)).success(), "the coordinator failed");
+    all_finish(&mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
     assert_eq!((accepted(&strategy, 0), accepted(&strategy, 1)), (100, 100));
@@ -411,8 +413,7 @@ fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
     let sites = vec![keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
-    let cluster = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &["--name", "net"]);
+    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, SMALL_CLUSTER, &["--name", "net"]);
     let mut shapers = Vec::new();
     let mut site_processes = Vec::new();
     for k in 0..2 {
@@ -420,25 +421,13 @@ fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
         let seed = k.to_string();
         let args = ["shape", "--listen", "127.0.0.1:0", "--to", &address, "--bandwidth-mbit", "20", "--latency-ms", "15", "--jitter-ms", "5", "--loss", "0.03", "--seed", &seed, "--address-file", &file];
         shapers.push(Guard(lowband(dir.path()).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
-        let started = Instant::now();
-        while !dir.path().join(&file).exists() {
-            assert!(started.elapsed() < Duration::from_secs(30), "shaper {k} never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_file(&dir.path().join(&file), "a shaper never listened");
         let through = std::fs::read_to_string(dir.path().join(&file)).unwrap();
         site_processes.push(start_site(dir.path(), k, &through, &[]));
     }
-    for (k, site) in site_processes.iter_mut().enumerate() {
-        assert!(wait(site, Duration::from_secs(120)).success(), "site {k} failed");
-    }
-    assert!(wait(&mut coordinator_process, Duration::from_secs(120)).success(), "the coordinator failed");
+    all_finish(&mut site_processes, &mut coordinator_process, Duration::from_secs(120));
     let networked: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
-    let o = lowband(dir.path())
-        .args(["compare", "--preset", "tiny", "--steps", "24", "--inner-steps", "4", "--site-batch", "2", "--sites", "2", "--corpus-bytes", "60000", "--strategies", "diloco@4", "--json", "memory.json", "--name", "memory"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let memory: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("memory.json")).unwrap()).unwrap();
+    let memory = small_run_in_memory(dir.path());
     assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model across the shaped links");
 }
 

@@ -793,7 +793,7 @@ pub fn plan_ship_data(scenario: &Scenario) -> Result<Plan, PlanError> {
         .map(|s| share_bytes * s.link.egress_dollars_per_gb)
         .sum::<f64>()
         / BYTES_PER_GB;
-    let mut plan = plan_from_runs(
+    Ok(plan_from_runs(
         "ship the data".into(),
         PlanKind::ShipData,
         None,
@@ -801,9 +801,7 @@ pub fn plan_ship_data(scenario: &Scenario) -> Result<Plan, PlanError> {
         scenario.tokens,
         run.clone(),
         run,
-    );
-    plan.bits_per_param_up = 0.0;
-    Ok(plan)
+    ))
 }
 
 /// The four baselines, then every strategy.

@@ -590,10 +590,12 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
                     Err(_) => break,
                 }
             }
-            let step = round * job.inner_steps;
-            if step >= job.steps {
+            // A round past the run's last means the run is over (and keeps the arithmetic below
+            // from overflowing on a nonsense round number).
+            if round > last_round {
                 return Ok(seconds);
             }
+            let step = round * job.inner_steps;
             let h = job.inner_steps.min(job.steps - step);
             let mut losses = vec![0.0f32; h as usize];
             site.trainer.params_mut().copy_from_slice(site.site.round_start());
