@@ -198,13 +198,8 @@ pub enum Driver {
 
 pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     let (config, strategies, corpus) = settings(args)?;
-    if driver != Driver::Memory {
-        if args.resume || args.stop_after_rounds.is_some() {
-            bail!("cluster: --resume is not supported yet (the networked driver saves no state)");
-        }
-        if let Some(s) = strategies.iter().find(|s| s.streaming.is_some()) {
-            bail!("--strategies: {}: streaming does not run over the network yet", s.name());
-        }
+    if driver != Driver::Memory && (args.resume || args.stop_after_rounds.is_some()) {
+        bail!("cluster: --resume is not supported yet (use `lowband coordinator --resume` and `lowband site --state-dir ... --resume`)");
     }
     let model = lowband_engine::preset(&config.preset)?.model;
     let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes)?;
@@ -228,8 +223,8 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         results.push(if networked { run_networked(&config, strategy.clone(), &split, launch)? } else { run_one(&config, strategy.clone(), &split, &persistence, tokens)? });
     }
     match driver {
-        Driver::Loopback => println!("\ncluster: the round strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
-        Driver::Processes => println!("\ncluster: the round strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.join("nodes").display()),
+        Driver::Loopback => println!("\ncluster: the round and streaming strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
+        Driver::Processes => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.join("nodes").display()),
         Driver::Memory => {}
     }
     let comparison = Comparison { config: &config, results: &results, corpus: &source, floor, name: &name };

@@ -153,7 +153,7 @@ fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: 
         let timed = round > 0;
         // The sites: apply the broadcast, take one pseudo-random step, encode the update.
         let mut updates = Vec::with_capacity(k);
-        let out: u64 = sends.iter().map(|(_, b): &(u32, Vec<u8>)| b.len() as u64).sum();
+        let out: u64 = sends.iter().map(|(_, b): &(u32, bytes::Bytes)| b.len() as u64).sum();
         for (to, bytes) in sends.drain(..) {
             let site = &mut sites[to as usize];
             let actions = site.handle(SiteEvent::PacketArrived(&bytes))?;
@@ -209,7 +209,7 @@ fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: 
     })
 }
 
-fn collect(actions: Vec<Action>, sends: &mut Vec<(u32, Vec<u8>)>) {
+fn collect(actions: Vec<Action>, sends: &mut Vec<(u32, bytes::Bytes)>) {
     for action in actions {
         if let Action::Send { to, bytes } = action {
             sends.push((to, bytes));

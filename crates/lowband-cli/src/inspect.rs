@@ -23,6 +23,12 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
     let payload = if bytes.starts_with(&wire::MAGIC) {
         let message = wire::decode(&bytes, u32::MAX as usize).context("envelope")?;
         println!("envelope: version {}, kind {:?}, round {}, site {}, payload {} bytes, checksum ok", wire::WIRE_VERSION, message.kind, message.round, message.site, message.payload.len());
+        if message.kind == wire::MessageKind::Report {
+            let report = wire::TrainingReport::decode(message.payload, u32::MAX as usize).context("training report")?;
+            let mean = report.losses.iter().map(|l| *l as f64).sum::<f64>() / report.losses.len().max(1) as f64;
+            println!("training report: {:.3} s, {} steps, mean loss {mean:.4}", report.seconds, report.losses.len());
+            return Ok(());
+        }
         message.payload
     } else {
         println!("envelope: none (a bare codec payload)");

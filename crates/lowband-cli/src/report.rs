@@ -49,6 +49,9 @@ pub struct StrategySummary {
     pub aggregator: String,
     /// Per site: updates accepted, refused, cut hard by the aggregator; exclusion reason.
     pub site_scores: Vec<SiteScoreSummary>,
+    /// Over a network: bytes of the sites' training reports (losses, compute seconds), beside
+    /// `inter_site_bytes` and not in it; 0 in memory.
+    pub telemetry_bytes: u64,
     /// Streaming: fragments synced in turn per round, and inner steps each sync overlaps.
     pub fragments: Option<usize>,
     pub overlap_steps: Option<u64>,
@@ -98,6 +101,7 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 communication_seconds: r.communication_seconds,
                 egress_dollars: c.config.link.dollars(r.ledger.total_bytes()),
                 validation_windows: r.validation_windows,
+                telemetry_bytes: r.telemetry_bytes,
                 aggregator: r.aggregator.clone(),
                 site_scores: r
                     .site_scores

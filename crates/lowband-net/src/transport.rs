@@ -145,11 +145,17 @@ impl Peer {
 
     /// Send one message (one stream, finished).
     pub async fn send(&self, message: &[u8]) -> Result<(), NetError> {
+        self.send_bytes(bytes::Bytes::copy_from_slice(message)).await
+    }
+
+    /// Send one message without copying it: a message sent to many peers (a broadcast) stays one
+    /// buffer, which QUIC keeps until every peer has acknowledged it.
+    pub async fn send_bytes(&self, message: bytes::Bytes) -> Result<(), NetError> {
         if message.len() > self.message_bytes_max {
             return Err(NetError::TooLarge { bytes: message.len(), limit: self.message_bytes_max });
         }
         let mut stream = self.connection.open_uni().await.map_err(lost)?;
-        stream.write_all(message).await.map_err(|e| match e {
+        stream.write_chunk(message).await.map_err(|e| match e {
             quinn::WriteError::Stopped(code) => NetError::Refused(code.into_inner()),
             quinn::WriteError::ConnectionLost(e) => lost(e),
             other => NetError::Closed(other.to_string()),

@@ -103,7 +103,9 @@ pub struct RoundReport {
 /// Outputs of the coordinator, to be carried out by the driver in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Send { to: SiteId, bytes: Vec<u8> },
+    /// Bytes for one site. A message every member receives alike is one envelope addressed to
+    /// `wire::EVERY_SITE`, shared (not copied) by the sends to each member.
+    Send { to: SiteId, bytes: bytes::Bytes },
     RoundClosed(RoundReport),
     /// The global state changed (a round closed): save `Coordinator::state` now.
     Checkpoint { round: u64 },
@@ -118,7 +120,17 @@ struct OpenRound {
     round: u64,
     started_ms: u64,
     expected: BTreeSet<SiteId>,
-    received: BTreeMap<SiteId, Vec<f32>>,
+    /// Each update, checked by a decode when it arrived.
+    received: BTreeMap<SiteId, Held>,
+}
+
+/// How the coordinator holds an update until its round closes. The plain mean keeps the codec
+/// payload (with a compressed uplink a site's update costs its packet size, not 4 bytes per
+/// parameter) and decodes it again, one at a time, when the round closes; robust aggregators and
+/// the direction check need every update at once, so they keep the decoded delta.
+enum Held {
+    Payload(Vec<u8>),
+    Decoded(Vec<f32>),
 }
 
 /// The coordinator state machine.
@@ -144,8 +156,11 @@ pub struct Coordinator {
     round: u64,
     open: Option<OpenRound>,
     started: bool,
-    /// Delta buffers of closed rounds, reused so that steady state allocates nothing new.
-    spare: Vec<Vec<f32>>,
+    /// Buffers of closed rounds, reused so that steady state allocates nothing new.
+    spare_payloads: Vec<Vec<u8>>,
+    spare_deltas: Vec<Vec<f32>>,
+    /// One decoded update at a time (the streaming mean).
+    scratch: Vec<f32>,
     merged: Vec<f32>,
     trust: TrustState,
     /// The downlink codec's random state before the open round's broadcast (saved with θ_sites).
@@ -193,7 +208,9 @@ impl Coordinator {
             round: 0,
             open: None,
             started: false,
-            spare: Vec::new(),
+            spare_payloads: Vec::new(),
+            spare_deltas: Vec::new(),
+            scratch: Vec::new(),
             merged,
             trust: TrustState::default(),
             downlink_random_before: None,
@@ -317,6 +334,10 @@ impl Coordinator {
 
     /// A new member takes part from the next round that opens (join at round boundaries).
     fn on_join(&mut self, now_ms: u64, site: SiteId, actions: &mut Vec<Action>) {
+        if site == wire::EVERY_SITE {
+            actions.push(Action::Rejected { from: site, reason: ProtocolError::UnknownSite(site) });
+            return;
+        }
         if self.trust.is_excluded(site) {
             actions.push(Action::Rejected { from: site, reason: ProtocolError::Excluded(site) });
             return;
@@ -341,8 +362,10 @@ impl Coordinator {
         } else {
             let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.global.len()));
             Fp32.encode(&self.global, &mut payload);
+            let bytes = bytes::Bytes::from(wire::encode(MessageKind::Global, self.round, wire::EVERY_SITE, &payload));
+            drop(payload);
             for &site in &self.members {
-                actions.push(Action::Send { to: site, bytes: wire::encode(MessageKind::Global, self.round, site, &payload) });
+                actions.push(Action::Send { to: site, bytes: bytes.clone() });
             }
         }
         self.open = Some(OpenRound { round: self.round, started_ms: now_ms, expected: self.members.clone(), received: BTreeMap::new() });
@@ -373,17 +396,18 @@ impl Coordinator {
                 self.change_payload.clear();
             }
         }
-        let mut full: Option<Vec<u8>> = None;
+        // Two envelopes at most, each shared by the members it goes to.
+        let (mut change, mut full): (Option<bytes::Bytes>, Option<bytes::Bytes>) = (None, None);
         for &site in &self.members {
             let bytes = if self.synced.contains(&site) {
-                wire::encode(MessageKind::GlobalDelta, self.round, site, &self.change_payload)
+                change.get_or_insert_with(|| wire::encode(MessageKind::GlobalDelta, self.round, wire::EVERY_SITE, &self.change_payload).into()).clone()
             } else {
-                let payload = full.get_or_insert_with(|| {
-                    let mut p = Vec::with_capacity(Fp32.payload_bytes(self.shared.len()));
-                    Fp32.encode(&self.shared, &mut p);
-                    p
-                });
-                wire::encode(MessageKind::Global, self.round, site, payload)
+                full.get_or_insert_with(|| {
+                    let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.shared.len()));
+                    Fp32.encode(&self.shared, &mut payload);
+                    wire::encode(MessageKind::Global, self.round, wire::EVERY_SITE, &payload).into()
+                })
+                .clone()
             };
             actions.push(Action::Send { to: site, bytes });
         }
@@ -412,13 +436,24 @@ impl Coordinator {
             return Err(ProtocolError::Duplicate { site: from, round: open.round });
         }
         let length = crate::fragment_of(&self.config.fragments, self.config.params, open.round).len();
-        let mut delta = self.spare.pop().unwrap_or_default();
-        delta.resize(length, 0.0);
-        if let Err(e) = self.uplink.decode(message.payload, &mut delta) {
-            self.spare.push(delta);
-            return Err(e.into());
-        }
-        open.received.insert(from, delta);
+        let streaming = self.aggregator.spec() == crate::AggregatorSpec::Mean && self.config.robustness.cosine_ratio_min.is_none();
+        let held = if streaming {
+            self.scratch.resize(length, 0.0);
+            self.uplink.decode(message.payload, &mut self.scratch)?;
+            let mut payload = self.spare_payloads.pop().unwrap_or_default();
+            payload.clear();
+            payload.extend_from_slice(message.payload);
+            Held::Payload(payload)
+        } else {
+            let mut delta = self.spare_deltas.pop().unwrap_or_default();
+            delta.resize(length, 0.0);
+            if let Err(e) = self.uplink.decode(message.payload, &mut delta) {
+                self.spare_deltas.push(delta);
+                return Err(e.into());
+            }
+            Held::Decoded(delta)
+        };
+        open.received.insert(from, held);
         Ok(())
     }
 
@@ -440,23 +475,46 @@ impl Coordinator {
         let open = self.open.take().expect("close_round needs an open round");
         let range = crate::fragment_of(&self.config.fragments, self.config.params, open.round);
         let fragment = if self.config.fragments.is_empty() { 0 } else { (open.round % self.config.fragments.len() as u64) as usize };
+        let robustness = self.config.robustness;
+        // The plain mean without a direction check merges one decoded update at a time (memory
+        // independent of K); robust aggregators and the direction check need every update at once.
+        let sites: Vec<SiteId> = open.received.keys().copied().collect();
+        let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();
+        // Payloads (decoded again in each pass) or decoded deltas; see `Held`.
+        let (mut payloads, mut dense): (Vec<Vec<u8>>, Vec<Vec<f32>>) = (Vec::new(), Vec::new());
+        for (_, held) in open.received {
+            match held {
+                Held::Payload(payload) => payloads.push(payload),
+                Held::Decoded(delta) => dense.push(delta),
+            }
+        }
+        let streaming = dense.is_empty();
+        // Every update's norm, and (for the per-update cosine report) their sum.
+        self.scratch.resize(range.len(), 0.0);
+        let mut norms = Vec::with_capacity(sites.len());
+        let mut sum = vec![0.0f64; range.len()];
+        for i in 0..sites.len() {
+            let delta = held_update(self.uplink.as_mut(), &mut self.scratch, &payloads, &dense, i);
+            norms.push(delta.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32);
+            for (s, v) in sum.iter_mut().zip(delta) {
+                *s += *v as f64;
+            }
+        }
         // The norm check, against this round's median norm (recent rounds' when it has fewer
         // than 3 updates).
-        let norms: Vec<f32> = open.received.values().map(|d| d.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32).collect();
         let reference = self.trust.reference_norm(fragment, &norms);
-        let robustness = self.config.robustness;
-        let mut accepted: Vec<(SiteId, &[f32], f32)> = Vec::with_capacity(norms.len());
+        let mut accepted: Vec<(usize, f32)> = Vec::with_capacity(norms.len());
         let mut refused = Vec::new();
-        for ((site, delta), norm) in open.received.iter().zip(&norms) {
+        for (i, norm) in norms.iter().enumerate() {
             if TrustState::norm_ok(*norm, reference, robustness.norm_ratio_max) {
-                accepted.push((*site, delta, *norm));
+                accepted.push((i, *norm));
             } else {
-                refused.push((*site, ProtocolError::UpdateNorm { norm: *norm, reference, ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY) }));
+                refused.push((sites[i], ProtocolError::UpdateNorm { norm: *norm, reference, ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY) }));
             }
         }
         // The direction check, among the updates the norm check kept.
         if let Some(ratio_min) = robustness.cosine_ratio_min {
-            let deltas: Vec<&[f32]> = accepted.iter().map(|(_, d, _)| *d).collect();
+            let deltas: Vec<&[f32]> = accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
             let cosines = crate::trust::leave_one_out_cosines(&deltas);
             if let Some(reference) = TrustState::cosine_reference(&cosines) {
                 let mut kept = Vec::with_capacity(accepted.len());
@@ -464,26 +522,53 @@ impl Coordinator {
                     if cosine >= ratio_min * reference {
                         kept.push(update);
                     } else {
-                        refused.push((update.0, ProtocolError::UpdateDirection { cosine, reference, ratio_min }));
+                        refused.push((sites[update.0], ProtocolError::UpdateDirection { cosine, reference, ratio_min }));
                     }
                 }
                 accepted = kept;
                 refused.sort_by_key(|(site, _)| *site);
             }
         }
+        // The cosine of every update with the sum of the others (reported, accepted or not), and
+        // the streaming mean of the accepted ones, in site order as `aggregate::Mean` sums.
+        let mut cosines = Vec::with_capacity(sites.len());
         self.merged.resize(range.len(), 0.0);
+        let mut merged_count = 0usize;
+        for i in 0..sites.len() {
+            let delta = held_update(self.uplink.as_mut(), &mut self.scratch, &payloads, &dense, i);
+            cosines.push(crate::trust::cosine_with_rest(delta, &sum));
+            if streaming && accepted.iter().any(|(a, _)| *a == i) {
+                if merged_count == 0 {
+                    self.merged.copy_from_slice(delta);
+                } else {
+                    for (m, v) in self.merged.iter_mut().zip(delta) {
+                        *m += v;
+                    }
+                }
+                merged_count += 1;
+            }
+        }
+        drop(sum);
         let mut applied = false;
         let mut downweighted = Vec::new();
         if !accepted.is_empty() {
-            let deltas: Vec<&[f32]> = accepted.iter().map(|(_, d, _)| *d).collect();
-            let flags = self.aggregator.aggregate(&deltas, &mut self.merged);
-            for ((site, _, _), flag) in accepted.iter().zip(&flags) {
-                self.trust.record_accepted(*site, *flag, &robustness);
+            let flags = if streaming {
+                let scale = 1.0 / merged_count as f32;
+                for m in self.merged.iter_mut() {
+                    *m *= scale;
+                }
+                vec![false; accepted.len()]
+            } else {
+                let deltas: Vec<&[f32]> = accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
+                self.aggregator.aggregate(&deltas, &mut self.merged)
+            };
+            for ((i, _), flag) in accepted.iter().zip(&flags) {
+                self.trust.record_accepted(sites[*i], *flag, &robustness);
                 if *flag {
-                    downweighted.push(*site);
+                    downweighted.push(sites[*i]);
                 }
             }
-            let norms = accepted.iter().map(|(_, _, n)| *n).collect();
+            let norms = accepted.iter().map(|(_, n)| *n).collect();
             self.trust.record_norms(fragment, norms, robustness.norm_history_rounds);
             // A merge of finite values can still overflow; never let it into θ.
             applied = self.merged.iter().all(|v| v.is_finite());
@@ -491,14 +576,13 @@ impl Coordinator {
                 self.outer.step_range(&mut self.global, &self.merged, range);
             }
         }
+        self.spare_deltas.extend(dense);
         let delta_norm = if applied { self.merged.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32 } else { 0.0 };
-        let contributors: Vec<SiteId> = accepted.iter().map(|(s, _, _)| *s).collect();
-        let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();
+        let contributors: Vec<SiteId> = accepted.iter().map(|(i, _)| sites[*i]).collect();
         let refused_sites: Vec<SiteId> = refused.iter().map(|(s, _)| *s).collect();
-        let update_norms = open.received.keys().copied().zip(norms.iter().copied()).collect();
-        let update_cosines = open.received.keys().copied().zip(crate::trust::leave_one_out_cosines(&open.received.values().map(|d| d.as_slice()).collect::<Vec<_>>())).collect();
-        drop(accepted);
-        self.spare.extend(open.received.into_values());
+        let update_norms = sites.iter().copied().zip(norms.iter().copied()).collect();
+        let update_cosines = sites.iter().copied().zip(cosines).collect();
+        self.spare_payloads.extend(payloads);
         for (site, reason) in refused {
             self.refuse(site, reason, actions);
         }
@@ -506,5 +590,16 @@ impl Coordinator {
         self.round = open.round + 1;
         actions.push(Action::Checkpoint { round: self.round });
         self.open_round(now_ms, actions);
+    }
+}
+
+/// Update `i` of a closing round: decoded again from its payload into `scratch` (the streaming
+/// mean holds payloads) or as held (decoded on arrival).
+fn held_update<'a>(uplink: &mut dyn Codec, scratch: &'a mut [f32], payloads: &[Vec<u8>], dense: &'a [Vec<f32>], i: usize) -> &'a [f32] {
+    if dense.is_empty() {
+        uplink.decode(&payloads[i], scratch).expect("decoded once when it arrived");
+        scratch
+    } else {
+        &dense[i]
     }
 }

@@ -105,6 +105,12 @@ impl Site {
         }
     }
 
+    /// The parameters round `round` sends the delta of: a fragment in streaming mode, all of them
+    /// otherwise.
+    pub fn fragment(&self, round: u64) -> std::ops::Range<usize> {
+        crate::fragment_of(&self.fragments, self.start.len(), round)
+    }
+
     pub fn id(&self) -> SiteId {
         self.id
     }
@@ -179,10 +185,10 @@ impl Site {
         match event {
             SiteEvent::PacketArrived(bytes) => {
                 let message = wire::decode(bytes, self.payload_bytes_max())?;
-                if message.kind == MessageKind::Update {
+                if matches!(message.kind, MessageKind::Update | MessageKind::Report) {
                     return Err(ProtocolError::WrongKind(message.kind));
                 }
-                if message.site != self.id {
+                if message.site != self.id && message.site != wire::EVERY_SITE {
                     return Err(ProtocolError::SiteMismatch { claimed: message.site, from: self.id });
                 }
                 if let Some(current) = self.round {

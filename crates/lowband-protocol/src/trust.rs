@@ -204,19 +204,19 @@ pub fn leave_one_out_cosines(deltas: &[&[f32]]) -> Vec<f32> {
             *s += *v as f64;
         }
     }
-    deltas
-        .iter()
-        .map(|d| {
-            let (mut dot, mut own, mut others) = (0.0f64, 0.0f64, 0.0f64);
-            for (s, v) in sum.iter().zip(d.iter()) {
-                let (v, rest) = (*v as f64, s - *v as f64);
-                dot += v * rest;
-                own += v * v;
-                others += rest * rest;
-            }
-            if own > 0.0 && others > 0.0 { (dot / (own.sqrt() * others.sqrt())) as f32 } else { 0.0 }
-        })
-        .collect()
+    deltas.iter().map(|d| cosine_with_rest(d, &sum)).collect()
+}
+
+/// The cosine of `delta` with `sum − delta`, where `sum` includes `delta` (0 if either is zero).
+pub fn cosine_with_rest(delta: &[f32], sum: &[f64]) -> f32 {
+    let (mut dot, mut own, mut others) = (0.0f64, 0.0f64, 0.0f64);
+    for (s, v) in sum.iter().zip(delta.iter()) {
+        let (v, rest) = (*v as f64, s - *v as f64);
+        dot += v * rest;
+        own += v * v;
+        others += rest * rest;
+    }
+    if own > 0.0 && others > 0.0 { (dot / (own.sqrt() * others.sqrt())) as f32 } else { 0.0 }
 }
 
 fn push_recent(score: &mut SiteScore, refused: bool, window: usize) {

@@ -12,7 +12,7 @@ fn coordinator(outer: OuterConfig, quorum: usize) -> Coordinator {
 }
 
 fn sends(actions: &[Action]) -> Vec<(u32, Vec<u8>)> {
-    actions.iter().filter_map(|a| if let Action::Send { to, bytes } = a { Some((*to, bytes.clone())) } else { None }).collect()
+    actions.iter().filter_map(|a| if let Action::Send { to, bytes } = a { Some((*to, bytes.to_vec())) } else { None }).collect()
 }
 
 /// Deliver the coordinator's sends to the sites, let each "train" by subtracting `step(site)`,
@@ -243,4 +243,24 @@ fn compressed_downlink_sends_changes_and_parameters_only_to_newcomers() {
     assert_eq!(sites[0].round_start(), sites[1].round_start());
     assert_eq!(late.round_start(), sites[0].round_start());
     assert_ne!(sites[0].round_start(), &initial[..]);
+}
+
+#[test]
+fn a_broadcast_is_one_envelope_shared_by_every_member_and_a_global_for_another_site_is_refused() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 3);
+    join_all(&mut c, &[0, 1, 2]);
+    let actions = c.start(0);
+    let shared: Vec<&bytes::Bytes> = actions.iter().filter_map(|a| if let Action::Send { bytes, .. } = a { Some(bytes) } else { None }).collect();
+    assert_eq!(shared.len(), 3);
+    // The same buffer, not three copies: the coordinator holds one envelope per round whatever K.
+    assert!(shared.iter().all(|b| b.as_ptr() == shared[0].as_ptr()));
+    assert_eq!(wire::decode(shared[0], 1 << 20).unwrap().site, wire::EVERY_SITE);
+    let mut site = Site::new(1, PARAMS);
+    assert!(matches!(site.handle(SiteEvent::PacketArrived(shared[0])).unwrap()[0], SiteAction::Train { round: 0 }));
+    // A global addressed to site 2 is not site 1's.
+    let other = wire::encode(MessageKind::Global, 1, 2, wire::decode(shared[0], 1 << 20).unwrap().payload);
+    assert!(matches!(Site::new(1, PARAMS).handle(SiteEvent::PacketArrived(&other)), Err(ProtocolError::SiteMismatch { claimed: 2, from: 1 })));
+    // Nobody joins as "every site".
+    let refused = c.handle(0, Event::SiteJoined { site: wire::EVERY_SITE });
+    assert!(matches!(refused.as_slice(), [Action::Rejected { reason: ProtocolError::UnknownSite(_), .. }]));
 }

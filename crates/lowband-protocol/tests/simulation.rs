@@ -261,7 +261,7 @@ impl Sim {
                     }
                     let arrive = (self.now + self.delay()).max(self.sites[to as usize].last_to_site_ms + 1);
                     self.sites[to as usize].last_to_site_ms = arrive;
-                    self.at(arrive, Ev::ToSite { site: to, connection, bytes, expected });
+                    self.at(arrive, Ev::ToSite { site: to, connection, bytes: bytes.to_vec(), expected });
                 }
                 Action::RoundClosed(report) => {
                     if let Some(previous) = self.last_closed {

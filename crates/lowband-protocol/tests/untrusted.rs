@@ -29,7 +29,7 @@ fn round(c: &mut Coordinator, sites: &mut [Site], packets: Vec<(u32, Vec<u8>)>, 
 }
 
 fn sends(actions: &[Action]) -> Vec<(u32, Vec<u8>)> {
-    actions.iter().filter_map(|a| if let Action::Send { to, bytes } = a { Some((*to, bytes.clone())) } else { None }).collect()
+    actions.iter().filter_map(|a| if let Action::Send { to, bytes } = a { Some((*to, bytes.to_vec())) } else { None }).collect()
 }
 
 fn start(c: &mut Coordinator, k: u32) -> (Vec<Site>, Vec<(u32, Vec<u8>)>) {

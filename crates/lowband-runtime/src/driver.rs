@@ -76,7 +76,7 @@ pub struct RunResult {
     pub final_params: Vec<f32>,
     /// The last round's packets of site 0, as sent: ("update", bytes) and ("global", bytes), for
     /// `lowband inspect packet`. Empty for DDP.
-    pub sample_packets: Vec<(String, Vec<u8>)>,
+    pub sample_packets: Vec<(String, bytes::Bytes)>,
     /// Largest number of bytes one site moved (up + down) in one sync: what its link must carry
     /// at peak. DDP: one step's all-reduce share.
     pub peak_sync_bytes_per_site: u64,
@@ -84,6 +84,10 @@ pub struct RunResult {
     pub site_scores: Vec<(u32, SiteScore)>,
     /// The aggregator the coordinator used ("mean" for DDP's all-reduce).
     pub aggregator: String,
+    /// Over a network: the bytes of the sites' training reports (per-step losses and compute
+    /// seconds, `wire::TrainingReport`), sent beside the updates. Telemetry, not the algorithm's
+    /// traffic, so not in the ledger; 0 in memory.
+    pub telemetry_bytes: u64,
 }
 
 impl RunResult {
@@ -147,6 +151,7 @@ pub(crate) struct Common<'a> {
     pub(crate) next_eval_step: u64,
     /// Largest bytes one site moved (up + down) in one sync so far.
     pub(crate) peak_sync_bytes: u64,
+    pub(crate) telemetry_bytes: u64,
     inputs: Vec<u32>,
     targets: Vec<u32>,
 }
@@ -169,6 +174,7 @@ impl<'a> Common<'a> {
             communication_seconds: 0.0,
             next_eval_step: config.eval_every_steps.max(1),
             peak_sync_bytes: 0,
+            telemetry_bytes: 0,
             inputs: Vec::new(),
             targets: Vec::new(),
         })
@@ -249,6 +255,7 @@ impl<'a> Common<'a> {
             final_params: params,
             sample_packets: Vec::new(),
             peak_sync_bytes_per_site: 0,
+            telemetry_bytes: 0,
             site_scores: Vec::new(),
             aggregator: "mean".into(),
         })
@@ -405,7 +412,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     let mut sends = absorb(coordinator.start(now_ms), &mut common, &coordinator, step)?;
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
     let mut losses = vec![0.0f32; strategy.inner_steps.min(config.steps) as usize];
-    let mut sample_packets: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut sample_packets: Vec<(String, bytes::Bytes)> = Vec::new();
     while step < config.steps {
         let round = coordinator.round();
         let h = strategy.inner_steps.min(config.steps - step);
@@ -430,7 +437,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             let update = site.update(round, 0..n, &compression.uplink)?;
             up_bytes = up_bytes.max(update.len() as u64);
             if to == 0 {
-                sample_packets.push(("update".into(), update.clone()));
+                sample_packets.push(("update".into(), bytes::Bytes::copy_from_slice(&update)));
             }
             updates.push((to, update));
             let done = updates.len() as u64;
@@ -458,10 +465,11 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
 }
 
 /// The result of a round strategy: the coordinator's θ is the global model.
-pub(crate) fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, Vec<u8>)>) -> Result<RunResult, RunError> {
+pub(crate) fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, bytes::Bytes)>) -> Result<RunResult, RunError> {
     let aggregator = common.strategy.robustness(common.config.aggregator).aggregator.to_string();
-    let peak_sync_bytes = common.peak_sync_bytes;
+    let (peak_sync_bytes, telemetry_bytes) = (common.peak_sync_bytes, common.telemetry_bytes);
     let mut result = common.finish(coordinator.round(), coordinator.global().to_vec())?;
+    result.telemetry_bytes = telemetry_bytes;
     result.sample_packets = sample_packets;
     result.peak_sync_bytes_per_site = peak_sync_bytes;
     result.site_scores = coordinator.scores().iter().map(|(k, s)| (*k, s.clone())).collect();
@@ -470,11 +478,11 @@ pub(crate) fn finish_rounds(common: Common, coordinator: &Coordinator, sample_pa
 }
 
 /// Packets the coordinator addressed to sites: (site, bytes).
-pub(crate) type Sends = Vec<(u32, Vec<u8>)>;
+pub(crate) type Sends = Vec<(u32, bytes::Bytes)>;
 
 /// Contiguous, nearly equal ranges of `params` (the layout keeps each block together, so these
 /// are groups of layers).
-fn fragments(params: usize, count: usize) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn fragments(params: usize, count: usize) -> Vec<std::ops::Range<usize>> {
     (0..count).map(|i| i * params / count..(i + 1) * params / count).collect()
 }
 
@@ -577,7 +585,7 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
 
 /// One fragment sync: every site's update through the coordinator; returns the coordinator's
 /// broadcast (not yet delivered) and the largest update and broadcast message, in bytes.
-fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, Vec<u8>)>) -> Result<(Sends, u64, u64), RunError> {
+fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, bytes::Bytes)>) -> Result<(Sends, u64, u64), RunError> {
     let round = coordinator.round();
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     let (mut sends, mut up_bytes) = (Vec::new(), 0u64);
@@ -591,7 +599,7 @@ fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut
         sends.extend(absorb(coordinator.handle(now_ms, Event::PacketArrived { from: k as u32, bytes: &update }), common, coordinator, step)?);
         if k == 0 {
             samples.retain(|(kind, _)| kind != "update");
-            samples.push(("update".into(), update));
+            samples.push(("update".into(), update.into()));
         }
     }
     let down_bytes = sends.iter().map(|(_, b)| b.len() as u64).max().unwrap_or(0);
@@ -599,9 +607,26 @@ fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut
     Ok((sends, up_bytes, down_bytes))
 }
 
+/// Streaming: hand a site the coordinator's broadcast and mix the fragment it changed into the
+/// site's training parameters (`mix` of its own, the rest the merged value). Returns the round
+/// the broadcast opens.
+pub(crate) fn mix_in(site: &mut SiteRuntime, bytes: &[u8], mix: f32) -> Result<u64, RunError> {
+    let actions = site.site.handle(SiteEvent::PacketArrived(bytes))?;
+    let round = match actions.as_slice() {
+        [SiteAction::Train { round }] => *round,
+        other => return Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+    };
+    let range = site.site.changed_by_round(round);
+    let (local, global) = (&mut site.trainer.params_mut()[range.clone()], &site.site.round_start()[range]);
+    for (l, g) in local.iter_mut().zip(global) {
+        *l = mix * *l + (1.0 - mix) * g;
+    }
+    Ok(round)
+}
+
 /// Deliver a broadcast to the sites and mix the fragment it changed into their parameters.
 /// With `samples` None the broadcast is not counted in the ledger (the end-of-run syncs).
-fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f32, mut samples: Option<&mut Vec<(String, Vec<u8>)>>) -> Result<(), RunError> {
+fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f32, mut samples: Option<&mut Vec<(String, bytes::Bytes)>>) -> Result<(), RunError> {
     for (to, bytes) in sends {
         let site = sites.get_mut(to as usize).ok_or_else(|| RunError::Protocol(format!("a packet for unknown site {to}")))?;
         if samples.is_some() {
@@ -609,16 +634,7 @@ fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f3
             let round = lowband_protocol::wire::decode(&bytes, bytes.len()).map(|m| m.round).map_err(|e| RunError::Protocol(format!("the coordinator sent a malformed broadcast: {e}")))?;
             common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
         }
-        let actions = site.site.handle(SiteEvent::PacketArrived(&bytes))?;
-        let round = match actions.as_slice() {
-            [SiteAction::Train { round }] => *round,
-            other => return Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
-        };
-        let range = site.site.changed_by_round(round);
-        let (local, global) = (&mut site.trainer.params_mut()[range.clone()], &site.site.round_start()[range]);
-        for (l, g) in local.iter_mut().zip(global) {
-            *l = mix * *l + (1.0 - mix) * g;
-        }
+        mix_in(site, &bytes, mix)?;
         if let Some(samples) = samples.as_deref_mut().filter(|_| to == 0) {
             samples.retain(|(kind, _)| kind != "global");
             samples.push(("global".into(), bytes));
@@ -635,7 +651,7 @@ impl Common<'_> {
 
 /// Carry out the coordinator's actions except sending: returns the sends (the next round's
 /// global parameters), which the round loop delivers.
-pub(crate) fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Vec<(u32, Vec<u8>)>, RunError> {
+pub(crate) fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Sends, RunError> {
     let mut sends = Vec::new();
     // Refusals at a round's close come before its report: log them under that round.
     let closing = actions.iter().find_map(|a| if let Action::RoundClosed(r) = a { Some(r.round) } else { None });

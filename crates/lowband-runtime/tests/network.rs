@@ -5,7 +5,7 @@ use lowband_data::{ShardMode, Split, SyntheticLanguage, SyntheticSpec};
 use lowband_engine::preset;
 use lowband_net::Limits;
 use lowband_runtime::network::run_over_loopback;
-use lowband_runtime::{run, Persistence, RunConfig, Strategy};
+use lowband_runtime::{run, Metric, Persistence, RunConfig, RunResult, Strategy};
 
 fn config(sites: usize, attacks: &[&str], aggregator: &str) -> RunConfig {
     RunConfig {
@@ -27,29 +27,57 @@ fn split(config: &RunConfig) -> Split {
     Split::new(&text, config.validation_fraction, config.sites, ShardMode::NonIid, preset("tiny").unwrap().model.context_length).unwrap()
 }
 
+/// Run `strategy` over loopback QUIC and in memory; the same parameters, final loss, ledger
+/// (plus a 64-byte signature per packet) and per-step training losses.
+fn run_both(c: &RunConfig, strategy: &str) -> (RunResult, RunResult) {
+    let s = split(c);
+    let memory = run(c, Strategy::parse(strategy, c.inner_steps).unwrap(), &s, &Persistence::default(), &mut |_| {}).unwrap();
+    let network = run_over_loopback(c, Strategy::parse(strategy, c.inner_steps).unwrap(), &s, Limits::default()).unwrap();
+    assert_eq!(network.rounds, memory.rounds, "{strategy}");
+    assert!(network.final_params == memory.final_params, "{strategy}: parameters differ");
+    assert_eq!(network.final_val_loss, memory.final_val_loss, "{strategy}");
+    let packets = memory.ledger.total_packets();
+    assert_eq!(network.ledger.total_packets(), packets, "{strategy}");
+    assert_eq!(network.ledger.total_bytes(), memory.ledger.total_bytes() + 64 * packets, "{strategy}");
+    let steps = |r: &RunResult| r.metrics.iter().filter(|m| matches!(m, Metric::Step { .. })).cloned().collect::<Vec<_>>();
+    assert_eq!(steps(&network).len(), c.steps as usize, "{strategy}");
+    assert_eq!(steps(&network), steps(&memory), "{strategy}: per-step training losses");
+    (network, memory)
+}
+
 #[test]
 fn over_quic_the_run_is_bitwise_the_in_memory_run() {
     for (strategy, attacks, aggregator) in [("diloco", vec![], "mean"), ("sparseloco", vec![], "mean"), ("diloco-int8", vec!["2:scale=-10"], "median")] {
         let c = config(3, &attacks, aggregator);
-        let s = split(&c);
-        let memory = run(&c, Strategy::parse(strategy, c.inner_steps).unwrap(), &s, &Persistence::default(), &mut |_| {}).unwrap();
-        let network = run_over_loopback(&c, Strategy::parse(strategy, c.inner_steps).unwrap(), &s, Limits::default()).unwrap();
-        assert!(network.final_params == memory.final_params, "{strategy}: parameters differ");
-        assert_eq!(network.final_val_loss, memory.final_val_loss, "{strategy}");
+        let (network, memory) = run_both(&c, strategy);
         assert_eq!(network.site_scores, memory.site_scores, "{strategy}: the same refusals and exclusions");
-        // Every packet is the same envelope plus a 64-byte signature.
-        let packets = memory.ledger.total_packets();
-        assert_eq!(network.ledger.total_packets(), packets, "{strategy}");
-        assert_eq!(network.ledger.total_bytes(), memory.ledger.total_bytes() + 64 * packets, "{strategy}");
+        // The sites' training reports (which gave the per-step losses) are counted beside the
+        // ledger: per site and round, a 28-byte envelope, 12 bytes, 4 per step and a 64-byte
+        // signature. (The attacked run excludes its attacker after a few rounds: fewer reports.)
+        let every_site_every_round = c.sites as u64 * (c.steps / c.inner_steps) * (28 + 12 + 4 * c.inner_steps + 64);
+        if attacks.is_empty() {
+            assert_eq!(network.telemetry_bytes, every_site_every_round, "{strategy}");
+        } else {
+            assert!(network.telemetry_bytes > 0 && network.telemetry_bytes < every_site_every_round, "{strategy}");
+        }
+        assert_eq!(memory.telemetry_bytes, 0);
+        assert!(network.compute_seconds > 0.0, "{strategy}: the sites' reported compute");
     }
 }
 
 #[test]
-fn ddp_and_streaming_are_refused_with_a_reason() {
+fn streaming_over_quic_is_bitwise_the_in_memory_run() {
+    // The preset (4-bit, 4 fragments, a delay of 5 steps) at H = 24, and 2 fragments with a delay
+    // of 1 step at H = 8; 24 steps.
+    for strategy in ["streaming@24", "streaming@8[overlap=1;fragments=2]"] {
+        run_both(&config(3, &[], "mean"), strategy);
+    }
+}
+
+#[test]
+fn ddp_is_refused_with_a_reason() {
     let c = config(2, &[], "mean");
     let s = split(&c);
-    for name in ["ddp", "streaming@8[overlap=1]"] {
-        let error = run_over_loopback(&c, Strategy::parse(name, 4).unwrap(), &s, Limits::default()).expect_err("refused").to_string();
-        assert!(error.contains("round strategies"), "{error}");
-    }
+    let error = run_over_loopback(&c, Strategy::parse("ddp", 4).unwrap(), &s, Limits::default()).expect_err("refused").to_string();
+    assert!(error.contains("DDP runs in memory"), "{error}");
 }
