@@ -159,7 +159,7 @@ pub struct Coordinator {
     /// Buffers of closed rounds, reused so that steady state allocates nothing new.
     spare_payloads: Vec<Vec<u8>>,
     spare_deltas: Vec<Vec<f32>>,
-    /// One decoded update at a time (the streaming mean).
+    /// One decoded update at a time (the mean, merged one update at a time).
     scratch: Vec<f32>,
     merged: Vec<f32>,
     trust: TrustState,
@@ -414,6 +414,12 @@ impl Coordinator {
         self.synced.extend(self.members.iter().copied());
     }
 
+    /// The plain mean without a direction check merges one decoded update at a time (memory
+    /// independent of K); robust aggregators and the direction check need every update at once.
+    fn merges_one_at_a_time(&self) -> bool {
+        self.aggregator.spec() == crate::AggregatorSpec::Mean && self.config.robustness.cosine_ratio_min.is_none()
+    }
+
     fn accept_update(&mut self, from: SiteId, bytes: &[u8]) -> Result<(), ProtocolError> {
         let message = wire::decode(bytes, self.config.payload_bytes_max())?;
         if message.kind != MessageKind::Update {
@@ -425,6 +431,7 @@ impl Coordinator {
         if !self.members.contains(&from) {
             return Err(ProtocolError::UnknownSite(from));
         }
+        let one_at_a_time = self.merges_one_at_a_time();
         let open = self.open.as_mut().ok_or(ProtocolError::NoOpenRound)?;
         if message.round != open.round {
             return Err(ProtocolError::WrongRound { expected: open.round, found: message.round });
@@ -436,8 +443,7 @@ impl Coordinator {
             return Err(ProtocolError::Duplicate { site: from, round: open.round });
         }
         let length = crate::fragment_of(&self.config.fragments, self.config.params, open.round).len();
-        let streaming = self.aggregator.spec() == crate::AggregatorSpec::Mean && self.config.robustness.cosine_ratio_min.is_none();
-        let held = if streaming {
+        let held = if one_at_a_time {
             self.scratch.resize(length, 0.0);
             self.uplink.decode(message.payload, &mut self.scratch)?;
             let mut payload = self.spare_payloads.pop().unwrap_or_default();
@@ -488,7 +494,7 @@ impl Coordinator {
                 Held::Decoded(delta) => dense.push(delta),
             }
         }
-        let streaming = dense.is_empty();
+        let one_at_a_time = dense.is_empty();
         // Every update's norm, and (for the per-update cosine report) their sum.
         self.scratch.resize(range.len(), 0.0);
         let mut norms = Vec::with_capacity(sites.len());
@@ -530,14 +536,14 @@ impl Coordinator {
             }
         }
         // The cosine of every update with the sum of the others (reported, accepted or not), and
-        // the streaming mean of the accepted ones, in site order as `aggregate::Mean` sums.
+        // the mean of the accepted ones merged one at a time, in site order as `aggregate::Mean` sums.
         let mut cosines = Vec::with_capacity(sites.len());
         self.merged.resize(range.len(), 0.0);
         let mut merged_count = 0usize;
         for i in 0..sites.len() {
             let delta = held_update(self.uplink.as_mut(), &mut self.scratch, &payloads, &dense, i);
             cosines.push(crate::trust::cosine_with_rest(delta, &sum));
-            if streaming && accepted.iter().any(|(a, _)| *a == i) {
+            if one_at_a_time && accepted.iter().any(|(a, _)| *a == i) {
                 if merged_count == 0 {
                     self.merged.copy_from_slice(delta);
                 } else {
@@ -552,7 +558,7 @@ impl Coordinator {
         let mut applied = false;
         let mut downweighted = Vec::new();
         if !accepted.is_empty() {
-            let flags = if streaming {
+            let flags = if one_at_a_time {
                 let scale = 1.0 / merged_count as f32;
                 for m in self.merged.iter_mut() {
                     *m *= scale;
@@ -593,8 +599,8 @@ impl Coordinator {
     }
 }
 
-/// Update `i` of a closing round: decoded again from its payload into `scratch` (the streaming
-/// mean holds payloads) or as held (decoded on arrival).
+/// Update `i` of a closing round: decoded again from its payload into `scratch` (the mean held
+/// payloads) or as held (decoded on arrival).
 fn held_update<'a>(uplink: &mut dyn Codec, scratch: &'a mut [f32], payloads: &[Vec<u8>], dense: &'a [Vec<f32>], i: usize) -> &'a [f32] {
     if dense.is_empty() {
         uplink.decode(&payloads[i], scratch).expect("decoded once when it arrived");

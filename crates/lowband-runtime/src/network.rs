@@ -388,12 +388,12 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, option
 /// A writer that cannot deliver forwards its error the same way.
 type Inbound = (u32, u64, Result<Vec<u8>, NetError>);
 
-/// The close code of a site excluded for its updates (it stops).
-const CLOSE_EXCLUDED: u32 = 1;
-/// The close code of a site leaving on Ctrl-C.
-const CLOSE_LEAVING: u32 = 2;
-/// The close code of a site that fell too far behind: it reconnects and gets the current
-/// parameters in full, as after a crash.
+/// The close codes (as `NetError::Ended` reports them) of a site excluded for its updates (it
+/// stops), leaving on Ctrl-C, and asked to rejoin.
+const CLOSE_EXCLUDED: u64 = 1;
+const CLOSE_LEAVING: u64 = 2;
+/// (Rejoin: it fell too far behind; it reconnects and gets the current parameters in full, as
+/// after a crash.)
 const CLOSE_REJOIN: u64 = 3;
 /// How much a site may have queued and not yet read, in copies of the fp32 parameters: past this
 /// (a hung process, a link far slower than the others) it is asked to rejoin, so that a lagging
@@ -592,7 +592,7 @@ async fn coordinate<'a>(
         let excluded: Vec<(u32, String)> = coordinator.scores().iter().filter_map(|(site, score)| score.excluded.clone().filter(|_| peers.contains_key(site)).map(|reason| (*site, reason))).collect();
         for (site, reason) in excluded {
             if let Some(connection) = peers.remove(&site) {
-                connection.peer.close_with(CLOSE_EXCLUDED, &format!("excluded: {reason}"));
+                connection.peer.close_with(CLOSE_EXCLUDED as u32, &format!("excluded: {reason}"));
             }
         }
         let round = coordinator.round();
@@ -758,7 +758,7 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
                     message = rx.recv() => message,
                     _ = leave.changed() => {
                         // A graceful leave: the coordinator learns it at once (no timeout).
-                        peer.close_with(CLOSE_LEAVING, "leaving");
+                        peer.close_with(CLOSE_LEAVING as u32, "leaving");
                         node.wait_closed(std::time::Duration::from_secs(2)).await;
                         println!("site {}: left the run", job.identity.public_key());
                         return Ok(());
