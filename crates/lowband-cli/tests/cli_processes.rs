@@ -468,12 +468,18 @@ fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
     assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model across the shaped links");
 }
 
-/// Keys, a coordinator running `cluster` and 3 site processes, every site connected.
+/// Keys, a coordinator running `cluster` and 3 site processes, every site connected. `{k}` in a
+/// site flag becomes the site's number.
 fn start_cluster(dir: &Path, cluster: &str, coordinator_flags: &[&str], site_flags: &[&str]) -> (Guard, Vec<Guard>) {
     let coordinator = keygen(dir, "coordinator.key");
     let sites: Vec<String> = (0..3).map(|k| keygen(dir, &format!("site{k}.key"))).collect();
     let (coordinator_process, address) = start_coordinator(dir, &coordinator, &sites, cluster, coordinator_flags);
-    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir, k, &address, site_flags)).collect();
+    let mut site_processes: Vec<Guard> = (0..3)
+        .map(|k| {
+            let flags: Vec<String> = site_flags.iter().map(|f| f.replace("{k}", &k.to_string())).collect();
+            start_site(dir, k, &address, &flags.iter().map(|f| f.as_str()).collect::<Vec<_>>())
+        })
+        .collect();
     for site in &mut site_processes {
         until_connected(site);
     }
@@ -484,38 +490,42 @@ fn start_cluster(dir: &Path, cluster: &str, coordinator_flags: &[&str], site_fla
 /// wait for the (here 120 s) idle timeout, and the site exits cleanly.
 #[test]
 fn a_site_interrupted_with_ctrl_c_leaves_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &long_cluster(), &["--idle-timeout-ms", "120000"], &["--idle-timeout-ms", "120000"]);
-    std::thread::sleep(Duration::from_millis(500));
-    signal(&site_processes[1], "-INT");
-    assert!(wait(&mut site_processes[1], Duration::from_secs(60)).success(), "the interrupted site exits cleanly");
-    for k in [0, 2] {
-        assert!(wait(&mut site_processes[k], Duration::from_secs(60)).success(), "site {k} failed");
+    // A round site and a streaming one (which trains on while its merges travel).
+    for cluster in [long_cluster(), streaming_cluster()] {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &cluster, &["--idle-timeout-ms", "120000"], &["--idle-timeout-ms", "120000"]);
+        std::thread::sleep(Duration::from_millis(500));
+        signal(&site_processes[1], "-INT");
+        assert!(wait(&mut site_processes[1], Duration::from_secs(60)).success(), "the interrupted site exits cleanly\n{}", error_logs(dir.path()));
+        for k in [0, 2] {
+            assert!(wait(&mut site_processes[k], Duration::from_secs(60)).success(), "site {k} failed\n{}", error_logs(dir.path()));
+        }
+        // Well inside the idle timeout: nobody waited for it.
+        assert!(wait(&mut coordinator_process, Duration::from_secs(60)).success(), "the coordinator failed\n{}", error_logs(dir.path()));
+        let strategy = summary(dir.path());
+        assert!(accepted(&strategy, 1) < accepted(&strategy, 0), "site 1 stopped contributing");
+        let left = metrics(dir.path(), "refused").iter().any(|m| m["site"] == 1 && m["reason"].as_str().unwrap().contains("leaving"));
+        assert!(left, "the coordinator logged the leave");
     }
-    // Well inside the idle timeout: nobody waited for it.
-    assert!(wait(&mut coordinator_process, Duration::from_secs(60)).success(), "the coordinator failed");
-    let strategy = summary(dir.path());
-    assert_eq!(strategy["rounds"], 100);
-    assert!(accepted(&strategy, 1) < 100, "site 1 stopped contributing");
-    let left = metrics(dir.path(), "refused").iter().any(|m| m["site"] == 1 && m["reason"].as_str().unwrap().contains("leaving"));
-    assert!(left, "the coordinator logged the leave");
 }
 
 /// Streaming DiLoCo over processes (4 fragments, a merge due 5 steps after its sync, a sync
-/// every 10 steps): site 1 is killed with `kill -9` and started again without any state; it
-/// reconnects, gets the cluster's parameters in full and trains on from the first step of their
-/// round.
+/// every 10 steps): site 1 (saving its own state after every sync) is killed with `kill -9` and
+/// started again with `--resume`; it reconnects, gets the cluster's parameters in full and trains
+/// on from the first step of their round with its own optimizer state and data position.
 #[test]
 fn a_streaming_site_killed_mid_run_restarts_and_trains_on() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &streaming_cluster(), &["--idle-timeout-ms", "1500"], &["--idle-timeout-ms", "1500"]);
+    let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &streaming_cluster(), &["--idle-timeout-ms", "1500"], &["--idle-timeout-ms", "1500", "--state-dir", "site{k}-state"]);
     let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for_file(&dir.path().join("site1-state/current.json"), "site 1 saved no state");
+    std::thread::sleep(Duration::from_millis(1000));
     site_processes[1].0.kill().unwrap();
     let _ = site_processes[1].0.wait();
     std::thread::sleep(Duration::from_millis(2500));
-    site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500"]);
-    until_connected(&mut site_processes[1]);
+    site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
+    let printed = until_connected(&mut site_processes[1]);
+    assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
     all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     let memory = streaming_in_memory(dir.path());

@@ -28,7 +28,7 @@
 //! coordinator's merge in `overlap_steps` later (waiting only if it is late), then the final
 //! syncs; bitwise the in-memory run. After a lost connection (or a coordinator restarted from its
 //! checkpoint) it reconnects and trains on from the parameters it is sent, from the first step of
-//! their round; it does not yet save its own state or leave on Ctrl-C.
+//! their round; it saves and resumes its own state and leaves on Ctrl-C as a round site does.
 //!
 //! What the coordinator receives is opened with the sending site's key (a packet that another
 //! key signed is refused and counted against that site); what it sends is signed with its own.
@@ -189,9 +189,6 @@ pub fn serve_site(
     let model = lowband_engine::preset(&config.preset)?.model;
     let initial = lowband_engine::Gpt::new(model, config.seed)?.params().to_vec();
     let mut state = network_site(config, &strategy, &initial, k)?;
-    if strategy.streaming.is_some() && (options.state_dir.is_some() || options.resume) {
-        return Err(RunError::InvalidConfig { field: "state_dir", reason: "a streaming site does not save or resume its state yet".into() });
-    }
     if let Some(dir) = &options.state_dir {
         if options.resume {
             match crate::state::restore_site(dir, &mut state)? {
@@ -732,15 +729,7 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
     // Ctrl-C is remembered even while the site trains: it leaves before the next round.
-    let mut leave = job.leave_on_signal.then(|| {
-        let (tx, rx) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                let _ = tx.send(());
-            }
-        });
-        rx
-    });
+    let mut leave = leave_signal(job.leave_on_signal);
     loop {
         connected();
         let mut rx = read_from_coordinator(&peer);
@@ -757,10 +746,7 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
                 tokio::select! {
                     message = rx.recv() => message,
                     _ = leave.changed() => {
-                        // A graceful leave: the coordinator learns it at once (no timeout).
-                        peer.close_with(CLOSE_LEAVING as u32, "leaving");
-                        node.wait_closed(std::time::Duration::from_secs(2)).await;
-                        println!("site {}: left the run", job.identity.public_key());
+                        leave_now(&node, &peer, &job).await;
                         return Ok(());
                     }
                 }
@@ -853,6 +839,26 @@ async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMu
     }
 }
 
+/// Ctrl-C / SIGINT, when `enabled` (a site process): the receiver changes once it is pressed.
+fn leave_signal(enabled: bool) -> Option<tokio::sync::watch::Receiver<()>> {
+    enabled.then(|| {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = tx.send(());
+            }
+        });
+        rx
+    })
+}
+
+/// A graceful leave: the coordinator learns it at once (no idle timeout).
+async fn leave_now(node: &Node, peer: &Peer, job: &SiteJob) {
+    peer.close_with(CLOSE_LEAVING as u32, "leaving");
+    node.wait_closed(std::time::Duration::from_secs(2)).await;
+    println!("site {}: left the run", job.identity.public_key());
+}
+
 /// What the coordinator sends a site, as it arrives, until the connection ends (a reader task,
 /// so that the site's QUIC connection is served while it trains).
 fn read_from_coordinator(peer: &Peer) -> tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, NetError>> {
@@ -876,6 +882,8 @@ enum StreamingEnd {
     Done,
     /// The connection was lost; `rejoin`: the coordinator asked this site to come back.
     Lost { rejoin: bool },
+    /// Ctrl-C: leave the run.
+    Leaving,
 }
 
 /// A streaming site: it trains step after step and never waits for a merge before it is due.
@@ -884,16 +892,27 @@ enum StreamingEnd {
 /// it only if it has not arrived by then), exactly when the in-memory driver mixes it, so the run
 /// is bitwise the in-memory one. Then the P final syncs, back to back. A site that loses the
 /// coordinator reconnects (for `reconnect_ms`, or when asked to rejoin) and starts again from the
-/// parameters it is sent, at the first step of their round. Streaming sites do not yet save or
-/// resume their own state, nor leave on Ctrl-C (the coordinator drops them at the idle timeout).
+/// parameters it is sent, at the first step of their round. With a state directory it saves its
+/// own state (optimizer moments, data position, error feedback) after every sync, as a round
+/// site does; Ctrl-C is a graceful leave.
 async fn streaming_site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMut()) -> Result<(), RunError> {
     let local: SocketAddr = if job.coordinator.0.is_ipv6() { "[::]:0".parse().expect("any IPv6") } else { "0.0.0.0:0".parse().expect("any IPv4") };
     let node = Node::client(job.identity.clone(), local, job.limits.clone())?;
     let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
+    let leave = leave_signal(job.leave_on_signal);
     loop {
         connected();
-        let rejoin = match streaming_connection(&mut site, &job, &peer).await? {
+        // (Pressed while it reconnected: the clones below would take it as seen.)
+        if leave.as_ref().is_some_and(|l| l.has_changed().unwrap_or(false)) {
+            leave_now(&node, &peer, &job).await;
+            return Ok(());
+        }
+        let rejoin = match streaming_connection(&mut site, &job, &peer, leave.clone()).await? {
             StreamingEnd::Done => return Ok(()),
+            StreamingEnd::Leaving => {
+                leave_now(&node, &peer, &job).await;
+                return Ok(());
+            }
             StreamingEnd::Lost { rejoin } => rejoin,
         };
         if job.reconnect_ms == 0 && !rejoin {
@@ -904,12 +923,21 @@ async fn streaming_site_task(mut site: SiteRuntime, job: SiteJob, mut connected:
 }
 
 /// One connection of a streaming site, from the first message the coordinator sends it.
-async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer) -> Result<StreamingEnd, RunError> {
+async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer, leave: Option<tokio::sync::watch::Receiver<()>>) -> Result<StreamingEnd, RunError> {
     let streaming = job.streaming.expect("a streaming job");
     let mut rx = read_from_coordinator(peer);
+    // Ctrl-C, checked between steps (`pressed`) and while waiting for a merge (`waiting`).
+    let (mut pressed, mut waiting) = (leave.clone(), leave);
     // The next broadcast, mixed in with `mix`: the round it opens, or how the connection ended.
     let mut next = async |site: &mut SiteRuntime, mix: f32| -> Result<Result<u64, StreamingEnd>, RunError> {
-        match rx.recv().await {
+        let received = match waiting.as_mut() {
+            Some(leave) => tokio::select! {
+                message = rx.recv() => message,
+                _ = leave.changed() => return Ok(Err(StreamingEnd::Leaving)),
+            },
+            None => rx.recv().await,
+        };
+        match received {
             Some(Ok(sealed)) => Ok(Ok(crate::driver::mix_in(site, open(job.coordinator.1, &sealed)?, mix)?)),
             Some(Err(NetError::Ended { code: CLOSE_REJOIN, .. })) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
             Some(Err(NetError::Ended { .. })) => Ok(Err(StreamingEnd::Done)),
@@ -937,6 +965,9 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
     let (mut step, mut due_step): (u64, Option<u64>) = (rounds.first_step(round), None);
     let (mut losses, mut seconds) = (Vec::new(), 0.0f64);
     while step < job.steps {
+        if pressed.as_mut().is_some_and(|leave| leave.has_changed().unwrap_or(false)) {
+            return Ok(StreamingEnd::Leaving);
+        }
         if due_step.is_some_and(|due| due <= step) {
             due_step = None;
             if let Err(end) = next(site, streaming.mix).await? {
@@ -959,6 +990,9 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
         let report = TrainingReport { seconds, losses: std::mem::take(&mut losses) }.encode(round, site.site.id());
         seconds = 0.0;
         let update = site.update(round, site.site.fragment(round), &job.uplink)?;
+        if let Some(dir) = &job.state_dir {
+            crate::state::save_site(dir, site, round)?;
+        }
         for message in [report, update] {
             if let Err(end) = send(message).await? {
                 return Ok(end);
