@@ -331,15 +331,23 @@ fn a_hung_site_does_not_stall_the_rounds_and_rejoins_when_it_wakes() {
     }
     std::thread::sleep(Duration::from_millis(500));
     signal(&site_processes[2], "-STOP");
-    std::thread::sleep(Duration::from_millis(12000));
+    // Frozen while 8 rounds close without it (the coordinator's checkpoints tell which step it is
+    // at): its unread queue passes 4 copies of the parameters. Woken then, with most of the run
+    // still to go (once it is asked to rejoin the other two run at full speed, and a fixed
+    // freeze could outlast the whole run).
+    let frozen_at = checkpointed_step(dir.path(), "diloco-h10");
+    let started = Instant::now();
+    while checkpointed_step(dir.path(), "diloco-h10") < frozen_at + 80 {
+        assert!(started.elapsed() < Duration::from_secs(90), "rounds stalled behind the frozen site");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     signal(&site_processes[2], "-CONT");
     all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
     let missed: Vec<u64> = metrics(dir.path(), "missed").iter().filter(|m| m["site"] == 2).map(|m| m["round"].as_u64().unwrap()).collect();
-    // Rounds take 0.6-2 s here (the deadline and 10 steps of the others, on a loaded machine):
-    // 12 s frozen is 6-20 rounds. A coordinator that waited on its send to the frozen site would
-    // close at most one or two.
+    // A coordinator that waited on its send to the frozen site would have closed at most one or
+    // two rounds (and the loop above would have timed out).
     assert!(missed.len() >= 4, "the rounds went on while site 2 was frozen: missed {missed:?}");
     // What it could not read piled up past the budget (4 copies of the parameters, so from the
     // fifth round it missed): it was asked to rejoin, and did.
@@ -466,6 +474,13 @@ fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
     let networked: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     let memory = small_run_in_memory(dir.path());
     assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model across the shaped links");
+}
+
+/// The step of the coordinator's last checkpoint of `strategy_dir` (0 before the first).
+fn checkpointed_step(dir: &Path, strategy_dir: &str) -> u64 {
+    let current = std::fs::read_to_string(dir.join(format!("runs/cluster/coordinator-state/{strategy_dir}/current.json"))).unwrap_or_default();
+    let value: serde_json::Value = serde_json::from_str(&current).unwrap_or_default();
+    value["dir"].as_str().and_then(|d| d.strip_prefix("state-")).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 /// Keys, a coordinator running `cluster` and 3 site processes, every site connected. `{k}` in a
