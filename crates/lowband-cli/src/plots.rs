@@ -8,6 +8,16 @@ use plotters::prelude::*;
 
 use crate::report::eval_points;
 
+type Canvas<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// A white SVG canvas of `size` pixels at `path`, and the error mapper of every drawing call.
+fn canvas(path: &Path, size: (u32, u32)) -> Result<(Canvas<'_>, impl Fn(DrawingAreaErrorKind<std::io::Error>) -> anyhow::Error + Copy + '_)> {
+    let root = SVGBackend::new(path, size).into_drawing_area();
+    let e = move |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(e)?;
+    Ok((root, e))
+}
+
 /// Tableau 10: distinct for up to ten strategies on one chart.
 const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
@@ -61,9 +71,7 @@ fn plot(
     point: impl Fn((u64, u64, f64)) -> Option<(f64, f64)>,
     log_x: bool,
 ) -> Result<()> {
-    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(e)?;
+    let (root, e) = canvas(path, (760, 460))?;
     let mut builder = ChartBuilder::on(&root);
     builder.caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(40).y_label_area_size(56);
     macro_rules! draw {
@@ -97,9 +105,7 @@ fn plot(
 pub fn robustness_chart(path: &Path, title: &str, attacks: &[String], series: &[(String, Vec<Option<f64>>)]) -> Result<()> {
     const LOW: f64 = -10.0;
     const HIGH: f64 = 50.0;
-    let root = SVGBackend::new(path, (820, 460)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(e)?;
+    let (root, e) = canvas(path, (820, 460))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
@@ -151,9 +157,7 @@ pub fn cost_vs_bandwidth(
     }
     // Keep the chart readable when a plan is orders of magnitude dearer at low bandwidth.
     let y_hi = y_hi.min(y_lo * 1e3);
-    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(e)?;
+    let (root, e) = canvas(path, (820, 500))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
@@ -200,9 +204,7 @@ pub fn log_log(path: &Path, title: &str, x_label: &str, y_label: &str, series: &
     if !(x_lo.is_finite() && y_lo.is_finite()) {
         return Err(anyhow!("plotting {}: nothing to plot", path.display()));
     }
-    let root = SVGBackend::new(path, (820, 500)).into_drawing_area();
-    let e = |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(e)?;
+    let (root, e) = canvas(path, (820, 500))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)

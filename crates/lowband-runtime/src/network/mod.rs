@@ -1,0 +1,391 @@
+//! The networked driver (issue 5): the coordinator and K sites run the same protocol code as
+//! the in-memory driver, but every packet crosses a real QUIC connection (lowband-net: ed25519
+//! keys, TLS 1.3, a size limit per message) and is signed by its maker. The nodes are separate
+//! processes (`serve_coordinator`, `serve_site`) or tasks of one process (`run_over_loopback`).
+//!
+//! The coordinator is an event loop over new connections, packets and deadline ticks:
+//! - sites join at any time (a newcomer, or a site restarted after a crash, gets the current
+//!   parameters in full and trains from the next round); a site that reconnects retires its old
+//!   connection (connections carry a generation, and what an old one still delivers is ignored);
+//! - a site whose connection closes (QUIC idle timeout) or cannot be sent to leaves the round; a
+//!   site interrupted with Ctrl-C closes its connection saying so, and leaves at once;
+//! - a site saves its own state (AdamW moments, data position, error feedback, codec stream)
+//!   after every update when given a state directory, and a restarted one resumes from it;
+//! - a round closes when every member has reported, or on `quorum` updates once
+//!   `round_deadline_ms` has passed: a straggler or a hung site cannot stall the run; its late
+//!   update is refused as late (not held against its trust score), and when it catches up it
+//!   applies every queued packet and trains on the newest round only;
+//! - every site connection has its own writer: a broadcast (one envelope, signed once, one
+//!   buffer shared by every queue) goes to K sites at once, and a slow or frozen site delays
+//!   only itself; one with more than `OUTBOX_MODELS` copies of the parameters unread is asked to
+//!   rejoin (it reconnects and gets the current parameters in full, as after a crash);
+//! - after every round the coordinator saves its state atomically (`state_dir`); started again
+//!   with `resume` it continues from there (at most the round in flight is redone) and the sites,
+//!   which keep trying to reconnect for `reconnect_ms`, come back by themselves.
+//!
+//! Streaming DiLoCo runs over the network too: a streaming site trains step after step, sends
+//! the update of fragment r after step `RoundSteps::end_step(r)` without waiting, and mixes the
+//! coordinator's merge in `overlap_steps` later (waiting only if it is late), then the final
+//! syncs; bitwise the in-memory run. After a lost connection (or a coordinator restarted from its
+//! checkpoint) it reconnects and trains on from the parameters it is sent, from the first step of
+//! their round; it saves and resumes its own state and leaves on Ctrl-C as a round site does.
+//!
+//! What the coordinator receives is opened with the sending site's key (a packet that another
+//! key signed is refused and counted against that site); what it sends is signed with its own.
+//! Sites train in parallel; since the coordinator merges in site order, a fault-free run is
+//! bitwise the in-memory driver's. The ledger counts the bytes handed to QUIC: the envelope plus
+//! its 64-byte signature (the in-memory ledger has no signatures), not QUIC's own headers.
+//! Emulated time is defined as in the in-memory driver (per round, the slowest site's measured
+//! training plus the link profile's time for the largest message each way): each site sends a
+//! training report (`wire::TrainingReport`: its seconds and per-step losses) just before its
+//! update, so a networked run's per-step losses and compute time are the sites' own, as in memory.
+//! Reports are telemetry: counted in `RunResult::telemetry_bytes`, not in the ledger.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use lowband_codec::CodecSpec;
+use lowband_data::Split;
+use lowband_net::{AllowList, Identity, Limits, NetError, Node, PublicKey};
+use lowband_protocol::{Coordinator, CoordinatorConfig};
+
+use crate::config::RunConfig;
+use crate::driver::{finish_rounds, new_site, BatchShape, Common, SiteRuntime};
+use crate::strategy::{Strategy, StrategyKind};
+use crate::{RunError, RunResult};
+
+mod coordinator;
+mod site;
+
+use coordinator::coordinate;
+use site::{streaming_site_task, site_task};
+
+impl From<NetError> for RunError {
+    fn from(e: NetError) -> Self {
+        RunError::Protocol(format!("network: {e}"))
+    }
+}
+
+/// How a networked coordinator runs its rounds (the transport's own limits are in `limits`).
+#[derive(Clone, Debug)]
+pub struct NetworkOptions {
+    pub limits: Limits,
+    /// Updates that close a round once its deadline has passed (a round with every member's
+    /// update closes at once). 0: every member (no round closes without all of them).
+    pub quorum: usize,
+    /// Time after a round opens at which it may close on a quorum: a straggler or a hung site
+    /// does not hold the run longer than this. Its late update is refused as late (it does not
+    /// count against its trust score) and it takes part again from the round it catches.
+    pub round_deadline_ms: u64,
+    /// How long the coordinator waits for the sites to connect before round 0 (or, resumed,
+    /// before its first round): then it starts with whoever is there if that is a quorum.
+    pub join_timeout_ms: u64,
+    /// Where the coordinator saves its state after every round (atomically; the previous state
+    /// survives a crash mid-write).
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Continue from the state saved there (after a crash or `kill -9`: at most the round in
+    /// flight is redone); without it a saved state is removed and the run starts over.
+    pub resume: bool,
+}
+
+impl NetworkOptions {
+    pub fn new(limits: Limits) -> Self {
+        NetworkOptions { limits, quorum: 0, round_deadline_ms: 600_000, join_timeout_ms: JOIN_TIMEOUT_MS, state_dir: None, resume: false }
+    }
+}
+
+/// Run a round strategy with every node on loopback QUIC, in this process.
+pub fn run_over_loopback(config: &RunConfig, strategy: Strategy, split: &Split, limits: Limits) -> Result<RunResult, RunError> {
+    check_networkable(config, &strategy, split)?;
+    runtime(config.sites)?.block_on(run_async(config, strategy, split, NetworkOptions::new(limits)))
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, RunError> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads.clamp(2, 8)).enable_all().build().map_err(|e| RunError::Io { path: "tokio runtime".into(), source: e })
+}
+
+fn check_networkable(config: &RunConfig, strategy: &Strategy, split: &Split) -> Result<(), RunError> {
+    config.validate().map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
+    if strategy.kind != StrategyKind::Rounds {
+        return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round and streaming strategies (DDP runs in memory, as the reference)", strategy.name()) });
+    }
+    if split.shards.len() != config.sites {
+        return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
+    }
+    Ok(())
+}
+
+/// A coordinator process: listen on `listen`, admit exactly `site_keys` (site k is the k-th),
+/// run the rounds, return the result. `listening` is told the bound address first (a port 0
+/// becomes a real one). Compute time and per-step losses are the sites' own (their training
+/// reports). With `options.state_dir` holding a saved
+/// state, the run resumes from it (after a crash or `kill -9`: at most the round in flight is
+/// lost); the sites reconnect by themselves.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_coordinator(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    identity: Arc<Identity>,
+    site_keys: Vec<PublicKey>,
+    listen: SocketAddr,
+    options: NetworkOptions,
+    listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
+) -> Result<RunResult, RunError> {
+    check_networkable(config, &strategy, split)?;
+    if site_keys.len() != config.sites {
+        return Err(RunError::InvalidConfig { field: "site_keys", reason: format!("{} keys for {} sites", site_keys.len(), config.sites) });
+    }
+    runtime(config.sites)?.block_on(async {
+        let started = Instant::now();
+        let mut common = Common::new(config, strategy.clone(), split)?;
+        let initial = common.initial_params();
+        let mut coordinator = Coordinator::new(coordinator_config(config, &strategy, initial.len(), &options), initial)?;
+        let persistence = crate::Persistence { state_dir: options.state_dir.clone(), stop_after_rounds: None };
+        match crate::state::load(&persistence, &strategy)? {
+            Some(saved) if options.resume => {
+                let round = saved.round();
+                saved.restore_coordinator(&mut common, &mut coordinator)?;
+                println!("resuming {} from its saved state at round {round}", strategy.name());
+            }
+            Some(_) => {
+                let dir = options.state_dir.as_ref().expect("a state was loaded from it").join(strategy.dir_name());
+                std::fs::remove_dir_all(&dir).map_err(|e| RunError::Io { path: dir.clone(), source: e })?;
+            }
+            None if options.resume => println!("no saved state of {} to resume: starting at round 0", strategy.name()),
+            None => {}
+        }
+        let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
+        let node = Node::listen(identity.clone(), listen, allowed, options.limits.clone())?;
+        listening(node.local_addr()?)?;
+        let (common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &identity, &site_keys, &options, started).await?;
+        node.close();
+        // Tell every site the run is over before this process goes.
+        node.wait_closed(std::time::Duration::from_secs(2)).await;
+        finish_rounds(common, &coordinator, sample_packets)
+    })
+}
+
+/// A site process: site `site` of the run, connecting to the coordinator at `coordinator`;
+/// `connected` is called once the coordinator has accepted it. A site started mid-run (a
+/// newcomer, or a restart after a crash) gets the current parameters and trains from the round it
+/// is sent. If the connection drops before the run's last round, the site keeps trying to
+/// reconnect for `reconnect_ms` (a coordinator restarting from its checkpoint).
+#[allow(clippy::too_many_arguments)]
+pub fn serve_site(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    site: u32,
+    identity: Arc<Identity>,
+    coordinator: (SocketAddr, PublicKey),
+    options: SiteOptions,
+    connected: impl FnMut() + Send,
+) -> Result<(), RunError> {
+    check_networkable(config, &strategy, split)?;
+    let k = site as usize;
+    if k >= config.sites {
+        return Err(RunError::InvalidConfig { field: "site", reason: format!("site {site} of a {}-site run", config.sites) });
+    }
+    let model = lowband_engine::preset(&config.preset)?.model;
+    let initial = lowband_engine::Gpt::new(model, config.seed)?.params().to_vec();
+    let mut state = network_site(config, &strategy, &initial, k)?;
+    if let Some(dir) = &options.state_dir {
+        if options.resume {
+            match crate::state::restore_site(dir, &mut state)? {
+                Some(round) => println!("site {site}: resuming from its saved state after round {round} (optimizer, data position, error feedback)"),
+                None => println!("site {site}: no saved state to resume: starting fresh"),
+            }
+        } else if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| RunError::Io { path: dir.clone(), source: e })?;
+        }
+    }
+    let job = SiteJob {
+        identity,
+        coordinator,
+        shard: Arc::new(split.shards[k].clone()),
+        batch: BatchShape { site_batch: config.site_batch, context: model.context_length },
+        schedule: lowband_engine::LrSchedule::reference(config.optimizer.lr, config.steps),
+        steps: config.steps,
+        inner_steps: strategy.inner_steps,
+        params: initial.len(),
+        uplink: strategy.compression.uplink,
+        limits: options.limits,
+        reconnect_ms: options.reconnect_ms,
+        state_dir: options.state_dir,
+        leave_on_signal: true,
+        streaming: strategy.streaming,
+        rounds: RoundSteps::of(config, &strategy),
+    };
+    runtime(2)?.block_on(any_site_task(state, job, connected))
+}
+
+/// Site k as the networked driver runs it (with its fragments when streaming).
+fn network_site(config: &RunConfig, strategy: &Strategy, initial: &[f32], k: usize) -> Result<SiteRuntime, RunError> {
+    let mut site = new_site(config, initial, strategy.compression, k)?;
+    if let Some(streaming) = strategy.streaming {
+        site.site = site.site.with_fragments(crate::driver::fragments(initial.len(), streaming.fragments))?;
+    }
+    Ok(site)
+}
+
+async fn any_site_task(site: SiteRuntime, job: SiteJob, connected: impl FnMut()) -> Result<(), RunError> {
+    if job.streaming.is_some() { streaming_site_task(site, job, connected).await } else { site_task(site, job, connected).await }
+}
+
+fn coordinator_config(config: &RunConfig, strategy: &Strategy, params: usize, options: &NetworkOptions) -> CoordinatorConfig {
+    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
+    let quorum = if options.quorum == 0 { config.sites } else { options.quorum.min(config.sites) };
+    CoordinatorConfig {
+        quorum,
+        round_deadline_ms: options.round_deadline_ms,
+        sites_max: config.sites,
+        compression: strategy.compression,
+        sites_start_synced: true,
+        fragments: strategy.streaming.map(|s| crate::driver::fragments(params, s.fragments)).unwrap_or_default(),
+        robustness: strategy.robustness(config.aggregator),
+        ..CoordinatorConfig::new(params, outer)
+    }
+}
+
+/// How long the coordinator waits for every listed site to connect before it gives up.
+pub const JOIN_TIMEOUT_MS: u64 = 120_000;
+
+/// Where a run's rounds fall in its steps. Round strategies: round r trains steps
+/// [rH, min((r + 1)H, T)). Streaming (P fragments): fragment sync r comes after step
+/// max(⌊(r + 1)H/P⌋, r + 1) while that is before T, as in the in-memory driver, then P final
+/// syncs at T (no training between them).
+#[derive(Clone, Copy, Debug)]
+struct RoundSteps {
+    steps: u64,
+    inner_steps: u64,
+    /// P; 0 for whole-model rounds.
+    fragments: u64,
+}
+
+impl RoundSteps {
+    fn of(config: &RunConfig, strategy: &Strategy) -> RoundSteps {
+        RoundSteps { steps: config.steps, inner_steps: strategy.inner_steps, fragments: strategy.streaming.map_or(0, |s| s.fragments as u64) }
+    }
+
+    /// The step after which round `round`'s updates are sent.
+    fn end_step(&self, round: u64) -> u64 {
+        if self.fragments == 0 {
+            return round.saturating_add(1).saturating_mul(self.inner_steps).min(self.steps);
+        }
+        (round.saturating_add(1).saturating_mul(self.inner_steps) / self.fragments).max(round.saturating_add(1)).min(self.steps)
+    }
+
+    /// The first step round `round` trains.
+    fn first_step(&self, round: u64) -> u64 {
+        if round == 0 { 0 } else { self.end_step(round - 1) }
+    }
+
+    /// Streaming: fragment syncs during training (those before step T); the end step grows
+    /// strictly with the round, so a binary search finds the first one at T.
+    fn syncs_in_run(&self) -> u64 {
+        let (mut low, mut high) = (0u64, self.steps);
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if self.end_step(middle) < self.steps { low = middle + 1 } else { high = middle }
+        }
+        low
+    }
+
+    /// Every round the coordinator runs.
+    fn rounds(&self) -> u64 {
+        if self.fragments == 0 { self.steps.div_ceil(self.inner_steps) } else { self.syncs_in_run() + self.fragments }
+    }
+}
+
+/// What a site task needs besides its state.
+struct SiteJob {
+    identity: Arc<Identity>,
+    coordinator: (SocketAddr, PublicKey),
+    shard: Arc<Vec<u8>>,
+    batch: BatchShape,
+    schedule: lowband_engine::LrSchedule,
+    steps: u64,
+    inner_steps: u64,
+    params: usize,
+    uplink: CodecSpec,
+    limits: Limits,
+    /// How long to keep trying to reach the coordinator after the connection drops mid-run.
+    reconnect_ms: u64,
+    /// Where the site saves its own state after every update it sends.
+    state_dir: Option<std::path::PathBuf>,
+    /// Ctrl-C / SIGINT makes the site leave the run gracefully (a process; not in-process tasks).
+    leave_on_signal: bool,
+    /// Streaming DiLoCo's fragments, delay and mix (None: whole-model rounds).
+    streaming: Option<crate::strategy::Streaming>,
+    rounds: RoundSteps,
+}
+
+/// How a site process behaves (the transport's own limits are in `limits`).
+#[derive(Clone, Debug)]
+pub struct SiteOptions {
+    pub limits: Limits,
+    /// After losing the coordinator mid-run, keep trying to reach it this long.
+    pub reconnect_ms: u64,
+    /// Where the site saves its optimizer state, data position and error-feedback residual after
+    /// every update (atomically); with `resume`, a restarted site continues from them.
+    pub state_dir: Option<std::path::PathBuf>,
+    pub resume: bool,
+}
+
+async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, options: NetworkOptions) -> Result<RunResult, RunError> {
+    let limits = options.limits.clone();
+    let started = Instant::now();
+    let common = Common::new(config, strategy.clone(), split)?;
+    let initial = common.initial_params();
+    let n = initial.len();
+    let compression = strategy.compression;
+    let coordinator = Coordinator::new(coordinator_config(config, &strategy, n, &options), initial.clone())?;
+    let sites: Vec<SiteRuntime> = (0..config.sites).map(|k| network_site(config, &strategy, &initial, k)).collect::<Result<_, _>>()?;
+
+    // Keys: the coordinator's, and one per site on its allow-list.
+    let coordinator_identity = Arc::new(Identity::generate()?);
+    let site_identities: Vec<Arc<Identity>> = (0..config.sites).map(|_| Identity::generate().map(Arc::new)).collect::<Result<_, _>>()?;
+    let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
+    let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
+    let node = Node::listen(coordinator_identity.clone(), "127.0.0.1:0".parse().expect("loopback"), allowed, limits.clone())?;
+    let address = node.local_addr()?;
+
+    let mut site_tasks = Vec::new();
+    for (k, site) in sites.into_iter().enumerate() {
+        let job = SiteJob {
+            identity: site_identities[k].clone(),
+            coordinator: (address, coordinator_identity.public_key()),
+            shard: Arc::new(split.shards[k].clone()),
+            batch: BatchShape { site_batch: config.site_batch, context: common.context },
+            schedule: common.schedule,
+            steps: config.steps,
+            inner_steps: strategy.inner_steps,
+            params: n,
+            uplink: compression.uplink,
+            limits: limits.clone(),
+            reconnect_ms: 0,
+            state_dir: None,
+            leave_on_signal: false,
+            streaming: strategy.streaming,
+            rounds: RoundSteps::of(config, &strategy),
+        };
+        site_tasks.push(tokio::spawn(any_site_task(site, job, || {})));
+    }
+
+    let (common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &coordinator_identity, &site_keys, &options, started).await?;
+    node.close();
+    for task in site_tasks {
+        task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+    }
+    finish_rounds(common, &coordinator, sample_packets)
+}
+
+/// The close codes (as `NetError::Ended` reports them) of a site excluded for its updates (it
+/// stops), leaving on Ctrl-C, and asked to rejoin.
+const CLOSE_EXCLUDED: u64 = 1;
+const CLOSE_LEAVING: u64 = 2;
+/// (Rejoin: it fell too far behind; it reconnects and gets the current parameters in full, as
+/// after a crash.)
+const CLOSE_REJOIN: u64 = 3;
