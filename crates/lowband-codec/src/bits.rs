@@ -15,6 +15,32 @@ impl<'a> BitWriter<'a> {
         BitWriter { out, buffer: 0, filled: 0 }
     }
 
+    /// Bits in the vector so far, the pending ones included.
+    pub fn bit_len(&self) -> usize {
+        self.out.len() * 8 + self.filled as usize
+    }
+
+    /// Append the first `bits` bits of `bytes` (as another writer laid them out), as if each had
+    /// been written here one by one.
+    pub fn append(&mut self, bytes: &[u8], bits: usize) {
+        debug_assert!(bits <= bytes.len() * 8);
+        let whole = bits / 8;
+        if self.filled == 0 {
+            self.out.extend_from_slice(&bytes[..whole]);
+        } else {
+            self.out.reserve(whole);
+            for &byte in &bytes[..whole] {
+                self.buffer |= (byte as u64) << self.filled;
+                self.out.push(self.buffer as u8);
+                self.buffer >>= 8;
+            }
+        }
+        let rest = (bits % 8) as u32;
+        if rest > 0 {
+            self.write(bytes[whole] as u32, rest);
+        }
+    }
+
     /// Write the low `width` bits of `value` (`width` ≤ 32).
     #[inline]
     pub fn write(&mut self, value: u32, width: u32) {
@@ -205,6 +231,32 @@ mod tests {
             assert_eq!(out, positions);
         }
         assert_eq!(elias_fano_bits(4096, 64), 64 * 6 + 64 + 63);
+    }
+
+    #[test]
+    fn appended_streams_equal_one_stream() {
+        // Pieces of 0..40 bits at every alignment, written once straight and once as streams.
+        let pieces: Vec<(u32, u32)> = (0..60u32).map(|i| (i.wrapping_mul(2_654_435_761), (i * 7) % 33)).collect();
+        let mut straight = Vec::new();
+        let mut writer = BitWriter::new(&mut straight);
+        for &(value, width) in &pieces {
+            writer.write(value, width);
+        }
+        writer.finish();
+        let mut joined = Vec::new();
+        let mut writer = BitWriter::new(&mut joined);
+        for group in pieces.chunks(5) {
+            let mut bytes = Vec::new();
+            let mut part = BitWriter::new(&mut bytes);
+            for &(value, width) in group {
+                part.write(value, width);
+            }
+            let bits = part.bit_len();
+            part.finish();
+            writer.append(&bytes, bits);
+        }
+        writer.finish();
+        assert_eq!(joined, straight);
     }
 
     #[test]

@@ -31,13 +31,10 @@ pub struct Sparse {
     seeds: SplitMix64,
     /// Decode scratch, sized for one chunk when the codec is built.
     positions: Vec<u32>,
-    magnitude_bits: Vec<u32>,
     kept: Vec<f32>,
     taken: Vec<u64>,
-    /// Encode: every chunk's picks (k slots per chunk) and `dct` scales, filled in parallel.
-    all_positions: Vec<u32>,
-    all_kept: Vec<f32>,
-    chunk_scales: Vec<f32>,
+    /// Encode: one bit stream (bytes, bits) per group of chunks, written in parallel.
+    group_streams: Vec<(Vec<u8>, usize)>,
     /// `dct`: basis[k · chunk + n] = a_k cos(π (2n + 1) k / (2 · chunk)), orthonormal (decode),
     /// and a fast DCT-II plan (encode).
     basis: Vec<f32>,
@@ -46,11 +43,16 @@ pub struct Sparse {
 
 /// Per-thread encode scratch.
 struct Scratch {
-    candidates: Vec<(u32, u32)>,
+    candidates: Vec<u32>,
     magnitudes: Vec<u32>,
+    positions: Vec<u32>,
+    kept: Vec<f32>,
     signal: Vec<f32>,
     transform: Vec<f32>,
 }
+
+/// Chunks per parallel encode task (32 × 4,096 values: 512 KB of input).
+const CHUNKS_PER_GROUP: usize = 32;
 
 impl Sparse {
     pub fn new(spec: CodecSpec) -> Self {
@@ -69,12 +71,9 @@ impl Sparse {
             values,
             seeds: SplitMix64(seed),
             positions: Vec::with_capacity(chunk),
-            magnitude_bits: Vec::with_capacity(chunk),
             kept: Vec::with_capacity(chunk),
             taken: vec![0; chunk.div_ceil(64)],
-            all_positions: Vec::new(),
-            all_kept: Vec::new(),
-            chunk_scales: Vec::new(),
+            group_streams: Vec::new(),
             basis,
             plan,
         }
@@ -83,15 +82,16 @@ impl Sparse {
     fn scratch(&self) -> Scratch {
         let transform = self.plan.as_ref().map_or(0, |p| p.get_scratch_len());
         let signal = if self.kind == Kind::Dct { vec![0.0; self.chunk] } else { Vec::new() };
-        Scratch { candidates: Vec::with_capacity(self.chunk), magnitudes: Vec::with_capacity(self.chunk), signal, transform: vec![0.0; transform] }
+        Scratch { candidates: Vec::with_capacity(self.chunk), magnitudes: Vec::with_capacity(self.chunk), positions: Vec::with_capacity(self.chunk), kept: Vec::with_capacity(self.chunk), signal, transform: vec![0.0; transform] }
     }
 
-    /// Pick one chunk's values: `dct` transforms it first. Writes the ascending positions and
-    /// their values into the slots and returns the chunk's scale (1 except for `dct`).
-    fn pick(&self, chunk: &[f32], k: usize, scratch: &mut Scratch, positions: &mut [u32], kept: &mut [f32]) -> f32 {
-        let (signal, scale): (&[f32], f32) = match self.kind {
+    /// One `topk` or `dct` chunk into the bit stream: `dct` transforms it first (and writes its
+    /// scale), then the k largest magnitudes' scales, positions and values.
+    fn encode_chunk(&self, chunk: &[f32], scratch: &mut Scratch, writer: &mut BitWriter) {
+        let k = self.spec.kept_in_chunk(chunk.len());
+        let signal: &[f32] = match self.kind {
             // Top-k selects on the chunk itself (no copy).
-            Kind::TopK | Kind::RandomK => (chunk, 1.0),
+            Kind::TopK | Kind::RandomK => chunk,
             Kind::Dct => {
                 let m = max_abs(chunk);
                 let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
@@ -107,14 +107,15 @@ impl Sparse {
                 for (i, c) in scratch.signal.iter_mut().enumerate() {
                     *c *= if i == 0 { first } else { rest };
                 }
-                (&scratch.signal, scale)
+                writer.write(scale.to_bits(), 32);
+                &scratch.signal
             }
         };
-        select_top(signal, k, &mut scratch.candidates, &mut scratch.magnitudes, positions);
-        for (v, &p) in kept.iter_mut().zip(positions.iter()) {
-            *v = signal[p as usize];
-        }
-        scale
+        scratch.positions.resize(k, 0);
+        select_top(signal, k, &mut scratch.candidates, &mut scratch.magnitudes, &mut scratch.positions);
+        scratch.kept.clear();
+        scratch.kept.extend(scratch.positions.iter().map(|&p| signal[p as usize]));
+        write_values(writer, self.values, &scratch.kept, &mut scratch.magnitudes, Some((&scratch.positions, signal.len(), true)));
     }
 
     /// `k` distinct positions in [0, len) from `random` (Floyd's algorithm), ascending.
@@ -143,11 +144,11 @@ const BUCKET_SHIFT: u32 = 20;
 ///
 /// The bits of |v| order like |v| for non-negative floats, so the search works on integers. A
 /// histogram of every 16th value's top bits estimates a bucket below which at most ~k/2 of the
-/// k largest can lie; one (branch-free) pass collects every value from that bucket up, in index
-/// order; a selection among those finds the exact threshold, and a filter keeps the k in index
-/// order. If the estimate was too high (fewer than k collected), an exact histogram decides
-/// instead. Either way the result is the exact top k.
-fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<(u32, u32)>, magnitudes: &mut Vec<u32>, positions: &mut [u32]) {
+/// k largest can lie; one pass (16 values at a time, compared as a block) collects the index of
+/// every value from that bucket up, in index order; a selection among those finds the exact
+/// threshold, and a filter keeps the k in index order. If the estimate was too high (fewer than
+/// k collected), an exact histogram decides instead. Either way the result is the exact top k.
+fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<u32>, magnitudes: &mut Vec<u32>, positions: &mut [u32]) {
     debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
     const STRIDE: usize = 16;
     let bucket_of = |v: &f32| ((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize;
@@ -162,8 +163,8 @@ fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<(u32, u32)>, magnit
         above += histogram[bucket] as usize;
         bucket -= 1;
     }
-    let mut found = collect_from(signal, bucket as u32, candidates);
-    if found < k {
+    collect_from(signal, bucket as u32, candidates);
+    if candidates.len() < k {
         // The sample misled us: find the exact bucket of the k-th largest.
         histogram.fill(0);
         for v in signal {
@@ -174,19 +175,20 @@ fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<(u32, u32)>, magnit
             count += histogram[exact] as usize;
             exact -= 1;
         }
-        found = collect_from(signal, exact as u32, candidates);
+        collect_from(signal, exact as u32, candidates);
     }
-    let candidates = &candidates[..found];
+    let magnitude = |i: u32| signal[i as usize].to_bits() & 0x7fff_ffff;
     // The k-th largest magnitude among the candidates is the threshold; keep everything above it
     // and the lowest-indexed ties.
     magnitudes.clear();
-    magnitudes.extend(candidates.iter().map(|c| c.0));
+    magnitudes.extend(candidates.iter().map(|&i| magnitude(i)));
     let cut = magnitudes.len() - k;
     let threshold = *magnitudes.select_nth_unstable(cut).1;
     let greater = magnitudes[cut + 1..].iter().filter(|m| **m > threshold).count();
     let mut ties_needed = k - greater;
     let mut at = 0;
-    for &(m, i) in candidates.iter() {
+    for &i in candidates.iter() {
+        let m = magnitude(i);
         if m > threshold || (m == threshold && ties_needed > 0) {
             if m == threshold {
                 ties_needed -= 1;
@@ -198,20 +200,98 @@ fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<(u32, u32)>, magnit
     debug_assert_eq!(at, k);
 }
 
-/// Every (|v| bits, index) whose bucket is at least `bucket`, in index order, into the front of
-/// `candidates`; returns how many (branch-free: each value is written, the count advances only
-/// for members). The scratch keeps its length between calls (no clearing).
-fn collect_from(signal: &[f32], bucket: u32, candidates: &mut Vec<(u32, u32)>) -> usize {
-    if candidates.len() < signal.len() + 1 {
-        candidates.resize(signal.len() + 1, (0, 0));
+/// The index of every value whose magnitude bucket is at least `bucket`, in index order, into
+/// `candidates`. A block of values is compared at once into a bit mask; only the set bits are
+/// visited. On x86-64 the compare uses AVX-512 or AVX2 when the CPU has them (chosen at run
+/// time; every version returns the same indices, tested).
+fn collect_from(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked on the line above).
+            return unsafe { collect_from_avx512(signal, bucket, candidates) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked on the line above).
+            return unsafe { collect_from_avx2(signal, bucket, candidates) };
+        }
     }
-    let mut found = 0usize;
-    for (i, v) in signal.iter().enumerate() {
-        let m = v.to_bits() & 0x7fff_ffff;
-        candidates[found] = (m, i as u32);
-        found += ((m >> BUCKET_SHIFT) >= bucket) as usize;
+    collect_from_portable(signal, bucket, candidates)
+}
+
+/// [`collect_from_portable`] with AVX-512: one compare of 16 lanes gives the block's mask.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn collect_from_avx512(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    let threshold = _mm512_set1_epi32((bucket << BUCKET_SHIFT) as i32);
+    let magnitude_bits = _mm512_set1_epi32(0x7fff_ffff);
+    candidates.clear();
+    let mut blocks = signal.chunks_exact(16);
+    for (b, block) in blocks.by_ref().enumerate() {
+        // SAFETY: `block` holds exactly 16 f32 (64 bytes); the load is unaligned.
+        let lanes = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
+        let mut mask = _mm512_cmpge_epi32_mask(_mm512_and_si512(lanes, magnitude_bits), threshold) as u32;
+        while mask != 0 {
+            candidates.push((b * 16) as u32 + mask.trailing_zeros());
+            mask &= mask - 1;
+        }
     }
-    found
+    collect_tail(signal, blocks.remainder(), bucket, candidates);
+}
+
+/// [`collect_from_portable`] with AVX2: two compares of 8 lanes per block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn collect_from_avx2(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    // One below the threshold: AVX2 compares only "greater than".
+    let below = _mm256_set1_epi32((bucket << BUCKET_SHIFT) as i32 - 1);
+    let magnitude_bits = _mm256_set1_epi32(0x7fff_ffff);
+    candidates.clear();
+    let mut blocks = signal.chunks_exact(8);
+    for (b, block) in blocks.by_ref().enumerate() {
+        // SAFETY: `block` holds exactly 8 f32 (32 bytes); the load is unaligned.
+        let lanes = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+        let above = _mm256_cmpgt_epi32(_mm256_and_si256(lanes, magnitude_bits), below);
+        let mut mask = _mm256_movemask_ps(_mm256_castsi256_ps(above)) as u32;
+        while mask != 0 {
+            candidates.push((b * 8) as u32 + mask.trailing_zeros());
+            mask &= mask - 1;
+        }
+    }
+    collect_tail(signal, blocks.remainder(), bucket, candidates);
+}
+
+/// The members among the last `tail.len()` values of `signal` (fewer than a block).
+fn collect_tail(signal: &[f32], tail: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
+    let tail_start = signal.len() - tail.len();
+    for (j, v) in tail.iter().enumerate() {
+        if (v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT >= bucket {
+            candidates.push((tail_start + j) as u32);
+        }
+    }
+}
+
+/// The loop every version computes. |v|'s bits are below 2^31, so signed compares are exact
+/// (SSE2 and AVX2 have only those).
+fn collect_from_portable(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
+    const BLOCK: usize = 16;
+    let threshold = (bucket << BUCKET_SHIFT) as i32;
+    let member = |v: &f32| ((v.to_bits() & 0x7fff_ffff) as i32 >= threshold) as u32;
+    candidates.clear();
+    let mut blocks = signal.chunks_exact(BLOCK);
+    for (b, block) in blocks.by_ref().enumerate() {
+        let mut mask = 0u32;
+        for (j, v) in block.iter().enumerate() {
+            mask |= member(v) << j;
+        }
+        while mask != 0 {
+            candidates.push((b * BLOCK) as u32 + mask.trailing_zeros());
+            mask &= mask - 1;
+        }
+    }
+    collect_tail(signal, blocks.remainder(), bucket, candidates);
 }
 
 impl Codec for Sparse {
@@ -231,53 +311,44 @@ impl Codec for Sparse {
         out.reserve(self.payload_bytes(values.len()));
         let packet_seed = if self.kind == Kind::RandomK { self.seeds.next_u64() } else { 0 };
         self.spec.write_header(count_u32(values), packet_seed, out);
-        // Phase 1: pick every chunk's positions and values (in parallel, except `randomk`, whose
-        // positions follow one random stream).
-        let k_max = self.spec.kept_in_chunk(self.chunk.min(values.len().max(1)));
-        let chunks = values.len().div_ceil(self.chunk);
-        let slots = k_max.max(1);
-        let (mut all_positions, mut all_kept, mut chunk_scales) = (std::mem::take(&mut self.all_positions), std::mem::take(&mut self.all_kept), std::mem::take(&mut self.chunk_scales));
-        all_positions.resize(chunks * slots, 0);
-        all_kept.resize(chunks * slots, 0.0);
-        chunk_scales.resize(chunks, 1.0);
+        let mut writer = BitWriter::new(out);
         if self.kind == Kind::RandomK {
+            // Positions follow one random stream, chunk after chunk: one thread.
             let mut random = SplitMix64(packet_seed);
-            for (c, chunk) in values.chunks(self.chunk).enumerate() {
+            let mut scratch = self.scratch();
+            for chunk in values.chunks(self.chunk) {
                 let k = self.spec.kept_in_chunk(chunk.len());
                 Self::select_random(&mut self.positions, &mut self.taken, &mut random, chunk.len(), k);
-                all_positions[c * slots..c * slots + k].copy_from_slice(&self.positions);
-                for (v, &p) in all_kept[c * slots..c * slots + k].iter_mut().zip(&self.positions) {
-                    *v = chunk[p as usize];
-                }
+                scratch.kept.clear();
+                scratch.kept.extend(self.positions.iter().map(|&p| chunk[p as usize]));
+                write_values(&mut writer, self.values, &scratch.kept, &mut scratch.magnitudes, Some((&self.positions, chunk.len(), false)));
             }
         } else {
+            // Groups of chunks in parallel, each into its own bit stream; the streams are then
+            // joined in order, so the bytes are those of one writer going chunk after chunk.
+            let group_values = self.chunk * CHUNKS_PER_GROUP;
+            let groups = values.len().div_ceil(group_values);
+            let mut streams = std::mem::take(&mut self.group_streams);
+            streams.resize_with(groups, || (Vec::new(), 0));
             let this = &*self;
-            values
-                .par_chunks(self.chunk)
-                .zip(all_positions.par_chunks_mut(slots))
-                .zip(all_kept.par_chunks_mut(slots))
-                .zip(chunk_scales.par_iter_mut())
-                .for_each_init(
-                    || this.scratch(),
-                    |scratch, (((chunk, positions), kept), scale)| {
-                        let k = this.spec.kept_in_chunk(chunk.len());
-                        *scale = this.pick(chunk, k, scratch, &mut positions[..k], &mut kept[..k]);
-                    },
-                );
-        }
-        // Phase 2: the bit stream, chunk after chunk.
-        let mut writer = BitWriter::new(out);
-        for (c, chunk) in values.chunks(self.chunk).enumerate() {
-            let k = self.spec.kept_in_chunk(chunk.len());
-            let signal_len = if self.kind == Kind::Dct { self.chunk } else { chunk.len() };
-            if self.kind == Kind::Dct {
-                writer.write(chunk_scales[c].to_bits(), 32);
+            values.par_chunks(group_values).zip(streams.par_iter_mut()).for_each_init(
+                || this.scratch(),
+                |scratch, (group, (bytes, bits))| {
+                    bytes.clear();
+                    let mut group_writer = BitWriter::new(bytes);
+                    for chunk in group.chunks(this.chunk) {
+                        this.encode_chunk(chunk, scratch, &mut group_writer);
+                    }
+                    *bits = group_writer.bit_len();
+                    group_writer.finish();
+                },
+            );
+            for (bytes, bits) in &streams[..groups] {
+                writer.append(bytes, *bits);
             }
-            let positions = &all_positions[c * slots..c * slots + k];
-            write_values(&mut writer, self.values, &all_kept[c * slots..c * slots + k], &mut self.magnitude_bits, Some((positions, signal_len, self.kind != Kind::RandomK)));
+            self.group_streams = streams;
         }
         writer.finish();
-        (self.all_positions, self.all_kept, self.chunk_scales) = (all_positions, all_kept, chunk_scales);
     }
 
     fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
@@ -436,5 +507,37 @@ fn read_value(reader: &mut BitReader, coding: ValueCoding, scales: [f32; 2]) -> 
         }
         ValueCoding::Q2 => signed(scales[(code >> 1) as usize & 1]),
         ValueCoding::Sign => signed(scales[0]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_collect_version_finds_the_same_indices() {
+        let mut state = 7u64;
+        let signal: Vec<f32> = (0..4099)
+            .map(|i| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5).powi(3);
+                if i % 97 == 0 { f32::NAN } else if i % 89 == 0 { -0.0 } else { v }
+            })
+            .collect();
+        for bucket in [0u32, 900, 1000, 1010, 1017, 2047] {
+            let mut expected = Vec::new();
+            collect_from_portable(&signal, bucket, &mut expected);
+            let mut found = Vec::new();
+            collect_from(&signal, bucket, &mut found);
+            assert_eq!(found, expected, "bucket {bucket}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2.
+                    unsafe { collect_from_avx2(&signal, bucket, &mut found) };
+                    assert_eq!(found, expected, "avx2, bucket {bucket}");
+                }
+            }
+        }
     }
 }
