@@ -42,6 +42,17 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
     println!("codec: {} (layout version {})", info.spec, lowband_codec::PAYLOAD_VERSION);
     println!("values: {}", info.count);
     println!("payload: {} bytes; formula {} bytes; {:.4} bits per parameter", payload.len(), info.payload_bytes, info.bits_per_param);
+    if let Some(bits) = info.spec.sparse_bits(info.count) {
+        println!(
+            "kept: {} entries, {:.2} bits per kept entry (positions {:.2}, value {:.2}, chunk scales {:.2}, header and padding {:.2})",
+            bits.kept,
+            bits.per_kept_entry(),
+            bits.position_bits as f64 / bits.kept.max(1) as f64,
+            bits.value_bits as f64 / bits.kept.max(1) as f64,
+            bits.scale_bits as f64 / bits.kept.max(1) as f64,
+            (bits.header_bits + bits.padding_bits) as f64 / bits.kept.max(1) as f64
+        );
+    }
     if payload.len() != info.payload_bytes {
         bail!("payload is {} bytes, its header implies {}", payload.len(), info.payload_bytes);
     }

@@ -142,6 +142,10 @@ fn compressed_strategies_write_packets_that_inspect_reads() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(text.contains("kind Update") && text.contains("codec: topk:k=16,chunk=1024,values=q2") && text.contains("checksum ok"), "{text}");
+    // 16 of 1,024 in Elias-Fano: 6 low bits + 1 unary + 15/16 of the upper vector's zeros per
+    // entry, 2-bit values, two f32 scales per chunk (64 / 16 = 4 bits per entry; the last,
+    // partial chunk pays a little more).
+    assert!(text.contains("bits per kept entry (positions 7.94, value 2.00, chunk scales 4.0"), "{text}");
     let mut bytes = std::fs::read(&update).unwrap();
     let last = bytes.len() - 6;
     bytes[last] ^= 0xff;

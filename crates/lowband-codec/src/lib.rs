@@ -23,7 +23,7 @@ mod sparse;
 
 pub use dense::Fp32;
 pub use feedback::ErrorFeedback;
-pub use spec::{CodecSpec, Range, Rounding, ValueCoding};
+pub use spec::{CodecSpec, Range, Rounding, SparseBits, ValueCoding};
 
 /// Version of every payload layout in this crate (the second byte of a payload).
 pub const PAYLOAD_VERSION: u8 = 1;

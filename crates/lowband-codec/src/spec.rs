@@ -215,6 +215,28 @@ impl CodecSpec {
         }
     }
 
+    /// Where a sparse payload's bits go, for `count` values (`None` for dense codecs): what
+    /// `inspect` reports as bits per kept entry. The parts add up to the payload exactly.
+    pub fn sparse_bits(&self, count: usize) -> Option<SparseBits> {
+        let values = match *self {
+            CodecSpec::TopK { values, .. } | CodecSpec::RandomK { values, .. } | CodecSpec::DctTopK { values, .. } => values,
+            _ => return None,
+        };
+        let header_bits = 8 * self.header_bytes();
+        if count == 0 {
+            return Some(SparseBits { kept: 0, position_bits: 0, value_bits: 0, scale_bits: 0, header_bits, padding_bits: 0 });
+        }
+        let chunk = self.chunk();
+        let chunks = count.div_ceil(chunk.min(count));
+        let last = count - (chunks - 1) * chunk;
+        let kept = (chunks - 1) * self.kept_in_chunk(chunk) + self.kept_in_chunk(last);
+        let position_bits = (chunks - 1) * self.index_bits(chunk) + self.index_bits(last);
+        let scale_bits = 32 * self.scales_per_chunk() * chunks;
+        let value_bits = kept * values.bits() as usize;
+        let padding_bits = 8 * self.payload_bytes(count) - header_bits - scale_bits - position_bits - value_bits;
+        Some(SparseBits { kept, position_bits, value_bits, scale_bits, header_bits, padding_bits })
+    }
+
     /// Exact payload size in bytes for `count` values: the formulas of docs/wire-format.md.
     pub fn payload_bytes(&self, count: usize) -> usize {
         let header = self.header_bytes();
@@ -481,5 +503,28 @@ mod tests {
         assert_eq!(CodecSpec::Fp32.payload_bytes(10), 46);
         assert_eq!("int8".parse::<CodecSpec>().unwrap().payload_bytes(4097), 17 + 16 + 4097);
         assert_eq!("fp16:chunk=10".parse::<CodecSpec>().unwrap().payload_bytes(25), 10 + 12 + 50);
+    }
+}
+
+/// A sparse payload's bits by purpose (see [`CodecSpec::sparse_bits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparseBits {
+    /// Entries kept (non-zero or not, each has a position and a value code).
+    pub kept: usize,
+    /// Elias-Fano positions (none for `randomk`: its packet seed gives them).
+    pub position_bits: usize,
+    /// Value codes.
+    pub value_bits: usize,
+    /// Per-chunk f32 scales.
+    pub scale_bits: usize,
+    pub header_bits: usize,
+    /// Zero bits that round the body up to whole bytes (0..8).
+    pub padding_bits: usize,
+}
+
+impl SparseBits {
+    /// Every bit of the payload per kept entry.
+    pub fn per_kept_entry(&self) -> f64 {
+        (self.position_bits + self.value_bits + self.scale_bits + self.header_bits + self.padding_bits) as f64 / self.kept.max(1) as f64
     }
 }

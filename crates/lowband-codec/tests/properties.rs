@@ -55,6 +55,16 @@ fn chunk_of(spec: &CodecSpec, count: usize) -> usize {
     }
 }
 
+/// Entries a sparse chunk of `len` values keeps, as docs/wire-format.md states it: k for a full
+/// chunk (and for every `dct` chunk, which is padded), ⌈k · len / chunk⌉ in [1, len] for the last.
+fn spec_kept(spec: &CodecSpec, len: usize) -> usize {
+    match *spec {
+        CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } if len < chunk as usize => (k as usize * len).div_ceil(chunk as usize).clamp(1, len),
+        CodecSpec::TopK { k, .. } | CodecSpec::RandomK { k, .. } | CodecSpec::DctTopK { k, .. } => k as usize,
+        _ => len,
+    }
+}
+
 fn max_abs(values: &[f32]) -> f32 {
     values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
 }
@@ -127,19 +137,6 @@ fn check_chunk(spec: &CodecSpec, x: &[f32], y: &[f32]) -> Result<(), TestCaseErr
     Ok(())
 }
 
-fn spec_kept(spec: &CodecSpec, len: usize) -> usize {
-    match *spec {
-        CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } => {
-            if len == chunk as usize {
-                k as usize
-            } else {
-                (k as usize * len).div_ceil(chunk as usize).clamp(1, len)
-            }
-        }
-        _ => len,
-    }
-}
-
 const PROPTEST_SEED: u64 = 20_261_125;
 
 /// PROPTEST_RNG_SEED=N or =random overrides the fixed seed.
@@ -167,6 +164,14 @@ proptest! {
         let info = describe(&payload).unwrap();
         prop_assert_eq!(info.count, x.len());
         prop_assert!(info.spec.same_wire_parameters(&spec));
+        if let Some(bits) = spec.sparse_bits(x.len()) {
+            // The breakdown inspect prints adds up to the payload, and pads less than a byte.
+            let parts = bits.header_bits + bits.scale_bits + bits.position_bits + bits.value_bits + bits.padding_bits;
+            prop_assert_eq!(parts, 8 * payload.len());
+            prop_assert!(bits.padding_bits < 8);
+            let kept: usize = x.chunks(chunk_of(&spec, x.len())).map(|c| spec_kept(&spec, c.len())).sum();
+            prop_assert_eq!(bits.kept, kept);
+        }
         let mut y = vec![f32::NAN; x.len()];
         codec.decode(&payload, &mut y).unwrap();
         let chunk = chunk_of(&spec, x.len());
