@@ -129,7 +129,7 @@ pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
 }
 
 fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: usize, params: usize, rounds: usize) -> Result<Cell> {
-    let compression = strategy.compression;
+    let compression = strategy.compression_for(k);
     let outer = strategy.outer.unwrap_or(lowband_protocol::OuterConfig::DILOCO);
     let config = CoordinatorConfig {
         quorum: k,

@@ -47,6 +47,9 @@ pub struct StrategySummary {
     pub validation_windows: usize,
     /// The coordinator's aggregator ("mean" for DDP's all-reduce).
     pub aggregator: String,
+    /// The codecs this run used (the sparse presets' downlink follows K); none for DDP.
+    pub uplink: Option<String>,
+    pub downlink: Option<String>,
     /// Per site: updates accepted, refused, cut hard by the aggregator; exclusion reason.
     pub site_scores: Vec<SiteScoreSummary>,
     /// Over a network: bytes of the sites' training reports (losses, compute seconds), beside
@@ -103,6 +106,8 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 validation_windows: r.validation_windows,
                 telemetry_bytes: r.telemetry_bytes,
                 aggregator: r.aggregator.clone(),
+                uplink: (r.strategy.kind == StrategyKind::Rounds).then(|| r.strategy.compression_for(sites).uplink.to_string()),
+                downlink: (r.strategy.kind == StrategyKind::Rounds).then(|| r.strategy.compression_for(sites).downlink.to_string()),
                 site_scores: r
                     .site_scores
                     .iter()
@@ -179,6 +184,12 @@ fn notes(c: &Comparison) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "- Same corpus, model, seed and tokens for every strategy; validation loss in nats per byte over the whole held-out split.");
     let _ = writeln!(out, "- Shipping the training data itself would cost 8 bits per token (one byte each): strategies above that send more than the data.");
+    for r in c.results.iter().filter(|r| r.strategy.kind == StrategyKind::Rounds) {
+        let codecs = r.strategy.compression_for(c.config.sites);
+        if codecs != lowband_protocol::Compression::default() {
+            let _ = writeln!(out, "- {}: up `{}`, down `{}`.", r.strategy.name(), codecs.uplink, codecs.downlink);
+        }
+    }
     let _ = writeln!(out, "- Emulated time: slowest site's measured compute on this machine + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
     if let Some(floor) = c.floor {
         let best = c.results.iter().map(|r| r.final_val_loss).fold(f64::INFINITY, f64::min);

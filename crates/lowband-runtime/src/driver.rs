@@ -394,7 +394,7 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
     let (config, strategy) = (common.config, common.strategy.clone());
     let n = initial.len();
     let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
-    let compression = strategy.compression;
+    let compression = strategy.compression_for(config.sites);
     // Every site derives the initial parameters from the shared seed: no first broadcast.
     let robustness = strategy.robustness(config.aggregator);
     let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, robustness, ..CoordinatorConfig::new(n, outer) };
@@ -495,7 +495,7 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
     let n = initial.len();
     let parts = fragments(n, streaming.fragments);
     let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
-    let compression = strategy.compression;
+    let compression = strategy.compression_for(config.sites);
     let coordinator_config = CoordinatorConfig {
         quorum: config.sites,
         sites_max: config.sites,

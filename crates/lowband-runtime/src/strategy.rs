@@ -8,8 +8,8 @@
 //! | `fedavg` | fp32 | fp32 parameters | none | mean of the sites (lr 1, no momentum) |
 //! | `diloco-int8` | `int8` (chunk 4096, min/max, nearest) | same, as changes | none | Nesterov |
 //! | `diloco-4bit` | `int4` (chunk 4096, min/max, nearest) | same, as changes | decay 1 | Nesterov |
-//! | `sparseloco` | `topk` 64 of 4096, q2 values | `topk` 256 of 4096, q2, as changes | decay 0.95 | lr 1, no momentum |
-//! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | `dct` 32 of 256, as changes | decay 1 | lr 1, no momentum |
+//! | `sparseloco` | `topk` 64 of 4096, q2 values | `topk` 64·K of 4096, q2, as changes | decay 0.95 | lr 1, no momentum |
+//! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | `dct` 8·K of 256, as changes | decay 1 | lr 1, no momentum |
 //! | `streaming` | `int4` per fragment | same, as changes | decay 1 | Nesterov |
 //!
 //! `streaming` (Streaming DiLoCo) splits the parameters into `fragments` (default 4) contiguous
@@ -18,6 +18,13 @@
 //! while the merge travels: it arrives `overlap` inner steps later (default 5; the link time up to
 //! that much compute is hidden) and is mixed in as θ_f ← mix·θ_f,local + (1 − mix)·θ_f,global
 //! (default mix 0.5). Overrides: `fragments=P;overlap=T;mix=A`.
+//!
+//! The sparse presets' downlink keeps K times the uplink's density (capped at the chunk), for K
+//! sites: the merge of K sparse updates has up to K·k entries per chunk, and re-sparsifying it to
+//! fewer lost quality (docs/results.md, "Where the downlink's bits must go"). That costs about
+//! what relaying the K packets would, less at large K (Elias-Fano positions get cheaper with
+//! density), and keeps the coordinator's error feedback. An explicit `down=` replaces it, and a
+//! `up=` keeps the rule with the new uplink.
 //!
 //! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
 //! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
@@ -47,6 +54,8 @@ pub struct Strategy {
     pub preset: String,
     /// Inner steps per round (1 for DDP).
     pub inner_steps: u64,
+    /// The codecs as written (the sparse presets' downlink for K = 4): a run uses
+    /// [`Strategy::compression_for`] its number of sites.
     pub compression: Compression,
     /// None: DiLoCo's Nesterov with the run's `lr_outer` and `momentum_outer`.
     pub outer: Option<OuterConfig>,
@@ -58,6 +67,9 @@ pub struct Strategy {
     pub norm_ratio_max: Option<Option<f32>>,
     /// The direction check's ratio: None for the aggregator's default, Some(None) for off.
     pub cosine_ratio_min: Option<Option<f32>>,
+    /// The sparse presets: the downlink keeps `sites` times the uplink's density (see
+    /// [`Strategy::compression_for`]); false once `down=` is given.
+    downlink_follows_sites: bool,
     /// The bracketed overrides as written (part of the name).
     overrides: String,
 }
@@ -106,6 +118,7 @@ impl Strategy {
             "diloco-4bit" | "streaming" => (StrategyKind::Rounds, Compression { uplink: int(4), downlink: int(4), feedback_decay: Some(1.0) }, None),
             // The downlink keeps 4x the uplink's density: the merge of K = 4 sparse updates has up
             // to 4k entries, and re-sparsifying it to k lost most of the quality (docs/results.md).
+            // The downlink written here is for K = 4; `compression_for` scales it with K.
             "sparseloco" => {
                 let up = CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 };
                 let down = CodecSpec::TopK { k: 256, chunk: 4096, values: ValueCoding::Q2 };
@@ -123,7 +136,8 @@ impl Strategy {
         }
         let inner_steps = if kind == StrategyKind::Ddp { 1 } else { h.unwrap_or(default_inner_steps) };
         let streaming = (name == "streaming").then_some(Streaming { fragments: 4, overlap_steps: 5, mix: 0.5 });
-        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, aggregator: None, norm_ratio_max: None, cosine_ratio_min: None, overrides: overrides.to_string() };
+        let downlink_follows_sites = matches!(name, "sparseloco" | "demo-dct");
+        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, aggregator: None, norm_ratio_max: None, cosine_ratio_min: None, downlink_follows_sites, overrides: overrides.to_string() };
         strategy.apply_overrides(overrides).map_err(|e| format!("strategy {text:?}: {e}"))?;
         Ok(strategy)
     }
@@ -134,7 +148,10 @@ impl Strategy {
             let number = |v: &str| v.parse::<f32>().map_err(|_| format!("{key}=`{v}` is not a number"));
             match key.trim() {
                 "up" => self.compression.uplink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
-                "down" => self.compression.downlink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
+                "down" => {
+                    self.compression.downlink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?;
+                    self.downlink_follows_sites = false;
+                }
                 "decay" => self.compression.feedback_decay = if value == "none" { None } else { Some(number(value)?) },
                 "lr" => self.outer.get_or_insert(OuterConfig::DILOCO).lr = number(value)?,
                 "momentum" => {
@@ -172,6 +189,22 @@ impl Strategy {
             outer.validate()?;
         }
         self.robustness(AggregatorSpec::Mean).validate()
+    }
+
+    /// The codecs of a run with `sites` sites. The sparse presets' downlink (unless `down=` was
+    /// given) keeps `sites` times the uplink's k per chunk, at most the whole chunk, with the
+    /// uplink's chunk and value coding; everything else is `compression` as written.
+    pub fn compression_for(&self, sites: usize) -> Compression {
+        let mut compression = self.compression;
+        if self.downlink_follows_sites {
+            let times = |k: u32, chunk: u32| (k as u64 * sites.max(1) as u64).min(chunk as u64) as u32;
+            compression.downlink = match compression.uplink {
+                CodecSpec::TopK { k, chunk, values } => CodecSpec::TopK { k: times(k, chunk), chunk, values },
+                CodecSpec::DctTopK { k, chunk, values } => CodecSpec::DctTopK { k: times(k, chunk), chunk, values },
+                other => other,
+            };
+        }
+        compression
     }
 
     /// The coordinator's defences under this strategy, given the run's default aggregator.
@@ -231,6 +264,18 @@ mod tests {
         assert!(Strategy::parse("streaming@8[fragments=4;overlap=2]", 50).is_err(), "overlap must be below H/P");
         assert!(Strategy::parse("diloco[fragments=2]", 50).is_err());
         assert!(Strategy::parse("gossip", 50).unwrap_err().contains("unknown strategy"));
+        // The sparse presets' downlink follows K unless `down=` is given.
+        let preset = Strategy::parse("sparseloco", 50).unwrap();
+        assert_eq!(preset.compression_for(4), preset.compression, "the written preset is K = 4's");
+        assert_eq!(preset.compression_for(8).downlink, CodecSpec::TopK { k: 512, chunk: 4096, values: ValueCoding::Q2 });
+        assert_eq!(preset.compression_for(100).downlink, CodecSpec::TopK { k: 4096, chunk: 4096, values: ValueCoding::Q2 }, "at most the chunk");
+        let up_only = Strategy::parse("sparseloco[up=topk:k=32,chunk=8192,values=q2]", 50).unwrap();
+        assert_eq!(up_only.compression_for(3).downlink, CodecSpec::TopK { k: 96, chunk: 8192, values: ValueCoding::Q2 });
+        assert_eq!(sparse.compression_for(2).downlink, CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 }, "no down= given: follows K and the new uplink");
+        let fixed = Strategy::parse("sparseloco[down=topk:k=128,chunk=4096,values=q2]", 50).unwrap();
+        assert_eq!(fixed.compression_for(8).downlink, CodecSpec::TopK { k: 128, chunk: 4096, values: ValueCoding::Q2 });
+        assert_eq!(Strategy::parse("demo-dct", 50).unwrap().compression_for(2).downlink, CodecSpec::DctTopK { k: 16, chunk: 256, values: ValueCoding::Sign });
+        assert_eq!(Strategy::parse("diloco-int8", 50).unwrap().compression_for(8), Strategy::parse("diloco-int8", 50).unwrap().compression);
         let robust = Strategy::parse("diloco[agg=trimmed-mean:trim=0.2;norm=3]", 50).unwrap();
         assert_eq!(robust.robustness(AggregatorSpec::Mean), Robustness { norm_ratio_max: Some(3.0), ..Robustness::with(AggregatorSpec::TrimmedMean { trim: 0.2 }) });
         assert_eq!(Strategy::parse("diloco[norm=off]", 50).unwrap().robustness(AggregatorSpec::Median).norm_ratio_max, None);

@@ -121,8 +121,9 @@ fn compressed_rounds_send_exactly_their_codec_sizes_and_resume_exactly() {
         let strategy = Strategy::parse(name, c.inner_steps).unwrap();
         let r = go(&c, name, &Persistence::default()).unwrap();
         let n = r.params;
-        let up = 28 + strategy.compression.uplink.payload_bytes(n) as u64;
-        let down = 28 + strategy.compression.downlink.payload_bytes(n) as u64;
+        let compression = strategy.compression_for(c.sites);
+        let up = 28 + compression.uplink.payload_bytes(n) as u64;
+        let down = 28 + compression.downlink.payload_bytes(n) as u64;
         assert_eq!(r.rounds, 3);
         for k in 0..3 {
             assert_eq!(r.ledger.bytes_sent_by(Endpoint::Site(k)), 3 * up, "{name}");

@@ -210,7 +210,7 @@ pub fn serve_site(
         steps: config.steps,
         inner_steps: strategy.inner_steps,
         params: initial.len(),
-        uplink: strategy.compression.uplink,
+        uplink: strategy.compression_for(config.sites).uplink,
         limits: options.limits,
         reconnect_ms: options.reconnect_ms,
         state_dir: options.state_dir,
@@ -223,7 +223,7 @@ pub fn serve_site(
 
 /// Site k as the networked driver runs it (with its fragments when streaming).
 fn network_site(config: &RunConfig, strategy: &Strategy, initial: &[f32], k: usize) -> Result<SiteRuntime, RunError> {
-    let mut site = new_site(config, initial, strategy.compression, k)?;
+    let mut site = new_site(config, initial, strategy.compression_for(config.sites), k)?;
     if let Some(streaming) = strategy.streaming {
         site.site = site.site.with_fragments(crate::driver::fragments(initial.len(), streaming.fragments))?;
     }
@@ -241,7 +241,7 @@ fn coordinator_config(config: &RunConfig, strategy: &Strategy, params: usize, op
         quorum,
         round_deadline_ms: options.round_deadline_ms,
         sites_max: config.sites,
-        compression: strategy.compression,
+        compression: strategy.compression_for(config.sites),
         sites_start_synced: true,
         fragments: strategy.streaming.map(|s| crate::driver::fragments(params, s.fragments)).unwrap_or_default(),
         robustness: strategy.robustness(config.aggregator),
@@ -340,7 +340,7 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, option
     let common = Common::new(config, strategy.clone(), split)?;
     let initial = common.initial_params();
     let n = initial.len();
-    let compression = strategy.compression;
+    let compression = strategy.compression_for(config.sites);
     let coordinator = Coordinator::new(coordinator_config(config, &strategy, n, &options), initial.clone())?;
     let sites: Vec<SiteRuntime> = (0..config.sites).map(|k| network_site(config, &strategy, &initial, k)).collect::<Result<_, _>>()?;
 
