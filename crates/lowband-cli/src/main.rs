@@ -9,6 +9,7 @@ mod engine_cmds;
 mod inspect;
 mod nodes;
 mod plan;
+mod plot_runs;
 mod plots;
 mod report;
 mod robustness;
@@ -70,6 +71,9 @@ enum Command {
     /// Look inside lowband's files.
     #[command(subcommand)]
     Inspect(InspectCommand),
+    /// Loss charts (against tokens and against inter-site bytes) of several run directories
+    /// together: strategies run as separate commands, judged on one chart.
+    Plot(plot_runs::PlotArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -162,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
         Some(Command::Keygen(args)) => keygen(&args),
         Some(Command::Plan(args)) => plan::run(&args),
+        Some(Command::Plot(args)) => plot_runs::run(&args),
         Some(Command::Shape(args)) => shape::run(&args),
         Some(Command::Coordinator(args)) => nodes::coordinator(&args),
         Some(Command::Site(args)) => nodes::site(&args),

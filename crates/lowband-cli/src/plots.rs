@@ -1,4 +1,5 @@
-//! SVG plots of a comparison: validation loss against tokens and against inter-site bytes (log).
+//! SVG plots: validation loss against tokens and against inter-site bytes (log), of one comparison
+//! or of several runs' metrics together (`lowband plot`); robustness, cost and scaling charts.
 
 use std::path::Path;
 
@@ -45,19 +46,29 @@ fn si(value: f64) -> String {
     format!("{}{suffix}", text.trim_end_matches(".0"))
 }
 
-fn loss_range(results: &[RunResult]) -> (f64, f64) {
-    let losses = results.iter().flat_map(|r| eval_points(r).into_iter().map(|p| p.2));
+/// One line of a loss chart: its label and its (tokens, inter-site bytes, validation loss) points.
+pub type LossSeries = (String, Vec<(u64, u64, f64)>);
+
+fn loss_range(series: &[LossSeries]) -> (f64, f64) {
+    let losses = series.iter().flat_map(|s| s.1.iter().map(|p| p.2));
     let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
     if lo.is_finite() { (lo * 0.97, hi * 1.03) } else { (0.0, 1.0) }
 }
 
+/// A comparison's two charts, every strategy on each.
 pub fn loss_curves(results: &[RunResult], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
-    let (lo, hi) = loss_range(results);
-    let max_tokens = results.iter().map(|r| r.tokens).max().unwrap_or(1) as f64;
-    plot(by_tokens, "validation loss vs training tokens", "tokens", 0.0..max_tokens, lo..hi, results, |p| Some((p.0 as f64, p.2)), false)?;
-    let max_bytes = results.iter().map(|r| r.ledger.total_bytes()).max().unwrap_or(1).max(2) as f64;
+    let series: Vec<LossSeries> = results.iter().map(|r| (r.strategy.name(), eval_points(r))).collect();
+    loss_curves_of(&series, by_tokens, by_bytes)
+}
+
+/// Validation loss against tokens, and against inter-site bytes (log scale), one line per series.
+pub fn loss_curves_of(series: &[LossSeries], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
+    let (lo, hi) = loss_range(series);
+    let max_tokens = series.iter().flat_map(|s| s.1.iter().map(|p| p.0)).max().unwrap_or(1).max(1) as f64;
+    plot(by_tokens, "validation loss vs training tokens", "tokens", 0.0..max_tokens, lo..hi, series, |p| Some((p.0 as f64, p.2)), false)?;
+    let max_bytes = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).max().unwrap_or(1).max(2) as f64;
     // Log scale: points before the first byte was sent cannot be drawn.
-    plot(by_bytes, "validation loss vs inter-site bytes (log)", "inter-site bytes", 1e3..max_bytes * 2.0, lo..hi, results, |p| (p.1 >= 1000).then_some((p.1 as f64, p.2)), true)
+    plot(by_bytes, "validation loss vs inter-site bytes (log)", "inter-site bytes", 1e3..max_bytes * 2.0, lo..hi, series, |p| (p.1 >= 1000).then_some((p.1 as f64, p.2)), true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -67,7 +78,7 @@ fn plot(
     x_label: &str,
     x: std::ops::Range<f64>,
     y: std::ops::Range<f64>,
-    results: &[RunResult],
+    series: &[LossSeries],
     point: impl Fn((u64, u64, f64)) -> Option<(f64, f64)>,
     log_x: bool,
 ) -> Result<()> {
@@ -78,17 +89,18 @@ fn plot(
         ($chart:expr) => {{
             let mut chart = $chart;
             chart.configure_mesh().x_desc(x_label).y_desc("validation loss (nats/byte)").x_label_formatter(&|v| si(*v)).draw().map_err(e)?;
-            for (i, r) in results.iter().enumerate() {
+            for (i, (label, points)) in series.iter().enumerate() {
                 let color = COLORS[i % COLORS.len()];
-                let points: Vec<(f64, f64)> = eval_points(r).into_iter().filter_map(&point).collect();
+                let points: Vec<(f64, f64)> = points.iter().copied().filter_map(&point).collect();
                 chart
                     .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
                     .map_err(e)?
-                    .label(r.strategy.name())
+                    .label(label.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
                 chart.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(e)?;
             }
-            chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+            // Loss falls to the right: the upper right corner is where the lines are not.
+            chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
         }};
     }
     if log_x {

@@ -217,3 +217,28 @@ fn cluster_runs_the_round_and_streaming_strategies_over_quic_with_the_same_repor
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--resume is not supported yet"));
 }
+
+/// Strategies run as separate commands go on one chart with `lowband plot`; a strategy in two
+/// runs is told apart by its run; a directory without metrics is a clear error.
+#[test]
+fn plot_puts_several_runs_on_one_chart() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, strategies) in [("first", "ddp,diloco"), ("second", "ddp,sparseloco")] {
+        let mut args = SMALL_RUN.to_vec();
+        args.extend(["--strategies", strategies, "--sites", "2", "--name", name]);
+        let o = lowband(&args, dir.path());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = lowband(&["plot", "runs/first", "runs/second", "--out", "charts"], dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("ddp (first):") && stdout.contains("ddp (second):") && stdout.contains("diloco@4:") && stdout.contains("sparseloco@4:"), "{stdout}");
+    for chart in ["loss_vs_tokens.svg", "loss_vs_bytes.svg"] {
+        let svg = std::fs::read_to_string(dir.path().join("charts").join(chart)).unwrap();
+        assert!(svg.contains("ddp (second)") && svg.contains("sparseloco@4") && svg.contains("diloco@4"), "{chart}");
+    }
+    std::fs::create_dir_all(dir.path().join("empty")).unwrap();
+    let o = lowband(&["plot", "empty", "--out", "charts"], dir.path());
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is it a run directory?"), "{}", String::from_utf8_lossy(&o.stderr));
+}
