@@ -90,7 +90,8 @@ impl Sparse {
     fn encode_chunk(&self, chunk: &[f32], scratch: &mut Scratch, writer: &mut BitWriter) {
         let k = self.spec.kept_in_chunk(chunk.len());
         let signal: &[f32] = match self.kind {
-            // Top-k selects on the chunk itself (no copy).
+            // Top-k selects on the chunk itself (no copy); `randomk` never comes here (its
+            // positions follow one random stream, chunk after chunk: see `encode`).
             Kind::TopK | Kind::RandomK => chunk,
             Kind::Dct => {
                 let m = max_abs(chunk);

@@ -24,7 +24,8 @@
 //! fewer lost quality (docs/results.md, "Where the downlink's bits must go"). That costs about
 //! what relaying the K packets would, less at large K (Elias-Fano positions get cheaper with
 //! density), and keeps the coordinator's error feedback. An explicit `down=` replaces it, and a
-//! `up=` keeps the rule with the new uplink.
+//! `up=` keeps the rule with the new uplink (a `randomk` uplink gets a `topk` downlink of K·k; a
+//! dense uplink, its own codec).
 //!
 //! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
 //! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
@@ -199,9 +200,12 @@ impl Strategy {
         if self.downlink_follows_sites {
             let times = |k: u32, chunk: u32| (k as u64 * sites.max(1) as u64).min(chunk as u64) as u32;
             compression.downlink = match compression.uplink {
-                CodecSpec::TopK { k, chunk, values } => CodecSpec::TopK { k: times(k, chunk), chunk, values },
+                // The merge of K random-k packets (each with its own positions) is sparse with up
+                // to K·k entries at positions the sites do not know: the largest K·k go down.
+                CodecSpec::TopK { k, chunk, values } | CodecSpec::RandomK { k, chunk, values, .. } => CodecSpec::TopK { k: times(k, chunk), chunk, values },
                 CodecSpec::DctTopK { k, chunk, values } => CodecSpec::DctTopK { k: times(k, chunk), chunk, values },
-                other => other,
+                // A dense uplink: its merge is dense, and goes down in the same codec.
+                dense => dense,
             };
         }
         compression
@@ -275,6 +279,9 @@ mod tests {
         let fixed = Strategy::parse("sparseloco[down=topk:k=128,chunk=4096,values=q2]", 50).unwrap();
         assert_eq!(fixed.compression_for(8).downlink, CodecSpec::TopK { k: 128, chunk: 4096, values: ValueCoding::Q2 });
         assert_eq!(Strategy::parse("demo-dct", 50).unwrap().compression_for(2).downlink, CodecSpec::DctTopK { k: 16, chunk: 256, values: ValueCoding::Sign });
+        let random = Strategy::parse("sparseloco[up=randomk:k=64,chunk=4096,values=q2]", 50).unwrap();
+        assert_eq!(random.compression_for(4).downlink, CodecSpec::TopK { k: 256, chunk: 4096, values: ValueCoding::Q2 });
+        assert_eq!(Strategy::parse("sparseloco[up=int8]", 50).unwrap().compression_for(4).downlink, int(8));
         assert_eq!(Strategy::parse("diloco-int8", 50).unwrap().compression_for(8), Strategy::parse("diloco-int8", 50).unwrap().compression);
         let robust = Strategy::parse("diloco[agg=trimmed-mean:trim=0.2;norm=3]", 50).unwrap();
         assert_eq!(robust.robustness(AggregatorSpec::Mean), Robustness { norm_ratio_max: Some(3.0), ..Robustness::with(AggregatorSpec::TrimmedMean { trim: 0.2 }) });
