@@ -85,6 +85,7 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
         .map(|r| {
             let sites = c.config.sites;
             let sent: u64 = (0..sites as u32).map(|k| r.ledger.bytes_sent_by(Endpoint::Site(k))).sum();
+            let codecs = (r.strategy.kind == StrategyKind::Rounds).then(|| r.strategy.compression_for(sites));
             StrategySummary {
                 strategy: r.strategy.name(),
                 inner_steps: r.strategy.inner_steps,
@@ -106,8 +107,8 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 validation_windows: r.validation_windows,
                 telemetry_bytes: r.telemetry_bytes,
                 aggregator: r.aggregator.clone(),
-                uplink: (r.strategy.kind == StrategyKind::Rounds).then(|| r.strategy.compression_for(sites).uplink.to_string()),
-                downlink: (r.strategy.kind == StrategyKind::Rounds).then(|| r.strategy.compression_for(sites).downlink.to_string()),
+                uplink: codecs.map(|c| c.uplink.to_string()),
+                downlink: codecs.map(|c| c.downlink.to_string()),
                 site_scores: r
                     .site_scores
                     .iter()

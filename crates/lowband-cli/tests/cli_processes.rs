@@ -257,16 +257,9 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     // Site 1 saves its own state (optimizer moments, data position) after every update.
     let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "1500", "--state-dir", &format!("site{k}-state")])).collect();
     until_connected(&mut site_processes[1]);
-    wait_for_file(&dir.path().join("site1-state/current.json"), "site 1 saved no state");
-    std::thread::sleep(Duration::from_millis(300));
-    site_processes[1].0.kill().unwrap();
-    let _ = site_processes[1].0.wait();
     // Restarted with the same key and its saved state: it gets the current parameters from the
     // coordinator and trains from there with its own optimizer state.
-    std::thread::sleep(Duration::from_millis(2500));
-    site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
-    let printed = until_connected(&mut site_processes[1]);
-    assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
+    kill_and_resume_site_1(dir.path(), &mut site_processes, &address, Duration::from_millis(300));
     all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
@@ -275,6 +268,20 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     assert_rejoined_and_contributes(dir.path(), 1);
     let loss = strategy["final_val_loss"].as_f64().unwrap();
     assert_close_to_fault_free(loss);
+}
+
+/// Once site 1 (run with `--state-dir site1-state`) has saved its state, and `after` more: `kill -9`
+/// it, and 2.5 s later (past the 1.5 s idle timeout) start it again with `--resume`; it must say
+/// it resumed from its saved state.
+fn kill_and_resume_site_1(dir: &Path, site_processes: &mut [Guard], address: &str, after: Duration) {
+    wait_for_file(&dir.join("site1-state/current.json"), "site 1 saved no state");
+    std::thread::sleep(after);
+    site_processes[1].0.kill().unwrap();
+    let _ = site_processes[1].0.wait();
+    std::thread::sleep(Duration::from_millis(2500));
+    site_processes[1] = start_site(dir, 1, address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
+    let printed = until_connected(&mut site_processes[1]);
+    assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
 }
 
 /// Run `cluster` (3 sites), `kill -9` the coordinator once it has checkpointed a few rounds of
@@ -535,14 +542,7 @@ fn a_streaming_site_killed_mid_run_restarts_and_trains_on() {
     let dir = tempfile::tempdir().unwrap();
     let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &streaming_cluster(), &["--idle-timeout-ms", "1500"], &["--idle-timeout-ms", "1500", "--state-dir", "site{k}-state"]);
     let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
-    wait_for_file(&dir.path().join("site1-state/current.json"), "site 1 saved no state");
-    std::thread::sleep(Duration::from_millis(1000));
-    site_processes[1].0.kill().unwrap();
-    let _ = site_processes[1].0.wait();
-    std::thread::sleep(Duration::from_millis(2500));
-    site_processes[1] = start_site(dir.path(), 1, &address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
-    let printed = until_connected(&mut site_processes[1]);
-    assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
+    kill_and_resume_site_1(dir.path(), &mut site_processes, &address, Duration::from_millis(1000));
     all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
     let strategy = summary(dir.path());
     let memory = streaming_in_memory(dir.path());
