@@ -57,6 +57,11 @@ pub struct CompareArgs {
     /// Size of the generated corpus when no corpus is given.
     #[arg(long, default_value_t = 8 << 20)]
     pub corpus_bytes: usize,
+    /// Choose settings without touching the validation split: set it aside and hold out the
+    /// last part (the same fraction) of the training split instead. For screening candidates,
+    /// never for the figures a benchmark reports.
+    #[arg(long)]
+    pub tuning: bool,
     /// Directory that holds run directories.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
@@ -202,7 +207,7 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         bail!("cluster: --resume is not supported yet (use `lowband coordinator --resume` and `lowband site --state-dir ... --resume`)");
     }
     let model = lowband_engine::preset(&config.preset)?.model;
-    let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes)?;
+    let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes, args.tuning.then_some(config.validation_fraction))?;
     let split = Split::new(&bytes, config.validation_fraction, config.sites, config.shard, model.context_length)?;
     let name = args.name.clone().unwrap_or_else(|| format!("{}-k{}-{}steps-seed{}", config.preset, config.sites, config.steps, config.seed));
     let run_dir = args.runs_dir.join(&name);
@@ -219,7 +224,7 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     let mut results: Vec<RunResult> = Vec::new();
     for strategy in &strategies {
         let networked = driver != Driver::Memory && strategy.kind == lowband_runtime::StrategyKind::Rounds;
-        let launch = (driver == Driver::Processes).then(|| SiteLaunch { corpus: corpus.clone(), corpus_bytes: args.corpus_bytes, dir: run_dir.join("nodes") });
+        let launch = (driver == Driver::Processes).then(|| SiteLaunch { corpus: corpus.clone(), corpus_bytes: args.corpus_bytes, tuning: args.tuning, dir: run_dir.join("nodes") });
         results.push(if networked { run_networked(&config, strategy.clone(), &split, launch)? } else { run_one(&config, strategy.clone(), &split, &persistence, tokens)? });
     }
     match driver {
@@ -236,6 +241,8 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
 struct SiteLaunch {
     corpus: Option<PathBuf>,
     corpus_bytes: usize,
+    /// `--tuning`: the sites set the validation split aside too.
+    tuning: bool,
     /// Keys, cluster files and site logs.
     dir: PathBuf,
 }
@@ -279,6 +286,9 @@ fn run_site_processes(config: &RunConfig, strategy: Strategy, split: &Split, lau
         file.insert("corpus".into(), absolute.display().to_string().into());
     }
     file.insert("corpus_bytes".into(), (launch.corpus_bytes as i64).into());
+    if launch.tuning {
+        file.insert("tuning".into(), true.into());
+    }
     file.insert("run".into(), toml::Value::try_from(config)?);
     let cluster_file = dir.join("cluster.toml");
     lowband_engine::checkpoint::write_atomic(&cluster_file, toml::to_string(&file)?.as_bytes())?;

@@ -7,6 +7,7 @@
 //! sites = ["<hex>", "<hex>"]      # site k is the k-th key; only these keys get in
 //! corpus = "kjv.txt"              # optional (default: the generated synthetic language)
 //! corpus_bytes = 8388608          # size of the generated corpus
+//! tuning = false                  # true: set the validation split aside (compare --tuning)
 //! [run]                           # any RunConfig field (sites = the number of keys)
 //! preset = "tiny"
 //! steps = 200
@@ -38,6 +39,8 @@ struct ClusterFile {
     #[serde(default = "default_corpus_bytes")]
     corpus_bytes: usize,
     #[serde(default)]
+    tuning: bool,
+    #[serde(default)]
     run: Option<RunConfig>,
 }
 
@@ -53,6 +56,7 @@ struct Cluster {
     sites: Vec<PublicKey>,
     corpus: Option<PathBuf>,
     corpus_bytes: usize,
+    tuning: bool,
 }
 
 fn read_cluster(path: &Path) -> Result<Cluster> {
@@ -67,12 +71,12 @@ fn read_cluster(path: &Path) -> Result<Cluster> {
     config.sites = sites.len();
     config.validate().map_err(|(field, reason)| anyhow::anyhow!("{}: run.{field}: {reason}", path.display()))?;
     let strategy = Strategy::parse(&file.strategy, config.inner_steps).map_err(|e| anyhow::anyhow!("{}: strategy: {e}", path.display()))?;
-    Ok(Cluster { config, strategy, coordinator, sites, corpus: file.corpus, corpus_bytes: file.corpus_bytes })
+    Ok(Cluster { config, strategy, coordinator, sites, corpus: file.corpus, corpus_bytes: file.corpus_bytes, tuning: file.tuning })
 }
 
 fn split_of(cluster: &Cluster) -> Result<(Split, String, Option<f64>)> {
     let model = lowband_engine::preset(&cluster.config.preset)?.model;
-    let (bytes, source, floor) = load_corpus(cluster.corpus.as_ref(), cluster.corpus_bytes)?;
+    let (bytes, source, floor) = load_corpus(cluster.corpus.as_ref(), cluster.corpus_bytes, cluster.tuning.then_some(cluster.config.validation_fraction))?;
     let split = Split::new(&bytes, cluster.config.validation_fraction, cluster.config.sites, cluster.config.shard, model.context_length)?;
     Ok((split, source, floor))
 }

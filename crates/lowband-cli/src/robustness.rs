@@ -100,7 +100,7 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
         Err(_) => Vec::new(),
     };
     let model = lowband_engine::preset(&args.preset)?.model;
-    let (bytes, source, _) = load_corpus(args.corpus.as_ref(), args.corpus_bytes)?;
+    let (bytes, source, _) = load_corpus(args.corpus.as_ref(), args.corpus_bytes, None)?;
     let total = strategies.len() * settings.len() * attacks.len() * aggregators.len();
     println!("lowband bench robustness: {total} runs ({} strategies x {} settings x {} attacks x {} aggregators), preset {}, {} tokens each, corpus {source}",
         strategies.len(), settings.len(), attacks.len(), aggregators.len(), args.preset, args.tokens);

@@ -21,7 +21,21 @@ pub struct TrainArgs {
 }
 
 /// The corpus to use and, for the generated one, its entropy rate in nats per byte.
-pub fn load_corpus(path: Option<&PathBuf>, generated_bytes: usize) -> Result<(Vec<u8>, String, Option<f64>)> {
+pub fn load_corpus(path: Option<&PathBuf>, generated_bytes: usize, tuning: Option<f64>) -> Result<(Vec<u8>, String, Option<f64>)> {
+    let (mut bytes, source, floor) = read_or_generate(path, generated_bytes)?;
+    match tuning {
+        None => Ok((bytes, source, floor)),
+        // `--tuning`: only the training split is read on (its own last part is held out).
+        Some(validation_fraction) => {
+            let total = bytes.len();
+            bytes.truncate(Split::train_len(total, validation_fraction));
+            let note = format!("{source}, its training split only ({} of {total} bytes: --tuning sets the validation split aside)", bytes.len());
+            Ok((bytes, note, floor))
+        }
+    }
+}
+
+fn read_or_generate(path: Option<&PathBuf>, generated_bytes: usize) -> Result<(Vec<u8>, String, Option<f64>)> {
     match path {
         Some(path) => {
             let corpus = read_corpus(path)?;

@@ -74,6 +74,25 @@ fn a_compare_stopped_midway_resumes_to_the_uninterrupted_result() {
 }
 
 #[test]
+fn tuning_holds_out_the_end_of_the_training_split_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend(["--strategies", "diloco", "--sites", "2", "--name", "t", "--json", "out.json"]);
+    let plain = lowband(&args, dir.path());
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("57000 bytes train, 3000 held out"));
+    args.push("--tuning");
+    let tuning = lowband(&args, dir.path());
+    assert!(tuning.status.success(), "{}", String::from_utf8_lossy(&tuning.stderr));
+    // 60,000 bytes: the validation split (the last 3,000) is set aside, and the run holds out
+    // the last 5% of the 57,000 training bytes instead.
+    let stdout = String::from_utf8_lossy(&tuning.stdout);
+    assert!(stdout.contains("54150 bytes train, 2850 held out"), "{stdout}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    assert!(summary["corpus"].as_str().unwrap().contains("--tuning sets the validation split aside"), "{summary}");
+}
+
+#[test]
 fn bad_settings_are_one_clear_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("short.txt"), "only a few bytes").unwrap();

@@ -100,6 +100,13 @@ pub struct Split {
 }
 
 impl Split {
+    /// How many of `len` bytes train: the first `1 − validation_fraction` (the rest validate).
+    /// Tuning runs keep only these bytes, so that their own held-out part comes from training
+    /// text and the validation split stays untouched.
+    pub fn train_len(len: usize, validation_fraction: f64) -> usize {
+        (len as f64 * (1.0 - validation_fraction)) as usize
+    }
+
     /// The first `1 − validation_fraction` of the bytes train, the rest validate (as the
     /// reference: 95% / 5%); the train part is cut into `sites` shards. Every shard and the
     /// validation part must hold at least one window of `context + 1` bytes.
@@ -110,8 +117,7 @@ impl Split {
         if !(validation_fraction > 0.0 && validation_fraction < 1.0) {
             return Err(DataError::Invalid { field: "validation_fraction", reason: "must be in (0, 1)".into() });
         }
-        let cut = (bytes.len() as f64 * (1.0 - validation_fraction)) as usize;
-        let (train, validation) = bytes.split_at(cut);
+        let (train, validation) = bytes.split_at(Split::train_len(bytes.len(), validation_fraction));
         let window = context + 1;
         if validation.len() < window {
             return Err(DataError::TooShort {
@@ -141,7 +147,7 @@ impl Split {
                 reason: format!("needs at least one window of {window} bytes; use fewer sites or a longer corpus"),
             });
         }
-        Ok(Split { shards, validation: validation.to_vec(), train_bytes: cut })
+        Ok(Split { shards, validation: validation.to_vec(), train_bytes: train.len() })
     }
 
     /// Non-overlapping windows of the validation split: (inputs, targets) of `count` x `context`,
@@ -222,6 +228,19 @@ mod tests {
         }
         let non_iid = Split::new(&bytes, 0.05, 4, ShardMode::NonIid, 16).unwrap();
         assert_eq!(non_iid.shards[1], bytes[47_500..95_000]);
+    }
+
+    #[test]
+    fn a_tuning_split_never_sees_the_validation_bytes() {
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let full = Split::new(&bytes, 0.05, 4, ShardMode::NonIid, 16).unwrap();
+        let training = &bytes[..Split::train_len(bytes.len(), 0.05)];
+        assert_eq!(training.len(), full.train_bytes);
+        let tuning = Split::new(training, 0.05, 4, ShardMode::NonIid, 16).unwrap();
+        // Its held-out part is the end of the training split, its shards come before it.
+        assert_eq!(tuning.validation, bytes[180_500..190_000]);
+        assert_eq!(tuning.train_bytes, 180_500);
+        assert_eq!(tuning.shards[3], bytes[135_375..180_500]);
     }
 
     #[test]
