@@ -209,7 +209,9 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     let model = lowband_engine::preset(&config.preset)?.model;
     let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes, args.tuning.then_some(config.validation_fraction))?;
     let split = Split::new(&bytes, config.validation_fraction, config.sites, config.shard, model.context_length)?;
-    let name = args.name.clone().unwrap_or_else(|| format!("{}-k{}-{}steps-seed{}", config.preset, config.sites, config.steps, config.seed));
+    // A tuning run gets its own default directory, so that it never resumes (or is resumed by)
+    // the run on the full corpus.
+    let name = args.name.clone().unwrap_or_else(|| format!("{}-k{}-{}steps-seed{}{}", config.preset, config.sites, config.steps, config.seed, if args.tuning { "-tuning" } else { "" }));
     let run_dir = args.runs_dir.join(&name);
     let state_dir = run_dir.join("state");
     if !args.resume && state_dir.exists() {

@@ -77,13 +77,15 @@ fn a_compare_stopped_midway_resumes_to_the_uninterrupted_result() {
 fn tuning_holds_out_the_end_of_the_training_split_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = SMALL_RUN.to_vec();
-    args.extend(["--strategies", "diloco", "--sites", "2", "--name", "t", "--json", "out.json"]);
+    args.extend(["--strategies", "diloco", "--sites", "2", "--json", "out.json"]);
     let plain = lowband(&args, dir.path());
     assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
     assert!(String::from_utf8_lossy(&plain.stdout).contains("57000 bytes train, 3000 held out"));
     args.push("--tuning");
     let tuning = lowband(&args, dir.path());
     assert!(tuning.status.success(), "{}", String::from_utf8_lossy(&tuning.stderr));
+    // Its own run directory by default, so neither run can resume the other.
+    assert!(dir.path().join("runs/tiny-k2-12steps-seed0").is_dir() && dir.path().join("runs/tiny-k2-12steps-seed0-tuning").is_dir());
     // 60,000 bytes: the validation split (the last 3,000) is set aside, and the run holds out
     // the last 5% of the 57,000 training bytes instead.
     let stdout = String::from_utf8_lossy(&tuning.stdout);
