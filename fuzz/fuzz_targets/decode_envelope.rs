@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = TrainingReport::decode(data, 64);
-    let compression = Compression { uplink: "topk:k=4,chunk=64".parse().unwrap(), downlink: "topk:k=4,chunk=64".parse().unwrap(), feedback_decay: Some(1.0) };
+    let compression = Compression {
+        uplink: "topk:k=4,chunk=64".parse().unwrap(),
+        downlink: "topk:k=4,chunk=64".parse().unwrap(),
+        feedback_decay: Some(1.0),
+    };
     let mut site = Site::with_initial(0, vec![0.0; 300], compression).expect("valid");
     let _ = site.handle(SiteEvent::PacketArrived(data));
 });

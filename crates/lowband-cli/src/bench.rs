@@ -61,7 +61,9 @@ pub fn run(args: &EngineBenchArgs) -> Result<()> {
     let mut state = args.seed ^ 0x2545F4914F6CDD1D;
     let tokens: Vec<u32> = (0..batch * (t + 1))
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % p.model.vocab_size as u64) as u32
         })
         .collect();
@@ -70,7 +72,12 @@ pub fn run(args: &EngineBenchArgs) -> Result<()> {
         inputs.extend_from_slice(&row[..t]);
         targets.extend_from_slice(&row[1..]);
     }
-    let batch_ref = Batch { inputs: &inputs, targets: &targets, batch_size: batch, seq_len: t };
+    let batch_ref = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        batch_size: batch,
+        seq_len: t,
+    };
     for _ in 0..args.warmup {
         trainer.step(&batch_ref, 1e-4)?;
     }
@@ -121,18 +128,31 @@ pub fn run(args: &EngineBenchArgs) -> Result<()> {
 }
 
 fn print_text(r: &EngineBenchReport) {
-    println!("engine benchmark: preset {} ({} params), batch {} x {} tokens, {} threads, {} steps", r.preset, r.params, r.batch, r.seq_len, r.threads, r.steps);
-    println!("  ms/step          {:>10.1}  (min {:.1}; forward+backward {:.1}, optimizer {:.1})", r.ms_per_step, r.ms_per_step_min, r.forward_backward_ms, r.optimizer_ms);
+    println!(
+        "engine benchmark: preset {} ({} params), batch {} x {} tokens, {} threads, {} steps",
+        r.preset, r.params, r.batch, r.seq_len, r.threads, r.steps
+    );
+    println!(
+        "  ms/step          {:>10.1}  (min {:.1}; forward+backward {:.1}, optimizer {:.1})",
+        r.ms_per_step, r.ms_per_step_min, r.forward_backward_ms, r.optimizer_ms
+    );
     println!("  tokens/s         {:>10.0}", r.tokens_per_s);
     println!("  GFLOP/s          {:>10.1}", r.gflops);
     match (r.cpu_peak_gflops, r.peak_fraction) {
-        (Some(peak), Some(fraction)) => println!("  fp32 peak        {:>10.1}  GFLOP/s ({:.0}% used)", peak, fraction * 100.0),
+        (Some(peak), Some(fraction)) => println!(
+            "  fp32 peak        {:>10.1}  GFLOP/s ({:.0}% used)",
+            peak,
+            fraction * 100.0
+        ),
         _ => println!("  fp32 peak        unknown on this CPU"),
     }
     if let Some(rss) = r.peak_rss_mib {
         println!("  peak RSS         {:>10.1}  MiB", rss);
     }
-    println!("  allocations/step {:>10.1}  (after warm-up)", r.allocations_per_step);
+    println!(
+        "  allocations/step {:>10.1}  (after warm-up)",
+        r.allocations_per_step
+    );
 }
 
 /// fp32 peak of the cores in use: threads x clock x FLOPs per cycle, where FLOPs per cycle are
@@ -140,7 +160,14 @@ fn print_text(r: &EngineBenchReport) {
 /// The clock is /proc/cpuinfo's current MHz, so boost can make the fraction read high.
 fn cpu_peak_gflops() -> Option<f64> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
     let flags = info.lines().find(|l| l.starts_with("flags"))?;
     let per_cycle = if flags.contains(" avx512f") {
         64.0
@@ -155,6 +182,12 @@ fn cpu_peak_gflops() -> Option<f64> {
 /// Peak resident set size of this process (Linux: VmHWM).
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kib / 1024.0)
 }

@@ -86,14 +86,27 @@ struct FileSettings {
 }
 
 fn read_config(path: &Path) -> Result<FileSettings> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut table: toml::Table = text.parse().with_context(|| format!("{}: not valid TOML", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}: not valid TOML", path.display()))?;
     let strategies = match table.remove("strategies") {
         None => None,
         Some(toml::Value::Array(items)) => Some(
-            items.into_iter().map(|v| v.as_str().map(str::to_owned).context("strategies: every entry must be a string")).collect::<Result<_>>()?,
+            items
+                .into_iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .context("strategies: every entry must be a string")
+                })
+                .collect::<Result<_>>()?,
         ),
-        Some(_) => bail!("{}: strategies: must be an array of strings", path.display()),
+        Some(_) => bail!(
+            "{}: strategies: must be an array of strings",
+            path.display()
+        ),
     };
     let corpus = match table.remove("corpus") {
         None => None,
@@ -102,18 +115,33 @@ fn read_config(path: &Path) -> Result<FileSettings> {
     };
     // The rest is a RunConfig. Deserialize it from text (the table written back without the two
     // keys above) so that an error carries a span, from which the field is named.
-    let rest = toml::to_string(&table).with_context(|| format!("{}: re-reading the settings", path.display()))?;
+    let rest = toml::to_string(&table)
+        .with_context(|| format!("{}: re-reading the settings", path.display()))?;
     let run: RunConfig = toml::from_str(&rest).map_err(|e| field_error(path, &rest, &e))?;
-    Ok(FileSettings { run, strategies, corpus })
+    Ok(FileSettings {
+        run,
+        strategies,
+        corpus,
+    })
 }
 
 /// One line naming the field: "FILE: optimizer.lr: invalid type: ...".
 fn field_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error {
     let message = error.message().trim();
-    let Some(span) = error.span() else { return anyhow::anyhow!("{}: {message}", path.display()) };
+    let Some(span) = error.span() else {
+        return anyhow::anyhow!("{}: {message}", path.display());
+    };
     let before = &text[..span.start.min(text.len())];
-    let line = text[before.rfind('\n').map_or(0, |i| i + 1)..].lines().next().unwrap_or("");
-    let table = before.lines().rev().map(str::trim).find(|l| l.starts_with('[')).map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
+    let line = text[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .lines()
+        .next()
+        .unwrap_or("");
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
     let key = line.split('=').next().unwrap_or("").trim();
     let field = match (table, key.is_empty()) {
         (Some(t), false) => format!("{t}.{key}: "),
@@ -127,7 +155,11 @@ fn field_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Erro
 fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<PathBuf>)> {
     let file = match &args.config {
         Some(path) => read_config(path)?,
-        None => FileSettings { run: RunConfig::default(), strategies: None, corpus: None },
+        None => FileSettings {
+            run: RunConfig::default(),
+            strategies: None,
+            corpus: None,
+        },
     };
     let mut config = file.run;
     if let Some(v) = &args.preset {
@@ -154,7 +186,9 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
     if !args.attacks.is_empty() {
         config.attacks = args.attacks.clone();
     }
-    config.validate().map_err(|(field, reason)| anyhow::anyhow!("{field}: {reason}"))?;
+    config
+        .validate()
+        .map_err(|(field, reason)| anyhow::anyhow!("{field}: {reason}"))?;
     if let Some(tokens) = args.tokens {
         let context = lowband_engine::preset(&config.preset)?.model.context_length as u64;
         let per_step = config.sites as u64 * config.site_batch as u64 * context;
@@ -163,11 +197,22 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
         }
         config.steps = tokens / per_step;
     }
-    let names = args.strategies.clone().map(|l| l.0).or(file.strategies).unwrap_or_else(|| vec!["ddp".into(), "diloco".into()]);
+    let names = args
+        .strategies
+        .clone()
+        .map(|l| l.0)
+        .or(file.strategies)
+        .unwrap_or_else(|| vec!["ddp".into(), "diloco".into()]);
     if names.is_empty() {
         bail!("--strategies: name at least one strategy");
     }
-    let strategies = names.iter().map(|n| Strategy::parse(n.trim(), config.inner_steps).map_err(|e| anyhow::anyhow!("--strategies: {e}"))).collect::<Result<Vec<_>>>()?;
+    let strategies = names
+        .iter()
+        .map(|n| {
+            Strategy::parse(n.trim(), config.inner_steps)
+                .map_err(|e| anyhow::anyhow!("--strategies: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok((config, strategies, args.corpus.clone().or(file.corpus)))
 }
 
@@ -207,36 +252,84 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         bail!("cluster: --resume is not supported yet (use `lowband coordinator --resume` and `lowband site --state-dir ... --resume`)");
     }
     let model = lowband_engine::preset(&config.preset)?.model;
-    let (bytes, source, floor) = load_corpus(corpus.as_ref(), args.corpus_bytes, args.tuning.then_some(config.validation_fraction))?;
-    let split = Split::new(&bytes, config.validation_fraction, config.sites, config.shard, model.context_length)?;
+    let (bytes, source, floor) = load_corpus(
+        corpus.as_ref(),
+        args.corpus_bytes,
+        args.tuning.then_some(config.validation_fraction),
+    )?;
+    let split = Split::new(
+        &bytes,
+        config.validation_fraction,
+        config.sites,
+        config.shard,
+        model.context_length,
+    )?;
     // A tuning run gets its own default directory, so that it never resumes (or is resumed by)
     // the run on the full corpus.
-    let name = args.name.clone().unwrap_or_else(|| format!("{}-k{}-{}steps-seed{}{}", config.preset, config.sites, config.steps, config.seed, if args.tuning { "-tuning" } else { "" }));
+    let name = args.name.clone().unwrap_or_else(|| {
+        format!(
+            "{}-k{}-{}steps-seed{}{}",
+            config.preset,
+            config.sites,
+            config.steps,
+            config.seed,
+            if args.tuning { "-tuning" } else { "" }
+        )
+    });
     let run_dir = args.runs_dir.join(&name);
     let state_dir = run_dir.join("state");
     if !args.resume && state_dir.exists() {
-        std::fs::remove_dir_all(&state_dir).with_context(|| format!("clearing {}", state_dir.display()))?;
+        std::fs::remove_dir_all(&state_dir)
+            .with_context(|| format!("clearing {}", state_dir.display()))?;
     }
     let tokens = config.steps * (config.sites * config.site_batch * model.context_length) as u64;
     println!("lowband: {} on {} sites, preset {} ({} params), {} tokens each ({} steps x {} sites x {} x {} bytes)",
         strategies.iter().map(|s| s.name()).collect::<Vec<_>>().join(" vs "), config.sites, config.preset, model.parameter_count(),
         tokens, config.steps, config.sites, config.site_batch, model.context_length);
-    println!("corpus: {source}: {} bytes train, {} held out for validation", split.train_bytes, split.validation.len());
-    let persistence = Persistence { state_dir: Some(state_dir), stop_after_rounds: args.stop_after_rounds };
+    println!(
+        "corpus: {source}: {} bytes train, {} held out for validation",
+        split.train_bytes,
+        split.validation.len()
+    );
+    let persistence = Persistence {
+        state_dir: Some(state_dir),
+        stop_after_rounds: args.stop_after_rounds,
+    };
     let mut results: Vec<RunResult> = Vec::new();
     for strategy in &strategies {
-        let networked = driver != Driver::Memory && strategy.kind == lowband_runtime::StrategyKind::Rounds;
-        let launch = (driver == Driver::Processes).then(|| SiteLaunch { corpus: corpus.clone(), corpus_bytes: args.corpus_bytes, tuning: args.tuning, dir: run_dir.join("nodes") });
-        results.push(if networked { run_networked(&config, strategy.clone(), &split, launch)? } else { run_one(&config, strategy.clone(), &split, &persistence, tokens)? });
+        let networked =
+            driver != Driver::Memory && strategy.kind == lowband_runtime::StrategyKind::Rounds;
+        let launch = (driver == Driver::Processes).then(|| SiteLaunch {
+            corpus: corpus.clone(),
+            corpus_bytes: args.corpus_bytes,
+            tuning: args.tuning,
+            dir: run_dir.join("nodes"),
+        });
+        results.push(if networked {
+            run_networked(&config, strategy.clone(), &split, launch)?
+        } else {
+            run_one(&config, strategy.clone(), &split, &persistence, tokens)?
+        });
     }
     match driver {
         Driver::Loopback => println!("\ncluster: the round and streaming strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
         Driver::Processes => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.join("nodes").display()),
         Driver::Memory => {}
     }
-    let comparison = Comparison { config: &config, results: &results, corpus: &source, floor, name: &name };
+    let comparison = Comparison {
+        config: &config,
+        results: &results,
+        corpus: &source,
+        floor,
+        name: &name,
+    };
     report::write_all(&comparison, &run_dir, args.json.as_deref())?;
-    Ok(Outcome { config, results, split, run_dir })
+    Ok(Outcome {
+        config,
+        results,
+        split,
+        run_dir,
+    })
 }
 
 /// Where `lowband site` processes find what they need.
@@ -249,16 +342,32 @@ struct SiteLaunch {
     dir: PathBuf,
 }
 
-fn run_networked(config: &RunConfig, strategy: Strategy, split: &Split, launch: Option<SiteLaunch>) -> Result<RunResult> {
-    let spinner = ProgressBar::new_spinner().with_message(format!("{} over QUIC on loopback", strategy.name()));
+fn run_networked(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    launch: Option<SiteLaunch>,
+) -> Result<RunResult> {
+    let spinner = ProgressBar::new_spinner()
+        .with_message(format!("{} over QUIC on loopback", strategy.name()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     let result = match launch {
-        None => lowband_runtime::network::run_over_loopback(config, strategy, split, lowband_net::Limits::default()).map_err(anyhow::Error::from),
+        None => lowband_runtime::network::run_over_loopback(
+            config,
+            strategy,
+            split,
+            lowband_net::Limits::default(),
+        )
+        .map_err(anyhow::Error::from),
         Some(launch) => run_site_processes(config, strategy, split, &launch),
     };
     match result {
         Ok(r) => {
-            spinner.finish_with_message(format!("{:<11} over QUIC: val loss {:.4}", r.strategy.name(), r.final_val_loss));
+            spinner.finish_with_message(format!(
+                "{:<11} over QUIC: val loss {:.4}",
+                r.strategy.name(),
+                r.final_val_loss
+            ));
             Ok(r)
         }
         Err(e) => {
@@ -269,7 +378,12 @@ fn run_networked(config: &RunConfig, strategy: Strategy, split: &Split, launch: 
 }
 
 /// This process coordinates; K `lowband site` processes train, each with its own key.
-fn run_site_processes(config: &RunConfig, strategy: Strategy, split: &Split, launch: &SiteLaunch) -> Result<RunResult> {
+fn run_site_processes(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    launch: &SiteLaunch,
+) -> Result<RunResult> {
     let dir = launch.dir.join(strategy.dir_name());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let coordinator = std::sync::Arc::new(lowband_net::Identity::generate()?);
@@ -281,10 +395,17 @@ fn run_site_processes(config: &RunConfig, strategy: Strategy, split: &Split, lau
     }
     let mut file = toml::Table::new();
     file.insert("strategy".into(), strategy.name().into());
-    file.insert("coordinator".into(), coordinator.public_key().to_string().into());
-    file.insert("sites".into(), toml::Value::Array(site_keys.iter().map(|k| k.to_string().into()).collect()));
+    file.insert(
+        "coordinator".into(),
+        coordinator.public_key().to_string().into(),
+    );
+    file.insert(
+        "sites".into(),
+        toml::Value::Array(site_keys.iter().map(|k| k.to_string().into()).collect()),
+    );
     if let Some(corpus) = &launch.corpus {
-        let absolute = std::fs::canonicalize(corpus).with_context(|| format!("{}", corpus.display()))?;
+        let absolute =
+            std::fs::canonicalize(corpus).with_context(|| format!("{}", corpus.display()))?;
         file.insert("corpus".into(), absolute.display().to_string().into());
     }
     file.insert("corpus_bytes".into(), (launch.corpus_bytes as i64).into());
@@ -296,23 +417,40 @@ fn run_site_processes(config: &RunConfig, strategy: Strategy, split: &Split, lau
     lowband_engine::checkpoint::write_atomic(&cluster_file, toml::to_string(&file)?.as_bytes())?;
     let executable = std::env::current_exe().context("finding the lowband executable")?;
     let mut children = Vec::new();
-    let result = lowband_runtime::network::serve_coordinator(config, strategy, split, coordinator, site_keys, "127.0.0.1:0".parse()?, lowband_runtime::network::NetworkOptions::new(lowband_net::Limits::default()), |address| {
-        for k in 0..config.sites {
-            let log = std::fs::File::create(dir.join(format!("site{k}.log"))).map_err(|e| lowband_runtime::RunError::Io { path: dir.join(format!("site{k}.log")), source: e })?;
-            let child = std::process::Command::new(&executable)
-                .args(["site", "--config"])
-                .arg(&cluster_file)
-                .arg("--key")
-                .arg(dir.join(format!("site{k}.key")))
-                .args(["--join", &address.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .map_err(|e| lowband_runtime::RunError::Io { path: executable.clone(), source: e })?;
-            children.push(child);
-        }
-        Ok(())
-    });
+    let result = lowband_runtime::network::serve_coordinator(
+        config,
+        strategy,
+        split,
+        coordinator,
+        site_keys,
+        "127.0.0.1:0".parse()?,
+        lowband_runtime::network::NetworkOptions::new(lowband_net::Limits::default()),
+        |address| {
+            for k in 0..config.sites {
+                let log = std::fs::File::create(dir.join(format!("site{k}.log"))).map_err(|e| {
+                    lowband_runtime::RunError::Io {
+                        path: dir.join(format!("site{k}.log")),
+                        source: e,
+                    }
+                })?;
+                let child = std::process::Command::new(&executable)
+                    .args(["site", "--config"])
+                    .arg(&cluster_file)
+                    .arg("--key")
+                    .arg(dir.join(format!("site{k}.key")))
+                    .args(["--join", &address.to_string()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .map_err(|e| lowband_runtime::RunError::Io {
+                        path: executable.clone(),
+                        source: e,
+                    })?;
+                children.push(child);
+            }
+            Ok(())
+        },
+    );
     let mut failed = Vec::new();
     for (k, mut child) in children.into_iter().enumerate() {
         if result.is_err() {
@@ -329,16 +467,32 @@ fn run_site_processes(config: &RunConfig, strategy: Strategy, split: &Split, lau
     Ok(result)
 }
 
-fn run_one(config: &RunConfig, strategy: Strategy, split: &Split, persistence: &Persistence, tokens: u64) -> Result<RunResult> {
+fn run_one(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    persistence: &Persistence,
+    tokens: u64,
+) -> Result<RunResult> {
     if let Some(saved) = lowband_runtime::state::load(persistence, &strategy)? {
-        println!("resuming {} from its saved state at step {}", strategy.name(), saved.step);
+        println!(
+            "resuming {} from its saved state at step {}",
+            strategy.name(),
+            saved.step
+        );
     }
     let bar = ProgressBar::new(tokens).with_style(
-        ProgressStyle::with_template(&format!("{:<11} {{bar:28}} {{percent:>3}}%  {{rate:>14}}  ETA {{eta:>4}}  {{msg}}", strategy.name()))?
-            .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        ProgressStyle::with_template(&format!(
+            "{:<11} {{bar:28}} {{percent:>3}}%  {{rate:>14}}  ETA {{eta:>4}}  {{msg}}",
+            strategy.name()
+        ))?
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
                 let _ = write!(w, "{:.1}k tokens/s", state.per_sec() / 1e3);
-            })
-            .progress_chars("█▉▊▋▌▍▎▏ "),
+            },
+        )
+        .progress_chars("█▉▊▋▌▍▎▏ "),
     );
     bar.set_message("starting");
     let result = run(config, strategy.clone(), split, persistence, &mut |p| {
@@ -391,5 +545,11 @@ pub(crate) fn parse_strategy_list(text: &str) -> std::result::Result<StrategyLis
         return Err(format!("unbalanced brackets in {text:?}"));
     }
     names.push(current);
-    Ok(StrategyList(names.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()))
+    Ok(StrategyList(
+        names
+            .into_iter()
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect(),
+    ))
 }

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use lowband_protocol::{Action, AggregatorSpec, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent};
+use lowband_protocol::{
+    Action, AggregatorSpec, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent,
+};
 use serde::Serialize;
 
 use crate::alloc_count::{live_bytes, peak_bytes, reset_peak};
@@ -58,20 +60,37 @@ struct Cell {
 pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
     anyhow::ensure!(args.params > 0, "--params: at least 1");
     anyhow::ensure!(args.rounds > 0, "--rounds: at least 1");
-    anyhow::ensure!(args.sites.iter().all(|&k| k > 0), "--sites: every count at least 1");
+    anyhow::ensure!(
+        args.sites.iter().all(|&k| k > 0),
+        "--sites: every count at least 1"
+    );
     let strategies: Vec<lowband_runtime::Strategy> = args
         .strategies
         .split(';')
-        .map(|s| lowband_runtime::Strategy::parse(s.trim(), 50).map_err(|e| anyhow::anyhow!("--strategies: {e}")))
+        .map(|s| {
+            lowband_runtime::Strategy::parse(s.trim(), 50)
+                .map_err(|e| anyhow::anyhow!("--strategies: {e}"))
+        })
         .collect::<Result<_>>()?;
-    let aggregators: Vec<AggregatorSpec> = args.aggregators.iter().map(|a| a.parse().map_err(|e| anyhow::anyhow!("--aggregators: {e}"))).collect::<Result<_>>()?;
+    let aggregators: Vec<AggregatorSpec> = args
+        .aggregators
+        .iter()
+        .map(|a| a.parse().map_err(|e| anyhow::anyhow!("--aggregators: {e}")))
+        .collect::<Result<_>>()?;
     let threads = rayon::current_num_threads();
-    println!("coordinator cost per round: {} parameters, {} timed rounds per cell, {threads} threads\n", args.params, args.rounds);
+    println!(
+        "coordinator cost per round: {} parameters, {} timed rounds per cell, {threads} threads\n",
+        args.params, args.rounds
+    );
     println!("| strategy | aggregator | K | coordinator ms/round | ms per site | bytes in/round | bytes out/round | retained MB | transient peak MB | MB per site |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut cells = Vec::new();
     for strategy in &strategies {
-        anyhow::ensure!(strategy.kind == lowband_runtime::StrategyKind::Rounds && strategy.streaming.is_none(), "--strategies: {} is not a round strategy without fragments", strategy.name());
+        anyhow::ensure!(
+            strategy.kind == lowband_runtime::StrategyKind::Rounds && strategy.streaming.is_none(),
+            "--strategies: {} is not a round strategy without fragments",
+            strategy.name()
+        );
         for aggregator in &aggregators {
             for &k in &args.sites {
                 let cell = measure(strategy, *aggregator, k, args.params, args.rounds)?;
@@ -119,18 +138,41 @@ pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
     }
     if let Some(path) = &args.plot {
         let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        for pair in cells.chunk_by(|a, b| a.strategy == b.strategy && a.aggregator == b.aggregator) {
-            series.push((format!("{} / {}", pair[0].strategy, pair[0].aggregator), pair.iter().map(|c| (c.sites as f64, c.coordinator_ms_per_round)).collect()));
+        for pair in cells.chunk_by(|a, b| a.strategy == b.strategy && a.aggregator == b.aggregator)
+        {
+            series.push((
+                format!("{} / {}", pair[0].strategy, pair[0].aggregator),
+                pair.iter()
+                    .map(|c| (c.sites as f64, c.coordinator_ms_per_round))
+                    .collect(),
+            ));
         }
-        crate::plots::log_log(path, &format!("coordinator time per round vs sites ({} parameters)", args.params), "sites (K)", "coordinator ms per round", &series)?;
+        crate::plots::log_log(
+            path,
+            &format!(
+                "coordinator time per round vs sites ({} parameters)",
+                args.params
+            ),
+            "sites (K)",
+            "coordinator ms per round",
+            &series,
+        )?;
         println!("wrote {}", path.display());
     }
     Ok(())
 }
 
-fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: usize, params: usize, rounds: usize) -> Result<Cell> {
+fn measure(
+    strategy: &lowband_runtime::Strategy,
+    aggregator: AggregatorSpec,
+    k: usize,
+    params: usize,
+    rounds: usize,
+) -> Result<Cell> {
     let compression = strategy.compression_for(k);
-    let outer = strategy.outer.unwrap_or(lowband_protocol::OuterConfig::DILOCO);
+    let outer = strategy
+        .outer
+        .unwrap_or(lowband_protocol::OuterConfig::DILOCO);
     let config = CoordinatorConfig {
         quorum: k,
         sites_max: k,
@@ -139,8 +181,13 @@ fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: 
         robustness: lowband_protocol::Robustness::with(aggregator),
         ..CoordinatorConfig::new(params, outer)
     };
-    let initial: Vec<f32> = (0..params).map(|i| ((i as f32) * 0.618).sin() * 0.02).collect();
-    let mut sites: Vec<Site> = (0..k as u32).map(|s| Site::with_initial(s, initial.clone(), compression)).collect::<Result<_, _>>().context("sites")?;
+    let initial: Vec<f32> = (0..params)
+        .map(|i| ((i as f32) * 0.618).sin() * 0.02)
+        .collect();
+    let mut sites: Vec<Site> = (0..k as u32)
+        .map(|s| Site::with_initial(s, initial.clone(), compression))
+        .collect::<Result<_, _>>()
+        .context("sites")?;
     let mut coordinator = Coordinator::new(config, initial.clone()).context("coordinator")?;
     let mut sends = Vec::new();
     for s in 0..k as u32 {
@@ -153,20 +200,32 @@ fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: 
         let timed = round > 0;
         // The sites: apply the broadcast, take one pseudo-random step, encode the update.
         let mut updates = Vec::with_capacity(k);
-        let out: u64 = sends.iter().map(|(_, b): &(u32, bytes::Bytes)| b.len() as u64).sum();
+        let out: u64 = sends
+            .iter()
+            .map(|(_, b): &(u32, bytes::Bytes)| b.len() as u64)
+            .sum();
         for (to, bytes) in sends.drain(..) {
             let site = &mut sites[to as usize];
             let actions = site.handle(SiteEvent::PacketArrived(&bytes))?;
-            let [SiteAction::Train { round }] = actions.as_slice() else { anyhow::bail!("site {to} did not train") };
+            let [SiteAction::Train { round }] = actions.as_slice() else {
+                anyhow::bail!("site {to} did not train")
+            };
             let round = *round;
             let mut state = 0x9E37_79B9u64 ^ ((to as u64) << 32) ^ round;
             for (t, p) in trained.iter_mut().zip(site.round_start()) {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 // A shared direction plus the site's own noise, like real updates.
                 *t = p - 1e-3 * (p.signum() + ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5));
             }
-            let mut actions = site.handle(SiteEvent::TrainingDone { round, params: &trained })?;
-            let Some(SiteAction::Send(update)) = actions.pop() else { anyhow::bail!("site {to} sent nothing") };
+            let mut actions = site.handle(SiteEvent::TrainingDone {
+                round,
+                params: &trained,
+            })?;
+            let Some(SiteAction::Send(update)) = actions.pop() else {
+                anyhow::bail!("site {to} sent nothing")
+            };
             updates.push((to, update));
         }
         let inbound: u64 = updates.iter().map(|(_, b)| b.len() as u64).sum();
@@ -176,13 +235,20 @@ fn measure(strategy: &lowband_runtime::Strategy, aggregator: AggregatorSpec, k: 
         let started = Instant::now();
         for (from, bytes) in &updates {
             let actions = coordinator.handle(1, Event::PacketArrived { from: *from, bytes });
-            if let Some(Action::Rejected { from, reason }) = actions.iter().find(|a| matches!(a, Action::Rejected { .. })) {
+            if let Some(Action::Rejected { from, reason }) = actions
+                .iter()
+                .find(|a| matches!(a, Action::Rejected { .. }))
+            {
                 anyhow::bail!("site {from}'s update was refused: {reason}");
             }
             collect(actions, &mut sends);
         }
         let took = started.elapsed().as_secs_f64();
-        anyhow::ensure!(sends.len() == k, "round {round} did not close ({} sends)", sends.len());
+        anyhow::ensure!(
+            sends.len() == k,
+            "round {round} did not close ({} sends)",
+            sends.len()
+        );
         if timed {
             seconds += took;
             bytes_in += inbound;

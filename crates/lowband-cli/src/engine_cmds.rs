@@ -23,8 +23,20 @@ pub struct InitArgs {
 pub fn init(args: &InitArgs) -> Result<()> {
     let p = preset(&args.preset)?;
     let model = Gpt::new(p.model, args.seed)?;
-    checkpoint::save(&args.out, &p.model, model.params(), None, serde_json::json!({ "preset": p.name, "seed": args.seed }))?;
-    println!("wrote {} ({} parameters, preset {}, seed {})", args.out.display(), p.model.parameter_count(), p.name, args.seed);
+    checkpoint::save(
+        &args.out,
+        &p.model,
+        model.params(),
+        None,
+        serde_json::json!({ "preset": p.name, "seed": args.seed }),
+    )?;
+    println!(
+        "wrote {} ({} parameters, preset {}, seed {})",
+        args.out.display(),
+        p.model.parameter_count(),
+        p.name,
+        args.seed
+    );
     Ok(())
 }
 
@@ -67,18 +79,32 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     anyhow::ensure!(args.batch > 0, "--batch: must be at least 1");
     let mut model = load_model(&args.checkpoint)?;
     byte_level(&model)?;
-    let bytes = std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let bytes =
+        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
     let context = model.config().context_length;
     let (inputs, targets, windows) = lowband_data::corpus::windows(&bytes, context);
     if windows == 0 {
-        bail!("{}: {} bytes is shorter than one window of {} bytes (context + 1)", args.data.display(), bytes.len(), context + 1);
+        bail!(
+            "{}: {} bytes is shorter than one window of {} bytes (context + 1)",
+            args.data.display(),
+            bytes.len(),
+            context + 1
+        );
     }
     let loss = model.mean_loss(&inputs, &targets, windows, args.batch)?;
-    let report = EvalReport { loss, bits_per_byte: loss / std::f64::consts::LN_2, windows, tokens: windows * context };
+    let report = EvalReport {
+        loss,
+        bits_per_byte: loss / std::f64::consts::LN_2,
+        windows,
+        tokens: windows * context,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("loss {:.4} nats/byte ({:.4} bits/byte) over {} windows of {} bytes", report.loss, report.bits_per_byte, windows, context);
+        println!(
+            "loss {:.4} nats/byte ({:.4} bits/byte) over {} windows of {} bytes",
+            report.loss, report.bits_per_byte, windows, context
+        );
     }
     Ok(())
 }
@@ -95,7 +121,10 @@ pub struct ExportArgs {
 pub fn export_hf(args: &ExportArgs) -> Result<()> {
     let Checkpoint { config, params, .. } = checkpoint::load(&args.checkpoint)?;
     hf::export(&args.out, &config, &params)?;
-    println!("wrote {} (Hugging Face GPT-2 layout: GPT2LMHeadModel.from_pretrained loads it)", args.out.display());
+    println!(
+        "wrote {} (Hugging Face GPT-2 layout: GPT2LMHeadModel.from_pretrained loads it)",
+        args.out.display()
+    );
     Ok(())
 }
 
@@ -111,8 +140,18 @@ pub struct ImportArgs {
 
 pub fn import_hf(args: &ImportArgs) -> Result<()> {
     let (config, params) = hf::import(&args.from)?;
-    checkpoint::save(&args.out, &config, &params, None, serde_json::json!({ "imported_from": args.from.display().to_string() }))?;
-    println!("wrote {} ({} parameters)", args.out.display(), config.parameter_count());
+    checkpoint::save(
+        &args.out,
+        &config,
+        &params,
+        None,
+        serde_json::json!({ "imported_from": args.from.display().to_string() }),
+    )?;
+    println!(
+        "wrote {} ({} parameters)",
+        args.out.display(),
+        config.parameter_count()
+    );
     Ok(())
 }
 
@@ -138,15 +177,38 @@ pub struct SampleArgs {
 pub fn sample(args: &SampleArgs) -> Result<()> {
     let mut model = load_model(&args.checkpoint)?;
     byte_level(&model)?;
-    let text = sample_text(&mut model, &args.prompt, args.tokens, args.temperature, args.top_k, args.seed)?;
+    let text = sample_text(
+        &mut model,
+        &args.prompt,
+        args.tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )?;
     println!("{}{}", args.prompt, text);
     Ok(())
 }
 
 /// Continue `prompt` (bytes) and return the new text (lossy UTF-8).
-pub fn sample_text(model: &mut Gpt, prompt: &str, tokens: usize, temperature: f32, top_k: usize, seed: u64) -> Result<String> {
-    let prompt: Vec<u32> = if prompt.is_empty() { vec![b'\n' as u32] } else { prompt.bytes().map(u32::from).collect() };
-    let config = SampleConfig { max_new_tokens: tokens, temperature, top_k, seed };
+pub fn sample_text(
+    model: &mut Gpt,
+    prompt: &str,
+    tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    seed: u64,
+) -> Result<String> {
+    let prompt: Vec<u32> = if prompt.is_empty() {
+        vec![b'\n' as u32]
+    } else {
+        prompt.bytes().map(u32::from).collect()
+    };
+    let config = SampleConfig {
+        max_new_tokens: tokens,
+        temperature,
+        top_k,
+        seed,
+    };
     let new = generate(model, &prompt, &config)?;
     let bytes: Vec<u8> = new.iter().map(|&t| t as u8).collect();
     Ok(String::from_utf8_lossy(&bytes).into_owned())

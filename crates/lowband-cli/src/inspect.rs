@@ -22,11 +22,24 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
     println!("file: {} ({} bytes)", args.file.display(), bytes.len());
     let payload = if bytes.starts_with(&wire::MAGIC) {
         let message = wire::decode(&bytes, u32::MAX as usize).context("envelope")?;
-        println!("envelope: version {}, kind {:?}, round {}, site {}, payload {} bytes, checksum ok", wire::WIRE_VERSION, message.kind, message.round, message.site, message.payload.len());
+        println!(
+            "envelope: version {}, kind {:?}, round {}, site {}, payload {} bytes, checksum ok",
+            wire::WIRE_VERSION,
+            message.kind,
+            message.round,
+            message.site,
+            message.payload.len()
+        );
         if message.kind == wire::MessageKind::Report {
-            let report = wire::TrainingReport::decode(message.payload, u32::MAX as usize).context("training report")?;
-            let mean = report.losses.iter().map(|l| *l as f64).sum::<f64>() / report.losses.len().max(1) as f64;
-            println!("training report: {:.3} s, {} steps, mean loss {mean:.4}", report.seconds, report.losses.len());
+            let report = wire::TrainingReport::decode(message.payload, u32::MAX as usize)
+                .context("training report")?;
+            let mean = report.losses.iter().map(|l| *l as f64).sum::<f64>()
+                / report.losses.len().max(1) as f64;
+            println!(
+                "training report: {:.3} s, {} steps, mean loss {mean:.4}",
+                report.seconds,
+                report.losses.len()
+            );
             return Ok(());
         }
         message.payload
@@ -39,9 +52,18 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
         return Ok(());
     }
     let info = describe(payload).context("payload header")?;
-    println!("codec: {} (layout version {})", info.spec, lowband_codec::PAYLOAD_VERSION);
+    println!(
+        "codec: {} (layout version {})",
+        info.spec,
+        lowband_codec::PAYLOAD_VERSION
+    );
     println!("values: {}", info.count);
-    println!("payload: {} bytes; formula {} bytes; {:.4} bits per parameter", payload.len(), info.payload_bytes, info.bits_per_param);
+    println!(
+        "payload: {} bytes; formula {} bytes; {:.4} bits per parameter",
+        payload.len(),
+        info.payload_bytes,
+        info.bits_per_param
+    );
     if let Some(bits) = info.spec.sparse_bits(info.count) {
         println!(
             "kept: {} entries, {:.2} bits per kept entry (positions {:.2}, value {:.2}, chunk scales {:.2}, header and padding {:.2})",
@@ -54,16 +76,31 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
         );
     }
     if payload.len() != info.payload_bytes {
-        bail!("payload is {} bytes, its header implies {}", payload.len(), info.payload_bytes);
+        bail!(
+            "payload is {} bytes, its header implies {}",
+            payload.len(),
+            info.payload_bytes
+        );
     }
     if info.count > VALUES_MAX {
-        bail!("the payload claims {} values; inspect decodes at most {VALUES_MAX}", info.count);
+        bail!(
+            "the payload claims {} values; inspect decodes at most {VALUES_MAX}",
+            info.count
+        );
     }
     let mut values = vec![0.0f32; info.count];
     decode_any(payload, &mut values).context("decoding the payload")?;
     let nonzero = values.iter().filter(|v| **v != 0.0).count();
-    let (min, max) = values.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    let l2 = values.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let (min, max) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let l2 = values
+        .iter()
+        .map(|v| (*v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let mean_abs = values.iter().map(|v| v.abs() as f64).sum::<f64>() / values.len().max(1) as f64;
     println!("decoded: {nonzero} non-zero ({:.3}%), min {min:.4e}, max {max:.4e}, L2 norm {l2:.4e}, mean |v| {mean_abs:.4e}", 100.0 * nonzero as f64 / values.len().max(1) as f64);
     Ok(())

@@ -22,7 +22,11 @@ use clap::{Parser, Subcommand};
 static ALLOCATOR: alloc_count::CountingAllocator = alloc_count::CountingAllocator;
 
 #[derive(Parser, Debug)]
-#[command(name = "lowband", version, about = "Train one language model across sites joined by slow links, and measure what it costs.")]
+#[command(
+    name = "lowband",
+    version,
+    about = "Train one language model across sites joined by slow links, and measure what it costs."
+)]
 struct Cli {
     /// Worker threads for the engine (default: all cores).
     #[arg(long, global = true)]
@@ -97,7 +101,10 @@ struct KeygenArgs {
 
 fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
     if args.out.exists() && !args.force {
-        anyhow::bail!("{} exists: a node's key is its identity; pass --force to replace it", args.out.display());
+        anyhow::bail!(
+            "{} exists: a node's key is its identity; pass --force to replace it",
+            args.out.display()
+        );
     }
     let identity = lowband_net::Identity::generate()?;
     identity.save(&args.out)?;
@@ -145,7 +152,9 @@ fn main() {
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(threads) = cli.threads {
         anyhow::ensure!(threads > 0, "--threads: must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()?;
     }
     match cli.command {
         None => match Cli::parse_from(["lowband", "compare"]).command {
@@ -153,7 +162,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             _ => unreachable!("`lowband compare` parses to the compare command"),
         },
         Some(Command::Compare(args)) => compare::run_compare(&args),
-        Some(Command::Cluster(args)) => compare::run_with_driver(&args.settings, if args.in_process { compare::Driver::Loopback } else { compare::Driver::Processes }).map(|_| ()),
+        Some(Command::Cluster(args)) => compare::run_with_driver(
+            &args.settings,
+            if args.in_process {
+                compare::Driver::Loopback
+            } else {
+                compare::Driver::Processes
+            },
+        )
+        .map(|_| ()),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Init(args)) => engine_cmds::init(&args),
         Some(Command::Eval(args)) => engine_cmds::eval(&args),

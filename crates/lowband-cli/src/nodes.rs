@@ -60,24 +60,58 @@ struct Cluster {
 }
 
 fn read_cluster(path: &Path) -> Result<Cluster> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: ClusterFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
-    let coordinator: PublicKey = file.coordinator.parse().with_context(|| format!("{}: coordinator", path.display()))?;
-    let sites: Vec<PublicKey> = file.sites.iter().enumerate().map(|(k, s)| s.parse().with_context(|| format!("{}: sites[{k}]", path.display()))).collect::<Result<_>>()?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: ClusterFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let coordinator: PublicKey = file
+        .coordinator
+        .parse()
+        .with_context(|| format!("{}: coordinator", path.display()))?;
+    let sites: Vec<PublicKey> = file
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            s.parse()
+                .with_context(|| format!("{}: sites[{k}]", path.display()))
+        })
+        .collect::<Result<_>>()?;
     if sites.is_empty() {
         bail!("{}: sites: list at least one site key", path.display());
     }
     let mut config = file.run.unwrap_or_default();
     config.sites = sites.len();
-    config.validate().map_err(|(field, reason)| anyhow::anyhow!("{}: run.{field}: {reason}", path.display()))?;
-    let strategy = Strategy::parse(&file.strategy, config.inner_steps).map_err(|e| anyhow::anyhow!("{}: strategy: {e}", path.display()))?;
-    Ok(Cluster { config, strategy, coordinator, sites, corpus: file.corpus, corpus_bytes: file.corpus_bytes, tuning: file.tuning })
+    config
+        .validate()
+        .map_err(|(field, reason)| anyhow::anyhow!("{}: run.{field}: {reason}", path.display()))?;
+    let strategy = Strategy::parse(&file.strategy, config.inner_steps)
+        .map_err(|e| anyhow::anyhow!("{}: strategy: {e}", path.display()))?;
+    Ok(Cluster {
+        config,
+        strategy,
+        coordinator,
+        sites,
+        corpus: file.corpus,
+        corpus_bytes: file.corpus_bytes,
+        tuning: file.tuning,
+    })
 }
 
 fn split_of(cluster: &Cluster) -> Result<(Split, String, Option<f64>)> {
     let model = lowband_engine::preset(&cluster.config.preset)?.model;
-    let (bytes, source, floor) = load_corpus(cluster.corpus.as_ref(), cluster.corpus_bytes, cluster.tuning.then_some(cluster.config.validation_fraction))?;
-    let split = Split::new(&bytes, cluster.config.validation_fraction, cluster.config.sites, cluster.config.shard, model.context_length)?;
+    let (bytes, source, floor) = load_corpus(
+        cluster.corpus.as_ref(),
+        cluster.corpus_bytes,
+        cluster.tuning.then_some(cluster.config.validation_fraction),
+    )?;
+    let split = Split::new(
+        &bytes,
+        cluster.config.validation_fraction,
+        cluster.config.sites,
+        cluster.config.shard,
+        model.context_length,
+    )?;
     Ok((split, source, floor))
 }
 
@@ -126,7 +160,11 @@ pub struct CoordinatorArgs {
 
 fn limits(idle_timeout_ms: u64) -> Result<Limits> {
     anyhow::ensure!(idle_timeout_ms >= 100, "--idle-timeout-ms: at least 100");
-    Ok(Limits { idle_timeout_ms, keep_alive_ms: (idle_timeout_ms / 4).max(50), ..Limits::default() })
+    Ok(Limits {
+        idle_timeout_ms,
+        keep_alive_ms: (idle_timeout_ms / 4).max(50),
+        ..Limits::default()
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -161,10 +199,21 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     let cluster = read_cluster(&args.config)?;
     let identity = Arc::new(Identity::load(&args.key)?);
     if identity.public_key() != cluster.coordinator {
-        bail!("{}: this key is {}, the cluster's coordinator is {}", args.key.display(), identity.public_key(), cluster.coordinator);
+        bail!(
+            "{}: this key is {}, the cluster's coordinator is {}",
+            args.key.display(),
+            identity.public_key(),
+            cluster.coordinator
+        );
     }
     let (split, source, floor) = split_of(&cluster)?;
-    println!("lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites", cluster.strategy.name(), cluster.config.sites, cluster.config.preset, cluster.config.steps);
+    println!(
+        "lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites",
+        cluster.strategy.name(),
+        cluster.config.sites,
+        cluster.config.preset,
+        cluster.config.steps
+    );
     let address_file = args.address_file.clone();
     anyhow::ensure!(args.quorum != Some(0), "--quorum: at least 1");
     let options = lowband_runtime::network::NetworkOptions {
@@ -175,31 +224,73 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         resume: args.resume,
         ..lowband_runtime::network::NetworkOptions::new(limits(args.idle_timeout_ms)?)
     };
-    let result = lowband_runtime::network::serve_coordinator(&cluster.config, cluster.strategy.clone(), &split, identity, cluster.sites.clone(), args.listen, options, |address| {
-        println!("listening on {address}");
-        if let Some(path) = &address_file {
-            write_atomic(path, address.to_string().as_bytes()).map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
-        }
-        Ok(())
-    })?;
+    let result = lowband_runtime::network::serve_coordinator(
+        &cluster.config,
+        cluster.strategy.clone(),
+        &split,
+        identity,
+        cluster.sites.clone(),
+        args.listen,
+        options,
+        |address| {
+            println!("listening on {address}");
+            if let Some(path) = &address_file {
+                write_atomic(path, address.to_string().as_bytes())
+                    .map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
+            }
+            Ok(())
+        },
+    )?;
     let results = vec![result];
-    let comparison = Comparison { config: &cluster.config, results: &results, corpus: &source, floor, name: &args.name };
-    report::write_all(&comparison, &args.runs_dir.join(&args.name), args.json.as_deref())
+    let comparison = Comparison {
+        config: &cluster.config,
+        results: &results,
+        corpus: &source,
+        floor,
+        name: &args.name,
+    };
+    report::write_all(
+        &comparison,
+        &args.runs_dir.join(&args.name),
+        args.json.as_deref(),
+    )
 }
 
 pub fn site(args: &SiteArgs) -> Result<()> {
     let cluster = read_cluster(&args.config)?;
     let identity = Arc::new(Identity::load(&args.key)?);
-    let Some(k) = cluster.sites.iter().position(|key| *key == identity.public_key()) else {
-        bail!("{}: key {} is not one of the cluster's sites", args.key.display(), identity.public_key());
+    let Some(k) = cluster
+        .sites
+        .iter()
+        .position(|key| *key == identity.public_key())
+    else {
+        bail!(
+            "{}: key {} is not one of the cluster's sites",
+            args.key.display(),
+            identity.public_key()
+        );
     };
     let (split, _, _) = split_of(&cluster)?;
     println!("lowband site {k}: joining {}", args.join);
-    lowband_runtime::network::serve_site(&cluster.config, cluster.strategy.clone(), &split, k as u32, identity, (args.join, cluster.coordinator), lowband_runtime::network::SiteOptions { limits: limits(args.idle_timeout_ms)?, reconnect_ms: args.reconnect_ms, state_dir: args.state_dir.clone(), resume: args.resume }, || {
-        use std::io::Write;
-        println!("lowband site {k}: connected");
-        let _ = std::io::stdout().flush();
-    })?;
+    lowband_runtime::network::serve_site(
+        &cluster.config,
+        cluster.strategy.clone(),
+        &split,
+        k as u32,
+        identity,
+        (args.join, cluster.coordinator),
+        lowband_runtime::network::SiteOptions {
+            limits: limits(args.idle_timeout_ms)?,
+            reconnect_ms: args.reconnect_ms,
+            state_dir: args.state_dir.clone(),
+            resume: args.resume,
+        },
+        || {
+            use std::io::Write;
+            println!("lowband site {k}: connected");
+            let _ = std::io::stdout().flush();
+        },
+    )?;
     println!("lowband site {k}: done");
     Ok(())
 }

@@ -690,13 +690,18 @@ pub fn published_checks() -> Result<String> {
         for (strategy, (name, published)) in strategies.iter().zip(rows) {
             let mut cells = Vec::new();
             for (target, paper) in presets::TABLE_4_TARGETS.iter().zip(published) {
-                let ours = match lowband_plan::bandwidth_for_utilization(&scenario, strategy, *target)? {
-                    Some(gbit) => format!("{gbit:.1}"),
-                    None => "unreachable".into(),
-                };
+                let ours =
+                    match lowband_plan::bandwidth_for_utilization(&scenario, strategy, *target)? {
+                        Some(gbit) => format!("{gbit:.1}"),
+                        None => "unreachable".into(),
+                    };
                 cells.push(format!("{ours} / {paper}"));
             }
-            let _ = writeln!(out, "| {params:.0e} | {step} s | {name} | {} |", cells.join(" | "));
+            let _ = writeln!(
+                out,
+                "| {params:.0e} | {step} s | {name} | {} |",
+                cells.join(" | ")
+            );
         }
     }
     let _ = writeln!(out, "\ndocs/economics.md explains the differences.");

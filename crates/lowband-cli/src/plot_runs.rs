@@ -23,17 +23,40 @@ pub fn run(args: &PlotArgs) -> Result<()> {
     // (strategy's series, run name)
     let mut series: Vec<(LossSeries, String)> = Vec::new();
     for dir in &args.runs {
-        let run = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        series.extend(eval_series(&dir.join("metrics.jsonl"))?.into_iter().map(|s| (s, run.clone())));
+        let run = dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        series.extend(
+            eval_series(&dir.join("metrics.jsonl"))?
+                .into_iter()
+                .map(|s| (s, run.clone())),
+        );
     }
     // A strategy that appears in more than one run is labelled with its run as well.
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
     for ((strategy, _), _) in &series {
         *seen.entry(strategy.as_str()).or_default() += 1;
     }
-    let labelled: Vec<LossSeries> = series.iter().map(|((strategy, points), run)| (if seen[strategy.as_str()] > 1 { format!("{strategy} ({run})") } else { strategy.clone() }, points.clone())).collect();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let (by_tokens, by_bytes) = (args.out.join("loss_vs_tokens.svg"), args.out.join("loss_vs_bytes.svg"));
+    let labelled: Vec<LossSeries> = series
+        .iter()
+        .map(|((strategy, points), run)| {
+            (
+                if seen[strategy.as_str()] > 1 {
+                    format!("{strategy} ({run})")
+                } else {
+                    strategy.clone()
+                },
+                points.clone(),
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let (by_tokens, by_bytes) = (
+        args.out.join("loss_vs_tokens.svg"),
+        args.out.join("loss_vs_bytes.svg"),
+    );
     crate::plots::loss_curves_of(&labelled, &by_tokens, &by_bytes)?;
     for (label, points) in &labelled {
         let last = points.last().expect("a series has points");
@@ -46,16 +69,43 @@ pub fn run(args: &PlotArgs) -> Result<()> {
 /// Every strategy's evaluations (tokens, inter-site bytes, validation loss) in a metrics file, in
 /// the order the strategies first appear.
 fn eval_series(path: &Path) -> Result<Vec<LossSeries>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {} (is it a run directory?)", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (is it a run directory?)", path.display()))?;
     let mut series: Vec<LossSeries> = Vec::new();
-    for (number, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let record: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not a JSON metric", path.display(), number + 1))?;
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON metric", path.display(), number + 1))?;
         if record["kind"] != "eval" {
             continue;
         }
-        let field = |name: &str| record[name].as_f64().filter(|v| v.is_finite()).with_context(|| format!("{}:{}: eval record without a finite `{name}`", path.display(), number + 1));
-        let strategy = record["strategy"].as_str().with_context(|| format!("{}:{}: eval record without `strategy`", path.display(), number + 1))?;
-        let point = (field("tokens")? as u64, field("inter_site_bytes")? as u64, field("val_loss")?);
+        let field = |name: &str| {
+            record[name]
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .with_context(|| {
+                    format!(
+                        "{}:{}: eval record without a finite `{name}`",
+                        path.display(),
+                        number + 1
+                    )
+                })
+        };
+        let strategy = record["strategy"].as_str().with_context(|| {
+            format!(
+                "{}:{}: eval record without `strategy`",
+                path.display(),
+                number + 1
+            )
+        })?;
+        let point = (
+            field("tokens")? as u64,
+            field("inter_site_bytes")? as u64,
+            field("val_loss")?,
+        );
         match series.iter_mut().find(|(name, _)| name == strategy) {
             Some((_, points)) => points.push(point),
             None => series.push((strategy.to_string(), vec![point])),

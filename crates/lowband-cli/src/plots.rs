@@ -12,9 +12,16 @@ use crate::report::eval_points;
 type Canvas<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
 /// A white SVG canvas of `size` pixels at `path`, and the error mapper of every drawing call.
-fn canvas(path: &Path, size: (u32, u32)) -> Result<(Canvas<'_>, impl Fn(DrawingAreaErrorKind<std::io::Error>) -> anyhow::Error + Copy + '_)> {
+fn canvas(
+    path: &Path,
+    size: (u32, u32),
+) -> Result<(
+    Canvas<'_>,
+    impl Fn(DrawingAreaErrorKind<std::io::Error>) -> anyhow::Error + Copy + '_,
+)> {
     let root = SVGBackend::new(path, size).into_drawing_area();
-    let e = move |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
+    let e =
+        move |e: DrawingAreaErrorKind<std::io::Error>| anyhow!("plotting {}: {e}", path.display());
     root.fill(&WHITE).map_err(e)?;
     Ok((root, e))
 }
@@ -51,24 +58,61 @@ pub type LossSeries = (String, Vec<(u64, u64, f64)>);
 
 fn loss_range(series: &[LossSeries]) -> (f64, f64) {
     let losses = series.iter().flat_map(|s| s.1.iter().map(|p| p.2));
-    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| (lo.min(l), hi.max(l)));
-    if lo.is_finite() { (lo * 0.97, hi * 1.03) } else { (0.0, 1.0) }
+    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), l| {
+        (lo.min(l), hi.max(l))
+    });
+    if lo.is_finite() {
+        (lo * 0.97, hi * 1.03)
+    } else {
+        (0.0, 1.0)
+    }
 }
 
 /// A comparison's two charts, every strategy on each.
 pub fn loss_curves(results: &[RunResult], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
-    let series: Vec<LossSeries> = results.iter().map(|r| (r.strategy.name(), eval_points(r))).collect();
+    let series: Vec<LossSeries> = results
+        .iter()
+        .map(|r| (r.strategy.name(), eval_points(r)))
+        .collect();
     loss_curves_of(&series, by_tokens, by_bytes)
 }
 
 /// Validation loss against tokens, and against inter-site bytes (log scale), one line per series.
 pub fn loss_curves_of(series: &[LossSeries], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
     let (lo, hi) = loss_range(series);
-    let max_tokens = series.iter().flat_map(|s| s.1.iter().map(|p| p.0)).max().unwrap_or(1).max(1) as f64;
-    plot(by_tokens, "validation loss vs training tokens", "tokens", 0.0..max_tokens, lo..hi, series, |p| Some((p.0 as f64, p.2)), false)?;
-    let max_bytes = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).max().unwrap_or(1).max(2) as f64;
+    let max_tokens = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    plot(
+        by_tokens,
+        "validation loss vs training tokens",
+        "tokens",
+        0.0..max_tokens,
+        lo..hi,
+        series,
+        |p| Some((p.0 as f64, p.2)),
+        false,
+    )?;
+    let max_bytes = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .max()
+        .unwrap_or(1)
+        .max(2) as f64;
     // Log scale: points before the first byte was sent cannot be drawn.
-    plot(by_bytes, "validation loss vs inter-site bytes (log)", "inter-site bytes", 1e3..max_bytes * 2.0, lo..hi, series, |p| (p.1 >= 1000).then_some((p.1 as f64, p.2)), true)
+    plot(
+        by_bytes,
+        "validation loss vs inter-site bytes (log)",
+        "inter-site bytes",
+        1e3..max_bytes * 2.0,
+        lo..hi,
+        series,
+        |p| (p.1 >= 1000).then_some((p.1 as f64, p.2)),
+        true,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -84,11 +128,21 @@ fn plot(
 ) -> Result<()> {
     let (root, e) = canvas(path, (760, 460))?;
     let mut builder = ChartBuilder::on(&root);
-    builder.caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(40).y_label_area_size(56);
+    builder
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56);
     macro_rules! draw {
         ($chart:expr) => {{
             let mut chart = $chart;
-            chart.configure_mesh().x_desc(x_label).y_desc("validation loss (nats/byte)").x_label_formatter(&|v| si(*v)).draw().map_err(e)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc("validation loss (nats/byte)")
+                .x_label_formatter(&|v| si(*v))
+                .draw()
+                .map_err(e)?;
             for (i, (label, points)) in series.iter().enumerate() {
                 let color = COLORS[i % COLORS.len()];
                 let points: Vec<(f64, f64)> = points.iter().copied().filter_map(&point).collect();
@@ -96,11 +150,25 @@ fn plot(
                     .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
                     .map_err(e)?
                     .label(label.as_str())
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-                chart.draw_series(points.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(e)?;
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                chart
+                    .draw_series(
+                        points
+                            .into_iter()
+                            .map(|p| Circle::new(p, 3, color.filled())),
+                    )
+                    .map_err(e)?;
             }
             // Loss falls to the right: the upper right corner is where the lines are not.
-            chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(e)?;
         }};
     }
     if log_x {
@@ -114,7 +182,12 @@ fn plot(
 
 /// Gap to the honest run (%) for every attack (x) and aggregator (one line each), clamped to
 /// [−10%, +50%] so a diverged mean does not flatten the rest; ±3% marked.
-pub fn robustness_chart(path: &Path, title: &str, attacks: &[String], series: &[(String, Vec<Option<f64>>)]) -> Result<()> {
+pub fn robustness_chart(
+    path: &Path,
+    title: &str,
+    attacks: &[String],
+    series: &[(String, Vec<Option<f64>>)],
+) -> Result<()> {
     const LOW: f64 = -10.0;
     const HIGH: f64 = 50.0;
     let (root, e) = canvas(path, (820, 460))?;
@@ -129,25 +202,45 @@ pub fn robustness_chart(path: &Path, title: &str, attacks: &[String], series: &[
     chart
         .configure_mesh()
         .x_labels(attacks.len())
-        .x_label_formatter(&move |v| names.get(v.round() as usize).filter(|_| (v - v.round()).abs() < 0.01).cloned().unwrap_or_default())
+        .x_label_formatter(&move |v| {
+            names
+                .get(v.round() as usize)
+                .filter(|_| (v - v.round()).abs() < 0.01)
+                .cloned()
+                .unwrap_or_default()
+        })
         .y_desc("gap to the honest run, % (clamped to [-10, 50])")
         .draw()
         .map_err(e)?;
     for bound in [-3.0, 3.0] {
-        chart.draw_series(LineSeries::new(vec![(-0.5, bound), (attacks.len() as f64 - 0.5, bound)], BLACK.mix(0.4).stroke_width(1))).map_err(e)?;
+        chart
+            .draw_series(LineSeries::new(
+                vec![(-0.5, bound), (attacks.len() as f64 - 0.5, bound)],
+                BLACK.mix(0.4).stroke_width(1),
+            ))
+            .map_err(e)?;
     }
     for (i, (name, gaps)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         // Each aggregator a little to the side, so equal values stay visible.
         let offset = (i as f64 - (series.len() as f64 - 1.0) / 2.0) * 0.08;
-        let points: Vec<(f64, f64)> = gaps.iter().enumerate().filter_map(|(x, g)| g.map(|g| (x as f64 + offset, g.clamp(LOW, HIGH)))).collect();
+        let points: Vec<(f64, f64)> = gaps
+            .iter()
+            .enumerate()
+            .filter_map(|(x, g)| g.map(|g| (x as f64 + offset, g.clamp(LOW, HIGH))))
+            .collect();
         chart
             .draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))
             .map_err(e)?
             .label(name.clone())
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
 }
@@ -210,9 +303,21 @@ pub fn cost_vs_bandwidth(
 }
 
 /// Lines on log-log axes (one per series), with points.
-pub fn log_log(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
-    let points = series.iter().flat_map(|s| s.1.iter()).filter(|p| p.0 > 0.0 && p.1 > 0.0);
-    let (x_lo, x_hi, y_lo, y_hi) = points.fold((f64::INFINITY, 0f64, f64::INFINITY, 0f64), |(a, b, c, d), p| (a.min(p.0), b.max(p.0), c.min(p.1), d.max(p.1)));
+pub fn log_log(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let points = series
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .filter(|p| p.0 > 0.0 && p.1 > 0.0);
+    let (x_lo, x_hi, y_lo, y_hi) = points.fold(
+        (f64::INFINITY, 0f64, f64::INFINITY, 0f64),
+        |(a, b, c, d), p| (a.min(p.0), b.max(p.0), c.min(p.1), d.max(p.1)),
+    );
     if !(x_lo.is_finite() && y_lo.is_finite()) {
         return Err(anyhow!("plotting {}: nothing to plot", path.display()));
     }
@@ -222,19 +327,37 @@ pub fn log_log(path: &Path, title: &str, x_label: &str, y_label: &str, series: &
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((x_lo * 0.8..x_hi * 1.25).log_scale(), (y_lo * 0.8..y_hi * 1.25).log_scale())
+        .build_cartesian_2d(
+            (x_lo * 0.8..x_hi * 1.25).log_scale(),
+            (y_lo * 0.8..y_hi * 1.25).log_scale(),
+        )
         .map_err(e)?;
-    chart.configure_mesh().x_desc(x_label).y_desc(y_label).draw().map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .map_err(e)?;
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
             .map_err(e)?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled()))).map_err(e)?;
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+            .map_err(e)?;
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(e)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
     root.present().map_err(e)?;
     Ok(())
 }

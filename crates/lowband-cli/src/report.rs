@@ -79,27 +79,37 @@ struct Summary<'a> {
 }
 
 fn summarize(c: &Comparison) -> Vec<StrategySummary> {
-    let ddp = c.results.iter().find(|r| r.strategy.kind == StrategyKind::Ddp);
+    let ddp = c
+        .results
+        .iter()
+        .find(|r| r.strategy.kind == StrategyKind::Ddp);
     c.results
         .iter()
         .map(|r| {
             let sites = c.config.sites;
-            let sent: u64 = (0..sites as u32).map(|k| r.ledger.bytes_sent_by(Endpoint::Site(k))).sum();
-            let codecs = (r.strategy.kind == StrategyKind::Rounds).then(|| r.strategy.compression_for(sites));
+            let sent: u64 = (0..sites as u32)
+                .map(|k| r.ledger.bytes_sent_by(Endpoint::Site(k)))
+                .sum();
+            let codecs = (r.strategy.kind == StrategyKind::Rounds)
+                .then(|| r.strategy.compression_for(sites));
             StrategySummary {
                 strategy: r.strategy.name(),
                 inner_steps: r.strategy.inner_steps,
                 final_val_loss: r.final_val_loss,
                 loss_gap_vs_ddp: ddp.map(|d| r.final_val_loss / d.final_val_loss - 1.0),
                 inter_site_bytes: r.ledger.total_bytes(),
-                bytes_ratio_vs_ddp: ddp.filter(|_| r.ledger.total_bytes() > 0).map(|d| d.ledger.total_bytes() as f64 / r.ledger.total_bytes() as f64),
+                bytes_ratio_vs_ddp: ddp
+                    .filter(|_| r.ledger.total_bytes() > 0)
+                    .map(|d| d.ledger.total_bytes() as f64 / r.ledger.total_bytes() as f64),
                 tokens: r.tokens,
                 rounds: r.rounds,
                 params: r.params,
                 bits_per_token: r.bits_per_token(sites),
-                bits_per_param_per_round: sent as f64 * 8.0 / (sites as f64 * r.params as f64 * r.rounds.max(1) as f64),
+                bits_per_param_per_round: sent as f64 * 8.0
+                    / (sites as f64 * r.params as f64 * r.rounds.max(1) as f64),
                 peak_sync_bytes_per_site: r.peak_sync_bytes_per_site,
-                bits_per_param_per_step: r.ledger.total_bytes() as f64 * 8.0 / (sites as f64 * r.params as f64 * c.config.steps.max(1) as f64),
+                bits_per_param_per_step: r.ledger.total_bytes() as f64 * 8.0
+                    / (sites as f64 * r.params as f64 * c.config.steps.max(1) as f64),
                 emulated_seconds: r.emulated_seconds(),
                 compute_seconds: r.compute_seconds,
                 communication_seconds: r.communication_seconds,
@@ -112,7 +122,13 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 site_scores: r
                     .site_scores
                     .iter()
-                    .map(|(site, s)| SiteScoreSummary { site: *site, accepted: s.accepted, refused: s.refused, downweighted: s.downweighted, excluded: s.excluded.clone() })
+                    .map(|(site, s)| SiteScoreSummary {
+                        site: *site,
+                        accepted: s.accepted,
+                        refused: s.refused,
+                        downweighted: s.downweighted,
+                        excluded: s.excluded.clone(),
+                    })
                     .collect(),
                 fragments: r.strategy.streaming.as_ref().map(|s| s.fragments),
                 overlap_steps: r.strategy.streaming.as_ref().map(|s| s.overlap_steps),
@@ -139,12 +155,26 @@ pub fn table(rows: &[StrategySummary]) -> String {
     let _ = writeln!(out, "| strategy | val loss | gap vs DDP | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round (up) | bits/param/step (all) | rounds | emulated time | egress $ |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
-        let gap = r.loss_gap_vs_ddp.map_or("-".into(), |g| format!("{:+.1}%", g * 100.0));
-        let ratio = r.bytes_ratio_vs_ddp.map_or("-".into(), |x| format!("{x:.1}x"));
+        let gap = r
+            .loss_gap_vs_ddp
+            .map_or("-".into(), |g| format!("{:+.1}%", g * 100.0));
+        let ratio = r
+            .bytes_ratio_vs_ddp
+            .map_or("-".into(), |x| format!("{x:.1}x"));
         let _ = writeln!(
             out,
             "| {} | {:.4} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
-            r.strategy, r.final_val_loss, gap, human_bytes(r.inter_site_bytes), ratio, r.bits_per_token, r.bits_per_param_per_round, r.bits_per_param_per_step, r.rounds, r.emulated_seconds, r.egress_dollars
+            r.strategy,
+            r.final_val_loss,
+            gap,
+            human_bytes(r.inter_site_bytes),
+            ratio,
+            r.bits_per_token,
+            r.bits_per_param_per_round,
+            r.bits_per_param_per_step,
+            r.rounds,
+            r.emulated_seconds,
+            r.egress_dollars
         );
     }
     out
@@ -153,28 +183,61 @@ pub fn table(rows: &[StrategySummary]) -> String {
 /// Who attacked, and what the coordinator made of every site (when there is anything to say).
 fn trust_section(c: &Comparison, rows: &[StrategySummary]) -> String {
     let mut out = String::new();
-    let eventful = |r: &StrategySummary| r.site_scores.iter().any(|s| s.refused > 0 || s.downweighted > 0 || s.excluded.is_some());
+    let eventful = |r: &StrategySummary| {
+        r.site_scores
+            .iter()
+            .any(|s| s.refused > 0 || s.downweighted > 0 || s.excluded.is_some())
+    };
     if c.config.attacks.is_empty() && rows.iter().all(|r| r.aggregator == "mean" && !eventful(r)) {
         return out;
     }
     let attacks: Vec<String> = c.config.attacks.iter().map(|a| a.to_string()).collect();
     let _ = writeln!(out, "Untrusted sites: attacks {} (DDP runs honest). Per site: updates accepted / refused / cut hard by the aggregator.
 ", if attacks.is_empty() { "none".into() } else { attacks.join(", ") });
-    let _ = writeln!(out, "| strategy | aggregator | {} |", (0..c.config.sites).map(|k| format!("site {k}")).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(
+        out,
+        "| strategy | aggregator | {} |",
+        (0..c.config.sites)
+            .map(|k| format!("site {k}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     let _ = writeln!(out, "|---|---|{}", "---|".repeat(c.config.sites));
     for r in rows.iter().filter(|r| !r.site_scores.is_empty()) {
         let cells: Vec<String> = (0..c.config.sites as u32)
             .map(|k| match r.site_scores.iter().find(|s| s.site == k) {
-                Some(s) => format!("{} / {} / {}{}", s.accepted, s.refused, s.downweighted, if s.excluded.is_some() { " **excluded**" } else { "" }),
+                Some(s) => format!(
+                    "{} / {} / {}{}",
+                    s.accepted,
+                    s.refused,
+                    s.downweighted,
+                    if s.excluded.is_some() {
+                        " **excluded**"
+                    } else {
+                        ""
+                    }
+                ),
                 None => "-".into(),
             })
             .collect();
-        let _ = writeln!(out, "| {} | {} | {} |", r.strategy, r.aggregator, cells.join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            r.strategy,
+            r.aggregator,
+            cells.join(" | ")
+        );
     }
     for r in rows {
         for s in r.site_scores.iter().filter(|s| s.excluded.is_some()) {
-            let _ = writeln!(out, "
-- {}: site {} excluded: {}", r.strategy, s.site, s.excluded.as_deref().unwrap_or(""));
+            let _ = writeln!(
+                out,
+                "
+- {}: site {} excluded: {}",
+                r.strategy,
+                s.site,
+                s.excluded.as_deref().unwrap_or("")
+            );
         }
     }
     out
@@ -185,15 +248,29 @@ fn notes(c: &Comparison) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "- Same corpus, model, seed and tokens for every strategy; validation loss in nats per byte over the whole held-out split.");
     let _ = writeln!(out, "- Shipping the training data itself would cost 8 bits per token (one byte each): strategies above that send more than the data.");
-    for r in c.results.iter().filter(|r| r.strategy.kind == StrategyKind::Rounds) {
+    for r in c
+        .results
+        .iter()
+        .filter(|r| r.strategy.kind == StrategyKind::Rounds)
+    {
         let codecs = r.strategy.compression_for(c.config.sites);
         if codecs != lowband_protocol::Compression::default() {
-            let _ = writeln!(out, "- {}: up `{}`, down `{}`.", r.strategy.name(), codecs.uplink, codecs.downlink);
+            let _ = writeln!(
+                out,
+                "- {}: up `{}`, down `{}`.",
+                r.strategy.name(),
+                codecs.uplink,
+                codecs.downlink
+            );
         }
     }
     let _ = writeln!(out, "- Emulated time: slowest site's measured compute on this machine + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
     if let Some(floor) = c.floor {
-        let best = c.results.iter().map(|r| r.final_val_loss).fold(f64::INFINITY, f64::min);
+        let best = c
+            .results
+            .iter()
+            .map(|r| r.final_val_loss)
+            .fold(f64::INFINITY, f64::min);
         let _ = writeln!(out, "- The synthetic language's entropy rate is {floor:.4} nats/byte: no model can go below it (best here {:+.0}% above).", (best / floor - 1.0) * 100.0);
     }
     let _ = writeln!(
@@ -209,12 +286,22 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     let table = table(&rows);
     let notes = notes(c);
     let trust = trust_section(c, &rows);
-    println!("\n{table}\n{trust}{}{notes}", if trust.is_empty() { "" } else { "\n" });
-    let summary = Summary { name: c.name, corpus: c.corpus, entropy_rate_nats_per_byte: c.floor, config: c.config, strategies: rows };
+    println!(
+        "\n{table}\n{trust}{}{notes}",
+        if trust.is_empty() { "" } else { "\n" }
+    );
+    let summary = Summary {
+        name: c.name,
+        corpus: c.corpus,
+        entropy_rate_nats_per_byte: c.floor,
+        config: c.config,
+        strategies: rows,
+    };
     let summary_json = serde_json::to_vec_pretty(&summary)?;
     write_atomic(&run_dir.join("summary.json"), &summary_json)?;
     // The planner on this run's own figures, projected to sizes worth paying for.
-    let projection = crate::plan::projection(&summary_json).unwrap_or_else(|error| format!("(no cost projection: {error:#})\n"));
+    let projection = crate::plan::projection(&summary_json)
+        .unwrap_or_else(|error| format!("(no cost projection: {error:#})\n"));
     if !projection.is_empty() {
         println!("{projection}");
     }
@@ -236,10 +323,17 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
         for (kind, bytes) in &r.sample_packets {
             let dir = run_dir.join("packets");
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            write_atomic(&dir.join(format!("{}.{kind}.bin", r.strategy.dir_name())), bytes)?;
+            write_atomic(
+                &dir.join(format!("{}.{kind}.bin", r.strategy.dir_name())),
+                bytes,
+            )?;
         }
     }
-    crate::plots::loss_curves(c.results, &run_dir.join("loss_vs_tokens.svg"), &run_dir.join("loss_vs_bytes.svg"))?;
+    crate::plots::loss_curves(
+        c.results,
+        &run_dir.join("loss_vs_tokens.svg"),
+        &run_dir.join("loss_vs_bytes.svg"),
+    )?;
     let config_toml = toml::to_string(c.config).unwrap_or_default();
     let report = format!(
         "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n{projection}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
@@ -254,6 +348,18 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
 pub fn eval_points(r: &RunResult) -> Vec<(u64, u64, f64)> {
     r.metrics
         .iter()
-        .filter_map(|m| if let Metric::Eval { tokens, inter_site_bytes, val_loss, .. } = m { Some((*tokens, *inter_site_bytes, *val_loss)) } else { None })
+        .filter_map(|m| {
+            if let Metric::Eval {
+                tokens,
+                inter_site_bytes,
+                val_loss,
+                ..
+            } = m
+            {
+                Some((*tokens, *inter_site_bytes, *val_loss))
+            } else {
+                None
+            }
+        })
         .collect()
 }

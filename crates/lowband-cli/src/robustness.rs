@@ -26,10 +26,16 @@ pub struct RobustnessArgs {
     #[arg(long, default_value = "4:1,8:2")]
     pub sites: String,
     /// Attack modes, comma-separated (`none` is the honest run of each aggregator).
-    #[arg(long, default_value = "none,signflip,scale=-10,noise=0.05,zeros,nan,stale,garbage")]
+    #[arg(
+        long,
+        default_value = "none,signflip,scale=-10,noise=0.05,zeros,nan,stale,garbage"
+    )]
     pub attacks: String,
     /// Aggregators, comma-separated.
-    #[arg(long, default_value = "mean,median,trimmed-mean,centered-clip,clipped-mean")]
+    #[arg(
+        long,
+        default_value = "mean,median,trimmed-mean,centered-clip,clipped-mean"
+    )]
     pub aggregators: String,
     #[arg(long, default_value = "tiny")]
     pub preset: String,
@@ -68,35 +74,74 @@ struct Cell {
 
 impl Cell {
     fn key(&self) -> (String, usize, String, String, String, u64, u64) {
-        (self.strategy.clone(), self.sites, self.attack.clone(), self.aggregator.clone(), self.preset.clone(), self.tokens, self.seed)
+        (
+            self.strategy.clone(),
+            self.sites,
+            self.attack.clone(),
+            self.aggregator.clone(),
+            self.preset.clone(),
+            self.tokens,
+            self.seed,
+        )
     }
 }
 
 fn list(text: &str) -> Vec<String> {
-    text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+    text.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
     let settings: Vec<(usize, usize)> = list(&args.sites)
         .iter()
         .map(|s| {
-            let (k, f) = s.split_once(':').with_context(|| format!("--sites: `{s}` is not SITES:HOSTILE"))?;
-            let (k, f): (usize, usize) = (k.parse().with_context(|| format!("--sites: `{k}`"))?, f.parse().with_context(|| format!("--sites: `{f}`"))?);
-            anyhow::ensure!(k >= 2 && f >= 1 && 2 * f < k, "--sites: {k}:{f}: need fewer than half hostile, at least one");
+            let (k, f) = s
+                .split_once(':')
+                .with_context(|| format!("--sites: `{s}` is not SITES:HOSTILE"))?;
+            let (k, f): (usize, usize) = (
+                k.parse().with_context(|| format!("--sites: `{k}`"))?,
+                f.parse().with_context(|| format!("--sites: `{f}`"))?,
+            );
+            anyhow::ensure!(
+                k >= 2 && f >= 1 && 2 * f < k,
+                "--sites: {k}:{f}: need fewer than half hostile, at least one"
+            );
             Ok((k, f))
         })
         .collect::<Result<_>>()?;
     let attacks = list(&args.attacks);
     for a in attacks.iter().filter(|a| *a != "none") {
-        a.parse::<AttackMode>().map_err(|e| anyhow::anyhow!("--attacks: {e}"))?;
+        a.parse::<AttackMode>()
+            .map_err(|e| anyhow::anyhow!("--attacks: {e}"))?;
     }
-    let aggregators: Vec<AggregatorSpec> = list(&args.aggregators).iter().map(|a| a.parse().map_err(|e: String| anyhow::anyhow!("--aggregators: {e}"))).collect::<Result<_>>()?;
-    let strategies: Vec<Strategy> = args.strategies.0.iter().map(|s| Strategy::parse(s, 50).map_err(|e| anyhow::anyhow!("--strategies: {e}"))).collect::<Result<_>>()?;
-    if let Some(s) = strategies.iter().find(|s| s.kind == StrategyKind::Ddp || s.aggregator.is_some()) {
+    let aggregators: Vec<AggregatorSpec> = list(&args.aggregators)
+        .iter()
+        .map(|a| {
+            a.parse()
+                .map_err(|e: String| anyhow::anyhow!("--aggregators: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let strategies: Vec<Strategy> = args
+        .strategies
+        .0
+        .iter()
+        .map(|s| Strategy::parse(s, 50).map_err(|e| anyhow::anyhow!("--strategies: {e}")))
+        .collect::<Result<_>>()?;
+    if let Some(s) = strategies
+        .iter()
+        .find(|s| s.kind == StrategyKind::Ddp || s.aggregator.is_some())
+    {
         bail!("--strategies: {}: give round strategies without [agg=...] (the grid sets the aggregator)", s.name());
     }
     let mut done: Vec<Cell> = match std::fs::read(&args.json) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{}: not a robustness result file; delete it to start over", args.json.display()))?,
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{}: not a robustness result file; delete it to start over",
+                args.json.display()
+            )
+        })?,
         Err(_) => Vec::new(),
     };
     let model = lowband_engine::preset(&args.preset)?.model;
@@ -104,41 +149,98 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
     let total = strategies.len() * settings.len() * attacks.len() * aggregators.len();
     println!("lowband bench robustness: {total} runs ({} strategies x {} settings x {} attacks x {} aggregators), preset {}, {} tokens each, corpus {source}",
         strategies.len(), settings.len(), attacks.len(), aggregators.len(), args.preset, args.tokens);
-    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template("{bar:30} {pos}/{len} runs  ETA {eta}  {msg}")?);
+    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} runs  ETA {eta}  {msg}",
+    )?);
     for &(k, f) in &settings {
-        let base = RunConfig { preset: args.preset.clone(), sites: k, seed: args.seed, eval_every_steps: 0, ..RunConfig::default() };
+        let base = RunConfig {
+            preset: args.preset.clone(),
+            sites: k,
+            seed: args.seed,
+            eval_every_steps: 0,
+            ..RunConfig::default()
+        };
         let per_step = (k * base.site_batch * model.context_length) as u64;
-        anyhow::ensure!(args.tokens >= per_step, "--tokens: {} is less than one step at K = {k} ({per_step} tokens)", args.tokens);
+        anyhow::ensure!(
+            args.tokens >= per_step,
+            "--tokens: {} is less than one step at K = {k} ({per_step} tokens)",
+            args.tokens
+        );
         let steps = args.tokens / per_step;
-        let split = Split::new(&bytes, base.validation_fraction, k, base.shard, model.context_length)?;
+        let split = Split::new(
+            &bytes,
+            base.validation_fraction,
+            k,
+            base.shard,
+            model.context_length,
+        )?;
         let hostile: Vec<u32> = (0..f).map(|i| (1 + i * k / f) as u32).collect();
         for strategy in &strategies {
             for attack in &attacks {
                 for aggregator in &aggregators {
-                    let key = (strategy.name(), k, attack.clone(), aggregator.to_string(), args.preset.clone(), args.tokens, args.seed);
+                    let key = (
+                        strategy.name(),
+                        k,
+                        attack.clone(),
+                        aggregator.to_string(),
+                        args.preset.clone(),
+                        args.tokens,
+                        args.seed,
+                    );
                     bar.set_message(format!("{} K={k} {attack} {aggregator}", strategy.name()));
                     if args.report_only || done.iter().any(|c| c.key() == key) {
                         bar.inc(1);
                         continue;
                     }
-                    let attacks = if attack == "none" { Vec::new() } else { hostile.iter().map(|&site| Attack { site, mode: attack.parse().expect("checked") }).collect() };
-                    let config = RunConfig { steps, aggregator: *aggregator, attacks, ..base.clone() };
-                    let result = run(&config, strategy.clone(), &split, &Persistence::default(), &mut |_| {})?;
+                    let attacks = if attack == "none" {
+                        Vec::new()
+                    } else {
+                        hostile
+                            .iter()
+                            .map(|&site| Attack {
+                                site,
+                                mode: attack.parse().expect("checked"),
+                            })
+                            .collect()
+                    };
+                    let config = RunConfig {
+                        steps,
+                        aggregator: *aggregator,
+                        attacks,
+                        ..base.clone()
+                    };
+                    let result = run(
+                        &config,
+                        strategy.clone(),
+                        &split,
+                        &Persistence::default(),
+                        &mut |_| {},
+                    )?;
                     done.push(Cell {
                         preset: args.preset.clone(),
                         tokens: args.tokens,
                         seed: args.seed,
                         strategy: key.0,
                         sites: k,
-                        hostile: if attack == "none" { Vec::new() } else { hostile.clone() },
+                        hostile: if attack == "none" {
+                            Vec::new()
+                        } else {
+                            hostile.clone()
+                        },
                         attack: key.2,
                         aggregator: key.3,
                         final_val_loss: result.final_val_loss,
-                        excluded: result.site_scores.iter().filter(|(_, s)| s.excluded.is_some()).map(|(k, _)| *k).collect(),
+                        excluded: result
+                            .site_scores
+                            .iter()
+                            .filter(|(_, s)| s.excluded.is_some())
+                            .map(|(k, _)| *k)
+                            .collect(),
                         refused_updates: result.site_scores.iter().map(|(_, s)| s.refused).sum(),
                     });
                     if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
                     }
                     write_atomic(&args.json, &serde_json::to_vec_pretty(&done)?)?;
                     bar.inc(1);
@@ -147,19 +249,56 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
         }
     }
     bar.finish_with_message("done");
-    let cells: Vec<Cell> = done.into_iter().filter(|c| c.preset == args.preset && c.tokens == args.tokens && c.seed == args.seed).collect();
-    println!("\n{}", table(&cells, &strategies, &settings, &attacks, &aggregators));
-    let dir = args.json.parent().filter(|d| !d.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_default();
+    let cells: Vec<Cell> = done
+        .into_iter()
+        .filter(|c| c.preset == args.preset && c.tokens == args.tokens && c.seed == args.seed)
+        .collect();
+    println!(
+        "\n{}",
+        table(&cells, &strategies, &settings, &attacks, &aggregators)
+    );
+    let dir = args
+        .json
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_default();
     for (i, strategy) in strategies.iter().enumerate() {
         for &(k, f) in &settings {
-            let find = |attack: &str, aggregator: &str| cells.iter().find(|c| c.strategy == strategy.name() && c.sites == k && c.attack == attack && c.aggregator == aggregator);
-            let Some(honest) = find("none", "mean") else { continue };
+            let find = |attack: &str, aggregator: &str| {
+                cells.iter().find(|c| {
+                    c.strategy == strategy.name()
+                        && c.sites == k
+                        && c.attack == attack
+                        && c.aggregator == aggregator
+                })
+            };
+            let Some(honest) = find("none", "mean") else {
+                continue;
+            };
             let series: Vec<(String, Vec<Option<f64>>)> = aggregators
                 .iter()
-                .map(|a| (a.to_string(), attacks.iter().map(|attack| find(attack, &a.to_string()).map(|c| (c.final_val_loss / honest.final_val_loss - 1.0) * 100.0)).collect()))
+                .map(|a| {
+                    (
+                        a.to_string(),
+                        attacks
+                            .iter()
+                            .map(|attack| {
+                                find(attack, &a.to_string()).map(|c| {
+                                    (c.final_val_loss / honest.final_val_loss - 1.0) * 100.0
+                                })
+                            })
+                            .collect(),
+                    )
+                })
                 .collect();
             let path = dir.join(format!("robustness-s{i}-k{k}.svg"));
-            crate::plots::robustness_chart(&path, &format!("{}: K = {k}, {f} hostile", strategy.preset), &attacks, &series)?;
+            crate::plots::robustness_chart(
+                &path,
+                &format!("{}: K = {k}, {f} hostile", strategy.preset),
+                &attacks,
+                &series,
+            )?;
             println!("plot: {}", path.display());
         }
     }
@@ -169,14 +308,37 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
 
 /// One table per (strategy, K): rows attacks, columns aggregators; each cell the final
 /// validation loss and its gap to the honest mean run (✓ within 3%).
-fn table(cells: &[Cell], strategies: &[Strategy], settings: &[(usize, usize)], attacks: &[String], aggregators: &[AggregatorSpec]) -> String {
+fn table(
+    cells: &[Cell],
+    strategies: &[Strategy],
+    settings: &[(usize, usize)],
+    attacks: &[String],
+    aggregators: &[AggregatorSpec],
+) -> String {
     let mut out = String::new();
     for strategy in strategies {
         for &(k, f) in settings {
-            let find = |attack: &str, aggregator: &str| cells.iter().find(|c| c.strategy == strategy.name() && c.sites == k && c.attack == attack && c.aggregator == aggregator);
-            let Some(honest) = find("none", "mean") else { continue };
+            let find = |attack: &str, aggregator: &str| {
+                cells.iter().find(|c| {
+                    c.strategy == strategy.name()
+                        && c.sites == k
+                        && c.attack == attack
+                        && c.aggregator == aggregator
+                })
+            };
+            let Some(honest) = find("none", "mean") else {
+                continue;
+            };
             let _ = writeln!(out, "**{}, K = {k}, {f} hostile** (honest run with the mean: {:.4}; cells: loss, gap to it; ✓ within 3%; x: hostile sites excluded)\n", strategy.name(), honest.final_val_loss);
-            let _ = writeln!(out, "| attack | {} |", aggregators.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" | "));
+            let _ = writeln!(
+                out,
+                "| attack | {} |",
+                aggregators
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
             let _ = writeln!(out, "|---|{}", "---|".repeat(aggregators.len()));
             for attack in attacks {
                 let row: Vec<String> = aggregators
@@ -185,9 +347,17 @@ fn table(cells: &[Cell], strategies: &[Strategy], settings: &[(usize, usize)], a
                         Some(c) => {
                             let gap = c.final_val_loss / honest.final_val_loss - 1.0;
                             let ok = if gap.abs() <= 0.03 { " ✓" } else { "" };
-                            let excluded = if c.excluded.is_empty() { String::new() } else { format!(" x{}", c.excluded.len()) };
+                            let excluded = if c.excluded.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" x{}", c.excluded.len())
+                            };
                             if c.final_val_loss.is_finite() && c.final_val_loss < 100.0 {
-                                format!("{:.4} ({:+.1}%){ok}{excluded}", c.final_val_loss, gap * 100.0)
+                                format!(
+                                    "{:.4} ({:+.1}%){ok}{excluded}",
+                                    c.final_val_loss,
+                                    gap * 100.0
+                                )
                             } else {
                                 format!("{:.3e} (diverged){excluded}", c.final_val_loss)
                             }
@@ -195,7 +365,11 @@ fn table(cells: &[Cell], strategies: &[Strategy], settings: &[(usize, usize)], a
                         None => "-".into(),
                     })
                     .collect();
-                let name = if attack == "none" { "none (honest)" } else { attack.as_str() };
+                let name = if attack == "none" {
+                    "none (honest)"
+                } else {
+                    attack.as_str()
+                };
                 let _ = writeln!(out, "| {name} | {} |", row.join(" | "));
             }
             out.push('\n');

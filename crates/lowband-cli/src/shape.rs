@@ -47,29 +47,41 @@ pub fn run(args: &ShapeArgs) -> Result<()> {
     };
     shape.validate()?;
     let mut first = true;
-    lowband_net::shaper::run_blocking(args.listen, args.to, shape, std::time::Duration::from_secs(10), |address, counts| {
-        use std::io::Write;
-        use std::sync::atomic::Ordering::Relaxed;
-        if first {
-            first = false;
-            println!(
-                "shaping {address} -> {}: {}, {} ms ± {} ms one way, {}% loss each way",
-                args.to,
-                args.bandwidth_mbit.map_or("unlimited".into(), |m| format!("{m} Mbit/s")),
-                args.latency_ms,
-                args.jitter_ms,
-                args.loss * 100.0
-            );
-            if let Some(path) = &args.address_file {
-                if let Err(e) = write_atomic(path, address.to_string().as_bytes()) {
-                    eprintln!("error: {e}");
-                    std::process::exit(2);
+    lowband_net::shaper::run_blocking(
+        args.listen,
+        args.to,
+        shape,
+        std::time::Duration::from_secs(10),
+        |address, counts| {
+            use std::io::Write;
+            use std::sync::atomic::Ordering::Relaxed;
+            if first {
+                first = false;
+                println!(
+                    "shaping {address} -> {}: {}, {} ms ± {} ms one way, {}% loss each way",
+                    args.to,
+                    args.bandwidth_mbit
+                        .map_or("unlimited".into(), |m| format!("{m} Mbit/s")),
+                    args.latency_ms,
+                    args.jitter_ms,
+                    args.loss * 100.0
+                );
+                if let Some(path) = &args.address_file {
+                    if let Err(e) = write_atomic(path, address.to_string().as_bytes()) {
+                        eprintln!("error: {e}");
+                        std::process::exit(2);
+                    }
                 }
+            } else {
+                println!(
+                    "delivered {} datagrams, lost {}, dropped at the queue {}",
+                    counts.delivered.load(Relaxed),
+                    counts.lost.load(Relaxed),
+                    counts.queue_dropped.load(Relaxed)
+                );
             }
-        } else {
-            println!("delivered {} datagrams, lost {}, dropped at the queue {}", counts.delivered.load(Relaxed), counts.lost.load(Relaxed), counts.queue_dropped.load(Relaxed));
-        }
-        let _ = std::io::stdout().flush();
-    })?;
+            let _ = std::io::stdout().flush();
+        },
+    )?;
     Ok(())
 }

@@ -21,7 +21,11 @@ pub struct TrainArgs {
 }
 
 /// The corpus to use and, for the generated one, its entropy rate in nats per byte.
-pub fn load_corpus(path: Option<&PathBuf>, generated_bytes: usize, tuning: Option<f64>) -> Result<(Vec<u8>, String, Option<f64>)> {
+pub fn load_corpus(
+    path: Option<&PathBuf>,
+    generated_bytes: usize,
+    tuning: Option<f64>,
+) -> Result<(Vec<u8>, String, Option<f64>)> {
     let (mut bytes, source, floor) = read_or_generate(path, generated_bytes)?;
     match tuning {
         None => Ok((bytes, source, floor)),
@@ -35,17 +39,27 @@ pub fn load_corpus(path: Option<&PathBuf>, generated_bytes: usize, tuning: Optio
     }
 }
 
-fn read_or_generate(path: Option<&PathBuf>, generated_bytes: usize) -> Result<(Vec<u8>, String, Option<f64>)> {
+fn read_or_generate(
+    path: Option<&PathBuf>,
+    generated_bytes: usize,
+) -> Result<(Vec<u8>, String, Option<f64>)> {
     match path {
         Some(path) => {
             let corpus = read_corpus(path)?;
             Ok((corpus.bytes, corpus.source, None))
         }
         None => {
-            anyhow::ensure!(generated_bytes >= 4096, "--corpus-bytes: must be at least 4096");
+            anyhow::ensure!(
+                generated_bytes >= 4096,
+                "--corpus-bytes: must be at least 4096"
+            );
             let language = SyntheticLanguage::new(SyntheticSpec::default());
             let floor = language.entropy_rate_bits_per_byte() * std::f64::consts::LN_2;
-            Ok((language.generate(generated_bytes, 1), "synthetic language (seeded, generated)".into(), Some(floor)))
+            Ok((
+                language.generate(generated_bytes, 1),
+                "synthetic language (seeded, generated)".into(),
+                Some(floor),
+            ))
         }
     }
 }
@@ -54,17 +68,34 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if args.settings.strategies.is_some() {
         bail!("--strategies: train runs one strategy; use --strategy (or `lowband compare`)");
     }
-    let mut settings = CompareArgs { strategies: Some(crate::compare::StrategyList(vec![args.strategy.clone()])), ..args.settings.clone() };
-    settings.name = Some(settings.name.clone().unwrap_or_else(|| format!("train-{}", args.strategy.replace('@', "-h"))));
+    let mut settings = CompareArgs {
+        strategies: Some(crate::compare::StrategyList(vec![args.strategy.clone()])),
+        ..args.settings.clone()
+    };
+    settings.name = Some(
+        settings
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("train-{}", args.strategy.replace('@', "-h"))),
+    );
     let outcome = compare::run_with(&settings)?;
     let result = &outcome.results[0];
     let dir = outcome.run_dir.join("checkpoint");
     let model = lowband_engine::preset(&outcome.config.preset)?.model;
-    checkpoint::save(&dir, &model, &result.final_params, None, serde_json::json!({ "strategy": result.strategy.name(), "steps": outcome.config.steps, "seed": outcome.config.seed }))?;
+    checkpoint::save(
+        &dir,
+        &model,
+        &result.final_params,
+        None,
+        serde_json::json!({ "strategy": result.strategy.name(), "steps": outcome.config.steps, "seed": outcome.config.seed }),
+    )?;
     println!("checkpoint: {}", dir.display());
     let mut gpt = Gpt::from_params(model, result.final_params.clone())?;
     let prompt = sample_prompt(&outcome.split);
-    println!("sample: {prompt}|{}", sample_text(&mut gpt, &prompt, 120, 0.8, 40, 0)?.replace('\n', " "));
+    println!(
+        "sample: {prompt}|{}",
+        sample_text(&mut gpt, &prompt, 120, 0.8, 40, 0)?.replace('\n', " ")
+    );
     Ok(())
 }
 

@@ -3,44 +3,124 @@
 use std::process::{Command, Output};
 
 fn lowband(args: &[&str], dir: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lowband")).args(args).current_dir(dir).env("RAYON_NUM_THREADS", "2").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_lowband"))
+        .args(args)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap()
 }
 
-const SMALL_RUN: [&str; 9] = ["compare", "--preset", "tiny", "--steps", "12", "--inner-steps", "4", "--corpus-bytes", "60000"];
+const SMALL_RUN: [&str; 9] = [
+    "compare",
+    "--preset",
+    "tiny",
+    "--steps",
+    "12",
+    "--inner-steps",
+    "4",
+    "--corpus-bytes",
+    "60000",
+];
 
 #[test]
 fn compare_writes_the_report_and_a_json_summary_with_every_field() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = SMALL_RUN.to_vec();
-    args.extend(["--strategies", "ddp,diloco,fedavg@3", "--sites", "2", "--json", "out.json", "--name", "t"]);
+    args.extend([
+        "--strategies",
+        "ddp,diloco,fedavg@3",
+        "--sites",
+        "2",
+        "--json",
+        "out.json",
+        "--name",
+        "t",
+    ]);
     let o = lowband(&args, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("| diloco@4 |") && stdout.contains("| fedavg@3 |"), "{stdout}");
+    assert!(
+        stdout.contains("| diloco@4 |") && stdout.contains("| fedavg@3 |"),
+        "{stdout}"
+    );
     let run = dir.path().join("runs/t");
-    for file in ["report.md", "summary.json", "metrics.jsonl", "loss_vs_tokens.svg", "loss_vs_bytes.svg"] {
+    for file in [
+        "report.md",
+        "summary.json",
+        "metrics.jsonl",
+        "loss_vs_tokens.svg",
+        "loss_vs_bytes.svg",
+    ] {
         assert!(run.join(file).exists(), "{file} missing");
     }
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     let strategies = summary["strategies"].as_array().unwrap();
     assert_eq!(strategies.len(), 3);
     for s in strategies {
-        for field in ["final_val_loss", "inter_site_bytes", "tokens", "rounds", "emulated_seconds", "bits_per_token"] {
+        for field in [
+            "final_val_loss",
+            "inter_site_bytes",
+            "tokens",
+            "rounds",
+            "emulated_seconds",
+            "bits_per_token",
+        ] {
             assert!(s[field].is_number(), "{field} missing in {s}");
         }
     }
-    assert_eq!(strategies[0]["tokens"], strategies[1]["tokens"], "equal tokens");
+    assert_eq!(
+        strategies[0]["tokens"], strategies[1]["tokens"],
+        "equal tokens"
+    );
     assert_eq!(strategies[1]["rounds"], 3);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    assert!(metrics.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    assert!(metrics
+        .lines()
+        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     assert!(metrics.contains("\"kind\":\"eval\"") && metrics.contains("\"kind\":\"round\""));
     // The report ends with the planner on this run's own figures, and `plan --from-run` reads it.
-    assert!(stdout.contains("What this run's strategies would cost at scale") && stdout.contains("| 1e10 | diloco@4 |"), "{stdout}");
-    let plan = lowband(&["plan", "--from-run", "runs/t", "--params", "1B", "--json", "plan.json"], dir.path());
-    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
-    let plans: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("plan.json")).unwrap()).unwrap();
-    let names: Vec<&str> = plans["plans"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["centralized", "decentralized ddp", "ship the data", "diloco@4", "fedavg@3"]);
+    assert!(
+        stdout.contains("What this run's strategies would cost at scale")
+            && stdout.contains("| 1e10 | diloco@4 |"),
+        "{stdout}"
+    );
+    let plan = lowband(
+        &[
+            "plan",
+            "--from-run",
+            "runs/t",
+            "--params",
+            "1B",
+            "--json",
+            "plan.json",
+        ],
+        dir.path(),
+    );
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plans: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("plan.json")).unwrap()).unwrap();
+    let names: Vec<&str> = plans["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "centralized",
+            "decentralized ddp",
+            "ship the data",
+            "diloco@4",
+            "fedavg@3"
+        ]
+    );
     // The measured gap is what the plan prices in.
     let gap = strategies[1]["loss_gap_vs_ddp"].as_f64().unwrap();
     assert!((plans["plans"][3]["loss_gap"].as_f64().unwrap() - gap).abs() < 1e-12);
@@ -50,25 +130,51 @@ fn compare_writes_the_report_and_a_json_summary_with_every_field() {
 fn a_compare_stopped_midway_resumes_to_the_uninterrupted_result() {
     let dir = tempfile::tempdir().unwrap();
     // Also a multi-line array, as people write them.
-    std::fs::write(dir.path().join("every_round.toml"), "strategies = [\n  \"ddp\",\n  \"diloco\",\n]\ncheckpoint_every_rounds = 1\n").unwrap();
+    std::fs::write(
+        dir.path().join("every_round.toml"),
+        "strategies = [\n  \"ddp\",\n  \"diloco\",\n]\ncheckpoint_every_rounds = 1\n",
+    )
+    .unwrap();
     let with = |extra: &[&str]| {
         let mut args = SMALL_RUN.to_vec();
         args.extend(["--config", "every_round.toml"]);
         args.extend(extra);
         lowband(&args, dir.path())
     };
-    assert!(with(&["--name", "straight", "--json", "straight.json"]).status.success());
+    assert!(with(&["--name", "straight", "--json", "straight.json"])
+        .status
+        .success());
     let stopped = with(&["--name", "r", "--stop-after-rounds", "2"]);
     assert_eq!(stopped.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
     let resumed = with(&["--name", "r", "--json", "resumed.json", "--resume"]);
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    assert!(String::from_utf8_lossy(&resumed.stdout).contains("resuming ddp from its saved state at step 8"), "{}", String::from_utf8_lossy(&resumed.stdout));
-    let read = |f: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(dir.path().join(f)).unwrap()).unwrap() };
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout)
+            .contains("resuming ddp from its saved state at step 8"),
+        "{}",
+        String::from_utf8_lossy(&resumed.stdout)
+    );
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.path().join(f)).unwrap()).unwrap()
+    };
     let (a, b) = (read("straight.json"), read("resumed.json"));
     for i in 0..2 {
-        for field in ["final_val_loss", "inter_site_bytes", "rounds", "tokens", "bits_per_token"] {
-            assert_eq!(a["strategies"][i][field], b["strategies"][i][field], "strategy {i}: {field}");
+        for field in [
+            "final_val_loss",
+            "inter_site_bytes",
+            "rounds",
+            "tokens",
+            "bits_per_token",
+        ] {
+            assert_eq!(
+                a["strategies"][i][field], b["strategies"][i][field],
+                "strategy {i}: {field}"
+            );
         }
     }
 }
@@ -77,21 +183,52 @@ fn a_compare_stopped_midway_resumes_to_the_uninterrupted_result() {
 fn tuning_holds_out_the_end_of_the_training_split_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = SMALL_RUN.to_vec();
-    args.extend(["--strategies", "diloco", "--sites", "2", "--json", "out.json"]);
+    args.extend([
+        "--strategies",
+        "diloco",
+        "--sites",
+        "2",
+        "--json",
+        "out.json",
+    ]);
     let plain = lowband(&args, dir.path());
-    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
     assert!(String::from_utf8_lossy(&plain.stdout).contains("57000 bytes train, 3000 held out"));
     args.push("--tuning");
     let tuning = lowband(&args, dir.path());
-    assert!(tuning.status.success(), "{}", String::from_utf8_lossy(&tuning.stderr));
+    assert!(
+        tuning.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tuning.stderr)
+    );
     // Its own run directory by default, so neither run can resume the other.
-    assert!(dir.path().join("runs/tiny-k2-12steps-seed0").is_dir() && dir.path().join("runs/tiny-k2-12steps-seed0-tuning").is_dir());
+    assert!(
+        dir.path().join("runs/tiny-k2-12steps-seed0").is_dir()
+            && dir
+                .path()
+                .join("runs/tiny-k2-12steps-seed0-tuning")
+                .is_dir()
+    );
     // 60,000 bytes: the validation split (the last 3,000) is set aside, and the run holds out
     // the last 5% of the 57,000 training bytes instead.
     let stdout = String::from_utf8_lossy(&tuning.stdout);
-    assert!(stdout.contains("54150 bytes train, 2850 held out"), "{stdout}");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
-    assert!(summary["corpus"].as_str().unwrap().contains("--tuning sets the validation split aside"), "{summary}");
+    assert!(
+        stdout.contains("54150 bytes train, 2850 held out"),
+        "{stdout}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    assert!(
+        summary["corpus"]
+            .as_str()
+            .unwrap()
+            .contains("--tuning sets the validation split aside"),
+        "{summary}"
+    );
 }
 
 #[test]
@@ -101,7 +238,11 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
     std::fs::write(dir.path().join("empty.txt"), "").unwrap();
     std::fs::write(dir.path().join("wrong_type.toml"), "sites = \"four\"\n").unwrap();
     std::fs::write(dir.path().join("unknown.toml"), "sitez = 4\n").unwrap();
-    std::fs::write(dir.path().join("nested.toml"), "strategies = [\"ddp\"]\n[optimizer]\nlr = \"fast\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("nested.toml"),
+        "strategies = [\"ddp\"]\n[optimizer]\nlr = \"fast\"\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("bad.toml"), "sites = [\n").unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["compare", "--corpus", "empty.txt"], "empty"),
@@ -115,20 +256,32 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
         (&["compare", "--config", "bad.toml"], "TOML"),
         (&["compare", "--config", "missing.toml"], "missing.toml"),
         (&["compare", "--tokens", "5"], "--tokens"),
-        (&["compare", "--inner-steps", "1000000000000"], "inner_steps"),
+        (
+            &["compare", "--inner-steps", "1000000000000"],
+            "inner_steps",
+        ),
         (&["compare", "--site-batch", "100000000"], "site_batch"),
         (&["compare", "--sites", "1000", "--preset", "ref"], "GiB"),
         (&["compare", "--attack", "9:zeros"], "only sites 0 to 3"),
         (&["compare", "--attack", "1:bogus"], "unknown attack mode"),
-        (&["compare", "--attack", "1:scale=inf"], "not a finite number"),
+        (
+            &["compare", "--attack", "1:scale=inf"],
+            "not a finite number",
+        ),
         (&["compare", "--aggregator", "avg"], "unknown aggregator"),
-        (&["compare", "--strategies", "diloco[agg=median;norm=0.5]"], "above 1"),
+        (
+            &["compare", "--strategies", "diloco[agg=median;norm=0.5]"],
+            "above 1",
+        ),
     ];
     for (args, fragment) in cases {
         let o = lowband(args, dir.path());
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains(fragment), "{args:?}: {err:?} should mention {fragment:?}");
+        assert!(
+            err.contains(fragment),
+            "{args:?}: {err:?} should mention {fragment:?}"
+        );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
@@ -136,13 +289,47 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
 #[test]
 fn train_runs_one_strategy_and_saves_a_checkpoint_that_eval_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let o = lowband(&["train", "--preset", "tiny", "--sites", "1", "--strategy", "ddp", "--steps", "10", "--corpus-bytes", "60000", "--name", "one"], dir.path());
+    let o = lowband(
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--sites",
+            "1",
+            "--strategy",
+            "ddp",
+            "--steps",
+            "10",
+            "--corpus-bytes",
+            "60000",
+            "--name",
+            "one",
+        ],
+        dir.path(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("sample: "));
     std::fs::write(dir.path().join("text.txt"), "sa ke lo mi ".repeat(50)).unwrap();
-    let eval = lowband(&["eval", "--checkpoint", "runs/one/checkpoint", "--data", "text.txt", "--json"], dir.path());
-    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
-    let o = lowband(&["train", "--preset", "tiny", "--strategies", "ddp,diloco"], dir.path());
+    let eval = lowband(
+        &[
+            "eval",
+            "--checkpoint",
+            "runs/one/checkpoint",
+            "--data",
+            "text.txt",
+            "--json",
+        ],
+        dir.path(),
+    );
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let o = lowband(
+        &["train", "--preset", "tiny", "--strategies", "ddp,diloco"],
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(2), "train takes one strategy");
 }
 
@@ -152,28 +339,58 @@ fn train_runs_one_strategy_and_saves_a_checkpoint_that_eval_reads() {
 fn compressed_strategies_write_packets_that_inspect_reads() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = SMALL_RUN.to_vec();
-    args.extend(["--strategies", "ddp,sparseloco[up=topk:k=16,chunk=1024,values=q2;down=topk:k=32,chunk=1024],diloco-int8", "--sites", "2", "--name", "c"]);
+    args.extend([
+        "--strategies",
+        "ddp,sparseloco[up=topk:k=16,chunk=1024,values=q2;down=topk:k=32,chunk=1024],diloco-int8",
+        "--sites",
+        "2",
+        "--name",
+        "c",
+    ]);
     let o = lowband(&args, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("| sparseloco@4[") && stdout.contains("| diloco-int8@4 |"), "{stdout}");
+    assert!(
+        stdout.contains("| sparseloco@4[") && stdout.contains("| diloco-int8@4 |"),
+        "{stdout}"
+    );
     let packets = dir.path().join("runs/c/packets");
-    let update = std::fs::read_dir(&packets).unwrap().flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("sparseloco") && p.to_string_lossy().ends_with(".update.bin")).unwrap();
+    let update = std::fs::read_dir(&packets)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.to_string_lossy().contains("sparseloco")
+                && p.to_string_lossy().ends_with(".update.bin")
+        })
+        .unwrap();
     let o = lowband(&["inspect", "packet", update.to_str().unwrap()], dir.path());
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(text.contains("kind Update") && text.contains("codec: topk:k=16,chunk=1024,values=q2") && text.contains("checksum ok"), "{text}");
+    assert!(
+        text.contains("kind Update")
+            && text.contains("codec: topk:k=16,chunk=1024,values=q2")
+            && text.contains("checksum ok"),
+        "{text}"
+    );
     // 16 of 1,024 in Elias-Fano: 6 low bits + 1 unary + 15/16 of the upper vector's zeros per
     // entry, 2-bit values, two f32 scales per chunk (64 / 16 = 4 bits per entry; the last,
     // partial chunk pays a little more).
-    assert!(text.contains("bits per kept entry (positions 7.94, value 2.00, chunk scales 4.0"), "{text}");
+    assert!(
+        text.contains("bits per kept entry (positions 7.94, value 2.00, chunk scales 4.0"),
+        "{text}"
+    );
     let mut bytes = std::fs::read(&update).unwrap();
     let last = bytes.len() - 6;
     bytes[last] ^= 0xff;
     std::fs::write(&update, &bytes).unwrap();
     let o = lowband(&["inspect", "packet", update.to_str().unwrap()], dir.path());
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("checksum"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("checksum"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -181,20 +398,40 @@ fn an_attacked_compare_reports_every_site_and_the_exclusion() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = SMALL_RUN.to_vec();
     args[4] = "40";
-    args.extend(["--strategies", "diloco@4,diloco@4[agg=median]", "--attack", "1:scale=-10", "--json", "out.json", "--name", "t"]);
+    args.extend([
+        "--strategies",
+        "diloco@4,diloco@4[agg=median]",
+        "--attack",
+        "1:scale=-10",
+        "--json",
+        "out.json",
+        "--name",
+        "t",
+    ]);
     let o = lowband(&args, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("Untrusted sites: attacks 1:scale=-10"), "{stdout}");
+    assert!(
+        stdout.contains("Untrusted sites: attacks 1:scale=-10"),
+        "{stdout}"
+    );
     assert!(stdout.contains("site 1 excluded: refused in 3"), "{stdout}");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     let strategies = summary["strategies"].as_array().unwrap();
     assert_eq!(strategies[0]["aggregator"], "mean");
     assert_eq!(strategies[1]["aggregator"], "median");
     let scores = strategies[1]["site_scores"].as_array().unwrap();
     assert_eq!(scores.len(), 4);
-    assert!(scores[1]["excluded"].is_string() && scores[0]["excluded"].is_null(), "{scores:?}");
-    assert!(strategies[1]["final_val_loss"].as_f64().unwrap() < strategies[0]["final_val_loss"].as_f64().unwrap(), "the median beats the attacked mean");
+    assert!(
+        scores[1]["excluded"].is_string() && scores[0]["excluded"].is_null(),
+        "{scores:?}"
+    );
+    assert!(
+        strategies[1]["final_val_loss"].as_f64().unwrap()
+            < strategies[0]["final_val_loss"].as_f64().unwrap(),
+        "the median beats the attacked mean"
+    );
     assert_eq!(summary["config"]["attacks"][0], "1:scale=-10");
 }
 
@@ -204,14 +441,29 @@ fn cluster_runs_the_round_and_streaming_strategies_over_quic_with_the_same_repor
     let mut args = SMALL_RUN.to_vec();
     args[0] = "cluster";
     args[4] = "24";
-    args.extend(["--sites", "3", "--strategies", "diloco@4,diloco@4[agg=trimmed-mean],streaming@8[fragments=2;overlap=1]", "--attack", "2:garbage", "--json", "out.json", "--name", "c"]);
+    args.extend([
+        "--sites",
+        "3",
+        "--strategies",
+        "diloco@4,diloco@4[agg=trimmed-mean],streaming@8[fragments=2;overlap=1]",
+        "--attack",
+        "2:garbage",
+        "--json",
+        "out.json",
+        "--name",
+        "c",
+    ]);
     let o = lowband(&args, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("loopback QUIC"), "{stdout}");
     assert!(stdout.contains("site 2 excluded"), "{stdout}");
-    assert!(dir.path().join("runs/c/nodes").exists(), "keys, cluster files and site logs are kept");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    assert!(
+        dir.path().join("runs/c/nodes").exists(),
+        "keys, cluster files and site logs are kept"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     assert_eq!(summary["strategies"].as_array().unwrap().len(), 3);
     // The same settings in one process, and in memory: the same models.
     let mut in_process = args.clone();
@@ -225,9 +477,15 @@ fn cluster_runs_the_round_and_streaming_strategies_over_quic_with_the_same_repor
     let o = lowband(&memory, dir.path());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for other in ["in_process.json", "memory.json"] {
-        let other: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join(other)).unwrap()).unwrap();
+        let other: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(other)).unwrap()).unwrap();
         for i in 0..3 {
-            assert_eq!(summary["strategies"][i]["final_val_loss"], other["strategies"][i]["final_val_loss"], "{}", summary["strategies"][i]["strategy"]);
+            assert_eq!(
+                summary["strategies"][i]["final_val_loss"],
+                other["strategies"][i]["final_val_loss"],
+                "{}",
+                summary["strategies"][i]["strategy"]
+            );
         }
     }
     // Resuming is refused with a reason.
@@ -250,16 +508,34 @@ fn plot_puts_several_runs_on_one_chart() {
         let o = lowband(&args, dir.path());
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let o = lowband(&["plot", "runs/first", "runs/second", "--out", "charts"], dir.path());
+    let o = lowband(
+        &["plot", "runs/first", "runs/second", "--out", "charts"],
+        dir.path(),
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("ddp (first):") && stdout.contains("ddp (second):") && stdout.contains("diloco@4:") && stdout.contains("sparseloco@4:"), "{stdout}");
+    assert!(
+        stdout.contains("ddp (first):")
+            && stdout.contains("ddp (second):")
+            && stdout.contains("diloco@4:")
+            && stdout.contains("sparseloco@4:"),
+        "{stdout}"
+    );
     for chart in ["loss_vs_tokens.svg", "loss_vs_bytes.svg"] {
         let svg = std::fs::read_to_string(dir.path().join("charts").join(chart)).unwrap();
-        assert!(svg.contains("ddp (second)") && svg.contains("sparseloco@4") && svg.contains("diloco@4"), "{chart}");
+        assert!(
+            svg.contains("ddp (second)")
+                && svg.contains("sparseloco@4")
+                && svg.contains("diloco@4"),
+            "{chart}"
+        );
     }
     std::fs::create_dir_all(dir.path().join("empty")).unwrap();
     let o = lowband(&["plot", "empty", "--out", "charts"], dir.path());
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("is it a run directory?"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is it a run directory?"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -143,7 +143,10 @@ fn published_checks_reproduce_intellect_1_within_two_points() {
             .unwrap();
         assert!((planner - published).abs() <= 2.0, "{row}");
     }
-    assert!(stdout.contains("| 1e10 | 0.8 s | Streaming DiLoCo w/ overlapped FP4 com. |"), "{stdout}");
+    assert!(
+        stdout.contains("| 1e10 | 0.8 s | Streaming DiLoCo w/ overlapped FP4 com. |"),
+        "{stdout}"
+    );
 }
 
 #[test]

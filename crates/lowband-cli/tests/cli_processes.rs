@@ -12,9 +12,16 @@ fn lowband(dir: &Path) -> Command {
 }
 
 fn keygen(dir: &Path, name: &str) -> String {
-    let o = lowband(dir).args(["keygen", "--out", name]).output().unwrap();
+    let o = lowband(dir)
+        .args(["keygen", "--out", name])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().strip_prefix("public ").unwrap().to_string()
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .strip_prefix("public ")
+        .unwrap()
+        .to_string()
 }
 
 /// Kill the child if the test fails before it ends.
@@ -31,25 +38,61 @@ fn wait(child: &mut Guard, limit: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.0.try_wait().unwrap() {
             return status;
         }
-        assert!(started.elapsed() < limit, "a node did not finish in {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "a node did not finish in {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Write a cluster file for `sites` and start its coordinator on a free loopback port; returns
 /// the running coordinator and its address.
-fn start_coordinator(dir: &Path, coordinator: &str, sites: &[String], cluster: &str, extra: &[&str]) -> (Guard, String) {
+fn start_coordinator(
+    dir: &Path,
+    coordinator: &str,
+    sites: &[String],
+    cluster: &str,
+    extra: &[&str],
+) -> (Guard, String) {
     let keys: Vec<String> = sites.iter().map(|k| format!("\"{k}\"")).collect();
-    std::fs::write(dir.join("cluster.toml"), format!("coordinator = \"{coordinator}\"\nsites = [{}]\n{cluster}", keys.join(", "))).unwrap();
-    let mut args = vec!["coordinator", "--config", "cluster.toml", "--key", "coordinator.key", "--address-file", "address", "--json", "out.json"];
+    std::fs::write(
+        dir.join("cluster.toml"),
+        format!(
+            "coordinator = \"{coordinator}\"\nsites = [{}]\n{cluster}",
+            keys.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut args = vec![
+        "coordinator",
+        "--config",
+        "cluster.toml",
+        "--key",
+        "coordinator.key",
+        "--address-file",
+        "address",
+        "--json",
+        "out.json",
+    ];
     if !extra.contains(&"--listen") {
         args.extend(["--listen", "127.0.0.1:0"]);
     }
     args.extend_from_slice(extra);
     // Output is not read: a full pipe must not block the node.
-    let process = Guard(lowband(dir).args(&args).stdout(Stdio::null()).stderr(error_log(dir, "coordinator")).spawn().unwrap());
+    let process = Guard(
+        lowband(dir)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(error_log(dir, "coordinator"))
+            .spawn()
+            .unwrap(),
+    );
     wait_for_file(&dir.join("address"), "the coordinator never listened");
-    (process, std::fs::read_to_string(dir.join("address")).unwrap())
+    (
+        process,
+        std::fs::read_to_string(dir.join("address")).unwrap(),
+    )
 }
 
 /// Block until `path` exists (a node writes it once it is up).
@@ -64,15 +107,43 @@ fn wait_for_file(path: &Path, what: &str) {
 /// Every site, then the coordinator, must exit successfully within `limit`.
 fn all_finish(dir: &Path, sites: &mut [Guard], coordinator: &mut Guard, limit: Duration) {
     for (k, site) in sites.iter_mut().enumerate() {
-        assert!(wait(site, limit).success(), "site {k} failed\n{}", error_logs(dir));
+        assert!(
+            wait(site, limit).success(),
+            "site {k} failed\n{}",
+            error_logs(dir)
+        );
     }
-    assert!(wait(coordinator, limit).success(), "the coordinator failed\n{}", error_logs(dir));
+    assert!(
+        wait(coordinator, limit).success(),
+        "the coordinator failed\n{}",
+        error_logs(dir)
+    );
 }
 
 /// The small 2-site run of `SMALL_CLUSTER` in memory: its summary.
 fn small_run_in_memory(dir: &Path) -> serde_json::Value {
     let o = lowband(dir)
-        .args(["compare", "--preset", "tiny", "--steps", "24", "--inner-steps", "4", "--site-batch", "2", "--sites", "2", "--corpus-bytes", "60000", "--strategies", "diloco@4", "--json", "memory.json", "--name", "memory"])
+        .args([
+            "compare",
+            "--preset",
+            "tiny",
+            "--steps",
+            "24",
+            "--inner-steps",
+            "4",
+            "--site-batch",
+            "2",
+            "--sites",
+            "2",
+            "--corpus-bytes",
+            "60000",
+            "--strategies",
+            "diloco@4",
+            "--json",
+            "memory.json",
+            "--name",
+            "memory",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -85,54 +156,156 @@ const SMALL_CLUSTER: &str = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run
 fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites = vec![keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
+    let sites = vec![
+        keygen(dir.path(), "site0.key"),
+        keygen(dir.path(), "site1.key"),
+    ];
     let _stranger = keygen(dir.path(), "stranger.key");
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, SMALL_CLUSTER, &["--name", "net"]);
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        SMALL_CLUSTER,
+        &["--name", "net"],
+    );
     // A key the cluster does not list cannot take part.
-    let o = lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", "stranger.key", "--join", &address]).output().unwrap();
+    let o = lowband(dir.path())
+        .args([
+            "site",
+            "--config",
+            "cluster.toml",
+            "--key",
+            "stranger.key",
+            "--join",
+            &address,
+        ])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not one of the cluster's sites"));
     let mut site_processes: Vec<Guard> = (0..2)
-        .map(|k| Guard(lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", &format!("site{k}.key"), "--join", &address]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()))
+        .map(|k| {
+            Guard(
+                lowband(dir.path())
+                    .args([
+                        "site",
+                        "--config",
+                        "cluster.toml",
+                        "--key",
+                        &format!("site{k}.key"),
+                        "--join",
+                        &address,
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
         .collect();
-    all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(120));
-    let networked: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(120),
+    );
+    let networked: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     // The same run in memory.
     let memory = small_run_in_memory(dir.path());
-    assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model");
+    assert_eq!(
+        networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"],
+        "bitwise the same model"
+    );
     let packets = 2 * 6 + 2 * 6; // 6 rounds: 2 broadcasts and 2 updates each
-    let extra = networked["strategies"][0]["inter_site_bytes"].as_u64().unwrap() - memory["strategies"][0]["inter_site_bytes"].as_u64().unwrap();
-    assert_eq!(extra, 64 * packets, "each packet carries its 64-byte signature");
+    let extra = networked["strategies"][0]["inter_site_bytes"]
+        .as_u64()
+        .unwrap()
+        - memory["strategies"][0]["inter_site_bytes"]
+            .as_u64()
+            .unwrap();
+    assert_eq!(
+        extra,
+        64 * packets,
+        "each packet carries its 64-byte signature"
+    );
 }
 
 #[test]
 fn a_site_killed_mid_run_is_dropped_and_the_run_finishes_with_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
+    let sites: Vec<String> = (0..3)
+        .map(|k| keygen(dir.path(), &format!("site{k}.key")))
+        .collect();
     let cluster = "strategy = \"diloco@10\"\ncorpus_bytes = 200000\n[run]\npreset = \"tiny\"\nsteps = 600\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\n";
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &["--idle-timeout-ms", "1500"]);
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        cluster,
+        &["--idle-timeout-ms", "1500"],
+    );
     let mut site_processes: Vec<Guard> = (0..3)
-        .map(|k| Guard(lowband(dir.path()).args(["site", "--config", "cluster.toml", "--key", &format!("site{k}.key"), "--join", &address, "--idle-timeout-ms", "1500"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap()))
+        .map(|k| {
+            Guard(
+                lowband(dir.path())
+                    .args([
+                        "site",
+                        "--config",
+                        "cluster.toml",
+                        "--key",
+                        &format!("site{k}.key"),
+                        "--join",
+                        &address,
+                        "--idle-timeout-ms",
+                        "1500",
+                    ])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
         .collect();
     // kill -9 site 1 once it has joined and the run is going.
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(site_processes[1].0.stdout.take().unwrap()));
-    assert!(lines.any(|l| l.unwrap().contains("connected")), "site 1 never connected");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        site_processes[1].0.stdout.take().unwrap(),
+    ));
+    assert!(
+        lines.any(|l| l.unwrap().contains("connected")),
+        "site 1 never connected"
+    );
     std::thread::sleep(Duration::from_millis(300));
     site_processes[1].0.kill().unwrap();
     for k in [0, 2] {
-        assert!(wait(&mut site_processes[k], Duration::from_secs(120)).success(), "site {k} failed");
+        assert!(
+            wait(&mut site_processes[k], Duration::from_secs(120)).success(),
+            "site {k} failed"
+        );
     }
-    assert!(wait(&mut coordinator_process, Duration::from_secs(120)).success(), "the coordinator failed");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    assert!(
+        wait(&mut coordinator_process, Duration::from_secs(120)).success(),
+        "the coordinator failed"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     let strategy = &summary["strategies"][0];
     assert_eq!(strategy["rounds"], 60, "every round ran");
     let scores = strategy["site_scores"].as_array().unwrap();
-    let accepted = |k: usize| scores.iter().find(|s| s["site"] == k).map_or(0, |s| s["accepted"].as_u64().unwrap());
+    let accepted = |k: usize| {
+        scores
+            .iter()
+            .find(|s| s["site"] == k)
+            .map_or(0, |s| s["accepted"].as_u64().unwrap())
+    };
     assert_eq!((accepted(0), accepted(2)), (60, 60));
     assert!(accepted(1) < 60, "the killed site stopped contributing");
     // The model trained: far below the uniform-byte loss ln 256 = 5.55.
-    assert!(strategy["final_val_loss"].as_f64().unwrap() < 4.0, "{strategy}");
+    assert!(
+        strategy["final_val_loss"].as_f64().unwrap() < 4.0,
+        "{strategy}"
+    );
 }
 
 /// The run every fault test uses: 3 sites, 1,000 steps, 100 rounds of the tiny model, with an
@@ -148,21 +321,53 @@ fn long_cluster() -> String {
 
 fn start_site(dir: &Path, k: usize, address: &str, extra: &[&str]) -> Guard {
     let key = format!("site{k}.key");
-    let mut args = vec!["site", "--config", "cluster.toml", "--key", key.as_str(), "--join", address];
+    let mut args = vec![
+        "site",
+        "--config",
+        "cluster.toml",
+        "--key",
+        key.as_str(),
+        "--join",
+        address,
+    ];
     args.extend_from_slice(extra);
-    Guard(lowband(dir).args(&args).stdout(Stdio::piped()).stderr(error_log(dir, &format!("site{k}"))).spawn().unwrap())
+    Guard(
+        lowband(dir)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(error_log(dir, &format!("site{k}")))
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// A node's stderr, appended to `NAME.err` in the test directory (shown when it fails).
 fn error_log(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.err"))).unwrap()
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.err")))
+        .unwrap()
 }
 
 /// What the nodes of a test wrote to stderr.
 fn error_logs(dir: &Path) -> String {
-    let mut logs: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "err")).collect();
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "err"))
+        .collect();
     logs.sort();
-    logs.iter().map(|p| format!("--- {}:\n{}", p.file_name().unwrap().to_string_lossy(), std::fs::read_to_string(p).unwrap_or_default())).collect()
+    logs.iter()
+        .map(|p| {
+            format!(
+                "--- {}:\n{}",
+                p.file_name().unwrap().to_string_lossy(),
+                std::fs::read_to_string(p).unwrap_or_default()
+            )
+        })
+        .collect()
 }
 
 /// Block until the site prints that it is connected; returns what it printed until then.
@@ -182,7 +387,11 @@ fn until_connected(site: &mut Guard) -> Vec<String> {
 }
 
 fn signal(child: &Guard, name: &str) {
-    assert!(Command::new("kill").args([name, &child.0.id().to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args([name, &child.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
 }
 
 /// The fault-free band: the final validation loss of the same run in memory under seeds 0-4
@@ -217,31 +426,57 @@ fn fault_free_band() -> (f64, f64) {
 fn assert_close_to_fault_free(loss: f64) {
     let (low, high) = fault_free_band();
     eprintln!("final validation loss {loss}; fault-free runs {low}..{high}");
-    assert!(loss >= low * (1.0 - TOLERANCE) && loss <= high * (1.0 + TOLERANCE), "{loss} outside the fault-free band {low}..{high} (± {TOLERANCE})");
+    assert!(
+        loss >= low * (1.0 - TOLERANCE) && loss <= high * (1.0 + TOLERANCE),
+        "{loss} outside the fault-free band {low}..{high} (± {TOLERANCE})"
+    );
 }
 
 fn summary(dir: &Path) -> serde_json::Value {
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("out.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out.json")).unwrap()).unwrap();
     summary["strategies"][0].clone()
 }
 
 fn accepted(strategy: &serde_json::Value, site: usize) -> u64 {
-    strategy["site_scores"].as_array().unwrap().iter().find(|s| s["site"] == site).map_or(0, |s| s["accepted"].as_u64().unwrap())
+    strategy["site_scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["site"] == site)
+        .map_or(0, |s| s["accepted"].as_u64().unwrap())
 }
 
 /// Metrics of the run in `runs/cluster/metrics.jsonl` of one kind.
 fn metrics(dir: &Path, kind: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("runs/cluster/metrics.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|m| m["kind"] == kind).collect()
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["kind"] == kind)
+        .collect()
 }
 
 /// `site` joined again after round 0 and its update is in the run's last round.
 fn assert_rejoined_and_contributes(dir: &Path, site: u64) {
-    let joined: Vec<u64> = metrics(dir, "joined").iter().filter(|m| m["site"] == site).map(|m| m["round"].as_u64().unwrap()).collect();
-    assert!(joined.iter().any(|r| *r > 0), "site {site} rejoined mid-run: joined at rounds {joined:?}");
+    let joined: Vec<u64> = metrics(dir, "joined")
+        .iter()
+        .filter(|m| m["site"] == site)
+        .map(|m| m["round"].as_u64().unwrap())
+        .collect();
+    assert!(
+        joined.iter().any(|r| *r > 0),
+        "site {site} rejoined mid-run: joined at rounds {joined:?}"
+    );
     let rounds = metrics(dir, "round");
     let last = rounds.last().unwrap();
-    assert!(last["update_norms"].as_array().unwrap().iter().any(|n| n[0] == site), "site {site} contributes again: {last}");
+    assert!(
+        last["update_norms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n[0] == site),
+        "site {site} contributes again: {last}"
+    );
 }
 
 /// A 1,000-step run of 3 sites over 100 rounds on the tiny model; a faulty run must end inside
@@ -252,19 +487,54 @@ const TOLERANCE: f64 = 0.03;
 fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, &long_cluster(), &["--idle-timeout-ms", "1500"]);
+    let sites: Vec<String> = (0..3)
+        .map(|k| keygen(dir.path(), &format!("site{k}.key")))
+        .collect();
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        &long_cluster(),
+        &["--idle-timeout-ms", "1500"],
+    );
     // Site 1 saves its own state (optimizer moments, data position) after every update.
-    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "1500", "--state-dir", &format!("site{k}-state")])).collect();
+    let mut site_processes: Vec<Guard> = (0..3)
+        .map(|k| {
+            start_site(
+                dir.path(),
+                k,
+                &address,
+                &[
+                    "--idle-timeout-ms",
+                    "1500",
+                    "--state-dir",
+                    &format!("site{k}-state"),
+                ],
+            )
+        })
+        .collect();
     until_connected(&mut site_processes[1]);
     // Restarted with the same key and its saved state: it gets the current parameters from the
     // coordinator and trains from there with its own optimizer state.
-    kill_and_resume_site_1(dir.path(), &mut site_processes, &address, Duration::from_millis(300));
-    all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
+    kill_and_resume_site_1(
+        dir.path(),
+        &mut site_processes,
+        &address,
+        Duration::from_millis(300),
+    );
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(180),
+    );
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
     assert_eq!((accepted(&strategy, 0), accepted(&strategy, 2)), (100, 100));
-    assert!(accepted(&strategy, 1) < 100, "site 1 missed the rounds it was down");
+    assert!(
+        accepted(&strategy, 1) < 100,
+        "site 1 missed the rounds it was down"
+    );
     assert_rejoined_and_contributes(dir.path(), 1);
     let loss = strategy["final_val_loss"].as_f64().unwrap();
     assert_close_to_fault_free(loss);
@@ -273,50 +543,107 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
 /// Once site 1 (run with `--state-dir site1-state`) has saved its state, and `after` more: `kill -9`
 /// it, and 2.5 s later (past the 1.5 s idle timeout) start it again with `--resume`; it must say
 /// it resumed from its saved state.
-fn kill_and_resume_site_1(dir: &Path, site_processes: &mut [Guard], address: &str, after: Duration) {
-    wait_for_file(&dir.join("site1-state/current.json"), "site 1 saved no state");
+fn kill_and_resume_site_1(
+    dir: &Path,
+    site_processes: &mut [Guard],
+    address: &str,
+    after: Duration,
+) {
+    wait_for_file(
+        &dir.join("site1-state/current.json"),
+        "site 1 saved no state",
+    );
     std::thread::sleep(after);
     site_processes[1].0.kill().unwrap();
     let _ = site_processes[1].0.wait();
     std::thread::sleep(Duration::from_millis(2500));
-    site_processes[1] = start_site(dir, 1, address, &["--idle-timeout-ms", "1500", "--state-dir", "site1-state", "--resume"]);
+    site_processes[1] = start_site(
+        dir,
+        1,
+        address,
+        &[
+            "--idle-timeout-ms",
+            "1500",
+            "--state-dir",
+            "site1-state",
+            "--resume",
+        ],
+    );
     let printed = until_connected(&mut site_processes[1]);
-    assert!(printed.iter().any(|l| l.contains("resuming from its saved state after round")), "{printed:?}");
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.contains("resuming from its saved state after round")),
+        "{printed:?}"
+    );
 }
 
 /// Run `cluster` (3 sites), `kill -9` the coordinator once it has checkpointed a few rounds of
 /// `strategy_dir`, start it again with `--resume` on the same port; every process must finish.
 /// Returns the test directory and the run's summary.
-fn kill_and_resume_the_coordinator(cluster: &str, strategy_dir: &str) -> (tempfile::TempDir, serde_json::Value) {
+fn kill_and_resume_the_coordinator(
+    cluster: &str,
+    strategy_dir: &str,
+) -> (tempfile::TempDir, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
+    let sites: Vec<String> = (0..3)
+        .map(|k| keygen(dir.path(), &format!("site{k}.key")))
+        .collect();
     // A fixed port, so that the sites find the restarted coordinator where they left it.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let listen = format!("127.0.0.1:{port}");
     let flags = ["--idle-timeout-ms", "1500", "--listen", listen.as_str()];
     let (mut first, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &flags);
-    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "1500", "--reconnect-ms", "60000"])).collect();
+    let mut site_processes: Vec<Guard> = (0..3)
+        .map(|k| {
+            start_site(
+                dir.path(),
+                k,
+                &address,
+                &["--idle-timeout-ms", "1500", "--reconnect-ms", "60000"],
+            )
+        })
+        .collect();
     for site in &mut site_processes {
         until_connected(site);
     }
     // kill -9 once a few rounds are checkpointed.
-    let state = dir.path().join(format!("runs/cluster/coordinator-state/{strategy_dir}/current.json"));
+    let state = dir.path().join(format!(
+        "runs/cluster/coordinator-state/{strategy_dir}/current.json"
+    ));
     let started = Instant::now();
-    while !state.exists() || std::fs::read_to_string(&state).unwrap().contains("\"state-10\"") {
+    while !state.exists()
+        || std::fs::read_to_string(&state)
+            .unwrap()
+            .contains("\"state-10\"")
+    {
         assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint");
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
     first.0.kill().unwrap();
     let _ = first.0.wait();
-    assert!(!dir.path().join("out.json").exists(), "killed mid-run, not after the end");
+    assert!(
+        !dir.path().join("out.json").exists(),
+        "killed mid-run, not after the end"
+    );
     std::fs::remove_file(dir.path().join("address")).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let mut resumed_flags = flags.to_vec();
     resumed_flags.push("--resume");
-    let (mut second, _) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &resumed_flags);
-    all_finish(dir.path(), &mut site_processes, &mut second, Duration::from_secs(180));
+    let (mut second, _) =
+        start_coordinator(dir.path(), &coordinator, &sites, cluster, &resumed_flags);
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut second,
+        Duration::from_secs(180),
+    );
     let strategy = summary(dir.path());
     (dir, strategy)
 }
@@ -324,7 +651,10 @@ fn kill_and_resume_the_coordinator(cluster: &str, strategy_dir: &str) -> (tempfi
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_the_sites_reconnect() {
     let (_dir, strategy) = kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10");
-    assert_eq!(strategy["rounds"], 100, "every round ran once in the report");
+    assert_eq!(
+        strategy["rounds"], 100,
+        "every round ran once in the report"
+    );
     let loss = strategy["final_val_loss"].as_f64().unwrap();
     assert_close_to_fault_free(loss);
 }
@@ -333,11 +663,23 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_the_sites_reconn
 fn a_hung_site_does_not_stall_the_rounds_and_rejoins_when_it_wakes() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
+    let sites: Vec<String> = (0..3)
+        .map(|k| keygen(dir.path(), &format!("site{k}.key")))
+        .collect();
     // A long idle timeout: the frozen site stays connected, so only the deadline can help.
-    let flags = ["--idle-timeout-ms", "30000", "--quorum", "2", "--round-deadline-ms", "500"];
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, &long_cluster(), &flags);
-    let mut site_processes: Vec<Guard> = (0..3).map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "30000"])).collect();
+    let flags = [
+        "--idle-timeout-ms",
+        "30000",
+        "--quorum",
+        "2",
+        "--round-deadline-ms",
+        "500",
+    ];
+    let (mut coordinator_process, address) =
+        start_coordinator(dir.path(), &coordinator, &sites, &long_cluster(), &flags);
+    let mut site_processes: Vec<Guard> = (0..3)
+        .map(|k| start_site(dir.path(), k, &address, &["--idle-timeout-ms", "30000"]))
+        .collect();
     for site in &mut site_processes {
         until_connected(site);
     }
@@ -350,26 +692,64 @@ fn a_hung_site_does_not_stall_the_rounds_and_rejoins_when_it_wakes() {
     let frozen_at = checkpointed_step(dir.path(), "diloco-h10");
     let started = Instant::now();
     while checkpointed_step(dir.path(), "diloco-h10") < frozen_at + 80 {
-        assert!(started.elapsed() < Duration::from_secs(90), "rounds stalled behind the frozen site");
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "rounds stalled behind the frozen site"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     signal(&site_processes[2], "-CONT");
-    all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(180),
+    );
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
-    let missed: Vec<u64> = metrics(dir.path(), "missed").iter().filter(|m| m["site"] == 2).map(|m| m["round"].as_u64().unwrap()).collect();
+    let missed: Vec<u64> = metrics(dir.path(), "missed")
+        .iter()
+        .filter(|m| m["site"] == 2)
+        .map(|m| m["round"].as_u64().unwrap())
+        .collect();
     // A coordinator that waited on its send to the frozen site would have closed at most one or
     // two rounds (and the loop above would have timed out).
-    assert!(missed.len() >= 4, "the rounds went on while site 2 was frozen: missed {missed:?}");
+    assert!(
+        missed.len() >= 4,
+        "the rounds went on while site 2 was frozen: missed {missed:?}"
+    );
     // What it could not read piled up past the budget (4 copies of the parameters, so from the
     // fifth round it missed): it was asked to rejoin, and did.
     let refused = metrics(dir.path(), "refused");
-    assert!(refused.iter().any(|m| m["site"] == 2 && m["reason"].as_str().unwrap().contains("asked to rejoin")), "{refused:?}");
-    let site2: Vec<_> = ["refused", "joined", "missed"].iter().flat_map(|kind| metrics(dir.path(), kind)).filter(|m| m["site"] == 2).collect();
-    assert!(metrics(dir.path(), "joined").iter().any(|m| m["site"] == 2), "site 2 rejoined: {site2:?}\n{}", error_logs(dir.path()));
+    assert!(
+        refused
+            .iter()
+            .any(|m| m["site"] == 2 && m["reason"].as_str().unwrap().contains("asked to rejoin")),
+        "{refused:?}"
+    );
+    let site2: Vec<_> = ["refused", "joined", "missed"]
+        .iter()
+        .flat_map(|kind| metrics(dir.path(), kind))
+        .filter(|m| m["site"] == 2)
+        .collect();
+    assert!(
+        metrics(dir.path(), "joined").iter().any(|m| m["site"] == 2),
+        "site 2 rejoined: {site2:?}\n{}",
+        error_logs(dir.path())
+    );
     let last_missed = *missed.last().unwrap();
     let rounds = metrics(dir.path(), "round");
-    assert!(rounds.iter().any(|r| r["round"].as_u64().unwrap() > last_missed && r["update_norms"].as_array().unwrap().iter().any(|n| n[0] == 2)), "site 2 took part again after it woke");
+    assert!(
+        rounds
+            .iter()
+            .any(|r| r["round"].as_u64().unwrap() > last_missed
+                && r["update_norms"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n[0] == 2)),
+        "site 2 took part again after it woke"
+    );
     let loss = strategy["final_val_loss"].as_f64().unwrap();
     assert_close_to_fault_free(loss);
 }
@@ -382,30 +762,60 @@ struct Namespace {
 
 impl Namespace {
     fn ip(args: &[&str]) -> bool {
-        Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        Command::new("ip")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// `10.<a>.<b>.1` on the host side, `.2` inside; None when namespaces are not available.
     fn create(tag: u32) -> Option<(Namespace, String, String)> {
-        let (name, host_side, inside) = (format!("lowband-t{tag}"), format!("lbh{tag}"), format!("lbn{tag}"));
+        let (name, host_side, inside) = (
+            format!("lowband-t{tag}"),
+            format!("lbh{tag}"),
+            format!("lbn{tag}"),
+        );
         let (a, b) = (200 + (tag % 50), (tag / 50) % 250);
         let (host_ip, site_ip) = (format!("10.{a}.{b}.1"), format!("10.{a}.{b}.2"));
         if !Namespace::ip(&["netns", "add", &name]) {
             return None;
         }
-        let ns = Namespace { name: name.clone(), host_side: host_side.clone() };
-        let ok = Namespace::ip(&["link", "add", &host_side, "type", "veth", "peer", "name", &inside])
-            && Namespace::ip(&["link", "set", &inside, "netns", &name])
+        let ns = Namespace {
+            name: name.clone(),
+            host_side: host_side.clone(),
+        };
+        let ok = Namespace::ip(&[
+            "link", "add", &host_side, "type", "veth", "peer", "name", &inside,
+        ]) && Namespace::ip(&["link", "set", &inside, "netns", &name])
             && Namespace::ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &host_side])
             && Namespace::ip(&["link", "set", &host_side, "up"])
-            && Namespace::ip(&["-n", &name, "addr", "add", &format!("{site_ip}/24"), "dev", &inside])
+            && Namespace::ip(&[
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{site_ip}/24"),
+                "dev",
+                &inside,
+            ])
             && Namespace::ip(&["-n", &name, "link", "set", &inside, "up"])
             && Namespace::ip(&["-n", &name, "link", "set", "lo", "up"]);
         ok.then_some((ns, host_ip, site_ip))
     }
 
     fn link(&self, up: bool) {
-        assert!(Namespace::ip(&["link", "set", &self.host_side, if up { "up" } else { "down" }]), "ip link set {} failed", self.host_side);
+        assert!(
+            Namespace::ip(&[
+                "link",
+                "set",
+                &self.host_side,
+                if up { "up" } else { "down" }
+            ]),
+            "ip link set {} failed",
+            self.host_side
+        );
     }
 }
 
@@ -426,23 +836,82 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
     let Some((namespace, host_ip, _site_ip)) = Namespace::create(tag) else {
         // Not root, or no `ip netns` here: say so rather than pass silently.
         eprintln!("SKIPPED: network namespaces are not available (needs root and iproute2)");
-        assert!(std::env::var("LOWBAND_REQUIRE_NETNS").is_err(), "LOWBAND_REQUIRE_NETNS is set but namespaces are not available");
+        assert!(
+            std::env::var("LOWBAND_REQUIRE_NETNS").is_err(),
+            "LOWBAND_REQUIRE_NETNS is set but namespaces are not available"
+        );
         return;
     };
-    assert!(Command::new("tc").args(["qdisc", "add", "dev", &namespace.host_side, "root", "tbf", "rate", "100mbit", "burst", "64kb", "latency", "50ms"]).status().unwrap().success(), "tc tbf");
+    assert!(
+        Command::new("tc")
+            .args([
+                "qdisc",
+                "add",
+                "dev",
+                &namespace.host_side,
+                "root",
+                "tbf",
+                "rate",
+                "100mbit",
+                "burst",
+                "64kb",
+                "latency",
+                "50ms"
+            ])
+            .status()
+            .unwrap()
+            .success(),
+        "tc tbf"
+    );
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites: Vec<String> = (0..3).map(|k| keygen(dir.path(), &format!("site{k}.key"))).collect();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sites: Vec<String> = (0..3)
+        .map(|k| keygen(dir.path(), &format!("site{k}.key")))
+        .collect();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let listen = format!("0.0.0.0:{port}");
-    let (mut coordinator_process, _) = start_coordinator(dir.path(), &coordinator, &sites, &long_cluster(), &["--idle-timeout-ms", "1500", "--listen", &listen]);
+    let (mut coordinator_process, _) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        &long_cluster(),
+        &["--idle-timeout-ms", "1500", "--listen", &listen],
+    );
     let local = format!("127.0.0.1:{port}");
     let remote = format!("{host_ip}:{port}");
     let site_flags = ["--idle-timeout-ms", "1500", "--reconnect-ms", "60000"];
-    let mut site_processes = vec![start_site(dir.path(), 0, &local, &site_flags), start_site(dir.path(), 1, &local, &site_flags)];
-    let mut args = vec!["netns", "exec", namespace.name.as_str(), env!("CARGO_BIN_EXE_lowband"), "site", "--config", "cluster.toml", "--key", "site2.key", "--join", remote.as_str()];
+    let mut site_processes = vec![
+        start_site(dir.path(), 0, &local, &site_flags),
+        start_site(dir.path(), 1, &local, &site_flags),
+    ];
+    let mut args = vec![
+        "netns",
+        "exec",
+        namespace.name.as_str(),
+        env!("CARGO_BIN_EXE_lowband"),
+        "site",
+        "--config",
+        "cluster.toml",
+        "--key",
+        "site2.key",
+        "--join",
+        remote.as_str(),
+    ];
     args.extend_from_slice(&site_flags);
-    site_processes.push(Guard(Command::new("ip").args(&args).current_dir(dir.path()).env("RAYON_NUM_THREADS", "1").stdout(Stdio::piped()).stderr(error_log(dir.path(), "site2")).spawn().unwrap()));
+    site_processes.push(Guard(
+        Command::new("ip")
+            .args(&args)
+            .current_dir(dir.path())
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(error_log(dir.path(), "site2"))
+            .spawn()
+            .unwrap(),
+    ));
     for site in &mut site_processes {
         until_connected(site);
     }
@@ -450,11 +919,19 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
     namespace.link(false);
     std::thread::sleep(Duration::from_millis(4000));
     namespace.link(true);
-    all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(180),
+    );
     let strategy = summary(dir.path());
     assert_eq!(strategy["rounds"], 100, "every round ran");
     assert_eq!((accepted(&strategy, 0), accepted(&strategy, 1)), (100, 100));
-    assert!(accepted(&strategy, 2) < 100, "the cut-off site missed rounds");
+    assert!(
+        accepted(&strategy, 2) < 100,
+        "the cut-off site missed rounds"
+    );
     assert_rejoined_and_contributes(dir.path(), 2);
     let loss = strategy["final_val_loss"].as_f64().unwrap();
     assert_close_to_fault_free(loss);
@@ -466,42 +943,108 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
 fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
-    let sites = vec![keygen(dir.path(), "site0.key"), keygen(dir.path(), "site1.key")];
-    let (mut coordinator_process, address) = start_coordinator(dir.path(), &coordinator, &sites, SMALL_CLUSTER, &["--name", "net"]);
+    let sites = vec![
+        keygen(dir.path(), "site0.key"),
+        keygen(dir.path(), "site1.key"),
+    ];
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        SMALL_CLUSTER,
+        &["--name", "net"],
+    );
     let mut shapers = Vec::new();
     let mut site_processes = Vec::new();
     for k in 0..2 {
         let file = format!("shaper{k}");
         let seed = k.to_string();
-        let args = ["shape", "--listen", "127.0.0.1:0", "--to", &address, "--bandwidth-mbit", "20", "--latency-ms", "15", "--jitter-ms", "5", "--loss", "0.03", "--seed", &seed, "--address-file", &file];
-        shapers.push(Guard(lowband(dir.path()).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()));
+        let args = [
+            "shape",
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            &address,
+            "--bandwidth-mbit",
+            "20",
+            "--latency-ms",
+            "15",
+            "--jitter-ms",
+            "5",
+            "--loss",
+            "0.03",
+            "--seed",
+            &seed,
+            "--address-file",
+            &file,
+        ];
+        shapers.push(Guard(
+            lowband(dir.path())
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
         wait_for_file(&dir.path().join(&file), "a shaper never listened");
         let through = std::fs::read_to_string(dir.path().join(&file)).unwrap();
         site_processes.push(start_site(dir.path(), k, &through, &[]));
     }
-    all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(120));
-    let networked: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(120),
+    );
+    let networked: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
     let memory = small_run_in_memory(dir.path());
-    assert_eq!(networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"], "bitwise the same model across the shaped links");
+    assert_eq!(
+        networked["strategies"][0]["final_val_loss"], memory["strategies"][0]["final_val_loss"],
+        "bitwise the same model across the shaped links"
+    );
 }
 
 /// The step of the coordinator's last checkpoint of `strategy_dir` (0 before the first).
 fn checkpointed_step(dir: &Path, strategy_dir: &str) -> u64 {
-    let current = std::fs::read_to_string(dir.join(format!("runs/cluster/coordinator-state/{strategy_dir}/current.json"))).unwrap_or_default();
+    let current = std::fs::read_to_string(dir.join(format!(
+        "runs/cluster/coordinator-state/{strategy_dir}/current.json"
+    )))
+    .unwrap_or_default();
     let value: serde_json::Value = serde_json::from_str(&current).unwrap_or_default();
-    value["dir"].as_str().and_then(|d| d.strip_prefix("state-")).and_then(|n| n.parse().ok()).unwrap_or(0)
+    value["dir"]
+        .as_str()
+        .and_then(|d| d.strip_prefix("state-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Keys, a coordinator running `cluster` and 3 site processes, every site connected. `{k}` in a
 /// site flag becomes the site's number.
-fn start_cluster(dir: &Path, cluster: &str, coordinator_flags: &[&str], site_flags: &[&str]) -> (Guard, Vec<Guard>) {
+fn start_cluster(
+    dir: &Path,
+    cluster: &str,
+    coordinator_flags: &[&str],
+    site_flags: &[&str],
+) -> (Guard, Vec<Guard>) {
     let coordinator = keygen(dir, "coordinator.key");
-    let sites: Vec<String> = (0..3).map(|k| keygen(dir, &format!("site{k}.key"))).collect();
-    let (coordinator_process, address) = start_coordinator(dir, &coordinator, &sites, cluster, coordinator_flags);
+    let sites: Vec<String> = (0..3)
+        .map(|k| keygen(dir, &format!("site{k}.key")))
+        .collect();
+    let (coordinator_process, address) =
+        start_coordinator(dir, &coordinator, &sites, cluster, coordinator_flags);
     let mut site_processes: Vec<Guard> = (0..3)
         .map(|k| {
-            let flags: Vec<String> = site_flags.iter().map(|f| f.replace("{k}", &k.to_string())).collect();
-            start_site(dir, k, &address, &flags.iter().map(|f| f.as_str()).collect::<Vec<_>>())
+            let flags: Vec<String> = site_flags
+                .iter()
+                .map(|f| f.replace("{k}", &k.to_string()))
+                .collect();
+            start_site(
+                dir,
+                k,
+                &address,
+                &flags.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+            )
         })
         .collect();
     for site in &mut site_processes {
@@ -517,18 +1060,40 @@ fn a_site_interrupted_with_ctrl_c_leaves_at_once() {
     // A round site and a streaming one (which trains on while its merges travel).
     for cluster in [long_cluster(), streaming_cluster()] {
         let dir = tempfile::tempdir().unwrap();
-        let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &cluster, &["--idle-timeout-ms", "120000"], &["--idle-timeout-ms", "120000"]);
+        let (mut coordinator_process, mut site_processes) = start_cluster(
+            dir.path(),
+            &cluster,
+            &["--idle-timeout-ms", "120000"],
+            &["--idle-timeout-ms", "120000"],
+        );
         std::thread::sleep(Duration::from_millis(500));
         signal(&site_processes[1], "-INT");
-        assert!(wait(&mut site_processes[1], Duration::from_secs(60)).success(), "the interrupted site exits cleanly\n{}", error_logs(dir.path()));
+        assert!(
+            wait(&mut site_processes[1], Duration::from_secs(60)).success(),
+            "the interrupted site exits cleanly\n{}",
+            error_logs(dir.path())
+        );
         for k in [0, 2] {
-            assert!(wait(&mut site_processes[k], Duration::from_secs(60)).success(), "site {k} failed\n{}", error_logs(dir.path()));
+            assert!(
+                wait(&mut site_processes[k], Duration::from_secs(60)).success(),
+                "site {k} failed\n{}",
+                error_logs(dir.path())
+            );
         }
         // Well inside the idle timeout: nobody waited for it.
-        assert!(wait(&mut coordinator_process, Duration::from_secs(60)).success(), "the coordinator failed\n{}", error_logs(dir.path()));
+        assert!(
+            wait(&mut coordinator_process, Duration::from_secs(60)).success(),
+            "the coordinator failed\n{}",
+            error_logs(dir.path())
+        );
         let strategy = summary(dir.path());
-        assert!(accepted(&strategy, 1) < accepted(&strategy, 0), "site 1 stopped contributing");
-        let left = metrics(dir.path(), "refused").iter().any(|m| m["site"] == 1 && m["reason"].as_str().unwrap().contains("leaving"));
+        assert!(
+            accepted(&strategy, 1) < accepted(&strategy, 0),
+            "site 1 stopped contributing"
+        );
+        let left = metrics(dir.path(), "refused")
+            .iter()
+            .any(|m| m["site"] == 1 && m["reason"].as_str().unwrap().contains("leaving"));
         assert!(left, "the coordinator logged the leave");
     }
 }
@@ -540,14 +1105,35 @@ fn a_site_interrupted_with_ctrl_c_leaves_at_once() {
 #[test]
 fn a_streaming_site_killed_mid_run_restarts_and_trains_on() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coordinator_process, mut site_processes) = start_cluster(dir.path(), &streaming_cluster(), &["--idle-timeout-ms", "1500"], &["--idle-timeout-ms", "1500", "--state-dir", "site{k}-state"]);
+    let (mut coordinator_process, mut site_processes) = start_cluster(
+        dir.path(),
+        &streaming_cluster(),
+        &["--idle-timeout-ms", "1500"],
+        &["--idle-timeout-ms", "1500", "--state-dir", "site{k}-state"],
+    );
     let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
-    kill_and_resume_site_1(dir.path(), &mut site_processes, &address, Duration::from_millis(1000));
-    all_finish(dir.path(), &mut site_processes, &mut coordinator_process, Duration::from_secs(180));
+    kill_and_resume_site_1(
+        dir.path(),
+        &mut site_processes,
+        &address,
+        Duration::from_millis(1000),
+    );
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(180),
+    );
     let strategy = summary(dir.path());
     let memory = streaming_in_memory(dir.path());
-    assert_eq!(strategy["rounds"], memory["strategies"][0]["rounds"], "every sync ran");
-    assert!(accepted(&strategy, 1) < accepted(&strategy, 0), "site 1 missed the syncs it was down");
+    assert_eq!(
+        strategy["rounds"], memory["strategies"][0]["rounds"],
+        "every sync ran"
+    );
+    assert!(
+        accepted(&strategy, 1) < accepted(&strategy, 0),
+        "site 1 missed the syncs it was down"
+    );
     assert_rejoined_and_contributes(dir.path(), 1);
     assert_close_to_streaming(&strategy, &memory);
 }
@@ -559,8 +1145,27 @@ fn streaming_cluster() -> String {
 
 /// The same streaming run in memory, fault-free.
 fn streaming_in_memory(dir: &Path) -> serde_json::Value {
-    std::fs::write(dir.join("memory.toml"), format!("strategies = [\"streaming@40\"]\nsites = 3\n{LONG_RUN}[optimizer]\n{LONG_OPTIMIZER}")).unwrap();
-    let o = lowband(dir).args(["compare", "--config", "memory.toml", "--corpus-bytes", "200000", "--json", "memory.json", "--name", "memory"]).output().unwrap();
+    std::fs::write(
+        dir.join("memory.toml"),
+        format!(
+            "strategies = [\"streaming@40\"]\nsites = 3\n{LONG_RUN}[optimizer]\n{LONG_OPTIMIZER}"
+        ),
+    )
+    .unwrap();
+    let o = lowband(dir)
+        .args([
+            "compare",
+            "--config",
+            "memory.toml",
+            "--corpus-bytes",
+            "200000",
+            "--json",
+            "memory.json",
+            "--name",
+            "memory",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&std::fs::read(dir.join("memory.json")).unwrap()).unwrap()
 }
@@ -568,9 +1173,15 @@ fn streaming_in_memory(dir: &Path) -> serde_json::Value {
 /// Within 5% of the fault-free streaming run (the fault-free band of the round strategy is
 /// ±1.2% over seeds and a fault has moved it by up to 1.5%; a stalled run stays near 2.88).
 fn assert_close_to_streaming(strategy: &serde_json::Value, memory: &serde_json::Value) {
-    let (loss, reference) = (strategy["final_val_loss"].as_f64().unwrap(), memory["strategies"][0]["final_val_loss"].as_f64().unwrap());
+    let (loss, reference) = (
+        strategy["final_val_loss"].as_f64().unwrap(),
+        memory["strategies"][0]["final_val_loss"].as_f64().unwrap(),
+    );
     eprintln!("streaming: final validation loss {loss}; fault-free in memory {reference}");
-    assert!((loss / reference - 1.0).abs() < 0.05, "{loss} vs {reference}");
+    assert!(
+        (loss / reference - 1.0).abs() < 0.05,
+        "{loss} vs {reference}"
+    );
 }
 
 /// Streaming, coordinator `kill -9` and `--resume`: the sites reconnect, get the parameters in
@@ -579,6 +1190,9 @@ fn assert_close_to_streaming(strategy: &serde_json::Value, memory: &serde_json::
 fn a_streaming_cluster_survives_a_coordinator_crash() {
     let (dir, strategy) = kill_and_resume_the_coordinator(&streaming_cluster(), "streaming-h40");
     let memory = streaming_in_memory(dir.path());
-    assert_eq!(strategy["rounds"], memory["strategies"][0]["rounds"], "every sync ran once in the report");
+    assert_eq!(
+        strategy["rounds"], memory["strategies"][0]["rounds"],
+        "every sync ran once in the report"
+    );
     assert_close_to_streaming(&strategy, &memory);
 }

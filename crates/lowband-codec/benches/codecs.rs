@@ -45,7 +45,9 @@ fn benches(c: &mut Criterion) {
     group.warm_up_time(std::time::Duration::from_millis(500));
     group.measurement_time(std::time::Duration::from_secs(3));
     let mut copy = vec![0.0f32; PARAMS];
-    group.bench_function("memcpy", |b| b.iter(|| copy.copy_from_slice(black_box(&values))));
+    group.bench_function("memcpy", |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&values)))
+    });
     for (name, spec) in CODECS {
         let spec: CodecSpec = spec.parse().unwrap();
         let mut codec = build(&spec).unwrap();
@@ -57,14 +59,17 @@ fn benches(c: &mut Criterion) {
             })
         });
         let mut out = vec![0.0f32; PARAMS];
-        group.bench_function(format!("decode/{name}"), |b| b.iter(|| codec.decode(black_box(&payload), &mut out).unwrap()));
+        group.bench_function(format!("decode/{name}"), |b| {
+            b.iter(|| codec.decode(black_box(&payload), &mut out).unwrap())
+        });
     }
     group.finish();
 }
 
 /// Mean time of a benchmark from criterion's estimates file, in seconds.
 fn mean_seconds(id: &str) -> Option<f64> {
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").into());
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").into());
     let path = format!("{dir}/criterion/codec/{id}/new/estimates.json");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     Some(json["mean"]["point_estimate"].as_f64()? * 1e-9)
@@ -75,14 +80,27 @@ fn main() {
     benches(&mut criterion);
     criterion.final_summary();
     let gigabytes = (PARAMS * 4) as f64 / 1e9;
-    let Some(copy) = mean_seconds("memcpy") else { return };
+    let Some(copy) = mean_seconds("memcpy") else {
+        return;
+    };
     println!("\n10M-parameter delta (40 MB of f32); GB/s of input (encode) or output (decode)");
     println!("| codec | bits/param | encode GB/s | of memcpy | decode GB/s | of memcpy |\n|---|---|---|---|---|---|");
     println!("| memcpy | 32 | {:.2} | 100% | | |", gigabytes / copy);
     for (name, spec) in CODECS {
         let spec: CodecSpec = spec.parse().unwrap();
-        let (Some(e), Some(d)) = (mean_seconds(&format!("encode_{name}")), mean_seconds(&format!("decode_{name}"))) else { continue };
+        let (Some(e), Some(d)) = (
+            mean_seconds(&format!("encode_{name}")),
+            mean_seconds(&format!("decode_{name}")),
+        ) else {
+            continue;
+        };
         let bits = spec.payload_bytes(PARAMS) as f64 * 8.0 / PARAMS as f64;
-        println!("| {name} | {bits:.3} | {:.2} | {:.0}% | {:.2} | {:.0}% |", gigabytes / e, 100.0 * copy / e, gigabytes / d, 100.0 * copy / d);
+        println!(
+            "| {name} | {bits:.3} | {:.2} | {:.0}% | {:.2} | {:.0}% |",
+            gigabytes / e,
+            100.0 * copy / e,
+            gigabytes / d,
+            100.0 * copy / d
+        );
     }
 }

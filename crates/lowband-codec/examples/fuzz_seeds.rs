@@ -4,7 +4,11 @@
 use lowband_codec::{build, CodecSpec};
 
 fn main() -> std::io::Result<()> {
-    let root = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
+    let root = std::path::PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "fuzz/corpus".into()),
+    );
     let targets = [
         ("decode_fp32", "fp32"),
         ("decode_fp16", "fp16:chunk=64"),
@@ -19,7 +23,9 @@ fn main() -> std::io::Result<()> {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;
         for (i, len) in [1usize, 7, 64, 65, 300].into_iter().enumerate() {
-            let values: Vec<f32> = (0..len).map(|j| ((j * 7919 + i) % 97) as f32 * 0.01 - 0.4).collect();
+            let values: Vec<f32> = (0..len)
+                .map(|j| ((j * 7919 + i) % 97) as f32 * 0.01 - 0.4)
+                .collect();
             let mut payload = Vec::new();
             build(&spec).expect("valid").encode(&values, &mut payload);
             std::fs::write(dir.join(format!("seed-{len}")), payload)?;

@@ -12,7 +12,11 @@ pub(crate) struct BitWriter<'a> {
 
 impl<'a> BitWriter<'a> {
     pub fn new(out: &'a mut Vec<u8>) -> Self {
-        BitWriter { out, buffer: 0, filled: 0 }
+        BitWriter {
+            out,
+            buffer: 0,
+            filled: 0,
+        }
     }
 
     /// Bits in the vector so far, the pending ones included.
@@ -77,7 +81,12 @@ pub(crate) struct BitReader<'a> {
 
 impl<'a> BitReader<'a> {
     pub fn new(bytes: &'a [u8]) -> Self {
-        BitReader { bytes, next_byte: 0, buffer: 0, filled: 0 }
+        BitReader {
+            bytes,
+            next_byte: 0,
+            buffer: 0,
+            filled: 0,
+        }
     }
 
     #[inline]
@@ -129,7 +138,11 @@ pub(crate) fn elias_fano_write(writer: &mut BitWriter, positions: &[u32], len: u
     }
     // Upper parts in unary: position i's high part h sets bit h + i of a (k + max_high)-bit vector.
     let upper_len = k + ((len - 1) >> low);
-    let mut next_one = positions.iter().enumerate().map(|(i, &p)| (p >> low) as usize + i).peekable();
+    let mut next_one = positions
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (p >> low) as usize + i)
+        .peekable();
     let mut word = 0u32;
     let mut word_bits = 0u32;
     for bit in 0..upper_len {
@@ -219,13 +232,22 @@ mod tests {
 
     #[test]
     fn elias_fano_round_trips_and_matches_its_size() {
-        let cases: &[(&[u32], usize)] = &[(&[0], 1), (&[3], 4), (&[0, 1, 2, 3], 4), (&[5, 77, 4095], 4096), (&[1, 2, 900, 1000, 1023], 1024)];
+        let cases: &[(&[u32], usize)] = &[
+            (&[0], 1),
+            (&[3], 4),
+            (&[0, 1, 2, 3], 4),
+            (&[5, 77, 4095], 4096),
+            (&[1, 2, 900, 1000, 1023], 1024),
+        ];
         for &(positions, len) in cases {
             let mut bytes = Vec::new();
             let mut writer = BitWriter::new(&mut bytes);
             elias_fano_write(&mut writer, positions, len);
             writer.finish();
-            assert_eq!(bytes.len(), elias_fano_bits(len, positions.len()).div_ceil(8));
+            assert_eq!(
+                bytes.len(),
+                elias_fano_bits(len, positions.len()).div_ceil(8)
+            );
             let mut out = vec![0u32; positions.len()];
             elias_fano_read(&mut BitReader::new(&bytes), &mut out, len).unwrap();
             assert_eq!(out, positions);
@@ -236,7 +258,9 @@ mod tests {
     #[test]
     fn appended_streams_equal_one_stream() {
         // Pieces of 0..40 bits at every alignment, written once straight and once as streams.
-        let pieces: Vec<(u32, u32)> = (0..60u32).map(|i| (i.wrapping_mul(2_654_435_761), (i * 7) % 33)).collect();
+        let pieces: Vec<(u32, u32)> = (0..60u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761), (i * 7) % 33))
+            .collect();
         let mut straight = Vec::new();
         let mut writer = BitWriter::new(&mut straight);
         for &(value, width) in &pieces {

@@ -57,7 +57,11 @@ impl HalfFloat {
             CodecSpec::Bf16 { chunk } => (true, chunk),
             _ => unreachable!("HalfFloat is built for fp16 and bf16 only"),
         };
-        HalfFloat { spec, brain, chunk: chunk as usize }
+        HalfFloat {
+            spec,
+            brain,
+            chunk: chunk as usize,
+        }
     }
 }
 
@@ -77,7 +81,11 @@ impl Codec for HalfFloat {
             for &v in chunk {
                 // Division, not a reciprocal: 1 / a subnormal scale overflows.
                 let unit = v / scale;
-                let bits = if self.brain { bf16::from_f32(unit).to_bits() } else { f16::from_f32(unit).to_bits() };
+                let bits = if self.brain {
+                    bf16::from_f32(unit).to_bits()
+                } else {
+                    f16::from_f32(unit).to_bits()
+                };
                 out.extend_from_slice(&bits.to_le_bytes());
             }
         }
@@ -91,15 +99,23 @@ impl Codec for HalfFloat {
         for (c, chunk) in out.chunks_mut(self.chunk).enumerate() {
             let scale = read_f32(payload, scales_at + 4 * c);
             if !(scale.is_finite() && scale > 0.0) {
-                return Err(CodecError::NonFinite { index: c * self.chunk });
+                return Err(CodecError::NonFinite {
+                    index: c * self.chunk,
+                });
             }
             for (i, o) in chunk.iter_mut().enumerate() {
                 let b = halves.next().expect("length checked");
                 let bits = u16::from_le_bytes([b[0], b[1]]);
-                let unit = if self.brain { bf16::from_bits(bits).to_f32() } else { f16::from_bits(bits).to_f32() };
+                let unit = if self.brain {
+                    bf16::from_bits(bits).to_f32()
+                } else {
+                    f16::from_bits(bits).to_f32()
+                };
                 let v = unit * scale;
                 if !v.is_finite() {
-                    return Err(CodecError::NonFinite { index: c * self.chunk + i });
+                    return Err(CodecError::NonFinite {
+                        index: c * self.chunk + i,
+                    });
                 }
                 *o = v;
             }
@@ -132,12 +148,32 @@ pub struct Int {
 
 impl Int {
     pub fn new(spec: CodecSpec) -> Self {
-        let CodecSpec::Int { bits, chunk, range, rounding, seed } = spec else { unreachable!("Int is built for int codecs only") };
-        Int { spec, bits: bits as u32, chunk: chunk as usize, range, rounding, random: SplitMix64(seed) }
+        let CodecSpec::Int {
+            bits,
+            chunk,
+            range,
+            rounding,
+            seed,
+        } = spec
+        else {
+            unreachable!("Int is built for int codecs only")
+        };
+        Int {
+            spec,
+            bits: bits as u32,
+            chunk: chunk as usize,
+            range,
+            rounding,
+            random: SplitMix64(seed),
+        }
     }
 
     fn range_of(&self, chunk: &[f32]) -> (f32, f32) {
-        let (min, max) = chunk.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (min, max) = chunk
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
         if !(min.is_finite() && max.is_finite()) {
             return (0.0, 0.0);
         }
@@ -146,9 +182,16 @@ impl Int {
             Range::Std(k) => {
                 let n = chunk.len() as f64;
                 let mean = chunk.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = chunk.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                let var = chunk
+                    .iter()
+                    .map(|&v| (v as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
                 let half_width = k as f64 * var.sqrt();
-                (((mean - half_width).max(min as f64)) as f32, ((mean + half_width).min(max as f64)) as f32)
+                (
+                    ((mean - half_width).max(min as f64)) as f32,
+                    ((mean + half_width).min(max as f64)) as f32,
+                )
             }
         }
     }
@@ -170,7 +213,10 @@ impl Codec for Int {
     fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(self.payload_bytes(values.len()));
         self.spec.write_header(count_u32(values), 0, out);
-        let ranges: Vec<(f32, f32)> = values.chunks(self.chunk).map(|chunk| self.range_of(chunk)).collect();
+        let ranges: Vec<(f32, f32)> = values
+            .chunks(self.chunk)
+            .map(|chunk| self.range_of(chunk))
+            .collect();
         for (lo, hi) in &ranges {
             out.extend_from_slice(&lo.to_le_bytes());
             out.extend_from_slice(&hi.to_le_bytes());
@@ -183,12 +229,22 @@ impl Codec for Int {
             let width = hi - lo;
             let per_unit = if width > 0.0 { levels / width } else { 0.0 };
             let fast = width.is_finite() && per_unit.is_finite();
-            let per_unit_wide = if hi as f64 > lo as f64 { levels as f64 / (hi as f64 - lo as f64) } else { 0.0 };
+            let per_unit_wide = if hi as f64 > lo as f64 {
+                levels as f64 / (hi as f64 - lo as f64)
+            } else {
+                0.0
+            };
             for &v in chunk {
-                let position = if fast { ((v - lo) * per_unit).clamp(0.0, levels) } else { ((v as f64 - lo as f64) * per_unit_wide).clamp(0.0, levels as f64) as f32 };
+                let position = if fast {
+                    ((v - lo) * per_unit).clamp(0.0, levels)
+                } else {
+                    ((v as f64 - lo as f64) * per_unit_wide).clamp(0.0, levels as f64) as f32
+                };
                 let code = match self.rounding {
                     Rounding::Nearest => position.round(),
-                    Rounding::Stochastic => (position + self.random.next_unit_f32()).floor().min(levels),
+                    Rounding::Stochastic => {
+                        (position + self.random.next_unit_f32()).floor().min(levels)
+                    }
                 };
                 writer.write(code as u32, self.bits);
             }
@@ -206,7 +262,9 @@ impl Codec for Int {
             let lo = read_f32(payload, ranges_at + 8 * c);
             let hi = read_f32(payload, ranges_at + 8 * c + 4);
             if !(lo.is_finite() && hi.is_finite()) {
-                return Err(CodecError::NonFinite { index: c * self.chunk });
+                return Err(CodecError::NonFinite {
+                    index: c * self.chunk,
+                });
             }
             if lo > hi {
                 return Err(CodecError::Malformed("a chunk's range has lo > hi"));

@@ -17,7 +17,12 @@ pub struct ErrorFeedback {
 
 impl ErrorFeedback {
     pub fn new(params: usize, decay: f32) -> Self {
-        ErrorFeedback { residual: vec![0.0; params], input: vec![0.0; params], decoded: vec![0.0; params], decay }
+        ErrorFeedback {
+            residual: vec![0.0; params],
+            input: vec![0.0; params],
+            decoded: vec![0.0; params],
+            decay,
+        }
     }
 
     pub fn decay(&self) -> f32 {
@@ -35,8 +40,17 @@ impl ErrorFeedback {
 
     /// Encode `delta` plus the kept residual; append the payload to `out`; return what the
     /// receiver will decode in `self.decoded()`.
-    pub fn encode(&mut self, codec: &mut dyn Codec, delta: &[f32], out: &mut Vec<u8>) -> Result<(), CodecError> {
-        assert_eq!(delta.len(), self.residual.len(), "error feedback was built for another parameter count");
+    pub fn encode(
+        &mut self,
+        codec: &mut dyn Codec,
+        delta: &[f32],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        assert_eq!(
+            delta.len(),
+            self.residual.len(),
+            "error feedback was built for another parameter count"
+        );
         for ((i, r), d) in self.input.iter_mut().zip(&self.residual).zip(delta) {
             *i = self.decay * r + d;
         }

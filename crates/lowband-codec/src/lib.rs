@@ -18,8 +18,8 @@
 mod bits;
 mod dense;
 mod feedback;
-mod spec;
 mod sparse;
+mod spec;
 
 pub use dense::Fp32;
 pub use feedback::ErrorFeedback;
@@ -120,7 +120,9 @@ pub fn build(spec: &CodecSpec) -> Result<Box<dyn Codec>, CodecError> {
         CodecSpec::Fp32 => Box::new(dense::Fp32),
         CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => Box::new(dense::HalfFloat::new(*spec)),
         CodecSpec::Int { .. } => Box::new(dense::Int::new(*spec)),
-        CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. } => Box::new(sparse::Sparse::new(*spec)),
+        CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. } => {
+            Box::new(sparse::Sparse::new(*spec))
+        }
     })
 }
 
@@ -138,7 +140,12 @@ pub struct PacketInfo {
 pub fn describe(payload: &[u8]) -> Result<PacketInfo, CodecError> {
     let (spec, count) = spec::read_header(payload)?;
     let payload_bytes = spec.payload_bytes(count);
-    Ok(PacketInfo { bits_per_param: 8.0 * payload_bytes as f64 / count.max(1) as f64, spec, count, payload_bytes })
+    Ok(PacketInfo {
+        bits_per_param: 8.0 * payload_bytes as f64 / count.max(1) as f64,
+        spec,
+        count,
+        payload_bytes,
+    })
 }
 
 /// Decode a payload of any codec into `out` (whose length is the expected count).
@@ -150,33 +157,61 @@ pub fn decode_any(payload: &[u8], out: &mut [f32]) -> Result<CodecSpec, CodecErr
 }
 
 /// Checks shared by every decoder: id, version, count, the codec's own parameters, exact length.
-pub(crate) fn check_payload(spec: &CodecSpec, payload: &[u8], expected_count: usize) -> Result<(), CodecError> {
+pub(crate) fn check_payload(
+    spec: &CodecSpec,
+    payload: &[u8],
+    expected_count: usize,
+) -> Result<(), CodecError> {
     let (found, count) = spec::read_header(payload)?;
     if found.id() != spec.id() {
-        return Err(CodecError::WrongCodec { expected: spec.id(), found: found.id() });
+        return Err(CodecError::WrongCodec {
+            expected: spec.id(),
+            found: found.id(),
+        });
     }
     if count != expected_count {
-        return Err(CodecError::WrongLength { expected: expected_count, found: count as u64 });
+        return Err(CodecError::WrongLength {
+            expected: expected_count,
+            found: count as u64,
+        });
     }
     if !found.same_wire_parameters(spec) {
-        return Err(CodecError::WrongParameters { expected: spec.to_string(), found: found.to_string() });
+        return Err(CodecError::WrongParameters {
+            expected: spec.to_string(),
+            found: found.to_string(),
+        });
     }
     let needed = spec.payload_bytes(count);
     if payload.len() < needed {
-        return Err(CodecError::Truncated { len: payload.len(), needed });
+        return Err(CodecError::Truncated {
+            len: payload.len(),
+            needed,
+        });
     }
     if payload.len() > needed {
-        return Err(CodecError::TrailingBytes { extra: payload.len() - needed });
+        return Err(CodecError::TrailingBytes {
+            extra: payload.len() - needed,
+        });
     }
     Ok(())
 }
 
 pub(crate) fn read_f32(bytes: &[u8], offset: usize) -> f32 {
-    f32::from_le_bytes([bytes[offset], bytes[offset + 1], bytes[offset + 2], bytes[offset + 3]])
+    f32::from_le_bytes([
+        bytes[offset],
+        bytes[offset + 1],
+        bytes[offset + 2],
+        bytes[offset + 3],
+    ])
 }
 
 pub(crate) fn read_u32(bytes: &[u8], offset: usize) -> u32 {
-    u32::from_le_bytes([bytes[offset], bytes[offset + 1], bytes[offset + 2], bytes[offset + 3]])
+    u32::from_le_bytes([
+        bytes[offset],
+        bytes[offset + 1],
+        bytes[offset + 2],
+        bytes[offset + 3],
+    ])
 }
 
 pub(crate) fn count_u32(values: &[f32]) -> u32 {

@@ -58,12 +58,21 @@ impl Sparse {
     pub fn new(spec: CodecSpec) -> Self {
         let (kind, chunk, values, seed) = match spec {
             CodecSpec::TopK { chunk, values, .. } => (Kind::TopK, chunk, values, 0),
-            CodecSpec::RandomK { chunk, values, seed, .. } => (Kind::RandomK, chunk, values, seed),
+            CodecSpec::RandomK {
+                chunk,
+                values,
+                seed,
+                ..
+            } => (Kind::RandomK, chunk, values, seed),
             CodecSpec::DctTopK { chunk, values, .. } => (Kind::Dct, chunk, values, 0),
             _ => unreachable!("Sparse is built for sparse codecs only"),
         };
         let chunk = chunk as usize;
-        let (basis, plan) = if kind == Kind::Dct { (dct_basis(chunk), Some(DctPlanner::new().plan_dct2(chunk))) } else { (Vec::new(), None) };
+        let (basis, plan) = if kind == Kind::Dct {
+            (dct_basis(chunk), Some(DctPlanner::new().plan_dct2(chunk)))
+        } else {
+            (Vec::new(), None)
+        };
         Sparse {
             spec,
             kind,
@@ -81,8 +90,19 @@ impl Sparse {
 
     fn scratch(&self) -> Scratch {
         let transform = self.plan.as_ref().map_or(0, |p| p.get_scratch_len());
-        let signal = if self.kind == Kind::Dct { vec![0.0; self.chunk] } else { Vec::new() };
-        Scratch { candidates: Vec::with_capacity(self.chunk), magnitudes: Vec::with_capacity(self.chunk), positions: Vec::with_capacity(self.chunk), kept: Vec::with_capacity(self.chunk), signal, transform: vec![0.0; transform] }
+        let signal = if self.kind == Kind::Dct {
+            vec![0.0; self.chunk]
+        } else {
+            Vec::new()
+        };
+        Scratch {
+            candidates: Vec::with_capacity(self.chunk),
+            magnitudes: Vec::with_capacity(self.chunk),
+            positions: Vec::with_capacity(self.chunk),
+            kept: Vec::with_capacity(self.chunk),
+            signal,
+            transform: vec![0.0; transform],
+        }
     }
 
     /// One `topk` or `dct` chunk into the bit stream: `dct` transforms it first (and writes its
@@ -97,7 +117,11 @@ impl Sparse {
                 let m = max_abs(chunk);
                 let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
                 // Division, not a reciprocal: 1 / a subnormal scale overflows.
-                for (unit, x) in scratch.signal.iter_mut().zip(chunk.iter().chain(std::iter::repeat(&0.0))) {
+                for (unit, x) in scratch
+                    .signal
+                    .iter_mut()
+                    .zip(chunk.iter().chain(std::iter::repeat(&0.0)))
+                {
                     *unit = x / scale;
                 }
                 let plan = self.plan.as_ref().expect("dct has a plan");
@@ -113,18 +137,42 @@ impl Sparse {
             }
         };
         scratch.positions.resize(k, 0);
-        select_top(signal, k, &mut scratch.candidates, &mut scratch.magnitudes, &mut scratch.positions);
+        select_top(
+            signal,
+            k,
+            &mut scratch.candidates,
+            &mut scratch.magnitudes,
+            &mut scratch.positions,
+        );
         scratch.kept.clear();
-        scratch.kept.extend(scratch.positions.iter().map(|&p| signal[p as usize]));
-        write_values(writer, self.values, &scratch.kept, &mut scratch.magnitudes, Some((&scratch.positions, signal.len(), true)));
+        scratch
+            .kept
+            .extend(scratch.positions.iter().map(|&p| signal[p as usize]));
+        write_values(
+            writer,
+            self.values,
+            &scratch.kept,
+            &mut scratch.magnitudes,
+            Some((&scratch.positions, signal.len(), true)),
+        );
     }
 
     /// `k` distinct positions in [0, len) from `random` (Floyd's algorithm), ascending.
-    fn select_random(positions: &mut Vec<u32>, taken: &mut [u64], random: &mut SplitMix64, len: usize, k: usize) {
+    fn select_random(
+        positions: &mut Vec<u32>,
+        taken: &mut [u64],
+        random: &mut SplitMix64,
+        len: usize,
+        k: usize,
+    ) {
         positions.clear();
         for j in (len - k)..len {
             let t = random.below(j as u32 + 1) as usize;
-            let pick = if taken[t / 64] >> (t % 64) & 1 == 1 { j } else { t };
+            let pick = if taken[t / 64] >> (t % 64) & 1 == 1 {
+                j
+            } else {
+                t
+            };
             taken[pick / 64] |= 1 << (pick % 64);
             positions.push(pick as u32);
         }
@@ -149,7 +197,13 @@ const BUCKET_SHIFT: u32 = 20;
 /// every value from that bucket up, in index order; a selection among those finds the exact
 /// threshold, and a filter keeps the k in index order. If the estimate was too high (fewer than
 /// k collected), an exact histogram decides instead. Either way the result is the exact top k.
-fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<u32>, magnitudes: &mut Vec<u32>, positions: &mut [u32]) {
+fn select_top(
+    signal: &[f32],
+    k: usize,
+    candidates: &mut Vec<u32>,
+    magnitudes: &mut Vec<u32>,
+    positions: &mut [u32],
+) {
     debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
     const STRIDE: usize = 16;
     let bucket_of = |v: &f32| ((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize;
@@ -185,7 +239,10 @@ fn select_top(signal: &[f32], k: usize, candidates: &mut Vec<u32>, magnitudes: &
     magnitudes.extend(candidates.iter().map(|&i| magnitude(i)));
     let cut = magnitudes.len() - k;
     let threshold = *magnitudes.select_nth_unstable(cut).1;
-    let greater = magnitudes[cut + 1..].iter().filter(|m| **m > threshold).count();
+    let greater = magnitudes[cut + 1..]
+        .iter()
+        .filter(|m| **m > threshold)
+        .count();
     let mut ties_needed = k - greater;
     let mut at = 0;
     for &i in candidates.iter() {
@@ -232,7 +289,8 @@ fn collect_from_avx512(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
     for (b, block) in blocks.by_ref().enumerate() {
         // SAFETY: `block` holds exactly 16 f32 (64 bytes); the load is unaligned.
         let lanes = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
-        let mut mask = _mm512_cmpge_epi32_mask(_mm512_and_si512(lanes, magnitude_bits), threshold) as u32;
+        let mut mask =
+            _mm512_cmpge_epi32_mask(_mm512_and_si512(lanes, magnitude_bits), threshold) as u32;
         while mask != 0 {
             candidates.push((b * 16) as u32 + mask.trailing_zeros());
             mask &= mask - 1;
@@ -310,7 +368,11 @@ impl Codec for Sparse {
 
     fn encode(&mut self, values: &[f32], out: &mut Vec<u8>) {
         out.reserve(self.payload_bytes(values.len()));
-        let packet_seed = if self.kind == Kind::RandomK { self.seeds.next_u64() } else { 0 };
+        let packet_seed = if self.kind == Kind::RandomK {
+            self.seeds.next_u64()
+        } else {
+            0
+        };
         self.spec.write_header(count_u32(values), packet_seed, out);
         let mut writer = BitWriter::new(out);
         if self.kind == Kind::RandomK {
@@ -319,10 +381,24 @@ impl Codec for Sparse {
             let mut scratch = self.scratch();
             for chunk in values.chunks(self.chunk) {
                 let k = self.spec.kept_in_chunk(chunk.len());
-                Self::select_random(&mut self.positions, &mut self.taken, &mut random, chunk.len(), k);
+                Self::select_random(
+                    &mut self.positions,
+                    &mut self.taken,
+                    &mut random,
+                    chunk.len(),
+                    k,
+                );
                 scratch.kept.clear();
-                scratch.kept.extend(self.positions.iter().map(|&p| chunk[p as usize]));
-                write_values(&mut writer, self.values, &scratch.kept, &mut scratch.magnitudes, Some((&self.positions, chunk.len(), false)));
+                scratch
+                    .kept
+                    .extend(self.positions.iter().map(|&p| chunk[p as usize]));
+                write_values(
+                    &mut writer,
+                    self.values,
+                    &scratch.kept,
+                    &mut scratch.magnitudes,
+                    Some((&self.positions, chunk.len(), false)),
+                );
             }
         } else {
             // Groups of chunks in parallel, each into its own bit stream; the streams are then
@@ -332,18 +408,21 @@ impl Codec for Sparse {
             let mut streams = std::mem::take(&mut self.group_streams);
             streams.resize_with(groups, || (Vec::new(), 0));
             let this = &*self;
-            values.par_chunks(group_values).zip(streams.par_iter_mut()).for_each_init(
-                || this.scratch(),
-                |scratch, (group, (bytes, bits))| {
-                    bytes.clear();
-                    let mut group_writer = BitWriter::new(bytes);
-                    for chunk in group.chunks(this.chunk) {
-                        this.encode_chunk(chunk, scratch, &mut group_writer);
-                    }
-                    *bits = group_writer.bit_len();
-                    group_writer.finish();
-                },
-            );
+            values
+                .par_chunks(group_values)
+                .zip(streams.par_iter_mut())
+                .for_each_init(
+                    || this.scratch(),
+                    |scratch, (group, (bytes, bits))| {
+                        bytes.clear();
+                        let mut group_writer = BitWriter::new(bytes);
+                        for chunk in group.chunks(this.chunk) {
+                            this.encode_chunk(chunk, scratch, &mut group_writer);
+                        }
+                        *bits = group_writer.bit_len();
+                        group_writer.finish();
+                    },
+                );
             for (bytes, bits) in &streams[..groups] {
                 writer.append(bytes, *bits);
             }
@@ -355,7 +434,9 @@ impl Codec for Sparse {
     fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
         check_payload(&self.spec, payload, out.len())?;
         let packet_seed = match self.kind {
-            Kind::RandomK => u64::from_le_bytes(payload[15..23].try_into().expect("length checked")),
+            Kind::RandomK => {
+                u64::from_le_bytes(payload[15..23].try_into().expect("length checked"))
+            }
             _ => 0,
         };
         let mut random = SplitMix64(packet_seed);
@@ -363,7 +444,11 @@ impl Codec for Sparse {
         for (c, chunk) in out.chunks_mut(self.chunk).enumerate() {
             let first = c * self.chunk;
             let k = self.spec.kept_in_chunk(chunk.len());
-            let signal_len = if self.kind == Kind::Dct { self.chunk } else { chunk.len() };
+            let signal_len = if self.kind == Kind::Dct {
+                self.chunk
+            } else {
+                chunk.len()
+            };
             let chunk_scale = if self.kind == Kind::Dct {
                 let s = f32::from_bits(reader.read(32));
                 if !(s.is_finite() && s > 0.0) {
@@ -373,14 +458,25 @@ impl Codec for Sparse {
             } else {
                 1.0
             };
-            let scales = read_scales(&mut reader, self.values).ok_or(CodecError::NonFinite { index: first })?;
+            let scales = read_scales(&mut reader, self.values)
+                .ok_or(CodecError::NonFinite { index: first })?;
             self.positions.clear();
             match self.kind {
                 Kind::TopK | Kind::Dct => {
                     self.positions.resize(k, 0);
-                    elias_fano_read(&mut reader, &mut self.positions, signal_len).ok_or(CodecError::Malformed("positions are not an increasing set inside the chunk"))?;
+                    elias_fano_read(&mut reader, &mut self.positions, signal_len).ok_or(
+                        CodecError::Malformed(
+                            "positions are not an increasing set inside the chunk",
+                        ),
+                    )?;
                 }
-                Kind::RandomK => Self::select_random(&mut self.positions, &mut self.taken, &mut random, signal_len, k),
+                Kind::RandomK => Self::select_random(
+                    &mut self.positions,
+                    &mut self.taken,
+                    &mut random,
+                    signal_len,
+                    k,
+                ),
             }
             self.kept.clear();
             for _ in 0..k {
@@ -402,7 +498,8 @@ impl Codec for Sparse {
                     // clamping to it never moves a value away from the truth, and keeps the final
                     // product finite even at f32::MAX.
                     for (&p, &v) in self.positions.iter().zip(&self.kept) {
-                        let row = &self.basis[p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
+                        let row = &self.basis
+                            [p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
                         for (o, b) in chunk.iter_mut().zip(row) {
                             *o += v * b;
                         }
@@ -423,9 +520,15 @@ impl Codec for Sparse {
 fn dct_basis(chunk: usize) -> Vec<f32> {
     let mut basis = vec![0.0f32; chunk * chunk];
     for k in 0..chunk {
-        let a = if k == 0 { (1.0 / chunk as f64).sqrt() } else { (2.0 / chunk as f64).sqrt() };
+        let a = if k == 0 {
+            (1.0 / chunk as f64).sqrt()
+        } else {
+            (2.0 / chunk as f64).sqrt()
+        };
         for n in 0..chunk {
-            basis[k * chunk + n] = (a * (std::f64::consts::PI * (2 * n + 1) as f64 * k as f64 / (2 * chunk) as f64).cos()) as f32;
+            basis[k * chunk + n] = (a
+                * (std::f64::consts::PI * (2 * n + 1) as f64 * k as f64 / (2 * chunk) as f64).cos())
+                as f32;
         }
     }
     basis
@@ -433,15 +536,26 @@ fn dct_basis(chunk: usize) -> Vec<f32> {
 
 /// Scales, then (if `positions` is given with the chunk length and whether to code them) the
 /// Elias-Fano positions, then the value codes.
-fn write_values(writer: &mut BitWriter, coding: ValueCoding, kept: &[f32], scratch: &mut Vec<u32>, positions: Option<(&[u32], usize, bool)>) {
+fn write_values(
+    writer: &mut BitWriter,
+    coding: ValueCoding,
+    kept: &[f32],
+    scratch: &mut Vec<u32>,
+    positions: Option<(&[u32], usize, bool)>,
+) {
     let magnitude_max = max_abs(kept);
-    let unit = if magnitude_max > 0.0 && magnitude_max.is_finite() { magnitude_max } else { 1.0 };
+    let unit = if magnitude_max > 0.0 && magnitude_max.is_finite() {
+        magnitude_max
+    } else {
+        1.0
+    };
     let mut median_bits = 0u32;
     match coding {
         ValueCoding::F32 => {}
         ValueCoding::F16 | ValueCoding::Q8 | ValueCoding::Q4 => writer.write(unit.to_bits(), 32),
         ValueCoding::Sign => {
-            let mean = (kept.iter().map(|v| v.abs() as f64).sum::<f64>() / kept.len().max(1) as f64) as f32;
+            let mean = (kept.iter().map(|v| v.abs() as f64).sum::<f64>() / kept.len().max(1) as f64)
+                as f32;
             writer.write(mean.to_bits(), 32);
         }
         ValueCoding::Q2 => {
@@ -478,7 +592,10 @@ fn write_values(writer: &mut BitWriter, coding: ValueCoding, kept: &[f32], scrat
                 let level = (v.abs() / unit * levels).round().min(levels) as u32;
                 writer.write(sign | level << 1, coding.bits());
             }
-            ValueCoding::Q2 => writer.write(sign | ((v.to_bits() & 0x7fff_ffff >= median_bits) as u32) << 1, 2),
+            ValueCoding::Q2 => writer.write(
+                sign | ((v.to_bits() & 0x7fff_ffff >= median_bits) as u32) << 1,
+                2,
+            ),
             ValueCoding::Sign => writer.write(sign, 1),
         }
     }
@@ -520,9 +637,17 @@ mod tests {
         let mut state = 7u64;
         let signal: Vec<f32> = (0..4099)
             .map(|i| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5).powi(3);
-                if i % 97 == 0 { f32::NAN } else if i % 89 == 0 { -0.0 } else { v }
+                if i % 97 == 0 {
+                    f32::NAN
+                } else if i % 89 == 0 {
+                    -0.0
+                } else {
+                    v
+                }
             })
             .collect();
         for bucket in [0u32, 900, 1000, 1010, 1017, 2047] {

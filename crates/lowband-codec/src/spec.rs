@@ -5,7 +5,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::bits::elias_fano_bits;
-use crate::{read_f32, read_u32, CodecError, CodecId, CHUNK_MAX, COMMON_HEADER_BYTES, DCT_CHUNK_MAX, PAYLOAD_VERSION};
+use crate::{
+    read_f32, read_u32, CodecError, CodecId, CHUNK_MAX, COMMON_HEADER_BYTES, DCT_CHUNK_MAX,
+    PAYLOAD_VERSION,
+};
 
 /// How a quantizer picks each chunk's range.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,14 +100,37 @@ impl ValueCoding {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CodecSpec {
     Fp32,
-    Fp16 { chunk: u32 },
-    Bf16 { chunk: u32 },
+    Fp16 {
+        chunk: u32,
+    },
+    Bf16 {
+        chunk: u32,
+    },
     /// `bits` ∈ {2, 4, 8}. `seed` starts the stochastic-rounding stream (not on the wire).
-    Int { bits: u8, chunk: u32, range: Range, rounding: Rounding, seed: u64 },
-    TopK { k: u32, chunk: u32, values: ValueCoding },
+    Int {
+        bits: u8,
+        chunk: u32,
+        range: Range,
+        rounding: Rounding,
+        seed: u64,
+    },
+    TopK {
+        k: u32,
+        chunk: u32,
+        values: ValueCoding,
+    },
     /// `seed` starts the encoder's stream of per-packet seeds; a payload carries its own.
-    RandomK { k: u32, chunk: u32, values: ValueCoding, seed: u64 },
-    DctTopK { k: u32, chunk: u32, values: ValueCoding },
+    RandomK {
+        k: u32,
+        chunk: u32,
+        values: ValueCoding,
+        seed: u64,
+    },
+    DctTopK {
+        k: u32,
+        chunk: u32,
+        values: ValueCoding,
+    },
 }
 
 pub const DEFAULT_CHUNK: u32 = 4096;
@@ -126,7 +152,10 @@ impl CodecSpec {
     }
 
     pub fn is_dense(&self) -> bool {
-        !matches!(self, CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. })
+        !matches!(
+            self,
+            CodecSpec::TopK { .. } | CodecSpec::RandomK { .. } | CodecSpec::DctTopK { .. }
+        )
     }
 
     pub fn validate(&self) -> Result<(), CodecError> {
@@ -134,7 +163,9 @@ impl CodecSpec {
         let chunk = match *self {
             CodecSpec::Fp32 => return Ok(()),
             CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } => chunk,
-            CodecSpec::Int { bits, chunk, range, .. } => {
+            CodecSpec::Int {
+                bits, chunk, range, ..
+            } => {
                 if !matches!(bits, 2 | 4 | 8) {
                     return bad(format!("bits must be 2, 4 or 8, not {bits}"));
                 }
@@ -145,7 +176,9 @@ impl CodecSpec {
                 }
                 chunk
             }
-            CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } | CodecSpec::DctTopK { k, chunk, .. } => {
+            CodecSpec::TopK { k, chunk, .. }
+            | CodecSpec::RandomK { k, chunk, .. }
+            | CodecSpec::DctTopK { k, chunk, .. } => {
                 if k == 0 || k > chunk {
                     return bad(format!("k must be in 1..={chunk}, not {k}"));
                 }
@@ -176,15 +209,21 @@ impl CodecSpec {
     pub(crate) fn chunk(&self) -> usize {
         match *self {
             CodecSpec::Fp32 => usize::MAX,
-            CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } | CodecSpec::Int { chunk, .. } => chunk as usize,
-            CodecSpec::TopK { chunk, .. } | CodecSpec::RandomK { chunk, .. } | CodecSpec::DctTopK { chunk, .. } => chunk as usize,
+            CodecSpec::Fp16 { chunk }
+            | CodecSpec::Bf16 { chunk }
+            | CodecSpec::Int { chunk, .. } => chunk as usize,
+            CodecSpec::TopK { chunk, .. }
+            | CodecSpec::RandomK { chunk, .. }
+            | CodecSpec::DctTopK { chunk, .. } => chunk as usize,
         }
     }
 
     /// Values kept in a sparse chunk of `len` entries (all of a `dct` chunk's are padded to full).
     pub(crate) fn kept_in_chunk(&self, len: usize) -> usize {
         let (k, chunk) = match *self {
-            CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } => (k as usize, chunk as usize),
+            CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } => {
+                (k as usize, chunk as usize)
+            }
             CodecSpec::DctTopK { k, .. } => return k as usize,
             _ => return len,
         };
@@ -219,12 +258,21 @@ impl CodecSpec {
     /// `inspect` reports as bits per kept entry. The parts add up to the payload exactly.
     pub fn sparse_bits(&self, count: usize) -> Option<SparseBits> {
         let values = match *self {
-            CodecSpec::TopK { values, .. } | CodecSpec::RandomK { values, .. } | CodecSpec::DctTopK { values, .. } => values,
+            CodecSpec::TopK { values, .. }
+            | CodecSpec::RandomK { values, .. }
+            | CodecSpec::DctTopK { values, .. } => values,
             _ => return None,
         };
         let header_bits = 8 * self.header_bytes();
         if count == 0 {
-            return Some(SparseBits { kept: 0, position_bits: 0, value_bits: 0, scale_bits: 0, header_bits, padding_bits: 0 });
+            return Some(SparseBits {
+                kept: 0,
+                position_bits: 0,
+                value_bits: 0,
+                scale_bits: 0,
+                header_bits,
+                padding_bits: 0,
+            });
         }
         let chunk = self.chunk();
         let chunks = count.div_ceil(chunk.min(count));
@@ -233,8 +281,16 @@ impl CodecSpec {
         let position_bits = (chunks - 1) * self.index_bits(chunk) + self.index_bits(last);
         let scale_bits = 32 * self.scales_per_chunk() * chunks;
         let value_bits = kept * values.bits() as usize;
-        let padding_bits = 8 * self.payload_bytes(count) - header_bits - scale_bits - position_bits - value_bits;
-        Some(SparseBits { kept, position_bits, value_bits, scale_bits, header_bits, padding_bits })
+        let padding_bits =
+            8 * self.payload_bytes(count) - header_bits - scale_bits - position_bits - value_bits;
+        Some(SparseBits {
+            kept,
+            position_bits,
+            value_bits,
+            scale_bits,
+            header_bits,
+            padding_bits,
+        })
     }
 
     /// Exact payload size in bytes for `count` values: the formulas of docs/wire-format.md.
@@ -251,10 +307,14 @@ impl CodecSpec {
                 CodecSpec::Fp32 => 4 * count,
                 CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => scales + 2 * count,
                 CodecSpec::Int { bits, .. } => scales + (count * bits as usize).div_ceil(8),
-                CodecSpec::TopK { values, .. } | CodecSpec::RandomK { values, .. } | CodecSpec::DctTopK { values, .. } => {
+                CodecSpec::TopK { values, .. }
+                | CodecSpec::RandomK { values, .. }
+                | CodecSpec::DctTopK { values, .. } => {
                     let last = count - (chunks - 1) * chunk;
-                    let full_bits = self.index_bits(chunk) + self.kept_in_chunk(chunk) * values.bits() as usize;
-                    let last_bits = self.index_bits(last) + self.kept_in_chunk(last) * values.bits() as usize;
+                    let full_bits =
+                        self.index_bits(chunk) + self.kept_in_chunk(chunk) * values.bits() as usize;
+                    let last_bits =
+                        self.index_bits(last) + self.kept_in_chunk(last) * values.bits() as usize;
                     scales + ((chunks - 1) * full_bits + last_bits).div_ceil(8)
                 }
             }
@@ -264,10 +324,36 @@ impl CodecSpec {
     /// payload carries its own, and a quantizer's rounding seed stays with its encoder).
     pub fn same_wire_parameters(&self, other: &CodecSpec) -> bool {
         match (self, other) {
-            (CodecSpec::Int { bits: b1, chunk: c1, range: r1, rounding: o1, .. }, CodecSpec::Int { bits: b2, chunk: c2, range: r2, rounding: o2, .. }) => {
-                b1 == b2 && c1 == c2 && r1 == r2 && o1 == o2
-            }
-            (CodecSpec::RandomK { k: k1, chunk: c1, values: v1, .. }, CodecSpec::RandomK { k: k2, chunk: c2, values: v2, .. }) => k1 == k2 && c1 == c2 && v1 == v2,
+            (
+                CodecSpec::Int {
+                    bits: b1,
+                    chunk: c1,
+                    range: r1,
+                    rounding: o1,
+                    ..
+                },
+                CodecSpec::Int {
+                    bits: b2,
+                    chunk: c2,
+                    range: r2,
+                    rounding: o2,
+                    ..
+                },
+            ) => b1 == b2 && c1 == c2 && r1 == r2 && o1 == o2,
+            (
+                CodecSpec::RandomK {
+                    k: k1,
+                    chunk: c1,
+                    values: v1,
+                    ..
+                },
+                CodecSpec::RandomK {
+                    k: k2,
+                    chunk: c2,
+                    values: v2,
+                    ..
+                },
+            ) => k1 == k2 && c1 == c2 && v1 == v2,
             _ => self == other,
         }
     }
@@ -279,8 +365,16 @@ impl CodecSpec {
         out.extend_from_slice(&count.to_le_bytes());
         match *self {
             CodecSpec::Fp32 => {}
-            CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } => out.extend_from_slice(&chunk.to_le_bytes()),
-            CodecSpec::Int { bits, chunk, range, rounding, .. } => {
+            CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } => {
+                out.extend_from_slice(&chunk.to_le_bytes())
+            }
+            CodecSpec::Int {
+                bits,
+                chunk,
+                range,
+                rounding,
+                ..
+            } => {
                 out.push(bits);
                 let (range_byte, std_multiple) = match range {
                     Range::MinMax => (0u8, 0.0f32),
@@ -294,7 +388,11 @@ impl CodecSpec {
                 out.extend_from_slice(&chunk.to_le_bytes());
                 out.extend_from_slice(&std_multiple.to_le_bytes());
             }
-            CodecSpec::TopK { k, chunk, values } | CodecSpec::DctTopK { k, chunk, values } | CodecSpec::RandomK { k, chunk, values, .. } => {
+            CodecSpec::TopK { k, chunk, values }
+            | CodecSpec::DctTopK { k, chunk, values }
+            | CodecSpec::RandomK {
+                k, chunk, values, ..
+            } => {
                 out.extend_from_slice(&k.to_le_bytes());
                 out.extend_from_slice(&chunk.to_le_bytes());
                 out.push(values.byte());
@@ -308,17 +406,29 @@ impl CodecSpec {
 
 /// Parse a payload's header: the codec, its parameters (validated) and the value count.
 pub(crate) fn read_header(payload: &[u8]) -> Result<(CodecSpec, usize), CodecError> {
-    let truncated = |needed| CodecError::Truncated { len: payload.len(), needed };
+    let truncated = |needed| CodecError::Truncated {
+        len: payload.len(),
+        needed,
+    };
     if payload.len() < COMMON_HEADER_BYTES {
         return Err(truncated(COMMON_HEADER_BYTES));
     }
     let id = CodecId::from_byte(payload[0])?;
     if payload[1] != PAYLOAD_VERSION {
-        return Err(CodecError::WrongVersion { expected: PAYLOAD_VERSION, found: payload[1] });
+        return Err(CodecError::WrongVersion {
+            expected: PAYLOAD_VERSION,
+            found: payload[1],
+        });
     }
     let count = read_u32(payload, 2) as usize;
     let at = COMMON_HEADER_BYTES;
-    let need = |extra: usize| if payload.len() < at + extra { Err(truncated(at + extra)) } else { Ok(()) };
+    let need = |extra: usize| {
+        if payload.len() < at + extra {
+            Err(truncated(at + extra))
+        } else {
+            Ok(())
+        }
+    };
     let spec = match id {
         CodecId::Fp32 => CodecSpec::Fp32,
         CodecId::Fp16 | CodecId::Bf16 => {
@@ -343,24 +453,38 @@ pub(crate) fn read_header(payload: &[u8]) -> Result<(CodecSpec, usize), CodecErr
                 1 => Rounding::Stochastic,
                 _ => return Err(CodecError::Malformed("unknown rounding mode")),
             };
-            CodecSpec::Int { bits, chunk: read_u32(payload, at + 3), range, rounding, seed: 0 }
+            CodecSpec::Int {
+                bits,
+                chunk: read_u32(payload, at + 3),
+                range,
+                rounding,
+                seed: 0,
+            }
         }
         CodecId::TopK | CodecId::DctTopK | CodecId::RandomK => {
             need(if id == CodecId::RandomK { 17 } else { 9 })?;
             let k = read_u32(payload, at);
             let chunk = read_u32(payload, at + 4);
-            let values = ValueCoding::from_byte(payload[at + 8]).ok_or(CodecError::Malformed("unknown value coding"))?;
+            let values = ValueCoding::from_byte(payload[at + 8])
+                .ok_or(CodecError::Malformed("unknown value coding"))?;
             match id {
                 CodecId::TopK => CodecSpec::TopK { k, chunk, values },
                 CodecId::DctTopK => CodecSpec::DctTopK { k, chunk, values },
                 _ => {
-                    let seed = u64::from_le_bytes(payload[at + 9..at + 17].try_into().expect("8 bytes"));
-                    CodecSpec::RandomK { k, chunk, values, seed }
+                    let seed =
+                        u64::from_le_bytes(payload[at + 9..at + 17].try_into().expect("8 bytes"));
+                    CodecSpec::RandomK {
+                        k,
+                        chunk,
+                        values,
+                        seed,
+                    }
                 }
             }
         }
     };
-    spec.validate().map_err(|_| CodecError::Malformed("codec parameters out of range"))?;
+    spec.validate()
+        .map_err(|_| CodecError::Malformed("codec parameters out of range"))?;
     Ok((spec, count))
 }
 
@@ -370,7 +494,13 @@ impl fmt::Display for CodecSpec {
             CodecSpec::Fp32 => write!(f, "fp32"),
             CodecSpec::Fp16 { chunk } => write!(f, "fp16:chunk={chunk}"),
             CodecSpec::Bf16 { chunk } => write!(f, "bf16:chunk={chunk}"),
-            CodecSpec::Int { bits, chunk, range, rounding, seed } => {
+            CodecSpec::Int {
+                bits,
+                chunk,
+                range,
+                rounding,
+                seed,
+            } => {
                 let range = match range {
                     Range::MinMax => "minmax".to_string(),
                     Range::Std(k) => format!("std:{k}"),
@@ -385,9 +515,22 @@ impl fmt::Display for CodecSpec {
                 }
                 Ok(())
             }
-            CodecSpec::TopK { k, chunk, values } => write!(f, "topk:k={k},chunk={chunk},values={}", values.name()),
-            CodecSpec::DctTopK { k, chunk, values } => write!(f, "dct:k={k},chunk={chunk},values={}", values.name()),
-            CodecSpec::RandomK { k, chunk, values, seed } => write!(f, "randomk:k={k},chunk={chunk},values={},seed={seed}", values.name()),
+            CodecSpec::TopK { k, chunk, values } => {
+                write!(f, "topk:k={k},chunk={chunk},values={}", values.name())
+            }
+            CodecSpec::DctTopK { k, chunk, values } => {
+                write!(f, "dct:k={k},chunk={chunk},values={}", values.name())
+            }
+            CodecSpec::RandomK {
+                k,
+                chunk,
+                values,
+                seed,
+            } => write!(
+                f,
+                "randomk:k={k},chunk={chunk},values={},seed={seed}",
+                values.name()
+            ),
         }
     }
 }
@@ -401,7 +544,9 @@ impl FromStr for CodecSpec {
         let (name, options) = text.split_once(':').unwrap_or((text, ""));
         let mut pairs = Vec::new();
         for option in options.split(',').filter(|o| !o.is_empty()) {
-            let (key, value) = option.split_once('=').ok_or_else(|| bad(format!("`{option}` is not KEY=VALUE")))?;
+            let (key, value) = option
+                .split_once('=')
+                .ok_or_else(|| bad(format!("`{option}` is not KEY=VALUE")))?;
             pairs.push((key.trim(), value.trim()));
         }
         let mut used = vec![false; pairs.len()];
@@ -411,7 +556,10 @@ impl FromStr for CodecSpec {
             Some(pairs[found].1)
         };
         let number = |key: &str, value: Option<&str>, default: u64| -> Result<u64, CodecError> {
-            value.map_or(Ok(default), |v| v.parse().map_err(|_| bad(format!("{key}=`{v}` is not a whole number"))))
+            value.map_or(Ok(default), |v| {
+                v.parse()
+                    .map_err(|_| bad(format!("{key}=`{v}` is not a whole number")))
+            })
         };
         let values = |value: Option<&str>, default| -> Result<ValueCoding, CodecError> {
             Ok(match value {
@@ -422,10 +570,15 @@ impl FromStr for CodecSpec {
                 Some("q4") => ValueCoding::Q4,
                 Some("q2") => ValueCoding::Q2,
                 Some("sign") => ValueCoding::Sign,
-                Some(other) => return Err(bad(format!("values=`{other}`: expected f32, f16, q8, q4, q2 or sign"))),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "values=`{other}`: expected f32, f16, q8, q4, q2 or sign"
+                    )))
+                }
             })
         };
-        let as_u32 = |key: &str, v: u64| u32::try_from(v).map_err(|_| bad(format!("{key} is too large")));
+        let as_u32 =
+            |key: &str, v: u64| u32::try_from(v).map_err(|_| bad(format!("{key} is too large")));
         let spec = match name {
             "fp32" => CodecSpec::Fp32,
             "fp16" | "bf16" => {
@@ -472,7 +625,10 @@ impl FromStr for CodecSpec {
             other => return Err(bad(format!("unknown codec `{other}`: expected fp32, fp16, bf16, int8, int4, int2, topk, randomk or dct"))),
         };
         if let Some(unused) = used.iter().position(|u| !u) {
-            return Err(bad(format!("`{}` is not an option of {name}", pairs[unused].0)));
+            return Err(bad(format!(
+                "`{}` is not an option of {name}",
+                pairs[unused].0
+            )));
         }
         spec.validate()?;
         Ok(spec)
@@ -485,12 +641,34 @@ mod tests {
 
     #[test]
     fn specs_parse_print_and_reparse() {
-        for text in ["fp32", "fp16", "bf16:chunk=128", "int8", "int4:range=std:3,round=stochastic,seed=5", "int2:chunk=64", "topk", "topk:k=32,values=sign", "randomk:k=8,chunk=512,seed=9", "dct", "dct:k=8,chunk=128,values=f16"] {
+        for text in [
+            "fp32",
+            "fp16",
+            "bf16:chunk=128",
+            "int8",
+            "int4:range=std:3,round=stochastic,seed=5",
+            "int2:chunk=64",
+            "topk",
+            "topk:k=32,values=sign",
+            "randomk:k=8,chunk=512,seed=9",
+            "dct",
+            "dct:k=8,chunk=128,values=f16",
+        ] {
             let spec: CodecSpec = text.parse().unwrap();
             let again: CodecSpec = spec.to_string().parse().unwrap();
             assert_eq!(spec, again, "{text}");
         }
-        for bad in ["fp8", "topk:k=0", "topk:k=5000", "topk:z=3", "int3", "int8:range=median", "dct:chunk=4096", "fp16:chunk=0", "topk:k"] {
+        for bad in [
+            "fp8",
+            "topk:k=0",
+            "topk:k=5000",
+            "topk:z=3",
+            "int3",
+            "int8:range=median",
+            "dct:chunk=4096",
+            "fp16:chunk=0",
+            "topk:k",
+        ] {
             assert!(bad.parse::<CodecSpec>().is_err(), "{bad}");
         }
     }
@@ -499,10 +677,22 @@ mod tests {
     fn size_formulas_match_hand_computed_cases() {
         let topk: CodecSpec = "topk:k=64,chunk=4096,values=q2".parse().unwrap();
         // 15-byte header; per full chunk 2 scales (8 bytes) and 511 index + 128 value bits.
-        assert_eq!(topk.payload_bytes(4096), 15 + 8 + (511 + 128usize).div_ceil(8));
+        assert_eq!(
+            topk.payload_bytes(4096),
+            15 + 8 + (511 + 128usize).div_ceil(8)
+        );
         assert_eq!(CodecSpec::Fp32.payload_bytes(10), 46);
-        assert_eq!("int8".parse::<CodecSpec>().unwrap().payload_bytes(4097), 17 + 16 + 4097);
-        assert_eq!("fp16:chunk=10".parse::<CodecSpec>().unwrap().payload_bytes(25), 10 + 12 + 50);
+        assert_eq!(
+            "int8".parse::<CodecSpec>().unwrap().payload_bytes(4097),
+            17 + 16 + 4097
+        );
+        assert_eq!(
+            "fp16:chunk=10"
+                .parse::<CodecSpec>()
+                .unwrap()
+                .payload_bytes(25),
+            10 + 12 + 50
+        );
     }
 }
 
@@ -525,6 +715,11 @@ pub struct SparseBits {
 impl SparseBits {
     /// Every bit of the payload per kept entry.
     pub fn per_kept_entry(&self) -> f64 {
-        (self.position_bits + self.value_bits + self.scale_bits + self.header_bits + self.padding_bits) as f64 / self.kept.max(1) as f64
+        (self.position_bits
+            + self.value_bits
+            + self.scale_bits
+            + self.header_bits
+            + self.padding_bits) as f64
+            / self.kept.max(1) as f64
     }
 }

@@ -6,10 +6,14 @@ use lowband_codec::{build, CodecSpec};
 fn input() -> Vec<f32> {
     let mut state = 12345u64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as u32
     };
-    let mut x: Vec<f32> = (0..1_000_003).map(|_| (next() as f32 / u32::MAX as f32 * 2.0 - 1.0).powi(3)).collect();
+    let mut x: Vec<f32> = (0..1_000_003)
+        .map(|_| (next() as f32 / u32::MAX as f32 * 2.0 - 1.0).powi(3))
+        .collect();
     // Ties and zeros, which the selection must break the documented way (lower index first).
     for i in (0..x.len()).step_by(97) {
         x[i] = 0.25;
@@ -41,9 +45,15 @@ fn every_codec_encodes_the_fixed_input_to_the_same_bytes() {
         let spec: CodecSpec = spec.parse().unwrap();
         let mut out = Vec::new();
         build(&spec).unwrap().encode(&x, &mut out);
-        let hash = out.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3));
+        let hash = out.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
         report.push(format!("{spec} {} {hash:016x}", out.len()));
     }
     let expected = include_str!("golden.txt");
-    assert_eq!(report.join("\n"), expected.trim_end(), "the wire format changed");
+    assert_eq!(
+        report.join("\n"),
+        expected.trim_end(),
+        "the wire format changed"
+    );
 }

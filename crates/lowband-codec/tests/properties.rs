@@ -50,8 +50,12 @@ fn specs() -> impl Strategy<Value = CodecSpec> {
 fn chunk_of(spec: &CodecSpec, count: usize) -> usize {
     match *spec {
         CodecSpec::Fp32 => count,
-        CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } | CodecSpec::Int { chunk, .. } => chunk as usize,
-        CodecSpec::TopK { chunk, .. } | CodecSpec::RandomK { chunk, .. } | CodecSpec::DctTopK { chunk, .. } => chunk as usize,
+        CodecSpec::Fp16 { chunk } | CodecSpec::Bf16 { chunk } | CodecSpec::Int { chunk, .. } => {
+            chunk as usize
+        }
+        CodecSpec::TopK { chunk, .. }
+        | CodecSpec::RandomK { chunk, .. }
+        | CodecSpec::DctTopK { chunk, .. } => chunk as usize,
     }
 }
 
@@ -59,8 +63,14 @@ fn chunk_of(spec: &CodecSpec, count: usize) -> usize {
 /// chunk (and for every `dct` chunk, which is padded), ⌈k · len / chunk⌉ in [1, len] for the last.
 fn spec_kept(spec: &CodecSpec, len: usize) -> usize {
     match *spec {
-        CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. } if len < chunk as usize => (k as usize * len).div_ceil(chunk as usize).clamp(1, len),
-        CodecSpec::TopK { k, .. } | CodecSpec::RandomK { k, .. } | CodecSpec::DctTopK { k, .. } => k as usize,
+        CodecSpec::TopK { k, chunk, .. } | CodecSpec::RandomK { k, chunk, .. }
+            if len < chunk as usize =>
+        {
+            (k as usize * len).div_ceil(chunk as usize).clamp(1, len)
+        }
+        CodecSpec::TopK { k, .. } | CodecSpec::RandomK { k, .. } | CodecSpec::DctTopK { k, .. } => {
+            k as usize
+        }
         _ => len,
     }
 }
@@ -76,23 +86,49 @@ fn check_chunk(spec: &CodecSpec, x: &[f32], y: &[f32]) -> Result<(), TestCaseErr
     match *spec {
         CodecSpec::Fp32 => prop_assert!(x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits())),
         CodecSpec::Fp16 { .. } | CodecSpec::Bf16 { .. } => {
-            let relative = if matches!(spec, CodecSpec::Fp16 { .. }) { 2f64.powi(-11) } else { 2f64.powi(-8) };
+            let relative = if matches!(spec, CodecSpec::Fp16 { .. }) {
+                2f64.powi(-11)
+            } else {
+                2f64.powi(-8)
+            };
             for i in 0..x.len() {
-                prop_assert!(err(i) <= m * (relative + 2f64.powi(-20)), "{spec}: x {} y {} m {m}", x[i], y[i]);
+                prop_assert!(
+                    err(i) <= m * (relative + 2f64.powi(-20)),
+                    "{spec}: x {} y {} m {m}",
+                    x[i],
+                    y[i]
+                );
             }
         }
-        CodecSpec::Int { bits, range, rounding, .. } => {
+        CodecSpec::Int {
+            bits,
+            range,
+            rounding,
+            ..
+        } => {
             let levels = ((1u32 << bits) - 1) as f64;
-            let (lo, hi) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v as f64), h.max(v as f64)));
+            let (lo, hi) = x
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v as f64), h.max(v as f64))
+                });
             let step = (hi - lo) / levels;
-            let per_rounding = if rounding == lowband_codec::Rounding::Nearest { 0.5 } else { 1.0 };
+            let per_rounding = if rounding == lowband_codec::Rounding::Nearest {
+                0.5
+            } else {
+                1.0
+            };
             for i in 0..x.len() {
                 let bound = step * per_rounding * (1.0 + 1e-6) + m * 2f64.powi(-23);
                 match range {
-                    lowband_codec::Range::MinMax => prop_assert!(err(i) <= bound, "{spec}: x {} y {}", x[i], y[i]),
+                    lowband_codec::Range::MinMax => {
+                        prop_assert!(err(i) <= bound, "{spec}: x {} y {}", x[i], y[i])
+                    }
                     // Values outside mean ± k·std are clamped: the bound holds for the rest, and no
                     // value leaves [min, max].
-                    lowband_codec::Range::Std(_) => prop_assert!((y[i] as f64) >= lo && (y[i] as f64) <= hi),
+                    lowband_codec::Range::Std(_) => {
+                        prop_assert!((y[i] as f64) >= lo && (y[i] as f64) <= hi)
+                    }
                 }
             }
         }
@@ -103,7 +139,12 @@ fn check_chunk(spec: &CodecSpec, x: &[f32], y: &[f32]) -> Result<(), TestCaseErr
             for i in 0..x.len() {
                 if y[i] != 0.0 {
                     // A kept zero may decode to a bin's magnitude (q2, sign); a kept non-zero keeps its sign.
-                    prop_assert!(x[i] == 0.0 || (x[i] < 0.0) == (y[i] < 0.0), "{spec}: sign of {} decoded as {}", x[i], y[i]);
+                    prop_assert!(
+                        x[i] == 0.0 || (x[i] < 0.0) == (y[i] < 0.0),
+                        "{spec}: sign of {} decoded as {}",
+                        x[i],
+                        y[i]
+                    );
                     prop_assert!((y[i].abs() as f64) <= m * (1.0 + 1e-6));
                 }
                 if values == lowband_codec::ValueCoding::F32 {
@@ -113,22 +154,49 @@ fn check_chunk(spec: &CodecSpec, x: &[f32], y: &[f32]) -> Result<(), TestCaseErr
                     prop_assert!(err(i) <= m / 127.0 * 0.5 * (1.0 + 1e-5));
                 }
             }
-            if matches!(spec, CodecSpec::TopK { values: lowband_codec::ValueCoding::F32, .. }) {
+            if matches!(
+                spec,
+                CodecSpec::TopK {
+                    values: lowband_codec::ValueCoding::F32,
+                    ..
+                }
+            ) {
                 // Every dropped magnitude is at most every kept one.
-                let kept_min = (0..x.len()).filter(|&i| y[i] != 0.0).map(|i| x[i].abs()).fold(f32::INFINITY, f32::min);
-                let dropped_max = (0..x.len()).filter(|&i| y[i] == 0.0).map(|i| x[i].abs()).fold(0.0f32, f32::max);
-                prop_assert!(nonzero == 0 || dropped_max <= kept_min, "{spec}: dropped {dropped_max} > kept {kept_min}");
+                let kept_min = (0..x.len())
+                    .filter(|&i| y[i] != 0.0)
+                    .map(|i| x[i].abs())
+                    .fold(f32::INFINITY, f32::min);
+                let dropped_max = (0..x.len())
+                    .filter(|&i| y[i] == 0.0)
+                    .map(|i| x[i].abs())
+                    .fold(0.0f32, f32::max);
+                prop_assert!(
+                    nonzero == 0 || dropped_max <= kept_min,
+                    "{spec}: dropped {dropped_max} > kept {kept_min}"
+                );
             }
         }
         CodecSpec::DctTopK { k, chunk, values } => {
             // An orthonormal projection never adds energy; keeping every coefficient reconstructs.
-            let norm = |v: &[f32]| v.iter().map(|a| (*a as f64 / m.max(1e-300)).powi(2)).sum::<f64>().sqrt();
-            let diff: Vec<f32> = x.iter().zip(y).map(|(a, b)| ((*a as f64 - *b as f64) / m.max(1e-300)) as f32).collect();
+            let norm = |v: &[f32]| {
+                v.iter()
+                    .map(|a| (*a as f64 / m.max(1e-300)).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            };
+            let diff: Vec<f32> = x
+                .iter()
+                .zip(y)
+                .map(|(a, b)| ((*a as f64 - *b as f64) / m.max(1e-300)) as f32)
+                .collect();
             let diff_norm = diff.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
             if values == lowband_codec::ValueCoding::F32 {
                 prop_assert!(diff_norm <= norm(x) * (1.0 + 1e-4) + 1e-4, "{spec}");
                 if k == chunk {
-                    prop_assert!(diff_norm <= 1e-4 * chunk as f64, "{spec}: full DCT error {diff_norm}");
+                    prop_assert!(
+                        diff_norm <= 1e-4 * chunk as f64,
+                        "{spec}: full DCT error {diff_norm}"
+                    );
                 }
             }
             prop_assert!(y.iter().all(|v| v.is_finite()));
@@ -143,7 +211,9 @@ const PROPTEST_SEED: u64 = 20_261_125;
 fn seed_from_env() -> proptest::test_runner::RngSeed {
     match std::env::var("PROPTEST_RNG_SEED").as_deref() {
         Ok("random") => proptest::test_runner::RngSeed::Random,
-        Ok(n) => n.parse().unwrap_or(proptest::test_runner::RngSeed::Fixed(PROPTEST_SEED)),
+        Ok(n) => n
+            .parse()
+            .unwrap_or(proptest::test_runner::RngSeed::Fixed(PROPTEST_SEED)),
         Err(_) => proptest::test_runner::RngSeed::Fixed(PROPTEST_SEED),
     }
 }
@@ -208,7 +278,9 @@ proptest! {
 
 #[test]
 fn encoders_are_deterministic_for_a_seed() {
-    let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+    let x: Vec<f32> = (0..1000)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+        .collect();
     for text in SPECS {
         let spec: CodecSpec = text.parse().unwrap();
         let (mut a, mut b) = (build(&spec).unwrap(), build(&spec).unwrap());
@@ -227,7 +299,15 @@ fn error_feedback_tracks_the_true_sum_and_its_absence_drifts() {
     let spec: CodecSpec = "topk:k=2,chunk=64,values=f32".parse().unwrap();
     let params = 256;
     // A steady drift on every coordinate, larger on a few: top-k alone sends only the large ones.
-    let delta: Vec<f32> = (0..params).map(|i| if i % 32 == 0 { 1.0 } else { 0.05 + 0.001 * (i % 7) as f32 }).collect();
+    let delta: Vec<f32> = (0..params)
+        .map(|i| {
+            if i % 32 == 0 {
+                1.0
+            } else {
+                0.05 + 0.001 * (i % 7) as f32
+            }
+        })
+        .collect();
     let gap_after = |rounds: usize, feedback: bool| {
         let mut codec = build(&spec).unwrap();
         let mut state = ErrorFeedback::new(params, if feedback { 1.0 } else { 0.0 });
@@ -240,15 +320,33 @@ fn error_feedback_tracks_the_true_sum_and_its_absence_drifts() {
                 *s += *d as f64;
             }
         }
-        let gap: f64 = sent.iter().zip(&delta).map(|(s, d)| (s - rounds as f64 * *d as f64).powi(2)).sum::<f64>().sqrt();
-        let truth: f64 = delta.iter().map(|d| (rounds as f64 * *d as f64).powi(2)).sum::<f64>().sqrt();
+        let gap: f64 = sent
+            .iter()
+            .zip(&delta)
+            .map(|(s, d)| (s - rounds as f64 * *d as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let truth: f64 = delta
+            .iter()
+            .map(|d| (rounds as f64 * *d as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         gap / truth
     };
     let (with_short, with_long) = (gap_after(50, true), gap_after(500, true));
     let (without_short, without_long) = (gap_after(50, false), gap_after(500, false));
     // Relative gap with feedback shrinks like 1/rounds (the residual is bounded).
-    assert!(with_long < with_short / 5.0, "with feedback: {with_short} -> {with_long}");
-    assert!(with_long < 0.02, "with feedback the sent sum is within 2% of the truth: {with_long}");
+    assert!(
+        with_long < with_short / 5.0,
+        "with feedback: {with_short} -> {with_long}"
+    );
+    assert!(
+        with_long < 0.02,
+        "with feedback the sent sum is within 2% of the truth: {with_long}"
+    );
     // Without it, the relative gap does not shrink: the small coordinates are never sent.
-    assert!(without_long > 0.2 && without_long >= without_short * 0.99, "without feedback: {without_short} -> {without_long}");
+    assert!(
+        without_long > 0.2 && without_long >= without_short * 0.99,
+        "without feedback: {without_short} -> {without_long}"
+    );
 }

@@ -12,13 +12,24 @@ pub const CORPUS_BYTES_MAX: u64 = 8 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corpus {0}: is empty")]
     Empty(String),
     #[error("corpus {what}: {len} bytes is too short: {reason}")]
-    TooShort { what: String, len: usize, reason: String },
+    TooShort {
+        what: String,
+        len: usize,
+        reason: String,
+    },
     #[error("corpus {}: {bytes} bytes exceed the limit of {limit}", path.display())]
-    TooLarge { path: PathBuf, bytes: u64, limit: u64 },
+    TooLarge {
+        path: PathBuf,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("invalid data setting {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -33,7 +44,10 @@ pub struct Corpus {
 /// Read a file, or every regular file under a directory (sorted by path, each followed by a
 /// newline), as bytes.
 pub fn read_corpus(path: &Path) -> Result<Corpus, DataError> {
-    let io = |e| DataError::Io { path: path.to_path_buf(), source: e };
+    let io = |e| DataError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     let mut files = Vec::new();
     if meta.is_dir() {
@@ -44,14 +58,26 @@ pub fn read_corpus(path: &Path) -> Result<Corpus, DataError> {
     }
     let mut total = 0u64;
     for f in &files {
-        total += std::fs::metadata(f).map_err(|e| DataError::Io { path: f.clone(), source: e })?.len();
+        total += std::fs::metadata(f)
+            .map_err(|e| DataError::Io {
+                path: f.clone(),
+                source: e,
+            })?
+            .len();
         if total > CORPUS_BYTES_MAX {
-            return Err(DataError::TooLarge { path: path.to_path_buf(), bytes: total, limit: CORPUS_BYTES_MAX });
+            return Err(DataError::TooLarge {
+                path: path.to_path_buf(),
+                bytes: total,
+                limit: CORPUS_BYTES_MAX,
+            });
         }
     }
     let mut bytes = Vec::with_capacity(total as usize + files.len());
     for f in &files {
-        let mut content = std::fs::read(f).map_err(|e| DataError::Io { path: f.clone(), source: e })?;
+        let mut content = std::fs::read(f).map_err(|e| DataError::Io {
+            path: f.clone(),
+            source: e,
+        })?;
         bytes.append(&mut content);
         if meta.is_dir() {
             bytes.push(b'\n');
@@ -60,14 +86,26 @@ pub fn read_corpus(path: &Path) -> Result<Corpus, DataError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(DataError::Empty(path.display().to_string()));
     }
-    Ok(Corpus { bytes, source: path.display().to_string() })
+    Ok(Corpus {
+        bytes,
+        source: path.display().to_string(),
+    })
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| DataError::Io { path: dir.to_path_buf(), source: e })?;
+    let entries = std::fs::read_dir(dir).map_err(|e| DataError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
     for entry in entries {
-        let entry = entry.map_err(|e| DataError::Io { path: dir.to_path_buf(), source: e })?;
-        let kind = entry.file_type().map_err(|e| DataError::Io { path: entry.path(), source: e })?;
+        let entry = entry.map_err(|e| DataError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        let kind = entry.file_type().map_err(|e| DataError::Io {
+            path: entry.path(),
+            source: e,
+        })?;
         if kind.is_dir() {
             collect_files(&entry.path(), out)?;
         } else if kind.is_file() {
@@ -110,14 +148,27 @@ impl Split {
     /// The first `1 − validation_fraction` of the bytes train, the rest validate (as the
     /// reference: 95% / 5%); the train part is cut into `sites` shards. Every shard and the
     /// validation part must hold at least one window of `context + 1` bytes.
-    pub fn new(bytes: &[u8], validation_fraction: f64, sites: usize, mode: ShardMode, context: usize) -> Result<Split, DataError> {
+    pub fn new(
+        bytes: &[u8],
+        validation_fraction: f64,
+        sites: usize,
+        mode: ShardMode,
+        context: usize,
+    ) -> Result<Split, DataError> {
         if sites == 0 {
-            return Err(DataError::Invalid { field: "sites", reason: "must be at least 1".into() });
+            return Err(DataError::Invalid {
+                field: "sites",
+                reason: "must be at least 1".into(),
+            });
         }
         if !(validation_fraction > 0.0 && validation_fraction < 1.0) {
-            return Err(DataError::Invalid { field: "validation_fraction", reason: "must be in (0, 1)".into() });
+            return Err(DataError::Invalid {
+                field: "validation_fraction",
+                reason: "must be in (0, 1)".into(),
+            });
         }
-        let (train, validation) = bytes.split_at(Split::train_len(bytes.len(), validation_fraction));
+        let (train, validation) =
+            bytes.split_at(Split::train_len(bytes.len(), validation_fraction));
         let window = context + 1;
         if validation.len() < window {
             return Err(DataError::TooShort {
@@ -129,7 +180,9 @@ impl Split {
         let shards: Vec<Vec<u8>> = match mode {
             ShardMode::NonIid => {
                 let len = train.len() / sites;
-                (0..sites).map(|k| train[k * len..(k + 1) * len].to_vec()).collect()
+                (0..sites)
+                    .map(|k| train[k * len..(k + 1) * len].to_vec())
+                    .collect()
             }
             ShardMode::Iid => {
                 let mut shards = vec![Vec::new(); sites];
@@ -147,7 +200,11 @@ impl Split {
                 reason: format!("needs at least one window of {window} bytes; use fewer sites or a longer corpus"),
             });
         }
-        Ok(Split { shards, validation: validation.to_vec(), train_bytes: train.len() })
+        Ok(Split {
+            shards,
+            validation: validation.to_vec(),
+            train_bytes: train.len(),
+        })
     }
 
     /// Non-overlapping windows of the validation split: (inputs, targets) of `count` x `context`,
@@ -165,7 +222,11 @@ pub fn windows(bytes: &[u8], context: usize) -> (Vec<u32>, Vec<u32>, usize) {
     for w in 0..count {
         let start = w * context;
         inputs.extend(bytes[start..start + context].iter().map(|&b| b as u32));
-        targets.extend(bytes[start + 1..start + context + 1].iter().map(|&b| b as u32));
+        targets.extend(
+            bytes[start + 1..start + context + 1]
+                .iter()
+                .map(|&b| b as u32),
+        );
     }
     (inputs, targets, count)
 }
@@ -181,7 +242,11 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(seed: u64) -> Self {
-        Sampler { rng: ChaCha8Rng::seed_from_u64(seed), drawn: 0, seed }
+        Sampler {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            drawn: 0,
+            seed,
+        }
     }
 
     /// A sampler that continues after `drawn` windows of a sampler with the same seed. Each
@@ -198,8 +263,18 @@ impl Sampler {
     }
 
     /// Fill `inputs` and `targets` with `batch` windows of `context` bytes from `shard`.
-    pub fn fill(&mut self, shard: &[u8], batch: usize, context: usize, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) {
-        assert!(shard.len() > context, "shard shorter than a window (checked by Split::new)");
+    pub fn fill(
+        &mut self,
+        shard: &[u8],
+        batch: usize,
+        context: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<u32>,
+    ) {
+        assert!(
+            shard.len() > context,
+            "shard shorter than a window (checked by Split::new)"
+        );
         inputs.clear();
         targets.clear();
         let positions = (shard.len() - context) as u64;
@@ -208,7 +283,11 @@ impl Sampler {
             let start = (((self.rng.next_u64() >> 32) * positions) >> 32) as usize;
             self.drawn += 1;
             inputs.extend(shard[start..start + context].iter().map(|&b| b as u32));
-            targets.extend(shard[start + 1..start + context + 1].iter().map(|&b| b as u32));
+            targets.extend(
+                shard[start + 1..start + context + 1]
+                    .iter()
+                    .map(|&b| b as u32),
+            );
         }
     }
 }
@@ -245,9 +324,18 @@ mod tests {
 
     #[test]
     fn too_short_corpus_and_zero_sites_are_refused() {
-        assert!(matches!(Split::new(&[1u8; 100], 0.05, 1, ShardMode::Iid, 16), Err(DataError::TooShort { .. })));
-        assert!(matches!(Split::new(&[1u8; 10_000], 0.05, 0, ShardMode::Iid, 16), Err(DataError::Invalid { .. })));
-        assert!(matches!(Split::new(&[1u8; 10_000], 0.05, 1000, ShardMode::NonIid, 16), Err(DataError::TooShort { .. })));
+        assert!(matches!(
+            Split::new(&[1u8; 100], 0.05, 1, ShardMode::Iid, 16),
+            Err(DataError::TooShort { .. })
+        ));
+        assert!(matches!(
+            Split::new(&[1u8; 10_000], 0.05, 0, ShardMode::Iid, 16),
+            Err(DataError::Invalid { .. })
+        ));
+        assert!(matches!(
+            Split::new(&[1u8; 10_000], 0.05, 1000, ShardMode::NonIid, 16),
+            Err(DataError::TooShort { .. })
+        ));
     }
 
     #[test]
@@ -270,7 +358,11 @@ mod tests {
         let mut sought = Sampler::resume(9, 3000);
         sought.fill(&shard, 3, 32, &mut b_in, &mut b_t);
         assert_eq!(f_in, b_in);
-        assert_eq!(&a_in[1..32], &a_t[..31], "targets are inputs shifted by one");
+        assert_eq!(
+            &a_in[1..32],
+            &a_t[..31],
+            "targets are inputs shifted by one"
+        );
     }
 
     #[test]
@@ -285,7 +377,10 @@ mod tests {
     #[test]
     fn missing_and_empty_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(read_corpus(&dir.path().join("nope.txt")), Err(DataError::Io { .. })));
+        assert!(matches!(
+            read_corpus(&dir.path().join("nope.txt")),
+            Err(DataError::Io { .. })
+        ));
         let empty = dir.path().join("empty.txt");
         std::fs::write(&empty, "  \n").unwrap();
         assert!(matches!(read_corpus(&empty), Err(DataError::Empty(_))));

@@ -30,7 +30,13 @@ impl Default for SyntheticSpec {
     /// per byte. Chosen so that a 2M-token run sees the `small` model learn the vocabulary and
     /// most of the word-to-word structure (500 words / 16 follow-ups learned it too late to show).
     fn default() -> Self {
-        SyntheticSpec { words: 200, successors: 8, zipf_exponent: 1.1, jump_probability: 0.05, seed: 0x10B0 }
+        SyntheticSpec {
+            words: 200,
+            successors: 8,
+            zipf_exponent: 1.1,
+            jump_probability: 0.05,
+            seed: 0x10B0,
+        }
     }
 }
 
@@ -52,7 +58,13 @@ fn zipf(n: usize, exponent: f64) -> Vec<f64> {
 
 fn cumulative(p: &[f64]) -> Vec<f64> {
     let mut acc = 0.0;
-    let mut out: Vec<f64> = p.iter().map(|x| { acc += x; acc }).collect();
+    let mut out: Vec<f64> = p
+        .iter()
+        .map(|x| {
+            acc += x;
+            acc
+        })
+        .collect();
     if let Some(last) = out.last_mut() {
         *last = 1.0;
     }
@@ -112,7 +124,13 @@ impl SyntheticLanguage {
                 (chosen, cumulative(&local_weights))
             })
             .collect();
-        SyntheticLanguage { spec, words, local, global_cdf: cumulative(&global), global }
+        SyntheticLanguage {
+            spec,
+            words,
+            local,
+            global_cdf: cumulative(&global),
+            global,
+        }
     }
 
     /// `len` bytes of text from the chain, seeded.
@@ -133,7 +151,9 @@ impl SyntheticLanguage {
         let u = uniform(rng);
         if u < self.spec.jump_probability {
             let v = uniform(rng);
-            self.global_cdf.partition_point(|&c| c < v).min(self.spec.words - 1)
+            self.global_cdf
+                .partition_point(|&c| c < v)
+                .min(self.spec.words - 1)
         } else {
             let (ids, cdf) = &self.local[word];
             let v = uniform(rng);
@@ -186,7 +206,11 @@ impl SyntheticLanguage {
         let mut bytes_per_word = 0.0;
         for (w, &p) in pi.iter().enumerate() {
             self.row(w, &mut row);
-            let h: f64 = row.iter().filter(|&&q| q > 0.0).map(|&q| -q * q.log2()).sum();
+            let h: f64 = row
+                .iter()
+                .filter(|&&q| q > 0.0)
+                .map(|&q| -q * q.log2())
+                .sum();
             bits_per_word += p * h;
             bytes_per_word += p * (self.words[w].len() + 1) as f64;
         }
@@ -211,7 +235,11 @@ mod tests {
     fn entropy_rate_matches_the_empirical_rate_of_a_long_sample() {
         // Estimate −log2 P(word stream) per byte on a long sample with the true model: by the
         // ergodic theorem it converges to the entropy rate.
-        let spec = SyntheticSpec { words: 300, successors: 8, ..SyntheticSpec::default() };
+        let spec = SyntheticSpec {
+            words: 300,
+            successors: 8,
+            ..SyntheticSpec::default()
+        };
         let lang = SyntheticLanguage::new(spec);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let mut row = vec![0.0; spec.words];
@@ -225,6 +253,9 @@ mod tests {
         }
         let empirical = bits / bytes as f64;
         let exact = lang.entropy_rate_bits_per_byte();
-        assert!((empirical - exact).abs() < 0.01 * exact, "empirical {empirical}, exact {exact}");
+        assert!(
+            (empirical - exact).abs() < 0.01 * exact,
+            "empirical {empirical}, exact {exact}"
+        );
     }
 }

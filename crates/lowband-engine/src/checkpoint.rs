@@ -75,8 +75,14 @@ pub struct Checkpoint {
 /// Write `bytes` to `path` atomically: a temp file in the same directory, fsync, rename, fsync
 /// of the directory. Readers see the old file or the new one, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut file = File::create(&tmp)?;
@@ -97,7 +103,10 @@ pub fn tensors_to_safetensors(
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -106,11 +115,16 @@ pub fn tensors_to_safetensors(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| EngineError::config("tensors", e.to_string()))?;
-    safetensors::serialize(views, metadata).map_err(|e| EngineError::config("tensors", e.to_string()))
+    safetensors::serialize(views, metadata)
+        .map_err(|e| EngineError::config("tensors", e.to_string()))
 }
 
 fn digest(file: String, bytes: &[u8]) -> FileDigest {
-    FileDigest { file, bytes: bytes.len() as u64, crc32: crc32fast::hash(bytes) }
+    FileDigest {
+        file,
+        bytes: bytes.len() as u64,
+        crc32: crc32fast::hash(bytes),
+    }
 }
 
 /// Save parameters (and optionally the optimizer) to `dir`, creating it if needed.
@@ -123,11 +137,22 @@ pub fn save(
 ) -> Result<()> {
     config.validate()?;
     let layout = ParamLayout::new(config);
-    assert_eq!(params.len(), layout.total, "parameter buffer does not match its config");
+    assert_eq!(
+        params.len(),
+        layout.total,
+        "parameter buffer does not match its config"
+    );
     fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-    let named: Vec<_> = layout.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), &params[t.range()])).collect();
+    let named: Vec<_> = layout
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), &params[t.range()]))
+        .collect();
     let model_bytes = tensors_to_safetensors(&named, None)?;
-    let params_digest = digest(format!("model-{:08x}.safetensors", crc32fast::hash(&model_bytes)), &model_bytes);
+    let params_digest = digest(
+        format!("model-{:08x}.safetensors", crc32fast::hash(&model_bytes)),
+        &model_bytes,
+    );
     write_atomic(&dir.join(&params_digest.file), &model_bytes)?;
     let optimizer = match optimizer {
         None => None,
@@ -138,9 +163,16 @@ pub fn save(
                 named.push((format!("v.{}", t.name), t.shape.clone(), &opt.v[t.range()]));
             }
             let bytes = tensors_to_safetensors(&named, None)?;
-            let state = digest(format!("optimizer-{:08x}.safetensors", crc32fast::hash(&bytes)), &bytes);
+            let state = digest(
+                format!("optimizer-{:08x}.safetensors", crc32fast::hash(&bytes)),
+                &bytes,
+            );
             write_atomic(&dir.join(&state.file), &bytes)?;
-            Some(OptimizerManifest { config: opt.config, step: opt.step, state })
+            Some(OptimizerManifest {
+                config: opt.config,
+                step: opt.step,
+                state,
+            })
         }
     };
     let manifest = Manifest {
@@ -151,7 +183,8 @@ pub fn save(
         optimizer,
         extra,
     };
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| EngineError::config("manifest", e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| EngineError::config("manifest", e.to_string()))?;
     write_atomic(&dir.join(MANIFEST_FILE), &json)?;
     remove_unreferenced(dir, &manifest);
     Ok(())
@@ -163,10 +196,13 @@ fn remove_unreferenced(dir: &Path, manifest: &Manifest) {
     let keep: Vec<&str> = std::iter::once(manifest.params.file.as_str())
         .chain(manifest.optimizer.as_ref().map(|o| o.state.file.as_str()))
         .collect();
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = (name.starts_with("model-") || name.starts_with("optimizer-")) && name.ends_with(".safetensors");
+        let ours = (name.starts_with("model-") || name.starts_with("optimizer-"))
+            && name.ends_with(".safetensors");
         if ours && !keep.contains(&name.as_str()) {
             let _ = fs::remove_file(entry.path());
         }
@@ -178,28 +214,55 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
     if len > limit {
-        return Err(EngineError::checkpoint(path, format!("{len} bytes exceed the limit of {limit}")));
+        return Err(EngineError::checkpoint(
+            path,
+            format!("{len} bytes exceed the limit of {limit}"),
+        ));
     }
     let mut bytes = Vec::with_capacity(len as usize);
-    file.take(limit).read_to_end(&mut bytes).map_err(|e| EngineError::io(path, e))?;
+    file.take(limit)
+        .read_to_end(&mut bytes)
+        .map_err(|e| EngineError::io(path, e))?;
     Ok(bytes)
 }
 
 fn read_verified(dir: &Path, digest: &FileDigest, bytes_max: u64) -> Result<Vec<u8>> {
     if digest.file.contains('/') || digest.file.contains('\\') || digest.file.starts_with('.') {
-        return Err(EngineError::checkpoint(dir, format!("manifest names a file outside the checkpoint: {:?}", digest.file)));
+        return Err(EngineError::checkpoint(
+            dir,
+            format!(
+                "manifest names a file outside the checkpoint: {:?}",
+                digest.file
+            ),
+        ));
     }
     let path = dir.join(&digest.file);
     if digest.bytes > bytes_max {
-        return Err(EngineError::checkpoint(&path, format!("{} bytes exceed the limit of {bytes_max}", digest.bytes)));
+        return Err(EngineError::checkpoint(
+            &path,
+            format!("{} bytes exceed the limit of {bytes_max}", digest.bytes),
+        ));
     }
     let bytes = read_limited(&path, bytes_max)?;
     if bytes.len() as u64 != digest.bytes {
-        return Err(EngineError::checkpoint(&path, format!("truncated or altered: {} bytes, manifest says {}", bytes.len(), digest.bytes)));
+        return Err(EngineError::checkpoint(
+            &path,
+            format!(
+                "truncated or altered: {} bytes, manifest says {}",
+                bytes.len(),
+                digest.bytes
+            ),
+        ));
     }
     let crc = crc32fast::hash(&bytes);
     if crc != digest.crc32 {
-        return Err(EngineError::checkpoint(&path, format!("checksum {crc:08x} does not match the manifest's {:08x}", digest.crc32)));
+        return Err(EngineError::checkpoint(
+            &path,
+            format!(
+                "checksum {crc:08x} does not match the manifest's {:08x}",
+                digest.crc32
+            ),
+        ));
     }
     Ok(bytes)
 }
@@ -216,25 +279,52 @@ pub fn tensors_from_safetensors(
         .map_err(|e| EngineError::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = Vec::with_capacity(expected.len());
     for (name, shape) in expected {
-        let view = st.tensor(name).map_err(|_| EngineError::checkpoint(path, format!("missing tensor {name:?}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| EngineError::checkpoint(path, format!("missing tensor {name:?}")))?;
         if view.dtype() != Dtype::F32 {
-            return Err(EngineError::checkpoint(path, format!("tensor {name:?} has dtype {:?}, expected F32", view.dtype())));
+            return Err(EngineError::checkpoint(
+                path,
+                format!("tensor {name:?} has dtype {:?}, expected F32", view.dtype()),
+            ));
         }
         if view.shape() != shape.as_slice() {
-            return Err(EngineError::checkpoint(path, format!("tensor {name:?} has shape {:?}, expected {shape:?}", view.shape())));
+            return Err(EngineError::checkpoint(
+                path,
+                format!(
+                    "tensor {name:?} has shape {:?}, expected {shape:?}",
+                    view.shape()
+                ),
+            ));
         }
-        out.push(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+        out.push(
+            view.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        );
     }
     if st.len() != expected.len() {
         let known: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let extra: Vec<&str> = st.names().into_iter().filter(|n| !known.contains(n)).collect();
-        return Err(EngineError::checkpoint(path, format!("unexpected tensors: {}", extra.join(", "))));
+        let extra: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !known.contains(n))
+            .collect();
+        return Err(EngineError::checkpoint(
+            path,
+            format!("unexpected tensors: {}", extra.join(", ")),
+        ));
     }
     Ok(out)
 }
 
 fn gather(layout: &ParamLayout, prefix: &str, path: &Path, bytes: &[u8]) -> Result<Vec<f32>> {
-    let expected: Vec<_> = layout.tensors.iter().map(|t| (format!("{prefix}{}", t.name), t.shape.clone())).collect();
+    let expected: Vec<_> = layout
+        .tensors
+        .iter()
+        .map(|t| (format!("{prefix}{}", t.name), t.shape.clone()))
+        .collect();
     let parts = tensors_from_safetensors(path, bytes, &expected)?;
     Ok(parts.concat())
 }
@@ -253,7 +343,10 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         } else {
             ""
         };
-        return Err(EngineError::checkpoint(dir, format!("no {MANIFEST_FILE}: not a lowband checkpoint{hint}")));
+        return Err(EngineError::checkpoint(
+            dir,
+            format!("no {MANIFEST_FILE}: not a lowband checkpoint{hint}"),
+        ));
     }
     let manifest = read_manifest(&manifest_path)?;
     let config = manifest.model;
@@ -277,7 +370,12 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             Some(adam)
         }
     };
-    Ok(Checkpoint { config, params, optimizer, extra: manifest.extra })
+    Ok(Checkpoint {
+        config,
+        params,
+        optimizer,
+        extra: manifest.extra,
+    })
 }
 
 fn read_manifest(path: &Path) -> Result<Manifest> {
@@ -290,32 +388,53 @@ fn read_manifest(path: &Path) -> Result<Manifest> {
     let header: Header = serde_json::from_slice(&bytes)
         .map_err(|e| EngineError::checkpoint(path, format!("not a lowband manifest: {e}")))?;
     if header.format.as_deref() != Some(FORMAT) {
-        return Err(EngineError::checkpoint(path, format!("format is {:?}, expected {FORMAT:?}", header.format)));
+        return Err(EngineError::checkpoint(
+            path,
+            format!("format is {:?}, expected {FORMAT:?}", header.format),
+        ));
     }
     if header.format_version != Some(FORMAT_VERSION) {
         return Err(EngineError::checkpoint(
             path,
-            format!("format version {:?}; this build reads version {FORMAT_VERSION}", header.format_version),
+            format!(
+                "format version {:?}; this build reads version {FORMAT_VERSION}",
+                header.format_version
+            ),
         ));
     }
-    serde_json::from_slice(&bytes).map_err(|e| EngineError::checkpoint(path, format!("bad manifest: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| EngineError::checkpoint(path, format!("bad manifest: {e}")))
 }
 
 fn split_moments(layout: &ParamLayout, path: &Path, bytes: &[u8]) -> Result<(Vec<f32>, Vec<f32>)> {
     let expected: Vec<_> = layout
         .tensors
         .iter()
-        .flat_map(|t: &TensorInfo| [(format!("m.{}", t.name), t.shape.clone()), (format!("v.{}", t.name), t.shape.clone())])
+        .flat_map(|t: &TensorInfo| {
+            [
+                (format!("m.{}", t.name), t.shape.clone()),
+                (format!("v.{}", t.name), t.shape.clone()),
+            ]
+        })
         .collect();
     let parts = tensors_from_safetensors(path, bytes, &expected)?;
-    let (mut m, mut v) = (Vec::with_capacity(layout.total), Vec::with_capacity(layout.total));
+    let (mut m, mut v) = (
+        Vec::with_capacity(layout.total),
+        Vec::with_capacity(layout.total),
+    );
     for pair in parts.chunks(2) {
         m.extend_from_slice(&pair[0]);
         v.extend_from_slice(&pair[1]);
     }
     for (name, values) in [("m", &m), ("v", &v)] {
-        if let Some(index) = values.iter().position(|x| !x.is_finite() || (name == "v" && *x < 0.0)) {
-            return Err(EngineError::NonFinite { tensor: format!("optimizer {name}"), index });
+        if let Some(index) = values
+            .iter()
+            .position(|x| !x.is_finite() || (name == "v" && *x < 0.0))
+        {
+            return Err(EngineError::NonFinite {
+                tensor: format!("optimizer {name}"),
+                index,
+            });
         }
     }
     Ok((m, v))

@@ -39,7 +39,10 @@ impl ModelConfig {
             if value == 0 {
                 Err(EngineError::config(field, "must be at least 1"))
             } else if value > max {
-                Err(EngineError::config(field, format!("{value} exceeds the limit {max}")))
+                Err(EngineError::config(
+                    field,
+                    format!("{value} exceeds the limit {max}"),
+                ))
             } else {
                 Ok(())
             }
@@ -52,15 +55,21 @@ impl ModelConfig {
         if !self.width.is_multiple_of(self.heads) {
             return Err(EngineError::config(
                 "heads",
-                format!("width {} is not divisible by heads {}", self.width, self.heads),
+                format!(
+                    "width {} is not divisible by heads {}",
+                    self.width, self.heads
+                ),
             ));
         }
         if self.vocab_size > u32::MAX as usize {
-            return Err(EngineError::config("vocab_size", "token ids must fit in u32"));
+            return Err(EngineError::config(
+                "vocab_size",
+                "token ids must fit in u32",
+            ));
         }
-        let count = self.parameter_count_checked().ok_or_else(|| {
-            EngineError::config("width", "parameter count overflows")
-        })?;
+        let count = self
+            .parameter_count_checked()
+            .ok_or_else(|| EngineError::config("width", "parameter count overflows"))?;
         if count > PARAMS_MAX {
             return Err(EngineError::config(
                 "width",
@@ -81,7 +90,9 @@ impl ModelConfig {
         // Per block: 2 LayerNorms (4C), qkv (3C*C + 3C), attn proj (C*C + C),
         // fc (4C*C + 4C), mlp proj (C*4C + C).
         let block = c.checked_mul(c)?.checked_mul(12)? + 13 * c;
-        embeddings.checked_add(block.checked_mul(self.layers)?)?.checked_add(2 * c)
+        embeddings
+            .checked_add(block.checked_mul(self.layers)?)?
+            .checked_add(2 * c)
     }
 
     /// Total number of parameters (the tied head counts once).
@@ -95,8 +106,7 @@ impl ModelConfig {
     /// full T×T square, as the usual MFU figures do).
     pub fn training_flops_per_token(&self, seq_len: usize) -> f64 {
         let matmul_weights = self.parameter_count() - self.context_length * self.width;
-        6.0 * matmul_weights as f64
-            + 12.0 * self.layers as f64 * seq_len as f64 * self.width as f64
+        6.0 * matmul_weights as f64 + 12.0 * self.layers as f64 * seq_len as f64 * self.width as f64
     }
 }
 
@@ -119,19 +129,37 @@ pub struct Preset {
 pub const PRESETS: [Preset; 3] = [
     Preset {
         name: "tiny",
-        model: ModelConfig { vocab_size: 256, context_length: 32, layers: 2, width: 32, heads: 2 },
+        model: ModelConfig {
+            vocab_size: 256,
+            context_length: 32,
+            layers: 2,
+            width: 32,
+            heads: 2,
+        },
         batch_size: 4,
         description: "2 layers, width 32, context 32 (tests)",
     },
     Preset {
         name: "small",
-        model: ModelConfig { vocab_size: 256, context_length: 128, layers: 4, width: 128, heads: 4 },
+        model: ModelConfig {
+            vocab_size: 256,
+            context_length: 128,
+            layers: 4,
+            width: 128,
+            heads: 4,
+        },
         batch_size: 16,
         description: "4 layers, width 128, context 128, 0.84M params (default runs)",
     },
     Preset {
         name: "ref",
-        model: ModelConfig { vocab_size: 256, context_length: 128, layers: 4, width: 256, heads: 4 },
+        model: ModelConfig {
+            vocab_size: 256,
+            context_length: 128,
+            layers: 4,
+            width: 256,
+            heads: 4,
+        },
         batch_size: 16,
         description: "4 layers, width 256, context 128, 3.3M params (benchmark model)",
     },
@@ -139,10 +167,17 @@ pub const PRESETS: [Preset; 3] = [
 
 /// Look a preset up by name; the error lists the known names.
 pub fn preset(name: &str) -> Result<Preset> {
-    PRESETS.iter().copied().find(|p| p.name == name).ok_or_else(|| {
-        let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
-        EngineError::config("preset", format!("unknown preset {name:?}; known: {}", known.join(", ")))
-    })
+    PRESETS
+        .iter()
+        .copied()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+            EngineError::config(
+                "preset",
+                format!("unknown preset {name:?}; known: {}", known.join(", ")),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -166,13 +201,34 @@ mod tests {
             (ModelConfig { heads: 3, ..base }, "heads"),
             (ModelConfig { width: 0, ..base }, "width"),
             (ModelConfig { layers: 0, ..base }, "layers"),
-            (ModelConfig { vocab_size: 0, ..base }, "vocab_size"),
-            (ModelConfig { context_length: 0, ..base }, "context_length"),
-            (ModelConfig { width: WIDTH_MAX, heads: 1, ..base }, "width"),
+            (
+                ModelConfig {
+                    vocab_size: 0,
+                    ..base
+                },
+                "vocab_size",
+            ),
+            (
+                ModelConfig {
+                    context_length: 0,
+                    ..base
+                },
+                "context_length",
+            ),
+            (
+                ModelConfig {
+                    width: WIDTH_MAX,
+                    heads: 1,
+                    ..base
+                },
+                "width",
+            ),
         ];
         for (config, field) in cases {
             match config.validate() {
-                Err(EngineError::InvalidConfig { field: f, .. }) => assert_eq!(f, field, "{config:?}"),
+                Err(EngineError::InvalidConfig { field: f, .. }) => {
+                    assert_eq!(f, field, "{config:?}")
+                }
                 other => panic!("{config:?} gave {other:?}"),
             }
         }

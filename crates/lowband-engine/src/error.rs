@@ -15,7 +15,10 @@ pub enum EngineError {
 
     /// A file that could not be read or written.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A checkpoint or export that exists but is not what it claims to be.
     #[error("bad checkpoint {}: {reason}", path.display())]
@@ -28,15 +31,24 @@ pub enum EngineError {
 
 impl EngineError {
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        EngineError::InvalidConfig { field, reason: reason.into() }
+        EngineError::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.into(), source }
+        EngineError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        EngineError::BadCheckpoint { path: path.into(), reason: reason.into() }
+        EngineError::BadCheckpoint {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -83,7 +83,11 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub fn export(dir: &Path, config: &ModelConfig, params: &[f32]) -> Result<()> {
     config.validate()?;
     let layout = ParamLayout::new(config);
-    assert_eq!(params.len(), layout.total, "parameter buffer does not match its config");
+    assert_eq!(
+        params.len(),
+        layout.total,
+        "parameter buffer does not match its config"
+    );
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let converted: Vec<(String, Vec<usize>, Vec<f32>)> = layout
         .tensors
@@ -92,15 +96,27 @@ pub fn export(dir: &Path, config: &ModelConfig, params: &[f32]) -> Result<()> {
             let (name, transposed) = hf_name(&t.name);
             let data = &params[t.range()];
             if transposed {
-                (name, vec![t.shape[1], t.shape[0]], transpose(data, t.shape[0], t.shape[1]))
+                (
+                    name,
+                    vec![t.shape[1], t.shape[0]],
+                    transpose(data, t.shape[0], t.shape[1]),
+                )
             } else {
                 (name, t.shape.clone(), data.to_vec())
             }
         })
         .collect();
-    let named: Vec<_> = converted.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice())).collect();
-    let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
-    write_atomic(&dir.join(WEIGHTS_FILE), &tensors_to_safetensors(&named, Some(metadata))?)?;
+    let named: Vec<_> = converted
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
+        .collect();
+    let metadata = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    write_atomic(
+        &dir.join(WEIGHTS_FILE),
+        &tensors_to_safetensors(&named, Some(metadata))?,
+    )?;
     let hf_config = serde_json::json!({
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -122,7 +138,8 @@ pub fn export(dir: &Path, config: &ModelConfig, params: &[f32]) -> Result<()> {
         "eos_token_id": 0,
         "torch_dtype": "float32",
     });
-    let json = serde_json::to_vec_pretty(&hf_config).map_err(|e| EngineError::config("config", e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&hf_config)
+        .map_err(|e| EngineError::config("config", e.to_string()))?;
     write_atomic(&dir.join(CONFIG_FILE), &json)
 }
 
@@ -139,8 +156,9 @@ pub fn import(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
     let weights_path = dir.join(WEIGHTS_FILE);
     let limit = config.parameter_count() as u64 * 4 * 2 + (1 << 24);
     let bytes = read_limited(&weights_path, limit)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| EngineError::checkpoint(&weights_path, format!("not a valid safetensors file: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        EngineError::checkpoint(&weights_path, format!("not a valid safetensors file: {e}"))
+    })?;
     let mut params = vec![0.0f32; layout.total];
     for t in &layout.tensors {
         let (name, transposed) = hf_name(&t.name);
@@ -148,15 +166,37 @@ pub fn import(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
         let view = st
             .tensor(&name)
             .or_else(|_| st.tensor(&bare))
-            .map_err(|_| EngineError::checkpoint(&weights_path, format!("missing tensor {name:?}")))?;
-        let shape: Vec<usize> = if transposed { vec![t.shape[1], t.shape[0]] } else { t.shape.clone() };
+            .map_err(|_| {
+                EngineError::checkpoint(&weights_path, format!("missing tensor {name:?}"))
+            })?;
+        let shape: Vec<usize> = if transposed {
+            vec![t.shape[1], t.shape[0]]
+        } else {
+            t.shape.clone()
+        };
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(EngineError::checkpoint(&weights_path, format!("tensor {name:?} has dtype {:?}; only F32 is read", view.dtype())));
+            return Err(EngineError::checkpoint(
+                &weights_path,
+                format!(
+                    "tensor {name:?} has dtype {:?}; only F32 is read",
+                    view.dtype()
+                ),
+            ));
         }
         if view.shape() != shape.as_slice() {
-            return Err(EngineError::checkpoint(&weights_path, format!("tensor {name:?} has shape {:?}, expected {shape:?}", view.shape())));
+            return Err(EngineError::checkpoint(
+                &weights_path,
+                format!(
+                    "tensor {name:?} has shape {:?}, expected {shape:?}",
+                    view.shape()
+                ),
+            ));
         }
-        let values: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let dst = &mut params[t.range()];
         if transposed {
             dst.copy_from_slice(&transpose(&values, shape[0], shape[1]));
@@ -164,7 +204,11 @@ pub fn import(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
             dst.copy_from_slice(&values);
         }
     }
-    check_untied_head(&st, &weights_path, &params[layout.wte..][..config.vocab_size * config.width])?;
+    check_untied_head(
+        &st,
+        &weights_path,
+        &params[layout.wte..][..config.vocab_size * config.width],
+    )?;
     check_finite(&layout, &params)?;
     Ok((config, params))
 }
@@ -172,21 +216,41 @@ pub fn import(dir: &Path) -> Result<(ModelConfig, Vec<f32>)> {
 fn check_hf_config(path: &Path, hf: &HfConfig) -> Result<ModelConfig> {
     let refuse = |what: String| Err(EngineError::checkpoint(path, what));
     if hf.model_type != "gpt2" {
-        return refuse(format!("model_type {:?}; only gpt2 is supported", hf.model_type));
+        return refuse(format!(
+            "model_type {:?}; only gpt2 is supported",
+            hf.model_type
+        ));
     }
-    if !matches!(hf.activation_function.as_str(), "gelu_new" | "gelu_pytorch_tanh") {
-        return refuse(format!("activation_function {:?}; lowband computes tanh-GELU (gelu_new)", hf.activation_function));
+    if !matches!(
+        hf.activation_function.as_str(),
+        "gelu_new" | "gelu_pytorch_tanh"
+    ) {
+        return refuse(format!(
+            "activation_function {:?}; lowband computes tanh-GELU (gelu_new)",
+            hf.activation_function
+        ));
     }
     if (hf.layer_norm_epsilon - LAYER_NORM_EPSILON as f64).abs() > 1e-12 {
-        return refuse(format!("layer_norm_epsilon {}; lowband uses {LAYER_NORM_EPSILON}", hf.layer_norm_epsilon));
+        return refuse(format!(
+            "layer_norm_epsilon {}; lowband uses {LAYER_NORM_EPSILON}",
+            hf.layer_norm_epsilon
+        ));
     }
     if hf.n_inner.is_some_and(|n| n != 4 * hf.n_embd) {
-        return refuse(format!("n_inner {:?}; lowband's MLP is 4 x n_embd", hf.n_inner));
+        return refuse(format!(
+            "n_inner {:?}; lowband's MLP is 4 x n_embd",
+            hf.n_inner
+        ));
     }
     if !hf.tie_word_embeddings {
-        return refuse("tie_word_embeddings is false; lowband's head is tied to the token embedding".into());
+        return refuse(
+            "tie_word_embeddings is false; lowband's head is tied to the token embedding".into(),
+        );
     }
-    if hf.scale_attn_weights == Some(false) || hf.scale_attn_by_inverse_layer_idx == Some(true) || hf.reorder_and_upcast_attn == Some(true) {
+    if hf.scale_attn_weights == Some(false)
+        || hf.scale_attn_by_inverse_layer_idx == Some(true)
+        || hf.reorder_and_upcast_attn == Some(true)
+    {
         return refuse("an attention variant lowband does not compute (scale_attn_* / reorder_and_upcast_attn)".into());
     }
     let config = ModelConfig {
@@ -202,13 +266,22 @@ fn check_hf_config(path: &Path, hf: &HfConfig) -> Result<ModelConfig> {
 
 /// An `lm_head.weight`, if present, must equal the token embedding (the head is tied).
 fn check_untied_head(st: &safetensors::SafeTensors, path: &Path, wte: &[f32]) -> Result<()> {
-    let Ok(head) = st.tensor("lm_head.weight") else { return Ok(()) };
+    let Ok(head) = st.tensor("lm_head.weight") else {
+        return Ok(());
+    };
     let same = head.dtype() == safetensors::Dtype::F32
         && head.data().len() == wte.len() * 4
-        && head.data().chunks_exact(4).zip(wte).all(|(b, w)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == *w);
+        && head
+            .data()
+            .chunks_exact(4)
+            .zip(wte)
+            .all(|(b, w)| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) == *w);
     if same {
         Ok(())
     } else {
-        Err(EngineError::checkpoint(path, "lm_head.weight differs from wte: an untied head is not supported"))
+        Err(EngineError::checkpoint(
+            path,
+            "lm_head.weight differs from wte: an untied head is not supported",
+        ))
     }
 }

@@ -30,11 +30,19 @@ pub struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// A row-major matrix whose rows are `row_stride` apart.
     pub fn rows(data: &'a [f32], row_stride: usize) -> Self {
-        Mat { data, row_stride, col_stride: 1 }
+        Mat {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
     }
     /// The transpose of a row-major matrix whose rows are `row_stride` apart.
     pub fn transposed(data: &'a [f32], row_stride: usize) -> Self {
-        Mat { data, row_stride: 1, col_stride: row_stride }
+        Mat {
+            data,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
     }
     fn check(&self, rows: usize, cols: usize) {
         if rows > 0 && cols > 0 {
@@ -106,15 +114,25 @@ fn all_threads() -> Parallelism {
 // Encoder: x[b, t] = wte[token[b, t]] + wpe[t]
 
 /// out (N, C) from tokens (N,) laid out as B rows of T; wte (V, C), wpe (>=T, C).
-pub fn encoder_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t_len: usize, c: usize) {
-    out.par_chunks_mut(c).zip(tokens.par_iter()).enumerate().for_each(|(row, (o, &tok))| {
-        let t = row % t_len;
-        let e = &wte[tok as usize * c..][..c];
-        let p = &wpe[t * c..][..c];
-        for i in 0..c {
-            o[i] = e[i] + p[i];
-        }
-    });
+pub fn encoder_forward(
+    out: &mut [f32],
+    tokens: &[u32],
+    wte: &[f32],
+    wpe: &[f32],
+    t_len: usize,
+    c: usize,
+) {
+    out.par_chunks_mut(c)
+        .zip(tokens.par_iter())
+        .enumerate()
+        .for_each(|(row, (o, &tok))| {
+            let t = row % t_len;
+            let e = &wte[tok as usize * c..][..c];
+            let p = &wpe[t * c..][..c];
+            for i in 0..c {
+                o[i] = e[i] + p[i];
+            }
+        });
 }
 
 /// Accumulates into dwte (V, C) (the tied head wrote it first); overwrites dwpe rows 0..T.
@@ -127,15 +145,18 @@ pub fn encoder_backward(
     t_len: usize,
     c: usize,
 ) {
-    dwpe[..t_len * c].par_chunks_mut(c).enumerate().for_each(|(t, d)| {
-        d.fill(0.0);
-        for b in 0..b_len {
-            let src = &dout[(b * t_len + t) * c..][..c];
-            for i in 0..c {
-                d[i] += src[i];
+    dwpe[..t_len * c]
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(t, d)| {
+            d.fill(0.0);
+            for b in 0..b_len {
+                let src = &dout[(b * t_len + t) * c..][..c];
+                for i in 0..c {
+                    d[i] += src[i];
+                }
             }
-        }
-    });
+        });
     for (row, &tok) in tokens.iter().enumerate() {
         let d = &mut dwte[tok as usize * c..][..c];
         let src = &dout[row * c..][..c];
@@ -193,8 +214,10 @@ pub fn layernorm_backward(
     let rows = mean.len();
     let groups = row_groups(rows);
     let partials = &mut partials[..groups * 2 * c];
-    dx.par_chunks_mut(ROWS_PER_TASK * c).zip(partials.par_chunks_mut(2 * c)).enumerate().for_each(
-        |(g, (dx_group, part))| {
+    dx.par_chunks_mut(ROWS_PER_TASK * c)
+        .zip(partials.par_chunks_mut(2 * c))
+        .enumerate()
+        .for_each(|(g, (dx_group, part))| {
             part.fill(0.0);
             let (pw, pb) = part.split_at_mut(c);
             for (j, dxr) in dx_group.chunks_mut(c).enumerate() {
@@ -219,8 +242,7 @@ pub fn layernorm_backward(
                     dxr[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
                 }
             }
-        },
-    );
+        });
     dweight.fill(0.0);
     dbias.fill(0.0);
     for part in partials.chunks(2 * c) {
@@ -235,10 +257,19 @@ pub fn layernorm_backward(
 // Linear: out = x · Wᵀ + bias, W stored (OC, IC)
 
 /// out (N, OC) from x (N, IC), weight (OC, IC), bias (OC,).
-pub fn linear_forward(out: &mut [f32], x: &[f32], weight: &[f32], bias: Option<&[f32]>, ic: usize, oc: usize) {
+pub fn linear_forward(
+    out: &mut [f32],
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    ic: usize,
+    oc: usize,
+) {
     let n = x.len() / ic;
     if let Some(bias) = bias {
-        out.par_chunks_mut(oc).with_min_len(16).for_each(|row| row.copy_from_slice(bias));
+        out.par_chunks_mut(oc)
+            .with_min_len(16)
+            .for_each(|row| row.copy_from_slice(bias));
     }
     matmul(
         out,
@@ -270,23 +301,71 @@ pub fn linear_backward(
 ) {
     let n = x.len() / ic;
     let threads = rayon::current_num_threads();
-    let split = |count: usize| if count <= 1 { Parallelism::None } else { Parallelism::Rayon(count) };
-    let (dx_threads, dweight_threads) = if dx.is_some() { (threads / 2, threads - threads / 2) } else { (0, threads) };
+    let split = |count: usize| {
+        if count <= 1 {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(count)
+        }
+    };
+    let (dx_threads, dweight_threads) = if dx.is_some() {
+        (threads / 2, threads - threads / 2)
+    } else {
+        (0, threads)
+    };
     let weight_part = || {
-        matmul(dweight, ic, (oc, ic, n), Mat::transposed(dout, oc), Mat::rows(x, ic), 1.0, false, split(dweight_threads));
+        matmul(
+            dweight,
+            ic,
+            (oc, ic, n),
+            Mat::transposed(dout, oc),
+            Mat::rows(x, ic),
+            1.0,
+            false,
+            split(dweight_threads),
+        );
         if let Some(dbias) = dbias {
-            matmul(dbias, oc, (1, oc, n), Mat::rows(&ones[..n], n), Mat::rows(dout, oc), 1.0, false, split(dweight_threads));
+            matmul(
+                dbias,
+                oc,
+                (1, oc, n),
+                Mat::rows(&ones[..n], n),
+                Mat::rows(dout, oc),
+                1.0,
+                false,
+                split(dweight_threads),
+            );
         }
     };
     match dx {
         Some(dx) if threads >= 2 => {
             rayon::join(
-                || matmul(dx, ic, (n, ic, oc), Mat::rows(dout, oc), Mat::rows(weight, ic), 1.0, false, split(dx_threads)),
+                || {
+                    matmul(
+                        dx,
+                        ic,
+                        (n, ic, oc),
+                        Mat::rows(dout, oc),
+                        Mat::rows(weight, ic),
+                        1.0,
+                        false,
+                        split(dx_threads),
+                    )
+                },
                 weight_part,
             );
         }
         Some(dx) => {
-            matmul(dx, ic, (n, ic, oc), Mat::rows(dout, oc), Mat::rows(weight, ic), 1.0, false, all_threads());
+            matmul(
+                dx,
+                ic,
+                (n, ic, oc),
+                Mat::rows(dout, oc),
+                Mat::rows(weight, ic),
+                1.0,
+                false,
+                all_threads(),
+            );
             weight_part();
         }
         None => weight_part(),
@@ -297,25 +376,51 @@ pub fn linear_backward(
 // Causal self-attention: per (b, head), P = softmax(mask(q kᵀ / sqrt(hs))), y = P v
 
 /// y (B, T, C) and probabilities att (B, NH, T, T) from qkv (B, T, 3C). Masked entries of att are 0.
-pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], t_len: usize, c: usize, nh: usize) {
+pub fn attention_forward(
+    y: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    t_len: usize,
+    c: usize,
+    nh: usize,
+) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    y.par_chunks_mut(t_len * c).zip(att.par_chunks_mut(nh * t_len * t_len)).enumerate().for_each(
-        |(b, (y_b, att_b))| {
+    y.par_chunks_mut(t_len * c)
+        .zip(att.par_chunks_mut(nh * t_len * t_len))
+        .enumerate()
+        .for_each(|(b, (y_b, att_b))| {
             let qkv_b = &qkv[b * t_len * 3 * c..][..t_len * 3 * c];
             for h in 0..nh {
                 let p = &mut att_b[h * t_len * t_len..][..t_len * t_len];
                 let q = Mat::rows(&qkv_b[h * hs..], 3 * c);
                 let k_t = Mat::transposed(&qkv_b[c + h * hs..], 3 * c);
-                matmul(p, t_len, (t_len, t_len, hs), q, k_t, scale, false, Parallelism::None);
+                matmul(
+                    p,
+                    t_len,
+                    (t_len, t_len, hs),
+                    q,
+                    k_t,
+                    scale,
+                    false,
+                    Parallelism::None,
+                );
                 for (t, row) in p.chunks_mut(t_len).enumerate() {
                     softmax_causal_row(row, t + 1);
                 }
                 let v = Mat::rows(&qkv_b[2 * c + h * hs..], 3 * c);
-                matmul(&mut y_b[h * hs..], c, (t_len, hs, t_len), Mat::rows(p, t_len), v, 1.0, false, Parallelism::None);
+                matmul(
+                    &mut y_b[h * hs..],
+                    c,
+                    (t_len, hs, t_len),
+                    Mat::rows(p, t_len),
+                    v,
+                    1.0,
+                    false,
+                    Parallelism::None,
+                );
             }
-        },
-    );
+        });
 }
 
 fn softmax_causal_row(row: &mut [f32], visible: usize) {
@@ -348,8 +453,10 @@ pub fn attention_backward(
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let tt = t_len * t_len;
-    dqkv.par_chunks_mut(t_len * 3 * c).zip(datt.par_chunks_mut(nh * tt)).enumerate().for_each(
-        |(b, (dqkv_b, datt_b))| {
+    dqkv.par_chunks_mut(t_len * 3 * c)
+        .zip(datt.par_chunks_mut(nh * tt))
+        .enumerate()
+        .for_each(|(b, (dqkv_b, datt_b))| {
             let qkv_b = &qkv[b * t_len * 3 * c..][..t_len * 3 * c];
             let dy_b = &dy[b * t_len * c..][..t_len * c];
             for h in 0..nh {
@@ -358,12 +465,34 @@ pub fn attention_backward(
                 let dy_h = Mat::rows(&dy_b[h * hs..], c);
                 let none = Parallelism::None;
                 // dP = dy · vᵀ ; dv = Pᵀ · dy
-                matmul(dp, t_len, (t_len, t_len, hs), dy_h, Mat::transposed(&qkv_b[2 * c + h * hs..], 3 * c), 1.0, false, none);
-                matmul(&mut dqkv_b[2 * c + h * hs..], 3 * c, (t_len, hs, t_len), Mat::transposed(p, t_len), dy_h, 1.0, false, none);
+                matmul(
+                    dp,
+                    t_len,
+                    (t_len, t_len, hs),
+                    dy_h,
+                    Mat::transposed(&qkv_b[2 * c + h * hs..], 3 * c),
+                    1.0,
+                    false,
+                    none,
+                );
+                matmul(
+                    &mut dqkv_b[2 * c + h * hs..],
+                    3 * c,
+                    (t_len, hs, t_len),
+                    Mat::transposed(p, t_len),
+                    dy_h,
+                    1.0,
+                    false,
+                    none,
+                );
                 // dS = P ⊙ (dP − rowsum(P ⊙ dP)), in place
                 for (t, (dp_row, p_row)) in dp.chunks_mut(t_len).zip(p.chunks(t_len)).enumerate() {
                     let visible = t + 1;
-                    let dot: f32 = dp_row[..visible].iter().zip(&p_row[..visible]).map(|(a, b)| a * b).sum();
+                    let dot: f32 = dp_row[..visible]
+                        .iter()
+                        .zip(&p_row[..visible])
+                        .map(|(a, b)| a * b)
+                        .sum();
                     for j in 0..visible {
                         dp_row[j] = p_row[j] * (dp_row[j] - dot);
                     }
@@ -371,11 +500,28 @@ pub fn attention_backward(
                 }
                 let ds = &*dp;
                 // dq = dS · k · scale ; dk = dSᵀ · q · scale
-                matmul(&mut dqkv_b[h * hs..], 3 * c, (t_len, hs, t_len), Mat::rows(ds, t_len), Mat::rows(&qkv_b[c + h * hs..], 3 * c), scale, false, none);
-                matmul(&mut dqkv_b[c + h * hs..], 3 * c, (t_len, hs, t_len), Mat::transposed(ds, t_len), Mat::rows(&qkv_b[h * hs..], 3 * c), scale, false, none);
+                matmul(
+                    &mut dqkv_b[h * hs..],
+                    3 * c,
+                    (t_len, hs, t_len),
+                    Mat::rows(ds, t_len),
+                    Mat::rows(&qkv_b[c + h * hs..], 3 * c),
+                    scale,
+                    false,
+                    none,
+                );
+                matmul(
+                    &mut dqkv_b[c + h * hs..],
+                    3 * c,
+                    (t_len, hs, t_len),
+                    Mat::transposed(ds, t_len),
+                    Mat::rows(&qkv_b[h * hs..], 3 * c),
+                    scale,
+                    false,
+                    none,
+                );
             }
-        },
-    );
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,7 +554,9 @@ pub fn exp_approx(x: f32) -> f32 {
     let p = 1.0
         + r * (1.0
             + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     p * f32::from_bits(k_bits.wrapping_add(127) << 23)
 }
 
@@ -419,11 +567,13 @@ fn gelu_sigmoid(x: f32) -> f32 {
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32]) {
-    out.par_chunks_mut(ELEMENTS_PER_TASK).zip(x.par_chunks(ELEMENTS_PER_TASK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = x * gelu_sigmoid(x);
-        }
-    });
+    out.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(x.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = x * gelu_sigmoid(x);
+            }
+        });
 }
 
 /// Overwrites dx.
@@ -444,20 +594,33 @@ pub fn gelu_backward(dx: &mut [f32], x: &[f32], dout: &[f32]) {
 // Residual: out = a + b (in place: a += b)
 
 pub fn residual_add(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(ELEMENTS_PER_TASK).zip(b.par_chunks(ELEMENTS_PER_TASK)).for_each(|(a, b)| {
-        for (a, b) in a.iter_mut().zip(b) {
-            *a += b;
-        }
-    });
+    a.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(b.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|(a, b)| {
+            for (a, b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Softmax + cross-entropy over V per row
 
 /// probs (N, V) and per-row losses (N,) from logits (N, V) and targets (N,).
-pub fn crossentropy_forward(probs: &mut [f32], losses: &mut [f32], logits: &[f32], targets: &[u32], v: usize) {
-    probs.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(logits.par_chunks(v)).zip(targets.par_iter()).with_min_len(8).for_each(
-        |(((p, loss), l), &target)| {
+pub fn crossentropy_forward(
+    probs: &mut [f32],
+    losses: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    v: usize,
+) {
+    probs
+        .par_chunks_mut(v)
+        .zip(losses.par_iter_mut())
+        .zip(logits.par_chunks(v))
+        .zip(targets.par_iter())
+        .with_min_len(8)
+        .for_each(|(((p, loss), l), &target)| {
             let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
             for (p, &l) in p.iter_mut().zip(l) {
@@ -469,20 +632,28 @@ pub fn crossentropy_forward(probs: &mut [f32], losses: &mut [f32], logits: &[f32
                 *p *= inv;
             }
             *loss = sum.ln() + max - l[target as usize];
-        },
-    );
+        });
 }
 
 /// Overwrites dlogits (N, V) with d(mean loss)/d logits = (probs − onehot) · dloss.
-pub fn crossentropy_backward(dlogits: &mut [f32], probs: &[f32], targets: &[u32], dloss: f32, v: usize) {
-    dlogits.par_chunks_mut(v).zip(probs.par_chunks(v)).zip(targets.par_iter()).with_min_len(8).for_each(
-        |((d, p), &target)| {
+pub fn crossentropy_backward(
+    dlogits: &mut [f32],
+    probs: &[f32],
+    targets: &[u32],
+    dloss: f32,
+    v: usize,
+) {
+    dlogits
+        .par_chunks_mut(v)
+        .zip(probs.par_chunks(v))
+        .zip(targets.par_iter())
+        .with_min_len(8)
+        .for_each(|((d, p), &target)| {
             for (d, &p) in d.iter_mut().zip(p) {
                 *d = p * dloss;
             }
             d[target as usize] -= dloss;
-        },
-    );
+        });
 }
 
 /// Sum of squares of a buffer in f64, reduced over fixed-size groups in order (deterministic).
@@ -520,7 +691,10 @@ mod tests {
             let x64 = x as f64;
             let u = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
             let exact = 0.5 * x64 * (1.0 + u.tanh());
-            assert!((y as f64 - exact).abs() <= 1e-6 * exact.abs().max(1e-2), "gelu({x}) = {y}, expected {exact}");
+            assert!(
+                (y as f64 - exact).abs() <= 1e-6 * exact.abs().max(1e-2),
+                "gelu({x}) = {y}, expected {exact}"
+            );
         }
     }
 }

@@ -64,7 +64,13 @@ impl ParamLayout {
         let mut push = |name: String, shape: Vec<usize>| {
             let len = shape.iter().product();
             let weight_decay = shape.len() >= 2;
-            tensors.push(TensorInfo { name, shape, offset, len, weight_decay });
+            tensors.push(TensorInfo {
+                name,
+                shape,
+                offset,
+                len,
+                weight_decay,
+            });
             offset += len;
             offset - len
         };
@@ -92,7 +98,15 @@ impl ParamLayout {
         let ln_f_bias = push("ln_f.bias".into(), vec![c]);
         let total = tensors.iter().map(|t| t.len).sum();
         debug_assert_eq!(total, config.parameter_count());
-        ParamLayout { tensors, wte, wpe, blocks, ln_f_weight, ln_f_bias, total }
+        ParamLayout {
+            tensors,
+            wte,
+            wpe,
+            blocks,
+            ln_f_weight,
+            ln_f_bias,
+            total,
+        }
     }
 
     /// The tensor with this name, if any.

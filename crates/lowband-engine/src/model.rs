@@ -21,26 +21,26 @@ pub const INIT_STD: f32 = 0.02;
 /// Activations kept by the forward pass, per layer where the backward pass needs them.
 #[derive(Default)]
 struct Activations {
-    encoded: Vec<f32>,   // (N, C)
-    ln_1: Vec<f32>,      // (L, N, C)
-    ln_1_mean: Vec<f32>, // (L, N)
-    ln_1_rstd: Vec<f32>, // (L, N)
-    qkv: Vec<f32>,       // (L, N, 3C)
-    atty: Vec<f32>,      // (L, N, C)
-    att: Vec<f32>,       // (L, B, NH, T, T)
+    encoded: Vec<f32>,    // (N, C)
+    ln_1: Vec<f32>,       // (L, N, C)
+    ln_1_mean: Vec<f32>,  // (L, N)
+    ln_1_rstd: Vec<f32>,  // (L, N)
+    qkv: Vec<f32>,        // (L, N, 3C)
+    atty: Vec<f32>,       // (L, N, C)
+    att: Vec<f32>,        // (L, B, NH, T, T)
     residual_2: Vec<f32>, // (L, N, C)
-    ln_2: Vec<f32>,      // (L, N, C)
-    ln_2_mean: Vec<f32>, // (L, N)
-    ln_2_rstd: Vec<f32>, // (L, N)
-    fch: Vec<f32>,       // (L, N, 4C)
-    fch_gelu: Vec<f32>,  // (L, N, 4C)
+    ln_2: Vec<f32>,       // (L, N, C)
+    ln_2_mean: Vec<f32>,  // (L, N)
+    ln_2_rstd: Vec<f32>,  // (L, N)
+    fch: Vec<f32>,        // (L, N, 4C)
+    fch_gelu: Vec<f32>,   // (L, N, 4C)
     residual_3: Vec<f32>, // (L, N, C)
-    ln_f: Vec<f32>,      // (N, C)
-    ln_f_mean: Vec<f32>, // (N,)
-    ln_f_rstd: Vec<f32>, // (N,)
-    logits: Vec<f32>,    // (N, V)
-    probs: Vec<f32>,     // (N, V)
-    losses: Vec<f32>,    // (N,)
+    ln_f: Vec<f32>,       // (N, C)
+    ln_f_mean: Vec<f32>,  // (N,)
+    ln_f_rstd: Vec<f32>,  // (N,)
+    logits: Vec<f32>,     // (N, V)
+    probs: Vec<f32>,      // (N, V)
+    losses: Vec<f32>,     // (N,)
 }
 
 /// Scratch for the backward pass, reused across layers.
@@ -103,12 +103,24 @@ impl Gpt {
         if params.len() != layout.total {
             return Err(EngineError::config(
                 "params",
-                format!("{} values for a model of {} parameters", params.len(), layout.total),
+                format!(
+                    "{} values for a model of {} parameters",
+                    params.len(),
+                    layout.total
+                ),
             ));
         }
         check_finite(&layout, &params)?;
         let grads = vec![0.0; layout.total];
-        Ok(Gpt { config, layout, params, grads, acts: Activations::default(), scratch: Scratch::default(), last_shape: None })
+        Ok(Gpt {
+            config,
+            layout,
+            params,
+            grads,
+            acts: Activations::default(),
+            scratch: Scratch::default(),
+            last_shape: None,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -144,7 +156,13 @@ impl Gpt {
 
     /// Make sure every buffer fits a (B, T) batch; allocates only when a batch is larger than any before.
     fn ensure_capacity(&mut self, b: usize, t: usize) {
-        let ModelConfig { vocab_size: v, layers: l, width: c, heads: nh, .. } = self.config;
+        let ModelConfig {
+            vocab_size: v,
+            layers: l,
+            width: c,
+            heads: nh,
+            ..
+        } = self.config;
         let n = b * t;
         let a = &mut self.acts;
         for (buf, len) in [
@@ -189,9 +207,17 @@ impl Gpt {
         }
     }
 
-    fn check_batch(&self, inputs: &[u32], targets: Option<&[u32]>, b: usize, t: usize) -> Result<()> {
+    fn check_batch(
+        &self,
+        inputs: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
         if b == 0 || t == 0 {
-            return Err(EngineError::InvalidBatch(format!("empty batch ({b} x {t})")));
+            return Err(EngineError::InvalidBatch(format!(
+                "empty batch ({b} x {t})"
+            )));
         }
         if t > self.config.context_length {
             return Err(EngineError::InvalidBatch(format!(
@@ -199,21 +225,40 @@ impl Gpt {
                 self.config.context_length
             )));
         }
-        let n = b.checked_mul(t).ok_or_else(|| EngineError::InvalidBatch("batch too large".into()))?;
+        let n = b
+            .checked_mul(t)
+            .ok_or_else(|| EngineError::InvalidBatch("batch too large".into()))?;
         let c = self.config;
         // What ensure_capacity would hold: per layer about 16 values per (row, channel) plus the
         // attention probabilities, and the logits twice.
-        let per_layer = n.saturating_mul(c.width).saturating_mul(16).saturating_add(b.saturating_mul(c.heads).saturating_mul(t).saturating_mul(t));
-        let values = per_layer.saturating_mul(c.layers).saturating_add(n.saturating_mul(c.vocab_size).saturating_mul(3));
+        let per_layer = n.saturating_mul(c.width).saturating_mul(16).saturating_add(
+            b.saturating_mul(c.heads)
+                .saturating_mul(t)
+                .saturating_mul(t),
+        );
+        let values = per_layer
+            .saturating_mul(c.layers)
+            .saturating_add(n.saturating_mul(c.vocab_size).saturating_mul(3));
         if values > ACTIVATION_VALUES_MAX {
-            return Err(EngineError::InvalidBatch(format!("a {b} x {t} batch needs about {} GiB of activations; the limit is {} GiB", (values * 4) >> 30, (ACTIVATION_VALUES_MAX * 4) >> 30)));
+            return Err(EngineError::InvalidBatch(format!(
+                "a {b} x {t} batch needs about {} GiB of activations; the limit is {} GiB",
+                (values * 4) >> 30,
+                (ACTIVATION_VALUES_MAX * 4) >> 30
+            )));
         }
         for (what, tokens) in [("inputs", Some(inputs)), ("targets", targets)] {
             let Some(tokens) = tokens else { continue };
             if tokens.len() != n {
-                return Err(EngineError::InvalidBatch(format!("{what}: {} tokens for a {b} x {t} batch", tokens.len())));
+                return Err(EngineError::InvalidBatch(format!(
+                    "{what}: {} tokens for a {b} x {t} batch",
+                    tokens.len()
+                )));
             }
-            if let Some((i, &tok)) = tokens.iter().enumerate().find(|(_, &tok)| tok as usize >= self.config.vocab_size) {
+            if let Some((i, &tok)) = tokens
+                .iter()
+                .enumerate()
+                .find(|(_, &tok)| tok as usize >= self.config.vocab_size)
+            {
                 return Err(EngineError::InvalidBatch(format!(
                     "{what}[{i}] = {tok} is outside the vocabulary of {}",
                     self.config.vocab_size
@@ -224,65 +269,165 @@ impl Gpt {
     }
 
     /// Run the model on `inputs` (B, T); with `targets`, return the mean cross-entropy (nats).
-    pub fn forward(&mut self, inputs: &[u32], targets: Option<&[u32]>, b: usize, t: usize) -> Result<Option<f32>> {
+    pub fn forward(
+        &mut self,
+        inputs: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>> {
         self.check_batch(inputs, targets, b, t)?;
         self.ensure_capacity(b, t);
         let n = b * t;
         self.scratch.tokens.clear();
         self.scratch.tokens.extend_from_slice(inputs);
-        let ModelConfig { vocab_size: v, width: c, heads: nh, .. } = self.config;
+        let ModelConfig {
+            vocab_size: v,
+            width: c,
+            heads: nh,
+            ..
+        } = self.config;
         let p = &self.params;
         let lay = &self.layout;
         let a = &mut self.acts;
-        k::encoder_forward(&mut a.encoded[..n * c], inputs, &p[lay.wte..], &p[lay.wpe..], t, c);
+        k::encoder_forward(
+            &mut a.encoded[..n * c],
+            inputs,
+            &p[lay.wte..],
+            &p[lay.wpe..],
+            t,
+            c,
+        );
         for (l, o) in lay.blocks.iter().enumerate() {
             let (nc, nc3, nc4, att_len) = (n * c, n * 3 * c, n * 4 * c, b * nh * t * t);
-            let residual: &[f32] = if l == 0 { &a.encoded[..nc] } else { &a.residual_3[(l - 1) * nc..][..nc] };
+            let residual: &[f32] = if l == 0 {
+                &a.encoded[..nc]
+            } else {
+                &a.residual_3[(l - 1) * nc..][..nc]
+            };
             let ln_1 = &mut a.ln_1[l * nc..][..nc];
-            k::layernorm_forward(ln_1, &mut a.ln_1_mean[l * n..][..n], &mut a.ln_1_rstd[l * n..][..n], residual, &p[o.ln_1_weight..][..c], &p[o.ln_1_bias..][..c], c);
+            k::layernorm_forward(
+                ln_1,
+                &mut a.ln_1_mean[l * n..][..n],
+                &mut a.ln_1_rstd[l * n..][..n],
+                residual,
+                &p[o.ln_1_weight..][..c],
+                &p[o.ln_1_bias..][..c],
+                c,
+            );
             let qkv = &mut a.qkv[l * nc3..][..nc3];
-            k::linear_forward(qkv, ln_1, &p[o.qkv_weight..][..3 * c * c], Some(&p[o.qkv_bias..][..3 * c]), c, 3 * c);
+            k::linear_forward(
+                qkv,
+                ln_1,
+                &p[o.qkv_weight..][..3 * c * c],
+                Some(&p[o.qkv_bias..][..3 * c]),
+                c,
+                3 * c,
+            );
             let atty = &mut a.atty[l * nc..][..nc];
             k::attention_forward(atty, &mut a.att[l * att_len..][..att_len], qkv, t, c, nh);
             // residual_2 = residual + atty · Wprojᵀ + b
             let residual_2 = &mut a.residual_2[l * nc..][..nc];
-            k::linear_forward(residual_2, atty, &p[o.attn_proj_weight..][..c * c], Some(&p[o.attn_proj_bias..][..c]), c, c);
+            k::linear_forward(
+                residual_2,
+                atty,
+                &p[o.attn_proj_weight..][..c * c],
+                Some(&p[o.attn_proj_bias..][..c]),
+                c,
+                c,
+            );
             k::residual_add(residual_2, residual);
             let ln_2 = &mut a.ln_2[l * nc..][..nc];
-            k::layernorm_forward(ln_2, &mut a.ln_2_mean[l * n..][..n], &mut a.ln_2_rstd[l * n..][..n], residual_2, &p[o.ln_2_weight..][..c], &p[o.ln_2_bias..][..c], c);
+            k::layernorm_forward(
+                ln_2,
+                &mut a.ln_2_mean[l * n..][..n],
+                &mut a.ln_2_rstd[l * n..][..n],
+                residual_2,
+                &p[o.ln_2_weight..][..c],
+                &p[o.ln_2_bias..][..c],
+                c,
+            );
             let fch = &mut a.fch[l * nc4..][..nc4];
-            k::linear_forward(fch, ln_2, &p[o.fc_weight..][..4 * c * c], Some(&p[o.fc_bias..][..4 * c]), c, 4 * c);
+            k::linear_forward(
+                fch,
+                ln_2,
+                &p[o.fc_weight..][..4 * c * c],
+                Some(&p[o.fc_bias..][..4 * c]),
+                c,
+                4 * c,
+            );
             let fch_gelu = &mut a.fch_gelu[l * nc4..][..nc4];
             k::gelu_forward(fch_gelu, fch);
             let residual_3 = &mut a.residual_3[l * nc..][..nc];
-            k::linear_forward(residual_3, fch_gelu, &p[o.mlp_proj_weight..][..4 * c * c], Some(&p[o.mlp_proj_bias..][..c]), 4 * c, c);
+            k::linear_forward(
+                residual_3,
+                fch_gelu,
+                &p[o.mlp_proj_weight..][..4 * c * c],
+                Some(&p[o.mlp_proj_bias..][..c]),
+                4 * c,
+                c,
+            );
             k::residual_add(residual_3, residual_2);
         }
         let last_layer = self.config.layers - 1;
         let residual = &a.residual_3[last_layer * n * c..][..n * c];
-        k::layernorm_forward(&mut a.ln_f[..n * c], &mut a.ln_f_mean[..n], &mut a.ln_f_rstd[..n], residual, &p[lay.ln_f_weight..][..c], &p[lay.ln_f_bias..][..c], c);
-        k::linear_forward(&mut a.logits[..n * v], &a.ln_f[..n * c], &p[lay.wte..][..v * c], None, c, v);
+        k::layernorm_forward(
+            &mut a.ln_f[..n * c],
+            &mut a.ln_f_mean[..n],
+            &mut a.ln_f_rstd[..n],
+            residual,
+            &p[lay.ln_f_weight..][..c],
+            &p[lay.ln_f_bias..][..c],
+            c,
+        );
+        k::linear_forward(
+            &mut a.logits[..n * v],
+            &a.ln_f[..n * c],
+            &p[lay.wte..][..v * c],
+            None,
+            c,
+            v,
+        );
         self.last_shape = Some((b, t, targets.is_some()));
-        let Some(targets) = targets else { return Ok(None) };
+        let Some(targets) = targets else {
+            return Ok(None);
+        };
         self.scratch.targets.clear();
         self.scratch.targets.extend_from_slice(targets);
-        k::crossentropy_forward(&mut a.probs[..n * v], &mut a.losses[..n], &a.logits[..n * v], targets, v);
+        k::crossentropy_forward(
+            &mut a.probs[..n * v],
+            &mut a.losses[..n],
+            &a.logits[..n * v],
+            targets,
+            v,
+        );
         let loss = a.losses[..n].iter().map(|&x| x as f64).sum::<f64>() / n as f64;
         Ok(Some(loss as f32))
     }
 
     /// Mean loss over `windows` sequences of T = inputs.len() / windows tokens, `batch` sequences
     /// per forward pass (evaluation: no gradients).
-    pub fn mean_loss(&mut self, inputs: &[u32], targets: &[u32], windows: usize, batch: usize) -> Result<f64> {
+    pub fn mean_loss(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        windows: usize,
+        batch: usize,
+    ) -> Result<f64> {
         if windows == 0 || batch == 0 || !inputs.len().is_multiple_of(windows) {
-            return Err(EngineError::InvalidBatch(format!("{} tokens in {windows} windows, batch {batch}", inputs.len())));
+            return Err(EngineError::InvalidBatch(format!(
+                "{} tokens in {windows} windows, batch {batch}",
+                inputs.len()
+            )));
         }
         let t = inputs.len() / windows;
         let mut total = 0.0;
         for start in (0..windows).step_by(batch) {
             let count = batch.min(windows - start);
             let range = start * t..(start + count) * t;
-            let loss = self.forward(&inputs[range.clone()], Some(&targets[range]), count, t)?.unwrap_or(f32::NAN);
+            let loss = self
+                .forward(&inputs[range.clone()], Some(&targets[range]), count, t)?
+                .unwrap_or(f32::NAN);
             total += loss as f64 * count as f64;
         }
         Ok(total / windows as f64)
@@ -292,24 +437,72 @@ impl Gpt {
     /// the gradient buffer (overwritten).
     pub fn backward(&mut self) -> Result<()> {
         let Some((b, t, true)) = self.last_shape else {
-            return Err(EngineError::InvalidBatch("backward needs a forward pass with targets first".into()));
+            return Err(EngineError::InvalidBatch(
+                "backward needs a forward pass with targets first".into(),
+            ));
         };
-        let ModelConfig { vocab_size: v, width: c, heads: nh, .. } = self.config;
+        let ModelConfig {
+            vocab_size: v,
+            width: c,
+            heads: nh,
+            ..
+        } = self.config;
         let n = b * t;
-        let (p, g, lay, a, s) = (&self.params, &mut self.grads, &self.layout, &self.acts, &mut self.scratch);
+        let (p, g, lay, a, s) = (
+            &self.params,
+            &mut self.grads,
+            &self.layout,
+            &self.acts,
+            &mut self.scratch,
+        );
         let nc = n * c;
-        k::crossentropy_backward(&mut s.d_logits[..n * v], &a.probs[..n * v], &s.targets[..n], 1.0 / n as f32, v);
+        k::crossentropy_backward(
+            &mut s.d_logits[..n * v],
+            &a.probs[..n * v],
+            &s.targets[..n],
+            1.0 / n as f32,
+            v,
+        );
         // Tied head: logits = ln_f · wteᵀ. Its dx goes to d_c, its dweight is the first write to dwte.
-        k::linear_backward(Some(&mut s.d_c[..nc]), &mut g[lay.wte..][..v * c], None, &s.d_logits[..n * v], &a.ln_f[..nc], &p[lay.wte..][..v * c], &s.ones, c, v);
+        k::linear_backward(
+            Some(&mut s.d_c[..nc]),
+            &mut g[lay.wte..][..v * c],
+            None,
+            &s.d_logits[..n * v],
+            &a.ln_f[..nc],
+            &p[lay.wte..][..v * c],
+            &s.ones,
+            c,
+            v,
+        );
         let last_residual = &a.residual_3[(self.config.layers - 1) * nc..][..nc];
         s.d_residual[..nc].fill(0.0);
         let (dw, db) = tensor_pair(g, lay.ln_f_weight, lay.ln_f_bias, c);
-        k::layernorm_backward(&mut s.d_residual[..nc], dw, db, &mut s.partials, &s.d_c[..nc], last_residual, &p[lay.ln_f_weight..][..c], &a.ln_f_mean[..n], &a.ln_f_rstd[..n], c);
+        k::layernorm_backward(
+            &mut s.d_residual[..nc],
+            dw,
+            db,
+            &mut s.partials,
+            &s.d_c[..nc],
+            last_residual,
+            &p[lay.ln_f_weight..][..c],
+            &a.ln_f_mean[..n],
+            &a.ln_f_rstd[..n],
+            c,
+        );
         for (l, o) in lay.blocks.iter().enumerate().rev() {
             block_backward(l, o, (b, t, c, nh), p, g, a, s);
         }
         let (dwte, rest) = g.split_at_mut(lay.wpe);
-        k::encoder_backward(&mut dwte[lay.wte..], rest, &s.d_residual[..nc], &s.tokens[..n], b, t, c);
+        k::encoder_backward(
+            &mut dwte[lay.wte..],
+            rest,
+            &s.d_residual[..nc],
+            &s.tokens[..n],
+            b,
+            t,
+            c,
+        );
         Ok(())
     }
 }
@@ -327,24 +520,103 @@ fn block_backward(
 ) {
     let n = b * t;
     let (nc, nc3, nc4, att_len) = (n * c, n * 3 * c, n * 4 * c, b * nh * t * t);
-    let residual: &[f32] = if l == 0 { &a.encoded[..nc] } else { &a.residual_3[(l - 1) * nc..][..nc] };
+    let residual: &[f32] = if l == 0 {
+        &a.encoded[..nc]
+    } else {
+        &a.residual_3[(l - 1) * nc..][..nc]
+    };
     let residual_2 = &a.residual_2[l * nc..][..nc];
     // MLP: residual_3 = residual_2 + gelu(ln_2 · Wfcᵀ + b) · Wprojᵀ + b
     let (dw, db) = tensor_pair(g, o.mlp_proj_weight, o.mlp_proj_bias, 4 * c * c);
-    k::linear_backward(Some(&mut s.d_fch_gelu[..nc4]), dw, Some(&mut db[..c]), &s.d_residual[..nc], &a.fch_gelu[l * nc4..][..nc4], &p[o.mlp_proj_weight..][..4 * c * c], &s.ones, 4 * c, c);
-    k::gelu_backward(&mut s.d_fch[..nc4], &a.fch[l * nc4..][..nc4], &s.d_fch_gelu[..nc4]);
+    k::linear_backward(
+        Some(&mut s.d_fch_gelu[..nc4]),
+        dw,
+        Some(&mut db[..c]),
+        &s.d_residual[..nc],
+        &a.fch_gelu[l * nc4..][..nc4],
+        &p[o.mlp_proj_weight..][..4 * c * c],
+        &s.ones,
+        4 * c,
+        c,
+    );
+    k::gelu_backward(
+        &mut s.d_fch[..nc4],
+        &a.fch[l * nc4..][..nc4],
+        &s.d_fch_gelu[..nc4],
+    );
     let (dw, db) = tensor_pair(g, o.fc_weight, o.fc_bias, 4 * c * c);
-    k::linear_backward(Some(&mut s.d_c[..nc]), dw, Some(&mut db[..4 * c]), &s.d_fch[..nc4], &a.ln_2[l * nc..][..nc], &p[o.fc_weight..][..4 * c * c], &s.ones, c, 4 * c);
+    k::linear_backward(
+        Some(&mut s.d_c[..nc]),
+        dw,
+        Some(&mut db[..4 * c]),
+        &s.d_fch[..nc4],
+        &a.ln_2[l * nc..][..nc],
+        &p[o.fc_weight..][..4 * c * c],
+        &s.ones,
+        c,
+        4 * c,
+    );
     let (dw, db) = tensor_pair(g, o.ln_2_weight, o.ln_2_bias, c);
-    k::layernorm_backward(&mut s.d_residual[..nc], dw, &mut db[..c], &mut s.partials, &s.d_c[..nc], residual_2, &p[o.ln_2_weight..][..c], &a.ln_2_mean[l * n..][..n], &a.ln_2_rstd[l * n..][..n], c);
+    k::layernorm_backward(
+        &mut s.d_residual[..nc],
+        dw,
+        &mut db[..c],
+        &mut s.partials,
+        &s.d_c[..nc],
+        residual_2,
+        &p[o.ln_2_weight..][..c],
+        &a.ln_2_mean[l * n..][..n],
+        &a.ln_2_rstd[l * n..][..n],
+        c,
+    );
     // Attention: residual_2 = residual + attn(ln_1 · Wqkvᵀ + b) · Wprojᵀ + b
     let (dw, db) = tensor_pair(g, o.attn_proj_weight, o.attn_proj_bias, c * c);
-    k::linear_backward(Some(&mut s.d_c[..nc]), dw, Some(&mut db[..c]), &s.d_residual[..nc], &a.atty[l * nc..][..nc], &p[o.attn_proj_weight..][..c * c], &s.ones, c, c);
-    k::attention_backward(&mut s.d_qkv[..nc3], &mut s.d_att[..att_len], &s.d_c[..nc], &a.qkv[l * nc3..][..nc3], &a.att[l * att_len..][..att_len], t, c, nh);
+    k::linear_backward(
+        Some(&mut s.d_c[..nc]),
+        dw,
+        Some(&mut db[..c]),
+        &s.d_residual[..nc],
+        &a.atty[l * nc..][..nc],
+        &p[o.attn_proj_weight..][..c * c],
+        &s.ones,
+        c,
+        c,
+    );
+    k::attention_backward(
+        &mut s.d_qkv[..nc3],
+        &mut s.d_att[..att_len],
+        &s.d_c[..nc],
+        &a.qkv[l * nc3..][..nc3],
+        &a.att[l * att_len..][..att_len],
+        t,
+        c,
+        nh,
+    );
     let (dw, db) = tensor_pair(g, o.qkv_weight, o.qkv_bias, 3 * c * c);
-    k::linear_backward(Some(&mut s.d_c[..nc]), dw, Some(&mut db[..3 * c]), &s.d_qkv[..nc3], &a.ln_1[l * nc..][..nc], &p[o.qkv_weight..][..3 * c * c], &s.ones, c, 3 * c);
+    k::linear_backward(
+        Some(&mut s.d_c[..nc]),
+        dw,
+        Some(&mut db[..3 * c]),
+        &s.d_qkv[..nc3],
+        &a.ln_1[l * nc..][..nc],
+        &p[o.qkv_weight..][..3 * c * c],
+        &s.ones,
+        c,
+        3 * c,
+    );
     let (dw, db) = tensor_pair(g, o.ln_1_weight, o.ln_1_bias, c);
-    k::layernorm_backward(&mut s.d_residual[..nc], dw, &mut db[..c], &mut s.partials, &s.d_c[..nc], residual, &p[o.ln_1_weight..][..c], &a.ln_1_mean[l * n..][..n], &a.ln_1_rstd[l * n..][..n], c);
+    k::layernorm_backward(
+        &mut s.d_residual[..nc],
+        dw,
+        &mut db[..c],
+        &mut s.partials,
+        &s.d_c[..nc],
+        residual,
+        &p[o.ln_1_weight..][..c],
+        &a.ln_1_mean[l * n..][..n],
+        &a.ln_1_rstd[l * n..][..n],
+        c,
+    );
 }
 
 /// Two disjoint mutable views: `len` elements at `first`, and everything from `second` on
@@ -357,7 +629,8 @@ fn tensor_pair(g: &mut [f32], first: usize, second: usize, len: usize) -> (&mut 
 
 /// Box-Muller normals from the seeded stream (pairs; the second of the last pair may be unused).
 fn fill_normal(out: &mut [f32], std: f32, rng: &mut ChaCha8Rng) {
-    let uniform = |rng: &mut ChaCha8Rng| ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let uniform =
+        |rng: &mut ChaCha8Rng| ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
     for pair in out.chunks_mut(2) {
         let (u1, u2) = (uniform(rng), uniform(rng));
         let radius = (-2.0 * u1.ln()).sqrt();
@@ -373,7 +646,10 @@ fn fill_normal(out: &mut [f32], std: f32, rng: &mut ChaCha8Rng) {
 pub fn check_finite(layout: &ParamLayout, params: &[f32]) -> Result<()> {
     for tensor in &layout.tensors {
         if let Some(index) = params[tensor.range()].iter().position(|v| !v.is_finite()) {
-            return Err(EngineError::NonFinite { tensor: tensor.name.clone(), index });
+            return Err(EngineError::NonFinite {
+                tensor: tensor.name.clone(),
+                index,
+            });
         }
     }
     Ok(())

@@ -25,21 +25,56 @@ pub struct OptimizerConfig {
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
-        OptimizerConfig { lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 }
+        OptimizerConfig {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
     }
 }
 
 impl OptimizerConfig {
     pub fn validate(&self) -> Result<()> {
         let check = |field: &'static str, ok: bool, what: &str| {
-            if ok { Ok(()) } else { Err(EngineError::config(field, what.to_string())) }
+            if ok {
+                Ok(())
+            } else {
+                Err(EngineError::config(field, what.to_string()))
+            }
         };
-        check("lr", self.lr.is_finite() && self.lr >= 0.0, "must be a finite number >= 0")?;
-        check("beta1", (0.0..1.0).contains(&self.beta1), "must be in [0, 1)")?;
-        check("beta2", (0.0..1.0).contains(&self.beta2), "must be in [0, 1)")?;
-        check("eps", self.eps.is_finite() && self.eps > 0.0, "must be a finite number > 0")?;
-        check("weight_decay", self.weight_decay.is_finite() && self.weight_decay >= 0.0, "must be a finite number >= 0")?;
-        check("grad_clip", self.grad_clip.is_finite() && self.grad_clip >= 0.0, "must be a finite number >= 0 (0 disables)")
+        check(
+            "lr",
+            self.lr.is_finite() && self.lr >= 0.0,
+            "must be a finite number >= 0",
+        )?;
+        check(
+            "beta1",
+            (0.0..1.0).contains(&self.beta1),
+            "must be in [0, 1)",
+        )?;
+        check(
+            "beta2",
+            (0.0..1.0).contains(&self.beta2),
+            "must be in [0, 1)",
+        )?;
+        check(
+            "eps",
+            self.eps.is_finite() && self.eps > 0.0,
+            "must be a finite number > 0",
+        )?;
+        check(
+            "weight_decay",
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "must be a finite number >= 0",
+        )?;
+        check(
+            "grad_clip",
+            self.grad_clip.is_finite() && self.grad_clip >= 0.0,
+            "must be a finite number >= 0 (0 disables)",
+        )
     }
 }
 
@@ -56,7 +91,12 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// The reference's schedule for a run of `total_steps`.
     pub fn reference(peak: f32, total_steps: u64) -> Self {
-        LrSchedule { peak, warmup_steps: (total_steps / 10).min(100), total_steps, min_lr_ratio: 0.1 }
+        LrSchedule {
+            peak,
+            warmup_steps: (total_steps / 10).min(100),
+            total_steps,
+            min_lr_ratio: 0.1,
+        }
     }
 
     /// Learning rate of step `step` (0-based).
@@ -95,23 +135,42 @@ const ELEMENTS_PER_TASK: usize = 1 << 14;
 
 impl AdamW {
     pub fn new(config: OptimizerConfig, params: usize) -> Self {
-        AdamW { config, m: vec![0.0; params], v: vec![0.0; params], step: 0, norm_partials: Vec::new() }
+        AdamW {
+            config,
+            m: vec![0.0; params],
+            v: vec![0.0; params],
+            step: 0,
+            norm_partials: Vec::new(),
+        }
     }
 
     /// Clip the gradient to `grad_clip` (global norm, as `torch.nn.utils.clip_grad_norm_`), then one
     /// AdamW update with learning rate `lr`, in PyTorch's arithmetic order. Refuses a non-finite
     /// gradient without touching the parameters.
-    pub fn update(&mut self, tensors: &[TensorInfo], params: &mut [f32], grads: &mut [f32], lr: f32) -> Result<StepReport> {
+    pub fn update(
+        &mut self,
+        tensors: &[TensorInfo],
+        params: &mut [f32],
+        grads: &mut [f32],
+        lr: f32,
+    ) -> Result<StepReport> {
         assert_eq!(params.len(), self.m.len());
         assert_eq!(grads.len(), self.m.len());
         let norm = sum_of_squares(grads, &mut self.norm_partials).sqrt();
         if !norm.is_finite() {
             let (tensor, index) = first_non_finite(tensors, grads);
-            return Err(EngineError::NonFinite { tensor: format!("gradient of {tensor}"), index });
+            return Err(EngineError::NonFinite {
+                tensor: format!("gradient of {tensor}"),
+                index,
+            });
         }
         let clip = self.config.grad_clip as f64;
         // PyTorch: clip_coef = max_norm / (total_norm + 1e-6), applied when < 1.
-        let grad_scale = if clip > 0.0 && norm > clip { (clip / (norm + 1e-6)) as f32 } else { 1.0 };
+        let grad_scale = if clip > 0.0 && norm > clip {
+            (clip / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
         self.step += 1;
         let c = self.config;
         let bias_correction1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
@@ -119,7 +178,11 @@ impl AdamW {
         let step_size = (lr as f64 / bias_correction1) as f32;
         let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
         for tensor in tensors {
-            let decay = if tensor.weight_decay { 1.0 - lr * c.weight_decay } else { 1.0 };
+            let decay = if tensor.weight_decay {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            };
             let r = tensor.range();
             params[r.clone()]
                 .par_chunks_mut(ELEMENTS_PER_TASK)
@@ -136,7 +199,10 @@ impl AdamW {
                     }
                 });
         }
-        Ok(StepReport { grad_norm: norm as f32, lr })
+        Ok(StepReport {
+            grad_norm: norm as f32,
+            lr,
+        })
     }
 }
 
@@ -161,17 +227,30 @@ mod tests {
         assert!((s.lr_at(99) - 3e-3).abs() < 1e-9);
         // Reference: lr * (0.1 + 0.45 * (1 + cos(pi * (t - warm) / (steps - warm))))
         for t in [100u64, 300, 550, 999] {
-            let expected = 3e-3 * (0.1 + 0.45 * (1.0 + (std::f64::consts::PI * (t - 100) as f64 / 900.0).cos()));
+            let expected = 3e-3
+                * (0.1 + 0.45 * (1.0 + (std::f64::consts::PI * (t - 100) as f64 / 900.0).cos()));
             assert!((s.lr_at(t) as f64 - expected).abs() < 1e-8, "step {t}");
         }
-        assert!((s.lr_at(5000) - 3e-4).abs() < 1e-9, "after the end it stays at the floor");
+        assert!(
+            (s.lr_at(5000) - 3e-4).abs() < 1e-9,
+            "after the end it stays at the floor"
+        );
     }
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_lr_times_sign() {
         // With bias correction, step 1 moves by lr * g / (|g| + eps) ~ lr * sign(g), plus decay.
-        let t = vec![TensorInfo { name: "w".into(), shape: vec![2, 2], offset: 0, len: 4, weight_decay: true }];
-        let config = OptimizerConfig { grad_clip: 0.0, ..Default::default() };
+        let t = vec![TensorInfo {
+            name: "w".into(),
+            shape: vec![2, 2],
+            offset: 0,
+            len: 4,
+            weight_decay: true,
+        }];
+        let config = OptimizerConfig {
+            grad_clip: 0.0,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(config, 4);
         let mut p = vec![1.0, -1.0, 0.5, 0.0];
         let mut g = vec![0.3, -0.2, 0.0, 1e-3];
@@ -185,14 +264,23 @@ mod tests {
 
     #[test]
     fn clipping_scales_the_gradient_to_the_bound_and_nan_is_refused() {
-        let t = vec![TensorInfo { name: "b".into(), shape: vec![2], offset: 0, len: 2, weight_decay: false }];
+        let t = vec![TensorInfo {
+            name: "b".into(),
+            shape: vec![2],
+            offset: 0,
+            len: 2,
+            weight_decay: false,
+        }];
         let mut opt = AdamW::new(OptimizerConfig::default(), 2);
         let mut p = vec![0.0; 2];
         let report = opt.update(&t, &mut p, &mut [3.0, 4.0], 0.1).unwrap();
         assert!((report.grad_norm - 5.0).abs() < 1e-6);
         let mut g = vec![f32::NAN, 0.0];
         let before = p.clone();
-        assert!(matches!(opt.update(&t, &mut p, &mut g, 0.1), Err(EngineError::NonFinite { .. })));
+        assert!(matches!(
+            opt.update(&t, &mut p, &mut g, 0.1),
+            Err(EngineError::NonFinite { .. })
+        ));
         assert_eq!(p, before, "a refused step leaves the parameters alone");
     }
 }

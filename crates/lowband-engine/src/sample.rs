@@ -24,7 +24,10 @@ pub fn generate(model: &mut Gpt, prompt: &[u32], config: &SampleConfig) -> Resul
         return Err(EngineError::InvalidBatch("the prompt is empty".into()));
     }
     if !(config.temperature.is_finite() && config.temperature >= 0.0) {
-        return Err(EngineError::config("temperature", "must be a finite number >= 0"));
+        return Err(EngineError::config(
+            "temperature",
+            "must be a finite number >= 0",
+        ));
     }
     let vocab = model.config().vocab_size;
     let context = model.config().context_length;
@@ -41,7 +44,12 @@ pub fn generate(model: &mut Gpt, prompt: &[u32], config: &SampleConfig) -> Resul
     Ok(tokens.split_off(prompt.len()))
 }
 
-fn pick(logits: &[f32], config: &SampleConfig, rng: &mut ChaCha8Rng, scratch: &mut Vec<(f32, u32)>) -> u32 {
+fn pick(
+    logits: &[f32],
+    config: &SampleConfig,
+    rng: &mut ChaCha8Rng,
+    scratch: &mut Vec<(f32, u32)>,
+) -> u32 {
     scratch.clear();
     scratch.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
     // Most likely first; ties broken by token id so the order is deterministic.
@@ -49,7 +57,11 @@ fn pick(logits: &[f32], config: &SampleConfig, rng: &mut ChaCha8Rng, scratch: &m
     if config.temperature == 0.0 {
         return scratch[0].1;
     }
-    let keep = if config.top_k == 0 { scratch.len() } else { config.top_k.min(scratch.len()) };
+    let keep = if config.top_k == 0 {
+        scratch.len()
+    } else {
+        config.top_k.min(scratch.len())
+    };
     let kept = &mut scratch[..keep];
     let max = kept[0].0;
     let mut total = 0.0f64;

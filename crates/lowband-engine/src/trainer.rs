@@ -81,7 +81,12 @@ impl Trainer for CpuTrainer {
         self.model.grads_mut()
     }
     fn compute_gradients(&mut self, batch: &Batch) -> Result<f32> {
-        let loss = self.model.forward(batch.inputs, Some(batch.targets), batch.batch_size, batch.seq_len)?;
+        let loss = self.model.forward(
+            batch.inputs,
+            Some(batch.targets),
+            batch.batch_size,
+            batch.seq_len,
+        )?;
         self.model.backward()?;
         Ok(loss.unwrap_or(f32::NAN))
     }
@@ -90,7 +95,12 @@ impl Trainer for CpuTrainer {
         self.optimizer.update(tensors, params, grads, lr)
     }
     fn evaluate(&mut self, batch: &Batch) -> Result<f32> {
-        let loss = self.model.forward(batch.inputs, Some(batch.targets), batch.batch_size, batch.seq_len)?;
+        let loss = self.model.forward(
+            batch.inputs,
+            Some(batch.targets),
+            batch.batch_size,
+            batch.seq_len,
+        )?;
         Ok(loss.unwrap_or(f32::NAN))
     }
     fn optimizer(&self) -> &AdamW {

@@ -12,7 +12,12 @@ use lowband_engine::{hf, Batch, CpuTrainer, EngineError, Gpt, OptimizerConfig, T
 fn trained_trainer() -> CpuTrainer {
     let mut trainer = CpuTrainer::new(common::tiny_model(1), OptimizerConfig::default()).unwrap();
     let (inputs, targets) = common::batch(&common::tiny(), 2, 16, 4);
-    let batch = Batch { inputs: &inputs, targets: &targets, batch_size: 2, seq_len: 16 };
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        batch_size: 2,
+        seq_len: 16,
+    };
     for _ in 0..3 {
         trainer.step(&batch, 1e-3).unwrap();
     }
@@ -32,12 +37,26 @@ fn checkpoint_round_trips_parameters_and_optimizer_state_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let trainer = trained_trainer();
     let extra = serde_json::json!({ "round": 7 });
-    checkpoint::save(dir.path(), &common::tiny(), trainer.params(), Some(trainer.optimizer()), extra.clone()).unwrap();
+    checkpoint::save(
+        dir.path(),
+        &common::tiny(),
+        trainer.params(),
+        Some(trainer.optimizer()),
+        extra.clone(),
+    )
+    .unwrap();
     let loaded = checkpoint::load(dir.path()).unwrap();
     assert_eq!(loaded.config, common::tiny());
     assert_eq!(loaded.params, trainer.params());
     let opt = loaded.optimizer.unwrap();
-    assert_eq!((opt.m.as_slice(), opt.v.as_slice(), opt.step), (trainer.optimizer().m.as_slice(), trainer.optimizer().v.as_slice(), 3));
+    assert_eq!(
+        (opt.m.as_slice(), opt.v.as_slice(), opt.step),
+        (
+            trainer.optimizer().m.as_slice(),
+            trainer.optimizer().v.as_slice(),
+            3
+        )
+    );
     assert_eq!(loaded.extra, extra);
 }
 
@@ -45,25 +64,56 @@ fn checkpoint_round_trips_parameters_and_optimizer_state_exactly() {
 fn saving_again_replaces_the_checkpoint_and_removes_stale_files() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(1);
-    checkpoint::save(dir.path(), &common::tiny(), model.params(), None, serde_json::Value::Null).unwrap();
+    checkpoint::save(
+        dir.path(),
+        &common::tiny(),
+        model.params(),
+        None,
+        serde_json::Value::Null,
+    )
+    .unwrap();
     let other = common::tiny_model(2);
-    checkpoint::save(dir.path(), &common::tiny(), other.params(), None, serde_json::Value::Null).unwrap();
+    checkpoint::save(
+        dir.path(),
+        &common::tiny(),
+        other.params(),
+        None,
+        serde_json::Value::Null,
+    )
+    .unwrap();
     assert_eq!(checkpoint::load(dir.path()).unwrap().params, other.params());
-    let files: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let files: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(files.len(), 2, "manifest + one model file, got {files:?}");
 }
 
 fn expect_bad(dir: &Path, fragment: &str) {
     match checkpoint::load(dir) {
-        Err(e @ (EngineError::BadCheckpoint { .. } | EngineError::NonFinite { .. } | EngineError::Io { .. })) => {
-            assert!(e.to_string().contains(fragment), "error {e:?} should mention {fragment:?}")
+        Err(
+            e @ (EngineError::BadCheckpoint { .. }
+            | EngineError::NonFinite { .. }
+            | EngineError::Io { .. }),
+        ) => {
+            assert!(
+                e.to_string().contains(fragment),
+                "error {e:?} should mention {fragment:?}"
+            )
         }
         other => panic!("expected a bad-checkpoint error mentioning {fragment:?}, got {other:?}"),
     }
 }
 
 fn saved(dir: &Path) {
-    checkpoint::save(dir, &common::tiny(), common::tiny_model(1).params(), None, serde_json::Value::Null).unwrap();
+    checkpoint::save(
+        dir,
+        &common::tiny(),
+        common::tiny_model(1).params(),
+        None,
+        serde_json::Value::Null,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -87,14 +137,21 @@ fn missing_foreign_or_future_manifests_are_refused() {
     saved(dir.path());
     let manifest = dir.path().join(MANIFEST_FILE);
     let text = fs::read_to_string(&manifest).unwrap();
-    fs::write(&manifest, text.replace("\"format_version\": 1", "\"format_version\": 9")).unwrap();
+    fs::write(
+        &manifest,
+        text.replace("\"format_version\": 1", "\"format_version\": 9"),
+    )
+    .unwrap();
     expect_bad(dir.path(), "this build reads version 1");
     fs::write(&manifest, "{\"hello\": 1}").unwrap();
     expect_bad(dir.path(), "format");
     fs::write(&manifest, [0xffu8, 0, 1, 2]).unwrap();
     expect_bad(dir.path(), "not a lowband manifest");
     fs::write(&manifest, text.replace("\"heads\": 2", "\"heads\": 0")).unwrap();
-    assert!(matches!(checkpoint::load(dir.path()), Err(EngineError::InvalidConfig { field: "heads", .. })));
+    assert!(matches!(
+        checkpoint::load(dir.path()),
+        Err(EngineError::InvalidConfig { field: "heads", .. })
+    ));
 }
 
 #[test]
@@ -104,7 +161,8 @@ fn wrong_shape_and_non_finite_tensors_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     saved(dir.path());
     let manifest_path = dir.path().join(MANIFEST_FILE);
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
     let model = common::tiny_model(1);
     // Rewrite the data file with one tensor changed, and fix the manifest's digest to match, so
     // only the content check can catch it.
@@ -119,7 +177,10 @@ fn wrong_shape_and_non_finite_tensors_are_refused() {
                 (t.name.clone(), shape, data)
             })
             .collect();
-        let named: Vec<_> = owned.iter().map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice())).collect();
+        let named: Vec<_> = owned
+            .iter()
+            .map(|(n, s, d)| (n.clone(), s.clone(), d.as_slice()))
+            .collect();
         let bytes = tensors_to_safetensors(&named, None).unwrap();
         let name = "model-test.safetensors";
         write_atomic(&dir.path().join(name), &bytes).unwrap();
@@ -140,7 +201,9 @@ fn wrong_shape_and_non_finite_tensors_are_refused() {
         }
     });
     match checkpoint::load(dir.path()) {
-        Err(EngineError::NonFinite { tensor, index }) => assert_eq!((tensor.as_str(), index), ("h.1.mlp.fc.bias", 3)),
+        Err(EngineError::NonFinite { tensor, index }) => {
+            assert_eq!((tensor.as_str(), index), ("h.1.mlp.fc.bias", 3))
+        }
         other => panic!("expected NonFinite, got {other:?}"),
     }
 }
@@ -159,34 +222,60 @@ fn hugging_face_export_imports_back_exactly_and_foreign_configs_are_refused() {
     let text = fs::read_to_string(&config_path).unwrap();
     for (from, to, fragment) in [
         ("\"gelu_new\"", "\"relu\"", "activation_function"),
-        ("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false", "tie_word_embeddings"),
+        (
+            "\"tie_word_embeddings\": true",
+            "\"tie_word_embeddings\": false",
+            "tie_word_embeddings",
+        ),
         ("\"n_head\": 2", "\"n_head\": 3", "heads"),
     ] {
         fs::write(&config_path, text.replace(from, to)).unwrap();
         let error = hf::import(dir.path()).unwrap_err().to_string();
-        assert!(error.contains(fragment), "{error} should mention {fragment}");
+        assert!(
+            error.contains(fragment),
+            "{error} should mention {fragment}"
+        );
     }
     fs::write(&config_path, &text).unwrap();
     let weights = dir.path().join(hf::WEIGHTS_FILE);
     let bytes = fs::read(&weights).unwrap();
     fs::write(&weights, &bytes[..100]).unwrap();
-    assert!(hf::import(dir.path()).unwrap_err().to_string().contains("safetensors"));
+    assert!(hf::import(dir.path())
+        .unwrap_err()
+        .to_string()
+        .contains("safetensors"));
 }
 
 #[test]
 fn same_seed_and_threads_give_bitwise_identical_training() {
     let run = || {
-        let mut trainer = CpuTrainer::new(common::tiny_model(9), OptimizerConfig::default()).unwrap();
+        let mut trainer =
+            CpuTrainer::new(common::tiny_model(9), OptimizerConfig::default()).unwrap();
         let mut losses = Vec::new();
         for step in 0..5 {
             let (inputs, targets) = common::batch(&common::tiny(), 4, 32, step);
-            let batch = Batch { inputs: &inputs, targets: &targets, batch_size: 4, seq_len: 32 };
+            let batch = Batch {
+                inputs: &inputs,
+                targets: &targets,
+                batch_size: 4,
+                seq_len: 32,
+            };
             losses.push(trainer.step(&batch, 1e-3).unwrap().0.to_bits());
         }
-        (losses, trainer.params().iter().map(|p| p.to_bits()).collect::<Vec<_>>())
+        (
+            losses,
+            trainer
+                .params()
+                .iter()
+                .map(|p| p.to_bits())
+                .collect::<Vec<_>>(),
+        )
     };
     assert_eq!(run(), run());
-    assert_ne!(Gpt::new(common::tiny(), 1).unwrap().params(), Gpt::new(common::tiny(), 2).unwrap().params());
+    assert_ne!(
+        Gpt::new(common::tiny(), 1).unwrap().params(),
+        Gpt::new(common::tiny(), 2).unwrap().params()
+    );
 }
 
 #[test]
@@ -201,22 +290,43 @@ fn bad_batches_are_errors_not_panics() {
         (vec![], 0, 4, "empty batch"),
         (vec![1u32; 8], 1 << 40, 8, "activations"),
     ] {
-        let error = model.forward(&inputs, None, b, seq).unwrap_err().to_string();
-        assert!(error.contains(fragment), "{error} should mention {fragment}");
+        let error = model
+            .forward(&inputs, None, b, seq)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(fragment),
+            "{error} should mention {fragment}"
+        );
     }
     let mut fresh = common::tiny_model(1);
-    assert!(fresh.backward().is_err(), "backward before any forward is an error");
+    assert!(
+        fresh.backward().is_err(),
+        "backward before any forward is an error"
+    );
     fresh.forward(&ok, None, 2, t).unwrap();
-    assert!(fresh.backward().is_err(), "backward after a forward without targets is an error");
+    assert!(
+        fresh.backward().is_err(),
+        "backward after a forward without targets is an error"
+    );
 }
 
 #[test]
 fn loss_decreases_on_text_within_a_bounded_number_of_steps() {
     // Repetitive but non-trivial text: the model must learn it from about 5.5 nats (uniform over
     // 256 bytes) to well under half of that in 150 steps of the tiny preset.
-    let text = "the quick brown fox jumps over the lazy dog; a lazy dog sleeps under the old oak tree. ".repeat(40);
+    let text =
+        "the quick brown fox jumps over the lazy dog; a lazy dog sleeps under the old oak tree. "
+            .repeat(40);
     let bytes: Vec<u32> = text.bytes().map(u32::from).collect();
-    let mut trainer = CpuTrainer::new(common::tiny_model(0), OptimizerConfig { lr: 1e-2, ..Default::default() }).unwrap();
+    let mut trainer = CpuTrainer::new(
+        common::tiny_model(0),
+        OptimizerConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let (b, t) = (8, 32);
     let mut first = None;
     let mut last = 0.0;
@@ -227,7 +337,12 @@ fn loss_decreases_on_text_within_a_bounded_number_of_steps() {
             inputs.extend_from_slice(&bytes[start..start + t]);
             targets.extend_from_slice(&bytes[start + 1..start + t + 1]);
         }
-        let batch = Batch { inputs: &inputs, targets: &targets, batch_size: b, seq_len: t };
+        let batch = Batch {
+            inputs: &inputs,
+            targets: &targets,
+            batch_size: b,
+            seq_len: t,
+        };
         last = trainer.step(&batch, 1e-2).unwrap().0;
         first.get_or_insert(last);
     }

@@ -5,10 +5,14 @@ use lowband_engine::{preset, Gpt, ModelConfig};
 
 /// A deterministic pseudo-random token batch (LCG), with targets = inputs shifted by one.
 pub fn batch(config: &ModelConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut stream: Vec<u32> = (0..b * t + b)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % config.vocab_size as u64) as u32
         })
         .collect();

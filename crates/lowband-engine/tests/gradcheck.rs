@@ -43,17 +43,26 @@ fn every_tensor_gradient_matches_central_differences() {
         for direction in 0..3u64 {
             let mut u: Vec<f32> = (0..tensor.len)
                 .map(|i| {
-                    let x = (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15 ^ (direction + 1).wrapping_mul(0xBF58476D1CE4E5B9));
+                    let x = (i as u64 + 1).wrapping_mul(
+                        0x9E3779B97F4A7C15 ^ (direction + 1).wrapping_mul(0xBF58476D1CE4E5B9),
+                    );
                     ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
                 })
                 .collect();
             let norm = u.iter().map(|v| v * v).sum::<f32>().sqrt();
             u.iter_mut().for_each(|v| *v /= norm);
-            let analytic: f64 = grads[tensor.range()].iter().zip(&u).map(|(g, u)| (*g as f64) * (*u as f64)).sum();
+            let analytic: f64 = grads[tensor.range()]
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| (*g as f64) * (*u as f64))
+                .sum();
             let original = model.params()[tensor.range()].to_vec();
             let central = |step: f32, model: &mut Gpt| {
                 let mut at = |sign: f32| {
-                    for (p, (o, u)) in model.params_mut()[tensor.range()].iter_mut().zip(original.iter().zip(&u)) {
+                    for (p, (o, u)) in model.params_mut()[tensor.range()]
+                        .iter_mut()
+                        .zip(original.iter().zip(&u))
+                    {
                         *p = o + sign * step * u;
                     }
                     loss(model, &inputs, &targets, b, t)

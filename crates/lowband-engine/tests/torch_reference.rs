@@ -18,7 +18,10 @@ fn python() -> String {
 }
 
 fn torch_available() -> bool {
-    Command::new(python()).args(["-c", "import torch, transformers, safetensors"]).output().is_ok_and(|o| o.status.success())
+    Command::new(python())
+        .args(["-c", "import torch, transformers, safetensors"])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn script() -> PathBuf {
@@ -37,9 +40,17 @@ fn run_case(config: ModelConfig, b: usize, t: usize) {
     }
     hf::export(&dir.path().join("hf"), &config, model.params()).unwrap();
     let (inputs, targets) = common::batch(&config, b, t, 17);
-    let optimizer = OptimizerConfig { lr: 1e-3, ..OptimizerConfig::default() };
+    let optimizer = OptimizerConfig {
+        lr: 1e-3,
+        ..OptimizerConfig::default()
+    };
     let mut trainer = CpuTrainer::new(model, optimizer).unwrap();
-    let batch = Batch { inputs: &inputs, targets: &targets, batch_size: b, seq_len: t };
+    let batch = Batch {
+        inputs: &inputs,
+        targets: &targets,
+        batch_size: b,
+        seq_len: t,
+    };
     let loss = trainer.compute_gradients(&batch).unwrap();
     let logits = trainer.model.logits().to_vec();
     let grads = trainer.grads().to_vec();
@@ -51,27 +62,59 @@ fn run_case(config: ModelConfig, b: usize, t: usize) {
         trainer.apply_gradients(lr).unwrap();
     }
     let tensors = trainer.tensors().to_vec();
-    let mut named = vec![("logits".to_string(), vec![b, t, config.vocab_size], logits.as_slice())];
+    let mut named = vec![(
+        "logits".to_string(),
+        vec![b, t, config.vocab_size],
+        logits.as_slice(),
+    )];
     for tensor in &tensors {
-        named.push((format!("grad.{}", tensor.name), tensor.shape.clone(), &grads[tensor.range()]));
-        named.push((format!("after.{}", tensor.name), tensor.shape.clone(), &trainer.params()[tensor.range()]));
+        named.push((
+            format!("grad.{}", tensor.name),
+            tensor.shape.clone(),
+            &grads[tensor.range()],
+        ));
+        named.push((
+            format!("after.{}", tensor.name),
+            tensor.shape.clone(),
+            &trainer.params()[tensor.range()],
+        ));
     }
-    write_atomic(&dir.path().join("expected.safetensors"), &tensors_to_safetensors(&named, None).unwrap()).unwrap();
+    write_atomic(
+        &dir.path().join("expected.safetensors"),
+        &tensors_to_safetensors(&named, None).unwrap(),
+    )
+    .unwrap();
     let case = serde_json::json!({
         "inputs": inputs, "targets": targets, "batch_size": b, "seq_len": t, "loss": loss,
         "optimizer": optimizer, "learning_rates": learning_rates,
     });
     write_atomic(&dir.path().join("case.json"), case.to_string().as_bytes()).unwrap();
-    let output = Command::new(python()).arg(script()).arg(dir.path()).output().unwrap();
+    let output = Command::new(python())
+        .arg(script())
+        .arg(dir.path())
+        .output()
+        .unwrap();
     println!("{}", String::from_utf8_lossy(&output.stdout));
-    assert!(output.status.success(), "PyTorch reference disagrees:\n{}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "PyTorch reference disagrees:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
 fn engine_matches_pytorch_and_transformers_on_identical_weights() {
     if !torch_available() {
-        assert!(std::env::var("LOWBAND_REQUIRE_TORCH").is_err(), "LOWBAND_REQUIRE_TORCH is set but {} cannot import torch and transformers", python());
-        println!("SKIPPED: {} cannot import torch, transformers and safetensors (set LOWBAND_PYTHON)", python());
+        assert!(
+            std::env::var("LOWBAND_REQUIRE_TORCH").is_err(),
+            "LOWBAND_REQUIRE_TORCH is set but {} cannot import torch and transformers",
+            python()
+        );
+        println!(
+            "SKIPPED: {} cannot import torch, transformers and safetensors (set LOWBAND_PYTHON)",
+            python()
+        );
         return;
     }
     run_case(common::tiny(), 4, 32);

@@ -28,7 +28,9 @@ const KEY_FILE_BYTES_MAX: u64 = 4096;
 
 impl PublicKey {
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        UnparsedPublicKey::new(&ED25519, &self.0).verify(message, signature).is_ok()
+        UnparsedPublicKey::new(&ED25519, &self.0)
+            .verify(message, signature)
+            .is_ok()
     }
 }
 
@@ -47,8 +49,11 @@ impl fmt::Debug for PublicKey {
 impl FromStr for PublicKey {
     type Err = NetError;
     fn from_str(text: &str) -> Result<Self, NetError> {
-        let bytes = unhex(text.trim()).ok_or_else(|| NetError::BadKey(format!("`{}` is not hex", text.trim())))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| NetError::BadKey(format!("a public key has 32 bytes, this one {}", b.len())))?;
+        let bytes = unhex(text.trim())
+            .ok_or_else(|| NetError::BadKey(format!("`{}` is not hex", text.trim())))?;
+        let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+            NetError::BadKey(format!("a public key has 32 bytes, this one {}", b.len()))
+        })?;
         Ok(PublicKey(key))
     }
 }
@@ -61,21 +66,33 @@ pub struct Identity {
 
 impl Identity {
     pub fn generate() -> Result<Self, NetError> {
-        let document = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| NetError::BadKey("the system random source failed".into()))?;
+        let document = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| NetError::BadKey("the system random source failed".into()))?;
         Self::from_pkcs8(document.as_ref().to_vec())
     }
 
     pub fn from_pkcs8(pkcs8: Vec<u8>) -> Result<Self, NetError> {
-        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| NetError::BadKey(format!("not an ed25519 PKCS#8 key: {e}")))?;
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|e| NetError::BadKey(format!("not an ed25519 PKCS#8 key: {e}")))?;
         Ok(Identity { pkcs8, pair })
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(self.pair.public_key().as_ref().try_into().expect("ed25519 public keys have 32 bytes"))
+        PublicKey(
+            self.pair
+                .public_key()
+                .as_ref()
+                .try_into()
+                .expect("ed25519 public keys have 32 bytes"),
+        )
     }
 
     pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_BYTES] {
-        self.pair.sign(message).as_ref().try_into().expect("ed25519 signatures have 64 bytes")
+        self.pair
+            .sign(message)
+            .as_ref()
+            .try_into()
+            .expect("ed25519 signatures have 64 bytes")
     }
 
     pub(crate) fn pkcs8(&self) -> &[u8] {
@@ -84,10 +101,19 @@ impl Identity {
 
     /// Write the key file atomically (temporary file, fsync, rename), readable by its owner only.
     pub fn save(&self, path: &Path) -> Result<(), NetError> {
-        let io = |e: std::io::Error| NetError::Io { path: path.to_path_buf(), source: e };
+        let io = |e: std::io::Error| NetError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let text = format!("# lowband node key (ed25519). Keep this file secret; share the public line.\npublic {}\nsecret {}\n", self.public_key(), hex(&self.pkcs8));
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let temporary = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("key")));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let temporary = dir.join(format!(
+            ".{}.tmp",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("key")
+        ));
         {
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create(true).truncate(true);
@@ -102,18 +128,35 @@ impl Identity {
 
     /// Read a key file; the public line must match the secret key.
     pub fn load(path: &Path) -> Result<Self, NetError> {
-        let io = |e: std::io::Error| NetError::Io { path: path.to_path_buf(), source: e };
+        let io = |e: std::io::Error| NetError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
         let size = std::fs::metadata(path).map_err(io)?.len();
         if size > KEY_FILE_BYTES_MAX {
-            return Err(NetError::BadKey(format!("{}: {size} bytes is not a key file", path.display())));
+            return Err(NetError::BadKey(format!(
+                "{}: {size} bytes is not a key file",
+                path.display()
+            )));
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
-        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name).map(str::trim)).ok_or_else(|| NetError::BadKey(format!("{}: no `{}` line", path.display(), name.trim())));
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(str::trim))
+                .ok_or_else(|| {
+                    NetError::BadKey(format!("{}: no `{}` line", path.display(), name.trim()))
+                })
+        };
         let public: PublicKey = field("public ")?.parse()?;
-        let secret = unhex(field("secret ")?).ok_or_else(|| NetError::BadKey(format!("{}: the secret is not hex", path.display())))?;
+        let secret = unhex(field("secret ")?).ok_or_else(|| {
+            NetError::BadKey(format!("{}: the secret is not hex", path.display()))
+        })?;
         let identity = Identity::from_pkcs8(secret)?;
         if identity.public_key() != public {
-            return Err(NetError::BadKey(format!("{}: the public line does not belong to the secret key", path.display())));
+            return Err(NetError::BadKey(format!(
+                "{}: the public line does not belong to the secret key",
+                path.display()
+            )));
         }
         Ok(identity)
     }
@@ -127,7 +170,10 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) || !text.is_ascii() {
         return None;
     }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -145,11 +191,21 @@ mod tests {
         let signature = loaded.sign(b"round 7");
         assert!(identity.public_key().verify(b"round 7", &signature));
         assert!(!identity.public_key().verify(b"round 8", &signature));
-        assert_eq!(identity.public_key().to_string().parse::<PublicKey>().unwrap(), identity.public_key());
+        assert_eq!(
+            identity
+                .public_key()
+                .to_string()
+                .parse::<PublicKey>()
+                .unwrap(),
+            identity.public_key()
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 
@@ -160,9 +216,25 @@ mod tests {
         let cases = [
             ("missing", None, "No such file"),
             ("empty", Some(String::new()), "no `public` line"),
-            ("short", Some("public abcd\nsecret 00\n".to_string()), "32 bytes"),
-            ("mismatch", Some(format!("public {}\nsecret {}\n", other.public_key(), hex(Identity::generate().unwrap().pkcs8()))), "does not belong"),
-            ("nothex", Some(format!("public {}\nsecret zz\n", other.public_key())), "not hex"),
+            (
+                "short",
+                Some("public abcd\nsecret 00\n".to_string()),
+                "32 bytes",
+            ),
+            (
+                "mismatch",
+                Some(format!(
+                    "public {}\nsecret {}\n",
+                    other.public_key(),
+                    hex(Identity::generate().unwrap().pkcs8())
+                )),
+                "does not belong",
+            ),
+            (
+                "nothex",
+                Some(format!("public {}\nsecret zz\n", other.public_key())),
+                "not hex",
+            ),
             ("huge", Some("x".repeat(10_000)), "not a key file"),
         ];
         for (name, content, needle) in cases {
@@ -170,7 +242,10 @@ mod tests {
             if let Some(c) = content {
                 std::fs::write(&path, c).unwrap();
             }
-            let error = Identity::load(&path).err().unwrap_or_else(|| panic!("{name} loaded")).to_string();
+            let error = Identity::load(&path)
+                .err()
+                .unwrap_or_else(|| panic!("{name} loaded"))
+                .to_string();
             assert!(error.contains(needle), "{name}: {error}");
         }
     }

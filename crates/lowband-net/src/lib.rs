@@ -23,13 +23,19 @@ pub use transport::{Limits, Node, Peer};
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bad key: {0}")]
     BadKey(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("cannot listen on {address}: {source}")]
-    Bind { address: SocketAddr, source: std::io::Error },
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("connecting failed: {0}")]
     Connect(String),
     #[error("a peer failed the handshake: {0}")]
@@ -79,12 +85,24 @@ mod tests {
     fn a_sealed_packet_opens_only_unchanged_and_for_its_maker() {
         let (site, other) = (Identity::generate().unwrap(), Identity::generate().unwrap());
         let sealed = seal(&site, b"update for round 3");
-        assert_eq!(open(site.public_key(), &sealed).unwrap(), b"update for round 3");
-        assert!(matches!(open(other.public_key(), &sealed), Err(NetError::BadSignature(_))), "forged maker");
+        assert_eq!(
+            open(site.public_key(), &sealed).unwrap(),
+            b"update for round 3"
+        );
+        assert!(
+            matches!(
+                open(other.public_key(), &sealed),
+                Err(NetError::BadSignature(_))
+            ),
+            "forged maker"
+        );
         for i in [0, 5, sealed.len() - 1] {
             let mut altered = sealed.clone();
             altered[i] ^= 1;
-            assert!(open(site.public_key(), &altered).is_err(), "byte {i} altered");
+            assert!(
+                open(site.public_key(), &altered).is_err(),
+                "byte {i} altered"
+            );
         }
         assert!(open(site.public_key(), &sealed[..10]).is_err(), "truncated");
         assert!(open(site.public_key(), &[]).is_err());

@@ -47,7 +47,10 @@ impl LinkShape {
         if !(self.latency_ms.is_finite() && self.latency_ms >= 0.0) {
             return bad("latency must be a number >= 0");
         }
-        if !(self.jitter_ms.is_finite() && self.jitter_ms >= 0.0 && self.jitter_ms <= self.latency_ms) {
+        if !(self.jitter_ms.is_finite()
+            && self.jitter_ms >= 0.0
+            && self.jitter_ms <= self.latency_ms)
+        {
             return bad("jitter must be in [0, latency]");
         }
         if !(0.0..1.0).contains(&self.loss) {
@@ -76,7 +79,10 @@ struct Lane {
 
 impl Lane {
     fn new(seed: u64) -> Lane {
-        Lane { busy_until: Instant::now(), random: seed }
+        Lane {
+            busy_until: Instant::now(),
+            random: seed,
+        }
     }
 
     /// SplitMix64, in [0, 1).
@@ -100,7 +106,9 @@ impl Lane {
             counts.queue_dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let serialization = shape.bandwidth_bit_per_second.map_or(0.0, |b| bytes as f64 * 8.0 / b);
+        let serialization = shape
+            .bandwidth_bit_per_second
+            .map_or(0.0, |b| bytes as f64 * 8.0 / b);
         let departed = start + Duration::from_secs_f64(serialization);
         self.busy_until = departed;
         let jitter = (self.unit() * 2.0 - 1.0) * shape.jitter_ms;
@@ -125,13 +133,31 @@ impl Drop for Shaper {
 
 impl Shaper {
     /// Relay between clients that send to `listen` and the server at `upstream`.
-    pub async fn start(listen: SocketAddr, upstream: SocketAddr, shape: LinkShape) -> Result<Shaper, NetError> {
+    pub async fn start(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        shape: LinkShape,
+    ) -> Result<Shaper, NetError> {
         shape.validate()?;
-        let front = Arc::new(UdpSocket::bind(listen).await.map_err(|source| NetError::Bind { address: listen, source })?);
-        let local = front.local_addr().map_err(|source| NetError::Bind { address: listen, source })?;
+        let front = Arc::new(
+            UdpSocket::bind(listen)
+                .await
+                .map_err(|source| NetError::Bind {
+                    address: listen,
+                    source,
+                })?,
+        );
+        let local = front.local_addr().map_err(|source| NetError::Bind {
+            address: listen,
+            source,
+        })?;
         let counts = Arc::new(ShaperCounts::default());
         let task = tokio::spawn(relay(front, upstream, shape, counts.clone()));
-        Ok(Shaper { local, counts, task })
+        Ok(Shaper {
+            local,
+            counts,
+            task,
+        })
     }
 
     /// Where clients send (the bound address: a port 0 becomes a real one).
@@ -146,8 +172,18 @@ impl Shaper {
 
 /// Run a shaper until the process ends, on its own runtime (for a command line): `report` is
 /// called once listening, then every `report_every` with the counts so far.
-pub fn run_blocking(listen: SocketAddr, upstream: SocketAddr, shape: LinkShape, report_every: Duration, mut report: impl FnMut(SocketAddr, &ShaperCounts)) -> Result<(), NetError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| NetError::Config(format!("tokio runtime: {e}")))?;
+pub fn run_blocking(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    shape: LinkShape,
+    report_every: Duration,
+    mut report: impl FnMut(SocketAddr, &ShaperCounts),
+) -> Result<(), NetError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| NetError::Config(format!("tokio runtime: {e}")))?;
     runtime.block_on(async {
         let shaper = Shaper::start(listen, upstream, shape).await?;
         report(shaper.local_addr(), shaper.counts());
@@ -166,21 +202,41 @@ fn send_at(socket: Arc<UdpSocket>, to: SocketAddr, bytes: Vec<u8>, at: Instant) 
     });
 }
 
-async fn relay(front: Arc<UdpSocket>, upstream: SocketAddr, shape: LinkShape, counts: Arc<ShaperCounts>) {
+async fn relay(
+    front: Arc<UdpSocket>,
+    upstream: SocketAddr,
+    shape: LinkShape,
+    counts: Arc<ShaperCounts>,
+) {
     let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, Arc<Mutex<Lane>>)> = HashMap::new();
     let mut buffer = vec![0u8; 65_536];
     loop {
-        let Ok((n, client)) = front.recv_from(&mut buffer).await else { continue };
+        let Ok((n, client)) = front.recv_from(&mut buffer).await else {
+            continue;
+        };
         let index = clients.len() as u64;
         let entry = match clients.get(&client) {
             Some(entry) => entry.clone(),
             None => {
-                let any: SocketAddr = if upstream.is_ipv6() { "[::]:0".parse().expect("any IPv6") } else { "0.0.0.0:0".parse().expect("any IPv4") };
-                let Ok(back) = UdpSocket::bind(any).await else { continue };
+                let any: SocketAddr = if upstream.is_ipv6() {
+                    "[::]:0".parse().expect("any IPv6")
+                } else {
+                    "0.0.0.0:0".parse().expect("any IPv4")
+                };
+                let Ok(back) = UdpSocket::bind(any).await else {
+                    continue;
+                };
                 let back = Arc::new(back);
                 let up = Arc::new(Mutex::new(Lane::new(shape.seed ^ (index << 1))));
                 let down = Lane::new(shape.seed ^ (index << 1) ^ 1);
-                tokio::spawn(downstream(back.clone(), front.clone(), client, shape, down, counts.clone()));
+                tokio::spawn(downstream(
+                    back.clone(),
+                    front.clone(),
+                    client,
+                    shape,
+                    down,
+                    counts.clone(),
+                ));
                 clients.insert(client, (back.clone(), up.clone()));
                 (back, up)
             }
@@ -195,10 +251,19 @@ async fn relay(front: Arc<UdpSocket>, upstream: SocketAddr, shape: LinkShape, co
 
 /// Server → client for one client: what arrives on its upstream socket goes back through the
 /// front socket, shaped.
-async fn downstream(back: Arc<UdpSocket>, front: Arc<UdpSocket>, client: SocketAddr, shape: LinkShape, mut lane: Lane, counts: Arc<ShaperCounts>) {
+async fn downstream(
+    back: Arc<UdpSocket>,
+    front: Arc<UdpSocket>,
+    client: SocketAddr,
+    shape: LinkShape,
+    mut lane: Lane,
+    counts: Arc<ShaperCounts>,
+) {
     let mut buffer = vec![0u8; 65_536];
     loop {
-        let Ok((n, _)) = back.recv_from(&mut buffer).await else { continue };
+        let Ok((n, _)) = back.recv_from(&mut buffer).await else {
+            continue;
+        };
         if let Some(at) = lane.admit(&shape, n, &counts) {
             send_at(front.clone(), client, buffer[..n].to_vec(), at);
         }
@@ -210,7 +275,14 @@ mod tests {
     use super::*;
 
     fn shape(loss: f64) -> LinkShape {
-        LinkShape { bandwidth_bit_per_second: None, latency_ms: 10.0, jitter_ms: 5.0, loss, queue_ms: 1000.0, seed: 7 }
+        LinkShape {
+            bandwidth_bit_per_second: None,
+            latency_ms: 10.0,
+            jitter_ms: 5.0,
+            loss,
+            queue_ms: 1000.0,
+            seed: 7,
+        }
     }
 
     #[tokio::test]
@@ -218,9 +290,15 @@ mod tests {
         let counts = ShaperCounts::default();
         let pattern = |seed: u64| {
             let mut lane = Lane::new(seed);
-            (0..2000).map(|_| lane.admit(&shape(0.1), 1200, &counts).is_some()).collect::<Vec<bool>>()
+            (0..2000)
+                .map(|_| lane.admit(&shape(0.1), 1200, &counts).is_some())
+                .collect::<Vec<bool>>()
         };
-        assert_eq!(pattern(7), pattern(7), "the same seed drops the same datagrams");
+        assert_eq!(
+            pattern(7),
+            pattern(7),
+            "the same seed drops the same datagrams"
+        );
         assert_ne!(pattern(7), pattern(8));
         let dropped = pattern(7).iter().filter(|kept| !**kept).count();
         assert!((150..250).contains(&dropped), "{dropped} of 2000 at 10%");
@@ -230,23 +308,49 @@ mod tests {
     async fn pacing_queues_and_tail_drops() {
         let counts = ShaperCounts::default();
         // 1 Mbit/s: a 1,250-byte datagram takes 10 ms; a 25 ms queue holds three behind the first.
-        let shape = LinkShape { bandwidth_bit_per_second: Some(1e6), latency_ms: 0.0, jitter_ms: 0.0, loss: 0.0, queue_ms: 25.0, seed: 1 };
+        let shape = LinkShape {
+            bandwidth_bit_per_second: Some(1e6),
+            latency_ms: 0.0,
+            jitter_ms: 0.0,
+            loss: 0.0,
+            queue_ms: 25.0,
+            seed: 1,
+        };
         let mut lane = Lane::new(1);
-        let admitted: Vec<Option<Instant>> = (0..6).map(|_| lane.admit(&shape, 1250, &counts)).collect();
+        let admitted: Vec<Option<Instant>> =
+            (0..6).map(|_| lane.admit(&shape, 1250, &counts)).collect();
         let kept: Vec<Instant> = admitted.iter().flatten().copied().collect();
         assert_eq!(kept.len(), 3, "{admitted:?}");
         for pair in kept.windows(2) {
             let gap = (pair[1] - pair[0]).as_secs_f64();
-            assert!((gap - 0.010).abs() < 1e-3, "serialization 10 ms apart, got {gap}");
+            assert!(
+                (gap - 0.010).abs() < 1e-3,
+                "serialization 10 ms apart, got {gap}"
+            );
         }
         assert_eq!(counts.queue_dropped.load(Ordering::Relaxed), 3);
     }
 
     #[test]
     fn bad_shapes_are_refused() {
-        assert!(LinkShape { loss: 1.0, ..shape(0.0) }.validate().is_err());
-        assert!(LinkShape { jitter_ms: 20.0, ..shape(0.0) }.validate().is_err());
-        assert!(LinkShape { bandwidth_bit_per_second: Some(0.0), ..shape(0.0) }.validate().is_err());
+        assert!(LinkShape {
+            loss: 1.0,
+            ..shape(0.0)
+        }
+        .validate()
+        .is_err());
+        assert!(LinkShape {
+            jitter_ms: 20.0,
+            ..shape(0.0)
+        }
+        .validate()
+        .is_err());
+        assert!(LinkShape {
+            bandwidth_bit_per_second: Some(0.0),
+            ..shape(0.0)
+        }
+        .validate()
+        .is_err());
         assert!(shape(0.0).validate().is_ok());
     }
 }

@@ -30,7 +30,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { message_bytes_max: 1 << 30, streams_per_peer_max: 8, idle_timeout_ms: 30_000, keep_alive_ms: 5_000, bbr: true }
+        Limits {
+            message_bytes_max: 1 << 30,
+            streams_per_peer_max: 8,
+            idle_timeout_ms: 30_000,
+            keep_alive_ms: 5_000,
+            bbr: true,
+        }
     }
 }
 
@@ -41,9 +47,14 @@ impl Limits {
             .max_concurrent_uni_streams(self.streams_per_peer_max.into())
             .max_concurrent_bidi_streams(0u32.into())
             .keep_alive_interval(Some(Duration::from_millis(self.keep_alive_ms)))
-            .max_idle_timeout(Some(Duration::from_millis(self.idle_timeout_ms).try_into().map_err(|_| NetError::Config("idle_timeout_ms is too large".into()))?));
+            .max_idle_timeout(Some(
+                Duration::from_millis(self.idle_timeout_ms)
+                    .try_into()
+                    .map_err(|_| NetError::Config("idle_timeout_ms is too large".into()))?,
+            ));
         if self.bbr {
-            transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+            transport
+                .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         }
         Ok(Arc::new(transport))
     }
@@ -58,32 +69,69 @@ pub struct Node {
 
 impl Node {
     /// A node that accepts connections from the keys on `allowed` (a coordinator).
-    pub fn listen(identity: Arc<Identity>, bind: SocketAddr, allowed: AllowList, limits: Limits) -> Result<Node, NetError> {
-        let crypto = QuicServerConfig::try_from(tls::server_config(&identity, allowed)?).map_err(|e| NetError::Tls(e.to_string()))?;
+    pub fn listen(
+        identity: Arc<Identity>,
+        bind: SocketAddr,
+        allowed: AllowList,
+        limits: Limits,
+    ) -> Result<Node, NetError> {
+        let crypto = QuicServerConfig::try_from(tls::server_config(&identity, allowed)?)
+            .map_err(|e| NetError::Tls(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(limits.transport()?);
-        let endpoint = quinn::Endpoint::server(config, bind).map_err(|e| NetError::Bind { address: bind, source: e })?;
-        Ok(Node { endpoint, identity, limits })
+        let endpoint = quinn::Endpoint::server(config, bind).map_err(|e| NetError::Bind {
+            address: bind,
+            source: e,
+        })?;
+        Ok(Node {
+            endpoint,
+            identity,
+            limits,
+        })
     }
 
     /// A node that only connects out (a site).
-    pub fn client(identity: Arc<Identity>, bind: SocketAddr, limits: Limits) -> Result<Node, NetError> {
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| NetError::Bind { address: bind, source: e })?;
-        Ok(Node { endpoint, identity, limits })
+    pub fn client(
+        identity: Arc<Identity>,
+        bind: SocketAddr,
+        limits: Limits,
+    ) -> Result<Node, NetError> {
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| NetError::Bind {
+            address: bind,
+            source: e,
+        })?;
+        Ok(Node {
+            endpoint,
+            identity,
+            limits,
+        })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, NetError> {
-        self.endpoint.local_addr().map_err(|e| NetError::Io { path: "socket".into(), source: e })
+        self.endpoint.local_addr().map_err(|e| NetError::Io {
+            path: "socket".into(),
+            source: e,
+        })
     }
 
     /// Connect to the node at `address`, which must prove it holds `server`'s key.
     pub async fn connect(&self, address: SocketAddr, server: PublicKey) -> Result<Peer, NetError> {
-        let crypto = QuicClientConfig::try_from(tls::client_config(&self.identity, server)?).map_err(|e| NetError::Tls(e.to_string()))?;
+        let crypto = QuicClientConfig::try_from(tls::client_config(&self.identity, server)?)
+            .map_err(|e| NetError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(self.limits.transport()?);
-        let connecting = self.endpoint.connect_with(config, address, "lowband").map_err(|e| NetError::Connect(e.to_string()))?;
-        let connection = connecting.await.map_err(|e| NetError::Connect(e.to_string()))?;
-        Ok(Peer { connection, key: server, message_bytes_max: self.limits.message_bytes_max })
+        let connecting = self
+            .endpoint
+            .connect_with(config, address, "lowband")
+            .map_err(|e| NetError::Connect(e.to_string()))?;
+        let connection = connecting
+            .await
+            .map_err(|e| NetError::Connect(e.to_string()))?;
+        Ok(Peer {
+            connection,
+            key: server,
+            message_bytes_max: self.limits.message_bytes_max,
+        })
     }
 
     /// The next peer that connected and proved an allowed key; None when the node is closed.
@@ -91,12 +139,22 @@ impl Node {
     /// as an error so the caller can log it.
     pub async fn accept(&self) -> Option<Result<Peer, NetError>> {
         let incoming = self.endpoint.accept().await?;
-        Some(async {
-            let connection = incoming.await.map_err(|e| NetError::Handshake(e.to_string()))?;
-            let key = peer_key(&connection).ok_or_else(|| NetError::Handshake("the peer presented no ed25519 key".into()))?;
-            Ok(Peer { connection, key, message_bytes_max: self.limits.message_bytes_max })
-        }
-        .await)
+        Some(
+            async {
+                let connection = incoming
+                    .await
+                    .map_err(|e| NetError::Handshake(e.to_string()))?;
+                let key = peer_key(&connection).ok_or_else(|| {
+                    NetError::Handshake("the peer presented no ed25519 key".into())
+                })?;
+                Ok(Peer {
+                    connection,
+                    key,
+                    message_bytes_max: self.limits.message_bytes_max,
+                })
+            }
+            .await,
+        )
     }
 
     /// Close every connection and stop accepting (peers see `NetError::Ended` with code 0).
@@ -114,14 +172,20 @@ impl Node {
 /// A lost connection as our error: a deliberate close by the peer keeps its code and reason.
 fn lost(e: quinn::ConnectionError) -> NetError {
     match e {
-        quinn::ConnectionError::ApplicationClosed(close) => NetError::Ended { code: close.error_code.into_inner(), reason: String::from_utf8_lossy(&close.reason).into_owned() },
+        quinn::ConnectionError::ApplicationClosed(close) => NetError::Ended {
+            code: close.error_code.into_inner(),
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
         other => NetError::Closed(other.to_string()),
     }
 }
 
 /// The key a connected peer proved.
 fn peer_key(connection: &quinn::Connection) -> Option<PublicKey> {
-    let certificates = connection.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certificates = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     tls::certificate_key(certificates.first()?)
 }
 
@@ -145,14 +209,18 @@ impl Peer {
 
     /// Send one message (one stream, finished).
     pub async fn send(&self, message: &[u8]) -> Result<(), NetError> {
-        self.send_bytes(bytes::Bytes::copy_from_slice(message)).await
+        self.send_bytes(bytes::Bytes::copy_from_slice(message))
+            .await
     }
 
     /// Send one message without copying it: a message sent to many peers (a broadcast) stays one
     /// buffer, which QUIC keeps until every peer has acknowledged it.
     pub async fn send_bytes(&self, message: bytes::Bytes) -> Result<(), NetError> {
         if message.len() > self.message_bytes_max {
-            return Err(NetError::TooLarge { bytes: message.len(), limit: self.message_bytes_max });
+            return Err(NetError::TooLarge {
+                bytes: message.len(),
+                limit: self.message_bytes_max,
+            });
         }
         let mut stream = self.connection.open_uni().await.map_err(lost)?;
         stream.write_chunk(message).await.map_err(|e| match e {
@@ -160,7 +228,9 @@ impl Peer {
             quinn::WriteError::ConnectionLost(e) => lost(e),
             other => NetError::Closed(other.to_string()),
         })?;
-        stream.finish().map_err(|e| NetError::Closed(e.to_string()))?;
+        stream
+            .finish()
+            .map_err(|e| NetError::Closed(e.to_string()))?;
         // Wait until the peer has read it all, or refused it (stopped the stream).
         match stream.stopped().await {
             Ok(None) => Ok(()),
@@ -178,7 +248,10 @@ impl Peer {
             Ok(bytes) => Ok(bytes),
             Err(quinn::ReadToEndError::TooLong) => {
                 let _ = stream.stop(1u32.into());
-                Err(NetError::TooLarge { bytes: self.message_bytes_max + 1, limit: self.message_bytes_max })
+                Err(NetError::TooLarge {
+                    bytes: self.message_bytes_max + 1,
+                    limit: self.message_bytes_max,
+                })
             }
             Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e))) => Err(lost(e)),
             Err(e) => Err(NetError::Closed(e.to_string())),

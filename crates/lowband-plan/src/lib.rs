@@ -255,7 +255,9 @@ impl Strategy {
         if self.fragments == 0 {
             return Err(invalid(field("fragments"), "must be at least 1"));
         }
-        if !(self.overlap_steps.is_finite() && self.overlap_steps >= 0.0) || self.overlap_steps > self.inner_steps as f64 {
+        if !(self.overlap_steps.is_finite() && self.overlap_steps >= 0.0)
+            || self.overlap_steps > self.inner_steps as f64
+        {
             return Err(invalid(
                 field("overlap_steps"),
                 format!(

@@ -190,8 +190,14 @@ pub const STREAMING_DILOCO_TABLE_4: [Table4Size; 3] = [
             ("Data-Parallel", [86.8, 152.6, 184.2, 222.3, 569.0]),
             ("Vanilla DiLoCo", [1.4, 6.2, 13.3, 23.3, 86.8]),
             ("Streaming DiLoCo", [1.4, 5.2, 9.1, 16.0, 28.1]),
-            ("Streaming DiLoCo w/ overlapped com.", [1.4, 4.3, 6.2, 9.1, 11.0]),
-            ("Streaming DiLoCo w/ overlapped FP4 com.", [0.4, 0.9, 1.7, 2.0, 3.0]),
+            (
+                "Streaming DiLoCo w/ overlapped com.",
+                [1.4, 4.3, 6.2, 9.1, 11.0],
+            ),
+            (
+                "Streaming DiLoCo w/ overlapped FP4 com.",
+                [0.4, 0.9, 1.7, 2.0, 3.0],
+            ),
         ],
     ),
     (
@@ -202,8 +208,14 @@ pub const STREAMING_DILOCO_TABLE_4: [Table4Size; 3] = [
             ("Data-Parallel", [104.8, 222.3, 222.3, 268.3, 471.5]),
             ("Vanilla DiLoCo", [1.7, 7.5, 16.0, 33.9, 104.8]),
             ("Streaming DiLoCo", [1.7, 5.2, 9.1, 13.3, 19.3]),
-            ("Streaming DiLoCo w/ overlapped com.", [1.7, 3.6, 5.2, 6.2, 7.5]),
-            ("Streaming DiLoCo w/ overlapped FP4 com.", [0.4, 0.9, 1.4, 1.4, 1.7]),
+            (
+                "Streaming DiLoCo w/ overlapped com.",
+                [1.7, 3.6, 5.2, 6.2, 7.5],
+            ),
+            (
+                "Streaming DiLoCo w/ overlapped FP4 com.",
+                [0.4, 0.9, 1.4, 1.4, 1.7],
+            ),
         ],
     ),
     (
@@ -214,8 +226,14 @@ pub const STREAMING_DILOCO_TABLE_4: [Table4Size; 3] = [
             ("Data-Parallel", [184.2, 323.8, 390.7, 390.7, 471.5]),
             ("Vanilla DiLoCo", [3.0, 11.0, 23.3, 49.4, 184.2]),
             ("Streaming DiLoCo", [2.4, 6.2, 9.1, 11.0, 19.3]),
-            ("Streaming DiLoCo w/ overlapped com.", [1.7, 3.6, 4.3, 5.2, 5.2]),
-            ("Streaming DiLoCo w/ overlapped FP4 com.", [0.5, 0.9, 1.1, 1.1, 1.4]),
+            (
+                "Streaming DiLoCo w/ overlapped com.",
+                [1.7, 3.6, 4.3, 5.2, 5.2],
+            ),
+            (
+                "Streaming DiLoCo w/ overlapped FP4 com.",
+                [0.5, 0.9, 1.1, 1.1, 1.4],
+            ),
         ],
     ),
 ];
@@ -235,16 +253,33 @@ pub const TABLE_4_TARGETS: [f64; 5] = [0.5, 0.8, 0.9, 0.95, 0.99];
 /// (arthurdouillard.com/diloco: "the reduction of gradients or outer gradients is overlapped over
 /// the backward pass computation"), and "overlapped" adds one full step (τ = 1, as the paper's
 /// Table 1 caption allows). The strategies come in the table's order.
-pub fn streaming_diloco_table_4(params: f64, layers: u32, step_seconds: f64) -> Result<(crate::Scenario, Vec<crate::Strategy>), PlanError> {
+pub fn streaming_diloco_table_4(
+    params: f64,
+    layers: u32,
+    step_seconds: f64,
+) -> Result<(crate::Scenario, Vec<crate::Strategy>), PlanError> {
     let workers = 2usize;
     let worker = hardware("h100")?;
     let scenario = crate::Scenario {
         params,
         tokens: 20.0 * params,
         batch_tokens: batch_tokens(params, workers),
-        sites: vec![crate::Site { hardware: worker.clone(), link: Link { bandwidth_gbit_per_second: 1.0, rtt_ms: 0.0, egress_dollars_per_gb: 0.0 } }; workers],
+        sites: vec![
+            crate::Site {
+                hardware: worker.clone(),
+                link: Link {
+                    bandwidth_gbit_per_second: 1.0,
+                    rtt_ms: 0.0,
+                    egress_dollars_per_gb: 0.0
+                }
+            };
+            workers
+        ],
         relay: relay(0.0),
-        central: Hardware { accelerators: workers as u32, ..worker },
+        central: Hardware {
+            accelerators: workers as u32,
+            ..worker
+        },
         ddp_bits_per_param: DDP_BITS_PER_PARAM,
         data_bits_per_token: DATA_BITS_PER_TOKEN,
         law: crate::LossLaw::chinchilla(),
@@ -269,8 +304,20 @@ pub fn streaming_diloco_table_4(params: f64, layers: u32, step_seconds: f64) -> 
             strategy("Data-Parallel", 1, bf16, 1, backward),
             strategy("Vanilla DiLoCo", 100, bf16, 1, backward),
             strategy("Streaming DiLoCo", 100, bf16, fragments, backward),
-            strategy("Streaming DiLoCo w/ overlapped com.", 100, bf16, fragments, 1.0 + backward),
-            strategy("Streaming DiLoCo w/ overlapped FP4 com.", 100, 4.0, fragments, 1.0 + backward),
+            strategy(
+                "Streaming DiLoCo w/ overlapped com.",
+                100,
+                bf16,
+                fragments,
+                1.0 + backward,
+            ),
+            strategy(
+                "Streaming DiLoCo w/ overlapped FP4 com.",
+                100,
+                4.0,
+                fragments,
+                1.0 + backward,
+            ),
         ],
     ))
 }

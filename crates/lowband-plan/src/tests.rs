@@ -364,12 +364,22 @@ fn intellect_1_utilization() {
 #[test]
 fn streaming_diloco_table_4_within_one_grid_step() {
     for (params, layers, step, rows) in crate::presets::STREAMING_DILOCO_TABLE_4 {
-        let (scenario, strategies) = crate::presets::streaming_diloco_table_4(params, layers, step).unwrap();
+        let (scenario, strategies) =
+            crate::presets::streaming_diloco_table_4(params, layers, step).unwrap();
         for (strategy, (name, published)) in strategies.iter().zip(rows) {
             assert_eq!(strategy.name, name);
-            for (target, paper) in crate::presets::TABLE_4_TARGETS.iter().zip(published).take(4) {
-                let ours = bandwidth_for_utilization(&scenario, strategy, *target).unwrap().unwrap();
-                assert!((ours / paper).max(paper / ours) < 1.25, "{params:e} {name} at {target}: {ours} vs {paper}");
+            for (target, paper) in crate::presets::TABLE_4_TARGETS
+                .iter()
+                .zip(published)
+                .take(4)
+            {
+                let ours = bandwidth_for_utilization(&scenario, strategy, *target)
+                    .unwrap()
+                    .unwrap();
+                assert!(
+                    (ours / paper).max(paper / ours) < 1.25,
+                    "{params:e} {name} at {target}: {ours} vs {paper}"
+                );
             }
         }
     }

@@ -64,7 +64,13 @@ const ITERATIONS_MAX: u32 = 100;
 
 impl AggregatorSpec {
     /// Every name the parser accepts.
-    pub const NAMES: [&'static str; 5] = ["mean", "median", "trimmed-mean", "centered-clip", "clipped-mean"];
+    pub const NAMES: [&'static str; 5] = [
+        "mean",
+        "median",
+        "trimmed-mean",
+        "centered-clip",
+        "clipped-mean",
+    ];
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -98,8 +104,14 @@ fn trim_count(trim: f32, n: usize) -> usize {
 impl fmt::Display for AggregatorSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AggregatorSpec::TrimmedMean { trim } if *trim != TRIM_DEFAULT => write!(f, "trimmed-mean:trim={trim}"),
-            AggregatorSpec::CenteredClip { iterations } if *iterations != CENTERED_CLIP_ITERATIONS_DEFAULT => write!(f, "centered-clip:iterations={iterations}"),
+            AggregatorSpec::TrimmedMean { trim } if *trim != TRIM_DEFAULT => {
+                write!(f, "trimmed-mean:trim={trim}")
+            }
+            AggregatorSpec::CenteredClip { iterations }
+                if *iterations != CENTERED_CLIP_ITERATIONS_DEFAULT =>
+            {
+                write!(f, "centered-clip:iterations={iterations}")
+            }
             other => f.write_str(other.name()),
         }
     }
@@ -137,7 +149,13 @@ impl FromStr for AggregatorSpec {
                 },
             }
         };
-        let no_parameter = || if parameter.is_some() { Err(format!("aggregator `{text}`: {name} takes no parameter")) } else { Ok(()) };
+        let no_parameter = || {
+            if parameter.is_some() {
+                Err(format!("aggregator `{text}`: {name} takes no parameter"))
+            } else {
+                Ok(())
+            }
+        };
         match name {
             "mean" => no_parameter().map(|_| AggregatorSpec::Mean),
             "median" => no_parameter().map(|_| AggregatorSpec::Median),
@@ -145,18 +163,33 @@ impl FromStr for AggregatorSpec {
             "trimmed-mean" => {
                 let trim = match value("trim")? {
                     None => TRIM_DEFAULT,
-                    Some(v) => v.parse::<f32>().ok().filter(|t| (0.0..0.5).contains(t)).ok_or_else(|| format!("aggregator `{text}`: trim must be a number in [0, 0.5)"))?,
+                    Some(v) => v
+                        .parse::<f32>()
+                        .ok()
+                        .filter(|t| (0.0..0.5).contains(t))
+                        .ok_or_else(|| {
+                            format!("aggregator `{text}`: trim must be a number in [0, 0.5)")
+                        })?,
                 };
                 Ok(AggregatorSpec::TrimmedMean { trim })
             }
             "centered-clip" => {
                 let iterations = match value("iterations")? {
                     None => CENTERED_CLIP_ITERATIONS_DEFAULT,
-                    Some(v) => v.parse::<u32>().ok().filter(|i| (1..=ITERATIONS_MAX).contains(i)).ok_or_else(|| format!("aggregator `{text}`: iterations must be 1 to {ITERATIONS_MAX}"))?,
+                    Some(v) => v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|i| (1..=ITERATIONS_MAX).contains(i))
+                        .ok_or_else(|| {
+                            format!("aggregator `{text}`: iterations must be 1 to {ITERATIONS_MAX}")
+                        })?,
                 };
                 Ok(AggregatorSpec::CenteredClip { iterations })
             }
-            _ => Err(format!("unknown aggregator `{name}` (known: {})", AggregatorSpec::NAMES.join(", "))),
+            _ => Err(format!(
+                "unknown aggregator `{name}` (known: {})",
+                AggregatorSpec::NAMES.join(", ")
+            )),
         }
     }
 }
@@ -175,7 +208,10 @@ pub trait Aggregator: Send {
 pub fn build(spec: AggregatorSpec) -> Box<dyn Aggregator> {
     match spec {
         AggregatorSpec::Mean => Box::new(Mean),
-        other => Box::new(Robust { spec: other, scratch: Vec::new() }),
+        other => Box::new(Robust {
+            spec: other,
+            scratch: Vec::new(),
+        }),
     }
 }
 
@@ -217,12 +253,17 @@ impl Aggregator for Robust {
 
     fn aggregate(&mut self, deltas: &[&[f32]], out: &mut [f32]) -> Vec<bool> {
         assert!(!deltas.is_empty(), "a round closes with at least one delta");
-        assert!(deltas.iter().all(|d| d.len() == out.len()), "deltas of one round have one length");
+        assert!(
+            deltas.iter().all(|d| d.len() == out.len()),
+            "deltas of one round have one length"
+        );
         let n = deltas.len();
         match self.spec {
             AggregatorSpec::Mean => Mean.aggregate(deltas, out),
             AggregatorSpec::Median => coordinatewise(deltas, out, (n - 1) / 2),
-            AggregatorSpec::TrimmedMean { trim } => coordinatewise(deltas, out, trim_count(trim, n)),
+            AggregatorSpec::TrimmedMean { trim } => {
+                coordinatewise(deltas, out, trim_count(trim, n))
+            }
             AggregatorSpec::CenteredClip { iterations } => {
                 coordinatewise(deltas, out, (n - 1) / 2);
                 let mut distances: Vec<f64> = deltas.iter().map(|d| distance(d, out)).collect();
@@ -234,18 +275,21 @@ impl Aggregator for Robust {
                         for (f, d) in factors.iter_mut().zip(&distances) {
                             *f = if *d > radius { radius / d } else { 1.0 };
                         }
-                        let weights: Vec<f32> = factors.iter().map(|f| (*f / n as f64) as f32).collect();
+                        let weights: Vec<f32> =
+                            factors.iter().map(|f| (*f / n as f64) as f32).collect();
                         // v += Σ wᵢ (δᵢ − v), per coordinate in input order.
-                        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-                            let first = c * CHUNK;
-                            for (j, v) in chunk.iter_mut().enumerate() {
-                                let mut step = 0.0f32;
-                                for (d, w) in deltas.iter().zip(&weights) {
-                                    step += w * (d[first + j] - *v);
+                        out.par_chunks_mut(CHUNK)
+                            .enumerate()
+                            .for_each(|(c, chunk)| {
+                                let first = c * CHUNK;
+                                for (j, v) in chunk.iter_mut().enumerate() {
+                                    let mut step = 0.0f32;
+                                    for (d, w) in deltas.iter().zip(&weights) {
+                                        step += w * (d[first + j] - *v);
+                                    }
+                                    *v += step;
                                 }
-                                *v += step;
-                            }
-                        });
+                            });
                         for (dist, d) in distances.iter_mut().zip(deltas) {
                             *dist = distance(d, out);
                         }
@@ -254,20 +298,39 @@ impl Aggregator for Robust {
                 factors.iter().map(|f| *f < 0.5).collect()
             }
             AggregatorSpec::ClippedMean => {
-                let norms: Vec<f64> = deltas.iter().map(|d| d.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt()).collect();
+                let norms: Vec<f64> = deltas
+                    .iter()
+                    .map(|d| {
+                        d.iter()
+                            .map(|v| (*v as f64) * (*v as f64))
+                            .sum::<f64>()
+                            .sqrt()
+                    })
+                    .collect();
                 let bound = median(&norms);
-                let factors: Vec<f64> = norms.iter().map(|m| if *m > bound && *m > 0.0 { bound / m } else { 1.0 }).collect();
-                let weights: Vec<f32> = factors.iter().map(|f| (*f / n as f64) as f32).collect();
-                out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-                    let first = c * CHUNK;
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        let mut sum = 0.0f32;
-                        for (d, w) in deltas.iter().zip(&weights) {
-                            sum += w * d[first + j];
+                let factors: Vec<f64> = norms
+                    .iter()
+                    .map(|m| {
+                        if *m > bound && *m > 0.0 {
+                            bound / m
+                        } else {
+                            1.0
                         }
-                        *o = sum;
-                    }
-                });
+                    })
+                    .collect();
+                let weights: Vec<f32> = factors.iter().map(|f| (*f / n as f64) as f32).collect();
+                out.par_chunks_mut(CHUNK)
+                    .enumerate()
+                    .for_each(|(c, chunk)| {
+                        let first = c * CHUNK;
+                        for (j, o) in chunk.iter_mut().enumerate() {
+                            let mut sum = 0.0f32;
+                            for (d, w) in deltas.iter().zip(&weights) {
+                                sum += w * d[first + j];
+                            }
+                            *o = sum;
+                        }
+                    });
                 factors.iter().map(|f| *f < 0.5).collect()
             }
         }
@@ -292,7 +355,13 @@ fn coordinatewise(deltas: &[&[f32]], out: &mut [f32], trim: usize) -> Vec<bool> 
             let mut values: Vec<(f32, usize)> = Vec::with_capacity(n);
             for (j, o) in chunk.iter_mut().enumerate() {
                 values.clear();
-                values.extend(deltas.iter().enumerate().map(|(i, d)| (d[first + j], i)).filter(|(v, _)| *v != 0.0));
+                values.extend(
+                    deltas
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| (d[first + j], i))
+                        .filter(|(v, _)| *v != 0.0),
+                );
                 let m = values.len();
                 if m == 0 {
                     *o = 0.0;
@@ -312,18 +381,29 @@ fn coordinatewise(deltas: &[&[f32]], out: &mut [f32], trim: usize) -> Vec<bool> 
             }
             (left_out, support)
         })
-        .reduce(|| (vec![0u64; n], vec![0u64; n]), |(mut a, mut b), (c, d)| {
-            a.iter_mut().zip(c).for_each(|(x, y)| *x += y);
-            b.iter_mut().zip(d).for_each(|(x, y)| *x += y);
-            (a, b)
-        });
+        .reduce(
+            || (vec![0u64; n], vec![0u64; n]),
+            |(mut a, mut b), (c, d)| {
+                a.iter_mut().zip(c).for_each(|(x, y)| *x += y);
+                b.iter_mut().zip(d).for_each(|(x, y)| *x += y);
+                (a, b)
+            },
+        );
     let chance = 2.0 * trim as f64 / n as f64;
     let threshold = (1.0 + chance) / 2.0;
-    left_out.iter().zip(&support).map(|(l, s)| *s > 0 && trim > 0 && *l as f64 / *s as f64 > threshold).collect()
+    left_out
+        .iter()
+        .zip(&support)
+        .map(|(l, s)| *s > 0 && trim > 0 && *l as f64 / *s as f64 > threshold)
+        .collect()
 }
 
 fn distance(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The median (mean of the middle two for an even count); 0 for none.
@@ -366,12 +446,19 @@ mod tests {
     #[test]
     fn median_of_hand_computed_cases() {
         // Odd count: the middle; even count: mean of the middle two; ties; one huge outlier.
-        let (out, _) = run("median", &[&[1.0, 5.0, 2.0], &[3.0, 5.0, 2.0], &[1000.0, -7.0, 2.0]]);
+        let (out, _) = run(
+            "median",
+            &[&[1.0, 5.0, 2.0], &[3.0, 5.0, 2.0], &[1000.0, -7.0, 2.0]],
+        );
         assert_eq!(out, [3.0, 5.0, 2.0]);
         let (out, _) = run("median", &[&[1.0], &[2.0], &[4.0], &[100.0]]);
         assert_eq!(out, [3.0]);
         let same: &[f32] = &[-2.5, 7.0];
-        assert_eq!(run("median", &[same; 5]).0, vec![-2.5, 7.0], "all-equal inputs give that value");
+        assert_eq!(
+            run("median", &[same; 5]).0,
+            vec![-2.5, 7.0],
+            "all-equal inputs give that value"
+        );
     }
 
     #[test]
@@ -380,12 +467,37 @@ mod tests {
         let honest: [&[f32]; 3] = [&[1.0, 2.0], &[1.5, 2.5], &[2.0, 3.0]];
         let spec: AggregatorSpec = "median".parse().unwrap();
         assert_eq!(spec.tolerates(5), 2);
-        let (out, _) = run("median", &[honest[0], honest[1], &[1e30, -1e30], honest[2], &[1e30, 1e30]]);
-        assert_eq!(out, vec![2.0, 2.5], "coordinate 0: 1, 1.5, 2, 1e30, 1e30; coordinate 1: -1e30, 2, 2.5, 3, 1e30");
+        let (out, _) = run(
+            "median",
+            &[
+                honest[0],
+                honest[1],
+                &[1e30, -1e30],
+                honest[2],
+                &[1e30, 1e30],
+            ],
+        );
+        assert_eq!(
+            out,
+            vec![2.0, 2.5],
+            "coordinate 0: 1, 1.5, 2, 1e30, 1e30; coordinate 1: -1e30, 2, 2.5, 3, 1e30"
+        );
         // Over many coordinates the outliers are left out everywhere (flagged); honest inputs,
         // each the middle one a third of the time, are not.
         let rows: Vec<Vec<f32>> = (0..5)
-            .map(|i| (0..300).map(|j| if i < 3 { ((i + j) % 3) as f32 + 1.0 } else if i == 3 { -1e30 } else { 1e30 }).collect())
+            .map(|i| {
+                (0..300)
+                    .map(|j| {
+                        if i < 3 {
+                            ((i + j) % 3) as f32 + 1.0
+                        } else if i == 3 {
+                            -1e30
+                        } else {
+                            1e30
+                        }
+                    })
+                    .collect()
+            })
             .collect();
         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
         let (out, flags) = run("median", &refs);
@@ -396,16 +508,31 @@ mod tests {
     #[test]
     fn trimmed_mean_of_hand_computed_cases() {
         // n = 4, trim 0.25: b = 1 from each end, the middle two averaged.
-        let (out, _) = run("trimmed-mean", &[&[1.0, 0.5], &[2.0, 0.5], &[3.0, 0.5], &[-50.0, 0.5]]);
+        let (out, _) = run(
+            "trimmed-mean",
+            &[&[1.0, 0.5], &[2.0, 0.5], &[3.0, 0.5], &[-50.0, 0.5]],
+        );
         assert_eq!(out, vec![1.5, 0.5]);
         // n = 8, b = 2 tolerates two bad inputs at any size.
         let spec: AggregatorSpec = "trimmed-mean".parse().unwrap();
         assert_eq!(spec.tolerates(8), 2);
-        let rows: Vec<Vec<f32>> = vec![vec![1.0], vec![2.0], vec![3.0], vec![4.0], vec![5.0], vec![6.0], vec![1e9], vec![-1e9]];
+        let rows: Vec<Vec<f32>> = vec![
+            vec![1.0],
+            vec![2.0],
+            vec![3.0],
+            vec![4.0],
+            vec![5.0],
+            vec![6.0],
+            vec![1e9],
+            vec![-1e9],
+        ];
         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
         assert_eq!(run("trimmed-mean", &refs).0, vec![3.5]);
         // trim=0 is the mean.
-        assert_eq!(run("trimmed-mean:trim=0", &[&[1.0], &[2.0], &[6.0]]).0, vec![3.0]);
+        assert_eq!(
+            run("trimmed-mean:trim=0", &[&[1.0], &[2.0], &[6.0]]).0,
+            vec![3.0]
+        );
     }
 
     #[test]
@@ -413,7 +540,12 @@ mod tests {
         // Coordinate 0: only site 0 sent it: its value at weight 1/n, as in the mean.
         // Coordinate 1: sites 0, 1, 2 sent it (median 2), scaled by 3/4.
         // Coordinate 2: nobody: 0.
-        let deltas: [&[f32]; 4] = [&[4.0, 1.0, 0.0], &[0.0, 2.0, 0.0], &[0.0, 9.0, 0.0], &[0.0, 0.0, 0.0]];
+        let deltas: [&[f32]; 4] = [
+            &[4.0, 1.0, 0.0],
+            &[0.0, 2.0, 0.0],
+            &[0.0, 9.0, 0.0],
+            &[0.0, 0.0, 0.0],
+        ];
         let (out, _) = run("median", &deltas);
         assert_eq!(out, vec![1.0, 1.5, 0.0]);
         // Dense median would have thrown coordinate 1's signal away (median of 0, 1, 2, 9 is 1.5
@@ -426,21 +558,34 @@ mod tests {
     #[test]
     fn centered_clip_pulls_in_an_outlier_and_keeps_agreeing_inputs() {
         let same: &[f32] = &[0.3, -0.1, 2.0];
-        assert_eq!(run("centered-clip", &[same; 4]).0, same.to_vec(), "all-equal inputs give that value");
+        assert_eq!(
+            run("centered-clip", &[same; 4]).0,
+            same.to_vec(),
+            "all-equal inputs give that value"
+        );
         // Three honest inputs near (1, 1), one at (-100, -100): the result stays near (1, 1).
-        let (out, flags) = run("centered-clip", &[&[1.0, 1.0], &[1.1, 0.9], &[0.9, 1.1], &[-100.0, -100.0]]);
+        let (out, flags) = run(
+            "centered-clip",
+            &[&[1.0, 1.0], &[1.1, 0.9], &[0.9, 1.1], &[-100.0, -100.0]],
+        );
         assert!(out.iter().all(|v| (v - 1.0).abs() < 0.1), "{out:?}");
         assert_eq!(flags, vec![false, false, false, true]);
         // Hand-computed single iteration: inputs (1), (3), (11); median 3, distances 2, 0, 8,
         // radius 2; step = ((1−3)·1 + 0 + 8·(2/8)) / 3 = 0.
-        assert_eq!(run("centered-clip:iterations=1", &[&[1.0], &[3.0], &[11.0]]).0, vec![3.0]);
+        assert_eq!(
+            run("centered-clip:iterations=1", &[&[1.0], &[3.0], &[11.0]]).0,
+            vec![3.0]
+        );
     }
 
     #[test]
     fn clipped_mean_bounds_each_input_to_the_median_norm() {
         // Norms 1, 1, 100 (median 1): the third is scaled to norm 1.
         let (out, flags) = run("clipped-mean", &[&[1.0, 0.0], &[0.0, 1.0], &[100.0, 0.0]]);
-        assert!((out[0] - 2.0 / 3.0).abs() < 1e-6 && (out[1] - 1.0 / 3.0).abs() < 1e-6, "{out:?}");
+        assert!(
+            (out[0] - 2.0 / 3.0).abs() < 1e-6 && (out[1] - 1.0 / 3.0).abs() < 1e-6,
+            "{out:?}"
+        );
         assert_eq!(flags, vec![false, false, true]);
         let same: &[f32] = &[3.0, 4.0];
         assert_eq!(run("clipped-mean", &[same; 3]).0, same.to_vec());
@@ -457,9 +602,15 @@ mod tests {
             assert_eq!(run(name, &b).0, vec![2.0], "{name}");
         }
         // Even count with a tie in the middle: the mean of the two middle values.
-        assert_eq!(run("median", &[&[1.0], &[3.0], &[3.0], &[9.0]]).0, vec![3.0]);
+        assert_eq!(
+            run("median", &[&[1.0], &[3.0], &[3.0], &[9.0]]).0,
+            vec![3.0]
+        );
         // trimmed-mean at n = 4 keeps the middle two: (3 + 3) / 2.
-        assert_eq!(run("trimmed-mean", &[&[1.0], &[3.0], &[3.0], &[9.0]]).0, vec![3.0]);
+        assert_eq!(
+            run("trimmed-mean", &[&[1.0], &[3.0], &[3.0], &[9.0]]).0,
+            vec![3.0]
+        );
     }
 
     #[test]
@@ -469,8 +620,20 @@ mod tests {
         let spec: AggregatorSpec = "centered-clip".parse().unwrap();
         assert_eq!(spec.tolerates(5), 2);
         for bad in [[1e3f32, 1e3], [1e3, -1e3]] {
-            let (out, flags) = run("centered-clip", &[&[1.0, 1.0], &[1.2, 0.8], &[bad[0], bad[0]], &[0.8, 1.2], &[bad[1], bad[1]]]);
-            assert!(out.iter().all(|v| (v - 1.0).abs() < 0.25), "{bad:?}: {out:?}");
+            let (out, flags) = run(
+                "centered-clip",
+                &[
+                    &[1.0, 1.0],
+                    &[1.2, 0.8],
+                    &[bad[0], bad[0]],
+                    &[0.8, 1.2],
+                    &[bad[1], bad[1]],
+                ],
+            );
+            assert!(
+                out.iter().all(|v| (v - 1.0).abs() < 0.25),
+                "{bad:?}: {out:?}"
+            );
             assert_eq!(flags, vec![false, false, true, false, true]);
         }
     }
@@ -488,17 +651,37 @@ mod tests {
     #[test]
     fn one_input_is_returned_as_is() {
         for name in AggregatorSpec::NAMES {
-            assert_eq!(run(name, &[&[1.0, -2.0, 0.0]]).0, vec![1.0, -2.0, 0.0], "{name}");
+            assert_eq!(
+                run(name, &[&[1.0, -2.0, 0.0]]).0,
+                vec![1.0, -2.0, 0.0],
+                "{name}"
+            );
         }
     }
 
     #[test]
     fn specs_parse_print_and_refuse() {
-        for text in ["mean", "median", "trimmed-mean", "trimmed-mean:trim=0.1", "centered-clip", "centered-clip:iterations=5", "clipped-mean"] {
+        for text in [
+            "mean",
+            "median",
+            "trimmed-mean",
+            "trimmed-mean:trim=0.1",
+            "centered-clip",
+            "centered-clip:iterations=5",
+            "clipped-mean",
+        ] {
             let spec: AggregatorSpec = text.parse().unwrap();
             assert_eq!(spec.to_string(), text);
         }
-        for bad in ["avg", "median:x=1", "trimmed-mean:trim=0.5", "trimmed-mean:trim=-1", "centered-clip:iterations=0", "mean:trim=1", "trimmed-mean:iterations=2"] {
+        for bad in [
+            "avg",
+            "median:x=1",
+            "trimmed-mean:trim=0.5",
+            "trimmed-mean:trim=-1",
+            "centered-clip:iterations=0",
+            "mean:trim=1",
+            "trimmed-mean:iterations=2",
+        ] {
             assert!(bad.parse::<AggregatorSpec>().is_err(), "{bad}");
         }
     }

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use lowband_codec::{build, Codec, Fp32};
 
 use crate::aggregate::{self, Aggregator};
-use crate::trust::{Robustness, SiteScore, TrustState};
 use crate::outer::{OuterConfig, OuterOptimizer};
+use crate::trust::{Robustness, SiteScore, TrustState};
 use crate::wire::{self, MessageKind};
 use crate::{Compression, ProtocolError, SiteId};
 
@@ -34,11 +34,26 @@ pub struct CoordinatorConfig {
 
 impl CoordinatorConfig {
     pub fn new(params: usize, outer: OuterConfig) -> Self {
-        CoordinatorConfig { params, outer, quorum: 1, round_deadline_ms: 600_000, sites_max: 1024, compression: Compression::default(), sites_start_synced: false, fragments: Vec::new(), robustness: Robustness::default() }
+        CoordinatorConfig {
+            params,
+            outer,
+            quorum: 1,
+            round_deadline_ms: 600_000,
+            sites_max: 1024,
+            compression: Compression::default(),
+            sites_start_synced: false,
+            fragments: Vec::new(),
+            robustness: Robustness::default(),
+        }
     }
 
     fn validate(&self) -> Result<(), ProtocolError> {
-        let invalid = |field, reason: &str| Err(ProtocolError::InvalidConfig { field, reason: reason.into() });
+        let invalid = |field, reason: &str| {
+            Err(ProtocolError::InvalidConfig {
+                field,
+                reason: reason.into(),
+            })
+        };
         if self.params == 0 {
             return invalid("params", "must be at least 1");
         }
@@ -48,10 +63,30 @@ impl CoordinatorConfig {
         if self.sites_max == 0 {
             return invalid("sites_max", "must be at least 1");
         }
-        self.compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
-        self.robustness.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "robustness", reason })?;
-        crate::validate_fragments(&self.fragments, self.params).map_err(|reason| ProtocolError::InvalidConfig { field: "fragments", reason })?;
-        self.outer.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "outer", reason })
+        self.compression
+            .validate()
+            .map_err(|reason| ProtocolError::InvalidConfig {
+                field: "compression",
+                reason,
+            })?;
+        self.robustness
+            .validate()
+            .map_err(|reason| ProtocolError::InvalidConfig {
+                field: "robustness",
+                reason,
+            })?;
+        crate::validate_fragments(&self.fragments, self.params).map_err(|reason| {
+            ProtocolError::InvalidConfig {
+                field: "fragments",
+                reason,
+            }
+        })?;
+        self.outer
+            .validate()
+            .map_err(|reason| ProtocolError::InvalidConfig {
+                field: "outer",
+                reason,
+            })
     }
 
     /// Whether the broadcast carries changes (a compressed downlink, or fragments).
@@ -68,10 +103,17 @@ impl CoordinatorConfig {
 /// Inputs to the coordinator.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    SiteJoined { site: SiteId },
-    SiteLeft { site: SiteId },
+    SiteJoined {
+        site: SiteId,
+    },
+    SiteLeft {
+        site: SiteId,
+    },
     /// `from` is the sender as the transport authenticated it.
-    PacketArrived { from: SiteId, bytes: &'a [u8] },
+    PacketArrived {
+        from: SiteId,
+        bytes: &'a [u8],
+    },
     /// Time passed (deadlines are checked against `now_ms`).
     Tick,
 }
@@ -105,15 +147,26 @@ pub struct RoundReport {
 pub enum Action {
     /// Bytes for one site. A message every member receives alike is one envelope addressed to
     /// `wire::EVERY_SITE`, shared (not copied) by the sends to each member.
-    Send { to: SiteId, bytes: bytes::Bytes },
+    Send {
+        to: SiteId,
+        bytes: bytes::Bytes,
+    },
     RoundClosed(RoundReport),
     /// The global state changed (a round closed): save `Coordinator::state` now.
-    Checkpoint { round: u64 },
+    Checkpoint {
+        round: u64,
+    },
     /// A packet was refused and dropped; the reason is for the log and the site's score. A
     /// member's refused update forfeits its round (the round does not wait for it).
-    Rejected { from: SiteId, reason: ProtocolError },
+    Rejected {
+        from: SiteId,
+        reason: ProtocolError,
+    },
     /// A site was refused too often and is no longer a member; it cannot join again.
-    Excluded { site: SiteId, reason: String },
+    Excluded {
+        site: SiteId,
+        reason: String,
+    },
 }
 
 struct OpenRound {
@@ -186,7 +239,14 @@ impl Coordinator {
     pub fn new(config: CoordinatorConfig, initial: Vec<f32>) -> Result<Self, ProtocolError> {
         config.validate()?;
         if initial.len() != config.params {
-            return Err(ProtocolError::InvalidConfig { field: "params", reason: format!("{} initial values for {} params", initial.len(), config.params) });
+            return Err(ProtocolError::InvalidConfig {
+                field: "params",
+                reason: format!(
+                    "{} initial values for {} params",
+                    initial.len(),
+                    config.params
+                ),
+            });
         }
         let outer = OuterOptimizer::new(config.outer, config.params);
         let merged = vec![0.0; config.params];
@@ -197,7 +257,11 @@ impl Coordinator {
             downlink: build(&config.compression.downlink)?,
             shared: if changes { initial.clone() } else { Vec::new() },
             synced: BTreeSet::new(),
-            change: if changes { vec![0.0; config.params] } else { Vec::new() },
+            change: if changes {
+                vec![0.0; config.params]
+            } else {
+                Vec::new()
+            },
             change_payload: Vec::new(),
             shared_before: if changes { initial.clone() } else { Vec::new() },
             synced_before: BTreeSet::new(),
@@ -223,7 +287,10 @@ impl Coordinator {
             && (state.momentum_buffer.len() == self.outer.momentum_buffer.len())
             && state.shared.len() == self.shared.len();
         if !ok {
-            return Err(ProtocolError::InvalidConfig { field: "state", reason: "saved state does not match the parameter count".into() });
+            return Err(ProtocolError::InvalidConfig {
+                field: "state",
+                reason: "saved state does not match the parameter count".into(),
+            });
         }
         self.round = state.round;
         self.global = state.global;
@@ -297,7 +364,10 @@ impl Coordinator {
             Event::PacketArrived { from, bytes } => match self.accept_update(from, bytes) {
                 Ok(()) => self.maybe_close(now_ms, &mut actions),
                 Err(reason) => {
-                    let forfeits = reason.forfeits_round() && self.open.as_ref().is_some_and(|o| o.expected.contains(&from) && !o.received.contains_key(&from));
+                    let forfeits = reason.forfeits_round()
+                        && self.open.as_ref().is_some_and(|o| {
+                            o.expected.contains(&from) && !o.received.contains_key(&from)
+                        });
                     if forfeits {
                         if let Some(open) = &mut self.open {
                             open.expected.remove(&from);
@@ -324,7 +394,9 @@ impl Coordinator {
 
     /// Report a refused update, score it, and exclude the site if it was refused too often.
     fn refuse(&mut self, site: SiteId, reason: ProtocolError, actions: &mut Vec<Action>) {
-        let excluded = self.trust.record_refusal(site, &reason.to_string(), &self.config.robustness);
+        let excluded =
+            self.trust
+                .record_refusal(site, &reason.to_string(), &self.config.robustness);
         actions.push(Action::Rejected { from: site, reason });
         if let Some(reason) = excluded {
             self.remove_member(site);
@@ -335,15 +407,24 @@ impl Coordinator {
     /// A new member takes part from the next round that opens (join at round boundaries).
     fn on_join(&mut self, now_ms: u64, site: SiteId, actions: &mut Vec<Action>) {
         if site == wire::EVERY_SITE {
-            actions.push(Action::Rejected { from: site, reason: ProtocolError::UnknownSite(site) });
+            actions.push(Action::Rejected {
+                from: site,
+                reason: ProtocolError::UnknownSite(site),
+            });
             return;
         }
         if self.trust.is_excluded(site) {
-            actions.push(Action::Rejected { from: site, reason: ProtocolError::Excluded(site) });
+            actions.push(Action::Rejected {
+                from: site,
+                reason: ProtocolError::Excluded(site),
+            });
             return;
         }
         if !self.members.contains(&site) && self.members.len() >= self.config.sites_max {
-            actions.push(Action::Rejected { from: site, reason: ProtocolError::TooManySites(self.config.sites_max) });
+            actions.push(Action::Rejected {
+                from: site,
+                reason: ProtocolError::TooManySites(self.config.sites_max),
+            });
             return;
         }
         self.members.insert(site);
@@ -362,13 +443,26 @@ impl Coordinator {
         } else {
             let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.global.len()));
             Fp32.encode(&self.global, &mut payload);
-            let bytes = bytes::Bytes::from(wire::encode(MessageKind::Global, self.round, wire::EVERY_SITE, &payload));
+            let bytes = bytes::Bytes::from(wire::encode(
+                MessageKind::Global,
+                self.round,
+                wire::EVERY_SITE,
+                &payload,
+            ));
             drop(payload);
             for &site in &self.members {
-                actions.push(Action::Send { to: site, bytes: bytes.clone() });
+                actions.push(Action::Send {
+                    to: site,
+                    bytes: bytes.clone(),
+                });
             }
         }
-        self.open = Some(OpenRound { round: self.round, started_ms: now_ms, expected: self.members.clone(), received: BTreeMap::new() });
+        self.open = Some(OpenRound {
+            round: self.round,
+            started_ms: now_ms,
+            expected: self.members.clone(),
+            received: BTreeMap::new(),
+        });
     }
 
     /// Compressed downlink: encode θ − θ_sites, apply what the sites will decode to θ_sites, send it
@@ -379,9 +473,21 @@ impl Coordinator {
         self.downlink_random_before = self.downlink.random_state();
         // The fragment the last closed round changed (all of θ without fragments); none before
         // the first round.
-        let range = if self.round == 0 && !self.config.fragments.is_empty() { 0..0 } else { crate::fragment_of(&self.config.fragments, self.config.params, self.round.saturating_sub(1)) };
+        let range = if self.round == 0 && !self.config.fragments.is_empty() {
+            0..0
+        } else {
+            crate::fragment_of(
+                &self.config.fragments,
+                self.config.params,
+                self.round.saturating_sub(1),
+            )
+        };
         let change = &mut self.change[range.clone()];
-        for ((c, g), s) in change.iter_mut().zip(&self.global[range.clone()]).zip(&self.shared[range.clone()]) {
+        for ((c, g), s) in change
+            .iter_mut()
+            .zip(&self.global[range.clone()])
+            .zip(&self.shared[range.clone()])
+        {
             *c = g - s;
         }
         self.change_payload.clear();
@@ -400,7 +506,17 @@ impl Coordinator {
         let (mut change, mut full): (Option<bytes::Bytes>, Option<bytes::Bytes>) = (None, None);
         for &site in &self.members {
             let bytes = if self.synced.contains(&site) {
-                change.get_or_insert_with(|| wire::encode(MessageKind::GlobalDelta, self.round, wire::EVERY_SITE, &self.change_payload).into()).clone()
+                change
+                    .get_or_insert_with(|| {
+                        wire::encode(
+                            MessageKind::GlobalDelta,
+                            self.round,
+                            wire::EVERY_SITE,
+                            &self.change_payload,
+                        )
+                        .into()
+                    })
+                    .clone()
             } else {
                 full.get_or_insert_with(|| {
                     let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.shared.len()));
@@ -417,7 +533,8 @@ impl Coordinator {
     /// The plain mean without a direction check merges one decoded update at a time (memory
     /// independent of K); robust aggregators and the direction check need every update at once.
     fn merges_one_at_a_time(&self) -> bool {
-        self.aggregator.spec() == crate::AggregatorSpec::Mean && self.config.robustness.cosine_ratio_min.is_none()
+        self.aggregator.spec() == crate::AggregatorSpec::Mean
+            && self.config.robustness.cosine_ratio_min.is_none()
     }
 
     fn accept_update(&mut self, from: SiteId, bytes: &[u8]) -> Result<(), ProtocolError> {
@@ -426,7 +543,10 @@ impl Coordinator {
             return Err(ProtocolError::WrongKind(message.kind));
         }
         if message.site != from {
-            return Err(ProtocolError::SiteMismatch { claimed: message.site, from });
+            return Err(ProtocolError::SiteMismatch {
+                claimed: message.site,
+                from,
+            });
         }
         if !self.members.contains(&from) {
             return Err(ProtocolError::UnknownSite(from));
@@ -434,15 +554,22 @@ impl Coordinator {
         let one_at_a_time = self.merges_one_at_a_time();
         let open = self.open.as_mut().ok_or(ProtocolError::NoOpenRound)?;
         if message.round != open.round {
-            return Err(ProtocolError::WrongRound { expected: open.round, found: message.round });
+            return Err(ProtocolError::WrongRound {
+                expected: open.round,
+                found: message.round,
+            });
         }
         if !open.expected.contains(&from) {
             return Err(ProtocolError::NotInRound(from));
         }
         if open.received.contains_key(&from) {
-            return Err(ProtocolError::Duplicate { site: from, round: open.round });
+            return Err(ProtocolError::Duplicate {
+                site: from,
+                round: open.round,
+            });
         }
-        let length = crate::fragment_of(&self.config.fragments, self.config.params, open.round).len();
+        let length =
+            crate::fragment_of(&self.config.fragments, self.config.params, open.round).len();
         let held = if one_at_a_time {
             self.scratch.resize(length, 0.0);
             self.uplink.decode(message.payload, &mut self.scratch)?;
@@ -465,8 +592,12 @@ impl Coordinator {
 
     fn maybe_close(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let Some(open) = &self.open else { return };
-        let everyone = !open.received.is_empty() && open.expected.iter().all(|s| open.received.contains_key(s));
-        let deadline_passed = now_ms >= open.started_ms.saturating_add(self.config.round_deadline_ms);
+        let everyone = !open.received.is_empty()
+            && open.expected.iter().all(|s| open.received.contains_key(s));
+        let deadline_passed = now_ms
+            >= open
+                .started_ms
+                .saturating_add(self.config.round_deadline_ms);
         let quorum = open.received.len() >= self.config.quorum.min(open.expected.len().max(1));
         if everyone || (deadline_passed && quorum && !open.received.is_empty()) {
             self.close_round(now_ms, actions);
@@ -480,12 +611,21 @@ impl Coordinator {
     fn close_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let open = self.open.take().expect("close_round needs an open round");
         let range = crate::fragment_of(&self.config.fragments, self.config.params, open.round);
-        let fragment = if self.config.fragments.is_empty() { 0 } else { (open.round % self.config.fragments.len() as u64) as usize };
+        let fragment = if self.config.fragments.is_empty() {
+            0
+        } else {
+            (open.round % self.config.fragments.len() as u64) as usize
+        };
         let robustness = self.config.robustness;
         // The plain mean without a direction check merges one decoded update at a time (memory
         // independent of K); robust aggregators and the direction check need every update at once.
         let sites: Vec<SiteId> = open.received.keys().copied().collect();
-        let missing = open.expected.iter().filter(|s| !open.received.contains_key(s)).copied().collect();
+        let missing = open
+            .expected
+            .iter()
+            .filter(|s| !open.received.contains_key(s))
+            .copied()
+            .collect();
         // Payloads (decoded again in each pass) or decoded deltas; see `Held`.
         let (mut payloads, mut dense): (Vec<Vec<u8>>, Vec<Vec<f32>>) = (Vec::new(), Vec::new());
         for (_, held) in open.received {
@@ -500,8 +640,20 @@ impl Coordinator {
         let mut norms = Vec::with_capacity(sites.len());
         let mut sum = vec![0.0f64; range.len()];
         for i in 0..sites.len() {
-            let delta = held_update(self.uplink.as_mut(), &mut self.scratch, &payloads, &dense, i);
-            norms.push(delta.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32);
+            let delta = held_update(
+                self.uplink.as_mut(),
+                &mut self.scratch,
+                &payloads,
+                &dense,
+                i,
+            );
+            norms.push(
+                delta
+                    .iter()
+                    .map(|v| (*v as f64) * (*v as f64))
+                    .sum::<f64>()
+                    .sqrt() as f32,
+            );
             for (s, v) in sum.iter_mut().zip(delta) {
                 *s += *v as f64;
             }
@@ -515,7 +667,14 @@ impl Coordinator {
             if TrustState::norm_ok(*norm, reference, robustness.norm_ratio_max) {
                 accepted.push((i, *norm));
             } else {
-                refused.push((sites[i], ProtocolError::UpdateNorm { norm: *norm, reference, ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY) }));
+                refused.push((
+                    sites[i],
+                    ProtocolError::UpdateNorm {
+                        norm: *norm,
+                        reference,
+                        ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY),
+                    },
+                ));
             }
         }
         // The direction check, among the updates the norm check kept.
@@ -528,7 +687,14 @@ impl Coordinator {
                     if cosine >= ratio_min * reference {
                         kept.push(update);
                     } else {
-                        refused.push((sites[update.0], ProtocolError::UpdateDirection { cosine, reference, ratio_min }));
+                        refused.push((
+                            sites[update.0],
+                            ProtocolError::UpdateDirection {
+                                cosine,
+                                reference,
+                                ratio_min,
+                            },
+                        ));
                     }
                 }
                 accepted = kept;
@@ -541,7 +707,13 @@ impl Coordinator {
         self.merged.resize(range.len(), 0.0);
         let mut merged_count = 0usize;
         for i in 0..sites.len() {
-            let delta = held_update(self.uplink.as_mut(), &mut self.scratch, &payloads, &dense, i);
+            let delta = held_update(
+                self.uplink.as_mut(),
+                &mut self.scratch,
+                &payloads,
+                &dense,
+                i,
+            );
             cosines.push(crate::trust::cosine_with_rest(delta, &sum));
             if one_at_a_time && accepted.iter().any(|(a, _)| *a == i) {
                 if merged_count == 0 {
@@ -565,7 +737,8 @@ impl Coordinator {
                 }
                 vec![false; accepted.len()]
             } else {
-                let deltas: Vec<&[f32]> = accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
+                let deltas: Vec<&[f32]> =
+                    accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
                 self.aggregator.aggregate(&deltas, &mut self.merged)
             };
             for ((i, _), flag) in accepted.iter().zip(&flags) {
@@ -575,7 +748,8 @@ impl Coordinator {
                 }
             }
             let norms = accepted.iter().map(|(_, n)| *n).collect();
-            self.trust.record_norms(fragment, norms, robustness.norm_history_rounds);
+            self.trust
+                .record_norms(fragment, norms, robustness.norm_history_rounds);
             // A merge of finite values can still overflow; never let it into θ.
             applied = self.merged.iter().all(|v| v.is_finite());
             if applied {
@@ -583,7 +757,15 @@ impl Coordinator {
             }
         }
         self.spare_deltas.extend(dense);
-        let delta_norm = if applied { self.merged.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>().sqrt() as f32 } else { 0.0 };
+        let delta_norm = if applied {
+            self.merged
+                .iter()
+                .map(|v| (*v as f64) * (*v as f64))
+                .sum::<f64>()
+                .sqrt() as f32
+        } else {
+            0.0
+        };
         let contributors: Vec<SiteId> = accepted.iter().map(|(i, _)| sites[*i]).collect();
         let refused_sites: Vec<SiteId> = refused.iter().map(|(s, _)| *s).collect();
         let update_norms = sites.iter().copied().zip(norms.iter().copied()).collect();
@@ -592,7 +774,17 @@ impl Coordinator {
         for (site, reason) in refused {
             self.refuse(site, reason, actions);
         }
-        actions.push(Action::RoundClosed(RoundReport { round: open.round, contributors, missing, refused: refused_sites, downweighted, update_norms, update_cosines, delta_norm, applied }));
+        actions.push(Action::RoundClosed(RoundReport {
+            round: open.round,
+            contributors,
+            missing,
+            refused: refused_sites,
+            downweighted,
+            update_norms,
+            update_cosines,
+            delta_norm,
+            applied,
+        }));
         self.round = open.round + 1;
         actions.push(Action::Checkpoint { round: self.round });
         self.open_round(now_ms, actions);
@@ -601,9 +793,17 @@ impl Coordinator {
 
 /// Update `i` of a closing round: decoded again from its payload into `scratch` (the mean held
 /// payloads) or as held (decoded on arrival).
-fn held_update<'a>(uplink: &mut dyn Codec, scratch: &'a mut [f32], payloads: &[Vec<u8>], dense: &'a [Vec<f32>], i: usize) -> &'a [f32] {
+fn held_update<'a>(
+    uplink: &mut dyn Codec,
+    scratch: &'a mut [f32],
+    payloads: &[Vec<u8>],
+    dense: &'a [Vec<f32>],
+    i: usize,
+) -> &'a [f32] {
     if dense.is_empty() {
-        uplink.decode(&payloads[i], scratch).expect("decoded once when it arrived");
+        uplink
+            .decode(&payloads[i], scratch)
+            .expect("decoded once when it arrived");
         scratch
     } else {
         &dense[i]

@@ -46,14 +46,20 @@ pub struct Compression {
 
 impl Default for Compression {
     fn default() -> Self {
-        Compression { uplink: CodecSpec::Fp32, downlink: CodecSpec::Fp32, feedback_decay: None }
+        Compression {
+            uplink: CodecSpec::Fp32,
+            downlink: CodecSpec::Fp32,
+            feedback_decay: None,
+        }
     }
 }
 
 impl Compression {
     pub fn validate(&self) -> Result<(), String> {
         self.uplink.validate().map_err(|e| format!("uplink: {e}"))?;
-        self.downlink.validate().map_err(|e| format!("downlink: {e}"))?;
+        self.downlink
+            .validate()
+            .map_err(|e| format!("downlink: {e}"))?;
         if let Some(decay) = self.feedback_decay {
             if !(0.0..=1.0).contains(&decay) {
                 return Err(format!("error-feedback decay {decay} is not in [0, 1]"));
@@ -72,11 +78,16 @@ impl Compression {
 /// that opens round r carries the change of the fragment round r − 1 synchronized. An empty list
 /// means one fragment, the whole buffer. Fragments must be non-empty, in order, and cover the
 /// buffer exactly.
-pub fn validate_fragments(fragments: &[std::ops::Range<usize>], params: usize) -> Result<(), String> {
+pub fn validate_fragments(
+    fragments: &[std::ops::Range<usize>],
+    params: usize,
+) -> Result<(), String> {
     let mut next = 0;
     for f in fragments {
         if f.start != next || f.end <= f.start {
-            return Err(format!("fragment {f:?} does not continue at {next} or is empty"));
+            return Err(format!(
+                "fragment {f:?} does not continue at {next} or is empty"
+            ));
         }
         next = f.end;
     }
@@ -87,7 +98,11 @@ pub fn validate_fragments(fragments: &[std::ops::Range<usize>], params: usize) -
 }
 
 /// The fragment round `round` synchronizes.
-pub fn fragment_of(fragments: &[std::ops::Range<usize>], params: usize, round: u64) -> std::ops::Range<usize> {
+pub fn fragment_of(
+    fragments: &[std::ops::Range<usize>],
+    params: usize,
+    round: u64,
+) -> std::ops::Range<usize> {
     if fragments.is_empty() {
         0..params
     } else {
@@ -125,9 +140,17 @@ pub enum ProtocolError {
     #[error("a change to the global parameters arrived before the parameters themselves")]
     NotSynced,
     #[error("update norm {norm:.4e} is outside [reference / {ratio_max}, reference x {ratio_max}] (reference {reference:.4e}: the median norm of the round, or of recent rounds when it has fewer than 3 updates)")]
-    UpdateNorm { norm: f32, reference: f32, ratio_max: f32 },
+    UpdateNorm {
+        norm: f32,
+        reference: f32,
+        ratio_max: f32,
+    },
     #[error("update disagrees with the round: cosine {cosine:.3} with the sum of the others, below {ratio_min} x the round's median cosine {reference:.3}")]
-    UpdateDirection { cosine: f32, reference: f32, ratio_min: f32 },
+    UpdateDirection {
+        cosine: f32,
+        reference: f32,
+        ratio_min: f32,
+    },
     #[error("site {0} was excluded for repeated refused updates")]
     Excluded(SiteId),
     #[error("invalid protocol config {field}: {reason}")]
@@ -139,6 +162,15 @@ impl ProtocolError {
     /// malformed, forged, non-finite or out-of-bounds update does; a late, duplicate or
     /// misaddressed one does not (it may be a retransmission).
     pub fn forfeits_round(&self) -> bool {
-        matches!(self, ProtocolError::Wire(_) | ProtocolError::Codec(_) | ProtocolError::WrongKind(_) | ProtocolError::SiteMismatch { .. } | ProtocolError::NonFiniteUpdate(_) | ProtocolError::UpdateNorm { .. } | ProtocolError::UpdateDirection { .. })
+        matches!(
+            self,
+            ProtocolError::Wire(_)
+                | ProtocolError::Codec(_)
+                | ProtocolError::WrongKind(_)
+                | ProtocolError::SiteMismatch { .. }
+                | ProtocolError::NonFiniteUpdate(_)
+                | ProtocolError::UpdateNorm { .. }
+                | ProtocolError::UpdateDirection { .. }
+        )
     }
 }

@@ -13,8 +13,16 @@ pub struct OuterConfig {
 }
 
 impl OuterConfig {
-    pub const DILOCO: OuterConfig = OuterConfig { lr: 0.7, momentum: 0.9, nesterov: true };
-    pub const FEDAVG: OuterConfig = OuterConfig { lr: 1.0, momentum: 0.0, nesterov: false };
+    pub const DILOCO: OuterConfig = OuterConfig {
+        lr: 0.7,
+        momentum: 0.9,
+        nesterov: true,
+    };
+    pub const FEDAVG: OuterConfig = OuterConfig {
+        lr: 1.0,
+        momentum: 0.0,
+        nesterov: false,
+    };
 
     pub fn validate(&self) -> Result<(), String> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
@@ -36,8 +44,15 @@ pub struct OuterOptimizer {
 
 impl OuterOptimizer {
     pub fn new(config: OuterConfig, params: usize) -> Self {
-        let momentum_buffer = if config.momentum > 0.0 { vec![0.0; params] } else { Vec::new() };
-        OuterOptimizer { config, momentum_buffer }
+        let momentum_buffer = if config.momentum > 0.0 {
+            vec![0.0; params]
+        } else {
+            Vec::new()
+        };
+        OuterOptimizer {
+            config,
+            momentum_buffer,
+        }
     }
 
     /// θ ← θ − lr·(δ + m·b) with b ← m·b + δ (Nesterov), θ ← θ − lr·b (heavy ball), or
@@ -51,16 +66,28 @@ impl OuterOptimizer {
     pub fn step_range(&mut self, params: &mut [f32], delta: &[f32], range: std::ops::Range<usize>) {
         let params = &mut params[range.clone()];
         assert_eq!(params.len(), delta.len());
-        let OuterConfig { lr, momentum, nesterov } = self.config;
+        let OuterConfig {
+            lr,
+            momentum,
+            nesterov,
+        } = self.config;
         if momentum == 0.0 {
             for (p, d) in params.iter_mut().zip(delta) {
                 *p -= lr * d;
             }
             return;
         }
-        for ((p, d), b) in params.iter_mut().zip(delta).zip(self.momentum_buffer[range].iter_mut()) {
+        for ((p, d), b) in params
+            .iter_mut()
+            .zip(delta)
+            .zip(self.momentum_buffer[range].iter_mut())
+        {
             *b = momentum * *b + d;
-            *p -= if nesterov { lr * (d + momentum * *b) } else { lr * *b };
+            *p -= if nesterov {
+                lr * (d + momentum * *b)
+            } else {
+                lr * *b
+            };
         }
     }
 }
@@ -76,10 +103,16 @@ mod tests {
         let mut theta = vec![1.0f32, -2.0];
         opt.step(&mut theta, &[0.5, -1.0]);
         // buf = [0.5, -1]; step = 0.7 * ([0.5, -1] + 0.9 * [0.5, -1]) = [0.665, -1.33]
-        assert!((theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.67).abs() < 1e-6, "{theta:?}");
+        assert!(
+            (theta[0] - 0.335).abs() < 1e-6 && (theta[1] + 0.67).abs() < 1e-6,
+            "{theta:?}"
+        );
         opt.step(&mut theta, &[0.1, 0.0]);
         // buf = [0.55, -0.9]; step = 0.7 * ([0.1, 0] + [0.495, -0.81]) = [0.4165, -0.567]
-        assert!((theta[0] - (0.335 - 0.4165)).abs() < 1e-6 && (theta[1] - (-0.67 + 0.567)).abs() < 1e-6, "{theta:?}");
+        assert!(
+            (theta[0] - (0.335 - 0.4165)).abs() < 1e-6 && (theta[1] - (-0.67 + 0.567)).abs() < 1e-6,
+            "{theta:?}"
+        );
     }
 
     #[test]
@@ -87,7 +120,9 @@ mod tests {
         let mut opt = OuterOptimizer::new(OuterConfig::FEDAVG, 2);
         let start = [1.0f32, 2.0];
         let sites = [[0.0f32, 2.0], [1.0, 4.0]];
-        let delta: Vec<f32> = (0..2).map(|i| start[i] - (sites[0][i] + sites[1][i]) / 2.0).collect();
+        let delta: Vec<f32> = (0..2)
+            .map(|i| start[i] - (sites[0][i] + sites[1][i]) / 2.0)
+            .collect();
         let mut theta = start.to_vec();
         opt.step(&mut theta, &delta);
         assert_eq!(theta, vec![0.5, 3.0]);

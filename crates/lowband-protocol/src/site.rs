@@ -46,19 +46,38 @@ pub struct Site {
 impl Site {
     /// A site that holds nothing yet: the coordinator sends it the parameters in full (fp32).
     pub fn new(id: SiteId, params: usize) -> Self {
-        Site::build(id, vec![0.0; params], false, Compression::default()).expect("fp32 is always valid")
+        Site::build(id, vec![0.0; params], false, Compression::default())
+            .expect("fp32 is always valid")
     }
 
     /// A site that starts from `initial`, the parameters every member derives from the shared
     /// seed (so the first round needs no broadcast).
-    pub fn with_initial(id: SiteId, initial: Vec<f32>, compression: Compression) -> Result<Self, ProtocolError> {
+    pub fn with_initial(
+        id: SiteId,
+        initial: Vec<f32>,
+        compression: Compression,
+    ) -> Result<Self, ProtocolError> {
         Site::build(id, initial, true, compression)
     }
 
-    fn build(id: SiteId, start: Vec<f32>, synced: bool, compression: Compression) -> Result<Self, ProtocolError> {
-        compression.validate().map_err(|reason| ProtocolError::InvalidConfig { field: "compression", reason })?;
+    fn build(
+        id: SiteId,
+        start: Vec<f32>,
+        synced: bool,
+        compression: Compression,
+    ) -> Result<Self, ProtocolError> {
+        compression
+            .validate()
+            .map_err(|reason| ProtocolError::InvalidConfig {
+                field: "compression",
+                reason,
+            })?;
         let n = start.len();
-        let feedback = compression.feedback_decay.map(|decay| ErrorFeedback::new(n, decay)).into_iter().collect();
+        let feedback = compression
+            .feedback_decay
+            .map(|decay| ErrorFeedback::new(n, decay))
+            .into_iter()
+            .collect();
         Ok(Site {
             id,
             round: None,
@@ -66,7 +85,11 @@ impl Site {
             synced,
             seed_only: synced,
             delta: vec![0.0; n],
-            change: if compression.sends_changes() { vec![0.0; n] } else { Vec::new() },
+            change: if compression.sends_changes() {
+                vec![0.0; n]
+            } else {
+                Vec::new()
+            },
             uplink: build(&compression.uplink)?,
             downlink: build(&compression.downlink)?,
             feedback,
@@ -78,14 +101,25 @@ impl Site {
     /// Streaming: synchronize these fragments in turn (the coordinator must use the same list).
     /// Round r sends the delta of fragment r mod P; the broadcast opening round r changes the
     /// fragment of round r − 1 ([`Site::changed_by_round`]).
-    pub fn with_fragments(mut self, fragments: Vec<std::ops::Range<usize>>) -> Result<Self, ProtocolError> {
-        crate::validate_fragments(&fragments, self.start.len()).map_err(|reason| ProtocolError::InvalidConfig { field: "fragments", reason })?;
+    pub fn with_fragments(
+        mut self,
+        fragments: Vec<std::ops::Range<usize>>,
+    ) -> Result<Self, ProtocolError> {
+        crate::validate_fragments(&fragments, self.start.len()).map_err(|reason| {
+            ProtocolError::InvalidConfig {
+                field: "fragments",
+                reason,
+            }
+        })?;
         if self.change.is_empty() {
             self.change = vec![0.0; self.start.len()];
         }
         let decay = self.feedback.first().map(|f| f.decay());
         self.feedback = match decay {
-            Some(decay) => fragments.iter().map(|f| ErrorFeedback::new(f.len(), decay)).collect(),
+            Some(decay) => fragments
+                .iter()
+                .map(|f| ErrorFeedback::new(f.len(), decay))
+                .collect(),
             None => Vec::new(),
         };
         self.fragments = fragments;
@@ -126,7 +160,12 @@ impl Site {
 
     /// The error-feedback residual (what this site's codec has not sent yet), if it keeps one.
     pub fn feedback_residual(&self) -> Option<Vec<f32>> {
-        (!self.feedback.is_empty()).then(|| self.feedback.iter().flat_map(|f| f.residual().iter().copied()).collect())
+        (!self.feedback.is_empty()).then(|| {
+            self.feedback
+                .iter()
+                .flat_map(|f| f.residual().iter().copied())
+                .collect()
+        })
     }
 
     /// Where the uplink codec's pseudo-random stream stands (see `Codec::random_state`).
@@ -139,8 +178,17 @@ impl Site {
     }
 
     /// Continue from a saved state: the parameters the site held and its residual.
-    pub fn restore(&mut self, start: &[f32], residual: Option<&[f32]>) -> Result<(), ProtocolError> {
-        let bad = |reason: &str| Err(ProtocolError::InvalidConfig { field: "site state", reason: reason.into() });
+    pub fn restore(
+        &mut self,
+        start: &[f32],
+        residual: Option<&[f32]>,
+    ) -> Result<(), ProtocolError> {
+        let bad = |reason: &str| {
+            Err(ProtocolError::InvalidConfig {
+                field: "site state",
+                reason: reason.into(),
+            })
+        };
         if start.len() != self.start.len() {
             return bad("saved parameters have another length");
         }
@@ -166,7 +214,10 @@ impl Site {
     /// parameters (a restarted site gets them from the coordinator when it rejoins).
     pub fn restore_feedback(&mut self, residual: &[f32]) -> Result<(), ProtocolError> {
         if self.feedback.is_empty() || residual.len() != self.start.len() {
-            return Err(ProtocolError::InvalidConfig { field: "site state", reason: "saved error-feedback residual does not match this site's settings".into() });
+            return Err(ProtocolError::InvalidConfig {
+                field: "site state",
+                reason: "saved error-feedback residual does not match this site's settings".into(),
+            });
         }
         let mut at = 0;
         for f in &mut self.feedback {
@@ -178,7 +229,8 @@ impl Site {
     }
 
     fn payload_bytes_max(&self) -> usize {
-        Fp32.payload_bytes(self.start.len()).max(self.downlink.payload_bytes(self.start.len()))
+        Fp32.payload_bytes(self.start.len())
+            .max(self.downlink.payload_bytes(self.start.len()))
     }
 
     pub fn handle(&mut self, event: SiteEvent) -> Result<Vec<SiteAction>, ProtocolError> {
@@ -189,11 +241,17 @@ impl Site {
                     return Err(ProtocolError::WrongKind(message.kind));
                 }
                 if message.site != self.id && message.site != wire::EVERY_SITE {
-                    return Err(ProtocolError::SiteMismatch { claimed: message.site, from: self.id });
+                    return Err(ProtocolError::SiteMismatch {
+                        claimed: message.site,
+                        from: self.id,
+                    });
                 }
                 if let Some(current) = self.round {
                     if message.round < current {
-                        return Err(ProtocolError::WrongRound { expected: current, found: message.round });
+                        return Err(ProtocolError::WrongRound {
+                            expected: current,
+                            found: message.round,
+                        });
                     }
                 }
                 if message.kind == MessageKind::Global {
@@ -217,37 +275,65 @@ impl Site {
                         if self.change.is_empty() || range.is_empty() {
                             return Err(ProtocolError::WrongKind(message.kind));
                         }
-                        self.downlink.decode(message.payload, &mut self.change[range.clone()])?;
-                        for (s, c) in self.start[range.clone()].iter_mut().zip(&self.change[range]) {
+                        self.downlink
+                            .decode(message.payload, &mut self.change[range.clone()])?;
+                        for (s, c) in self.start[range.clone()]
+                            .iter_mut()
+                            .zip(&self.change[range])
+                        {
                             *s += c;
                         }
                     }
                 }
                 self.round = Some(message.round);
                 self.seed_only = false;
-                Ok(vec![SiteAction::Train { round: message.round }])
+                Ok(vec![SiteAction::Train {
+                    round: message.round,
+                }])
             }
             SiteEvent::TrainingDone { round, params } => {
                 let current = self.round.ok_or(ProtocolError::NoOpenRound)?;
                 if round != current {
-                    return Err(ProtocolError::WrongRound { expected: current, found: round });
+                    return Err(ProtocolError::WrongRound {
+                        expected: current,
+                        found: round,
+                    });
                 }
-                assert_eq!(params.len(), self.start.len(), "trainer and protocol disagree on the parameter count");
+                assert_eq!(
+                    params.len(),
+                    self.start.len(),
+                    "trainer and protocol disagree on the parameter count"
+                );
                 let range = crate::fragment_of(&self.fragments, self.start.len(), round);
                 let delta = &mut self.delta[range.clone()];
-                for ((d, s), p) in delta.iter_mut().zip(&self.start[range.clone()]).zip(&params[range.clone()]) {
+                for ((d, s), p) in delta
+                    .iter_mut()
+                    .zip(&self.start[range.clone()])
+                    .zip(&params[range.clone()])
+                {
                     *d = s - p;
                 }
                 if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
                     return Err(ProtocolError::NonFiniteUpdate(range.start + i));
                 }
                 self.payload.clear();
-                let fragment = if self.fragments.is_empty() { 0 } else { (round % self.fragments.len() as u64) as usize };
+                let fragment = if self.fragments.is_empty() {
+                    0
+                } else {
+                    (round % self.fragments.len() as u64) as usize
+                };
                 match self.feedback.get_mut(fragment) {
-                    Some(feedback) => feedback.encode(self.uplink.as_mut(), delta, &mut self.payload)?,
+                    Some(feedback) => {
+                        feedback.encode(self.uplink.as_mut(), delta, &mut self.payload)?
+                    }
                     None => self.uplink.encode(delta, &mut self.payload),
                 }
-                Ok(vec![SiteAction::Send(wire::encode(MessageKind::Update, round, self.id, &self.payload))])
+                Ok(vec![SiteAction::Send(wire::encode(
+                    MessageKind::Update,
+                    round,
+                    self.id,
+                    &self.payload,
+                ))])
             }
         }
     }

@@ -58,7 +58,14 @@ pub const NORM_RATIO_DEFAULT: f32 = 4.0;
 
 impl Default for Robustness {
     fn default() -> Self {
-        Robustness { aggregator: AggregatorSpec::Mean, norm_ratio_max: None, norm_history_rounds: 1, exclude_after_refusals: 3, score_window_rounds: 10, cosine_ratio_min: None }
+        Robustness {
+            aggregator: AggregatorSpec::Mean,
+            norm_ratio_max: None,
+            norm_history_rounds: 1,
+            exclude_after_refusals: 3,
+            score_window_rounds: 10,
+            cosine_ratio_min: None,
+        }
     }
 }
 
@@ -78,7 +85,9 @@ impl Robustness {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(r) = self.norm_ratio_max {
             if !(r.is_finite() && r > 1.0) {
-                return Err(format!("norm ratio bound {r} must be a finite number above 1"));
+                return Err(format!(
+                    "norm ratio bound {r} must be a finite number above 1"
+                ));
             }
         }
         if let Some(r) = self.cosine_ratio_min {
@@ -87,7 +96,10 @@ impl Robustness {
             }
         }
         if self.exclude_after_refusals > self.score_window_rounds {
-            return Err(format!("exclude_after_refusals ({}) exceeds the score window ({} rounds)", self.exclude_after_refusals, self.score_window_rounds));
+            return Err(format!(
+                "exclude_after_refusals ({}) exceeds the score window ({} rounds)",
+                self.exclude_after_refusals, self.score_window_rounds
+            ));
         }
         Ok(())
     }
@@ -136,7 +148,14 @@ impl TrustState {
     pub fn reference_norm(&self, fragment: usize, current: &[f32]) -> f32 {
         let mut pool: Vec<f64> = current.iter().map(|v| *v as f64).collect();
         if pool.len() < ROUND_MEDIAN_MIN {
-            pool.extend(self.norm_history.get(&fragment).into_iter().flatten().flatten().map(|v| *v as f64));
+            pool.extend(
+                self.norm_history
+                    .get(&fragment)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|v| *v as f64),
+            );
         }
         median(&pool) as f32
     }
@@ -155,7 +174,9 @@ impl TrustState {
     /// usable reference).
     pub fn norm_ok(norm: f32, reference: f32, ratio_max: Option<f32>) -> bool {
         match ratio_max {
-            Some(r) if reference > 0.0 && reference.is_finite() => norm.is_finite() && norm <= reference * r && norm >= reference / r,
+            Some(r) if reference > 0.0 && reference.is_finite() => {
+                norm.is_finite() && norm <= reference * r && norm >= reference / r
+            }
             Some(_) => norm.is_finite(),
             None => true,
         }
@@ -180,14 +201,25 @@ impl TrustState {
     }
 
     /// Count a refusal; returns the exclusion reason if this refusal excludes the site.
-    pub fn record_refusal(&mut self, site: SiteId, reason: &str, robustness: &Robustness) -> Option<String> {
+    pub fn record_refusal(
+        &mut self,
+        site: SiteId,
+        reason: &str,
+        robustness: &Robustness,
+    ) -> Option<String> {
         let score = self.scores.entry(site).or_default();
         score.refused += 1;
         score.last_refusal = Some(reason.to_string());
         push_recent(score, true, robustness.score_window_rounds);
         let recent = score.recent_refusals.iter().filter(|r| **r).count();
-        if score.excluded.is_none() && robustness.exclude_after_refusals > 0 && recent >= robustness.exclude_after_refusals {
-            let why = format!("refused in {recent} of its last {} rounds; last: {reason}", score.recent_refusals.len());
+        if score.excluded.is_none()
+            && robustness.exclude_after_refusals > 0
+            && recent >= robustness.exclude_after_refusals
+        {
+            let why = format!(
+                "refused in {recent} of its last {} rounds; last: {reason}",
+                score.recent_refusals.len()
+            );
             score.excluded = Some(why.clone());
             return Some(why);
         }
@@ -216,7 +248,11 @@ pub fn cosine_with_rest(delta: &[f32], sum: &[f64]) -> f32 {
         own += v * v;
         others += rest * rest;
     }
-    if own > 0.0 && others > 0.0 { (dot / (own.sqrt() * others.sqrt())) as f32 } else { 0.0 }
+    if own > 0.0 && others > 0.0 {
+        (dot / (own.sqrt() * others.sqrt())) as f32
+    } else {
+        0.0
+    }
 }
 
 fn push_recent(score: &mut SiteScore, refused: bool, window: usize) {
@@ -238,50 +274,104 @@ mod tests {
         assert!(!TrustState::norm_ok(0.2, 1.0, Some(4.0)), "a free rider");
         assert!(!TrustState::norm_ok(f32::INFINITY, 1.0, Some(4.0)));
         assert!(TrustState::norm_ok(1e9, 1.0, None), "no bound: anything");
-        assert!(TrustState::norm_ok(3.0, 0.0, Some(4.0)), "no usable reference: accept");
+        assert!(
+            TrustState::norm_ok(3.0, 0.0, Some(4.0)),
+            "no usable reference: accept"
+        );
     }
 
     #[test]
     fn the_reference_is_the_median_of_recent_accepted_norms() {
         let mut trust = TrustState::default();
-        assert_eq!(trust.reference_norm(0, &[1.0, 1.2, 50.0]), 1.2, "first round: this round's median");
+        assert_eq!(
+            trust.reference_norm(0, &[1.0, 1.2, 50.0]),
+            1.2,
+            "first round: this round's median"
+        );
         trust.record_norms(0, vec![2.0, 2.0], 2);
         trust.record_norms(0, vec![3.0, 3.0], 2);
         trust.record_norms(0, vec![4.0, 4.0], 2);
         // Two updates: pool 3, 3, 4, 4 (the last two rounds) and 100, 1 (this round).
-        assert_eq!(trust.reference_norm(0, &[100.0, 1.0]), 3.5, "the last two rounds and this one");
-        assert_eq!(trust.reference_norm(0, &[1.0, 1.1, 100.0]), 1.1, "three or more: this round alone");
-        assert_eq!(trust.reference_norm(1, &[7.0]), 7.0, "fragments keep their own history");
+        assert_eq!(
+            trust.reference_norm(0, &[100.0, 1.0]),
+            3.5,
+            "the last two rounds and this one"
+        );
+        assert_eq!(
+            trust.reference_norm(0, &[1.0, 1.1, 100.0]),
+            1.1,
+            "three or more: this round alone"
+        );
+        assert_eq!(
+            trust.reference_norm(1, &[7.0]),
+            7.0,
+            "fragments keep their own history"
+        );
     }
 
     #[test]
     fn cosines_with_the_others_separate_agreeing_flipped_and_unrelated_updates() {
-        let honest: [&[f32]; 3] = [&[1.0, 1.0, 0.0, 0.0], &[1.0, 0.8, 0.0, 0.0], &[0.9, 1.0, 0.0, 0.0]];
+        let honest: [&[f32]; 3] = [
+            &[1.0, 1.0, 0.0, 0.0],
+            &[1.0, 0.8, 0.0, 0.0],
+            &[0.9, 1.0, 0.0, 0.0],
+        ];
         let flipped: &[f32] = &[-1.0, -1.0, 0.0, 0.0];
         let unrelated: &[f32] = &[0.0, 0.0, 1.0, -1.0];
         let c = leave_one_out_cosines(&[honest[0], honest[1], honest[2], flipped, unrelated]);
         assert!(c[..3].iter().all(|v| *v > 0.5), "{c:?}");
         assert!(c[3] < -0.5 && c[4].abs() < 1e-6, "{c:?}");
         let reference = TrustState::cosine_reference(&c).unwrap();
-        assert!(c[..3].iter().all(|v| *v >= COSINE_RATIO_DEFAULT * reference));
+        assert!(c[..3]
+            .iter()
+            .all(|v| *v >= COSINE_RATIO_DEFAULT * reference));
         assert!(c[3..].iter().all(|v| *v < COSINE_RATIO_DEFAULT * reference));
-        assert_eq!(TrustState::cosine_reference(&[0.9, 0.8]), None, "too few updates");
-        assert_eq!(TrustState::cosine_reference(&[-0.2, -0.1, 0.3]), None, "no positive median: no reference");
-        assert_eq!(leave_one_out_cosines(&[&[0.0, 0.0], &[1.0, 0.0]]), vec![0.0, 0.0], "a zero update has no direction");
+        assert_eq!(
+            TrustState::cosine_reference(&[0.9, 0.8]),
+            None,
+            "too few updates"
+        );
+        assert_eq!(
+            TrustState::cosine_reference(&[-0.2, -0.1, 0.3]),
+            None,
+            "no positive median: no reference"
+        );
+        assert_eq!(
+            leave_one_out_cosines(&[&[0.0, 0.0], &[1.0, 0.0]]),
+            vec![0.0, 0.0],
+            "a zero update has no direction"
+        );
     }
 
     #[test]
     fn repeated_refusals_exclude_once_with_the_reason() {
-        let robustness = Robustness { exclude_after_refusals: 2, score_window_rounds: 3, ..Robustness::default() };
+        let robustness = Robustness {
+            exclude_after_refusals: 2,
+            score_window_rounds: 3,
+            ..Robustness::default()
+        };
         let mut trust = TrustState::default();
         assert_eq!(trust.record_refusal(7, "bad", &robustness), None);
         trust.record_accepted(7, false, &robustness);
         trust.record_accepted(7, false, &robustness);
-        assert_eq!(trust.record_refusal(7, "bad", &robustness), None, "the first refusal left the window");
-        let why = trust.record_refusal(7, "norm 40 above 4 x 1", &robustness).expect("second refusal in the window excludes");
-        assert!(why.contains("refused in 2 of its last 3 rounds") && why.contains("norm 40"), "{why}");
+        assert_eq!(
+            trust.record_refusal(7, "bad", &robustness),
+            None,
+            "the first refusal left the window"
+        );
+        let why = trust
+            .record_refusal(7, "norm 40 above 4 x 1", &robustness)
+            .expect("second refusal in the window excludes");
+        assert!(
+            why.contains("refused in 2 of its last 3 rounds") && why.contains("norm 40"),
+            "{why}"
+        );
         assert!(trust.is_excluded(7));
-        assert_eq!(trust.record_refusal(7, "again", &robustness), None, "excluded once");
+        assert_eq!(
+            trust.record_refusal(7, "again", &robustness),
+            None,
+            "excluded once"
+        );
         assert_eq!(trust.scores[&7].refused, 4);
     }
 }

@@ -106,7 +106,10 @@ impl TrainingReport {
         if !(seconds.is_finite() && seconds >= 0.0) {
             return bad(format!("training seconds {seconds}"));
         }
-        let losses: Vec<f32> = payload[12..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+        let losses: Vec<f32> = payload[12..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
         if let Some(loss) = losses.iter().find(|l| !l.is_finite()) {
             return bad(format!("a loss of {loss}"));
         }
@@ -143,7 +146,10 @@ pub fn encode(kind: MessageKind, round: u64, site: u32, payload: &[u8]) -> Vec<u
 /// Check and open an envelope whose payload may be at most `payload_bytes_max`.
 pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, WireError> {
     if bytes.len() < HEADER_BYTES + TRAILER_BYTES {
-        return Err(WireError::Truncated { len: bytes.len(), needed: HEADER_BYTES + TRAILER_BYTES });
+        return Err(WireError::Truncated {
+            len: bytes.len(),
+            needed: HEADER_BYTES + TRAILER_BYTES,
+        });
     }
     let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
     if magic != MAGIC {
@@ -166,19 +172,33 @@ pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, Wir
     let site = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
     let len = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes")) as usize;
     if len > payload_bytes_max {
-        return Err(WireError::TooLarge { len: len as u64, max: payload_bytes_max });
+        return Err(WireError::TooLarge {
+            len: len as u64,
+            max: payload_bytes_max,
+        });
     }
     let expected = HEADER_BYTES + len + TRAILER_BYTES;
     if bytes.len() != expected {
-        return Err(WireError::LengthMismatch { len: bytes.len(), expected });
+        return Err(WireError::LengthMismatch {
+            len: bytes.len(),
+            expected,
+        });
     }
     let body = &bytes[..HEADER_BYTES + len];
     let found = u32::from_le_bytes(bytes[HEADER_BYTES + len..].try_into().expect("4 bytes"));
     let expected_crc = crc32fast::hash(body);
     if found != expected_crc {
-        return Err(WireError::BadChecksum { expected: expected_crc, found });
+        return Err(WireError::BadChecksum {
+            expected: expected_crc,
+            found,
+        });
     }
-    Ok(Message { kind, round, site, payload: &bytes[HEADER_BYTES..HEADER_BYTES + len] })
+    Ok(Message {
+        kind,
+        round,
+        site,
+        payload: &bytes[HEADER_BYTES..HEADER_BYTES + len],
+    })
 }
 
 #[cfg(test)]
@@ -190,7 +210,10 @@ mod tests {
         let bytes = encode(MessageKind::Update, 7, 3, b"hello");
         assert_eq!(bytes.len(), HEADER_BYTES + 5 + TRAILER_BYTES);
         let m = decode(&bytes, 100).unwrap();
-        assert_eq!((m.kind, m.round, m.site, m.payload), (MessageKind::Update, 7, 3, &b"hello"[..]));
+        assert_eq!(
+            (m.kind, m.round, m.site, m.payload),
+            (MessageKind::Update, 7, 3, &b"hello"[..])
+        );
     }
 
     #[test]
@@ -201,36 +224,86 @@ mod tests {
             b[i] = v;
             b
         };
-        assert!(matches!(decode(&good[..10], 100), Err(WireError::Truncated { .. })));
-        assert!(matches!(decode(&with(0, b'X'), 100), Err(WireError::BadMagic(_))));
-        assert_eq!(decode(&with(4, 2), 100), Err(WireError::UnsupportedVersion(2)));
+        assert!(matches!(
+            decode(&good[..10], 100),
+            Err(WireError::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(&with(0, b'X'), 100),
+            Err(WireError::BadMagic(_))
+        ));
+        assert_eq!(
+            decode(&with(4, 2), 100),
+            Err(WireError::UnsupportedVersion(2))
+        );
         assert_eq!(decode(&with(5, 9), 100), Err(WireError::UnknownKind(9)));
         assert_eq!(decode(&with(6, 1), 100), Err(WireError::ReservedNotZero));
-        assert!(matches!(decode(&good, 31), Err(WireError::TooLarge { len: 32, max: 31 })));
-        assert!(matches!(decode(&good[..good.len() - 1], 100), Err(WireError::LengthMismatch { .. })));
-        assert!(matches!(decode(&with(30, 0), 100), Err(WireError::BadChecksum { .. })));
+        assert!(matches!(
+            decode(&good, 31),
+            Err(WireError::TooLarge { len: 32, max: 31 })
+        ));
+        assert!(matches!(
+            decode(&good[..good.len() - 1], 100),
+            Err(WireError::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            decode(&with(30, 0), 100),
+            Err(WireError::BadChecksum { .. })
+        ));
         let mut huge = good.clone();
         huge[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode(&huge, 100), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            decode(&huge, 100),
+            Err(WireError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn a_training_report_round_trips_and_a_bad_one_is_refused() {
-        let report = TrainingReport { seconds: 1.25, losses: vec![2.5, 2.25, 2.0] };
+        let report = TrainingReport {
+            seconds: 1.25,
+            losses: vec![2.5, 2.25, 2.0],
+        };
         let bytes = report.encode(4, 1);
         let m = decode(&bytes, 1 << 10).unwrap();
         assert_eq!((m.kind, m.round, m.site), (MessageKind::Report, 4, 1));
         assert_eq!(TrainingReport::decode(m.payload, 10).unwrap(), report);
         // More steps than a round has, a length that does not match, a non-finite value.
-        assert!(matches!(TrainingReport::decode(m.payload, 2), Err(WireError::BadReport(_))));
-        assert!(matches!(TrainingReport::decode(&m.payload[..m.payload.len() - 1], 10), Err(WireError::BadReport(_))));
-        assert!(matches!(TrainingReport::decode(&m.payload[..8], 10), Err(WireError::BadReport(_))));
-        let nan = TrainingReport { seconds: 1.0, losses: vec![f32::NAN] }.encode(0, 0);
-        assert!(matches!(TrainingReport::decode(decode(&nan, 100).unwrap().payload, 10), Err(WireError::BadReport(_))));
-        let negative = TrainingReport { seconds: -1.0, losses: vec![] }.encode(0, 0);
-        assert!(matches!(TrainingReport::decode(decode(&negative, 100).unwrap().payload, 10), Err(WireError::BadReport(_))));
+        assert!(matches!(
+            TrainingReport::decode(m.payload, 2),
+            Err(WireError::BadReport(_))
+        ));
+        assert!(matches!(
+            TrainingReport::decode(&m.payload[..m.payload.len() - 1], 10),
+            Err(WireError::BadReport(_))
+        ));
+        assert!(matches!(
+            TrainingReport::decode(&m.payload[..8], 10),
+            Err(WireError::BadReport(_))
+        ));
+        let nan = TrainingReport {
+            seconds: 1.0,
+            losses: vec![f32::NAN],
+        }
+        .encode(0, 0);
+        assert!(matches!(
+            TrainingReport::decode(decode(&nan, 100).unwrap().payload, 10),
+            Err(WireError::BadReport(_))
+        ));
+        let negative = TrainingReport {
+            seconds: -1.0,
+            losses: vec![],
+        }
+        .encode(0, 0);
+        assert!(matches!(
+            TrainingReport::decode(decode(&negative, 100).unwrap().payload, 10),
+            Err(WireError::BadReport(_))
+        ));
         let mut huge = m.payload.to_vec();
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(TrainingReport::decode(&huge, 10), Err(WireError::BadReport(_))));
+        assert!(matches!(
+            TrainingReport::decode(&huge, 10),
+            Err(WireError::BadReport(_))
+        ));
     }
 }

@@ -20,13 +20,16 @@
 //! A failing seed is printed; replay it alone with `LOWBAND_SIM_SEED=N cargo test -p
 //! lowband-protocol --test simulation`.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use lowband_codec::{Codec, CodecSpec};
 use lowband_protocol::coordinator::CoordinatorState;
 use lowband_protocol::wire;
-use lowband_protocol::{Action, Compression, Coordinator, CoordinatorConfig, Event, OuterConfig, Site, SiteAction, SiteEvent};
+use lowband_protocol::{
+    Action, Compression, Coordinator, CoordinatorConfig, Event, OuterConfig, Site, SiteAction,
+    SiteEvent,
+};
 
 const PARAMS: usize = 64;
 const ROUNDS: u64 = 25;
@@ -60,16 +63,40 @@ impl Rng {
 enum Ev {
     /// Coordinator → site on connection `connection`; `expected` is a hash of the parameters the
     /// site must hold once it has handled this packet.
-    ToSite { site: u32, connection: u64, bytes: Vec<u8>, expected: u64 },
-    ToCoordinator { site: u32, connection: u64, bytes: Vec<u8> },
-    TrainingDone { site: u32, incarnation: u64, round: u64 },
+    ToSite {
+        site: u32,
+        connection: u64,
+        bytes: Vec<u8>,
+        expected: u64,
+    },
+    ToCoordinator {
+        site: u32,
+        connection: u64,
+        bytes: Vec<u8>,
+    },
+    TrainingDone {
+        site: u32,
+        incarnation: u64,
+        round: u64,
+    },
     Tick,
-    SiteCrash { site: u32 },
-    SiteRestart { site: u32 },
-    PartitionStart { site: u32 },
-    PartitionEnd { site: u32 },
+    SiteCrash {
+        site: u32,
+    },
+    SiteRestart {
+        site: u32,
+    },
+    PartitionStart {
+        site: u32,
+    },
+    PartitionEnd {
+        site: u32,
+    },
     /// The coordinator notices that a connection is gone.
-    Detected { site: u32, connection: u64 },
+    Detected {
+        site: u32,
+        connection: u64,
+    },
     CoordinatorCrash,
     CoordinatorRestart,
 }
@@ -121,7 +148,9 @@ struct Counts {
 }
 
 fn hash(values: &[f32]) -> u64 {
-    values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3))
+    values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+        (h ^ v.to_bits() as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 impl Sim {
@@ -130,11 +159,26 @@ impl Sim {
         let k = 2 + rng.below(5) as usize;
         let compression = match rng.below(3) {
             0 => Compression::default(),
-            1 => Compression { uplink: "int8".parse().unwrap(), downlink: CodecSpec::Fp32, feedback_decay: None },
-            _ => Compression { uplink: "topk:k=8,chunk=64,values=q8".parse().unwrap(), downlink: "int8".parse().unwrap(), feedback_decay: Some(1.0) },
+            1 => Compression {
+                uplink: "int8".parse().unwrap(),
+                downlink: CodecSpec::Fp32,
+                feedback_decay: None,
+            },
+            _ => Compression {
+                uplink: "topk:k=8,chunk=64,values=q8".parse().unwrap(),
+                downlink: "int8".parse().unwrap(),
+                feedback_decay: Some(1.0),
+            },
         };
         let quorum = 1 + rng.below(k as u64) as usize;
-        let config = CoordinatorConfig { quorum, round_deadline_ms: 200 + rng.below(800), sites_max: k, compression, sites_start_synced: true, ..CoordinatorConfig::new(PARAMS, OuterConfig::DILOCO) };
+        let config = CoordinatorConfig {
+            quorum,
+            round_deadline_ms: 200 + rng.below(800),
+            sites_max: k,
+            compression,
+            sites_start_synced: true,
+            ..CoordinatorConfig::new(PARAMS, OuterConfig::DILOCO)
+        };
         let initial: Vec<f32> = (0..PARAMS).map(|_| rng.unit()).collect();
         let sites = (0..k)
             .map(|i| SimSite {
@@ -227,7 +271,9 @@ impl Sim {
         for action in actions {
             match action {
                 Action::Send { to, bytes } => {
-                    let Some(&connection) = self.live.get(&to) else { continue };
+                    let Some(&connection) = self.live.get(&to) else {
+                        continue;
+                    };
                     let c = self.coordinator.as_ref().unwrap();
                     // What the site must hold after this packet: θ for a full broadcast; for a
                     // compressed change, θ_sites as the coordinator recorded it before this
@@ -235,9 +281,15 @@ impl Sim {
                     let message = wire::decode(&bytes, usize::MAX).unwrap();
                     let expected = match message.kind {
                         wire::MessageKind::Global => {
-                            assert!(!self.compression.sends_changes() || !c.state().synced.contains(&to), "a synced site got the parameters in full");
+                            assert!(
+                                !self.compression.sends_changes()
+                                    || !c.state().synced.contains(&to),
+                                "a synced site got the parameters in full"
+                            );
                             let mut full = vec![0.0; PARAMS];
-                            lowband_codec::Fp32.decode(message.payload, &mut full).unwrap();
+                            lowband_codec::Fp32
+                                .decode(message.payload, &mut full)
+                                .unwrap();
                             if !self.compression.sends_changes() {
                                 assert_eq!(hash(&full), hash(c.global()), "the broadcast is θ");
                             }
@@ -247,7 +299,10 @@ impl Sim {
                             let mut held = c.state().shared;
                             if !message.payload.is_empty() {
                                 let mut change = vec![0.0; PARAMS];
-                                lowband_codec::build(&self.compression.downlink).unwrap().decode(message.payload, &mut change).unwrap();
+                                lowband_codec::build(&self.compression.downlink)
+                                    .unwrap()
+                                    .decode(message.payload, &mut change)
+                                    .unwrap();
                                 for (h, d) in held.iter_mut().zip(&change) {
                                     *h += d;
                                 }
@@ -259,9 +314,18 @@ impl Sim {
                     if s.connection != connection || s.partitioned || s.site.is_none() {
                         continue; // lost with the connection
                     }
-                    let arrive = (self.now + self.delay()).max(self.sites[to as usize].last_to_site_ms + 1);
+                    let arrive =
+                        (self.now + self.delay()).max(self.sites[to as usize].last_to_site_ms + 1);
                     self.sites[to as usize].last_to_site_ms = arrive;
-                    self.at(arrive, Ev::ToSite { site: to, connection, bytes: bytes.to_vec(), expected });
+                    self.at(
+                        arrive,
+                        Ev::ToSite {
+                            site: to,
+                            connection,
+                            bytes: bytes.to_vec(),
+                            expected,
+                        },
+                    );
                 }
                 Action::RoundClosed(report) => {
                     if let Some(previous) = self.last_closed {
@@ -269,25 +333,54 @@ impl Sim {
                     }
                     self.last_closed = Some(report.round);
                     let unique: BTreeSet<u32> = report.contributors.iter().copied().collect();
-                    assert_eq!(unique.len(), report.contributors.len(), "an update merged twice in round {}", report.round);
-                    assert!(!report.contributors.is_empty(), "a round closed with no update");
-                    assert!(self.coordinator.as_ref().unwrap().global().iter().all(|v| v.is_finite()), "θ is finite");
+                    assert_eq!(
+                        unique.len(),
+                        report.contributors.len(),
+                        "an update merged twice in round {}",
+                        report.round
+                    );
+                    assert!(
+                        !report.contributors.is_empty(),
+                        "a round closed with no update"
+                    );
+                    assert!(
+                        self.coordinator
+                            .as_ref()
+                            .unwrap()
+                            .global()
+                            .iter()
+                            .all(|v| v.is_finite()),
+                        "θ is finite"
+                    );
                     self.counts.closed_without_someone += u64::from(!report.missing.is_empty());
-                    self.log.push(format!("{} ms: round {} closed with {:?} (missing {:?})", self.now, report.round, report.contributors, report.missing));
+                    self.log.push(format!(
+                        "{} ms: round {} closed with {:?} (missing {:?})",
+                        self.now, report.round, report.contributors, report.missing
+                    ));
                 }
-                Action::Checkpoint { .. } => self.saved = Some(self.coordinator.as_ref().unwrap().state()),
+                Action::Checkpoint { .. } => {
+                    self.saved = Some(self.coordinator.as_ref().unwrap().state())
+                }
                 Action::Rejected { from, reason } => {
-                    self.counts.duplicates_refused += u64::from(matches!(reason, lowband_protocol::ProtocolError::Duplicate { .. }));
-                    self.log.push(format!("{} ms: refused site {from}: {reason}", self.now));
+                    self.counts.duplicates_refused += u64::from(matches!(
+                        reason,
+                        lowband_protocol::ProtocolError::Duplicate { .. }
+                    ));
+                    self.log
+                        .push(format!("{} ms: refused site {from}: {reason}", self.now));
                 }
-                Action::Excluded { site, reason } => panic!("honest site {site} excluded: {reason}"),
+                Action::Excluded { site, reason } => {
+                    panic!("honest site {site} excluded: {reason}")
+                }
             }
         }
     }
 
     fn coordinator_event(&mut self, event: Event) {
         let now = self.now;
-        let Some(c) = self.coordinator.as_mut() else { return };
+        let Some(c) = self.coordinator.as_mut() else {
+            return;
+        };
         let actions = c.handle(now, event);
         self.carry_out(actions);
     }
@@ -303,7 +396,10 @@ impl Sim {
     }
 
     fn rejoin(&mut self, site: u32) {
-        if self.coordinator.is_none() || self.sites[site as usize].partitioned || self.sites[site as usize].site.is_none() {
+        if self.coordinator.is_none()
+            || self.sites[site as usize].partitioned
+            || self.sites[site as usize].site.is_none()
+        {
             return;
         }
         self.connect(site);
@@ -312,10 +408,15 @@ impl Sim {
     }
 
     fn step(&mut self) -> bool {
-        let Some(Reverse((time, seq))) = self.queue.pop() else { return false };
+        let Some(Reverse((time, seq))) = self.queue.pop() else {
+            return false;
+        };
         self.now = time;
         let event = self.events.remove(&seq).unwrap();
-        if !matches!(event, Ev::Tick | Ev::ToSite { .. } | Ev::ToCoordinator { .. } | Ev::TrainingDone { .. }) {
+        if !matches!(
+            event,
+            Ev::Tick | Ev::ToSite { .. } | Ev::ToCoordinator { .. } | Ev::TrainingDone { .. }
+        ) {
             self.log.push(format!("{} ms: {event:?}", self.now));
         }
         match event {
@@ -323,13 +424,22 @@ impl Sim {
                 self.coordinator_event(Event::Tick);
                 self.at(self.now + 50, Ev::Tick);
             }
-            Ev::ToSite { site, connection, bytes, expected } => {
+            Ev::ToSite {
+                site,
+                connection,
+                bytes,
+                expected,
+            } => {
                 let s = &mut self.sites[site as usize];
                 if s.connection != connection || s.partitioned {
                     return true;
                 }
-                let Some(protocol) = s.site.as_mut() else { return true };
-                let repeated = wire::decode(&bytes, usize::MAX).is_ok_and(|m| m.kind == wire::MessageKind::GlobalDelta && protocol.round() == Some(m.round));
+                let Some(protocol) = s.site.as_mut() else {
+                    return true;
+                };
+                let repeated = wire::decode(&bytes, usize::MAX).is_ok_and(|m| {
+                    m.kind == wire::MessageKind::GlobalDelta && protocol.round() == Some(m.round)
+                });
                 self.counts.repeated_changes += u64::from(repeated);
                 let actions = match protocol.handle(SiteEvent::PacketArrived(&bytes)) {
                     Ok(actions) => actions,
@@ -344,48 +454,100 @@ impl Sim {
                     }
                     Err(e) => panic!("site {site} refused the coordinator's packet: {e}"),
                 };
-                let [SiteAction::Train { round }] = actions.as_slice() else { panic!("site {site} answered {actions:?}") };
+                let [SiteAction::Train { round }] = actions.as_slice() else {
+                    panic!("site {site} answered {actions:?}")
+                };
                 assert_eq!(hash(protocol.round_start()), expected, "site {site} holds other parameters than the coordinator meant for round {round} (compression {:?}, quorum {})\n{}", self.compression, self.config.quorum, self.log.join("\n"));
                 // Train (again) on the newest round.
-                let took = if s.straggler { self.config.round_deadline_ms * 2 } else { 20 + self.rng.below(200) };
+                let took = if s.straggler {
+                    self.config.round_deadline_ms * 2
+                } else {
+                    20 + self.rng.below(200)
+                };
                 let round = *round;
                 s.training = Some(round);
                 let incarnation = s.incarnation;
-                self.at(self.now + took, Ev::TrainingDone { site, incarnation, round });
+                self.at(
+                    self.now + took,
+                    Ev::TrainingDone {
+                        site,
+                        incarnation,
+                        round,
+                    },
+                );
             }
-            Ev::TrainingDone { site, incarnation, round } => {
+            Ev::TrainingDone {
+                site,
+                incarnation,
+                round,
+            } => {
                 let s = &mut self.sites[site as usize];
                 if s.incarnation != incarnation || s.training != Some(round) {
                     return true; // crashed meanwhile, or a newer round superseded it
                 }
                 s.training = None;
-                let Some(protocol) = s.site.as_mut() else { return true };
+                let Some(protocol) = s.site.as_mut() else {
+                    return true;
+                };
                 // Local training: a shared direction per round plus the site's own noise.
                 let mut round_rng = Rng(round.wrapping_mul(0x1000_0000_01b3));
                 let mut site_rng = Rng((round << 8) ^ site as u64 ^ 0xabcdef);
-                let trained: Vec<f32> = protocol.round_start().iter().map(|p| p - 0.01 * (round_rng.unit() + 0.2 * site_rng.unit())).collect();
-                let actions = protocol.handle(SiteEvent::TrainingDone { round, params: &trained }).unwrap();
-                let [SiteAction::Send(bytes)] = actions.as_slice() else { panic!("site {site} answered {actions:?}") };
+                let trained: Vec<f32> = protocol
+                    .round_start()
+                    .iter()
+                    .map(|p| p - 0.01 * (round_rng.unit() + 0.2 * site_rng.unit()))
+                    .collect();
+                let actions = protocol
+                    .handle(SiteEvent::TrainingDone {
+                        round,
+                        params: &trained,
+                    })
+                    .unwrap();
+                let [SiteAction::Send(bytes)] = actions.as_slice() else {
+                    panic!("site {site} answered {actions:?}")
+                };
                 let (connection, partitioned) = (s.connection, s.partitioned);
                 if connection == 0 || partitioned {
                     return true;
                 }
                 let bytes = bytes.clone();
-                let arrive = (self.now + self.delay()).max(self.sites[site as usize].last_to_coordinator_ms + 1);
+                let arrive = (self.now + self.delay())
+                    .max(self.sites[site as usize].last_to_coordinator_ms + 1);
                 self.sites[site as usize].last_to_coordinator_ms = arrive;
-                self.at(arrive, Ev::ToCoordinator { site, connection, bytes: bytes.clone() });
+                self.at(
+                    arrive,
+                    Ev::ToCoordinator {
+                        site,
+                        connection,
+                        bytes: bytes.clone(),
+                    },
+                );
                 // Sometimes the update is sent twice (a retry): the second must be refused.
                 if self.rng.chance(10) {
-                    self.at(arrive + 1, Ev::ToCoordinator { site, connection, bytes });
+                    self.at(
+                        arrive + 1,
+                        Ev::ToCoordinator {
+                            site,
+                            connection,
+                            bytes,
+                        },
+                    );
                 }
             }
-            Ev::ToCoordinator { site, connection, bytes } => {
+            Ev::ToCoordinator {
+                site,
+                connection,
+                bytes,
+            } => {
                 // What a stale connection still delivers is dropped by the driver (generations).
                 if self.live.get(&site) != Some(&connection) {
                     return true;
                 }
                 assert!(wire::decode(&bytes, usize::MAX).is_ok());
-                self.coordinator_event(Event::PacketArrived { from: site, bytes: &bytes });
+                self.coordinator_event(Event::PacketArrived {
+                    from: site,
+                    bytes: &bytes,
+                });
             }
             Ev::SiteCrash { site } => {
                 let s = &mut self.sites[site as usize];
@@ -401,7 +563,8 @@ impl Sim {
                 }
                 // Everything lost: the site knows only the initial parameters (from the seed).
                 self.counts.site_restarts += 1;
-                s.site = Some(Site::with_initial(site, self.initial.clone(), self.compression).unwrap());
+                s.site =
+                    Some(Site::with_initial(site, self.initial.clone(), self.compression).unwrap());
                 self.rejoin(site);
             }
             Ev::PartitionStart { site } => {
@@ -445,7 +608,11 @@ impl Sim {
                 self.coordinator = Some(c);
                 // The sites that are up reconnect (as the networked driver's sites do), then the
                 // rounds go on.
-                let up: Vec<u32> = (0..self.sites.len() as u32).filter(|&s| self.sites[s as usize].site.is_some() && !self.sites[s as usize].partitioned).collect();
+                let up: Vec<u32> = (0..self.sites.len() as u32)
+                    .filter(|&s| {
+                        self.sites[s as usize].site.is_some() && !self.sites[s as usize].partitioned
+                    })
+                    .collect();
                 for &site in &up {
                     self.connect(site);
                     self.coordinator_event(Event::SiteJoined { site });
@@ -459,7 +626,9 @@ impl Sim {
     }
 
     fn finished(&self) -> bool {
-        self.coordinator.as_ref().is_some_and(|c| c.round() >= ROUNDS)
+        self.coordinator
+            .as_ref()
+            .is_some_and(|c| c.round() >= ROUNDS)
     }
 }
 
@@ -467,7 +636,20 @@ impl Sim {
 fn run(seed: u64) -> (u64, Counts) {
     let mut sim = Sim::new(seed);
     while !sim.finished() {
-        assert!(sim.now < TIME_LIMIT_MS, "no progress: round {:?} at {} ms\n{}", sim.coordinator.as_ref().map(|c| c.round()), sim.now, sim.log.iter().rev().take(20).rev().cloned().collect::<Vec<_>>().join("\n"));
+        assert!(
+            sim.now < TIME_LIMIT_MS,
+            "no progress: round {:?} at {} ms\n{}",
+            sim.coordinator.as_ref().map(|c| c.round()),
+            sim.now,
+            sim.log
+                .iter()
+                .rev()
+                .take(20)
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         assert!(sim.step(), "the event queue ran dry");
     }
     (hash(sim.coordinator.as_ref().unwrap().global()), sim.counts)
@@ -497,7 +679,11 @@ fn the_protocol_survives_crashes_partitions_stragglers_duplicates_and_restarts()
                 total.refused_changes += c.refused_changes;
             }
             Err(panic) => {
-                let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
                 panic!("seed {seed} failed: {message}\nreplay: LOWBAND_SIM_SEED={seed} cargo test -p lowband-protocol --test simulation");
             }
         }

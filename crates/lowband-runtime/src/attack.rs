@@ -64,13 +64,21 @@ impl fmt::Display for AttackMode {
 impl FromStr for AttackMode {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let number = |v: &str| v.trim().parse::<f32>().ok().filter(|x| x.is_finite()).ok_or_else(|| format!("attack mode `{text}`: `{v}` is not a finite number"));
+        let number = |v: &str| {
+            v.trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("attack mode `{text}`: `{v}` is not a finite number"))
+        };
         match text.trim().split_once('=') {
             Some(("scale", v)) => Ok(AttackMode::Scale(number(v)?)),
             Some(("noise", v)) => {
                 let s = number(v)?;
                 if s < 0.0 {
-                    return Err(format!("attack mode `{text}`: the noise's standard deviation must not be negative"));
+                    return Err(format!(
+                        "attack mode `{text}`: the noise's standard deviation must not be negative"
+                    ));
                 }
                 Ok(AttackMode::Noise(s))
             }
@@ -96,9 +104,17 @@ impl fmt::Display for Attack {
 impl FromStr for Attack {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        let (site, mode) = text.split_once(':').ok_or_else(|| format!("attack `{text}`: expected SITE:MODE, e.g. 2:scale=-10"))?;
-        let site = site.trim().parse().map_err(|_| format!("attack `{text}`: site `{site}` is not a site number"))?;
-        Ok(Attack { site, mode: mode.parse()? })
+        let (site, mode) = text
+            .split_once(':')
+            .ok_or_else(|| format!("attack `{text}`: expected SITE:MODE, e.g. 2:scale=-10"))?;
+        let site = site
+            .trim()
+            .parse()
+            .map_err(|_| format!("attack `{text}`: site `{site}` is not a site number"))?;
+        Ok(Attack {
+            site,
+            mode: mode.parse()?,
+        })
     }
 }
 
@@ -126,16 +142,32 @@ pub(crate) struct Attacker {
 
 impl Attacker {
     pub(crate) fn new(attack: Attack, seed: u64) -> Self {
-        Attacker { mode: attack.mode, site: attack.site, seed, stale: None }
+        Attacker {
+            mode: attack.mode,
+            site: attack.site,
+            seed,
+            stale: None,
+        }
     }
 
     fn rng(&self, round: u64) -> ChaCha8Rng {
-        ChaCha8Rng::seed_from_u64(self.seed ^ 0x6174_7461_636b ^ ((self.site as u64) << 48) ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        ChaCha8Rng::seed_from_u64(
+            self.seed
+                ^ 0x6174_7461_636b
+                ^ ((self.site as u64) << 48)
+                ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
     }
 
     /// The parameters the site reports instead of `trained` (for the modes that change the delta;
     /// `nan` and `garbage` send honest parameters here and replace the packet afterwards).
-    pub(crate) fn tamper(&mut self, start: &[f32], trained: &[f32], range: std::ops::Range<usize>, round: u64) -> Vec<f32> {
+    pub(crate) fn tamper(
+        &mut self,
+        start: &[f32],
+        trained: &[f32],
+        range: std::ops::Range<usize>,
+        round: u64,
+    ) -> Vec<f32> {
         let mut sent = trained.to_vec();
         let delta = |j: usize| start[j] - trained[j];
         match self.mode {
@@ -149,7 +181,9 @@ impl Attacker {
                 }
             }
             AttackMode::Stale => {
-                let first = self.stale.get_or_insert_with(|| range.clone().map(delta).collect());
+                let first = self
+                    .stale
+                    .get_or_insert_with(|| range.clone().map(delta).collect());
                 if first.len() == range.len() {
                     for (j, d) in range.zip(first.iter()) {
                         sent[j] = start[j] - d;
@@ -162,7 +196,15 @@ impl Attacker {
     }
 
     /// The packet the site sends in place of its honest `packet` (`nan`, `garbage`), if any.
-    pub(crate) fn replace_packet(&self, packet: &[u8], start: &[f32], trained: &[f32], range: std::ops::Range<usize>, round: u64, uplink: &CodecSpec) -> Option<Vec<u8>> {
+    pub(crate) fn replace_packet(
+        &self,
+        packet: &[u8],
+        start: &[f32],
+        trained: &[f32],
+        range: std::ops::Range<usize>,
+        round: u64,
+        uplink: &CodecSpec,
+    ) -> Option<Vec<u8>> {
         match self.mode {
             AttackMode::Garbage => {
                 let mut rng = self.rng(round);
@@ -176,7 +218,12 @@ impl Attacker {
                 let mut codec = build(uplink).ok()?;
                 let mut payload = Vec::new();
                 codec.encode(&delta, &mut payload);
-                Some(wire::encode(MessageKind::Update, round, self.site, &payload))
+                Some(wire::encode(
+                    MessageKind::Update,
+                    round,
+                    self.site,
+                    &payload,
+                ))
             }
             _ => None,
         }
@@ -196,10 +243,26 @@ mod tests {
 
     #[test]
     fn attacks_parse_and_print() {
-        for text in ["2:signflip", "0:scale=-10", "3:noise=0.01", "1:zeros", "1:nan", "7:stale", "5:garbage"] {
+        for text in [
+            "2:signflip",
+            "0:scale=-10",
+            "3:noise=0.01",
+            "1:zeros",
+            "1:nan",
+            "7:stale",
+            "5:garbage",
+        ] {
             assert_eq!(text.parse::<Attack>().unwrap().to_string(), text);
         }
-        for bad in ["signflip", "x:zeros", "1:flip", "1:scale=", "1:scale=inf", "1:noise=-1", "1:zeros=2"] {
+        for bad in [
+            "signflip",
+            "x:zeros",
+            "1:flip",
+            "1:scale=",
+            "1:scale=inf",
+            "1:noise=-1",
+            "1:zeros=2",
+        ] {
             assert!(bad.parse::<Attack>().is_err(), "{bad}");
         }
     }
@@ -211,24 +274,47 @@ mod tests {
         let sent = |mode: &str, round: u64, attacker: &mut Attacker| {
             let _ = mode;
             let s = attacker.tamper(&start, &trained, 0..4, round);
-            start.iter().zip(&s).map(|(a, b)| a - b).collect::<Vec<f32>>()
+            start
+                .iter()
+                .zip(&s)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<f32>>()
         };
         let new = |mode: &str| Attacker::new(format!("0:{mode}").parse().unwrap(), 1);
-        assert_eq!(sent("signflip", 0, &mut new("signflip")), vec![-0.5, -1.0, 1.0, 0.0]);
-        assert_eq!(sent("scale", 0, &mut new("scale=-10")), vec![-5.0, -10.0, 10.0, 0.0]);
+        assert_eq!(
+            sent("signflip", 0, &mut new("signflip")),
+            vec![-0.5, -1.0, 1.0, 0.0]
+        );
+        assert_eq!(
+            sent("scale", 0, &mut new("scale=-10")),
+            vec![-5.0, -10.0, 10.0, 0.0]
+        );
         assert_eq!(sent("zeros", 0, &mut new("zeros")), vec![0.0; 4]);
         let mut stale = new("stale");
         assert_eq!(sent("stale", 0, &mut stale), vec![0.5, 1.0, -1.0, 0.0]);
         let trained_later = [9.0f32; 4];
         let later = stale.tamper(&start, &trained_later, 0..4, 5);
-        assert_eq!(start.iter().zip(&later).map(|(a, b)| a - b).collect::<Vec<_>>(), vec![0.5, 1.0, -1.0, 0.0], "replays round 0");
+        assert_eq!(
+            start
+                .iter()
+                .zip(&later)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<_>>(),
+            vec![0.5, 1.0, -1.0, 0.0],
+            "replays round 0"
+        );
         // Noise: seeded by round, standard deviation about S.
         let mut noise = new("noise=2");
         let many_start = vec![0.0f32; 20_000];
         let draws = noise.tamper(&many_start, &many_start, 0..20_000, 3);
-        let std = (draws.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / draws.len() as f64).sqrt();
+        let std =
+            (draws.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / draws.len() as f64).sqrt();
         assert!((std - 2.0).abs() < 0.05, "std {std}");
-        assert_eq!(draws, noise.tamper(&many_start, &many_start, 0..20_000, 3), "replays");
+        assert_eq!(
+            draws,
+            noise.tamper(&many_start, &many_start, 0..20_000, 3),
+            "replays"
+        );
         assert_ne!(draws, noise.tamper(&many_start, &many_start, 0..20_000, 4));
     }
 
@@ -238,14 +324,29 @@ mod tests {
         let trained = vec![0.9f32; 100];
         let fp32 = CodecSpec::Fp32;
         let honest = vec![7u8; 50];
-        let garbage = Attacker::new("1:garbage".parse().unwrap(), 0).replace_packet(&honest, &start, &trained, 0..100, 2, &fp32).unwrap();
+        let garbage = Attacker::new("1:garbage".parse().unwrap(), 0)
+            .replace_packet(&honest, &start, &trained, 0..100, 2, &fp32)
+            .unwrap();
         assert_eq!(garbage.len(), 50);
         assert_ne!(garbage, honest);
-        let nan = Attacker::new("1:nan".parse().unwrap(), 0).replace_packet(&honest, &start, &trained, 0..100, 2, &fp32).unwrap();
+        let nan = Attacker::new("1:nan".parse().unwrap(), 0)
+            .replace_packet(&honest, &start, &trained, 0..100, 2, &fp32)
+            .unwrap();
         let message = wire::decode(&nan, 1 << 20).unwrap();
-        assert_eq!((message.kind, message.round, message.site), (MessageKind::Update, 2, 1));
+        assert_eq!(
+            (message.kind, message.round, message.site),
+            (MessageKind::Update, 2, 1)
+        );
         let mut out = vec![0.0; 100];
-        assert!(build(&fp32).unwrap().decode(message.payload, &mut out).is_err(), "the decoder refuses NaN");
-        assert!(Attacker::new("1:zeros".parse().unwrap(), 0).replace_packet(&honest, &start, &trained, 0..100, 2, &fp32).is_none());
+        assert!(
+            build(&fp32)
+                .unwrap()
+                .decode(message.payload, &mut out)
+                .is_err(),
+            "the decoder refuses NaN"
+        );
+        assert!(Attacker::new("1:zeros".parse().unwrap(), 0)
+            .replace_packet(&honest, &start, &trained, 0..100, 2, &fp32)
+            .is_none());
     }
 }

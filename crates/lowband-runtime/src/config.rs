@@ -86,27 +86,49 @@ impl RunConfig {
     /// Check every field; the error names it.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         lowband_engine::preset(&self.preset).map_err(|e| ("preset", e.to_string()))?;
-        let at_least_one = |field: &'static str, v: u64| if v == 0 { Err((field, "must be at least 1".to_string())) } else { Ok(()) };
+        let at_least_one = |field: &'static str, v: u64| {
+            if v == 0 {
+                Err((field, "must be at least 1".to_string()))
+            } else {
+                Ok(())
+            }
+        };
         at_least_one("sites", self.sites as u64)?;
         if self.sites > SITES_MAX {
-            return Err(("sites", format!("{} exceeds the limit of {SITES_MAX}", self.sites)));
+            return Err((
+                "sites",
+                format!("{} exceeds the limit of {SITES_MAX}", self.sites),
+            ));
         }
         at_least_one("site_batch", self.site_batch as u64)?;
         if self.site_batch > SITE_BATCH_MAX {
-            return Err(("site_batch", format!("{} exceeds the limit of {SITE_BATCH_MAX}", self.site_batch)));
+            return Err((
+                "site_batch",
+                format!("{} exceeds the limit of {SITE_BATCH_MAX}", self.site_batch),
+            ));
         }
         at_least_one("steps", self.steps)?;
         at_least_one("inner_steps", self.inner_steps)?;
         if self.inner_steps > INNER_STEPS_MAX {
-            return Err(("inner_steps", format!("{} exceeds the limit of {INNER_STEPS_MAX}", self.inner_steps)));
+            return Err((
+                "inner_steps",
+                format!(
+                    "{} exceeds the limit of {INNER_STEPS_MAX}",
+                    self.inner_steps
+                ),
+            ));
         }
-        let params = lowband_engine::preset(&self.preset).map(|p| p.model.parameter_count() as u64).unwrap_or(0);
+        let params = lowband_engine::preset(&self.preset)
+            .map(|p| p.model.parameter_count() as u64)
+            .unwrap_or(0);
         let state_bytes = params * 16 * self.sites as u64;
         if state_bytes > SITE_STATE_BYTES_MAX {
             return Err(("sites", format!("{} sites of {params} parameters need about {} GiB of model state; the limit is {} GiB", self.sites, state_bytes >> 30, SITE_STATE_BYTES_MAX >> 30)));
         }
         at_least_one("eval_windows", self.eval_windows as u64)?;
-        self.optimizer.validate().map_err(|e| ("optimizer", e.to_string()))?;
+        self.optimizer
+            .validate()
+            .map_err(|e| ("optimizer", e.to_string()))?;
         if self.optimizer.lr == 0.0 {
             return Err(("optimizer.lr", "must be positive".into()));
         }
@@ -116,14 +138,23 @@ impl RunConfig {
         }
         for (i, attack) in self.attacks.iter().enumerate() {
             if attack.site as usize >= self.sites {
-                return Err(("attacks", format!("{attack}: there are only sites 0 to {}", self.sites - 1)));
+                return Err((
+                    "attacks",
+                    format!("{attack}: there are only sites 0 to {}", self.sites - 1),
+                ));
             }
             if self.attacks[..i].iter().any(|a| a.site == attack.site) {
-                return Err(("attacks", format!("site {} is given two attacks", attack.site)));
+                return Err((
+                    "attacks",
+                    format!("site {} is given two attacks", attack.site),
+                ));
             }
         }
         if self.attacks.len() >= self.sites {
-            return Err(("attacks", "every site is hostile: no honest run to defend".into()));
+            return Err((
+                "attacks",
+                "every site is hostile: no honest run to defend".into(),
+            ));
         }
         self.link.validate().map_err(|e| ("link", e))
     }
@@ -133,7 +164,11 @@ impl RunConfig {
         if fedavg {
             OuterConfig::FEDAVG
         } else {
-            OuterConfig { lr: self.lr_outer, momentum: self.momentum_outer, nesterov: true }
+            OuterConfig {
+                lr: self.lr_outer,
+                momentum: self.momentum_outer,
+                nesterov: true,
+            }
         }
     }
 }

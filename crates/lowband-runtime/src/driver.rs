@@ -5,10 +5,13 @@
 
 use std::time::Instant;
 
+use lowband_codec::CodecSpec;
 use lowband_data::{Sampler, Split};
 use lowband_engine::{preset, Batch, CpuTrainer, Gpt, LrSchedule, Trainer};
-use lowband_codec::CodecSpec;
-use lowband_protocol::{Action, Compression, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent, SiteScore};
+use lowband_protocol::{
+    Action, Compression, Coordinator, CoordinatorConfig, Event, Site, SiteAction, SiteEvent,
+    SiteScore,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::attack::Attacker;
@@ -38,15 +41,30 @@ pub enum Metric {
         update_cosines: Vec<(u32, f32)>,
     },
     /// The coordinator refused a site's update (it forfeits the round).
-    Refused { round: u64, site: u32, reason: String },
+    Refused {
+        round: u64,
+        site: u32,
+        reason: String,
+    },
     /// The coordinator excluded a site for repeated refusals.
-    Excluded { round: u64, site: u32, reason: String },
+    Excluded {
+        round: u64,
+        site: u32,
+        reason: String,
+    },
     /// Networked runs: a site (re)joined; it takes part from the next round that opens.
     Joined { round: u64, site: u32 },
     /// Networked runs: a round closed on a quorum after its deadline without this member.
     Missed { round: u64, site: u32 },
     /// Validation loss of the global model.
-    Eval { step: u64, tokens: u64, inter_site_bytes: u64, emulated_seconds: f64, val_loss: f64, windows: usize },
+    Eval {
+        step: u64,
+        tokens: u64,
+        inter_site_bytes: u64,
+        emulated_seconds: f64,
+        val_loss: f64,
+        windows: usize,
+    },
 }
 
 /// Progress for a display: tokens trained so far of the total, and the latest mean loss.
@@ -97,7 +115,9 @@ impl RunResult {
 
     /// Bits a site sends per token it trains on, averaged over sites.
     pub fn bits_per_token(&self, sites: usize) -> f64 {
-        let sent: u64 = (0..sites as u32).map(|k| self.ledger.bytes_sent_by(Endpoint::Site(k))).sum();
+        let sent: u64 = (0..sites as u32)
+            .map(|k| self.ledger.bytes_sent_by(Endpoint::Site(k)))
+            .sum();
         sent as f64 * 8.0 / self.tokens as f64
     }
 }
@@ -120,19 +140,36 @@ pub(crate) struct SiteRuntime {
 
 impl SiteRuntime {
     /// Finish the site's round: its update packet (a hostile site's attack, if it is one).
-    pub(crate) fn update(&mut self, round: u64, range: std::ops::Range<usize>, uplink: &CodecSpec) -> Result<Vec<u8>, RunError> {
+    pub(crate) fn update(
+        &mut self,
+        round: u64,
+        range: std::ops::Range<usize>,
+        uplink: &CodecSpec,
+    ) -> Result<Vec<u8>, RunError> {
         let Some(attacker) = self.attacker.as_mut() else {
-            return expect_send(self.site.handle(SiteEvent::TrainingDone { round, params: self.trainer.params() })?);
+            return expect_send(self.site.handle(SiteEvent::TrainingDone {
+                round,
+                params: self.trainer.params(),
+            })?);
         };
         let start = self.site.round_start().to_vec();
         let sent = attacker.tamper(&start, self.trainer.params(), range.clone(), round);
-        let packet = expect_send(self.site.handle(SiteEvent::TrainingDone { round, params: &sent })?)?;
-        Ok(attacker.replace_packet(&packet, &start, self.trainer.params(), range, round, uplink).unwrap_or(packet))
+        let packet = expect_send(self.site.handle(SiteEvent::TrainingDone {
+            round,
+            params: &sent,
+        })?)?;
+        Ok(attacker
+            .replace_packet(&packet, &start, self.trainer.params(), range, round, uplink)
+            .unwrap_or(packet))
     }
 }
 
 fn attacker_of(config: &RunConfig, k: usize) -> Option<Attacker> {
-    config.attacks.iter().find(|a| a.site as usize == k).map(|a| Attacker::new(*a, config.seed))
+    config
+        .attacks
+        .iter()
+        .find(|a| a.site as usize == k)
+        .map(|a| Attacker::new(*a, config.seed))
 }
 
 /// Everything both kinds of strategy share.
@@ -157,7 +194,11 @@ pub(crate) struct Common<'a> {
 }
 
 impl<'a> Common<'a> {
-    pub(crate) fn new(config: &'a RunConfig, strategy: Strategy, split: &'a Split) -> Result<Self, RunError> {
+    pub(crate) fn new(
+        config: &'a RunConfig,
+        strategy: Strategy,
+        split: &'a Split,
+    ) -> Result<Self, RunError> {
         let model = preset(&config.preset)?.model;
         let context = model.context_length;
         Ok(Common {
@@ -190,17 +231,29 @@ impl<'a> Common<'a> {
     }
 
     /// Validation loss of `params` on the first `windows` windows (all if None).
-    fn evaluate(&mut self, params: &[f32], windows: Option<usize>) -> Result<(f64, usize), RunError> {
+    fn evaluate(
+        &mut self,
+        params: &[f32],
+        windows: Option<usize>,
+    ) -> Result<(f64, usize), RunError> {
         let (inputs, targets, count) = &self.validation;
         let count = windows.map_or(*count, |w| w.min(*count));
         self.evaluator.params_mut().copy_from_slice(params);
-        let loss = self.evaluator.mean_loss(&inputs[..count * self.context], &targets[..count * self.context], count, 32)?;
+        let loss = self.evaluator.mean_loss(
+            &inputs[..count * self.context],
+            &targets[..count * self.context],
+            count,
+            32,
+        )?;
         Ok((loss, count))
     }
 
     /// Record an evaluation if `step` reached the next evaluation point.
     fn maybe_evaluate(&mut self, step: u64, params: &[f32]) -> Result<(), RunError> {
-        if self.config.eval_every_steps == 0 || step < self.next_eval_step || step >= self.config.steps {
+        if self.config.eval_every_steps == 0
+            || step < self.next_eval_step
+            || step >= self.config.steps
+        {
             return Ok(());
         }
         while self.next_eval_step <= step {
@@ -224,15 +277,36 @@ impl<'a> Common<'a> {
 
     /// Train one site for `steps` inner steps from global step `first`; returns the per-step
     /// losses summed into `losses` and the measured seconds.
-    fn train_site(&mut self, site: &mut SiteRuntime, shard: usize, first: u64, losses: &mut [f32]) -> Result<f64, RunError> {
-        let batch = BatchShape { site_batch: self.config.site_batch, context: self.context };
-        train_steps(site, &self.split.shards[shard], batch, &self.schedule, first, losses, (&mut self.inputs, &mut self.targets))
+    fn train_site(
+        &mut self,
+        site: &mut SiteRuntime,
+        shard: usize,
+        first: u64,
+        losses: &mut [f32],
+    ) -> Result<f64, RunError> {
+        let batch = BatchShape {
+            site_batch: self.config.site_batch,
+            context: self.context,
+        };
+        train_steps(
+            site,
+            &self.split.shards[shard],
+            batch,
+            &self.schedule,
+            first,
+            losses,
+            (&mut self.inputs, &mut self.targets),
+        )
     }
 
     fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
         for (i, sum) in loss_sums.iter().enumerate() {
             let step = first + i as u64;
-            self.metrics.push(Metric::Step { step, loss: sum / sites as f32, lr: self.schedule.lr_at(step) });
+            self.metrics.push(Metric::Step {
+                step,
+                loss: sum / sites as f32,
+                lr: self.schedule.lr_at(step),
+            });
         }
     }
 
@@ -271,12 +345,26 @@ pub(crate) struct BatchShape {
 
 /// `losses.len()` inner steps of one site from global step `first` on its shard; each step's loss
 /// is added to `losses`; returns the measured seconds. Both drivers train through this.
-pub(crate) fn train_steps(site: &mut SiteRuntime, shard: &[u8], batch: BatchShape, schedule: &LrSchedule, first: u64, losses: &mut [f32], buffers: (&mut Vec<u32>, &mut Vec<u32>)) -> Result<f64, RunError> {
+pub(crate) fn train_steps(
+    site: &mut SiteRuntime,
+    shard: &[u8],
+    batch: BatchShape,
+    schedule: &LrSchedule,
+    first: u64,
+    losses: &mut [f32],
+    buffers: (&mut Vec<u32>, &mut Vec<u32>),
+) -> Result<f64, RunError> {
     let start = Instant::now();
     let (inputs, targets) = buffers;
     for (i, loss_sum) in losses.iter_mut().enumerate() {
-        site.sampler.fill(shard, batch.site_batch, batch.context, inputs, targets);
-        let b = Batch { inputs, targets, batch_size: batch.site_batch, seq_len: batch.context };
+        site.sampler
+            .fill(shard, batch.site_batch, batch.context, inputs, targets);
+        let b = Batch {
+            inputs,
+            targets,
+            batch_size: batch.site_batch,
+            seq_len: batch.context,
+        };
         let (loss, _) = site.trainer.step(&b, schedule.lr_at(first + i as u64))?;
         *loss_sum += loss;
     }
@@ -290,17 +378,36 @@ fn site_sampler(config: &RunConfig, k: usize) -> Sampler {
 
 fn new_trainer(config: &RunConfig, initial: &[f32]) -> Result<CpuTrainer, RunError> {
     let model = preset(&config.preset)?.model;
-    Ok(CpuTrainer::new(Gpt::from_params(model, initial.to_vec())?, config.optimizer)?)
+    Ok(CpuTrainer::new(
+        Gpt::from_params(model, initial.to_vec())?,
+        config.optimizer,
+    )?)
 }
 
-pub(crate) fn new_sites(config: &RunConfig, initial: &[f32], compression: Compression) -> Result<Vec<SiteRuntime>, RunError> {
-    (0..config.sites).map(|k| new_site(config, initial, compression, k)).collect()
+pub(crate) fn new_sites(
+    config: &RunConfig,
+    initial: &[f32],
+    compression: Compression,
+) -> Result<Vec<SiteRuntime>, RunError> {
+    (0..config.sites)
+        .map(|k| new_site(config, initial, compression, k))
+        .collect()
 }
 
 /// Site k of a run: its protocol state, trainer, data stream and (if hostile) attacker.
-pub(crate) fn new_site(config: &RunConfig, initial: &[f32], compression: Compression, k: usize) -> Result<SiteRuntime, RunError> {
+pub(crate) fn new_site(
+    config: &RunConfig,
+    initial: &[f32],
+    compression: Compression,
+    k: usize,
+) -> Result<SiteRuntime, RunError> {
     let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
-    Ok(SiteRuntime { site, trainer: new_trainer(config, initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) })
+    Ok(SiteRuntime {
+        site,
+        trainer: new_trainer(config, initial)?,
+        sampler: site_sampler(config, k),
+        attacker: attacker_of(config, k),
+    })
 }
 
 /// Run one strategy on `split` under `config`.
@@ -311,9 +418,14 @@ pub fn run(
     persistence: &Persistence,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<RunResult, RunError> {
-    config.validate().map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
+    config
+        .validate()
+        .map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
     if split.shards.len() != config.sites {
-        return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
+        return Err(RunError::InvalidConfig {
+            field: "sites",
+            reason: format!("{} shards for {} sites", split.shards.len(), config.sites),
+        });
     }
     let kind = strategy.kind;
     let common = Common::new(config, strategy, split)?;
@@ -321,12 +433,19 @@ pub fn run(
     let initial = common.evaluator.params().to_vec();
     match kind {
         StrategyKind::Ddp => run_ddp(common, initial, persistence, progress),
-        StrategyKind::Rounds if common.strategy.streaming.is_some() => run_streaming(common, initial, persistence, progress),
+        StrategyKind::Rounds if common.strategy.streaming.is_some() => {
+            run_streaming(common, initial, persistence, progress)
+        }
         StrategyKind::Rounds => run_rounds(common, initial, persistence, progress),
     }
 }
 
-fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
+fn run_ddp(
+    mut common: Common,
+    initial: Vec<f32>,
+    persistence: &Persistence,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RunResult, RunError> {
     let (config, split, strategy) = (common.config, common.split, common.strategy.clone());
     // One trainer stands for all sites: in DDP every site holds the same parameters and optimizer
     // state; each site has its own data stream.
@@ -347,8 +466,19 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
         let (mut slowest, mut loss_sum) = (0.0f64, 0.0f32);
         for (k, sampler) in samplers.iter_mut().enumerate() {
             let start = Instant::now();
-            sampler.fill(&split.shards[k], config.site_batch, common.context, &mut common.inputs, &mut common.targets);
-            let batch = Batch { inputs: &common.inputs, targets: &common.targets, batch_size: config.site_batch, seq_len: common.context };
+            sampler.fill(
+                &split.shards[k],
+                config.site_batch,
+                common.context,
+                &mut common.inputs,
+                &mut common.targets,
+            );
+            let batch = Batch {
+                inputs: &common.inputs,
+                targets: &common.targets,
+                batch_size: config.site_batch,
+                seq_len: common.context,
+            };
             loss_sum += trainer.compute_gradients(&batch)?;
             let grads = trainer.grads();
             if k == 0 {
@@ -359,7 +489,11 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
             slowest = slowest.max(start.elapsed().as_secs_f64());
         }
         let scale = 1.0 / k_sites as f32;
-        trainer.grads_mut().iter_mut().zip(&sum).for_each(|(g, s)| *g = s * scale);
+        trainer
+            .grads_mut()
+            .iter_mut()
+            .zip(&sum)
+            .for_each(|(g, s)| *g = s * scale);
         let lr = common.schedule.lr_at(step);
         // Every site applies the same AdamW step to its own copy: part of each site's compute.
         let start = Instant::now();
@@ -368,19 +502,40 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
         for k in 0..config.sites as u32 {
             let next = (k + 1) % config.sites as u32;
             if next != k {
-                common.ledger.record(step, Endpoint::Site(k), Endpoint::Site(next), bytes_per_site);
+                common.ledger.record(
+                    step,
+                    Endpoint::Site(k),
+                    Endpoint::Site(next),
+                    bytes_per_site,
+                );
             }
         }
         common.compute_seconds += slowest;
-        common.communication_seconds += config.link.ring_all_reduce_seconds(4 * n as u64, config.sites);
-        common.metrics.push(Metric::Step { step, loss: loss_sum / k_sites as f32, lr });
+        common.communication_seconds += config
+            .link
+            .ring_all_reduce_seconds(4 * n as u64, config.sites);
+        common.metrics.push(Metric::Step {
+            step,
+            loss: loss_sum / k_sites as f32,
+            lr,
+        });
         common.maybe_evaluate(step + 1, trainer.params())?;
-        progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * k_sites, tokens_total, loss: loss_sum / k_sites as f32 });
+        progress(Progress {
+            tokens: (step + 1) * common.tokens_per_site_step() * k_sites,
+            tokens_total,
+            loss: loss_sum / k_sites as f32,
+        });
         let every = config.checkpoint_every_rounds.max(1) * config.inner_steps;
-        if config.checkpoint_every_rounds > 0 && ((step + 1) % every == 0 || step + 1 == config.steps) {
-            RunState::of_ddp(&common, step + 1, &trainer, &samplers).save(persistence, &strategy)?;
+        if config.checkpoint_every_rounds > 0
+            && ((step + 1) % every == 0 || step + 1 == config.steps)
+        {
+            RunState::of_ddp(&common, step + 1, &trainer, &samplers)
+                .save(persistence, &strategy)?;
         }
-        if persistence.stop_after_rounds.is_some_and(|r| step + 1 >= r * config.inner_steps) {
+        if persistence
+            .stop_after_rounds
+            .is_some_and(|r| step + 1 >= r * config.inner_steps)
+        {
             return Err(RunError::Stopped { step: step + 1 });
         }
     }
@@ -390,14 +545,26 @@ fn run_ddp(mut common: Common, initial: Vec<f32>, persistence: &Persistence, pro
     Ok(result)
 }
 
-fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
+fn run_rounds(
+    mut common: Common,
+    initial: Vec<f32>,
+    persistence: &Persistence,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RunResult, RunError> {
     let (config, strategy) = (common.config, common.strategy.clone());
     let n = initial.len();
     let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
     let compression = strategy.compression_for(config.sites);
     // Every site derives the initial parameters from the shared seed: no first broadcast.
     let robustness = strategy.robustness(config.aggregator);
-    let coordinator_config = CoordinatorConfig { quorum: config.sites, sites_max: config.sites, compression, sites_start_synced: true, robustness, ..CoordinatorConfig::new(n, outer) };
+    let coordinator_config = CoordinatorConfig {
+        quorum: config.sites,
+        sites_max: config.sites,
+        compression,
+        sites_start_synced: true,
+        robustness,
+        ..CoordinatorConfig::new(n, outer)
+    };
     let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
     let mut sites = new_sites(config, &initial, compression)?;
     let mut step = 0u64;
@@ -425,14 +592,21 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
         let mut updates = Vec::with_capacity(sends.len());
         let trained = sends.len();
         for (to, bytes) in std::mem::take(&mut sends) {
-            common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
+            common.ledger.record(
+                round,
+                Endpoint::Coordinator,
+                Endpoint::Site(to),
+                bytes.len() as u64,
+            );
             down_bytes = down_bytes.max(bytes.len() as u64);
             if to == 0 {
                 sample_packets = vec![("global".into(), bytes.clone())];
             }
             let site = &mut sites[to as usize];
             expect_train(site.site.handle(SiteEvent::PacketArrived(&bytes))?, round)?;
-            site.trainer.params_mut().copy_from_slice(site.site.round_start());
+            site.trainer
+                .params_mut()
+                .copy_from_slice(site.site.round_start());
             slowest = slowest.max(common.train_site(site, to as usize, step, losses)?);
             let update = site.update(round, 0..n, &compression.uplink)?;
             up_bytes = up_bytes.max(update.len() as u64);
@@ -441,23 +615,46 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
             }
             updates.push((to, update));
             let done = updates.len() as u64;
-            progress(Progress { tokens: step * common.tokens_per_site_step() * config.sites as u64 + h * common.tokens_per_site_step() * done, tokens_total, loss: losses[h as usize - 1] / done as f32 });
+            progress(Progress {
+                tokens: step * common.tokens_per_site_step() * config.sites as u64
+                    + h * common.tokens_per_site_step() * done,
+                tokens_total,
+                loss: losses[h as usize - 1] / done as f32,
+            });
         }
         common.push_steps(step, losses, trained);
         step += h;
         common.compute_seconds += slowest;
-        common.communication_seconds += config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
+        common.communication_seconds +=
+            config.link.transfer_seconds(down_bytes) + config.link.transfer_seconds(up_bytes);
         common.peak_sync_bytes = common.peak_sync_bytes.max(down_bytes + up_bytes);
         now_ms = (common.emulated_seconds() * 1e3) as u64;
         for (from, bytes) in updates {
-            common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, bytes.len() as u64);
-            let actions = coordinator.handle(now_ms, Event::PacketArrived { from, bytes: &bytes });
+            common.ledger.record(
+                round,
+                Endpoint::Site(from),
+                Endpoint::Coordinator,
+                bytes.len() as u64,
+            );
+            let actions = coordinator.handle(
+                now_ms,
+                Event::PacketArrived {
+                    from,
+                    bytes: &bytes,
+                },
+            );
             sends.extend(absorb(actions, &mut common, &coordinator, step)?);
         }
-        if config.checkpoint_every_rounds > 0 && (coordinator.round() % config.checkpoint_every_rounds == 0 || step >= config.steps) {
-            RunState::of_rounds(&common, step, &coordinator, &sites).save(persistence, &strategy)?;
+        if config.checkpoint_every_rounds > 0
+            && (coordinator.round() % config.checkpoint_every_rounds == 0 || step >= config.steps)
+        {
+            RunState::of_rounds(&common, step, &coordinator, &sites)
+                .save(persistence, &strategy)?;
         }
-        if persistence.stop_after_rounds.is_some_and(|r| coordinator.round() >= r) {
+        if persistence
+            .stop_after_rounds
+            .is_some_and(|r| coordinator.round() >= r)
+        {
             return Err(RunError::Stopped { step });
         }
     }
@@ -465,14 +662,26 @@ fn run_rounds(mut common: Common, initial: Vec<f32>, persistence: &Persistence, 
 }
 
 /// The result of a round strategy: the coordinator's θ is the global model.
-pub(crate) fn finish_rounds(common: Common, coordinator: &Coordinator, sample_packets: Vec<(String, bytes::Bytes)>) -> Result<RunResult, RunError> {
-    let aggregator = common.strategy.robustness(common.config.aggregator).aggregator.to_string();
+pub(crate) fn finish_rounds(
+    common: Common,
+    coordinator: &Coordinator,
+    sample_packets: Vec<(String, bytes::Bytes)>,
+) -> Result<RunResult, RunError> {
+    let aggregator = common
+        .strategy
+        .robustness(common.config.aggregator)
+        .aggregator
+        .to_string();
     let (peak_sync_bytes, telemetry_bytes) = (common.peak_sync_bytes, common.telemetry_bytes);
     let mut result = common.finish(coordinator.round(), coordinator.global().to_vec())?;
     result.telemetry_bytes = telemetry_bytes;
     result.sample_packets = sample_packets;
     result.peak_sync_bytes_per_site = peak_sync_bytes;
-    result.site_scores = coordinator.scores().iter().map(|(k, s)| (*k, s.clone())).collect();
+    result.site_scores = coordinator
+        .scores()
+        .iter()
+        .map(|(k, s)| (*k, s.clone()))
+        .collect();
     result.aggregator = aggregator;
     Ok(result)
 }
@@ -483,15 +692,24 @@ pub(crate) type Sends = Vec<(u32, bytes::Bytes)>;
 /// Contiguous, nearly equal ranges of `params` (the layout keeps each block together, so these
 /// are groups of layers).
 pub(crate) fn fragments(params: usize, count: usize) -> Vec<std::ops::Range<usize>> {
-    (0..count).map(|i| i * params / count..(i + 1) * params / count).collect()
+    (0..count)
+        .map(|i| i * params / count..(i + 1) * params / count)
+        .collect()
 }
 
 /// Streaming DiLoCo: fragment r mod P syncs at step ⌊(r + 1)·H/P⌋; sites keep training and mix the
 /// merge in `overlap_steps` later. Every packet still goes through the protocol code; the link time
 /// of a sync is hidden up to `overlap_steps` of the sites' compute.
-fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistence, progress: &mut dyn FnMut(Progress)) -> Result<RunResult, RunError> {
+fn run_streaming(
+    mut common: Common,
+    initial: Vec<f32>,
+    persistence: &Persistence,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RunResult, RunError> {
     let (config, strategy) = (common.config, common.strategy.clone());
-    let streaming = strategy.streaming.expect("run_streaming needs streaming settings");
+    let streaming = strategy
+        .streaming
+        .expect("run_streaming needs streaming settings");
     let n = initial.len();
     let parts = fragments(n, streaming.fragments);
     let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
@@ -508,21 +726,36 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
     let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
     let mut sites = Vec::with_capacity(config.sites);
     for k in 0..config.sites {
-        let site = Site::with_initial(k as u32, initial.clone(), compression)?.with_fragments(parts.clone())?;
-        sites.push(SiteRuntime { site, trainer: new_trainer(config, &initial)?, sampler: site_sampler(config, k), attacker: attacker_of(config, k) });
+        let site = Site::with_initial(k as u32, initial.clone(), compression)?
+            .with_fragments(parts.clone())?;
+        sites.push(SiteRuntime {
+            site,
+            trainer: new_trainer(config, &initial)?,
+            sampler: site_sampler(config, k),
+            attacker: attacker_of(config, k),
+        });
     }
     // A saved state is taken right after a sync, with its merge in flight: the restored
     // coordinator sends that merge again, and it arrives at the step it was due.
     let (mut first_step, mut due_step, mut step_seconds_sum) = (0u64, 0u64, 0.0f64);
     if let Some(saved) = state::load(persistence, &strategy)? {
         first_step = saved.step;
-        (due_step, step_seconds_sum) = saved.restore_streaming(&mut common, &mut coordinator, &mut sites)?;
+        (due_step, step_seconds_sum) =
+            saved.restore_streaming(&mut common, &mut coordinator, &mut sites)?;
     }
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     for k in 0..config.sites as u32 {
         coordinator.handle(now_ms, Event::SiteJoined { site: k });
     }
-    let mut in_flight: Option<(u64, Sends)> = Some((due_step, absorb(coordinator.start(now_ms), &mut common, &coordinator, first_step)?));
+    let mut in_flight: Option<(u64, Sends)> = Some((
+        due_step,
+        absorb(
+            coordinator.start(now_ms),
+            &mut common,
+            &coordinator,
+            first_step,
+        )?,
+    ));
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
     let mut sample_packets = Vec::new();
     let mut losses = [0.0f32];
@@ -531,19 +764,33 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         // A merge due now arrives before this step's training.
         if in_flight.as_ref().is_some_and(|(due, _)| *due <= step) {
             let (_, sends) = in_flight.take().expect("checked");
-            deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
+            deliver(
+                &mut common,
+                &mut sites,
+                sends,
+                streaming.mix,
+                Some(&mut sample_packets),
+            )?;
         }
         losses[0] = 0.0;
         let mut slowest = 0.0f64;
         // An excluded site is out of the run.
         let members = coordinator.members().clone();
-        for (k, site) in sites.iter_mut().enumerate().filter(|(k, _)| members.contains(&(*k as u32))) {
+        for (k, site) in sites
+            .iter_mut()
+            .enumerate()
+            .filter(|(k, _)| members.contains(&(*k as u32)))
+        {
             slowest = slowest.max(common.train_site(site, k, step, &mut losses)?);
         }
         common.compute_seconds += slowest;
         step_seconds_sum += slowest;
         common.push_steps(step, &losses, members.len());
-        progress(Progress { tokens: (step + 1) * common.tokens_per_site_step() * config.sites as u64, tokens_total, loss: losses[0] / members.len().max(1) as f32 });
+        progress(Progress {
+            tokens: (step + 1) * common.tokens_per_site_step() * config.sites as u64,
+            tokens_total,
+            loss: losses[0] / members.len().max(1) as f32,
+        });
         let round = coordinator.round();
         let sync_step = ((round + 1) * strategy.inner_steps / p).max(round + 1);
         if step + 1 != sync_step || step + 1 >= config.steps {
@@ -551,23 +798,55 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
         }
         // Fragment `round` syncs: every site's update, then the coordinator's merge goes out.
         if let Some((_, sends)) = in_flight.take() {
-            deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
+            deliver(
+                &mut common,
+                &mut sites,
+                sends,
+                streaming.mix,
+                Some(&mut sample_packets),
+            )?;
         }
-        let (sends, up_bytes, down_bytes) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1, &mut sample_packets)?;
-        let link_seconds = config.link.transfer_seconds(up_bytes) + config.link.transfer_seconds(down_bytes);
+        let (sends, up_bytes, down_bytes) = sync_fragment(
+            &mut common,
+            &mut coordinator,
+            &mut sites,
+            step + 1,
+            &mut sample_packets,
+        )?;
+        let link_seconds =
+            config.link.transfer_seconds(up_bytes) + config.link.transfer_seconds(down_bytes);
         // The sites compute on while the sync travels: `overlap_steps` of their (mean) step time hides it.
         let hidden = streaming.overlap_steps as f64 * step_seconds_sum / (step + 1) as f64;
         common.communication_seconds += (link_seconds - hidden).max(0.0);
         in_flight = Some((step + 1 + streaming.overlap_steps, sends));
-        if config.checkpoint_every_rounds > 0 && coordinator.round() % config.checkpoint_every_rounds == 0 {
-            RunState::of_streaming(&common, step + 1, &coordinator, &sites, step + 1 + streaming.overlap_steps, step_seconds_sum).save(persistence, &strategy)?;
+        if config.checkpoint_every_rounds > 0
+            && coordinator.round() % config.checkpoint_every_rounds == 0
+        {
+            RunState::of_streaming(
+                &common,
+                step + 1,
+                &coordinator,
+                &sites,
+                step + 1 + streaming.overlap_steps,
+                step_seconds_sum,
+            )
+            .save(persistence, &strategy)?;
         }
-        if persistence.stop_after_rounds.is_some_and(|r| coordinator.round() >= r) {
+        if persistence
+            .stop_after_rounds
+            .is_some_and(|r| coordinator.round() >= r)
+        {
             return Err(RunError::Stopped { step: step + 1 });
         }
     }
     if let Some((_, sends)) = in_flight.take() {
-        deliver(&mut common, &mut sites, sends, streaming.mix, Some(&mut sample_packets))?;
+        deliver(
+            &mut common,
+            &mut sites,
+            sends,
+            streaming.mix,
+            Some(&mut sample_packets),
+        )?;
     }
     // The end: every fragment syncs once more, back to back and without overlap, so that no
     // site's last steps are left out of the global model (DiLoCo's last round does the same).
@@ -575,7 +854,13 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
     // DiLoCo's last round, their broadcasts are not counted (the sites still read them, to move
     // to the next round of the protocol).
     for _ in 0..p {
-        let (sends, up_bytes, _) = sync_fragment(&mut common, &mut coordinator, &mut sites, config.steps, &mut sample_packets)?;
+        let (sends, up_bytes, _) = sync_fragment(
+            &mut common,
+            &mut coordinator,
+            &mut sites,
+            config.steps,
+            &mut sample_packets,
+        )?;
         common.communication_seconds += config.link.transfer_seconds(up_bytes);
         deliver(&mut common, &mut sites, sends, 0.0, None)?;
     }
@@ -585,18 +870,44 @@ fn run_streaming(mut common: Common, initial: Vec<f32>, persistence: &Persistenc
 
 /// One fragment sync: every site's update through the coordinator; returns the coordinator's
 /// broadcast (not yet delivered) and the largest update and broadcast message, in bytes.
-fn sync_fragment(common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime], step: u64, samples: &mut Vec<(String, bytes::Bytes)>) -> Result<(Sends, u64, u64), RunError> {
+fn sync_fragment(
+    common: &mut Common,
+    coordinator: &mut Coordinator,
+    sites: &mut [SiteRuntime],
+    step: u64,
+    samples: &mut Vec<(String, bytes::Bytes)>,
+) -> Result<(Sends, u64, u64), RunError> {
     let round = coordinator.round();
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     let (mut sends, mut up_bytes) = (Vec::new(), 0u64);
     let range = coordinator.fragment(round);
     let uplink = coordinator.uplink();
     let members = coordinator.members().clone();
-    for (k, site) in sites.iter_mut().enumerate().filter(|(k, _)| members.contains(&(*k as u32))) {
+    for (k, site) in sites
+        .iter_mut()
+        .enumerate()
+        .filter(|(k, _)| members.contains(&(*k as u32)))
+    {
         let update = site.update(round, range.clone(), &uplink)?;
         up_bytes = up_bytes.max(update.len() as u64);
-        common.ledger.record(round, Endpoint::Site(k as u32), Endpoint::Coordinator, update.len() as u64);
-        sends.extend(absorb(coordinator.handle(now_ms, Event::PacketArrived { from: k as u32, bytes: &update }), common, coordinator, step)?);
+        common.ledger.record(
+            round,
+            Endpoint::Site(k as u32),
+            Endpoint::Coordinator,
+            update.len() as u64,
+        );
+        sends.extend(absorb(
+            coordinator.handle(
+                now_ms,
+                Event::PacketArrived {
+                    from: k as u32,
+                    bytes: &update,
+                },
+            ),
+            common,
+            coordinator,
+            step,
+        )?);
         if k == 0 {
             samples.retain(|(kind, _)| kind != "update");
             samples.push(("update".into(), update.into()));
@@ -614,10 +925,17 @@ pub(crate) fn mix_in(site: &mut SiteRuntime, bytes: &[u8], mix: f32) -> Result<u
     let actions = site.site.handle(SiteEvent::PacketArrived(bytes))?;
     let round = match actions.as_slice() {
         [SiteAction::Train { round }] => *round,
-        other => return Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+        other => {
+            return Err(RunError::Protocol(format!(
+                "site answered a global message with {other:?}"
+            )))
+        }
     };
     let range = site.site.changed_by_round(round);
-    let (local, global) = (&mut site.trainer.params_mut()[range.clone()], &site.site.round_start()[range]);
+    let (local, global) = (
+        &mut site.trainer.params_mut()[range.clone()],
+        &site.site.round_start()[range],
+    );
     for (l, g) in local.iter_mut().zip(global) {
         *l = mix * *l + (1.0 - mix) * g;
     }
@@ -626,13 +944,30 @@ pub(crate) fn mix_in(site: &mut SiteRuntime, bytes: &[u8], mix: f32) -> Result<u
 
 /// Deliver a broadcast to the sites and mix the fragment it changed into their parameters.
 /// With `samples` None the broadcast is not counted in the ledger (the end-of-run syncs).
-fn deliver(common: &mut Common, sites: &mut [SiteRuntime], sends: Sends, mix: f32, mut samples: Option<&mut Vec<(String, bytes::Bytes)>>) -> Result<(), RunError> {
+fn deliver(
+    common: &mut Common,
+    sites: &mut [SiteRuntime],
+    sends: Sends,
+    mix: f32,
+    mut samples: Option<&mut Vec<(String, bytes::Bytes)>>,
+) -> Result<(), RunError> {
     for (to, bytes) in sends {
-        let site = sites.get_mut(to as usize).ok_or_else(|| RunError::Protocol(format!("a packet for unknown site {to}")))?;
+        let site = sites
+            .get_mut(to as usize)
+            .ok_or_else(|| RunError::Protocol(format!("a packet for unknown site {to}")))?;
         if samples.is_some() {
             // Counted under the round the broadcast opens (its envelope says which).
-            let round = lowband_protocol::wire::decode(&bytes, bytes.len()).map(|m| m.round).map_err(|e| RunError::Protocol(format!("the coordinator sent a malformed broadcast: {e}")))?;
-            common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), bytes.len() as u64);
+            let round = lowband_protocol::wire::decode(&bytes, bytes.len())
+                .map(|m| m.round)
+                .map_err(|e| {
+                    RunError::Protocol(format!("the coordinator sent a malformed broadcast: {e}"))
+                })?;
+            common.ledger.record(
+                round,
+                Endpoint::Coordinator,
+                Endpoint::Site(to),
+                bytes.len() as u64,
+            );
         }
         mix_in(site, &bytes, mix)?;
         if let Some(samples) = samples.as_deref_mut().filter(|_| to == 0) {
@@ -651,26 +986,55 @@ impl Common<'_> {
 
 /// Carry out the coordinator's actions except sending: returns the sends (the next round's
 /// global parameters), which the round loop delivers.
-pub(crate) fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Coordinator, step: u64) -> Result<Sends, RunError> {
+pub(crate) fn absorb(
+    actions: Vec<Action>,
+    common: &mut Common,
+    coordinator: &Coordinator,
+    step: u64,
+) -> Result<Sends, RunError> {
     let mut sends = Vec::new();
     // Refusals at a round's close come before its report: log them under that round.
-    let closing = actions.iter().find_map(|a| if let Action::RoundClosed(r) = a { Some(r.round) } else { None });
+    let closing = actions.iter().find_map(|a| {
+        if let Action::RoundClosed(r) = a {
+            Some(r.round)
+        } else {
+            None
+        }
+    });
     let round_of_refusal = closing.unwrap_or_else(|| coordinator.round());
     for action in actions {
         match action {
             Action::Send { to, bytes } => sends.push((to, bytes)),
             Action::RoundClosed(report) => {
-                common.metrics.push(Metric::Round { round: report.round, step, inter_site_bytes: common.ledger.total_bytes(), delta_norm: report.delta_norm, update_norms: report.update_norms, update_cosines: report.update_cosines });
+                common.metrics.push(Metric::Round {
+                    round: report.round,
+                    step,
+                    inter_site_bytes: common.ledger.total_bytes(),
+                    delta_norm: report.delta_norm,
+                    update_norms: report.update_norms,
+                    update_cosines: report.update_cosines,
+                });
                 if !report.missing.is_empty() {
-                    return Err(RunError::Protocol(format!("round {} closed without sites {:?}", report.round, report.missing)));
+                    return Err(RunError::Protocol(format!(
+                        "round {} closed without sites {:?}",
+                        report.round, report.missing
+                    )));
                 }
                 common.maybe_evaluate(step, coordinator.global())?;
             }
             // The in-memory driver saves its own resumable state (see `checkpoint_every_rounds`).
             Action::Checkpoint { .. } => {}
             // A hostile (or broken) site: logged, scored by the coordinator, the run goes on.
-            Action::Rejected { from, reason } => common.metrics.push(Metric::Refused { round: round_of_refusal, site: from, reason: reason.to_string() }),
-            Action::Excluded { site, reason } => common.metrics.push(Metric::Excluded { round: round_of_refusal, site, reason }),
+            Action::Rejected { from, reason } => common.metrics.push(Metric::Refused {
+                round: round_of_refusal,
+                site: from,
+                reason: reason.to_string(),
+            }),
+            Action::Excluded { site, reason } => common.metrics.push(Metric::Excluded {
+                round: round_of_refusal,
+                site,
+                reason,
+            }),
         }
     }
     Ok(sends)
@@ -679,13 +1043,17 @@ pub(crate) fn absorb(actions: Vec<Action>, common: &mut Common, coordinator: &Co
 fn expect_train(actions: Vec<SiteAction>, round: u64) -> Result<(), RunError> {
     match actions.as_slice() {
         [SiteAction::Train { round: r }] if *r == round => Ok(()),
-        other => Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+        other => Err(RunError::Protocol(format!(
+            "site answered a global message with {other:?}"
+        ))),
     }
 }
 
 fn expect_send(actions: Vec<SiteAction>) -> Result<Vec<u8>, RunError> {
     match actions.into_iter().next() {
         Some(SiteAction::Send(bytes)) => Ok(bytes),
-        other => Err(RunError::Protocol(format!("site answered finished training with {other:?}"))),
+        other => Err(RunError::Protocol(format!(
+            "site answered finished training with {other:?}"
+        ))),
     }
 }

@@ -35,7 +35,17 @@ pub struct Ledger {
 
 impl From<Ledger> for Vec<LinkRecord> {
     fn from(ledger: Ledger) -> Self {
-        ledger.links.into_iter().map(|((round, from, to), (packets, bytes))| LinkRecord { round, from, to, packets, bytes }).collect()
+        ledger
+            .links
+            .into_iter()
+            .map(|((round, from, to), (packets, bytes))| LinkRecord {
+                round,
+                from,
+                to,
+                packets,
+                bytes,
+            })
+            .collect()
     }
 }
 
@@ -64,7 +74,14 @@ impl Ledger {
     }
 
     /// Record `count` identical packets at once (DDP's all-reduce over many steps).
-    pub fn record_many(&mut self, round: u64, from: Endpoint, to: Endpoint, bytes_each: u64, count: u64) {
+    pub fn record_many(
+        &mut self,
+        round: u64,
+        from: Endpoint,
+        to: Endpoint,
+        bytes_each: u64,
+        count: u64,
+    ) {
         let entry = self.links.entry((round, from, to)).or_default();
         entry.0 += count;
         entry.1 += bytes_each * count;
@@ -81,12 +98,20 @@ impl Ledger {
 
     /// Bytes sent by `from` over all rounds.
     pub fn bytes_sent_by(&self, from: Endpoint) -> u64 {
-        self.links.iter().filter(|((_, f, _), _)| *f == from).map(|(_, (_, b))| b).sum()
+        self.links
+            .iter()
+            .filter(|((_, f, _), _)| *f == from)
+            .map(|(_, (_, b))| b)
+            .sum()
     }
 
     /// Bytes received by `to` over all rounds.
     pub fn bytes_received_by(&self, to: Endpoint) -> u64 {
-        self.links.iter().filter(|((_, _, t), _)| *t == to).map(|(_, (_, b))| b).sum()
+        self.links
+            .iter()
+            .filter(|((_, _, t), _)| *t == to)
+            .map(|(_, (_, b))| b)
+            .sum()
     }
 
     /// Per directed link, over all rounds: (from, to, packets, bytes).
@@ -97,7 +122,9 @@ impl Ledger {
             e.0 += p;
             e.1 += b;
         }
-        sums.into_iter().map(|((f, t), (p, b))| (f, t, p, b)).collect()
+        sums.into_iter()
+            .map(|((f, t), (p, b))| (f, t, p, b))
+            .collect()
     }
 }
 

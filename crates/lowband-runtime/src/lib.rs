@@ -9,8 +9,8 @@ pub mod attack;
 pub mod config;
 pub mod driver;
 pub mod ledger;
-pub mod network;
 pub mod link;
+pub mod network;
 pub mod state;
 pub mod strategy;
 
@@ -34,7 +34,10 @@ pub enum RunError {
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("run state: {0}")]
     State(String),
     /// The run stopped on request after `step` inner steps (it can be resumed from its state).

@@ -18,7 +18,11 @@ impl Default for LinkProfile {
     /// A cross-region cloud link: 1 Gbit/s per site, 40 ms one way (about 80 ms round trip, as
     /// between US and EU regions), $0.05/GB egress (the middle of the $0.02-0.09 cloud range).
     fn default() -> Self {
-        LinkProfile { bandwidth_gbit_per_s: 1.0, latency_ms: 40.0, price_per_gb: 0.05 }
+        LinkProfile {
+            bandwidth_gbit_per_s: 1.0,
+            latency_ms: 40.0,
+            price_per_gb: 0.05,
+        }
     }
 }
 
@@ -62,8 +66,15 @@ mod tests {
 
     #[test]
     fn transfer_and_all_reduce_times_by_hand() {
-        let link = LinkProfile { bandwidth_gbit_per_s: 1.0, latency_ms: 10.0, price_per_gb: 0.05 };
-        assert!((link.transfer_seconds(125_000_000) - 1.01).abs() < 1e-12, "1 Gbit takes 1 s plus 10 ms");
+        let link = LinkProfile {
+            bandwidth_gbit_per_s: 1.0,
+            latency_ms: 10.0,
+            price_per_gb: 0.05,
+        };
+        assert!(
+            (link.transfer_seconds(125_000_000) - 1.01).abs() < 1e-12,
+            "1 Gbit takes 1 s plus 10 ms"
+        );
         // 4 sites, 400 MB: 6 steps of 100 MB (0.8 s + 10 ms each).
         assert!((link.ring_all_reduce_seconds(400_000_000, 4) - 6.0 * 0.81).abs() < 1e-9);
         assert_eq!(link.ring_all_reduce_seconds(400, 1), 0.0);

@@ -12,14 +12,16 @@
 use std::path::{Path, PathBuf};
 
 use lowband_data::Sampler;
-use lowband_engine::checkpoint::{read_limited, tensors_from_safetensors, tensors_to_safetensors, write_atomic};
+use lowband_engine::checkpoint::{
+    read_limited, tensors_from_safetensors, tensors_to_safetensors, write_atomic,
+};
 use lowband_engine::{CpuTrainer, Trainer};
 use lowband_protocol::coordinator::CoordinatorState;
 use lowband_protocol::{Coordinator, TrustState};
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{Common, Metric, Persistence, SiteRuntime};
 use crate::config::RunConfig;
+use crate::driver::{Common, Metric, Persistence, SiteRuntime};
 use crate::ledger::Ledger;
 use crate::strategy::Strategy;
 use crate::RunError;
@@ -71,11 +73,22 @@ pub struct RunState {
 }
 
 fn strategy_dir(persistence: &Persistence, strategy: &Strategy) -> Option<PathBuf> {
-    persistence.state_dir.as_ref().map(|d| d.join(strategy.dir_name()))
+    persistence
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(strategy.dir_name()))
 }
 
 impl RunState {
-    fn new(common: &Common, step: u64, round: u64, params: usize, samplers: Vec<&Sampler>, optimizers: Vec<&lowband_engine::AdamW>, mut tensors: Vec<(String, Vec<f32>)>) -> Self {
+    fn new(
+        common: &Common,
+        step: u64,
+        round: u64,
+        params: usize,
+        samplers: Vec<&Sampler>,
+        optimizers: Vec<&lowband_engine::AdamW>,
+        mut tensors: Vec<(String, Vec<f32>)>,
+    ) -> Self {
         for (k, opt) in optimizers.iter().enumerate() {
             tensors.push((format!("site{k}.m"), opt.m.clone()));
             tensors.push((format!("site{k}.v"), opt.v.clone()));
@@ -84,7 +97,10 @@ impl RunState {
             format: FORMAT.into(),
             version: VERSION,
             strategy: common.strategy.name(),
-            config: RunConfig { checkpoint_every_rounds: 0, ..common.config.clone() },
+            config: RunConfig {
+                checkpoint_every_rounds: 0,
+                ..common.config.clone()
+            },
             step,
             round,
             params,
@@ -102,19 +118,44 @@ impl RunState {
             peak_sync_bytes: common.peak_sync_bytes,
             streaming: None,
         };
-        RunState { manifest, tensors, step }
+        RunState {
+            manifest,
+            tensors,
+            step,
+        }
     }
 
-    pub(crate) fn of_ddp(common: &Common, step: u64, trainer: &CpuTrainer, samplers: &[Sampler]) -> Self {
+    pub(crate) fn of_ddp(
+        common: &Common,
+        step: u64,
+        trainer: &CpuTrainer,
+        samplers: &[Sampler],
+    ) -> Self {
         let params = trainer.params().to_vec();
         let n = params.len();
-        RunState::new(common, step, step, n, samplers.iter().collect(), vec![trainer.optimizer()], vec![("params".into(), params)])
+        RunState::new(
+            common,
+            step,
+            step,
+            n,
+            samplers.iter().collect(),
+            vec![trainer.optimizer()],
+            vec![("params".into(), params)],
+        )
     }
 
-    pub(crate) fn of_rounds(common: &Common, step: u64, coordinator: &Coordinator, sites: &[SiteRuntime]) -> Self {
+    pub(crate) fn of_rounds(
+        common: &Common,
+        step: u64,
+        coordinator: &Coordinator,
+        sites: &[SiteRuntime],
+    ) -> Self {
         let state = coordinator.state();
         let n = state.global.len();
-        let mut tensors = vec![("global".into(), state.global), ("momentum".into(), state.momentum_buffer)];
+        let mut tensors = vec![
+            ("global".into(), state.global),
+            ("momentum".into(), state.momentum_buffer),
+        ];
         if !state.shared.is_empty() {
             tensors.push(("shared".into(), state.shared));
         }
@@ -126,9 +167,18 @@ impl RunState {
                 tensors.push((format!("site{k}.stale"), stale));
             }
         }
-        let mut saved = RunState::new(common, step, state.round, n, sites.iter().map(|s| &s.sampler).collect(), sites.iter().map(|s| s.trainer.optimizer()).collect(), tensors);
+        let mut saved = RunState::new(
+            common,
+            step,
+            state.round,
+            n,
+            sites.iter().map(|s| &s.sampler).collect(),
+            sites.iter().map(|s| s.trainer.optimizer()).collect(),
+            tensors,
+        );
         saved.manifest.trust = Some(state.trust);
-        saved.manifest.site_codec_random = sites.iter().map(|s| s.site.codec_random_state()).collect();
+        saved.manifest.site_codec_random =
+            sites.iter().map(|s| s.site.codec_random_state()).collect();
         saved.manifest.downlink_random = state.downlink_random;
         saved
     }
@@ -138,11 +188,22 @@ impl RunState {
     pub(crate) fn of_coordinator(common: &Common, step: u64, coordinator: &Coordinator) -> Self {
         let state = coordinator.state();
         let n = state.global.len();
-        let mut tensors = vec![("global".into(), state.global), ("momentum".into(), state.momentum_buffer)];
+        let mut tensors = vec![
+            ("global".into(), state.global),
+            ("momentum".into(), state.momentum_buffer),
+        ];
         if !state.shared.is_empty() {
             tensors.push(("shared".into(), state.shared));
         }
-        let mut saved = RunState::new(common, step, state.round, n, Vec::new(), Vec::new(), tensors);
+        let mut saved = RunState::new(
+            common,
+            step,
+            state.round,
+            n,
+            Vec::new(),
+            Vec::new(),
+            tensors,
+        );
         saved.manifest.trust = Some(state.trust);
         saved.manifest.downlink_random = state.downlink_random;
         saved
@@ -150,12 +211,28 @@ impl RunState {
 
     /// Back into a fresh coordinator. No site holds θ_sites yet: every site that (re)joins gets it
     /// in full.
-    pub(crate) fn restore_coordinator(mut self, common: &mut Common, coordinator: &mut Coordinator) -> Result<(), RunError> {
+    pub(crate) fn restore_coordinator(
+        mut self,
+        common: &mut Common,
+        coordinator: &mut Coordinator,
+    ) -> Result<(), RunError> {
         self.check(0, coordinator.global().len())?;
         self.restore_common(common)?;
-        let shared = if self.tensors.iter().any(|(n, _)| n == "shared") { self.tensor("shared")? } else { Vec::new() };
+        let shared = if self.tensors.iter().any(|(n, _)| n == "shared") {
+            self.tensor("shared")?
+        } else {
+            Vec::new()
+        };
         let trust = self.manifest.trust.take().unwrap_or_default();
-        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared, synced: Vec::new(), trust, downlink_random: self.manifest.downlink_random };
+        let state = CoordinatorState {
+            round: self.manifest.round,
+            global: self.tensor("global")?,
+            momentum_buffer: self.tensor("momentum")?,
+            shared,
+            synced: Vec::new(),
+            trust,
+            downlink_random: self.manifest.downlink_random,
+        };
         coordinator.restore(state)?;
         Ok(())
     }
@@ -164,27 +241,56 @@ impl RunState {
         self.manifest.round
     }
 
-    pub(crate) fn save(&self, persistence: &Persistence, strategy: &Strategy) -> Result<(), RunError> {
-        let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(()) };
+    pub(crate) fn save(
+        &self,
+        persistence: &Persistence,
+        strategy: &Strategy,
+    ) -> Result<(), RunError> {
+        let Some(dir) = strategy_dir(persistence, strategy) else {
+            return Ok(());
+        };
         let name = format!("state-{}", self.step);
         let target = dir.join(&name);
-        std::fs::create_dir_all(&target).map_err(|e| RunError::Io { path: target.clone(), source: e })?;
-        let named: Vec<_> = self.tensors.iter().map(|(n, v)| (n.clone(), vec![v.len()], v.as_slice())).collect();
-        write_atomic(&target.join("tensors.safetensors"), &tensors_to_safetensors(&named, None)?)?;
-        let json = serde_json::to_vec(&self.manifest).map_err(|e| RunError::State(e.to_string()))?;
+        std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
+            path: target.clone(),
+            source: e,
+        })?;
+        let named: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(n, v)| (n.clone(), vec![v.len()], v.as_slice()))
+            .collect();
+        write_atomic(
+            &target.join("tensors.safetensors"),
+            &tensors_to_safetensors(&named, None)?,
+        )?;
+        let json =
+            serde_json::to_vec(&self.manifest).map_err(|e| RunError::State(e.to_string()))?;
         write_atomic(&target.join("state.json"), &json)?;
-        write_atomic(&dir.join("current.json"), serde_json::json!({ "dir": name }).to_string().as_bytes())?;
+        write_atomic(
+            &dir.join("current.json"),
+            serde_json::json!({ "dir": name }).to_string().as_bytes(),
+        )?;
         remove_other_states(&dir, &name);
         Ok(())
     }
 
     fn tensor(&mut self, name: &str) -> Result<Vec<f32>, RunError> {
-        let i = self.tensors.iter().position(|(n, _)| n == name).ok_or_else(|| RunError::State(format!("saved state lacks {name}")))?;
+        let i = self
+            .tensors
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| RunError::State(format!("saved state lacks {name}")))?;
         Ok(std::mem::take(&mut self.tensors[i].1))
     }
 
     fn restore_common(&self, common: &mut Common) -> Result<(), RunError> {
-        if self.manifest.config != (RunConfig { checkpoint_every_rounds: 0, ..common.config.clone() }) {
+        if self.manifest.config
+            != (RunConfig {
+                checkpoint_every_rounds: 0,
+                ..common.config.clone()
+            })
+        {
             return Err(RunError::State(
                 "the saved state was made with other settings (model, sites, steps, seed, optimizer, data or link); rerun without --resume to start over".into(),
             ));
@@ -200,8 +306,15 @@ impl RunState {
 
     /// AdamW state `k` of the saved run into `trainer`.
     fn restore_optimizer(&mut self, k: usize, trainer: &mut CpuTrainer) -> Result<(), RunError> {
-        let step = *self.manifest.optimizer_steps.get(k).ok_or_else(|| RunError::State(format!("saved state lacks optimizer {k}")))?;
-        let (m, v) = (self.tensor(&format!("site{k}.m"))?, self.tensor(&format!("site{k}.v"))?);
+        let step = *self
+            .manifest
+            .optimizer_steps
+            .get(k)
+            .ok_or_else(|| RunError::State(format!("saved state lacks optimizer {k}")))?;
+        let (m, v) = (
+            self.tensor(&format!("site{k}.m"))?,
+            self.tensor(&format!("site{k}.v"))?,
+        );
         let opt = trainer.optimizer_mut();
         (opt.m, opt.v, opt.step) = (m, v, step);
         Ok(())
@@ -214,10 +327,17 @@ impl RunState {
         }
     }
 
-    pub(crate) fn restore_ddp(mut self, common: &mut Common, trainer: &mut CpuTrainer, samplers: &mut [Sampler]) -> Result<(), RunError> {
+    pub(crate) fn restore_ddp(
+        mut self,
+        common: &mut Common,
+        trainer: &mut CpuTrainer,
+        samplers: &mut [Sampler],
+    ) -> Result<(), RunError> {
         self.check(samplers.len(), trainer.params().len())?;
         self.restore_common(common)?;
-        trainer.params_mut().copy_from_slice(&self.tensor("params")?);
+        trainer
+            .params_mut()
+            .copy_from_slice(&self.tensor("params")?);
         self.restore_optimizer(0, trainer)?;
         self.restore_samplers(samplers.iter_mut());
         Ok(())
@@ -225,23 +345,44 @@ impl RunState {
 
     /// Streaming: a round strategy's state plus every site's own parameters (they differ from
     /// the global ones between syncs) and where the in-flight merge is due.
-    pub(crate) fn of_streaming(common: &Common, step: u64, coordinator: &Coordinator, sites: &[SiteRuntime], due_step: u64, step_seconds_sum: f64) -> Self {
+    pub(crate) fn of_streaming(
+        common: &Common,
+        step: u64,
+        coordinator: &Coordinator,
+        sites: &[SiteRuntime],
+        due_step: u64,
+        step_seconds_sum: f64,
+    ) -> Self {
         let mut saved = RunState::of_rounds(common, step, coordinator, sites);
         for (k, site) in sites.iter().enumerate() {
-            saved.tensors.push((format!("site{k}.params"), site.trainer.params().to_vec()));
+            saved
+                .tensors
+                .push((format!("site{k}.params"), site.trainer.params().to_vec()));
         }
         saved.manifest.streaming = Some((due_step, step_seconds_sum));
         saved
     }
 
     /// Returns the step the in-flight merge is due and the step-time sum.
-    pub(crate) fn restore_streaming(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(u64, f64), RunError> {
-        let streaming = self.manifest.streaming.ok_or_else(|| RunError::State("the saved state is not a streaming run's".into()))?;
+    pub(crate) fn restore_streaming(
+        mut self,
+        common: &mut Common,
+        coordinator: &mut Coordinator,
+        sites: &mut [SiteRuntime],
+    ) -> Result<(u64, f64), RunError> {
+        let streaming = self
+            .manifest
+            .streaming
+            .ok_or_else(|| RunError::State("the saved state is not a streaming run's".into()))?;
         self.check(sites.len(), coordinator.global().len())?;
         let mut params = Vec::with_capacity(sites.len());
         for k in 0..sites.len() {
             let name = format!("site{k}.params");
-            let at = self.tensors.iter().position(|(n, _)| *n == name).ok_or_else(|| RunError::State(format!("saved state lacks {name}")))?;
+            let at = self
+                .tensors
+                .iter()
+                .position(|(n, _)| *n == name)
+                .ok_or_else(|| RunError::State(format!("saved state lacks {name}")))?;
             params.push(self.tensors.remove(at).1);
         }
         self.restore_rounds(common, coordinator, sites)?;
@@ -251,14 +392,35 @@ impl RunState {
         Ok(streaming)
     }
 
-    pub(crate) fn restore_rounds(mut self, common: &mut Common, coordinator: &mut Coordinator, sites: &mut [SiteRuntime]) -> Result<(), RunError> {
+    pub(crate) fn restore_rounds(
+        mut self,
+        common: &mut Common,
+        coordinator: &mut Coordinator,
+        sites: &mut [SiteRuntime],
+    ) -> Result<(), RunError> {
         self.check(sites.len(), coordinator.global().len())?;
         self.restore_common(common)?;
         let has_shared = self.tensors.iter().any(|(n, _)| n == "shared");
-        let shared = if has_shared { self.tensor("shared")? } else { Vec::new() };
-        let synced = if has_shared { (0..sites.len() as u32).collect() } else { Vec::new() };
+        let shared = if has_shared {
+            self.tensor("shared")?
+        } else {
+            Vec::new()
+        };
+        let synced = if has_shared {
+            (0..sites.len() as u32).collect()
+        } else {
+            Vec::new()
+        };
         let trust = self.manifest.trust.take().unwrap_or_default();
-        let state = CoordinatorState { round: self.manifest.round, global: self.tensor("global")?, momentum_buffer: self.tensor("momentum")?, shared: shared.clone(), synced, trust, downlink_random: self.manifest.downlink_random };
+        let state = CoordinatorState {
+            round: self.manifest.round,
+            global: self.tensor("global")?,
+            momentum_buffer: self.tensor("momentum")?,
+            shared: shared.clone(),
+            synced,
+            trust,
+            downlink_random: self.manifest.downlink_random,
+        };
         coordinator.restore(state)?;
         for (k, site) in sites.iter_mut().enumerate() {
             self.restore_optimizer(k, &mut site.trainer)?;
@@ -266,13 +428,25 @@ impl RunState {
                 site.site.set_codec_random_state(*random);
             }
             let residual_name = format!("site{k}.residual");
-            let residual = if self.tensors.iter().any(|(n, _)| *n == residual_name) { Some(self.tensor(&residual_name)?) } else { None };
+            let residual = if self.tensors.iter().any(|(n, _)| *n == residual_name) {
+                Some(self.tensor(&residual_name)?)
+            } else {
+                None
+            };
             let stale_name = format!("site{k}.stale");
-            if let Some(attacker) = site.attacker.as_mut().filter(|_| self.tensors.iter().any(|(n, _)| *n == stale_name)) {
+            if let Some(attacker) = site
+                .attacker
+                .as_mut()
+                .filter(|_| self.tensors.iter().any(|(n, _)| *n == stale_name))
+            {
                 attacker.stale = Some(self.tensor(&stale_name)?);
             }
             if has_shared || residual.is_some() {
-                let start = if has_shared { shared.clone() } else { site.site.round_start().to_vec() };
+                let start = if has_shared {
+                    shared.clone()
+                } else {
+                    site.site.round_start().to_vec()
+                };
                 site.site.restore(&start, residual.as_deref())?;
             }
         }
@@ -282,22 +456,46 @@ impl RunState {
 
     fn check(&self, sites: usize, params: usize) -> Result<(), RunError> {
         let m = &self.manifest;
-        let optimizers = self.tensors.iter().filter(|(n, _)| n.ends_with(".m")).count();
-        if m.sites != sites || m.params != params || m.samplers.len() != sites || m.optimizer_steps.len() != optimizers {
-            return Err(RunError::State(format!("saved state is for {} sites and {} parameters, this run has {sites} and {params}", m.sites, m.params)));
+        let optimizers = self
+            .tensors
+            .iter()
+            .filter(|(n, _)| n.ends_with(".m"))
+            .count();
+        if m.sites != sites
+            || m.params != params
+            || m.samplers.len() != sites
+            || m.optimizer_steps.len() != optimizers
+        {
+            return Err(RunError::State(format!(
+                "saved state is for {} sites and {} parameters, this run has {sites} and {params}",
+                m.sites, m.params
+            )));
         }
-        if self.tensors.iter().any(|(n, v)| v.len() != params && !(n == "momentum" && v.is_empty())) {
-            return Err(RunError::State("a saved tensor has the wrong length".into()));
+        if self
+            .tensors
+            .iter()
+            .any(|(n, v)| v.len() != params && !(n == "momentum" && v.is_empty()))
+        {
+            return Err(RunError::State(
+                "a saved tensor has the wrong length".into(),
+            ));
         }
-        if let Some((name, _)) = self.tensors.iter().find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n.ends_with(".v") && *x < 0.0))) {
-            return Err(RunError::State(format!("saved tensor {name} holds a non-finite (or negative second-moment) value")));
+        if let Some((name, _)) = self.tensors.iter().find(|(n, v)| {
+            v.iter()
+                .any(|x| !x.is_finite() || (n.ends_with(".v") && *x < 0.0))
+        }) {
+            return Err(RunError::State(format!(
+                "saved tensor {name} holds a non-finite (or negative second-moment) value"
+            )));
         }
         Ok(())
     }
 }
 
 fn remove_other_states(dir: &Path, keep: &str) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("state-") && name != keep {
@@ -316,36 +514,65 @@ fn current_state(dir: &Path) -> Result<Option<PathBuf>, RunError> {
     struct Current {
         dir: String,
     }
-    let pointer: Current = serde_json::from_slice(&read_limited(&current, 4096)?).map_err(|e| RunError::State(format!("{}: {e}", current.display())))?;
+    let pointer: Current = serde_json::from_slice(&read_limited(&current, 4096)?)
+        .map_err(|e| RunError::State(format!("{}: {e}", current.display())))?;
     if pointer.dir.contains('/') || !pointer.dir.starts_with("state-") {
-        return Err(RunError::State(format!("{}: bad state directory name", current.display())));
+        return Err(RunError::State(format!(
+            "{}: bad state directory name",
+            current.display()
+        )));
     }
     Ok(Some(dir.join(&pointer.dir)))
 }
 
 /// The saved state of `strategy` under the state directory, if there is one.
 pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<RunState>, RunError> {
-    let Some(dir) = strategy_dir(persistence, strategy) else { return Ok(None) };
-    let Some(target) = current_state(&dir)? else { return Ok(None) };
-    let manifest: Manifest = serde_json::from_slice(&read_limited(&target.join("state.json"), MANIFEST_BYTES_MAX)?)
-        .map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
+    let Some(dir) = strategy_dir(persistence, strategy) else {
+        return Ok(None);
+    };
+    let Some(target) = current_state(&dir)? else {
+        return Ok(None);
+    };
+    let manifest: Manifest = serde_json::from_slice(&read_limited(
+        &target.join("state.json"),
+        MANIFEST_BYTES_MAX,
+    )?)
+    .map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
     if manifest.format != FORMAT || manifest.version != VERSION {
-        return Err(RunError::State(format!("{}: not a version {VERSION} run state", target.display())));
+        return Err(RunError::State(format!(
+            "{}: not a version {VERSION} run state",
+            target.display()
+        )));
     }
     let path = target.join("tensors.safetensors");
     // global, momentum, shared; per site m, v, an error-feedback residual, a stale update and
     // (streaming) its own parameters.
-    let bytes = read_limited(&path, (manifest.params as u64 * 4 + 1024) * (3 + 5 * manifest.sites as u64))?;
+    let bytes = read_limited(
+        &path,
+        (manifest.params as u64 * 4 + 1024) * (3 + 5 * manifest.sites as u64),
+    )?;
     let names = safetensors_names(&path, &bytes)?;
-    let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
+    let expected: Vec<(String, Vec<usize>)> = names
+        .iter()
+        .map(|(n, len)| (n.clone(), vec![*len]))
+        .collect();
     let values = tensors_from_safetensors(&path, &bytes, &expected)?;
     let tensors = names.into_iter().map(|(n, _)| n).zip(values).collect();
-    Ok(Some(RunState { step: manifest.step, manifest, tensors }))
+    Ok(Some(RunState {
+        step: manifest.step,
+        manifest,
+        tensors,
+    }))
 }
 
 fn safetensors_names(path: &Path, bytes: &[u8]) -> Result<Vec<(String, usize)>, RunError> {
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| RunError::State(format!("{}: {e}", path.display())))?;
-    let mut names: Vec<(String, usize)> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().iter().product())).collect();
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| RunError::State(format!("{}: {e}", path.display())))?;
+    let mut names: Vec<(String, usize)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().iter().product()))
+        .collect();
     names.sort();
     Ok(names)
 }
@@ -382,17 +609,32 @@ pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<()
         optimizer_step: optimizer.step,
         codec_random: site.site.codec_random_state(),
     };
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![("m".into(), vec![optimizer.m.len()], &optimizer.m), ("v".into(), vec![optimizer.v.len()], &optimizer.v)];
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+        ("m".into(), vec![optimizer.m.len()], &optimizer.m),
+        ("v".into(), vec![optimizer.v.len()], &optimizer.v),
+    ];
     let residual = site.site.feedback_residual();
     if let Some(r) = &residual {
         tensors.push(("residual".into(), vec![r.len()], r));
     }
     let name = format!("state-{round}");
     let target = dir.join(&name);
-    std::fs::create_dir_all(&target).map_err(|e| RunError::Io { path: target.clone(), source: e })?;
-    write_atomic(&target.join("tensors.safetensors"), &tensors_to_safetensors(&tensors, None)?)?;
-    write_atomic(&target.join("state.json"), &serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?)?;
-    write_atomic(&dir.join("current.json"), serde_json::json!({ "dir": name }).to_string().as_bytes())?;
+    std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
+        path: target.clone(),
+        source: e,
+    })?;
+    write_atomic(
+        &target.join("tensors.safetensors"),
+        &tensors_to_safetensors(&tensors, None)?,
+    )?;
+    write_atomic(
+        &target.join("state.json"),
+        &serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?,
+    )?;
+    write_atomic(
+        &dir.join("current.json"),
+        serde_json::json!({ "dir": name }).to_string().as_bytes(),
+    )?;
     remove_other_states(dir, &name);
     Ok(())
 }
@@ -400,29 +642,64 @@ pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<()
 /// Restore site state saved by [`save_site`] into `site`; returns the round it had reached, or
 /// None when there is nothing saved. Every length, the site number and every value is checked.
 pub(crate) fn restore_site(dir: &Path, site: &mut SiteRuntime) -> Result<Option<u64>, RunError> {
-    let Some(target) = current_state(dir)? else { return Ok(None) };
-    let manifest: SiteManifest = serde_json::from_slice(&read_limited(&target.join("state.json"), 1 << 16)?).map_err(|e| RunError::State(format!("{}: {e}", target.join("state.json").display())))?;
+    let Some(target) = current_state(dir)? else {
+        return Ok(None);
+    };
+    let manifest: SiteManifest =
+        serde_json::from_slice(&read_limited(&target.join("state.json"), 1 << 16)?).map_err(
+            |e| RunError::State(format!("{}: {e}", target.join("state.json").display())),
+        )?;
     let params = site.trainer.optimizer().m.len();
     if manifest.format != SITE_FORMAT || manifest.version != VERSION {
-        return Err(RunError::State(format!("{}: not a version {VERSION} site state", target.display())));
+        return Err(RunError::State(format!(
+            "{}: not a version {VERSION} site state",
+            target.display()
+        )));
     }
     if manifest.site != site.site.id() || manifest.params != params {
-        return Err(RunError::State(format!("{}: saved for site {} with {} parameters, this is site {} with {params}", target.display(), manifest.site, manifest.params, site.site.id())));
+        return Err(RunError::State(format!(
+            "{}: saved for site {} with {} parameters, this is site {} with {params}",
+            target.display(),
+            manifest.site,
+            manifest.params,
+            site.site.id()
+        )));
     }
     let path = target.join("tensors.safetensors");
     let bytes = read_limited(&path, params as u64 * 4 * 3 + 4096)?;
     let names = safetensors_names(&path, &bytes)?;
     if names.iter().any(|(_, len)| *len != params) {
-        return Err(RunError::State(format!("{}: a saved tensor has the wrong length", path.display())));
+        return Err(RunError::State(format!(
+            "{}: a saved tensor has the wrong length",
+            path.display()
+        )));
     }
-    let expected: Vec<(String, Vec<usize>)> = names.iter().map(|(n, len)| (n.clone(), vec![*len])).collect();
+    let expected: Vec<(String, Vec<usize>)> = names
+        .iter()
+        .map(|(n, len)| (n.clone(), vec![*len]))
+        .collect();
     let values = tensors_from_safetensors(&path, &bytes, &expected)?;
-    let mut tensors: Vec<(String, Vec<f32>)> = names.into_iter().map(|(n, _)| n).zip(values).collect();
-    if let Some((name, _)) = tensors.iter().find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n == "v" && *x < 0.0))) {
-        return Err(RunError::State(format!("{}: saved tensor {name} holds a non-finite (or negative second-moment) value", path.display())));
+    let mut tensors: Vec<(String, Vec<f32>)> =
+        names.into_iter().map(|(n, _)| n).zip(values).collect();
+    if let Some((name, _)) = tensors
+        .iter()
+        .find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n == "v" && *x < 0.0)))
+    {
+        return Err(RunError::State(format!(
+            "{}: saved tensor {name} holds a non-finite (or negative second-moment) value",
+            path.display()
+        )));
     }
-    let mut take = |name: &str| tensors.iter().position(|(n, _)| n == name).map(|i| tensors.swap_remove(i).1);
-    let (m, v) = (take("m").ok_or_else(|| RunError::State("saved site state lacks m".into()))?, take("v").ok_or_else(|| RunError::State("saved site state lacks v".into()))?);
+    let mut take = |name: &str| {
+        tensors
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| tensors.swap_remove(i).1)
+    };
+    let (m, v) = (
+        take("m").ok_or_else(|| RunError::State("saved site state lacks m".into()))?,
+        take("v").ok_or_else(|| RunError::State("saved site state lacks v".into()))?,
+    );
     if let Some(residual) = take("residual") {
         site.site.restore_feedback(&residual)?;
     }
@@ -441,10 +718,21 @@ mod tests {
     use crate::driver::new_site;
 
     fn site(k: usize) -> SiteRuntime {
-        let config = RunConfig { preset: "tiny".into(), sites: 2, ..RunConfig::default() };
+        let config = RunConfig {
+            preset: "tiny".into(),
+            sites: 2,
+            ..RunConfig::default()
+        };
         let model = lowband_engine::preset("tiny").unwrap().model;
-        let initial = lowband_engine::Gpt::new(model, 0).unwrap().params().to_vec();
-        let compression = lowband_protocol::Compression { uplink: "topk:k=16,chunk=256,values=q8".parse().unwrap(), downlink: lowband_codec::CodecSpec::Fp32, feedback_decay: Some(0.9) };
+        let initial = lowband_engine::Gpt::new(model, 0)
+            .unwrap()
+            .params()
+            .to_vec();
+        let compression = lowband_protocol::Compression {
+            uplink: "topk:k=16,chunk=256,values=q8".parse().unwrap(),
+            downlink: lowband_codec::CodecSpec::Fp32,
+            feedback_decay: Some(0.9),
+        };
         new_site(&config, &initial, compression, k).unwrap()
     }
 
@@ -454,26 +742,44 @@ mod tests {
         let mut original = site(1);
         {
             let optimizer = original.trainer.optimizer_mut();
-            optimizer.m.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32 * 1e-3);
+            optimizer
+                .m
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = i as f32 * 1e-3);
             optimizer.v.iter_mut().for_each(|x| *x = 0.5);
             optimizer.step = 40;
         }
         original.sampler = Sampler::resume(original.sampler.seed(), 123);
-        let residual: Vec<f32> = (0..original.trainer.params().len()).map(|i| (i % 7) as f32).collect();
+        let residual: Vec<f32> = (0..original.trainer.params().len())
+            .map(|i| (i % 7) as f32)
+            .collect();
         original.site.restore_feedback(&residual).unwrap();
         save_site(dir.path(), &original, 9).unwrap();
 
         let mut restored = site(1);
         assert_eq!(restore_site(dir.path(), &mut restored).unwrap(), Some(9));
-        assert_eq!(restored.trainer.optimizer().m, original.trainer.optimizer().m);
-        assert_eq!(restored.trainer.optimizer().v, original.trainer.optimizer().v);
+        assert_eq!(
+            restored.trainer.optimizer().m,
+            original.trainer.optimizer().m
+        );
+        assert_eq!(
+            restored.trainer.optimizer().v,
+            original.trainer.optimizer().v
+        );
         assert_eq!(restored.trainer.optimizer().step, 40);
         assert_eq!(restored.sampler.drawn, 123);
         assert_eq!(restored.site.feedback_residual().unwrap(), residual);
         // Nothing saved: nothing restored.
-        assert_eq!(restore_site(&dir.path().join("none"), &mut site(1)).unwrap(), None);
+        assert_eq!(
+            restore_site(&dir.path().join("none"), &mut site(1)).unwrap(),
+            None
+        );
         // Another site's state is refused.
-        let error = restore_site(dir.path(), &mut site(0)).err().unwrap().to_string();
+        let error = restore_site(dir.path(), &mut site(0))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("saved for site 1"), "{error}");
         // A truncated tensor file is refused, not half-loaded.
         let tensors = dir.path().join("state-9/tensors.safetensors");
@@ -481,6 +787,10 @@ mod tests {
         std::fs::write(&tensors, &bytes[..bytes.len() / 2]).unwrap();
         let mut victim = site(1);
         assert!(restore_site(dir.path(), &mut victim).is_err());
-        assert_eq!(victim.trainer.optimizer().step, 0, "untouched by a failed restore");
+        assert_eq!(
+            victim.trainer.optimizer().step,
+            0,
+            "untouched by a failed restore"
+        );
     }
 }

@@ -86,10 +86,17 @@ pub struct Streaming {
     pub mix: f32,
 }
 
-const PRESETS: &str = "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct, streaming";
+const PRESETS: &str =
+    "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct, streaming";
 
 fn int(bits: u8) -> CodecSpec {
-    CodecSpec::Int { bits, chunk: 4096, range: Range::MinMax, rounding: Rounding::Nearest, seed: 0 }
+    CodecSpec::Int {
+        bits,
+        chunk: 4096,
+        range: Range::MinMax,
+        rounding: Rounding::Nearest,
+        seed: 0,
+    }
 }
 
 impl Strategy {
@@ -97,12 +104,18 @@ impl Strategy {
     pub fn parse(text: &str, default_inner_steps: u64) -> Result<Strategy, String> {
         let text = text.trim();
         let (head, overrides) = match text.split_once('[') {
-            Some((head, rest)) => (head, rest.strip_suffix(']').ok_or_else(|| format!("strategy {text:?}: overrides must end with ']'"))?),
+            Some((head, rest)) => (
+                head,
+                rest.strip_suffix(']')
+                    .ok_or_else(|| format!("strategy {text:?}: overrides must end with ']'"))?,
+            ),
             None => (text, ""),
         };
         let (name, h) = match head.split_once('@') {
             Some((name, h)) => {
-                let h: u64 = h.parse().map_err(|_| format!("strategy {text:?}: H after '@' must be a whole number"))?;
+                let h: u64 = h.parse().map_err(|_| {
+                    format!("strategy {text:?}: H after '@' must be a whole number")
+                })?;
                 if h == 0 {
                     return Err(format!("strategy {text:?}: H must be at least 1"));
                 }
@@ -115,38 +128,123 @@ impl Strategy {
             "ddp" => (StrategyKind::Ddp, Compression::default(), None),
             "diloco" => (StrategyKind::Rounds, Compression::default(), None),
             "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
-            "diloco-int8" => (StrategyKind::Rounds, Compression { uplink: int(8), downlink: int(8), feedback_decay: None }, None),
-            "diloco-4bit" | "streaming" => (StrategyKind::Rounds, Compression { uplink: int(4), downlink: int(4), feedback_decay: Some(1.0) }, None),
+            "diloco-int8" => (
+                StrategyKind::Rounds,
+                Compression {
+                    uplink: int(8),
+                    downlink: int(8),
+                    feedback_decay: None,
+                },
+                None,
+            ),
+            "diloco-4bit" | "streaming" => (
+                StrategyKind::Rounds,
+                Compression {
+                    uplink: int(4),
+                    downlink: int(4),
+                    feedback_decay: Some(1.0),
+                },
+                None,
+            ),
             // The downlink keeps 4x the uplink's density: the merge of K = 4 sparse updates has up
             // to 4k entries, and re-sparsifying it to k lost most of the quality (docs/results.md).
             // The downlink written here is for K = 4; `compression_for` scales it with K.
             "sparseloco" => {
-                let up = CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 };
-                let down = CodecSpec::TopK { k: 256, chunk: 4096, values: ValueCoding::Q2 };
-                (StrategyKind::Rounds, Compression { uplink: up, downlink: down, feedback_decay: Some(0.95) }, fedavg)
+                let up = CodecSpec::TopK {
+                    k: 64,
+                    chunk: 4096,
+                    values: ValueCoding::Q2,
+                };
+                let down = CodecSpec::TopK {
+                    k: 256,
+                    chunk: 4096,
+                    values: ValueCoding::Q2,
+                };
+                (
+                    StrategyKind::Rounds,
+                    Compression {
+                        uplink: up,
+                        downlink: down,
+                        feedback_decay: Some(0.95),
+                    },
+                    fedavg,
+                )
             }
             "demo-dct" => {
-                let up = CodecSpec::DctTopK { k: 8, chunk: 256, values: ValueCoding::Sign };
-                let down = CodecSpec::DctTopK { k: 32, chunk: 256, values: ValueCoding::Sign };
-                (StrategyKind::Rounds, Compression { uplink: up, downlink: down, feedback_decay: Some(1.0) }, fedavg)
+                let up = CodecSpec::DctTopK {
+                    k: 8,
+                    chunk: 256,
+                    values: ValueCoding::Sign,
+                };
+                let down = CodecSpec::DctTopK {
+                    k: 32,
+                    chunk: 256,
+                    values: ValueCoding::Sign,
+                };
+                (
+                    StrategyKind::Rounds,
+                    Compression {
+                        uplink: up,
+                        downlink: down,
+                        feedback_decay: Some(1.0),
+                    },
+                    fedavg,
+                )
             }
-            other => return Err(format!("unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])")),
+            other => {
+                return Err(format!(
+                "unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])"
+            ))
+            }
         };
         if kind == StrategyKind::Ddp && (h.is_some_and(|h| h != 1) || !overrides.is_empty()) {
-            return Err("ddp synchronises fp32 gradients every step; it takes no @H or overrides".into());
+            return Err(
+                "ddp synchronises fp32 gradients every step; it takes no @H or overrides".into(),
+            );
         }
-        let inner_steps = if kind == StrategyKind::Ddp { 1 } else { h.unwrap_or(default_inner_steps) };
-        let streaming = (name == "streaming").then_some(Streaming { fragments: 4, overlap_steps: 5, mix: 0.5 });
+        let inner_steps = if kind == StrategyKind::Ddp {
+            1
+        } else {
+            h.unwrap_or(default_inner_steps)
+        };
+        let streaming = (name == "streaming").then_some(Streaming {
+            fragments: 4,
+            overlap_steps: 5,
+            mix: 0.5,
+        });
         let downlink_follows_sites = matches!(name, "sparseloco" | "demo-dct");
-        let mut strategy = Strategy { kind, preset: name.to_string(), inner_steps, compression, outer, streaming, aggregator: None, norm_ratio_max: None, cosine_ratio_min: None, downlink_follows_sites, overrides: overrides.to_string() };
-        strategy.apply_overrides(overrides).map_err(|e| format!("strategy {text:?}: {e}"))?;
+        let mut strategy = Strategy {
+            kind,
+            preset: name.to_string(),
+            inner_steps,
+            compression,
+            outer,
+            streaming,
+            aggregator: None,
+            norm_ratio_max: None,
+            cosine_ratio_min: None,
+            downlink_follows_sites,
+            overrides: overrides.to_string(),
+        };
+        strategy
+            .apply_overrides(overrides)
+            .map_err(|e| format!("strategy {text:?}: {e}"))?;
         Ok(strategy)
     }
 
     fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
-        for item in overrides.split(';').map(str::trim).filter(|i| !i.is_empty()) {
-            let (key, value) = item.split_once('=').ok_or_else(|| format!("`{item}` is not KEY=VALUE"))?;
-            let number = |v: &str| v.parse::<f32>().map_err(|_| format!("{key}=`{v}` is not a number"));
+        for item in overrides
+            .split(';')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("`{item}` is not KEY=VALUE"))?;
+            let number = |v: &str| {
+                v.parse::<f32>()
+                    .map_err(|_| format!("{key}=`{v}` is not a number"))
+            };
             match key.trim() {
                 "up" => self.compression.uplink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
                 "down" => {
@@ -177,7 +275,10 @@ impl Strategy {
         self.compression.validate()?;
         if let Some(st) = self.streaming {
             if st.fragments == 0 || st.fragments as u64 > self.inner_steps {
-                return Err(format!("fragments must be in 1..=H ({}), not {}", self.inner_steps, st.fragments));
+                return Err(format!(
+                    "fragments must be in 1..=H ({}), not {}",
+                    self.inner_steps, st.fragments
+                ));
             }
             if st.overlap_steps >= (self.inner_steps / st.fragments as u64).max(1) {
                 return Err(format!("overlap must be below H/P = {} steps (a merge must arrive before the next sync)", self.inner_steps / st.fragments as u64));
@@ -198,12 +299,24 @@ impl Strategy {
     pub fn compression_for(&self, sites: usize) -> Compression {
         let mut compression = self.compression;
         if self.downlink_follows_sites {
-            let times = |k: u32, chunk: u32| (k as u64 * sites.max(1) as u64).min(chunk as u64) as u32;
+            let times =
+                |k: u32, chunk: u32| (k as u64 * sites.max(1) as u64).min(chunk as u64) as u32;
             compression.downlink = match compression.uplink {
                 // The merge of K random-k packets (each with its own positions) is sparse with up
                 // to K·k entries at positions the sites do not know: the largest K·k go down.
-                CodecSpec::TopK { k, chunk, values } | CodecSpec::RandomK { k, chunk, values, .. } => CodecSpec::TopK { k: times(k, chunk), chunk, values },
-                CodecSpec::DctTopK { k, chunk, values } => CodecSpec::DctTopK { k: times(k, chunk), chunk, values },
+                CodecSpec::TopK { k, chunk, values }
+                | CodecSpec::RandomK {
+                    k, chunk, values, ..
+                } => CodecSpec::TopK {
+                    k: times(k, chunk),
+                    chunk,
+                    values,
+                },
+                CodecSpec::DctTopK { k, chunk, values } => CodecSpec::DctTopK {
+                    k: times(k, chunk),
+                    chunk,
+                    values,
+                },
                 // A dense uplink: its merge is dense, and goes down in the same codec.
                 dense => dense,
             };
@@ -227,14 +340,28 @@ impl Strategy {
     pub fn name(&self) -> String {
         match self.kind {
             StrategyKind::Ddp => "ddp".into(),
-            StrategyKind::Rounds if self.overrides.is_empty() => format!("{}@{}", self.preset, self.inner_steps),
-            StrategyKind::Rounds => format!("{}@{}[{}]", self.preset, self.inner_steps, self.overrides),
+            StrategyKind::Rounds if self.overrides.is_empty() => {
+                format!("{}@{}", self.preset, self.inner_steps)
+            }
+            StrategyKind::Rounds => {
+                format!("{}@{}[{}]", self.preset, self.inner_steps, self.overrides)
+            }
         }
     }
 
     /// A directory name for this strategy's saved state.
     pub fn dir_name(&self) -> String {
-        self.name().replace('@', "-h").chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect()
+        self.name()
+            .replace('@', "-h")
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
     }
 }
 
@@ -247,15 +374,30 @@ mod tests {
         let ddp = Strategy::parse("ddp", 50).unwrap();
         assert_eq!((ddp.kind, ddp.inner_steps), (StrategyKind::Ddp, 1));
         assert_eq!(Strategy::parse("diloco", 50).unwrap().name(), "diloco@50");
-        assert_eq!(Strategy::parse("fedavg@10", 50).unwrap().outer, Some(OuterConfig::FEDAVG));
+        assert_eq!(
+            Strategy::parse("fedavg@10", 50).unwrap().outer,
+            Some(OuterConfig::FEDAVG)
+        );
         let sparse = Strategy::parse("sparseloco@30[up=topk:k=32;decay=0.9]", 50).unwrap();
-        assert_eq!(sparse.compression.uplink, CodecSpec::TopK { k: 32, chunk: 4096, values: ValueCoding::Q2 });
+        assert_eq!(
+            sparse.compression.uplink,
+            CodecSpec::TopK {
+                k: 32,
+                chunk: 4096,
+                values: ValueCoding::Q2
+            }
+        );
         assert_eq!(sparse.compression.feedback_decay, Some(0.9));
         assert_eq!(sparse.outer, Some(OuterConfig::FEDAVG));
         assert_eq!(sparse.inner_steps, 30);
         let tuned = Strategy::parse("diloco-int8[lr=0.5]", 50).unwrap();
         assert_eq!(tuned.outer.unwrap().lr, 0.5);
-        assert_eq!(Strategy::parse("diloco-4bit[decay=none]", 50).unwrap().outer, None);
+        assert_eq!(
+            Strategy::parse("diloco-4bit[decay=none]", 50)
+                .unwrap()
+                .outer,
+            None
+        );
         assert!(Strategy::parse("ddp@5", 50).is_err());
         assert!(Strategy::parse("ddp[up=int8]", 50).is_err());
         assert!(Strategy::parse("diloco@0", 50).is_err());
@@ -263,31 +405,137 @@ mod tests {
         assert!(Strategy::parse("sparseloco[up=topk:k=0]", 50).is_err());
         assert!(Strategy::parse("sparseloco[colour=red]", 50).is_err());
         assert!(Strategy::parse("sparseloco[decay=2]", 50).is_err());
-        let streaming = Strategy::parse("streaming@40[fragments=2;overlap=3;mix=0.25]", 50).unwrap();
-        assert_eq!(streaming.streaming, Some(Streaming { fragments: 2, overlap_steps: 3, mix: 0.25 }));
-        assert!(Strategy::parse("streaming@8[fragments=4;overlap=2]", 50).is_err(), "overlap must be below H/P");
+        let streaming =
+            Strategy::parse("streaming@40[fragments=2;overlap=3;mix=0.25]", 50).unwrap();
+        assert_eq!(
+            streaming.streaming,
+            Some(Streaming {
+                fragments: 2,
+                overlap_steps: 3,
+                mix: 0.25
+            })
+        );
+        assert!(
+            Strategy::parse("streaming@8[fragments=4;overlap=2]", 50).is_err(),
+            "overlap must be below H/P"
+        );
         assert!(Strategy::parse("diloco[fragments=2]", 50).is_err());
-        assert!(Strategy::parse("gossip", 50).unwrap_err().contains("unknown strategy"));
+        assert!(Strategy::parse("gossip", 50)
+            .unwrap_err()
+            .contains("unknown strategy"));
         // The sparse presets' downlink follows K unless `down=` is given.
         let preset = Strategy::parse("sparseloco", 50).unwrap();
-        assert_eq!(preset.compression_for(4), preset.compression, "the written preset is K = 4's");
-        assert_eq!(preset.compression_for(8).downlink, CodecSpec::TopK { k: 512, chunk: 4096, values: ValueCoding::Q2 });
-        assert_eq!(preset.compression_for(100).downlink, CodecSpec::TopK { k: 4096, chunk: 4096, values: ValueCoding::Q2 }, "at most the chunk");
+        assert_eq!(
+            preset.compression_for(4),
+            preset.compression,
+            "the written preset is K = 4's"
+        );
+        assert_eq!(
+            preset.compression_for(8).downlink,
+            CodecSpec::TopK {
+                k: 512,
+                chunk: 4096,
+                values: ValueCoding::Q2
+            }
+        );
+        assert_eq!(
+            preset.compression_for(100).downlink,
+            CodecSpec::TopK {
+                k: 4096,
+                chunk: 4096,
+                values: ValueCoding::Q2
+            },
+            "at most the chunk"
+        );
         let up_only = Strategy::parse("sparseloco[up=topk:k=32,chunk=8192,values=q2]", 50).unwrap();
-        assert_eq!(up_only.compression_for(3).downlink, CodecSpec::TopK { k: 96, chunk: 8192, values: ValueCoding::Q2 });
-        assert_eq!(sparse.compression_for(2).downlink, CodecSpec::TopK { k: 64, chunk: 4096, values: ValueCoding::Q2 }, "no down= given: follows K and the new uplink");
-        let fixed = Strategy::parse("sparseloco[down=topk:k=128,chunk=4096,values=q2]", 50).unwrap();
-        assert_eq!(fixed.compression_for(8).downlink, CodecSpec::TopK { k: 128, chunk: 4096, values: ValueCoding::Q2 });
-        assert_eq!(Strategy::parse("demo-dct", 50).unwrap().compression_for(2).downlink, CodecSpec::DctTopK { k: 16, chunk: 256, values: ValueCoding::Sign });
-        let random = Strategy::parse("sparseloco[up=randomk:k=64,chunk=4096,values=q2]", 50).unwrap();
-        assert_eq!(random.compression_for(4).downlink, CodecSpec::TopK { k: 256, chunk: 4096, values: ValueCoding::Q2 });
-        assert_eq!(Strategy::parse("sparseloco[up=int8]", 50).unwrap().compression_for(4).downlink, int(8));
-        assert_eq!(Strategy::parse("diloco-int8", 50).unwrap().compression_for(8), Strategy::parse("diloco-int8", 50).unwrap().compression);
+        assert_eq!(
+            up_only.compression_for(3).downlink,
+            CodecSpec::TopK {
+                k: 96,
+                chunk: 8192,
+                values: ValueCoding::Q2
+            }
+        );
+        assert_eq!(
+            sparse.compression_for(2).downlink,
+            CodecSpec::TopK {
+                k: 64,
+                chunk: 4096,
+                values: ValueCoding::Q2
+            },
+            "no down= given: follows K and the new uplink"
+        );
+        let fixed =
+            Strategy::parse("sparseloco[down=topk:k=128,chunk=4096,values=q2]", 50).unwrap();
+        assert_eq!(
+            fixed.compression_for(8).downlink,
+            CodecSpec::TopK {
+                k: 128,
+                chunk: 4096,
+                values: ValueCoding::Q2
+            }
+        );
+        assert_eq!(
+            Strategy::parse("demo-dct", 50)
+                .unwrap()
+                .compression_for(2)
+                .downlink,
+            CodecSpec::DctTopK {
+                k: 16,
+                chunk: 256,
+                values: ValueCoding::Sign
+            }
+        );
+        let random =
+            Strategy::parse("sparseloco[up=randomk:k=64,chunk=4096,values=q2]", 50).unwrap();
+        assert_eq!(
+            random.compression_for(4).downlink,
+            CodecSpec::TopK {
+                k: 256,
+                chunk: 4096,
+                values: ValueCoding::Q2
+            }
+        );
+        assert_eq!(
+            Strategy::parse("sparseloco[up=int8]", 50)
+                .unwrap()
+                .compression_for(4)
+                .downlink,
+            int(8)
+        );
+        assert_eq!(
+            Strategy::parse("diloco-int8", 50)
+                .unwrap()
+                .compression_for(8),
+            Strategy::parse("diloco-int8", 50).unwrap().compression
+        );
         let robust = Strategy::parse("diloco[agg=trimmed-mean:trim=0.2;norm=3]", 50).unwrap();
-        assert_eq!(robust.robustness(AggregatorSpec::Mean), Robustness { norm_ratio_max: Some(3.0), ..Robustness::with(AggregatorSpec::TrimmedMean { trim: 0.2 }) });
-        assert_eq!(Strategy::parse("diloco[norm=off]", 50).unwrap().robustness(AggregatorSpec::Median).norm_ratio_max, None);
-        assert_eq!(Strategy::parse("diloco", 50).unwrap().robustness(AggregatorSpec::Median).aggregator, AggregatorSpec::Median, "the run's default");
+        assert_eq!(
+            robust.robustness(AggregatorSpec::Mean),
+            Robustness {
+                norm_ratio_max: Some(3.0),
+                ..Robustness::with(AggregatorSpec::TrimmedMean { trim: 0.2 })
+            }
+        );
+        assert_eq!(
+            Strategy::parse("diloco[norm=off]", 50)
+                .unwrap()
+                .robustness(AggregatorSpec::Median)
+                .norm_ratio_max,
+            None
+        );
+        assert_eq!(
+            Strategy::parse("diloco", 50)
+                .unwrap()
+                .robustness(AggregatorSpec::Median)
+                .aggregator,
+            AggregatorSpec::Median,
+            "the run's default"
+        );
         assert!(Strategy::parse("diloco[agg=mode]", 50).is_err());
-        assert!(Strategy::parse("diloco[norm=1]", 50).is_err(), "a bound must be above 1");
+        assert!(
+            Strategy::parse("diloco[norm=1]", 50).is_err(),
+            "a bound must be above 1"
+        );
     }
 }

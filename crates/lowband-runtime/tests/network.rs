@@ -23,45 +23,103 @@ fn config(sites: usize, attacks: &[&str], aggregator: &str) -> RunConfig {
 }
 
 fn split(config: &RunConfig) -> Split {
-    let text = SyntheticLanguage::new(SyntheticSpec { words: 100, ..SyntheticSpec::default() }).generate(60_000, 3);
-    Split::new(&text, config.validation_fraction, config.sites, ShardMode::NonIid, preset("tiny").unwrap().model.context_length).unwrap()
+    let text = SyntheticLanguage::new(SyntheticSpec {
+        words: 100,
+        ..SyntheticSpec::default()
+    })
+    .generate(60_000, 3);
+    Split::new(
+        &text,
+        config.validation_fraction,
+        config.sites,
+        ShardMode::NonIid,
+        preset("tiny").unwrap().model.context_length,
+    )
+    .unwrap()
 }
 
 /// Run `strategy` over loopback QUIC and in memory; the same parameters, final loss, ledger
 /// (plus a 64-byte signature per packet) and per-step training losses.
 fn run_both(c: &RunConfig, strategy: &str) -> (RunResult, RunResult) {
     let s = split(c);
-    let memory = run(c, Strategy::parse(strategy, c.inner_steps).unwrap(), &s, &Persistence::default(), &mut |_| {}).unwrap();
-    let network = run_over_loopback(c, Strategy::parse(strategy, c.inner_steps).unwrap(), &s, Limits::default()).unwrap();
+    let memory = run(
+        c,
+        Strategy::parse(strategy, c.inner_steps).unwrap(),
+        &s,
+        &Persistence::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let network = run_over_loopback(
+        c,
+        Strategy::parse(strategy, c.inner_steps).unwrap(),
+        &s,
+        Limits::default(),
+    )
+    .unwrap();
     assert_eq!(network.rounds, memory.rounds, "{strategy}");
-    assert!(network.final_params == memory.final_params, "{strategy}: parameters differ");
+    assert!(
+        network.final_params == memory.final_params,
+        "{strategy}: parameters differ"
+    );
     assert_eq!(network.final_val_loss, memory.final_val_loss, "{strategy}");
     let packets = memory.ledger.total_packets();
     assert_eq!(network.ledger.total_packets(), packets, "{strategy}");
-    assert_eq!(network.ledger.total_bytes(), memory.ledger.total_bytes() + 64 * packets, "{strategy}");
-    let steps = |r: &RunResult| r.metrics.iter().filter(|m| matches!(m, Metric::Step { .. })).cloned().collect::<Vec<_>>();
+    assert_eq!(
+        network.ledger.total_bytes(),
+        memory.ledger.total_bytes() + 64 * packets,
+        "{strategy}"
+    );
+    let steps = |r: &RunResult| {
+        r.metrics
+            .iter()
+            .filter(|m| matches!(m, Metric::Step { .. }))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     assert_eq!(steps(&network).len(), c.steps as usize, "{strategy}");
-    assert_eq!(steps(&network), steps(&memory), "{strategy}: per-step training losses");
+    assert_eq!(
+        steps(&network),
+        steps(&memory),
+        "{strategy}: per-step training losses"
+    );
     (network, memory)
 }
 
 #[test]
 fn over_quic_the_run_is_bitwise_the_in_memory_run() {
-    for (strategy, attacks, aggregator) in [("diloco", vec![], "mean"), ("sparseloco", vec![], "mean"), ("diloco-int8", vec!["2:scale=-10"], "median")] {
+    for (strategy, attacks, aggregator) in [
+        ("diloco", vec![], "mean"),
+        ("sparseloco", vec![], "mean"),
+        ("diloco-int8", vec!["2:scale=-10"], "median"),
+    ] {
         let c = config(3, &attacks, aggregator);
         let (network, memory) = run_both(&c, strategy);
-        assert_eq!(network.site_scores, memory.site_scores, "{strategy}: the same refusals and exclusions");
+        assert_eq!(
+            network.site_scores, memory.site_scores,
+            "{strategy}: the same refusals and exclusions"
+        );
         // The sites' training reports (which gave the per-step losses) are counted beside the
         // ledger: per site and round, a 28-byte envelope, 12 bytes, 4 per step and a 64-byte
         // signature. (The attacked run excludes its attacker after a few rounds: fewer reports.)
-        let every_site_every_round = c.sites as u64 * (c.steps / c.inner_steps) * (28 + 12 + 4 * c.inner_steps + 64);
+        let every_site_every_round =
+            c.sites as u64 * (c.steps / c.inner_steps) * (28 + 12 + 4 * c.inner_steps + 64);
         if attacks.is_empty() {
-            assert_eq!(network.telemetry_bytes, every_site_every_round, "{strategy}");
+            assert_eq!(
+                network.telemetry_bytes, every_site_every_round,
+                "{strategy}"
+            );
         } else {
-            assert!(network.telemetry_bytes > 0 && network.telemetry_bytes < every_site_every_round, "{strategy}");
+            assert!(
+                network.telemetry_bytes > 0 && network.telemetry_bytes < every_site_every_round,
+                "{strategy}"
+            );
         }
         assert_eq!(memory.telemetry_bytes, 0);
-        assert!(network.compute_seconds > 0.0, "{strategy}: the sites' reported compute");
+        assert!(
+            network.compute_seconds > 0.0,
+            "{strategy}: the sites' reported compute"
+        );
     }
 }
 
@@ -78,6 +136,13 @@ fn streaming_over_quic_is_bitwise_the_in_memory_run() {
 fn ddp_is_refused_with_a_reason() {
     let c = config(2, &[], "mean");
     let s = split(&c);
-    let error = run_over_loopback(&c, Strategy::parse("ddp", 4).unwrap(), &s, Limits::default()).expect_err("refused").to_string();
+    let error = run_over_loopback(
+        &c,
+        Strategy::parse("ddp", 4).unwrap(),
+        &s,
+        Limits::default(),
+    )
+    .expect_err("refused")
+    .to_string();
     assert!(error.contains("DDP runs in memory"), "{error}");
 }

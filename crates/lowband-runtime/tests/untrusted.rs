@@ -21,27 +21,92 @@ fn config(attacks: &[&str], aggregator: &str) -> RunConfig {
     }
 }
 
-fn go(config: &RunConfig, strategy: &str, persistence: &Persistence) -> Result<RunResult, RunError> {
-    let text = SyntheticLanguage::new(SyntheticSpec { words: 100, ..SyntheticSpec::default() }).generate(60_000, 3);
-    let split = Split::new(&text, config.validation_fraction, config.sites, ShardMode::NonIid, preset("tiny").unwrap().model.context_length).unwrap();
-    run(config, Strategy::parse(strategy, config.inner_steps).unwrap(), &split, persistence, &mut |_| {})
+fn go(
+    config: &RunConfig,
+    strategy: &str,
+    persistence: &Persistence,
+) -> Result<RunResult, RunError> {
+    let text = SyntheticLanguage::new(SyntheticSpec {
+        words: 100,
+        ..SyntheticSpec::default()
+    })
+    .generate(60_000, 3);
+    let split = Split::new(
+        &text,
+        config.validation_fraction,
+        config.sites,
+        ShardMode::NonIid,
+        preset("tiny").unwrap().model.context_length,
+    )
+    .unwrap();
+    run(
+        config,
+        Strategy::parse(strategy, config.inner_steps).unwrap(),
+        &split,
+        persistence,
+        &mut |_| {},
+    )
 }
 
 fn refusals(r: &RunResult) -> Vec<(u64, u32)> {
-    r.metrics.iter().filter_map(|m| if let Metric::Refused { round, site, .. } = m { Some((*round, *site)) } else { None }).collect()
+    r.metrics
+        .iter()
+        .filter_map(|m| {
+            if let Metric::Refused { round, site, .. } = m {
+                Some((*round, *site))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 #[test]
 fn the_mean_is_wrecked_by_one_scaled_site_and_a_robust_aggregator_is_not() {
     let honest = go(&config(&[], "mean"), "diloco", &Persistence::default()).unwrap();
-    let attacked_mean = go(&config(&["1:scale=-10"], "mean"), "diloco", &Persistence::default()).unwrap();
-    assert!(attacked_mean.final_val_loss > honest.final_val_loss * 1.5, "the plain mean follows the attacker: {} vs {}", attacked_mean.final_val_loss, honest.final_val_loss);
+    let attacked_mean = go(
+        &config(&["1:scale=-10"], "mean"),
+        "diloco",
+        &Persistence::default(),
+    )
+    .unwrap();
+    assert!(
+        attacked_mean.final_val_loss > honest.final_val_loss * 1.5,
+        "the plain mean follows the attacker: {} vs {}",
+        attacked_mean.final_val_loss,
+        honest.final_val_loss
+    );
     for aggregator in ["median", "trimmed-mean", "centered-clip", "clipped-mean"] {
-        let defended = go(&config(&["1:scale=-10"], aggregator), "diloco", &Persistence::default()).unwrap();
-        assert!((defended.final_val_loss / honest.final_val_loss - 1.0).abs() < 0.03, "{aggregator}: {} vs honest {}", defended.final_val_loss, honest.final_val_loss);
-        let score = &defended.site_scores.iter().find(|(k, _)| *k == 1).unwrap().1;
-        assert!(score.excluded.is_some(), "{aggregator}: the attacker is excluded");
-        assert_eq!(refusals(&defended).iter().map(|(_, s)| *s).collect::<Vec<_>>(), vec![1, 1, 1], "{aggregator}: only the attacker, three times");
+        let defended = go(
+            &config(&["1:scale=-10"], aggregator),
+            "diloco",
+            &Persistence::default(),
+        )
+        .unwrap();
+        assert!(
+            (defended.final_val_loss / honest.final_val_loss - 1.0).abs() < 0.03,
+            "{aggregator}: {} vs honest {}",
+            defended.final_val_loss,
+            honest.final_val_loss
+        );
+        let score = &defended
+            .site_scores
+            .iter()
+            .find(|(k, _)| *k == 1)
+            .unwrap()
+            .1;
+        assert!(
+            score.excluded.is_some(),
+            "{aggregator}: the attacker is excluded"
+        );
+        assert_eq!(
+            refusals(&defended)
+                .iter()
+                .map(|(_, s)| *s)
+                .collect::<Vec<_>>(),
+            vec![1, 1, 1],
+            "{aggregator}: only the attacker, three times"
+        );
     }
 }
 
@@ -49,14 +114,35 @@ fn the_mean_is_wrecked_by_one_scaled_site_and_a_robust_aggregator_is_not() {
 fn every_attack_reaches_the_coordinator_and_the_run_goes_on() {
     // Refused: by the norm or direction check, the decoder or the envelope; a stale update is
     // refused once the honest updates have moved away from it (None: either way).
-    for (attack, refused) in [("signflip", Some(true)), ("noise=1", Some(true)), ("zeros", Some(true)), ("nan", Some(true)), ("stale", None), ("garbage", Some(true))] {
+    for (attack, refused) in [
+        ("signflip", Some(true)),
+        ("noise=1", Some(true)),
+        ("zeros", Some(true)),
+        ("nan", Some(true)),
+        ("stale", None),
+        ("garbage", Some(true)),
+    ] {
         for strategy in ["diloco", "sparseloco"] {
-            let r = go(&config(&[&format!("2:{attack}")], "median"), strategy, &Persistence::default()).unwrap_or_else(|e| panic!("{attack} {strategy}: {e}"));
+            let r = go(
+                &config(&[&format!("2:{attack}")], "median"),
+                strategy,
+                &Persistence::default(),
+            )
+            .unwrap_or_else(|e| panic!("{attack} {strategy}: {e}"));
             assert!(r.final_val_loss.is_finite(), "{attack} {strategy}");
             let bad = refusals(&r).iter().all(|(_, s)| *s == 2);
-            assert!(bad, "{attack} {strategy}: an honest site was refused: {:?}", refusals(&r));
+            assert!(
+                bad,
+                "{attack} {strategy}: an honest site was refused: {:?}",
+                refusals(&r)
+            );
             if let Some(refused) = refused {
-                assert_eq!(!refusals(&r).is_empty(), refused, "{attack} {strategy}: {:?}", refusals(&r));
+                assert_eq!(
+                    !refusals(&r).is_empty(),
+                    refused,
+                    "{attack} {strategy}: {:?}",
+                    refusals(&r)
+                );
             }
         }
     }
@@ -64,19 +150,46 @@ fn every_attack_reaches_the_coordinator_and_the_run_goes_on() {
 
 #[test]
 fn an_attacked_run_resumes_to_exactly_the_uninterrupted_result() {
-    let c = RunConfig { checkpoint_every_rounds: 1, ..config(&["1:zeros", "3:stale"], "trimmed-mean") };
+    let c = RunConfig {
+        checkpoint_every_rounds: 1,
+        ..config(&["1:zeros", "3:stale"], "trimmed-mean")
+    };
     let straight = go(&c, "diloco", &Persistence::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let stop = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(4) };
-    assert!(matches!(go(&c, "diloco", &stop), Err(RunError::Stopped { .. })));
-    let resumed = go(&c, "diloco", &Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None }).unwrap();
-    assert_eq!(resumed.final_params, straight.final_params, "exclusions, scores and the stale update carry over");
+    let stop = Persistence {
+        state_dir: Some(dir.path().to_path_buf()),
+        stop_after_rounds: Some(4),
+    };
+    assert!(matches!(
+        go(&c, "diloco", &stop),
+        Err(RunError::Stopped { .. })
+    ));
+    let resumed = go(
+        &c,
+        "diloco",
+        &Persistence {
+            state_dir: Some(dir.path().to_path_buf()),
+            stop_after_rounds: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        resumed.final_params, straight.final_params,
+        "exclusions, scores and the stale update carry over"
+    );
     assert_eq!(resumed.site_scores, straight.site_scores);
 }
 
 #[test]
 fn attacks_on_sites_that_do_not_exist_are_refused_with_the_field() {
-    for (attacks, needle) in [(vec!["4:zeros"], "only sites 0 to 3"), (vec!["1:zeros", "1:nan"], "two attacks"), (vec!["0:zeros", "1:zeros", "2:zeros", "3:zeros"], "every site")] {
+    for (attacks, needle) in [
+        (vec!["4:zeros"], "only sites 0 to 3"),
+        (vec!["1:zeros", "1:nan"], "two attacks"),
+        (
+            vec!["0:zeros", "1:zeros", "2:zeros", "3:zeros"],
+            "every site",
+        ),
+    ] {
         let c = config(&attacks, "mean");
         let (field, reason) = c.validate().unwrap_err();
         assert_eq!(field, "attacks");

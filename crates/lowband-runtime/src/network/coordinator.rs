@@ -36,7 +36,12 @@ struct SiteConnection {
 }
 
 impl SiteConnection {
-    fn open(peer: Peer, site: u32, generation: u64, inbound: tokio::sync::mpsc::UnboundedSender<Inbound>) -> SiteConnection {
+    fn open(
+        peer: Peer,
+        site: u32,
+        generation: u64,
+        inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
+    ) -> SiteConnection {
         spawn_reader(peer.clone(), site, generation, inbound.clone());
         let (outbox, mut queue) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
         let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -57,7 +62,12 @@ impl SiteConnection {
                 }
             }
         });
-        SiteConnection { generation, peer, outbox, queued_bytes }
+        SiteConnection {
+            generation,
+            peer,
+            outbox,
+            queued_bytes,
+        }
     }
 
     /// Queue `sealed`; false if the site already has `budget` bytes waiting (it is behind).
@@ -66,14 +76,20 @@ impl SiteConnection {
         if waiting > 0 && waiting + sealed.len() > budget {
             return false;
         }
-        self.queued_bytes.fetch_add(sealed.len(), std::sync::atomic::Ordering::Relaxed);
+        self.queued_bytes
+            .fetch_add(sealed.len(), std::sync::atomic::Ordering::Relaxed);
         // A closed queue means the writer has stopped; its error is on its way as an Inbound.
         let _ = self.outbox.send(sealed);
         true
     }
 }
 
-fn spawn_reader(peer: Peer, site: u32, generation: u64, tx: tokio::sync::mpsc::UnboundedSender<Inbound>) {
+fn spawn_reader(
+    peer: Peer,
+    site: u32,
+    generation: u64,
+    tx: tokio::sync::mpsc::UnboundedSender<Inbound>,
+) {
     tokio::spawn(async move {
         loop {
             let message = peer.recv().await;
@@ -100,14 +116,24 @@ fn push_reported(common: &mut Common, first_step: u64, reported: &BTreeMap<u32, 
             count += 1;
         }
         let step = first_step + i as u64;
-        common.metrics.push(Metric::Step { step, loss: sum / count as f32, lr: common.schedule.lr_at(step) });
+        common.metrics.push(Metric::Step {
+            step,
+            loss: sum / count as f32,
+            lr: common.schedule.lr_at(step),
+        });
     }
     common.compute_seconds += reported.values().map(|r| r.seconds).fold(0.0, f64::max);
 }
 
 /// The protocol's actions into the run: metrics, evaluation at a round's close, and the
 /// coordinator's checkpoint. A round closed on a quorum lists its missing members as `Missed`.
-fn absorb_network(actions: Vec<lowband_protocol::Action>, common: &mut Common, coordinator: &Coordinator, persistence: &crate::Persistence, reports: &mut Reports) -> Result<crate::driver::Sends, RunError> {
+fn absorb_network(
+    actions: Vec<lowband_protocol::Action>,
+    common: &mut Common,
+    coordinator: &Coordinator,
+    persistence: &crate::Persistence,
+    reports: &mut Reports,
+) -> Result<crate::driver::Sends, RunError> {
     let rounds = RoundSteps::of(common.config, &common.strategy);
     let mut checkpoint = false;
     let mut step = rounds.first_step(coordinator.round());
@@ -120,7 +146,10 @@ fn absorb_network(actions: Vec<lowband_protocol::Action>, common: &mut Common, c
                 reports.retain(|round, _| *round > report.round);
                 push_reported(common, rounds.first_step(report.round), &reported);
                 for site in std::mem::take(&mut report.missing) {
-                    common.metrics.push(Metric::Missed { round: report.round, site });
+                    common.metrics.push(Metric::Missed {
+                        round: report.round,
+                        site,
+                    });
                 }
                 Some(lowband_protocol::Action::RoundClosed(report))
             }
@@ -133,7 +162,8 @@ fn absorb_network(actions: Vec<lowband_protocol::Action>, common: &mut Common, c
         .collect();
     let sends = absorb(actions, common, coordinator, step)?;
     if checkpoint && persistence.state_dir.is_some() {
-        crate::state::RunState::of_coordinator(common, step, coordinator).save(persistence, &common.strategy)?;
+        crate::state::RunState::of_coordinator(common, step, coordinator)
+            .save(persistence, &common.strategy)?;
     }
     Ok(sends)
 }
@@ -155,9 +185,20 @@ pub(super) async fn coordinate<'a>(
     let rounds = RoundSteps::of(common.config, &common.strategy);
     let inner_steps = common.strategy.inner_steps;
     let overlap_steps = common.strategy.streaming.map_or(0, |s| s.overlap_steps);
-    let persistence = crate::Persistence { state_dir: options.state_dir.clone(), stop_after_rounds: None };
-    let quorum = if options.quorum == 0 { site_keys.len() } else { options.quorum.min(site_keys.len()) };
-    let ids: BTreeMap<PublicKey, u32> = site_keys.iter().enumerate().map(|(k, key)| (*key, k as u32)).collect();
+    let persistence = crate::Persistence {
+        state_dir: options.state_dir.clone(),
+        stop_after_rounds: None,
+    };
+    let quorum = if options.quorum == 0 {
+        site_keys.len()
+    } else {
+        options.quorum.min(site_keys.len())
+    };
+    let ids: BTreeMap<PublicKey, u32> = site_keys
+        .iter()
+        .enumerate()
+        .map(|(k, key)| (*key, k as u32))
+        .collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Inbound>();
     let mut peers: BTreeMap<u32, SiteConnection> = BTreeMap::new();
     let mut reports = Reports::new();
@@ -165,30 +206,56 @@ pub(super) async fn coordinate<'a>(
     let mut generation = 0u64;
     let now_ms = || started.elapsed().as_millis() as u64;
 
-    let join_deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(options.join_timeout_ms);
+    let join_deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_millis(options.join_timeout_ms);
     while peers.len() < site_keys.len() {
         match tokio::time::timeout_at(join_deadline, node.accept()).await {
             Err(_) if peers.len() >= quorum => break,
-            Err(_) => return Err(RunError::Protocol(format!("{} of {} sites joined within {} s (a quorum is {quorum})", peers.len(), site_keys.len(), options.join_timeout_ms / 1000))),
+            Err(_) => {
+                return Err(RunError::Protocol(format!(
+                    "{} of {} sites joined within {} s (a quorum is {quorum})",
+                    peers.len(),
+                    site_keys.len(),
+                    options.join_timeout_ms / 1000
+                )))
+            }
             Ok(Some(Ok(peer))) => {
-                let Some(&id) = ids.get(&peer.key()) else { continue };
+                let Some(&id) = ids.get(&peer.key()) else {
+                    continue;
+                };
                 generation += 1;
-                if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
+                if let Some(old) =
+                    peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone()))
+                {
                     old.peer.close();
                 }
             }
             Ok(Some(Err(e))) => eprintln!("coordinator: refused a connection: {e}"),
-            Ok(None) => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
+            Ok(None) => {
+                return Err(RunError::Protocol(
+                    "the coordinator's endpoint closed".into(),
+                ))
+            }
         }
     }
     for &id in peers.keys() {
         coordinator.handle(now_ms(), Event::SiteJoined { site: id });
     }
-    let mut sends = absorb_network(coordinator.start(now_ms()), &mut common, &coordinator, &persistence, &mut reports)?;
+    let mut sends = absorb_network(
+        coordinator.start(now_ms()),
+        &mut common,
+        &coordinator,
+        &persistence,
+        &mut reports,
+    )?;
     let end_round = rounds.rounds();
     // Streaming: the broadcasts of the final syncs are not counted (no site trains after them),
     // as in memory.
-    let counted_rounds = if rounds.fragments == 0 { u64::MAX } else { rounds.syncs_in_run() };
+    let counted_rounds = if rounds.fragments == 0 {
+        u64::MAX
+    } else {
+        rounds.syncs_in_run()
+    };
     let tick = std::time::Duration::from_millis((options.round_deadline_ms / 4).clamp(10, 1000));
     let mut sample_packets: Vec<(String, bytes::Bytes)> = Vec::new();
     // The largest message each way in the open round (for the link model's time).
@@ -202,8 +269,10 @@ pub(super) async fn coordinate<'a>(
             } else if link_round < counted_rounds {
                 // The sites compute on while a sync travels: `overlap_steps` of their mean step
                 // time hides it.
-                let hidden = overlap_steps as f64 * common.compute_seconds / rounds.end_step(link_round).max(1) as f64;
-                (link.transfer_seconds(down_bytes) + link.transfer_seconds(up_bytes) - hidden).max(0.0)
+                let hidden = overlap_steps as f64 * common.compute_seconds
+                    / rounds.end_step(link_round).max(1) as f64;
+                (link.transfer_seconds(down_bytes) + link.transfer_seconds(up_bytes) - hidden)
+                    .max(0.0)
             } else {
                 link.transfer_seconds(up_bytes)
             };
@@ -214,10 +283,22 @@ pub(super) async fn coordinate<'a>(
             break;
         }
         // An excluded site's connection is ended with the reason (it does not try again).
-        let excluded: Vec<(u32, String)> = coordinator.scores().iter().filter_map(|(site, score)| score.excluded.clone().filter(|_| peers.contains_key(site)).map(|reason| (*site, reason))).collect();
+        let excluded: Vec<(u32, String)> = coordinator
+            .scores()
+            .iter()
+            .filter_map(|(site, score)| {
+                score
+                    .excluded
+                    .clone()
+                    .filter(|_| peers.contains_key(site))
+                    .map(|reason| (*site, reason))
+            })
+            .collect();
         for (site, reason) in excluded {
             if let Some(connection) = peers.remove(&site) {
-                connection.peer.close_with(CLOSE_EXCLUDED as u32, &format!("excluded: {reason}"));
+                connection
+                    .peer
+                    .close_with(CLOSE_EXCLUDED as u32, &format!("excluded: {reason}"));
             }
         }
         let round = coordinator.round();
@@ -225,7 +306,11 @@ pub(super) async fn coordinate<'a>(
         let mut last_sealed: Option<(bytes::Bytes, bytes::Bytes)> = None;
         for (to, bytes) in std::mem::take(&mut sends) {
             let sealed = match &last_sealed {
-                Some((message, sealed)) if message.as_ptr() == bytes.as_ptr() && message.len() == bytes.len() => sealed.clone(),
+                Some((message, sealed))
+                    if message.as_ptr() == bytes.as_ptr() && message.len() == bytes.len() =>
+                {
+                    sealed.clone()
+                }
                 _ => {
                     let sealed = bytes::Bytes::from(seal(identity, &bytes));
                     last_sealed = Some((bytes.clone(), sealed.clone()));
@@ -234,19 +319,34 @@ pub(super) async fn coordinate<'a>(
             };
             if round <= counted_rounds {
                 down_bytes = down_bytes.max(sealed.len() as u64);
-                common.ledger.record(round, Endpoint::Coordinator, Endpoint::Site(to), sealed.len() as u64);
+                common.ledger.record(
+                    round,
+                    Endpoint::Coordinator,
+                    Endpoint::Site(to),
+                    sealed.len() as u64,
+                );
             }
             if to == 0 {
                 sample_packets = vec![("global".into(), bytes)];
             }
-            let Some(connection) = peers.get(&to) else { continue };
+            let Some(connection) = peers.get(&to) else {
+                continue;
+            };
             if !connection.queue(sealed, outbox_budget) {
                 // Too far behind: it rejoins and gets the current parameters in full.
                 let connection = peers.remove(&to).expect("looked up above");
-                connection.peer.close_with(CLOSE_REJOIN as u32, "fell too far behind: rejoin");
+                connection
+                    .peer
+                    .close_with(CLOSE_REJOIN as u32, "fell too far behind: rejoin");
                 common.metrics.push(Metric::Refused { round, site: to, reason: format!("fell behind by more than {OUTBOX_MODELS} copies of the parameters: asked to rejoin") });
                 let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: to });
-                sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
+                sends.extend(absorb_network(
+                    actions,
+                    &mut common,
+                    &coordinator,
+                    &persistence,
+                    &mut reports,
+                )?);
             }
         }
         if !sends.is_empty() {
@@ -343,4 +443,3 @@ pub(super) async fn coordinate<'a>(
     }
     Ok((common, coordinator, sample_packets))
 }
-

@@ -59,7 +59,7 @@ mod coordinator;
 mod site;
 
 use coordinator::coordinate;
-use site::{streaming_site_task, site_task};
+use site::{site_task, streaming_site_task};
 
 impl From<NetError> for RunError {
     fn from(e: NetError) -> Self {
@@ -91,27 +91,60 @@ pub struct NetworkOptions {
 
 impl NetworkOptions {
     pub fn new(limits: Limits) -> Self {
-        NetworkOptions { limits, quorum: 0, round_deadline_ms: 600_000, join_timeout_ms: JOIN_TIMEOUT_MS, state_dir: None, resume: false }
+        NetworkOptions {
+            limits,
+            quorum: 0,
+            round_deadline_ms: 600_000,
+            join_timeout_ms: JOIN_TIMEOUT_MS,
+            state_dir: None,
+            resume: false,
+        }
     }
 }
 
 /// Run a round strategy with every node on loopback QUIC, in this process.
-pub fn run_over_loopback(config: &RunConfig, strategy: Strategy, split: &Split, limits: Limits) -> Result<RunResult, RunError> {
+pub fn run_over_loopback(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    limits: Limits,
+) -> Result<RunResult, RunError> {
     check_networkable(config, &strategy, split)?;
-    runtime(config.sites)?.block_on(run_async(config, strategy, split, NetworkOptions::new(limits)))
+    runtime(config.sites)?.block_on(run_async(
+        config,
+        strategy,
+        split,
+        NetworkOptions::new(limits),
+    ))
 }
 
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, RunError> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(threads.clamp(2, 8)).enable_all().build().map_err(|e| RunError::Io { path: "tokio runtime".into(), source: e })
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.clamp(2, 8))
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Io {
+            path: "tokio runtime".into(),
+            source: e,
+        })
 }
 
-fn check_networkable(config: &RunConfig, strategy: &Strategy, split: &Split) -> Result<(), RunError> {
-    config.validate().map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
+fn check_networkable(
+    config: &RunConfig,
+    strategy: &Strategy,
+    split: &Split,
+) -> Result<(), RunError> {
+    config
+        .validate()
+        .map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
     if strategy.kind != StrategyKind::Rounds {
         return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round and streaming strategies (DDP runs in memory, as the reference)", strategy.name()) });
     }
     if split.shards.len() != config.sites {
-        return Err(RunError::InvalidConfig { field: "sites", reason: format!("{} shards for {} sites", split.shards.len(), config.sites) });
+        return Err(RunError::InvalidConfig {
+            field: "sites",
+            reason: format!("{} shards for {} sites", split.shards.len(), config.sites),
+        });
     }
     Ok(())
 }
@@ -135,31 +168,63 @@ pub fn serve_coordinator(
 ) -> Result<RunResult, RunError> {
     check_networkable(config, &strategy, split)?;
     if site_keys.len() != config.sites {
-        return Err(RunError::InvalidConfig { field: "site_keys", reason: format!("{} keys for {} sites", site_keys.len(), config.sites) });
+        return Err(RunError::InvalidConfig {
+            field: "site_keys",
+            reason: format!("{} keys for {} sites", site_keys.len(), config.sites),
+        });
     }
     runtime(config.sites)?.block_on(async {
         let started = Instant::now();
         let mut common = Common::new(config, strategy.clone(), split)?;
         let initial = common.initial_params();
-        let mut coordinator = Coordinator::new(coordinator_config(config, &strategy, initial.len(), &options), initial)?;
-        let persistence = crate::Persistence { state_dir: options.state_dir.clone(), stop_after_rounds: None };
+        let mut coordinator = Coordinator::new(
+            coordinator_config(config, &strategy, initial.len(), &options),
+            initial,
+        )?;
+        let persistence = crate::Persistence {
+            state_dir: options.state_dir.clone(),
+            stop_after_rounds: None,
+        };
         match crate::state::load(&persistence, &strategy)? {
             Some(saved) if options.resume => {
                 let round = saved.round();
                 saved.restore_coordinator(&mut common, &mut coordinator)?;
-                println!("resuming {} from its saved state at round {round}", strategy.name());
+                println!(
+                    "resuming {} from its saved state at round {round}",
+                    strategy.name()
+                );
             }
             Some(_) => {
-                let dir = options.state_dir.as_ref().expect("a state was loaded from it").join(strategy.dir_name());
-                std::fs::remove_dir_all(&dir).map_err(|e| RunError::Io { path: dir.clone(), source: e })?;
+                let dir = options
+                    .state_dir
+                    .as_ref()
+                    .expect("a state was loaded from it")
+                    .join(strategy.dir_name());
+                std::fs::remove_dir_all(&dir).map_err(|e| RunError::Io {
+                    path: dir.clone(),
+                    source: e,
+                })?;
             }
-            None if options.resume => println!("no saved state of {} to resume: starting at round 0", strategy.name()),
+            None if options.resume => println!(
+                "no saved state of {} to resume: starting at round 0",
+                strategy.name()
+            ),
             None => {}
         }
-        let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
+        let allowed: AllowList =
+            Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
         let node = Node::listen(identity.clone(), listen, allowed, options.limits.clone())?;
         listening(node.local_addr()?)?;
-        let (common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &identity, &site_keys, &options, started).await?;
+        let (common, coordinator, sample_packets) = coordinate(
+            common,
+            coordinator,
+            &node,
+            &identity,
+            &site_keys,
+            &options,
+            started,
+        )
+        .await?;
         node.close();
         // Tell every site the run is over before this process goes.
         node.wait_closed(std::time::Duration::from_secs(2)).await;
@@ -186,10 +251,15 @@ pub fn serve_site(
     check_networkable(config, &strategy, split)?;
     let k = site as usize;
     if k >= config.sites {
-        return Err(RunError::InvalidConfig { field: "site", reason: format!("site {site} of a {}-site run", config.sites) });
+        return Err(RunError::InvalidConfig {
+            field: "site",
+            reason: format!("site {site} of a {}-site run", config.sites),
+        });
     }
     let model = lowband_engine::preset(&config.preset)?.model;
-    let initial = lowband_engine::Gpt::new(model, config.seed)?.params().to_vec();
+    let initial = lowband_engine::Gpt::new(model, config.seed)?
+        .params()
+        .to_vec();
     let mut state = network_site(config, &strategy, &initial, k)?;
     if let Some(dir) = &options.state_dir {
         if options.resume {
@@ -198,14 +268,20 @@ pub fn serve_site(
                 None => println!("site {site}: no saved state to resume: starting fresh"),
             }
         } else if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| RunError::Io { path: dir.clone(), source: e })?;
+            std::fs::remove_dir_all(dir).map_err(|e| RunError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
         }
     }
     let job = SiteJob {
         identity,
         coordinator,
         shard: Arc::new(split.shards[k].clone()),
-        batch: BatchShape { site_batch: config.site_batch, context: model.context_length },
+        batch: BatchShape {
+            site_batch: config.site_batch,
+            context: model.context_length,
+        },
         schedule: lowband_engine::LrSchedule::reference(config.optimizer.lr, config.steps),
         steps: config.steps,
         inner_steps: strategy.inner_steps,
@@ -222,28 +298,55 @@ pub fn serve_site(
 }
 
 /// Site k as the networked driver runs it (with its fragments when streaming).
-fn network_site(config: &RunConfig, strategy: &Strategy, initial: &[f32], k: usize) -> Result<SiteRuntime, RunError> {
+fn network_site(
+    config: &RunConfig,
+    strategy: &Strategy,
+    initial: &[f32],
+    k: usize,
+) -> Result<SiteRuntime, RunError> {
     let mut site = new_site(config, initial, strategy.compression_for(config.sites), k)?;
     if let Some(streaming) = strategy.streaming {
-        site.site = site.site.with_fragments(crate::driver::fragments(initial.len(), streaming.fragments))?;
+        site.site = site
+            .site
+            .with_fragments(crate::driver::fragments(initial.len(), streaming.fragments))?;
     }
     Ok(site)
 }
 
-async fn any_site_task(site: SiteRuntime, job: SiteJob, connected: impl FnMut()) -> Result<(), RunError> {
-    if job.streaming.is_some() { streaming_site_task(site, job, connected).await } else { site_task(site, job, connected).await }
+async fn any_site_task(
+    site: SiteRuntime,
+    job: SiteJob,
+    connected: impl FnMut(),
+) -> Result<(), RunError> {
+    if job.streaming.is_some() {
+        streaming_site_task(site, job, connected).await
+    } else {
+        site_task(site, job, connected).await
+    }
 }
 
-fn coordinator_config(config: &RunConfig, strategy: &Strategy, params: usize, options: &NetworkOptions) -> CoordinatorConfig {
+fn coordinator_config(
+    config: &RunConfig,
+    strategy: &Strategy,
+    params: usize,
+    options: &NetworkOptions,
+) -> CoordinatorConfig {
     let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
-    let quorum = if options.quorum == 0 { config.sites } else { options.quorum.min(config.sites) };
+    let quorum = if options.quorum == 0 {
+        config.sites
+    } else {
+        options.quorum.min(config.sites)
+    };
     CoordinatorConfig {
         quorum,
         round_deadline_ms: options.round_deadline_ms,
         sites_max: config.sites,
         compression: strategy.compression_for(config.sites),
         sites_start_synced: true,
-        fragments: strategy.streaming.map(|s| crate::driver::fragments(params, s.fragments)).unwrap_or_default(),
+        fragments: strategy
+            .streaming
+            .map(|s| crate::driver::fragments(params, s.fragments))
+            .unwrap_or_default(),
         robustness: strategy.robustness(config.aggregator),
         ..CoordinatorConfig::new(params, outer)
     }
@@ -266,20 +369,33 @@ struct RoundSteps {
 
 impl RoundSteps {
     fn of(config: &RunConfig, strategy: &Strategy) -> RoundSteps {
-        RoundSteps { steps: config.steps, inner_steps: strategy.inner_steps, fragments: strategy.streaming.map_or(0, |s| s.fragments as u64) }
+        RoundSteps {
+            steps: config.steps,
+            inner_steps: strategy.inner_steps,
+            fragments: strategy.streaming.map_or(0, |s| s.fragments as u64),
+        }
     }
 
     /// The step after which round `round`'s updates are sent.
     fn end_step(&self, round: u64) -> u64 {
         if self.fragments == 0 {
-            return round.saturating_add(1).saturating_mul(self.inner_steps).min(self.steps);
+            return round
+                .saturating_add(1)
+                .saturating_mul(self.inner_steps)
+                .min(self.steps);
         }
-        (round.saturating_add(1).saturating_mul(self.inner_steps) / self.fragments).max(round.saturating_add(1)).min(self.steps)
+        (round.saturating_add(1).saturating_mul(self.inner_steps) / self.fragments)
+            .max(round.saturating_add(1))
+            .min(self.steps)
     }
 
     /// The first step round `round` trains.
     fn first_step(&self, round: u64) -> u64 {
-        if round == 0 { 0 } else { self.end_step(round - 1) }
+        if round == 0 {
+            0
+        } else {
+            self.end_step(round - 1)
+        }
     }
 
     /// Streaming: fragment syncs during training (those before step T); the end step grows
@@ -288,14 +404,22 @@ impl RoundSteps {
         let (mut low, mut high) = (0u64, self.steps);
         while low < high {
             let middle = low + (high - low) / 2;
-            if self.end_step(middle) < self.steps { low = middle + 1 } else { high = middle }
+            if self.end_step(middle) < self.steps {
+                low = middle + 1
+            } else {
+                high = middle
+            }
         }
         low
     }
 
     /// Every round the coordinator runs.
     fn rounds(&self) -> u64 {
-        if self.fragments == 0 { self.steps.div_ceil(self.inner_steps) } else { self.syncs_in_run() + self.fragments }
+        if self.fragments == 0 {
+            self.steps.div_ceil(self.inner_steps)
+        } else {
+            self.syncs_in_run() + self.fragments
+        }
     }
 }
 
@@ -334,22 +458,39 @@ pub struct SiteOptions {
     pub resume: bool,
 }
 
-async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, options: NetworkOptions) -> Result<RunResult, RunError> {
+async fn run_async(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    options: NetworkOptions,
+) -> Result<RunResult, RunError> {
     let limits = options.limits.clone();
     let started = Instant::now();
     let common = Common::new(config, strategy.clone(), split)?;
     let initial = common.initial_params();
     let n = initial.len();
     let compression = strategy.compression_for(config.sites);
-    let coordinator = Coordinator::new(coordinator_config(config, &strategy, n, &options), initial.clone())?;
-    let sites: Vec<SiteRuntime> = (0..config.sites).map(|k| network_site(config, &strategy, &initial, k)).collect::<Result<_, _>>()?;
+    let coordinator = Coordinator::new(
+        coordinator_config(config, &strategy, n, &options),
+        initial.clone(),
+    )?;
+    let sites: Vec<SiteRuntime> = (0..config.sites)
+        .map(|k| network_site(config, &strategy, &initial, k))
+        .collect::<Result<_, _>>()?;
 
     // Keys: the coordinator's, and one per site on its allow-list.
     let coordinator_identity = Arc::new(Identity::generate()?);
-    let site_identities: Vec<Arc<Identity>> = (0..config.sites).map(|_| Identity::generate().map(Arc::new)).collect::<Result<_, _>>()?;
+    let site_identities: Vec<Arc<Identity>> = (0..config.sites)
+        .map(|_| Identity::generate().map(Arc::new))
+        .collect::<Result<_, _>>()?;
     let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
     let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
-    let node = Node::listen(coordinator_identity.clone(), "127.0.0.1:0".parse().expect("loopback"), allowed, limits.clone())?;
+    let node = Node::listen(
+        coordinator_identity.clone(),
+        "127.0.0.1:0".parse().expect("loopback"),
+        allowed,
+        limits.clone(),
+    )?;
     let address = node.local_addr()?;
 
     let mut site_tasks = Vec::new();
@@ -358,7 +499,10 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, option
             identity: site_identities[k].clone(),
             coordinator: (address, coordinator_identity.public_key()),
             shard: Arc::new(split.shards[k].clone()),
-            batch: BatchShape { site_batch: config.site_batch, context: common.context },
+            batch: BatchShape {
+                site_batch: config.site_batch,
+                context: common.context,
+            },
             schedule: common.schedule,
             steps: config.steps,
             inner_steps: strategy.inner_steps,
@@ -374,10 +518,20 @@ async fn run_async(config: &RunConfig, strategy: Strategy, split: &Split, option
         site_tasks.push(tokio::spawn(any_site_task(site, job, || {})));
     }
 
-    let (common, coordinator, sample_packets) = coordinate(common, coordinator, &node, &coordinator_identity, &site_keys, &options, started).await?;
+    let (common, coordinator, sample_packets) = coordinate(
+        common,
+        coordinator,
+        &node,
+        &coordinator_identity,
+        &site_keys,
+        &options,
+        started,
+    )
+    .await?;
     node.close();
     for task in site_tasks {
-        task.await.map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+        task.await
+            .map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
     }
     finish_rounds(common, &coordinator, sample_packets)
 }

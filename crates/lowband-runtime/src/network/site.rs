@@ -17,10 +17,18 @@ use super::{SiteJob, CLOSE_LEAVING, CLOSE_REJOIN};
 /// it sent, and the update. A site that falls behind (packets queued while it trained) applies
 /// them all and trains for the newest round only. Its training time and losses go to the
 /// coordinator in a report before each update.
-pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMut()) -> Result<(), RunError> {
+pub(super) async fn site_task(
+    mut site: SiteRuntime,
+    job: SiteJob,
+    mut connected: impl FnMut(),
+) -> Result<(), RunError> {
     // Any local address of the coordinator's family (a loopback-bound socket cannot reach
     // another host).
-    let local: SocketAddr = if job.coordinator.0.is_ipv6() { "[::]:0".parse().expect("any IPv6") } else { "0.0.0.0:0".parse().expect("any IPv4") };
+    let local: SocketAddr = if job.coordinator.0.is_ipv6() {
+        "[::]:0".parse().expect("any IPv6")
+    } else {
+        "0.0.0.0:0".parse().expect("any IPv4")
+    };
     let node = Node::client(job.identity.clone(), local, job.limits.clone())?;
     let last_round = job.steps.div_ceil(job.inner_steps).saturating_sub(1);
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
@@ -32,9 +40,15 @@ pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected
         let mut rx = read_from_coordinator(&peer);
         let open_round = |site: &mut SiteRuntime, sealed: Vec<u8>| -> Result<u64, RunError> {
             let packet = open(job.coordinator.1, &sealed)?;
-            match site.site.handle(SiteEvent::PacketArrived(packet))?.as_slice() {
+            match site
+                .site
+                .handle(SiteEvent::PacketArrived(packet))?
+                .as_slice()
+            {
                 [lowband_protocol::SiteAction::Train { round }] => Ok(*round),
-                other => Err(RunError::Protocol(format!("site answered a global message with {other:?}"))),
+                other => Err(RunError::Protocol(format!(
+                    "site answered a global message with {other:?}"
+                ))),
             }
         };
         let (mut closed, mut rejoin) = (false, false);
@@ -52,7 +66,9 @@ pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected
             };
             let mut round = match received {
                 Some(Ok(sealed)) => open_round(&mut site, sealed)?,
-                Some(Err(NetError::Ended { code: CLOSE_REJOIN, .. })) => {
+                Some(Err(NetError::Ended {
+                    code: CLOSE_REJOIN, ..
+                })) => {
                     rejoin = true;
                     break;
                 }
@@ -67,7 +83,9 @@ pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected
                     Ok(Ok(sealed)) => round = open_round(&mut site, sealed)?,
                     // Asked to rejoin while it was away (a frozen process wakes to find this
                     // behind the packets it missed).
-                    Ok(Err(NetError::Ended { code: CLOSE_REJOIN, .. })) => {
+                    Ok(Err(NetError::Ended {
+                        code: CLOSE_REJOIN, ..
+                    })) => {
                         (rejoin, closed) = (true, true);
                         break;
                     }
@@ -92,8 +110,20 @@ pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected
             let step = round * job.inner_steps;
             let h = job.inner_steps.min(job.steps - step);
             let mut losses = vec![0.0f32; h as usize];
-            site.trainer.params_mut().copy_from_slice(site.site.round_start());
-            let took = tokio::task::block_in_place(|| train_steps(&mut site, &job.shard, job.batch, &job.schedule, step, &mut losses, (&mut inputs, &mut targets)))?;
+            site.trainer
+                .params_mut()
+                .copy_from_slice(site.site.round_start());
+            let took = tokio::task::block_in_place(|| {
+                train_steps(
+                    &mut site,
+                    &job.shard,
+                    job.batch,
+                    &job.schedule,
+                    step,
+                    &mut losses,
+                    (&mut inputs, &mut targets),
+                )
+            })?;
             let update = site.update(round, 0..job.params, &job.uplink)?;
             if let Some(dir) = &job.state_dir {
                 crate::state::save_site(dir, &site, round)?;
@@ -102,12 +132,18 @@ pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected
             // messages in order, so the report is in before the update can close the round). A
             // send that fails means the connection is gone: reconnect below (unless the
             // coordinator ended it on purpose).
-            let report = TrainingReport { seconds: took, losses }.encode(round, site.site.id());
+            let report = TrainingReport {
+                seconds: took,
+                losses,
+            }
+            .encode(round, site.site.id());
             let mut lost = false;
             for message in [report, update] {
                 match peer.send(&seal(&job.identity, &message)).await {
                     Ok(()) => {}
-                    Err(NetError::Ended { code: CLOSE_REJOIN, .. }) => {
+                    Err(NetError::Ended {
+                        code: CLOSE_REJOIN, ..
+                    }) => {
                         rejoin = true;
                         lost = true;
                         break;
@@ -132,7 +168,16 @@ pub(super) async fn site_task(mut site: SiteRuntime, job: SiteJob, mut connected
         if job.reconnect_ms == 0 && !rejoin {
             return Ok(());
         }
-        peer = reconnect(&node, &job, if rejoin { job.reconnect_ms.max(REJOIN_MS) } else { job.reconnect_ms }).await?;
+        peer = reconnect(
+            &node,
+            &job,
+            if rejoin {
+                job.reconnect_ms.max(REJOIN_MS)
+            } else {
+                job.reconnect_ms
+            },
+        )
+        .await?;
     }
 }
 
@@ -158,7 +203,9 @@ async fn leave_now(node: &Node, peer: &Peer, job: &SiteJob) {
 
 /// What the coordinator sends a site, as it arrives, until the connection ends (a reader task,
 /// so that the site's QUIC connection is served while it trains).
-fn read_from_coordinator(peer: &Peer) -> tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, NetError>> {
+fn read_from_coordinator(
+    peer: &Peer,
+) -> tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, NetError>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let reader = peer.clone();
     tokio::spawn(async move {
@@ -192,15 +239,26 @@ enum StreamingEnd {
 /// parameters it is sent, at the first step of their round. With a state directory it saves its
 /// own state (optimizer moments, data position, error feedback) after every sync, as a round
 /// site does; Ctrl-C is a graceful leave.
-pub(super) async fn streaming_site_task(mut site: SiteRuntime, job: SiteJob, mut connected: impl FnMut()) -> Result<(), RunError> {
-    let local: SocketAddr = if job.coordinator.0.is_ipv6() { "[::]:0".parse().expect("any IPv6") } else { "0.0.0.0:0".parse().expect("any IPv4") };
+pub(super) async fn streaming_site_task(
+    mut site: SiteRuntime,
+    job: SiteJob,
+    mut connected: impl FnMut(),
+) -> Result<(), RunError> {
+    let local: SocketAddr = if job.coordinator.0.is_ipv6() {
+        "[::]:0".parse().expect("any IPv6")
+    } else {
+        "0.0.0.0:0".parse().expect("any IPv4")
+    };
     let node = Node::client(job.identity.clone(), local, job.limits.clone())?;
     let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
     let leave = leave_signal(job.leave_on_signal);
     loop {
         connected();
         // (Pressed while it reconnected: the clones below would take it as seen.)
-        if leave.as_ref().is_some_and(|l| l.has_changed().unwrap_or(false)) {
+        if leave
+            .as_ref()
+            .is_some_and(|l| l.has_changed().unwrap_or(false))
+        {
             leave_now(&node, &peer, &job).await;
             return Ok(());
         }
@@ -215,18 +273,34 @@ pub(super) async fn streaming_site_task(mut site: SiteRuntime, job: SiteJob, mut
         if job.reconnect_ms == 0 && !rejoin {
             return Ok(());
         }
-        peer = reconnect(&node, &job, if rejoin { job.reconnect_ms.max(REJOIN_MS) } else { job.reconnect_ms }).await?;
+        peer = reconnect(
+            &node,
+            &job,
+            if rejoin {
+                job.reconnect_ms.max(REJOIN_MS)
+            } else {
+                job.reconnect_ms
+            },
+        )
+        .await?;
     }
 }
 
 /// One connection of a streaming site, from the first message the coordinator sends it.
-async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer, leave: Option<tokio::sync::watch::Receiver<()>>) -> Result<StreamingEnd, RunError> {
+async fn streaming_connection(
+    site: &mut SiteRuntime,
+    job: &SiteJob,
+    peer: &Peer,
+    leave: Option<tokio::sync::watch::Receiver<()>>,
+) -> Result<StreamingEnd, RunError> {
     let streaming = job.streaming.expect("a streaming job");
     let mut rx = read_from_coordinator(peer);
     // Ctrl-C, checked between steps (`pressed`) and while waiting for a merge (`waiting`).
     let (mut pressed, mut waiting) = (leave.clone(), leave);
     // The next broadcast, mixed in with `mix`: the round it opens, or how the connection ended.
-    let mut next = async |site: &mut SiteRuntime, mix: f32| -> Result<Result<u64, StreamingEnd>, RunError> {
+    let mut next = async |site: &mut SiteRuntime,
+                          mix: f32|
+           -> Result<Result<u64, StreamingEnd>, RunError> {
         let received = match waiting.as_mut() {
             Some(leave) => tokio::select! {
                 message = rx.recv() => message,
@@ -235,8 +309,14 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
             None => rx.recv().await,
         };
         match received {
-            Some(Ok(sealed)) => Ok(Ok(crate::driver::mix_in(site, open(job.coordinator.1, &sealed)?, mix)?)),
-            Some(Err(NetError::Ended { code: CLOSE_REJOIN, .. })) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
+            Some(Ok(sealed)) => Ok(Ok(crate::driver::mix_in(
+                site,
+                open(job.coordinator.1, &sealed)?,
+                mix,
+            )?)),
+            Some(Err(NetError::Ended {
+                code: CLOSE_REJOIN, ..
+            })) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
             Some(Err(NetError::Ended { .. })) => Ok(Err(StreamingEnd::Done)),
             Some(Err(NetError::Closed(_))) | None => Ok(Err(StreamingEnd::Lost { rejoin: false })),
             Some(Err(e)) => Err(e.into()),
@@ -245,7 +325,9 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
     let send = async |message: Vec<u8>| -> Result<Result<(), StreamingEnd>, RunError> {
         match peer.send(&seal(&job.identity, &message)).await {
             Ok(()) => Ok(Ok(())),
-            Err(NetError::Ended { code: CLOSE_REJOIN, .. }) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
+            Err(NetError::Ended {
+                code: CLOSE_REJOIN, ..
+            }) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
             Err(NetError::Ended { .. }) => Ok(Err(StreamingEnd::Done)),
             Err(_) => Ok(Err(StreamingEnd::Lost { rejoin: false })),
         }
@@ -256,13 +338,18 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
     };
     // What the coordinator sent first is what this site trains from (at the start of the run
     // these are its own initial parameters; after a rejoin, the cluster's, in full).
-    site.trainer.params_mut().copy_from_slice(site.site.round_start());
+    site.trainer
+        .params_mut()
+        .copy_from_slice(site.site.round_start());
     let (rounds, last) = (job.rounds, job.rounds.rounds());
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     let (mut step, mut due_step): (u64, Option<u64>) = (rounds.first_step(round), None);
     let (mut losses, mut seconds) = (Vec::new(), 0.0f64);
     while step < job.steps {
-        if pressed.as_mut().is_some_and(|leave| leave.has_changed().unwrap_or(false)) {
+        if pressed
+            .as_mut()
+            .is_some_and(|leave| leave.has_changed().unwrap_or(false))
+        {
             return Ok(StreamingEnd::Leaving);
         }
         if due_step.is_some_and(|due| due <= step) {
@@ -272,7 +359,17 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
             }
         }
         let mut loss = [0.0f32];
-        seconds += tokio::task::block_in_place(|| train_steps(site, &job.shard, job.batch, &job.schedule, step, &mut loss, (&mut inputs, &mut targets)))?;
+        seconds += tokio::task::block_in_place(|| {
+            train_steps(
+                site,
+                &job.shard,
+                job.batch,
+                &job.schedule,
+                step,
+                &mut loss,
+                (&mut inputs, &mut targets),
+            )
+        })?;
         losses.push(loss[0]);
         step += 1;
         if step != rounds.end_step(round) || step >= job.steps {
@@ -284,7 +381,11 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
                 return Ok(end);
             }
         }
-        let report = TrainingReport { seconds, losses: std::mem::take(&mut losses) }.encode(round, site.site.id());
+        let report = TrainingReport {
+            seconds,
+            losses: std::mem::take(&mut losses),
+        }
+        .encode(round, site.site.id());
         seconds = 0.0;
         let update = site.update(round, site.site.fragment(round), &job.uplink)?;
         if let Some(dir) = &job.state_dir {
@@ -305,7 +406,9 @@ async fn streaming_connection(site: &mut SiteRuntime, job: &SiteJob, peer: &Peer
     }
     // The final syncs: every fragment once more, so that no step is left out of the global model.
     if !losses.is_empty() {
-        if let Err(end) = send(TrainingReport { seconds, losses }.encode(round, site.site.id())).await? {
+        if let Err(end) =
+            send(TrainingReport { seconds, losses }.encode(round, site.site.id())).await?
+        {
             return Ok(end);
         }
     }
@@ -331,7 +434,9 @@ const REJOIN_MS: u64 = 10_000;
 async fn reconnect(node: &Node, job: &SiteJob, reconnect_ms: u64) -> Result<Peer, RunError> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(reconnect_ms);
     loop {
-        let attempt = tokio::time::timeout_at(deadline, node.connect(job.coordinator.0, job.coordinator.1)).await;
+        let attempt =
+            tokio::time::timeout_at(deadline, node.connect(job.coordinator.0, job.coordinator.1))
+                .await;
         match attempt {
             Ok(Ok(peer)) => return Ok(peer),
             Ok(Err(_)) if tokio::time::Instant::now() + std::time::Duration::from_millis(500) < deadline => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
