@@ -86,8 +86,7 @@ struct FileSettings {
 }
 
 fn read_config(path: &Path) -> Result<FileSettings> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)?;
     let mut table: toml::Table = text
         .parse()
         .with_context(|| format!("{}: not valid TOML", path.display()))?;
@@ -251,6 +250,28 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     if driver != Driver::Memory && (args.resume || args.stop_after_rounds.is_some()) {
         bail!("cluster: --resume is not supported yet (use `lowband coordinator --resume` and `lowband site --state-dir ... --resume`)");
     }
+    // A tuning run gets its own default directory, so that it never resumes (or is resumed by)
+    // the run on the full corpus.
+    let name = args.name.clone().unwrap_or_else(|| {
+        format!(
+            "{}-k{}-{}steps-seed{}{}",
+            config.preset,
+            config.sites,
+            config.steps,
+            config.seed,
+            if args.tuning { "-tuning" } else { "" }
+        )
+    });
+    crate::files::check_run_name(&name)?;
+    let run_dir = args.runs_dir.join(&name);
+    let state_dir = run_dir.join("state");
+    let _lock = crate::files::RunLock::acquire(&run_dir)?;
+    if !args.resume {
+        lowband_runtime::state::forget_run_states(&state_dir)?;
+    }
+    if let Some(json) = &args.json {
+        crate::files::check_writable(json)?;
+    }
     let model = lowband_engine::preset(&config.preset)?.model;
     let (bytes, source, floor) = load_corpus(
         corpus.as_ref(),
@@ -264,24 +285,6 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         config.shard,
         model.context_length,
     )?;
-    // A tuning run gets its own default directory, so that it never resumes (or is resumed by)
-    // the run on the full corpus.
-    let name = args.name.clone().unwrap_or_else(|| {
-        format!(
-            "{}-k{}-{}steps-seed{}{}",
-            config.preset,
-            config.sites,
-            config.steps,
-            config.seed,
-            if args.tuning { "-tuning" } else { "" }
-        )
-    });
-    let run_dir = args.runs_dir.join(&name);
-    let state_dir = run_dir.join("state");
-    if !args.resume && state_dir.exists() {
-        std::fs::remove_dir_all(&state_dir)
-            .with_context(|| format!("clearing {}", state_dir.display()))?;
-    }
     let tokens = config.steps * (config.sites * config.site_batch * model.context_length) as u64;
     println!("lowband: {} on {} sites, preset {} ({} params), {} tokens each ({} steps x {} sites x {} x {} bytes)",
         strategies.iter().map(|s| s.name()).collect::<Vec<_>>().join(" vs "), config.sites, config.preset, model.parameter_count(),

@@ -80,7 +80,9 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let mut model = load_model(&args.checkpoint)?;
     byte_level(&model)?;
     let bytes =
-        std::fs::read(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+        lowband_data::corpus::read_bounded(&args.data, lowband_data::corpus::CORPUS_BYTES_MAX)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("reading {}", args.data.display()))?;
     let context = model.config().context_length;
     let (inputs, targets, windows) = lowband_data::corpus::windows(&bytes, context);
     if windows == 0 {
@@ -92,6 +94,13 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         );
     }
     let loss = model.mean_loss(&inputs, &targets, windows, args.batch)?;
+    if !loss.is_finite() {
+        bail!(
+            "{}: the loss over {} is {loss}: the checkpoint's weights overflow in the forward pass (its values are finite but too large); not a usable model",
+            args.checkpoint.display(),
+            args.data.display()
+        );
+    }
     let report = EvalReport {
         loss,
         bits_per_byte: loss / std::f64::consts::LN_2,

@@ -6,6 +6,7 @@ mod bench;
 mod compare;
 mod coordinator_bench;
 mod engine_cmds;
+mod files;
 mod inspect;
 mod nodes;
 mod plan;

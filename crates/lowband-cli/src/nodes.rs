@@ -60,8 +60,7 @@ struct Cluster {
 }
 
 fn read_cluster(path: &Path) -> Result<Cluster> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)?;
     let file: ClusterFile = toml::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
     let coordinator: PublicKey = file
@@ -80,6 +79,19 @@ fn read_cluster(path: &Path) -> Result<Cluster> {
     if sites.is_empty() {
         bail!("{}: sites: list at least one site key", path.display());
     }
+    for (k, key) in sites.iter().enumerate() {
+        if *key == coordinator {
+            bail!("{}: sites[{k}] is the coordinator's key: a node is either the coordinator or a site", path.display());
+        }
+        if let Some(first) = sites[..k].iter().position(|other| other == key) {
+            bail!(
+                "{}: sites[{k}] repeats sites[{first}]: every site has its own key",
+                path.display()
+            );
+        }
+    }
+    crate::train::check_corpus_bytes(file.corpus_bytes)
+        .map_err(|e| anyhow::anyhow!("{}: corpus_bytes: {e}", path.display()))?;
     let mut config = file.run.unwrap_or_default();
     config.sites = sites.len();
     config
@@ -196,7 +208,13 @@ pub struct SiteArgs {
 }
 
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
+    crate::files::check_run_name(&args.name)?;
     let cluster = read_cluster(&args.config)?;
+    let run_dir = args.runs_dir.join(&args.name);
+    let _lock = crate::files::RunLock::acquire(&run_dir)?;
+    if let Some(json) = &args.json {
+        crate::files::check_writable(json)?;
+    }
     let identity = Arc::new(Identity::load(&args.key)?);
     if identity.public_key() != cluster.coordinator {
         bail!(

@@ -195,12 +195,13 @@ fn read_summary(run: &Path) -> Result<RunSummary> {
     } else {
         run.to_path_buf()
     };
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "--from-run: reading {} (a `lowband compare` run directory has one)",
-            path.display()
-        )
-    })?;
+    let text =
+        crate::files::read_text(&path, crate::files::SETTINGS_BYTES_MAX).with_context(|| {
+            format!(
+                "--from-run: reading {} (a `lowband compare` run directory has one)",
+                path.display()
+            )
+        })?;
     serde_json::from_str(&text)
         .with_context(|| format!("--from-run: {} is not a compare summary", path.display()))
 }
@@ -293,7 +294,7 @@ struct Inputs {
 fn build(args: &PlanArgs) -> Result<Inputs> {
     let file: PlanFile = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)
                 .with_context(|| format!("--config: reading {}", path.display()))?;
             toml::from_str(&text).map_err(|e| {
                 anyhow::anyhow!("--config {}: {}", path.display(), e.to_string().trim_end())

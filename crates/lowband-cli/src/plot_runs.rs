@@ -69,7 +69,7 @@ pub fn run(args: &PlotArgs) -> Result<()> {
 /// Every strategy's evaluations (tokens, inter-site bytes, validation loss) in a metrics file, in
 /// the order the strategies first appear.
 fn eval_series(path: &Path) -> Result<Vec<LossSeries>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::files::read_text(path, crate::files::METRICS_BYTES_MAX)
         .with_context(|| format!("reading {} (is it a run directory?)", path.display()))?;
     let mut series: Vec<LossSeries> = Vec::new();
     for (number, line) in text

@@ -135,15 +135,21 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
     {
         bail!("--strategies: {}: give round strategies without [agg=...] (the grid sets the aggregator)", s.name());
     }
-    let mut done: Vec<Cell> = match std::fs::read(&args.json) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-            format!(
-                "{}: not a robustness result file; delete it to start over",
-                args.json.display()
-            )
-        })?,
-        Err(_) => Vec::new(),
-    };
+    let mut done: Vec<Cell> =
+        match lowband_data::corpus::read_bounded(&args.json, crate::files::METRICS_BYTES_MAX) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{}: not a robustness result file; delete it to start over",
+                    args.json.display()
+                )
+            })?,
+            Err(lowband_data::DataError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e).context("--json: reading the grid's earlier cells"),
+        };
     let model = lowband_engine::preset(&args.preset)?.model;
     let (bytes, source, _) = load_corpus(args.corpus.as_ref(), args.corpus_bytes, None)?;
     let total = strategies.len() * settings.len() * attacks.len() * aggregators.len();

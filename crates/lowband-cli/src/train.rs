@@ -39,6 +39,19 @@ pub fn load_corpus(
     }
 }
 
+/// Largest generated corpus (the synthetic language is made in memory).
+pub const GENERATED_BYTES_MAX: usize = 1 << 30;
+
+/// The size of a generated corpus: 4 KiB to 1 GiB.
+pub fn check_corpus_bytes(bytes: usize) -> std::result::Result<(), String> {
+    if !(4096..=GENERATED_BYTES_MAX).contains(&bytes) {
+        return Err(format!(
+            "{bytes} is outside 4096 ..= {GENERATED_BYTES_MAX} bytes"
+        ));
+    }
+    Ok(())
+}
+
 fn read_or_generate(
     path: Option<&PathBuf>,
     generated_bytes: usize,
@@ -49,10 +62,8 @@ fn read_or_generate(
             Ok((corpus.bytes, corpus.source, None))
         }
         None => {
-            anyhow::ensure!(
-                generated_bytes >= 4096,
-                "--corpus-bytes: must be at least 4096"
-            );
+            check_corpus_bytes(generated_bytes)
+                .map_err(|e| anyhow::anyhow!("--corpus-bytes: {e}"))?;
             let language = SyntheticLanguage::new(SyntheticSpec::default());
             let floor = language.entropy_rate_bits_per_byte() * std::f64::consts::LN_2;
             Ok((

@@ -1,124 +1,13 @@
 //! A cluster of real processes on loopback: `lowband coordinator` and two `lowband site`s, keys
 //! from `lowband keygen`; the result is the in-memory `compare`'s, and strangers are refused.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn lowband(dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lowband"));
-    command.current_dir(dir).env("RAYON_NUM_THREADS", "1");
-    command
-}
-
-fn keygen(dir: &Path, name: &str) -> String {
-    let o = lowband(dir)
-        .args(["keygen", "--out", name])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .strip_prefix("public ")
-        .unwrap()
-        .to_string()
-}
-
-/// Kill the child if the test fails before it ends.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
-
-fn wait(child: &mut Guard, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "a node did not finish in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Write a cluster file for `sites` and start its coordinator on a free loopback port; returns
-/// the running coordinator and its address.
-fn start_coordinator(
-    dir: &Path,
-    coordinator: &str,
-    sites: &[String],
-    cluster: &str,
-    extra: &[&str],
-) -> (Guard, String) {
-    let keys: Vec<String> = sites.iter().map(|k| format!("\"{k}\"")).collect();
-    std::fs::write(
-        dir.join("cluster.toml"),
-        format!(
-            "coordinator = \"{coordinator}\"\nsites = [{}]\n{cluster}",
-            keys.join(", ")
-        ),
-    )
-    .unwrap();
-    let mut args = vec![
-        "coordinator",
-        "--config",
-        "cluster.toml",
-        "--key",
-        "coordinator.key",
-        "--address-file",
-        "address",
-        "--json",
-        "out.json",
-    ];
-    if !extra.contains(&"--listen") {
-        args.extend(["--listen", "127.0.0.1:0"]);
-    }
-    args.extend_from_slice(extra);
-    // Output is not read: a full pipe must not block the node.
-    let process = Guard(
-        lowband(dir)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(error_log(dir, "coordinator"))
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_file(&dir.join("address"), "the coordinator never listened");
-    (
-        process,
-        std::fs::read_to_string(dir.join("address")).unwrap(),
-    )
-}
-
-/// Block until `path` exists (a node writes it once it is up).
-fn wait_for_file(path: &Path, what: &str) {
-    let started = Instant::now();
-    while !path.exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "{what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Every site, then the coordinator, must exit successfully within `limit`.
-fn all_finish(dir: &Path, sites: &mut [Guard], coordinator: &mut Guard, limit: Duration) {
-    for (k, site) in sites.iter_mut().enumerate() {
-        assert!(
-            wait(site, limit).success(),
-            "site {k} failed\n{}",
-            error_logs(dir)
-        );
-    }
-    assert!(
-        wait(coordinator, limit).success(),
-        "the coordinator failed\n{}",
-        error_logs(dir)
-    );
-}
+use common::*;
 
 /// The small 2-site run of `SMALL_CLUSTER` in memory: its summary.
 fn small_run_in_memory(dir: &Path) -> serde_json::Value {
@@ -317,57 +206,6 @@ const LONG_RUN: &str = "preset = \"tiny\"\nsteps = 1000\ninner_steps = 10\nsite_
 const LONG_OPTIMIZER: &str = "lr = 1e-3\n";
 fn long_cluster() -> String {
     format!("strategy = \"diloco@10\"\ncorpus_bytes = 200000\n[run]\n{LONG_RUN}[run.optimizer]\n{LONG_OPTIMIZER}")
-}
-
-fn start_site(dir: &Path, k: usize, address: &str, extra: &[&str]) -> Guard {
-    let key = format!("site{k}.key");
-    let mut args = vec![
-        "site",
-        "--config",
-        "cluster.toml",
-        "--key",
-        key.as_str(),
-        "--join",
-        address,
-    ];
-    args.extend_from_slice(extra);
-    Guard(
-        lowband(dir)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(error_log(dir, &format!("site{k}")))
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// A node's stderr, appended to `NAME.err` in the test directory (shown when it fails).
-fn error_log(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.err")))
-        .unwrap()
-}
-
-/// What the nodes of a test wrote to stderr.
-fn error_logs(dir: &Path) -> String {
-    let mut logs: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "err"))
-        .collect();
-    logs.sort();
-    logs.iter()
-        .map(|p| {
-            format!(
-                "--- {}:\n{}",
-                p.file_name().unwrap().to_string_lossy(),
-                std::fs::read_to_string(p).unwrap_or_default()
-            )
-        })
-        .collect()
 }
 
 /// Block until the site prints that it is connected; returns what it printed until then.

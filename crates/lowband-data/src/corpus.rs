@@ -6,8 +6,38 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// Largest corpus read into memory.
-pub const CORPUS_BYTES_MAX: u64 = 8 << 30;
+/// Largest corpus read into memory (the split and the shards copy it, so a run holds about
+/// three times this).
+pub const CORPUS_BYTES_MAX: u64 = 4 << 30;
+
+/// Read a whole file, refusing one of more than `limit` bytes: checked against its size first
+/// and while reading, so a device or a pipe (whose size reads as 0, such as `/dev/zero`) is read
+/// no further than the limit.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, DataError> {
+    use std::io::Read;
+    let io = |e| DataError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let too_large = |bytes| DataError::TooLarge {
+        path: path.to_path_buf(),
+        bytes,
+        limit,
+    };
+    if size > limit {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -56,27 +86,17 @@ pub fn read_corpus(path: &Path) -> Result<Corpus, DataError> {
     } else {
         files.push(path.to_path_buf());
     }
-    let mut total = 0u64;
+    let mut bytes = Vec::new();
     for f in &files {
-        total += std::fs::metadata(f)
-            .map_err(|e| DataError::Io {
-                path: f.clone(),
-                source: e,
-            })?
-            .len();
-        if total > CORPUS_BYTES_MAX {
-            return Err(DataError::TooLarge {
+        // Each file within what is left of the limit (sizes are checked as read, not trusted).
+        let left = CORPUS_BYTES_MAX.saturating_sub(bytes.len() as u64);
+        let mut content = read_bounded(f, left).map_err(|e| match e {
+            DataError::TooLarge { .. } => DataError::TooLarge {
                 path: path.to_path_buf(),
-                bytes: total,
+                bytes: bytes.len() as u64 + left + 1,
                 limit: CORPUS_BYTES_MAX,
-            });
-        }
-    }
-    let mut bytes = Vec::with_capacity(total as usize + files.len());
-    for f in &files {
-        let mut content = std::fs::read(f).map_err(|e| DataError::Io {
-            path: f.clone(),
-            source: e,
+            },
+            other => other,
         })?;
         bytes.append(&mut content);
         if meta.is_dir() {
@@ -137,7 +157,48 @@ pub struct Split {
     pub train_bytes: usize,
 }
 
+/// What identifies the text of a run: the bytes and checksums of its shards (in site order) and
+/// of its validation split. A resumed run and every node of a cluster must have the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CorpusFingerprint {
+    pub train_bytes: u64,
+    pub shards: usize,
+    pub train_crc32: u32,
+    pub validation_bytes: u64,
+    pub validation_crc32: u32,
+}
+
+impl std::fmt::Display for CorpusFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} training bytes in {} shards (crc32 {:08x}), {} validation bytes (crc32 {:08x})",
+            self.train_bytes,
+            self.shards,
+            self.train_crc32,
+            self.validation_bytes,
+            self.validation_crc32
+        )
+    }
+}
+
 impl Split {
+    /// The split's fingerprint (one pass over its bytes).
+    pub fn fingerprint(&self) -> CorpusFingerprint {
+        let mut train = crc32fast::Hasher::new();
+        for shard in &self.shards {
+            train.update(&(shard.len() as u64).to_le_bytes());
+            train.update(shard);
+        }
+        CorpusFingerprint {
+            train_bytes: self.shards.iter().map(|s| s.len() as u64).sum(),
+            shards: self.shards.len(),
+            train_crc32: train.finalize(),
+            validation_bytes: self.validation.len() as u64,
+            validation_crc32: crc32fast::hash(&self.validation),
+        }
+    }
+
     /// How many of `len` bytes train: the first `1 − validation_fraction` (the rest validate).
     /// Tuning runs keep only these bytes, so that their own held-out part comes from training
     /// text and the validation split stays untouched.

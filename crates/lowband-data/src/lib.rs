@@ -5,5 +5,5 @@
 pub mod corpus;
 pub mod synthetic;
 
-pub use corpus::{read_corpus, Corpus, DataError, Sampler, ShardMode, Split};
+pub use corpus::{read_corpus, Corpus, CorpusFingerprint, DataError, Sampler, ShardMode, Split};
 pub use synthetic::{SyntheticLanguage, SyntheticSpec};

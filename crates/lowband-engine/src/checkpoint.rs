@@ -209,7 +209,9 @@ fn remove_unreferenced(dir: &Path, manifest: &Manifest) {
     }
 }
 
-/// Read a whole file, refusing one larger than `limit` bytes before reading it.
+/// Read a whole file, refusing one larger than `limit` bytes. The size is checked before
+/// reading and again while reading (a device or a pipe reports no size: `/dev/zero` must not be
+/// read without end).
 pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
     let len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
@@ -220,9 +222,15 @@ pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
         ));
     }
     let mut bytes = Vec::with_capacity(len as usize);
-    file.take(limit)
+    file.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| EngineError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(EngineError::checkpoint(
+            path,
+            format!("more than the limit of {limit} bytes (not a regular file?)"),
+        ));
+    }
     Ok(bytes)
 }
 

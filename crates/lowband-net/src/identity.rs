@@ -139,7 +139,22 @@ impl Identity {
                 path.display()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(io)?;
+        // Read at most one byte past the limit: a device (`/dev/zero`) reports no size.
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(
+                std::fs::File::open(path).map_err(io)?,
+                KEY_FILE_BYTES_MAX + 1,
+            ),
+            &mut text,
+        )
+        .map_err(io)?;
+        if text.len() as u64 > KEY_FILE_BYTES_MAX {
+            return Err(NetError::BadKey(format!(
+                "{}: more than {KEY_FILE_BYTES_MAX} bytes is not a key file",
+                path.display()
+            )));
+        }
         let field = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name).map(str::trim))

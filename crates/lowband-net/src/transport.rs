@@ -124,9 +124,13 @@ impl Node {
             .endpoint
             .connect_with(config, address, "lowband")
             .map_err(|e| NetError::Connect(e.to_string()))?;
-        let connection = connecting
-            .await
-            .map_err(|e| NetError::Connect(e.to_string()))?;
+        let connection = connecting.await.map_err(|e| {
+            if is_tls_refusal(&e) {
+                NetError::Handshake(e.to_string())
+            } else {
+                NetError::Connect(e.to_string())
+            }
+        })?;
         Ok(Peer {
             connection,
             key: server,
@@ -169,8 +173,26 @@ impl Node {
     }
 }
 
-/// A lost connection as our error: a deliberate close by the peer keeps its code and reason.
+/// Whether a connection ended in the TLS handshake (a QUIC CRYPTO_ERROR, 0x100-0x1ff, sent by
+/// the peer or raised here): a key that is not on the other side's list, or a peer that is not
+/// the node expected. Retrying cannot help.
+fn is_tls_refusal(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        quinn::ConnectionError::TransportError(error) => u64::from(error.code),
+        _ => return false,
+    };
+    (0x100..=0x1ff).contains(&code)
+}
+
+/// A lost connection as our error: a deliberate close by the peer keeps its code and reason; a
+/// refusal in the TLS handshake is `Handshake`.
 fn lost(e: quinn::ConnectionError) -> NetError {
+    if is_tls_refusal(&e) {
+        return NetError::Handshake(format!(
+            "the peer refused this node's key in the TLS handshake ({e})"
+        ));
+    }
     match e {
         quinn::ConnectionError::ApplicationClosed(close) => NetError::Ended {
             code: close.error_code.into_inner(),

@@ -30,7 +30,16 @@ pub struct CoordinatorConfig {
     pub fragments: Vec<std::ops::Range<usize>>,
     /// The aggregator, the norm and direction checks and the exclusion rule (see [`crate::trust`]).
     pub robustness: Robustness,
+    /// The global parameters never leave [-parameter_abs_max, parameter_abs_max]: a merge that
+    /// would put one outside (or make it non-finite) is refused, θ and the outer momentum are
+    /// kept, and the update that held the largest value there is refused (it counts towards
+    /// excluding its site). Finite values this large already overflow a forward pass in f32
+    /// (a sum of squares passes 3.4e38), so no honest run gets near it.
+    pub parameter_abs_max: f32,
 }
+
+/// Default bound on every global parameter's magnitude (see `parameter_abs_max`).
+pub const PARAMETER_ABS_MAX_DEFAULT: f32 = 1e6;
 
 impl CoordinatorConfig {
     pub fn new(params: usize, outer: OuterConfig) -> Self {
@@ -44,6 +53,7 @@ impl CoordinatorConfig {
             sites_start_synced: false,
             fragments: Vec::new(),
             robustness: Robustness::default(),
+            parameter_abs_max: PARAMETER_ABS_MAX_DEFAULT,
         }
     }
 
@@ -62,6 +72,9 @@ impl CoordinatorConfig {
         }
         if self.sites_max == 0 {
             return invalid("sites_max", "must be at least 1");
+        }
+        if !(self.parameter_abs_max.is_finite() && self.parameter_abs_max > 0.0) {
+            return invalid("parameter_abs_max", "must be a positive finite number");
         }
         self.compression
             .validate()
@@ -750,9 +763,28 @@ impl Coordinator {
             let norms = accepted.iter().map(|(_, n)| *n).collect();
             self.trust
                 .record_norms(fragment, norms, robustness.norm_history_rounds);
-            // A merge of finite values can still overflow; never let it into θ.
-            applied = self.merged.iter().all(|v| v.is_finite());
-            if applied {
+            // A merge of finite values can still overflow, or carry θ where no forward pass
+            // survives; never let it into θ (nor into the outer momentum).
+            let out_of_range = self.outer.first_out_of_range(
+                &self.global,
+                &self.merged,
+                range.clone(),
+                self.config.parameter_abs_max,
+            );
+            applied = out_of_range.is_none();
+            if let Some((parameter, merged_value)) = out_of_range {
+                let culprit =
+                    self.largest_at(&accepted, &payloads, &dense, parameter - range.start);
+                refused.push((
+                    sites[culprit.0],
+                    ProtocolError::MergeOutOfRange {
+                        parameter,
+                        merged_value,
+                        update_value: culprit.1,
+                        limit: self.config.parameter_abs_max,
+                    },
+                ));
+            } else {
                 self.outer.step_range(&mut self.global, &self.merged, range);
             }
         }
@@ -788,6 +820,30 @@ impl Coordinator {
         self.round = open.round + 1;
         actions.push(Action::Checkpoint { round: self.round });
         self.open_round(now_ms, actions);
+    }
+}
+
+impl Coordinator {
+    /// Among the accepted updates (index into the round's sites), the one with the largest
+    /// magnitude at `offset` of the fragment, and its value there: the update that caused a
+    /// refused merge.
+    fn largest_at(
+        &mut self,
+        accepted: &[(usize, f32)],
+        payloads: &[Vec<u8>],
+        dense: &[Vec<f32>],
+        offset: usize,
+    ) -> (usize, f32) {
+        debug_assert!(!accepted.is_empty(), "a merge has at least one update");
+        let mut largest = (accepted[0].0, 0.0f32);
+        for &(i, _) in accepted {
+            let delta = held_update(self.uplink.as_mut(), &mut self.scratch, payloads, dense, i);
+            let value = delta[offset];
+            if !(value.abs() <= largest.1.abs()) {
+                largest = (i, value);
+            }
+        }
+        largest
     }
 }
 

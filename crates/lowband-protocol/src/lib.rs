@@ -151,6 +151,13 @@ pub enum ProtocolError {
         reference: f32,
         ratio_min: f32,
     },
+    #[error("the round's merge would put parameter {parameter} at {merged_value:e} (the limit is ±{limit:e}); this update held {update_value:e} there, the largest of the round: the merge was refused and the parameters kept")]
+    MergeOutOfRange {
+        parameter: usize,
+        merged_value: f32,
+        update_value: f32,
+        limit: f32,
+    },
     #[error("site {0} was excluded for repeated refused updates")]
     Excluded(SiteId),
     #[error("invalid protocol config {field}: {reason}")]
@@ -171,6 +178,7 @@ impl ProtocolError {
                 | ProtocolError::NonFiniteUpdate(_)
                 | ProtocolError::UpdateNorm { .. }
                 | ProtocolError::UpdateDirection { .. }
+                | ProtocolError::MergeOutOfRange { .. }
         )
     }
 }

@@ -63,6 +63,51 @@ impl OuterOptimizer {
     }
 
     /// The same step on `params[range]` with `delta` for that range (a fragment).
+    /// The first parameter of `range` that `step_range` would make non-finite or larger than
+    /// `abs_max` in magnitude, with the value it would take (nothing is changed: a merge that
+    /// fails this is refused before it touches θ or the momentum).
+    pub fn first_out_of_range(
+        &self,
+        params: &[f32],
+        delta: &[f32],
+        range: std::ops::Range<usize>,
+        abs_max: f32,
+    ) -> Option<(usize, f32)> {
+        let start = range.start;
+        let params = &params[range.clone()];
+        assert_eq!(params.len(), delta.len());
+        let OuterConfig {
+            lr,
+            momentum,
+            nesterov,
+        } = self.config;
+        let bad = |v: f32| !(v.abs() <= abs_max);
+        if momentum == 0.0 {
+            return params
+                .iter()
+                .zip(delta)
+                .map(|(p, d)| p - lr * d)
+                .enumerate()
+                .find(|(_, v)| bad(*v))
+                .map(|(i, v)| (start + i, v));
+        }
+        params
+            .iter()
+            .zip(delta)
+            .zip(&self.momentum_buffer[range])
+            .map(|((p, d), b)| {
+                let b = momentum * b + d;
+                p - if nesterov {
+                    lr * (d + momentum * b)
+                } else {
+                    lr * b
+                }
+            })
+            .enumerate()
+            .find(|(_, v)| bad(*v))
+            .map(|(i, v)| (start + i, v))
+    }
+
     pub fn step_range(&mut self, params: &mut [f32], delta: &[f32], range: std::ops::Range<usize>) {
         let params = &mut params[range.clone()];
         assert_eq!(params.len(), delta.len());

@@ -237,7 +237,10 @@ impl Site {
         match event {
             SiteEvent::PacketArrived(bytes) => {
                 let message = wire::decode(bytes, self.payload_bytes_max())?;
-                if matches!(message.kind, MessageKind::Update | MessageKind::Report) {
+                if matches!(
+                    message.kind,
+                    MessageKind::Update | MessageKind::Report | MessageKind::Join
+                ) {
                     return Err(ProtocolError::WrongKind(message.kind));
                 }
                 if message.site != self.id && message.site != wire::EVERY_SITE {

@@ -39,6 +39,9 @@ pub enum MessageKind {
     /// What a site's training of a round measured (`TrainingReport`): telemetry for the
     /// driver's metrics, never an input of the protocol's state.
     Report = 4,
+    /// A site's first message on a connection (`JoinRequest`): the run settings it was started
+    /// with, which the coordinator compares with its own before it admits the site.
+    Join = 5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +64,80 @@ pub enum WireError {
     BadChecksum { expected: u32, found: u32 },
     #[error("training report: {0}")]
     BadReport(String),
+    #[error("join request: {0}")]
+    BadJoin(String),
+}
+
+/// Largest join request payload.
+pub const JOIN_BYTES_MAX: usize = 64 << 10;
+
+/// What a site says when it joins (kind 5, its first message on every connection): the settings
+/// of the run it was started for, as `name = value` pairs (names sorted and unique; UTF-8, one
+/// pair a line, `name\tvalue\n`). The coordinator admits it only if they equal its own, and
+/// otherwise closes the connection naming every field that differs, so a site started from
+/// another cluster file (another H, seed, learning rate, corpus, ...) can never be merged
+/// silently.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JoinRequest {
+    pub settings: std::collections::BTreeMap<String, String>,
+}
+
+impl JoinRequest {
+    pub fn encode(&self, site: u32) -> Vec<u8> {
+        let mut payload = String::new();
+        for (name, value) in &self.settings {
+            debug_assert!(!name.contains(['\t', '\n']) && !value.contains(['\t', '\n']));
+            payload.push_str(name);
+            payload.push('\t');
+            payload.push_str(value);
+            payload.push('\n');
+        }
+        encode(MessageKind::Join, 0, site, payload.as_bytes())
+    }
+
+    /// The request in a kind-5 message's payload.
+    pub fn decode(payload: &[u8]) -> Result<JoinRequest, WireError> {
+        let bad = |why: String| Err(WireError::BadJoin(why));
+        if payload.len() > JOIN_BYTES_MAX {
+            return bad(format!("{} bytes, at most {JOIN_BYTES_MAX}", payload.len()));
+        }
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return bad("not UTF-8".into());
+        };
+        let mut settings = std::collections::BTreeMap::new();
+        for line in text.split_terminator('\n') {
+            let Some((name, value)) = line.split_once('\t') else {
+                return bad(format!("line {line:?} is not name<TAB>value"));
+            };
+            if name.is_empty()
+                || settings
+                    .insert(name.to_string(), value.to_string())
+                    .is_some()
+            {
+                return bad(format!("empty or repeated name {name:?}"));
+            }
+        }
+        Ok(JoinRequest { settings })
+    }
+
+    /// Every setting that differs between `self` (the coordinator's) and `site`'s, as
+    /// `name (coordinator V, site W)`; empty when they agree.
+    pub fn differences(&self, site: &JoinRequest) -> Vec<String> {
+        let names: std::collections::BTreeSet<&String> =
+            self.settings.keys().chain(site.settings.keys()).collect();
+        let shown = |v: Option<&String>| v.map_or("(none)".to_string(), |v| v.clone());
+        names
+            .into_iter()
+            .filter(|name| self.settings.get(*name) != site.settings.get(*name))
+            .map(|name| {
+                format!(
+                    "{name} (coordinator {}, site {})",
+                    shown(self.settings.get(name)),
+                    shown(site.settings.get(name))
+                )
+            })
+            .collect()
+    }
 }
 
 /// A site's training of one round, as it measured it: sent (kind 4) just before its update, so
@@ -163,6 +240,7 @@ pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, Wir
         2 => MessageKind::Global,
         3 => MessageKind::GlobalDelta,
         4 => MessageKind::Report,
+        5 => MessageKind::Join,
         other => return Err(WireError::UnknownKind(other)),
     };
     if bytes[6] != 0 || bytes[7] != 0 {
@@ -305,5 +383,36 @@ mod tests {
             TrainingReport::decode(&huge, 10),
             Err(WireError::BadReport(_))
         ));
+    }
+
+    #[test]
+    fn a_join_request_round_trips_and_names_what_differs() {
+        let ours = JoinRequest {
+            settings: [("seed", "0"), ("strategy", "diloco@10"), ("steps", "2000")]
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .into(),
+        };
+        let encoded = ours.encode(3);
+        let m = decode(&encoded, JOIN_BYTES_MAX).unwrap();
+        assert_eq!((m.kind, m.site), (MessageKind::Join, 3));
+        assert_eq!(JoinRequest::decode(m.payload).unwrap(), ours);
+        let mut theirs = ours.clone();
+        theirs.settings.insert("strategy".into(), "diloco@5".into());
+        theirs.settings.remove("seed");
+        assert_eq!(
+            ours.differences(&theirs),
+            vec![
+                "seed (coordinator 0, site (none))".to_string(),
+                "strategy (coordinator diloco@10, site diloco@5)".to_string()
+            ]
+        );
+        assert!(ours.differences(&ours).is_empty());
+        let invalid: [&[u8]; 4] = [b"no tab\n", b"a\t1\na\t2\n", b"\t1\n", &[0xff, b'\t', b'1']];
+        for bad in invalid {
+            assert!(
+                matches!(JoinRequest::decode(bad), Err(WireError::BadJoin(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -286,3 +286,56 @@ fn robust_aggregation_of_an_honest_round_stays_close_to_the_mean() {
         }
     }
 }
+
+#[test]
+fn a_merge_that_would_carry_the_parameters_out_of_range_is_refused_and_its_sender_named() {
+    // Issue 17: one site scaling its update by 1e30 (finite) under the plain mean put every
+    // honest site's gradients at inf. The merge is refused, θ and the momentum are kept, the
+    // attacker is named, and once excluded the honest sites' rounds apply again.
+    let huge = |h: &[f32]| h.iter().map(|v| 1e30 * v).collect::<Vec<_>>();
+    let mut c = coordinator("mean");
+    let (mut sites, mut packets) = start(&mut c, 3);
+    let mut refused_merges = 0;
+    for r in 0..5 {
+        let before = c.global().to_vec();
+        let actions = round(&mut c, &mut sites, packets, 1, &huge);
+        assert!(c.global().iter().all(|p| p.abs() <= 1e6), "round {r}");
+        let report = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::RoundClosed(report) => Some(report.clone()),
+                _ => None,
+            })
+            .unwrap();
+        if !report.applied {
+            refused_merges += 1;
+            assert_eq!(c.global(), &before[..], "round {r}: θ kept as it was");
+            assert!(actions.iter().any(|a| matches!(
+                a,
+                Action::Rejected {
+                    from: 1,
+                    reason: ProtocolError::MergeOutOfRange { update_value, .. },
+                } if *update_value > 1e29
+            )));
+        } else {
+            assert!(
+                c.global()
+                    .iter()
+                    .all(|p| (-1.05..=-0.99).contains(p) || *p < before[0]),
+                "round {r}: the honest sites' merge applies"
+            );
+        }
+        packets = sends(&actions);
+    }
+    assert_eq!(
+        refused_merges, 3,
+        "refused until its third refusal excludes it"
+    );
+    assert!(!c.members().contains(&1));
+    // The excluded site's later rounds merged the honest two only: θ moved by about -1 a round.
+    assert!(
+        c.global().iter().all(|p| (-2.1..=-1.9).contains(p)),
+        "{:?}",
+        &c.global()[..4]
+    );
+}

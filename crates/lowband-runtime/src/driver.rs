@@ -189,6 +189,8 @@ pub(crate) struct Common<'a> {
     /// Largest bytes one site moved (up + down) in one sync so far.
     pub(crate) peak_sync_bytes: u64,
     pub(crate) telemetry_bytes: u64,
+    /// The split's fingerprint: saved with the run state, and checked on resume.
+    pub(crate) corpus: lowband_data::CorpusFingerprint,
     inputs: Vec<u32>,
     targets: Vec<u32>,
 }
@@ -209,6 +211,7 @@ impl<'a> Common<'a> {
             schedule: LrSchedule::reference(config.optimizer.lr, config.steps),
             evaluator: Gpt::new(model, config.seed)?,
             validation: split.validation_windows(context),
+            corpus: split.fingerprint(),
             metrics: Vec::new(),
             ledger: Ledger::default(),
             compute_seconds: 0.0,

@@ -27,7 +27,8 @@ use crate::strategy::Strategy;
 use crate::RunError;
 
 const FORMAT: &str = "lowband-run-state";
-const VERSION: u32 = 1;
+/// 2: the tensors file's size and checksum, and the corpus, are in the manifest.
+const VERSION: u32 = 2;
 const MANIFEST_BYTES_MAX: u64 = 1 << 28;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,6 +63,43 @@ struct Manifest {
     /// times so far (how much compute hides a sync).
     #[serde(default)]
     streaming: Option<(u64, f64)>,
+    /// The text the run trained on: a resume on another corpus is refused.
+    corpus: lowband_data::CorpusFingerprint,
+    /// `tensors.safetensors` as written (set by `save`): a changed byte is refused on load.
+    #[serde(default)]
+    tensors_file: Option<FileCheck>,
+}
+
+/// A file's size and CRC-32, as its manifest recorded them.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct FileCheck {
+    bytes: u64,
+    crc32: u32,
+}
+
+impl FileCheck {
+    fn of(bytes: &[u8]) -> FileCheck {
+        FileCheck {
+            bytes: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        }
+    }
+
+    /// `bytes` read from `path` are what the manifest recorded.
+    fn verify(expected: Option<FileCheck>, path: &Path, bytes: &[u8]) -> Result<(), RunError> {
+        let found = FileCheck::of(bytes);
+        match expected {
+            Some(expected) if expected == found => Ok(()),
+            Some(expected) => Err(RunError::State(format!(
+                "{}: truncated or altered ({} bytes, crc32 {:08x}; the saved state recorded {} bytes, crc32 {:08x}); rerun without --resume to start over",
+                path.display(), found.bytes, found.crc32, expected.bytes, expected.crc32
+            ))),
+            None => Err(RunError::State(format!(
+                "{}: the saved state records no checksum for it",
+                path.display()
+            ))),
+        }
+    }
 }
 
 /// A saved run, in memory.
@@ -117,6 +155,8 @@ impl RunState {
             downlink_random: None,
             peak_sync_bytes: common.peak_sync_bytes,
             streaming: None,
+            corpus: common.corpus,
+            tensors_file: None,
         };
         RunState {
             manifest,
@@ -260,12 +300,13 @@ impl RunState {
             .iter()
             .map(|(n, v)| (n.clone(), vec![v.len()], v.as_slice()))
             .collect();
-        write_atomic(
-            &target.join("tensors.safetensors"),
-            &tensors_to_safetensors(&named, None)?,
-        )?;
-        let json =
-            serde_json::to_vec(&self.manifest).map_err(|e| RunError::State(e.to_string()))?;
+        let tensors = tensors_to_safetensors(&named, None)?;
+        write_atomic(&target.join("tensors.safetensors"), &tensors)?;
+        let manifest = Manifest {
+            tensors_file: Some(FileCheck::of(&tensors)),
+            ..self.manifest.clone()
+        };
+        let json = serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?;
         write_atomic(&target.join("state.json"), &json)?;
         write_atomic(
             &dir.join("current.json"),
@@ -295,12 +336,62 @@ impl RunState {
                 "the saved state was made with other settings (model, sites, steps, seed, optimizer, data or link); rerun without --resume to start over".into(),
             ));
         }
+        if self.manifest.corpus != common.corpus {
+            return Err(RunError::State(format!(
+                "the saved state was made on another corpus ({}; this run has {}); rerun without --resume to start over, or give the corpus it was made on",
+                self.manifest.corpus, common.corpus
+            )));
+        }
+        self.check_ranges(&common.strategy)?;
         common.metrics = self.manifest.metrics.clone();
         common.ledger = self.manifest.ledger.clone();
         common.compute_seconds = self.manifest.compute_seconds;
         common.communication_seconds = self.manifest.communication_seconds;
         common.next_eval_step = self.manifest.next_eval_step;
         common.peak_sync_bytes = self.manifest.peak_sync_bytes;
+        Ok(())
+    }
+
+    /// Every counter of the manifest within what its run can reach (a state edited or damaged by
+    /// hand must not make a run "finished" early, count rounds past its end, or run time
+    /// backwards).
+    fn check_ranges(&self, strategy: &Strategy) -> Result<(), RunError> {
+        let m = &self.manifest;
+        let steps = m.config.steps;
+        let fragments = strategy.streaming.map_or(0, |s| s.fragments as u64);
+        let bad = |what: String| {
+            Err(RunError::State(format!(
+                "the saved state is out of range: {what}; rerun without --resume to start over"
+            )))
+        };
+        if m.step > steps {
+            return bad(format!("step {} of a {steps}-step run", m.step));
+        }
+        if m.round > steps.saturating_add(fragments) {
+            return bad(format!("round {} of a {steps}-step run", m.round));
+        }
+        if let Some(step) = m.optimizer_steps.iter().find(|s| **s > steps) {
+            return bad(format!("an optimizer at step {step} of {steps}"));
+        }
+        for (name, seconds) in [
+            ("compute", m.compute_seconds),
+            ("communication", m.communication_seconds),
+        ] {
+            if !(seconds.is_finite() && seconds >= 0.0) {
+                return bad(format!("{name} time {seconds} s"));
+            }
+        }
+        if let Some((due, seconds)) = m.streaming {
+            if due > steps.saturating_add(steps) || !(seconds.is_finite() && seconds >= 0.0) {
+                return bad(format!(
+                    "streaming merge due at step {due}, step time sum {seconds} s"
+                ));
+            }
+        }
+        let eval_every = m.config.eval_every_steps.max(1);
+        if m.next_eval_step > steps.saturating_add(eval_every) {
+            return bad(format!("next evaluation at step {}", m.next_eval_step));
+        }
         Ok(())
     }
 
@@ -498,10 +589,100 @@ fn remove_other_states(dir: &Path, keep: &str) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("state-") && name != keep {
-            let _ = std::fs::remove_dir_all(entry.path());
+        if is_state_dir_name(&name) && name != keep {
+            let _ = remove_state_dir(&entry.path());
         }
     }
+}
+
+/// `state-<digits>`: the directories lowband saves a state in.
+fn is_state_dir_name(name: &str) -> bool {
+    name.strip_prefix("state-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The files lowband writes in a state directory (and the temp files of an interrupted atomic
+/// write of them, `.NAME.<pid>.tmp`).
+fn is_our_file(name: &str) -> bool {
+    const OURS: [&str; 3] = ["state.json", "tensors.safetensors", "current.json"];
+    OURS.contains(&name)
+        || name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+            .is_some_and(|(file, pid)| {
+                OURS.contains(&file) && pid.bytes().all(|b| b.is_ascii_digit())
+            })
+}
+
+/// Remove lowband's files in `dir`, then `dir` itself if that left it empty. Anything else in it
+/// (a user's file, a subdirectory) stays, and so does the directory.
+fn remove_state_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_our_file(&name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
+        other => other,
+    }
+}
+
+/// Forget the state saved under `dir` (a site's `--state-dir`, or one strategy's directory of a
+/// run): its `current.json` first (from then on nothing is resumable), then its `state-<n>/`
+/// directories, each emptied of lowband's own files only. Never removes `dir` itself, a file
+/// lowband did not write, or a directory that still holds one.
+pub fn forget_saved_state(dir: &Path) -> Result<(), RunError> {
+    let io = |path: &Path, source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let current = dir.join("current.json");
+    match std::fs::remove_file(&current) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&current, e)),
+        _ => {}
+    }
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(dir, e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && is_state_dir_name(&name) {
+            remove_state_dir(&path).map_err(|e| io(&path, e))?;
+        } else if is_our_file(&name) && entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Forget every strategy's saved state under a run's state directory (`RUN/state/<strategy>/`):
+/// each strategy directory is emptied as [`forget_saved_state`] does, and removed once empty.
+pub fn forget_run_states(state_dir: &Path) -> Result<(), RunError> {
+    let entries = match std::fs::read_dir(state_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(RunError::Io {
+                path: state_dir.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && path.join("current.json").exists() {
+            forget_saved_state(&path)?;
+            let _ = std::fs::remove_dir(&path);
+        }
+    }
+    let _ = std::fs::remove_dir(state_dir);
+    Ok(())
 }
 
 /// The directory `current.json` in `dir` points to (the committed state), if there is one.
@@ -549,8 +730,12 @@ pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<Run
     // (streaming) its own parameters.
     let bytes = read_limited(
         &path,
-        (manifest.params as u64 * 4 + 1024) * (3 + 5 * manifest.sites as u64),
+        (manifest.params as u64)
+            .saturating_mul(4)
+            .saturating_add(1024)
+            .saturating_mul(5u64.saturating_mul(manifest.sites as u64).saturating_add(3)),
     )?;
+    FileCheck::verify(manifest.tensors_file, &path, &bytes)?;
     let names = safetensors_names(&path, &bytes)?;
     let expected: Vec<(String, Vec<usize>)> = names
         .iter()
@@ -591,14 +776,40 @@ struct SiteManifest {
     sampler: (u64, u64),
     optimizer_step: u64,
     codec_random: Option<u64>,
+    /// The text of the run it belongs to.
+    corpus: lowband_data::CorpusFingerprint,
+    /// `tensors.safetensors` as written.
+    tensors_file: FileCheck,
+}
+
+/// What a site's saved state must agree with: the run's text, steps and rounds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SiteRun {
+    pub corpus: lowband_data::CorpusFingerprint,
+    pub steps: u64,
+    pub rounds: u64,
 }
 
 const SITE_FORMAT: &str = "lowband-site-state";
 
 /// Save site `site`'s state after `round` under `dir` (a new `state-<round>/`, then the atomic
 /// switch of `current.json`; the previous state survives a crash at any moment).
-pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<(), RunError> {
+pub(crate) fn save_site(
+    dir: &Path,
+    site: &SiteRuntime,
+    round: u64,
+    run: &SiteRun,
+) -> Result<(), RunError> {
     let optimizer = site.trainer.optimizer();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+        ("m".into(), vec![optimizer.m.len()], &optimizer.m),
+        ("v".into(), vec![optimizer.v.len()], &optimizer.v),
+    ];
+    let residual = site.site.feedback_residual();
+    if let Some(r) = &residual {
+        tensors.push(("residual".into(), vec![r.len()], r));
+    }
+    let tensor_bytes = tensors_to_safetensors(&tensors, None)?;
     let manifest = SiteManifest {
         format: SITE_FORMAT.into(),
         version: VERSION,
@@ -608,25 +819,16 @@ pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<()
         sampler: (site.sampler.seed(), site.sampler.drawn),
         optimizer_step: optimizer.step,
         codec_random: site.site.codec_random_state(),
+        corpus: run.corpus,
+        tensors_file: FileCheck::of(&tensor_bytes),
     };
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
-        ("m".into(), vec![optimizer.m.len()], &optimizer.m),
-        ("v".into(), vec![optimizer.v.len()], &optimizer.v),
-    ];
-    let residual = site.site.feedback_residual();
-    if let Some(r) = &residual {
-        tensors.push(("residual".into(), vec![r.len()], r));
-    }
     let name = format!("state-{round}");
     let target = dir.join(&name);
     std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
         path: target.clone(),
         source: e,
     })?;
-    write_atomic(
-        &target.join("tensors.safetensors"),
-        &tensors_to_safetensors(&tensors, None)?,
-    )?;
+    write_atomic(&target.join("tensors.safetensors"), &tensor_bytes)?;
     write_atomic(
         &target.join("state.json"),
         &serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?,
@@ -641,7 +843,11 @@ pub(crate) fn save_site(dir: &Path, site: &SiteRuntime, round: u64) -> Result<()
 
 /// Restore site state saved by [`save_site`] into `site`; returns the round it had reached, or
 /// None when there is nothing saved. Every length, the site number and every value is checked.
-pub(crate) fn restore_site(dir: &Path, site: &mut SiteRuntime) -> Result<Option<u64>, RunError> {
+pub(crate) fn restore_site(
+    dir: &Path,
+    site: &mut SiteRuntime,
+    run: &SiteRun,
+) -> Result<Option<u64>, RunError> {
     let Some(target) = current_state(dir)? else {
         return Ok(None);
     };
@@ -665,8 +871,30 @@ pub(crate) fn restore_site(dir: &Path, site: &mut SiteRuntime) -> Result<Option<
             site.site.id()
         )));
     }
+    if manifest.corpus != run.corpus {
+        return Err(RunError::State(format!(
+            "{}: saved on another corpus ({}; this run has {}); restart the site without --resume",
+            target.display(),
+            manifest.corpus,
+            run.corpus
+        )));
+    }
+    if manifest.round >= run.rounds || manifest.optimizer_step > run.steps {
+        return Err(RunError::State(format!(
+            "{}: out of range: round {} at optimizer step {} (the run has {} rounds of {} steps); restart the site without --resume",
+            target.display(),
+            manifest.round,
+            manifest.optimizer_step,
+            run.rounds,
+            run.steps
+        )));
+    }
     let path = target.join("tensors.safetensors");
-    let bytes = read_limited(&path, params as u64 * 4 * 3 + 4096)?;
+    let bytes = read_limited(
+        &path,
+        (params as u64).saturating_mul(12).saturating_add(4096),
+    )?;
+    FileCheck::verify(Some(manifest.tensors_file), &path, &bytes)?;
     let names = safetensors_names(&path, &bytes)?;
     if names.iter().any(|(_, len)| *len != params) {
         return Err(RunError::State(format!(
@@ -736,6 +964,21 @@ mod tests {
         new_site(&config, &initial, compression, k).unwrap()
     }
 
+    fn run() -> SiteRun {
+        let corpus = lowband_data::CorpusFingerprint {
+            train_bytes: 1000,
+            shards: 2,
+            train_crc32: 1,
+            validation_bytes: 50,
+            validation_crc32: 2,
+        };
+        SiteRun {
+            corpus,
+            steps: 100,
+            rounds: 20,
+        }
+    }
+
     #[test]
     fn a_site_state_round_trips_and_bad_ones_are_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -755,10 +998,13 @@ mod tests {
             .map(|i| (i % 7) as f32)
             .collect();
         original.site.restore_feedback(&residual).unwrap();
-        save_site(dir.path(), &original, 9).unwrap();
+        save_site(dir.path(), &original, 9, &run()).unwrap();
 
         let mut restored = site(1);
-        assert_eq!(restore_site(dir.path(), &mut restored).unwrap(), Some(9));
+        assert_eq!(
+            restore_site(dir.path(), &mut restored, &run()).unwrap(),
+            Some(9)
+        );
         assert_eq!(
             restored.trainer.optimizer().m,
             original.trainer.optimizer().m
@@ -772,25 +1018,108 @@ mod tests {
         assert_eq!(restored.site.feedback_residual().unwrap(), residual);
         // Nothing saved: nothing restored.
         assert_eq!(
-            restore_site(&dir.path().join("none"), &mut site(1)).unwrap(),
+            restore_site(&dir.path().join("none"), &mut site(1), &run()).unwrap(),
             None
         );
         // Another site's state is refused.
-        let error = restore_site(dir.path(), &mut site(0))
+        let error = restore_site(dir.path(), &mut site(0), &run())
             .err()
             .unwrap()
             .to_string();
         assert!(error.contains("saved for site 1"), "{error}");
+        // Another corpus, or a round past the run's end, is refused.
+        let other = SiteRun {
+            corpus: lowband_data::CorpusFingerprint {
+                train_crc32: 7,
+                ..run().corpus
+            },
+            ..run()
+        };
+        let error = restore_site(dir.path(), &mut site(1), &other)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("another corpus"), "{error}");
+        let short = SiteRun { rounds: 9, ..run() };
+        let error = restore_site(dir.path(), &mut site(1), &short)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("out of range"), "{error}");
+        // One changed value in the tensors (same length, valid safetensors) is refused.
+        let tensors = dir.path().join("state-9/tensors.safetensors");
+        let mut bytes = std::fs::read(&tensors).unwrap();
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x01;
+        std::fs::write(&tensors, &bytes).unwrap();
+        let error = restore_site(dir.path(), &mut site(1), &run())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("truncated or altered"), "{error}");
+        bytes[last] ^= 0x01;
+        std::fs::write(&tensors, &bytes).unwrap();
         // A truncated tensor file is refused, not half-loaded.
         let tensors = dir.path().join("state-9/tensors.safetensors");
         let bytes = std::fs::read(&tensors).unwrap();
         std::fs::write(&tensors, &bytes[..bytes.len() / 2]).unwrap();
         let mut victim = site(1);
-        assert!(restore_site(dir.path(), &mut victim).is_err());
+        assert!(restore_site(dir.path(), &mut victim, &run()).is_err());
         assert_eq!(
             victim.trainer.optimizer().step,
             0,
             "untouched by a failed restore"
         );
+    }
+
+    #[test]
+    fn forgetting_a_saved_state_removes_only_lowbands_own_files() {
+        // Issue 17: `site --state-dir DIR` without --resume removed DIR and everything in it.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(state.join("notes")).unwrap();
+        std::fs::write(state.join("site.key"), "secret").unwrap();
+        std::fs::write(state.join("notes/todo.txt"), "mine").unwrap();
+        std::fs::create_dir_all(state.join("state-other")).unwrap();
+        save_site(&state, &site(1), 3, &run()).unwrap();
+        save_site(&state, &site(1), 4, &run()).unwrap();
+        // A user's file inside one of our state directories keeps that directory.
+        std::fs::write(state.join("state-4/mine.txt"), "mine").unwrap();
+        forget_saved_state(&state).unwrap();
+        assert_eq!(restore_site(&state, &mut site(1), &run()).unwrap(), None);
+        let mut left: Vec<String> = walk(&state);
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "notes/todo.txt",
+                "site.key",
+                "state-4/mine.txt",
+                "state-other/"
+            ],
+            "only lowband's files went"
+        );
+        // The directory the user named is never removed, even when nothing else is in it.
+        let empty = dir.path().join("empty");
+        save_site(&empty, &site(1), 3, &run()).unwrap();
+        forget_saved_state(&empty).unwrap();
+        assert!(empty.is_dir() && walk(&empty).is_empty());
+    }
+
+    fn walk(dir: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.file_type().unwrap().is_dir() {
+                let inner = walk(&entry.path());
+                if inner.is_empty() {
+                    found.push(format!("{name}/"));
+                }
+                found.extend(inner.into_iter().map(|f| format!("{name}/{f}")));
+            } else {
+                found.push(name);
+            }
+        }
+        found
     }
 }

@@ -146,3 +146,42 @@ fn ddp_is_refused_with_a_reason() {
     .to_string();
     assert!(error.contains("DDP runs in memory"), "{error}");
 }
+
+#[test]
+fn one_site_sending_a_huge_finite_update_is_refused_and_the_honest_sites_train_on() {
+    // Issue 17: with the plain mean, one site scaling its update by 1e30 (finite) put the
+    // global parameters where every honest site's gradients were infinite: they died, and the
+    // coordinator waited forever. Now the merge is refused, the parameters kept, the attacker
+    // excluded after its third refusal, and the run ends as the honest sites train it, over the
+    // network as in memory.
+    let c = config(3, &["1:scale=1e30"], "mean");
+    let (network, memory) = run_both(&c, "diloco@4");
+    for r in [&network, &memory] {
+        assert!(
+            r.final_val_loss.is_finite() && r.final_val_loss < 5.0,
+            "{}",
+            r.final_val_loss
+        );
+        assert!(r.final_params.iter().all(|p| p.abs() <= 1e6));
+        assert!(r
+            .metrics
+            .iter()
+            .any(|m| matches!(m, Metric::Excluded { site: 1, .. })));
+        let refused: Vec<&String> = r
+            .metrics
+            .iter()
+            .filter_map(|m| match m {
+                Metric::Refused {
+                    site: 1, reason, ..
+                } => Some(reason),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        assert!(
+            refused[0].contains("the merge was refused and the parameters kept"),
+            "{}",
+            refused[0]
+        );
+    }
+}

@@ -13,6 +13,7 @@ use crate::driver::{absorb, Common, Metric};
 use crate::ledger::Endpoint;
 use crate::RunError;
 
+use super::join::{admit, await_join, RefusalLog};
 use super::{NetworkOptions, RoundSteps, CLOSE_EXCLUDED, CLOSE_REJOIN};
 
 /// What a connection's reader forwards: the site, the connection's generation (a site that
@@ -101,6 +102,15 @@ fn spawn_reader(
     });
 }
 
+/// A new connection and its first message (the join request, or why none came).
+type Joining = (Peer, Result<Vec<u8>, NetError>);
+
+fn log_refusal(log: &mut RefusalLog, now_ms: u64, reason: &str, site: Option<u32>) {
+    if let Some(line) = log.record(now_ms, reason, site) {
+        eprintln!("{line}");
+    }
+}
+
 /// The training reports of the open round, by site (what arrives for a closed round is dropped).
 type Reports = BTreeMap<u64, BTreeMap<u32, TrainingReport>>;
 
@@ -180,6 +190,7 @@ pub(super) async fn coordinate<'a>(
     identity: &Identity,
     site_keys: &[PublicKey],
     options: &NetworkOptions,
+    settings: &lowband_protocol::wire::JoinRequest,
     started: Instant,
 ) -> Result<(Common<'a>, Coordinator, Vec<(String, bytes::Bytes)>), RunError> {
     let rounds = RoundSteps::of(common.config, &common.strategy);
@@ -206,35 +217,46 @@ pub(super) async fn coordinate<'a>(
     let mut generation = 0u64;
     let now_ms = || started.elapsed().as_millis() as u64;
 
+    // New connections first send their join request; each is awaited in a task of its own.
+    let (joins_tx, mut joins) = tokio::sync::mpsc::unbounded_channel::<Joining>();
+    let mut refusals = RefusalLog::default();
     let join_deadline =
         tokio::time::Instant::now() + std::time::Duration::from_millis(options.join_timeout_ms);
+    // One accept at a time, kept across loop turns: `accept` completes the QUIC handshake, so
+    // dropping it half-way would drop that connection.
+    let mut accept = Box::pin(node.accept());
     while peers.len() < site_keys.len() {
-        match tokio::time::timeout_at(join_deadline, node.accept()).await {
-            Err(_) if peers.len() >= quorum => break,
-            Err(_) => {
+        tokio::select! {
+            accepted = &mut accept => match { accept = Box::pin(node.accept()); accepted } {
+                Some(Ok(peer)) => await_join(peer, joins_tx.clone()),
+                Some(Err(e)) => log_refusal(&mut refusals, now_ms(), &e.to_string(), None),
+                None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
+            },
+            Some((peer, first)) = joins.recv() => {
+                match admit(peer.key(), first, &ids, settings) {
+                    Ok(id) => {
+                        generation += 1;
+                        if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
+                            old.peer.close();
+                        }
+                    }
+                    Err(refusal) => {
+                        refusal.close(&peer);
+                        log_refusal(&mut refusals, now_ms(), &refusal.reason, refusal.site);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(join_deadline) => {
+                if peers.len() >= quorum {
+                    break;
+                }
+                let refused = if refusals.latest.is_empty() { String::new() } else { format!("; refused: {}", refusals.summary()) };
                 return Err(RunError::Protocol(format!(
-                    "{} of {} sites joined within {} s (a quorum is {quorum})",
+                    "{} of {} sites joined within {} s (a quorum is {quorum}){refused}",
                     peers.len(),
                     site_keys.len(),
                     options.join_timeout_ms / 1000
-                )))
-            }
-            Ok(Some(Ok(peer))) => {
-                let Some(&id) = ids.get(&peer.key()) else {
-                    continue;
-                };
-                generation += 1;
-                if let Some(old) =
-                    peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone()))
-                {
-                    old.peer.close();
-                }
-            }
-            Ok(Some(Err(e))) => eprintln!("coordinator: refused a connection: {e}"),
-            Ok(None) => {
-                return Err(RunError::Protocol(
-                    "the coordinator's endpoint closed".into(),
-                ))
+                )));
             }
         }
     }
@@ -260,7 +282,9 @@ pub(super) async fn coordinate<'a>(
     let mut sample_packets: Vec<(String, bytes::Bytes)> = Vec::new();
     // The largest message each way in the open round (for the link model's time).
     let (mut link_round, mut down_bytes, mut up_bytes) = (coordinator.round(), 0u64, 0u64);
-    let mut accept = Box::pin(node.accept());
+    // When the last member went (excluded, left or lost): the run waits for a site to come back
+    // for at most `join_timeout_ms`, never without a deadline.
+    let mut alone_since: Option<tokio::time::Instant> = None;
     loop {
         if coordinator.round() != link_round {
             let link = &common.config.link;
@@ -356,8 +380,21 @@ pub(super) async fn coordinate<'a>(
             accepted = &mut accept => {
                 accept = Box::pin(node.accept());
                 match accepted {
-                    Some(Ok(peer)) => {
-                        let Some(&id) = ids.get(&peer.key()) else { continue };
+                    Some(Ok(peer)) => await_join(peer, joins_tx.clone()),
+                    Some(Err(e)) => log_refusal(&mut refusals, now_ms(), &e.to_string(), None),
+                    None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
+                }
+            }
+            Some((peer, first)) = joins.recv() => {
+                match admit(peer.key(), first, &ids, settings) {
+                    Err(refusal) => {
+                        refusal.close(&peer);
+                        log_refusal(&mut refusals, now_ms(), &refusal.reason, refusal.site);
+                        if let Some(site) = refusal.site {
+                            common.metrics.push(Metric::Refused { round, site, reason: format!("join refused: {}", refusal.reason) });
+                        }
+                    }
+                    Ok(id) => {
                         generation += 1;
                         if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
                             // Back before its old connection timed out: that one is over.
@@ -369,8 +406,6 @@ pub(super) async fn coordinate<'a>(
                         let actions = coordinator.handle(now_ms(), Event::SiteJoined { site: id });
                         sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
                     }
-                    Some(Err(e)) => eprintln!("coordinator: refused a connection: {e}"),
-                    None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
                 }
             }
             inbound = rx.recv() => {
@@ -436,6 +471,18 @@ pub(super) async fn coordinate<'a>(
                 sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
             }
             _ = tokio::time::sleep(tick) => {
+                if coordinator.members().is_empty() && peers.is_empty() {
+                    let since = *alone_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed().as_millis() as u64 >= options.join_timeout_ms {
+                        return Err(RunError::Protocol(format!(
+                            "every site is gone at round {} (excluded, left or lost) and none came back within {} s; the state after the last closed round is saved: fix the sites and restart with --resume",
+                            coordinator.round(),
+                            options.join_timeout_ms / 1000
+                        )));
+                    }
+                } else {
+                    alone_since = None;
+                }
                 let actions = coordinator.handle(now_ms(), Event::Tick);
                 sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
             }

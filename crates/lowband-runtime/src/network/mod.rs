@@ -56,6 +56,7 @@ use crate::strategy::{Strategy, StrategyKind};
 use crate::{RunError, RunResult};
 
 mod coordinator;
+mod join;
 mod site;
 
 use coordinator::coordinate;
@@ -176,6 +177,7 @@ pub fn serve_coordinator(
     runtime(config.sites)?.block_on(async {
         let started = Instant::now();
         let mut common = Common::new(config, strategy.clone(), split)?;
+        let settings = join::join_settings(config, &strategy, common.corpus);
         let initial = common.initial_params();
         let mut coordinator = Coordinator::new(
             coordinator_config(config, &strategy, initial.len(), &options),
@@ -200,10 +202,7 @@ pub fn serve_coordinator(
                     .as_ref()
                     .expect("a state was loaded from it")
                     .join(strategy.dir_name());
-                std::fs::remove_dir_all(&dir).map_err(|e| RunError::Io {
-                    path: dir.clone(),
-                    source: e,
-                })?;
+                crate::state::forget_saved_state(&dir)?;
             }
             None if options.resume => println!(
                 "no saved state of {} to resume: starting at round 0",
@@ -222,6 +221,7 @@ pub fn serve_coordinator(
             &identity,
             &site_keys,
             &options,
+            &settings,
             started,
         )
         .await?;
@@ -261,17 +261,20 @@ pub fn serve_site(
         .params()
         .to_vec();
     let mut state = network_site(config, &strategy, &initial, k)?;
+    let site_run = crate::state::SiteRun {
+        corpus: split.fingerprint(),
+        steps: config.steps,
+        rounds: RoundSteps::of(config, &strategy).rounds(),
+    };
     if let Some(dir) = &options.state_dir {
         if options.resume {
-            match crate::state::restore_site(dir, &mut state)? {
+            match crate::state::restore_site(dir, &mut state, &site_run)? {
                 Some(round) => println!("site {site}: resuming from its saved state after round {round} (optimizer, data position, error feedback)"),
                 None => println!("site {site}: no saved state to resume: starting fresh"),
             }
-        } else if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| RunError::Io {
-                path: dir.clone(),
-                source: e,
-            })?;
+        } else {
+            // Only lowband's own state files go; the directory and anything else in it stay.
+            crate::state::forget_saved_state(dir)?;
         }
     }
     let job = SiteJob {
@@ -293,6 +296,8 @@ pub fn serve_site(
         leave_on_signal: true,
         streaming: strategy.streaming,
         rounds: RoundSteps::of(config, &strategy),
+        join: join::join_settings(config, &strategy, site_run.corpus).encode(site),
+        run: site_run,
     };
     runtime(2)?.block_on(any_site_task(state, job, connected))
 }
@@ -444,6 +449,10 @@ struct SiteJob {
     /// Streaming DiLoCo's fragments, delay and mix (None: whole-model rounds).
     streaming: Option<crate::strategy::Streaming>,
     rounds: RoundSteps,
+    /// The join request (unsealed) the site sends first on every connection.
+    join: Vec<u8>,
+    /// What the site's saved state must agree with.
+    run: crate::state::SiteRun,
 }
 
 /// How a site process behaves (the transport's own limits are in `limits`).
@@ -467,6 +476,7 @@ async fn run_async(
     let limits = options.limits.clone();
     let started = Instant::now();
     let common = Common::new(config, strategy.clone(), split)?;
+    let settings = join::join_settings(config, &strategy, common.corpus);
     let initial = common.initial_params();
     let n = initial.len();
     let compression = strategy.compression_for(config.sites);
@@ -514,6 +524,12 @@ async fn run_async(
             leave_on_signal: false,
             streaming: strategy.streaming,
             rounds: RoundSteps::of(config, &strategy),
+            join: settings.encode(k as u32),
+            run: crate::state::SiteRun {
+                corpus: common.corpus,
+                steps: config.steps,
+                rounds: RoundSteps::of(config, &strategy).rounds(),
+            },
         };
         site_tasks.push(tokio::spawn(any_site_task(site, job, || {})));
     }
@@ -525,6 +541,7 @@ async fn run_async(
         &coordinator_identity,
         &site_keys,
         &options,
+        &settings,
         started,
     )
     .await?;
@@ -543,3 +560,6 @@ const CLOSE_LEAVING: u64 = 2;
 /// (Rejoin: it fell too far behind; it reconnects and gets the current parameters in full, as
 /// after a crash.)
 const CLOSE_REJOIN: u64 = 3;
+/// Refused at its join: not a site of this run, a bad join request, or other run settings (the
+/// reason names them). Final: the site stops with the reason.
+const CLOSE_REFUSED: u64 = 4;

@@ -11,7 +11,7 @@ use lowband_protocol::SiteEvent;
 use crate::driver::{train_steps, SiteRuntime};
 use crate::RunError;
 
-use super::{SiteJob, CLOSE_LEAVING, CLOSE_REJOIN};
+use super::{SiteJob, CLOSE_LEAVING, CLOSE_REFUSED, CLOSE_REJOIN};
 
 /// One site: connect, then per packet from the coordinator: H inner steps from the parameters
 /// it sent, and the update. A site that falls behind (packets queued while it trained) applies
@@ -32,7 +32,12 @@ pub(super) async fn site_task(
     let node = Node::client(job.identity.clone(), local, job.limits.clone())?;
     let last_round = job.steps.div_ceil(job.inner_steps).saturating_sub(1);
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-    let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
+    // A site started before its coordinator keeps trying for `reconnect_ms` too.
+    let mut budget = deadline_after(job.reconnect_ms);
+    let mut peer = join(&node, &job, budget).await?;
+    // The reconnect budget runs from the last message the coordinator sent: a connection that
+    // is closed before it delivers anything (a refusal, a coordinator not ready) does not renew it.
+    let mut heard_from_coordinator = false;
     // Ctrl-C is remembered even while the site trains: it leaves before the next round.
     let mut leave = leave_signal(job.leave_on_signal);
     loop {
@@ -65,13 +70,17 @@ pub(super) async fn site_task(
                 rx.recv().await
             };
             let mut round = match received {
-                Some(Ok(sealed)) => open_round(&mut site, sealed)?,
+                Some(Ok(sealed)) => {
+                    heard_from_coordinator = true;
+                    open_round(&mut site, sealed)?
+                }
                 Some(Err(NetError::Ended {
                     code: CLOSE_REJOIN, ..
                 })) => {
                     rejoin = true;
                     break;
                 }
+                Some(Err(e)) if is_refusal(&e) => return Err(refused(&job, e)),
                 // The coordinator ended the run, or our part in it (excluded): nothing more to do.
                 Some(Err(NetError::Ended { .. })) => return Ok(()),
                 Some(Err(NetError::Closed(_))) | None => break,
@@ -89,6 +98,7 @@ pub(super) async fn site_task(
                         (rejoin, closed) = (true, true);
                         break;
                     }
+                    Ok(Err(e)) if is_refusal(&e) => return Err(refused(&job, e)),
                     Ok(Err(NetError::Ended { .. })) => return Ok(()),
                     Ok(Err(NetError::Closed(_))) => {
                         closed = true;
@@ -126,7 +136,7 @@ pub(super) async fn site_task(
             })?;
             let update = site.update(round, 0..job.params, &job.uplink)?;
             if let Some(dir) = &job.state_dir {
-                crate::state::save_site(dir, &site, round)?;
+                crate::state::save_site(dir, &site, round, &job.run)?;
             }
             // The training report, then the update (the coordinator reads a connection's
             // messages in order, so the report is in before the update can close the round). A
@@ -148,6 +158,7 @@ pub(super) async fn site_task(
                         lost = true;
                         break;
                     }
+                    Err(e) if is_refusal(&e) => return Err(refused(&job, e)),
                     Err(NetError::Ended { .. }) => return Ok(()),
                     Err(_) => {
                         lost = true;
@@ -168,16 +179,90 @@ pub(super) async fn site_task(
         if job.reconnect_ms == 0 && !rejoin {
             return Ok(());
         }
-        peer = reconnect(
-            &node,
-            &job,
-            if rejoin {
+        if heard_from_coordinator || rejoin {
+            budget = deadline_after(if rejoin {
                 job.reconnect_ms.max(REJOIN_MS)
             } else {
                 job.reconnect_ms
-            },
+            });
+        } else {
+            // Closed before the coordinator said anything: wait before the next try.
+            tokio::time::sleep(std::time::Duration::from_millis(RETRY_MS)).await;
+        }
+        heard_from_coordinator = false;
+        peer = join(&node, &job, budget).await?;
+    }
+}
+
+/// A refusal is final: the coordinator does not list this key (TLS handshake), or refused its
+/// join (other run settings, a bad join request). Retrying cannot change either.
+fn is_refusal(e: &NetError) -> bool {
+    matches!(
+        e,
+        NetError::Handshake(_)
+            | NetError::Ended {
+                code: CLOSE_REFUSED,
+                ..
+            }
+    )
+}
+
+/// The error a refused site stops with.
+fn refused(job: &SiteJob, e: NetError) -> RunError {
+    let (address, key) = (job.coordinator.0, job.identity.public_key());
+    RunError::Protocol(match e {
+        NetError::Ended { reason, .. } => {
+            format!("the coordinator at {address} refused this site (key {key}): {reason}")
+        }
+        NetError::Handshake(detail) => format!(
+            "the coordinator at {address} refused this site's key {key} in the TLS handshake: this coordinator does not list your key (is it the coordinator your cluster file names, and is this key among its sites?) [{detail}]"
+        ),
+        other => format!("the coordinator at {address}: {other}"),
+    })
+}
+
+/// Between two attempts to reach the coordinator.
+const RETRY_MS: u64 = 500;
+
+fn deadline_after(ms: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_millis(ms)
+}
+
+/// Connect to the coordinator and send the join request (the run settings this site was
+/// started with), retrying every `RETRY_MS` until `deadline`, at least once. A refusal in the
+/// TLS handshake is final.
+async fn join(
+    node: &Node,
+    job: &SiteJob,
+    deadline: tokio::time::Instant,
+) -> Result<Peer, RunError> {
+    let retry = std::time::Duration::from_millis(RETRY_MS);
+    loop {
+        // Every attempt gets at least one retry interval, even past the deadline.
+        let attempt_until = deadline.max(tokio::time::Instant::now() + retry);
+        let attempt = tokio::time::timeout_at(
+            attempt_until,
+            node.connect(job.coordinator.0, job.coordinator.1),
         )
-        .await?;
+        .await;
+        let error = match attempt {
+            Ok(Ok(peer)) => match peer.send(&seal(&job.identity, &job.join)).await {
+                Ok(()) => return Ok(peer),
+                Err(e) => e,
+            },
+            Ok(Err(e)) => e,
+            Err(_) => NetError::Connect("timed out".into()),
+        };
+        if is_refusal(&error) {
+            return Err(refused(job, error));
+        }
+        if tokio::time::Instant::now() + retry >= deadline {
+            return Err(RunError::Protocol(format!(
+                "could not reach the coordinator at {} before the reconnect budget ran out ({error}); is it running, and is --join its address?",
+                job.coordinator.0
+            )));
+        }
+        tokio::time::sleep(retry).await;
     }
 }
 
@@ -224,8 +309,9 @@ fn read_from_coordinator(
 enum StreamingEnd {
     /// The run is over (or the coordinator ended this site's part in it).
     Done,
-    /// The connection was lost; `rejoin`: the coordinator asked this site to come back.
-    Lost { rejoin: bool },
+    /// The connection was lost; `rejoin`: the coordinator asked this site to come back;
+    /// `heard`: the coordinator had sent something on it.
+    Lost { rejoin: bool, heard: bool },
     /// Ctrl-C: leave the run.
     Leaving,
 }
@@ -250,7 +336,8 @@ pub(super) async fn streaming_site_task(
         "0.0.0.0:0".parse().expect("any IPv4")
     };
     let node = Node::client(job.identity.clone(), local, job.limits.clone())?;
-    let mut peer = node.connect(job.coordinator.0, job.coordinator.1).await?;
+    let mut budget = deadline_after(job.reconnect_ms);
+    let mut peer = join(&node, &job, budget).await?;
     let leave = leave_signal(job.leave_on_signal);
     loop {
         connected();
@@ -262,27 +349,28 @@ pub(super) async fn streaming_site_task(
             leave_now(&node, &peer, &job).await;
             return Ok(());
         }
-        let rejoin = match streaming_connection(&mut site, &job, &peer, leave.clone()).await? {
-            StreamingEnd::Done => return Ok(()),
-            StreamingEnd::Leaving => {
-                leave_now(&node, &peer, &job).await;
-                return Ok(());
-            }
-            StreamingEnd::Lost { rejoin } => rejoin,
-        };
+        let (rejoin, heard) =
+            match streaming_connection(&mut site, &job, &peer, leave.clone()).await? {
+                StreamingEnd::Done => return Ok(()),
+                StreamingEnd::Leaving => {
+                    leave_now(&node, &peer, &job).await;
+                    return Ok(());
+                }
+                StreamingEnd::Lost { rejoin, heard } => (rejoin, heard),
+            };
         if job.reconnect_ms == 0 && !rejoin {
             return Ok(());
         }
-        peer = reconnect(
-            &node,
-            &job,
-            if rejoin {
+        if heard || rejoin {
+            budget = deadline_after(if rejoin {
                 job.reconnect_ms.max(REJOIN_MS)
             } else {
                 job.reconnect_ms
-            },
-        )
-        .await?;
+            });
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(RETRY_MS)).await;
+        }
+        peer = join(&node, &job, budget).await?;
     }
 }
 
@@ -298,42 +386,62 @@ async fn streaming_connection(
     // Ctrl-C, checked between steps (`pressed`) and while waiting for a merge (`waiting`).
     let (mut pressed, mut waiting) = (leave.clone(), leave);
     // The next broadcast, mixed in with `mix`: the round it opens, or how the connection ended.
-    let mut next = async |site: &mut SiteRuntime,
-                          mix: f32|
-           -> Result<Result<u64, StreamingEnd>, RunError> {
-        let received = match waiting.as_mut() {
-            Some(leave) => tokio::select! {
-                message = rx.recv() => message,
-                _ = leave.changed() => return Ok(Err(StreamingEnd::Leaving)),
-            },
-            None => rx.recv().await,
+    let mut next =
+        async |site: &mut SiteRuntime, mix: f32| -> Result<Result<u64, StreamingEnd>, RunError> {
+            let received = match waiting.as_mut() {
+                Some(leave) => tokio::select! {
+                    message = rx.recv() => message,
+                    _ = leave.changed() => return Ok(Err(StreamingEnd::Leaving)),
+                },
+                None => rx.recv().await,
+            };
+            match received {
+                Some(Ok(sealed)) => Ok(Ok(crate::driver::mix_in(
+                    site,
+                    open(job.coordinator.1, &sealed)?,
+                    mix,
+                )?)),
+                Some(Err(NetError::Ended {
+                    code: CLOSE_REJOIN, ..
+                })) => Ok(Err(StreamingEnd::Lost {
+                    rejoin: true,
+                    heard: true,
+                })),
+                Some(Err(e)) if is_refusal(&e) => Err(refused(job, e)),
+                Some(Err(NetError::Ended { .. })) => Ok(Err(StreamingEnd::Done)),
+                Some(Err(NetError::Closed(_))) | None => Ok(Err(StreamingEnd::Lost {
+                    rejoin: false,
+                    heard: true,
+                })),
+                Some(Err(e)) => Err(e.into()),
+            }
         };
-        match received {
-            Some(Ok(sealed)) => Ok(Ok(crate::driver::mix_in(
-                site,
-                open(job.coordinator.1, &sealed)?,
-                mix,
-            )?)),
-            Some(Err(NetError::Ended {
-                code: CLOSE_REJOIN, ..
-            })) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
-            Some(Err(NetError::Ended { .. })) => Ok(Err(StreamingEnd::Done)),
-            Some(Err(NetError::Closed(_))) | None => Ok(Err(StreamingEnd::Lost { rejoin: false })),
-            Some(Err(e)) => Err(e.into()),
-        }
-    };
     let send = async |message: Vec<u8>| -> Result<Result<(), StreamingEnd>, RunError> {
         match peer.send(&seal(&job.identity, &message)).await {
             Ok(()) => Ok(Ok(())),
             Err(NetError::Ended {
                 code: CLOSE_REJOIN, ..
-            }) => Ok(Err(StreamingEnd::Lost { rejoin: true })),
+            }) => Ok(Err(StreamingEnd::Lost {
+                rejoin: true,
+                heard: true,
+            })),
+            Err(e) if is_refusal(&e) => Err(refused(job, e)),
             Err(NetError::Ended { .. }) => Ok(Err(StreamingEnd::Done)),
-            Err(_) => Ok(Err(StreamingEnd::Lost { rejoin: false })),
+            Err(_) => Ok(Err(StreamingEnd::Lost {
+                rejoin: false,
+                heard: true,
+            })),
         }
     };
     let mut round = match next(site, streaming.mix).await? {
         Ok(round) => round,
+        // Nothing came on this connection before it ended.
+        Err(StreamingEnd::Lost { rejoin, .. }) => {
+            return Ok(StreamingEnd::Lost {
+                rejoin,
+                heard: false,
+            })
+        }
         Err(end) => return Ok(end),
     };
     // What the coordinator sent first is what this site trains from (at the start of the run
@@ -389,7 +497,7 @@ async fn streaming_connection(
         seconds = 0.0;
         let update = site.update(round, site.site.fragment(round), &job.uplink)?;
         if let Some(dir) = &job.state_dir {
-            crate::state::save_site(dir, site, round)?;
+            crate::state::save_site(dir, site, round, &job.run)?;
         }
         for message in [report, update] {
             if let Err(end) = send(message).await? {
@@ -429,18 +537,3 @@ async fn streaming_connection(
 
 /// How long a site asked to rejoin keeps trying (when its own `reconnect_ms` is shorter).
 const REJOIN_MS: u64 = 10_000;
-
-/// Try to reach the coordinator again for `reconnect_ms`, every half second.
-async fn reconnect(node: &Node, job: &SiteJob, reconnect_ms: u64) -> Result<Peer, RunError> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(reconnect_ms);
-    loop {
-        let attempt =
-            tokio::time::timeout_at(deadline, node.connect(job.coordinator.0, job.coordinator.1))
-                .await;
-        match attempt {
-            Ok(Ok(peer)) => return Ok(peer),
-            Ok(Err(_)) if tokio::time::Instant::now() + std::time::Duration::from_millis(500) < deadline => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
-            _ => return Err(RunError::Protocol(format!("lost the coordinator before the run's last round and could not reach it again within {} s", reconnect_ms / 1000))),
-        }
-    }
-}

@@ -1,0 +1,239 @@
+//! Careless and hostile use of the node processes (issue 17): what lowband deletes, who gets
+//! into a run, and what a coordinator does when every site is gone. Loopback only.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A tiny 2-site run (seconds).
+const CLUSTER: &str = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
+
+fn keys(dir: &Path) -> (String, Vec<String>) {
+    let coordinator = keygen(dir, "coordinator.key");
+    let sites = vec![keygen(dir, "site0.key"), keygen(dir, "site1.key")];
+    (coordinator, sites)
+}
+
+fn cluster_file(dir: &Path, name: &str, coordinator: &str, sites: &[String], body: &str) {
+    let keys: Vec<String> = sites.iter().map(|k| format!("\"{k}\"")).collect();
+    std::fs::write(
+        dir.join(name),
+        format!(
+            "coordinator = \"{coordinator}\"\nsites = [{}]\n{body}",
+            keys.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+fn stderr_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default()
+}
+
+#[test]
+fn a_site_state_dir_keeps_every_file_lowband_did_not_make() {
+    // `site --state-dir DIR` without --resume used to remove DIR and everything in it, the key
+    // the site was started with included; `--state-dir .` took the working directory.
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, sites) = keys(dir.path());
+    cluster_file(dir.path(), "cluster.toml", &coordinator, &sites, CLUSTER);
+    std::fs::create_dir_all(dir.path().join("mine/sub")).unwrap();
+    std::fs::write(dir.path().join("mine/notes.txt"), "keep me").unwrap();
+    std::fs::write(dir.path().join("mine/sub/more.txt"), "and me").unwrap();
+    std::fs::copy(
+        dir.path().join("site0.key"),
+        dir.path().join("mine/site0.key"),
+    )
+    .unwrap();
+    for state_dir in ["mine", "."] {
+        // Nobody listens on this port: the site gives up after its reconnect budget.
+        let o = lowband(dir.path())
+            .args([
+                "site",
+                "--config",
+                "cluster.toml",
+                "--key",
+                "mine/site0.key",
+            ])
+            .args([
+                "--join",
+                "127.0.0.1:9",
+                "--reconnect-ms",
+                "300",
+                "--state-dir",
+                state_dir,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        for kept in [
+            "mine/notes.txt",
+            "mine/sub/more.txt",
+            "mine/site0.key",
+            "cluster.toml",
+            "site1.key",
+        ] {
+            assert!(
+                dir.path().join(kept).exists(),
+                "--state-dir {state_dir} removed {kept}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_site_with_other_run_settings_or_an_unlisted_key_is_refused_by_name_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, sites) = keys(dir.path());
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        CLUSTER,
+        &[
+            "--quorum",
+            "1",
+            "--join-timeout-ms",
+            "4000",
+            "--name",
+            "run",
+        ],
+    );
+    // Site 1's file differs in H, the seed and the corpus size: it must never be merged.
+    let other = CLUSTER
+        .replace("diloco@4", "diloco@2")
+        .replace("corpus_bytes = 60000", "corpus_bytes = 70000")
+        .replace("[run]\n", "[run]\nseed = 7\n");
+    cluster_file(dir.path(), "other.toml", &coordinator, &sites, &other);
+    // A stranger whose own file lists it, but the coordinator's does not.
+    let stranger = keygen(dir.path(), "stranger.key");
+    cluster_file(
+        dir.path(),
+        "stranger.toml",
+        &coordinator,
+        &[stranger],
+        CLUSTER,
+    );
+
+    let mut honest = start_site(dir.path(), 0, &address, &[]);
+    let started = Instant::now();
+    let mismatched = lowband(dir.path())
+        .args([
+            "site",
+            "--config",
+            "other.toml",
+            "--key",
+            "site1.key",
+            "--join",
+            &address,
+        ])
+        .output()
+        .unwrap();
+    let unlisted = lowband(dir.path())
+        .args([
+            "site",
+            "--config",
+            "stranger.toml",
+            "--key",
+            "stranger.key",
+            "--join",
+            &address,
+        ])
+        .args(["--reconnect-ms", "60000"])
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refusals are final, not retried"
+    );
+    let error = String::from_utf8_lossy(&mismatched.stderr);
+    assert_eq!(mismatched.status.code(), Some(2), "{error}");
+    for field in [
+        "strategy (coordinator diloco@4, site diloco@2)",
+        "run.seed (coordinator 0, site 7)",
+        "corpus (coordinator",
+    ] {
+        assert!(
+            error.contains(field),
+            "the site's error names {field:?}: {error}"
+        );
+    }
+    let error = String::from_utf8_lossy(&unlisted.stderr);
+    assert_eq!(unlisted.status.code(), Some(2), "{error}");
+    assert!(error.contains("does not list your key"), "{error}");
+    let stdout = String::from_utf8_lossy(&unlisted.stdout);
+    assert!(
+        stdout.matches("connected").count() <= 1,
+        "no reconnect loop: {stdout}"
+    );
+
+    assert!(
+        wait(&mut honest, Duration::from_secs(120)).success(),
+        "{}",
+        error_logs(dir.path())
+    );
+    assert!(
+        wait(&mut coordinator_process, Duration::from_secs(120)).success(),
+        "{}",
+        error_logs(dir.path())
+    );
+    let log = stderr_of(dir.path(), "coordinator");
+    assert!(
+        log.contains("refused site 1")
+            && log.contains("strategy (coordinator diloco@4, site diloco@2)"),
+        "{log}"
+    );
+    assert!(log.lines().count() < 20, "refusals are rate-limited: {log}");
+}
+
+#[test]
+fn a_coordinator_whose_sites_are_all_gone_stops_after_its_join_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, sites) = keys(dir.path());
+    let long = CLUSTER.replace("steps = 24", "steps = 100000");
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        &long,
+        &[
+            "--idle-timeout-ms",
+            "1000",
+            "--join-timeout-ms",
+            "3000",
+            "--name",
+            "run",
+        ],
+    );
+    let mut site_processes: Vec<Guard> = (0..2)
+        .map(|k| {
+            start_site(
+                dir.path(),
+                k,
+                &address,
+                &["--idle-timeout-ms", "1000", "--reconnect-ms", "0"],
+            )
+        })
+        .collect();
+    // Both sites die mid-run and never come back.
+    std::thread::sleep(Duration::from_secs(3));
+    for site in &mut site_processes {
+        site.0.kill().unwrap();
+        site.0.wait().unwrap();
+    }
+    let status = wait(&mut coordinator_process, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(2));
+    let log = stderr_of(dir.path(), "coordinator");
+    assert!(
+        log.contains("every site is gone") && log.contains("none came back within 3 s"),
+        "{log}"
+    );
+}

@@ -1,0 +1,249 @@
+//! Joining a run: what a site says first on every connection, and how the coordinator decides.
+//!
+//! A site's first message is a signed join request (`wire::JoinRequest`): the settings of the
+//! run it was started for, the corpus fingerprint among them. The coordinator admits it only if
+//! the request is the site's own (its key signed it, it names its own site number) and every
+//! setting equals the coordinator's; otherwise it closes the connection with `CLOSE_REFUSED` and
+//! a reason that names every differing field, and the site stops with that reason (a refusal is
+//! final: retrying cannot change the settings). Refusals are logged, at most one line every
+//! `REFUSAL_LOG_INTERVAL_MS` with a count of the ones not shown.
+
+use std::collections::BTreeMap;
+
+use lowband_data::CorpusFingerprint;
+use lowband_net::{open, NetError, Peer, PublicKey};
+use lowband_protocol::wire::{self, JoinRequest, MessageKind};
+
+use crate::config::RunConfig;
+use crate::strategy::Strategy;
+
+/// How long a new connection has to send its join request.
+pub(super) const JOIN_REQUEST_MS: u64 = 10_000;
+
+/// At most one refusal line per this interval (the rest are counted).
+const REFUSAL_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Longest close reason sent (a QUIC close frame must fit one datagram).
+const CLOSE_REASON_BYTES_MAX: usize = 1000;
+
+/// The settings a site and its coordinator must agree on: every field of the run settings (as
+/// dotted names), the strategy's canonical name and the corpus fingerprint.
+pub(super) fn join_settings(
+    config: &RunConfig,
+    strategy: &Strategy,
+    corpus: CorpusFingerprint,
+) -> JoinRequest {
+    let mut settings = BTreeMap::new();
+    let run = serde_json::to_value(RunConfig {
+        checkpoint_every_rounds: 0,
+        ..config.clone()
+    })
+    .unwrap_or(serde_json::Value::Null);
+    flatten("run", &run, &mut settings);
+    settings.insert("strategy".into(), strategy.name());
+    settings.insert("corpus".into(), corpus.to_string());
+    JoinRequest { settings }
+}
+
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, inner) in fields {
+                flatten(&format!("{prefix}.{name}"), inner, out);
+            }
+        }
+        serde_json::Value::String(text) => {
+            out.insert(prefix.into(), text.replace(['\t', '\n'], " "));
+        }
+        other => {
+            out.insert(prefix.into(), other.to_string());
+        }
+    }
+}
+
+/// A connection's first message, checked: the site it is, or why it is refused.
+pub(super) fn admit(
+    peer_key: PublicKey,
+    first: Result<Vec<u8>, NetError>,
+    ids: &BTreeMap<PublicKey, u32>,
+    ours: &JoinRequest,
+) -> Result<u32, Refusal> {
+    let Some(&site) = ids.get(&peer_key) else {
+        return Err(Refusal::new(
+            None,
+            format!("key {peer_key} is not a site of this run"),
+        ));
+    };
+    let refuse = |reason: String| Err(Refusal::new(Some(site), reason));
+    let sealed = match first {
+        Ok(sealed) => sealed,
+        Err(e) => return refuse(format!("no join request: {e}")),
+    };
+    let packet = match open(peer_key, &sealed) {
+        Ok(packet) => packet,
+        Err(e) => return refuse(format!("join request: {e}")),
+    };
+    let message = match wire::decode(packet, wire::JOIN_BYTES_MAX) {
+        Ok(message) if message.kind == MessageKind::Join => message,
+        Ok(message) => return refuse(format!("sent a {:?} message before joining", message.kind)),
+        Err(e) => return refuse(format!("join request: {e}")),
+    };
+    if message.site != site {
+        return refuse(format!("its join request claims site {}", message.site));
+    }
+    let theirs = match JoinRequest::decode(message.payload) {
+        Ok(theirs) => theirs,
+        Err(e) => return refuse(e.to_string()),
+    };
+    let differences = ours.differences(&theirs);
+    if !differences.is_empty() {
+        return refuse(format!(
+            "its run settings differ from the coordinator's (is it started from another cluster file?): {}",
+            differences.join("; ")
+        ));
+    }
+    Ok(site)
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone)]
+pub(super) struct Refusal {
+    pub site: Option<u32>,
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(site: Option<u32>, reason: String) -> Self {
+        Refusal { site, reason }
+    }
+
+    /// End the connection saying why (the site reads it as a final error).
+    pub fn close(&self, peer: &Peer) {
+        let mut reason = self.reason.clone();
+        if reason.len() > CLOSE_REASON_BYTES_MAX {
+            let mut end = CLOSE_REASON_BYTES_MAX;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push('…');
+        }
+        peer.close_with(super::CLOSE_REFUSED as u32, &reason);
+    }
+}
+
+/// Refusals as log lines, at most one per interval: a misconfigured or hostile node that
+/// reconnects in a loop cannot flood the coordinator's output.
+#[derive(Debug, Default)]
+pub(super) struct RefusalLog {
+    last_shown_ms: Option<u64>,
+    not_shown: u64,
+    /// The newest reason per site (for the error when too few sites join).
+    pub latest: BTreeMap<Option<u32>, String>,
+}
+
+impl RefusalLog {
+    /// The line to print for a refusal at `now_ms`, if one is due.
+    pub fn record(&mut self, now_ms: u64, refusal: &str, site: Option<u32>) -> Option<String> {
+        self.latest.insert(site, refusal.to_string());
+        let due = self
+            .last_shown_ms
+            .is_none_or(|last| now_ms >= last.saturating_add(REFUSAL_LOG_INTERVAL_MS));
+        if !due {
+            self.not_shown += 1;
+            return None;
+        }
+        self.last_shown_ms = Some(now_ms);
+        let more = std::mem::take(&mut self.not_shown);
+        let who = site.map_or("a connection".to_string(), |s| format!("site {s}"));
+        Some(if more > 0 {
+            format!(
+                "coordinator: refused {who}: {refusal} (and {more} more refusals in the last {} s)",
+                REFUSAL_LOG_INTERVAL_MS / 1000
+            )
+        } else {
+            format!("coordinator: refused {who}: {refusal}")
+        })
+    }
+
+    /// The latest refusal of each site, one line each.
+    pub fn summary(&self) -> String {
+        self.latest
+            .iter()
+            .map(|(site, reason)| match site {
+                Some(site) => format!("site {site}: {reason}"),
+                None => format!("unknown: {reason}"),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Wait (in a task of its own, so that a silent newcomer holds up nobody) for a new connection's
+/// first message, and hand both to the coordinator's loop.
+pub(super) fn await_join(
+    peer: Peer,
+    joins: tokio::sync::mpsc::UnboundedSender<(Peer, Result<Vec<u8>, NetError>)>,
+) {
+    tokio::spawn(async move {
+        let first = tokio::time::timeout(
+            std::time::Duration::from_millis(JOIN_REQUEST_MS),
+            peer.recv(),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(NetError::Closed(format!(
+                "nothing within {} s",
+                JOIN_REQUEST_MS / 1000
+            )))
+        });
+        let _ = joins.send((peer, first));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_most_once_an_interval_with_a_count() {
+        let mut log = RefusalLog::default();
+        assert!(log.record(0, "a", Some(1)).is_some());
+        for t in 1..1000 {
+            assert!(log.record(t, "a", Some(1)).is_none());
+        }
+        let line = log.record(10_000, "b", None).unwrap();
+        assert!(line.contains("999 more"), "{line}");
+        assert_eq!(log.summary(), "site 1: a; unknown: b");
+    }
+
+    #[test]
+    fn settings_name_every_field_of_the_run() {
+        let config = RunConfig::default();
+        let strategy = Strategy::parse("diloco@10", config.inner_steps).unwrap();
+        let corpus = lowband_data::CorpusFingerprint {
+            train_bytes: 1,
+            shards: 1,
+            train_crc32: 1,
+            validation_bytes: 1,
+            validation_crc32: 1,
+        };
+        let ours = join_settings(&config, &strategy, corpus);
+        assert_eq!(ours.settings["strategy"], "diloco@10");
+        assert!(
+            ours.settings.contains_key("run.seed")
+                && ours.settings.contains_key("run.optimizer.lr")
+        );
+        let other = RunConfig {
+            seed: 5,
+            ..config.clone()
+        };
+        let theirs = join_settings(&other, &Strategy::parse("diloco@5", 50).unwrap(), corpus);
+        let differences = ours.differences(&theirs);
+        assert_eq!(differences.len(), 2, "{differences:?}");
+        assert!(
+            differences[0].starts_with("run.seed (coordinator 0, site 5)"),
+            "{differences:?}"
+        );
+    }
+}
