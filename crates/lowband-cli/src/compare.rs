@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lowband_data::Split;
 use lowband_runtime::{run, Persistence, RunConfig, RunError, RunResult, Strategy};
 
+use crate::cluster::{run_site_processes, SiteLaunch};
 use crate::report::{self, Comparison};
 use crate::train::load_corpus;
 
@@ -241,8 +242,8 @@ pub enum Driver {
     /// this process; DDP still runs in memory (it is the reference, not a lowband protocol).
     Loopback,
     /// As `Loopback`, with every site a separate `lowband site` process (this process is the
-    /// coordinator).
-    Processes,
+    /// coordinator); `restart_sites`: a site process that dies is started again.
+    Processes { restart_sites: bool },
 }
 
 pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
@@ -299,24 +300,36 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         stop_after_rounds: args.stop_after_rounds,
     };
     let mut results: Vec<RunResult> = Vec::new();
+    // What happened to site processes (deaths, restarts), for the report.
+    let mut events: Vec<String> = Vec::new();
     for strategy in &strategies {
         let networked =
             driver != Driver::Memory && strategy.kind == lowband_runtime::StrategyKind::Rounds;
-        let launch = (driver == Driver::Processes).then(|| SiteLaunch {
-            corpus: corpus.clone(),
-            corpus_bytes: args.corpus_bytes,
-            tuning: args.tuning,
-            dir: run_dir.join("nodes"),
-        });
+        let launch = match driver {
+            Driver::Processes { restart_sites } => Some(SiteLaunch {
+                corpus: corpus.clone(),
+                corpus_bytes: args.corpus_bytes,
+                tuning: args.tuning,
+                dir: run_dir.join("nodes"),
+                restart: restart_sites,
+            }),
+            _ => None,
+        };
         results.push(if networked {
-            run_networked(&config, strategy.clone(), &split, launch)?
+            let (result, happened) = run_networked(&config, strategy.clone(), &split, launch)?;
+            events.extend(
+                happened
+                    .into_iter()
+                    .map(|e| format!("{}: {e}", strategy.name())),
+            );
+            result
         } else {
             run_one(&config, strategy.clone(), &split, &persistence, tokens)?
         });
     }
     match driver {
         Driver::Loopback => println!("\ncluster: the round and streaming strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
-        Driver::Processes => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.join("nodes").display()),
+        Driver::Processes { .. } => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.join("nodes").display()),
         Driver::Memory => {}
     }
     let comparison = Comparison {
@@ -325,6 +338,7 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         corpus: &source,
         floor,
         name: &name,
+        events: &events,
     };
     report::write_all(&comparison, &run_dir, args.json.as_deref())?;
     Ok(Outcome {
@@ -335,22 +349,12 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     })
 }
 
-/// Where `lowband site` processes find what they need.
-struct SiteLaunch {
-    corpus: Option<PathBuf>,
-    corpus_bytes: usize,
-    /// `--tuning`: the sites set the validation split aside too.
-    tuning: bool,
-    /// Keys, cluster files and site logs.
-    dir: PathBuf,
-}
-
 fn run_networked(
     config: &RunConfig,
     strategy: Strategy,
     split: &Split,
     launch: Option<SiteLaunch>,
-) -> Result<RunResult> {
+) -> Result<(RunResult, Vec<String>)> {
     let spinner = ProgressBar::new_spinner()
         .with_message(format!("{} over QUIC on loopback", strategy.name()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -361,113 +365,24 @@ fn run_networked(
             split,
             lowband_net::Limits::default(),
         )
+        .map(|r| (r, Vec::new()))
         .map_err(anyhow::Error::from),
         Some(launch) => run_site_processes(config, strategy, split, &launch),
     };
     match result {
-        Ok(r) => {
+        Ok((r, events)) => {
             spinner.finish_with_message(format!(
                 "{:<11} over QUIC: val loss {:.4}",
                 r.strategy.name(),
                 r.final_val_loss
             ));
-            Ok(r)
+            Ok((r, events))
         }
         Err(e) => {
             spinner.abandon();
             Err(e)
         }
     }
-}
-
-/// This process coordinates; K `lowband site` processes train, each with its own key.
-fn run_site_processes(
-    config: &RunConfig,
-    strategy: Strategy,
-    split: &Split,
-    launch: &SiteLaunch,
-) -> Result<RunResult> {
-    let dir = launch.dir.join(strategy.dir_name());
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let coordinator = std::sync::Arc::new(lowband_net::Identity::generate()?);
-    let mut site_keys = Vec::new();
-    for k in 0..config.sites {
-        let identity = lowband_net::Identity::generate()?;
-        identity.save(&dir.join(format!("site{k}.key")))?;
-        site_keys.push(identity.public_key());
-    }
-    let mut file = toml::Table::new();
-    file.insert("strategy".into(), strategy.name().into());
-    file.insert(
-        "coordinator".into(),
-        coordinator.public_key().to_string().into(),
-    );
-    file.insert(
-        "sites".into(),
-        toml::Value::Array(site_keys.iter().map(|k| k.to_string().into()).collect()),
-    );
-    if let Some(corpus) = &launch.corpus {
-        let absolute =
-            std::fs::canonicalize(corpus).with_context(|| format!("{}", corpus.display()))?;
-        file.insert("corpus".into(), absolute.display().to_string().into());
-    }
-    file.insert("corpus_bytes".into(), (launch.corpus_bytes as i64).into());
-    if launch.tuning {
-        file.insert("tuning".into(), true.into());
-    }
-    file.insert("run".into(), toml::Value::try_from(config)?);
-    let cluster_file = dir.join("cluster.toml");
-    lowband_engine::checkpoint::write_atomic(&cluster_file, toml::to_string(&file)?.as_bytes())?;
-    let executable = std::env::current_exe().context("finding the lowband executable")?;
-    let mut children = Vec::new();
-    let result = lowband_runtime::network::serve_coordinator(
-        config,
-        strategy,
-        split,
-        coordinator,
-        site_keys,
-        "127.0.0.1:0".parse()?,
-        lowband_runtime::network::NetworkOptions::new(lowband_net::Limits::default()),
-        |address| {
-            for k in 0..config.sites {
-                let log = std::fs::File::create(dir.join(format!("site{k}.log"))).map_err(|e| {
-                    lowband_runtime::RunError::Io {
-                        path: dir.join(format!("site{k}.log")),
-                        source: e,
-                    }
-                })?;
-                let child = std::process::Command::new(&executable)
-                    .args(["site", "--config"])
-                    .arg(&cluster_file)
-                    .arg("--key")
-                    .arg(dir.join(format!("site{k}.key")))
-                    .args(["--join", &address.to_string()])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .map_err(|e| lowband_runtime::RunError::Io {
-                        path: executable.clone(),
-                        source: e,
-                    })?;
-                children.push(child);
-            }
-            Ok(())
-        },
-    );
-    let mut failed = Vec::new();
-    for (k, mut child) in children.into_iter().enumerate() {
-        if result.is_err() {
-            let _ = child.kill();
-        }
-        if !child.wait().map(|s| s.success()).unwrap_or(false) {
-            failed.push(k);
-        }
-    }
-    let result = result?;
-    if !failed.is_empty() {
-        bail!("site processes {failed:?} failed; see {}", dir.display());
-    }
-    Ok(result)
 }
 
 fn run_one(

@@ -3,6 +3,7 @@
 
 mod alloc_count;
 mod bench;
+mod cluster;
 mod compare;
 mod coordinator_bench;
 mod engine_cmds;
@@ -88,6 +89,10 @@ struct ClusterArgs {
     /// Run the sites as tasks of this process instead of separate processes.
     #[arg(long)]
     in_process: bool,
+    /// Start a site process that dies during the run again, with its saved state (it rejoins
+    /// with the current parameters). Without it the run goes on without that site.
+    #[arg(long, conflicts_with = "in_process")]
+    restart_sites: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -168,7 +173,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if args.in_process {
                 compare::Driver::Loopback
             } else {
-                compare::Driver::Processes
+                compare::Driver::Processes {
+                    restart_sites: args.restart_sites,
+                }
             },
         )
         .map(|_| ()),

@@ -266,6 +266,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         corpus: &source,
         floor,
         name: &args.name,
+        events: &[],
     };
     report::write_all(
         &comparison,

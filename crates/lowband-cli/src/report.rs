@@ -16,6 +16,8 @@ pub struct Comparison<'a> {
     /// Entropy rate of the corpus (nats per byte), when known.
     pub floor: Option<f64>,
     pub name: &'a str,
+    /// What happened to the nodes (a site process that died, restarts): one line each.
+    pub events: &'a [String],
 }
 
 /// One strategy's line of summary.json.
@@ -243,6 +245,89 @@ fn trust_section(c: &Comparison, rows: &[StrategySummary]) -> String {
     out
 }
 
+/// Who left, was lost, rejoined or missed rounds (networked runs), and what happened to site
+/// processes: empty when membership never changed.
+fn membership_section(c: &Comparison) -> String {
+    use lowband_runtime::Metric;
+    let mut out = String::new();
+    for r in c.results {
+        let mut lines: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        let mut missed: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+        // Round 0's joins are the start of the run, not a change.
+        let mut seen_left = std::collections::BTreeSet::new();
+        for m in &r.metrics {
+            match m {
+                Metric::Left {
+                    round,
+                    site,
+                    reason,
+                } => {
+                    seen_left.insert(*site);
+                    lines
+                        .entry(*site)
+                        .or_default()
+                        .push(format!("left at round {round} ({reason})"));
+                }
+                Metric::Joined { round, site } if *round > 0 || seen_left.contains(site) => {
+                    lines
+                        .entry(*site)
+                        .or_default()
+                        .push(format!("joined at round {round}"));
+                }
+                Metric::Missed { round, site } => missed.entry(*site).or_default().push(*round),
+                _ => {}
+            }
+        }
+        for (site, rounds) in &missed {
+            lines.entry(*site).or_default().push(format!(
+                "missed {} round(s) closed on a quorum without it ({})",
+                rounds.len(),
+                compact_rounds(rounds)
+            ));
+        }
+        let name = r.strategy.name();
+        let events: Vec<&String> = c
+            .events
+            .iter()
+            .filter(|e| e.starts_with(&format!("{name}: ")))
+            .collect();
+        if lines.is_empty() && events.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "Membership of {name} (the sites that were not there for the whole run):"
+        );
+        for (site, what) in &lines {
+            let _ = writeln!(out, "- site {site}: {}", what.join("; "));
+        }
+        for event in events {
+            let _ = writeln!(out, "- {}", &event[name.len() + 2..]);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// 3, 4, 5, 9 → "3-5, 9".
+fn compact_rounds(rounds: &[u64]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < rounds.len() {
+        let mut j = i;
+        while j + 1 < rounds.len() && rounds[j + 1] == rounds[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            rounds[i].to_string()
+        } else {
+            format!("{}-{}", rounds[i], rounds[j])
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
+}
+
 fn notes(c: &Comparison) -> String {
     let link = c.config.link;
     let mut out = String::new();
@@ -285,7 +370,7 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     let rows = summarize(c);
     let table = table(&rows);
     let notes = notes(c);
-    let trust = trust_section(c, &rows);
+    let trust = trust_section(c, &rows) + &membership_section(c);
     println!(
         "\n{table}\n{trust}{}{notes}",
         if trust.is_empty() { "" } else { "\n" }
@@ -308,6 +393,13 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     if let Some(path) = json {
         write_atomic(path, &summary_json)?;
     }
+    // The report next, before anything else that may fail (metrics, packets, charts).
+    let config_toml = toml::to_string(c.config).unwrap_or_default();
+    let report = format!(
+        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n{projection}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
+        c.name, c.corpus
+    );
+    write_atomic(&run_dir.join("report.md"), report.as_bytes())?;
     let mut lines = Vec::new();
     for r in c.results {
         for m in &r.metrics {
@@ -334,12 +426,6 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
         &run_dir.join("loss_vs_tokens.svg"),
         &run_dir.join("loss_vs_bytes.svg"),
     )?;
-    let config_toml = toml::to_string(c.config).unwrap_or_default();
-    let report = format!(
-        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n{projection}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
-        c.name, c.corpus
-    );
-    write_atomic(&run_dir.join("report.md"), report.as_bytes())?;
     println!("wrote {}/ (report.md, summary.json, metrics.jsonl, loss_vs_tokens.svg, loss_vs_bytes.svg, packets/)", run_dir.display());
     Ok(())
 }

@@ -237,3 +237,110 @@ fn a_coordinator_whose_sites_are_all_gone_stops_after_its_join_timeout() {
         "{log}"
     );
 }
+
+/// The child processes of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        found.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    found
+}
+
+/// The first file named `name` under `dir` (one level of subdirectories deep).
+fn find_under(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join(name))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn a_cluster_whose_site_process_is_killed_finishes_restarts_it_and_says_so() {
+    // `lowband cluster` used to end with "site processes [1] failed" and no summary, report or
+    // metrics when one site process died.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Guard(
+        lowband(dir.path())
+            .args([
+                "cluster",
+                "--sites",
+                "3",
+                "--preset",
+                "tiny",
+                "--steps",
+                "1500",
+                "--inner-steps",
+                "10",
+            ])
+            .args([
+                "--site-batch",
+                "2",
+                "--corpus-bytes",
+                "60000",
+                "--strategies",
+                "diloco@10",
+            ])
+            .args(["--restart-sites", "--name", "c", "--json", "out.json"])
+            .stdout(error_log(dir.path(), "cluster-out"))
+            .stderr(error_log(dir.path(), "cluster"))
+            .spawn()
+            .unwrap(),
+    );
+    let nodes = dir.path().join("runs/c/nodes");
+    let started = Instant::now();
+    // Once site 1 has saved its state after a round, kill -9 its process.
+    let saved = loop {
+        if let Some(path) = std::fs::read_dir(&nodes)
+            .ok()
+            .and_then(|_| find_under(&nodes, "site1-state/current.json"))
+        {
+            break path;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "site 1 never saved its state\n{}",
+            error_logs(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(saved.exists());
+    let victim = children_of(cluster.0.id())
+        .into_iter()
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains("/site1.key")
+        })
+        .expect("site 1's process");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        wait(&mut cluster, Duration::from_secs(180)).success(),
+        "{}",
+        error_logs(dir.path())
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out.json")).unwrap()).unwrap();
+    assert!(summary["strategies"][0]["final_val_loss"]
+        .as_f64()
+        .unwrap()
+        .is_finite());
+    let report = std::fs::read_to_string(dir.path().join("runs/c/report.md")).unwrap();
+    assert!(
+        report.contains("site 1's process died")
+            && report.contains("restarted with its saved state"),
+        "the report says what happened:\n{report}"
+    );
+}

@@ -558,14 +558,13 @@ fn a_hung_site_does_not_stall_the_rounds_and_rejoins_when_it_wakes() {
     );
     // What it could not read piled up past the budget (4 copies of the parameters, so from the
     // fifth round it missed): it was asked to rejoin, and did.
-    let refused = metrics(dir.path(), "refused");
+    let left = metrics(dir.path(), "left");
     assert!(
-        refused
-            .iter()
+        left.iter()
             .any(|m| m["site"] == 2 && m["reason"].as_str().unwrap().contains("asked to rejoin")),
-        "{refused:?}"
+        "{left:?}"
     );
-    let site2: Vec<_> = ["refused", "joined", "missed"]
+    let site2: Vec<_> = ["left", "joined", "missed"]
         .iter()
         .flat_map(|kind| metrics(dir.path(), kind))
         .filter(|m| m["site"] == 2)
@@ -929,7 +928,7 @@ fn a_site_interrupted_with_ctrl_c_leaves_at_once() {
             accepted(&strategy, 1) < accepted(&strategy, 0),
             "site 1 stopped contributing"
         );
-        let left = metrics(dir.path(), "refused")
+        let left = metrics(dir.path(), "left")
             .iter()
             .any(|m| m["site"] == 1 && m["reason"].as_str().unwrap().contains("leaving"));
         assert!(left, "the coordinator logged the leave");

@@ -54,6 +54,12 @@ pub enum Metric {
     },
     /// Networked runs: a site (re)joined; it takes part from the next round that opens.
     Joined { round: u64, site: u32 },
+    /// Networked runs: a site's connection ended (it left, was lost, or was asked to rejoin).
+    Left {
+        round: u64,
+        site: u32,
+        reason: String,
+    },
     /// Networked runs: a round closed on a quorum after its deadline without this member.
     Missed { round: u64, site: u32 },
     /// Validation loss of the global model.

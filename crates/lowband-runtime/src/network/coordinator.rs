@@ -362,7 +362,7 @@ pub(super) async fn coordinate<'a>(
                 connection
                     .peer
                     .close_with(CLOSE_REJOIN as u32, "fell too far behind: rejoin");
-                common.metrics.push(Metric::Refused { round, site: to, reason: format!("fell behind by more than {OUTBOX_MODELS} copies of the parameters: asked to rejoin") });
+                common.metrics.push(Metric::Left { round, site: to, reason: format!("fell behind by more than {OUTBOX_MODELS} copies of the parameters: asked to rejoin") });
                 let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: to });
                 sends.extend(absorb_network(
                     actions,
@@ -399,6 +399,7 @@ pub(super) async fn coordinate<'a>(
                         if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
                             // Back before its old connection timed out: that one is over.
                             old.peer.close();
+                            common.metrics.push(Metric::Left { round, site: id, reason: "a new connection with its key replaced the old one (a restarted process)".into() });
                             let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: id });
                             sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
                         }
@@ -418,7 +419,7 @@ pub(super) async fn coordinate<'a>(
                     Err(e @ (NetError::Closed(_) | NetError::Ended { .. })) => {
                         let reason = e.to_string();
                         peers.remove(&from);
-                        common.metrics.push(Metric::Refused { round, site: from, reason });
+                        common.metrics.push(Metric::Left { round, site: from, reason });
                         let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: from });
                         sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
                         continue;

@@ -1,0 +1,295 @@
+//! `lowband cluster`'s site processes: this process coordinates, K `lowband site` processes
+//! train, each with its own key, cluster file entry and state directory. A supervisor thread
+//! watches them: a site process that dies is reported (which, when, how), and with
+//! `--restart-sites` it is started again with `--resume` (it keeps its optimizer state, data
+//! position and error feedback, and rejoins with the current parameters). A dead site never
+//! loses the run: the coordinator goes on with the others (a round waits for a lost site at most
+//! the idle timeout). Site processes end with this process (they get SIGTERM when it dies).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use lowband_data::Split;
+use lowband_runtime::{RunConfig, RunError, RunResult, Strategy};
+
+/// Where `lowband site` processes find what they need.
+pub(crate) struct SiteLaunch {
+    pub corpus: Option<PathBuf>,
+    pub corpus_bytes: usize,
+    /// `--tuning`: the sites set the validation split aside too.
+    pub tuning: bool,
+    /// Keys, cluster files, site logs and site states.
+    pub dir: PathBuf,
+    /// Start a site process that died again (with its saved state).
+    pub restart: bool,
+}
+
+/// How long the site processes may take to end after the coordinator is done.
+const SITES_EXIT_MS: u64 = 30_000;
+
+/// Run `strategy` with this process as the coordinator; returns the result and what happened to
+/// the site processes (one line per death or restart, for the report).
+pub(crate) fn run_site_processes(
+    config: &RunConfig,
+    strategy: Strategy,
+    split: &Split,
+    launch: &SiteLaunch,
+) -> Result<(RunResult, Vec<String>)> {
+    let dir = launch.dir.join(strategy.dir_name());
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let coordinator = Arc::new(lowband_net::Identity::generate()?);
+    let mut site_keys = Vec::new();
+    for k in 0..config.sites {
+        let identity = lowband_net::Identity::generate()?;
+        identity.save(&dir.join(format!("site{k}.key")))?;
+        site_keys.push(identity.public_key());
+    }
+    let cluster_file =
+        write_cluster_file(config, &strategy, launch, &dir, &coordinator, &site_keys)?;
+    let started = Instant::now();
+    let mut supervisor: Option<Supervisor> = None;
+    let result = lowband_runtime::network::serve_coordinator(
+        config,
+        strategy.clone(),
+        split,
+        coordinator,
+        site_keys,
+        "127.0.0.1:0".parse()?,
+        lowband_runtime::network::NetworkOptions::new(lowband_net::Limits::default()),
+        |address| {
+            let launcher = Launcher {
+                executable: std::env::current_exe().map_err(|e| RunError::Io {
+                    path: "lowband executable".into(),
+                    source: e,
+                })?,
+                cluster_file,
+                dir: dir.clone(),
+                address: address.to_string(),
+            };
+            let children = (0..config.sites)
+                .map(|k| launcher.spawn(k, false))
+                .collect::<Result<Vec<_>, _>>()?;
+            supervisor = Some(Supervisor::start(
+                launcher,
+                children,
+                launch.restart,
+                started,
+            ));
+            Ok(())
+        },
+    );
+    let events = match supervisor {
+        Some(supervisor) => supervisor.finish(result.is_err()),
+        None => Vec::new(),
+    };
+    for event in &events {
+        println!("cluster: {event}");
+    }
+    let result = result.with_context(|| {
+        format!(
+            "{} over site processes (their logs: {})",
+            strategy.name(),
+            dir.display()
+        )
+    })?;
+    Ok((result, events))
+}
+
+fn write_cluster_file(
+    config: &RunConfig,
+    strategy: &Strategy,
+    launch: &SiteLaunch,
+    dir: &Path,
+    coordinator: &lowband_net::Identity,
+    site_keys: &[lowband_net::PublicKey],
+) -> Result<PathBuf> {
+    let mut file = toml::Table::new();
+    file.insert("strategy".into(), strategy.name().into());
+    file.insert(
+        "coordinator".into(),
+        coordinator.public_key().to_string().into(),
+    );
+    file.insert(
+        "sites".into(),
+        toml::Value::Array(site_keys.iter().map(|k| k.to_string().into()).collect()),
+    );
+    if let Some(corpus) = &launch.corpus {
+        let absolute =
+            std::fs::canonicalize(corpus).with_context(|| format!("{}", corpus.display()))?;
+        file.insert("corpus".into(), absolute.display().to_string().into());
+    }
+    file.insert("corpus_bytes".into(), (launch.corpus_bytes as i64).into());
+    if launch.tuning {
+        file.insert("tuning".into(), true.into());
+    }
+    file.insert("run".into(), toml::Value::try_from(config)?);
+    let cluster_file = dir.join("cluster.toml");
+    lowband_engine::checkpoint::write_atomic(&cluster_file, toml::to_string(&file)?.as_bytes())?;
+    Ok(cluster_file)
+}
+
+/// Starts site k's process.
+struct Launcher {
+    executable: PathBuf,
+    cluster_file: PathBuf,
+    dir: PathBuf,
+    address: String,
+}
+
+impl Launcher {
+    fn spawn(&self, k: usize, resume: bool) -> Result<Child, RunError> {
+        let log_path = self.dir.join(format!("site{k}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| RunError::Io {
+                path: log_path.clone(),
+                source: e,
+            })?;
+        let mut command = Command::new(&self.executable);
+        command
+            .args(["site", "--config"])
+            .arg(&self.cluster_file)
+            .arg("--key")
+            .arg(self.dir.join(format!("site{k}.key")))
+            .args(["--join", &self.address])
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("site{k}-state")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if resume {
+            command.arg("--resume");
+        }
+        end_with_parent(&mut command);
+        command.spawn().map_err(|e| RunError::Io {
+            path: self.executable.clone(),
+            source: e,
+        })
+    }
+}
+
+/// The child gets SIGTERM when this thread's process dies (Linux), so that killing `lowband
+/// cluster` does not leave its sites running.
+#[cfg(target_os = "linux")]
+fn end_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn end_with_parent(_command: &mut Command) {}
+
+/// Watches the site processes from a thread of its own (the thread that starts restarted sites
+/// lives until they are waited for: their parent-death signal is tied to it).
+struct Supervisor {
+    done: Arc<AtomicBool>,
+    failed: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    events: Arc<Mutex<Vec<String>>>,
+}
+
+impl Supervisor {
+    fn start(
+        launcher: Launcher,
+        mut children: Vec<Child>,
+        restart: bool,
+        started: Instant,
+    ) -> Supervisor {
+        let done = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (done_flag, failed_flag, log) = (done.clone(), failed.clone(), events.clone());
+        let thread = std::thread::spawn(move || {
+            let note = |line: String| log.lock().expect("events lock").push(line);
+            let mut running: Vec<bool> = vec![true; children.len()];
+            while !done_flag.load(Ordering::Acquire) {
+                for (k, child) in children.iter_mut().enumerate() {
+                    if !running[k] {
+                        continue;
+                    }
+                    let Ok(Some(status)) = child.try_wait() else {
+                        continue;
+                    };
+                    running[k] = false;
+                    if status.success() || done_flag.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    let at = started.elapsed().as_secs_f64();
+                    if !restart {
+                        note(format!("site {k}'s process died ({status}) {at:.1} s into the run; the run went on without it (see {})", launcher.dir.join(format!("site{k}.log")).display()));
+                        continue;
+                    }
+                    match launcher.spawn(k, true) {
+                        Ok(again) => {
+                            note(format!("site {k}'s process died ({status}) {at:.1} s into the run; restarted with its saved state (--restart-sites)"));
+                            *child = again;
+                            running[k] = true;
+                        }
+                        Err(e) => note(format!("site {k}'s process died ({status}) {at:.1} s into the run; restarting it failed: {e}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // The run is over (or failed): the sites end by themselves once told; a site that
+            // does not within the limit, or any site of a failed run, is killed.
+            let limit = Instant::now() + Duration::from_millis(SITES_EXIT_MS);
+            for (k, child) in children.iter_mut().enumerate() {
+                if failed_flag.load(Ordering::Acquire) {
+                    let _ = child.kill();
+                }
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(status)) => {
+                            if running[k]
+                                && !status.success()
+                                && !failed_flag.load(Ordering::Acquire)
+                            {
+                                note(format!(
+                                    "site {k}'s process ended with {status} after the run"
+                                ));
+                            }
+                            break;
+                        }
+                        Ok(None) if Instant::now() < limit => {
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
+                        _ => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            note(format!("site {k}'s process did not end within {} s of the run's end: killed", SITES_EXIT_MS / 1000));
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Supervisor {
+            done,
+            failed,
+            thread,
+            events,
+        }
+    }
+
+    /// Stop watching (the coordinator is done); wait for the site processes; what happened.
+    fn finish(self, run_failed: bool) -> Vec<String> {
+        self.failed.store(run_failed, Ordering::Release);
+        self.done.store(true, Ordering::Release);
+        let _ = self.thread.join();
+        std::mem::take(&mut *self.events.lock().expect("events lock"))
+    }
+}
