@@ -13,7 +13,17 @@ cargo fuzz build -s none
 for target in $(cargo fuzz list); do
   mkdir -p "corpus/$target"
   echo "fuzz: $target for ${seconds}s"
-  cargo fuzz run -s none "$target" "corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=256 2>&1 | grep -E "^Done|ERROR|panicked|SUMMARY" || true
+  log="$(mktemp)"
+  status=0
+  cargo fuzz run -s none "$target" "corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=256 >"$log" 2>&1 || status=$?
+  grep -E "^Done|ERROR|panicked|SUMMARY" "$log" || true
+  if [ "$status" -ne 0 ]; then
+    echo "fuzz: $target failed (exit $status):" >&2
+    tail -n 30 "$log" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
   if [ -n "$(ls -A "artifacts/$target" 2>/dev/null)" ]; then
     echo "fuzz: $target found a crash: $(ls "artifacts/$target")" >&2
     exit 1

@@ -90,7 +90,7 @@ fn read_config(path: &Path) -> Result<FileSettings> {
     let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)?;
     let mut table: toml::Table = text
         .parse()
-        .with_context(|| format!("{}: not valid TOML", path.display()))?;
+        .map_err(|e| crate::files::toml_error(path, &text, &e, true))?;
     let strategies = match table.remove("strategies") {
         None => None,
         Some(toml::Value::Array(items)) => Some(
@@ -213,6 +213,11 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
                 .map_err(|e| anyhow::anyhow!("--strategies: {e}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    for (i, strategy) in strategies.iter().enumerate() {
+        if strategies[..i].iter().any(|s| s.name() == strategy.name()) {
+            bail!("--strategies: {} is listed twice", strategy.name());
+        }
+    }
     Ok((config, strategies, args.corpus.clone().or(file.corpus)))
 }
 

@@ -14,10 +14,30 @@ pub const METRICS_BYTES_MAX: u64 = 1 << 30;
 
 /// A whole text file of at most `limit` bytes.
 pub fn read_text(path: &Path, limit: u64) -> Result<String> {
-    let bytes = lowband_data::corpus::read_bounded(path, limit)
-        .map_err(anyhow::Error::from)
-        .with_context(|| format!("reading {}", path.display()))?;
+    use lowband_data::DataError;
+    let bytes = lowband_data::corpus::read_bounded(path, limit).map_err(|e| match e {
+        // (The I/O error names the path once.)
+        DataError::TooLarge { .. } => anyhow::anyhow!(
+            "{}: more than {limit} bytes: not a settings file",
+            path.display()
+        ),
+        other => anyhow::Error::from(other),
+    })?;
     String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))
+}
+
+/// A TOML error on one line: "FILE: line N: message" (`syntax`: "... line N: not valid TOML:
+/// message").
+pub fn toml_error(path: &Path, text: &str, error: &toml::de::Error, syntax: bool) -> anyhow::Error {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let kind = if syntax { "not valid TOML: " } else { "" };
+    let message = error.message().trim();
+    match line {
+        Some(line) => anyhow::anyhow!("{}: line {line}: {kind}{message}", path.display()),
+        None => anyhow::anyhow!("{}: {kind}{message}", path.display()),
+    }
 }
 
 /// A run name is one plain path component: not empty, not `.` or `..`, no separator, not
@@ -161,6 +181,9 @@ mod tests {
     #[test]
     fn settings_files_are_read_under_a_limit_even_without_a_size() {
         let error = read_text(Path::new("/dev/zero"), 1024).unwrap_err();
-        assert!(format!("{error:#}").contains("limit"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("more than 1024 bytes"),
+            "{error:#}"
+        );
     }
 }

@@ -150,14 +150,39 @@ enum BenchCommand {
 fn main() {
     let cli = Cli::parse();
     if let Err(error) = run(cli) {
-        eprintln!("error: {error:#}");
+        eprintln!("error: {}", one_line(&error));
         std::process::exit(2);
     }
 }
 
+/// An error and its causes on one line, each cause once: many of our errors already quote their
+/// cause (`PATH: OS ERROR`), and printing the chain again doubled it.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+/// `--threads` above this many per core is refused (10,000 threads on 2 cores never started
+/// training).
+const THREADS_PER_CORE_MAX: usize = 4;
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(threads) = cli.threads {
-        anyhow::ensure!(threads > 0, "--threads: must be at least 1");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        anyhow::ensure!(
+            (1..=THREADS_PER_CORE_MAX * cores).contains(&threads),
+            "--threads: {threads} is outside 1 ..= {} ({THREADS_PER_CORE_MAX} per core on this machine's {cores}); more threads than that only slow training down",
+            THREADS_PER_CORE_MAX * cores
+        );
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()?;

@@ -61,8 +61,8 @@ struct Cluster {
 
 fn read_cluster(path: &Path) -> Result<Cluster> {
     let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)?;
-    let file: ClusterFile = toml::from_str(&text)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let file: ClusterFile =
+        toml::from_str(&text).map_err(|e| crate::files::toml_error(path, &text, &e, false))?;
     let coordinator: PublicKey = file
         .coordinator
         .parse()

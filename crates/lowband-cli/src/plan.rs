@@ -296,9 +296,7 @@ fn build(args: &PlanArgs) -> Result<Inputs> {
         Some(path) => {
             let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)
                 .with_context(|| format!("--config: reading {}", path.display()))?;
-            toml::from_str(&text).map_err(|e| {
-                anyhow::anyhow!("--config {}: {}", path.display(), e.to_string().trim_end())
-            })?
+            toml::from_str(&text).map_err(|e| crate::files::toml_error(path, &text, &e, false))?
         }
         None => PlanFile::default(),
     };
@@ -312,8 +310,11 @@ fn build(args: &PlanArgs) -> Result<Inputs> {
         .or(file.sites)
         .or(summary.as_ref().map(|s| s.config.sites))
         .context("sites: give --sites (or `sites` in the plan file, or --from-run)")?;
-    if sites == 0 {
-        bail!("sites: need at least one site (K >= 1)");
+    if !(1..=lowband_plan::SITES_MAX).contains(&sites) {
+        bail!(
+            "sites: {sites} is outside 1 ..= {} (K >= 1)",
+            lowband_plan::SITES_MAX
+        );
     }
     if file.site.len() > sites {
         bail!(

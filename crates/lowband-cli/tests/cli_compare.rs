@@ -244,6 +244,11 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
     )
     .unwrap();
     std::fs::write(dir.path().join("bad.toml"), "sites = [\n").unwrap();
+    std::fs::write(
+        dir.path().join("link_bad.toml"),
+        "[link]\nlatency_ms = 1e300\n",
+    )
+    .unwrap();
     let cases: &[(&[&str], &str)] = &[
         (&["compare", "--corpus", "empty.txt"], "empty"),
         (&["compare", "--corpus", "short.txt"], "too short"),
@@ -273,6 +278,26 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
             &["compare", "--strategies", "diloco[agg=median;norm=0.5]"],
             "above 1",
         ),
+        // Issue 17: each of these used to be accepted, hang, panic or misbehave.
+        (&["compare", "--corpus", "/dev/zero"], "exceed the limit"),
+        (&["compare", "--config", "/dev/zero"], "not a settings file"),
+        (&["compare", "--name", ".."], "one plain directory name"),
+        (&["compare", "--name", ""], "one plain directory name"),
+        (&["compare", "--name", "/tmp/elsewhere"], "not allowed in a run name"),
+        (&["compare", "--json", "no/such/dir/out.json"], "cannot be written"),
+        (&["--threads", "100000", "compare"], "--threads"),
+        (&["compare", "--strategies", "ddp,ddp"], "listed twice"),
+        (&["compare", "--strategies", "diloco[up=fp32;up=int8]"], "given twice"),
+        (&["compare", "--strategies", "diloco[up=topk:chunk=0]"], "chunk must be"),
+        (&["compare", "--strategies", "diloco[decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9;decay=0.9]"], "at most 160"),
+        (&["compare", "--steps", "18446744073709551615"], "steps"),
+        (&["compare", "--corpus-bytes", "100000000000"], "--corpus-bytes"),
+        (&["shape", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--latency-ms", "1e300"], "latency"),
+        (&["shape", "--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--bandwidth-mbit", "1e-300"], "bandwidth"),
+        (&["plan", "--params", "1e9", "--sites", "1000000000"], "sites"),
+        (&["plan", "--params", "1e300", "--sites", "4"], "params"),
+        (&["keygen", "--out", ".", "--force"], "is a directory"),
+        (&["compare", "--config", "link_bad.toml"], "link.latency_ms"),
     ];
     for (args, fragment) in cases {
         let o = lowband(args, dir.path());
@@ -283,7 +308,92 @@ fn bad_settings_are_one_clear_line_and_exit_code_2() {
             "{args:?}: {err:?} should mention {fragment:?}"
         );
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+        // (clap's usage errors add a line pointing at --help.)
+        let lines = err
+            .trim_end()
+            .lines()
+            .filter(|l| !l.is_empty() && !l.contains("try '--help'"));
+        assert_eq!(lines.count(), 1, "{args:?}: one line: {err}");
     }
+    // A `[link]` table may set one field (the others keep their defaults).
+    std::fs::write(
+        dir.path().join("link_one.toml"),
+        "[link]\nlatency_ms = 10\n",
+    )
+    .unwrap();
+    let mut args = SMALL_RUN.to_vec();
+    args.extend(["--config", "link_one.toml", "--strategies", "diloco"]);
+    let o = lowband(&args, dir.path());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!dir.path().join(".lowband-probe.tmp").exists());
+}
+
+#[test]
+fn a_resume_refuses_altered_state_out_of_range_counters_and_another_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("every_round.toml"),
+        "checkpoint_every_rounds = 1\n",
+    )
+    .unwrap();
+    let with = |extra: &[&str]| {
+        let mut args = SMALL_RUN.to_vec();
+        args.extend([
+            "--config",
+            "every_round.toml",
+            "--strategies",
+            "diloco",
+            "--name",
+            "r",
+        ]);
+        args.extend(extra);
+        lowband(&args, dir.path())
+    };
+    assert_eq!(with(&["--stop-after-rounds", "1"]).status.code(), Some(2));
+    let strategy_dir = dir.path().join("runs/r/state/diloco-h4");
+    let current: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(strategy_dir.join("current.json")).unwrap()).unwrap();
+    let state_dir = strategy_dir.join(current["dir"].as_str().unwrap());
+    let refused = |extra: &[&str], fragment: &str| {
+        let o = with(extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains(fragment),
+            "{extra:?}: {err:?} should mention {fragment:?}"
+        );
+    };
+    // One changed value in the tensors.
+    let tensors = state_dir.join("tensors.safetensors");
+    let original = std::fs::read(&tensors).unwrap();
+    let mut altered = original.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 0x40;
+    std::fs::write(&tensors, &altered).unwrap();
+    refused(&["--resume"], "truncated or altered");
+    std::fs::write(&tensors, &original).unwrap();
+    // A step past the run's end, or a negative time.
+    let manifest_path = state_dir.join("state.json");
+    let manifest = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    value["step"] = 25.into();
+    std::fs::write(&manifest_path, value.to_string()).unwrap();
+    refused(&["--resume"], "out of range");
+    let mut value: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    value["compute_seconds"] = (-5.0).into();
+    std::fs::write(&manifest_path, value.to_string()).unwrap();
+    refused(&["--resume"], "out of range");
+    std::fs::write(&manifest_path, &manifest).unwrap();
+    // Another corpus under the same run name.
+    std::fs::write(
+        dir.path().join("other.txt"),
+        "a different text, repeated. ".repeat(3000),
+    )
+    .unwrap();
+    refused(&["--resume", "--corpus", "other.txt"], "another corpus");
+    // Untouched, it resumes.
+    let o = with(&["--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]

@@ -179,6 +179,10 @@ impl CodecSpec {
             CodecSpec::TopK { k, chunk, .. }
             | CodecSpec::RandomK { k, chunk, .. }
             | CodecSpec::DctTopK { k, chunk, .. } => {
+                // The chunk first: `chunk=0` is a bad chunk, whatever k is.
+                if chunk == 0 || chunk > CHUNK_MAX {
+                    return bad(format!("chunk must be in 1..={CHUNK_MAX}, not {chunk}"));
+                }
                 if k == 0 || k > chunk {
                     return bad(format!("k must be in 1..={chunk}, not {k}"));
                 }

@@ -105,6 +105,12 @@ impl Identity {
             path: path.to_path_buf(),
             source: e,
         };
+        if path.is_dir() {
+            return Err(NetError::BadKey(format!(
+                "{} is a directory: a key is written to a file",
+                path.display()
+            )));
+        }
         let text = format!("# lowband node key (ed25519). Keep this file secret; share the public line.\npublic {}\nsecret {}\n", self.public_key(), hex(&self.pkcs8));
         let dir = path
             .parent()
@@ -114,16 +120,22 @@ impl Identity {
             ".{}.tmp",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("key")
         ));
-        {
+        let written = (|| {
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create(true).truncate(true);
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(&temporary).map_err(io)?;
-            file.write_all(text.as_bytes()).map_err(io)?;
-            file.sync_all().map_err(io)?;
+            let mut file = options.open(&temporary)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            drop(file);
+            std::fs::rename(&temporary, path)
+        })();
+        if written.is_err() {
+            // Never leave the secret behind in a temporary file.
+            let _ = std::fs::remove_file(&temporary);
         }
-        std::fs::rename(&temporary, path).map_err(io)
+        written.map_err(io)
     }
 
     /// Read a key file; the public line must match the secret key.

@@ -40,12 +40,16 @@ impl LinkShape {
     pub fn validate(&self) -> Result<(), NetError> {
         let bad = |what: &str| Err(NetError::Config(format!("link shape: {what}")));
         if let Some(b) = self.bandwidth_bit_per_second {
-            if !(b.is_finite() && b > 0.0) {
-                return bad("bandwidth must be a positive number");
+            if !(BANDWIDTH_BIT_PER_SECOND_MIN..=BANDWIDTH_BIT_PER_SECOND_MAX).contains(&b) {
+                return bad(&format!(
+                    "bandwidth must be between {} kbit/s and {} Tbit/s",
+                    BANDWIDTH_BIT_PER_SECOND_MIN / 1e3,
+                    BANDWIDTH_BIT_PER_SECOND_MAX / 1e12
+                ));
             }
         }
-        if !(self.latency_ms.is_finite() && self.latency_ms >= 0.0) {
-            return bad("latency must be a number >= 0");
+        if !(0.0..=DELAY_MS_MAX).contains(&self.latency_ms) {
+            return bad(&format!("latency must be between 0 and {DELAY_MS_MAX} ms"));
         }
         if !(self.jitter_ms.is_finite()
             && self.jitter_ms >= 0.0
@@ -56,12 +60,22 @@ impl LinkShape {
         if !(0.0..1.0).contains(&self.loss) {
             return bad("loss must be in [0, 1)");
         }
-        if !(self.queue_ms.is_finite() && self.queue_ms > 0.0) {
-            return bad("queue must be a positive number of ms");
+        if !(self.queue_ms > 0.0 && self.queue_ms <= DELAY_MS_MAX) {
+            return bad(&format!(
+                "queue must be above 0 and at most {DELAY_MS_MAX} ms"
+            ));
         }
         Ok(())
     }
 }
+
+/// Longest one-way delay or queue the shaper emulates (a minute: far past any real WAN, and
+/// every time it computes then fits a `Duration`).
+pub const DELAY_MS_MAX: f64 = 60_000.0;
+/// Slowest and fastest link the shaper emulates: 1 kbit/s (a 1,500-byte datagram then takes 12 s)
+/// to 1 Tbit/s.
+pub const BANDWIDTH_BIT_PER_SECOND_MIN: f64 = 1e3;
+pub const BANDWIDTH_BIT_PER_SECOND_MAX: f64 = 1e12;
 
 /// Datagrams the shaper handled, for reports and tests.
 #[derive(Default, Debug)]
@@ -352,5 +366,60 @@ mod tests {
         .validate()
         .is_err());
         assert!(shape(0.0).validate().is_ok());
+    }
+
+    #[test]
+    fn shapes_whose_times_overflow_are_refused() {
+        // Issue 17: `shape --latency-ms 1e300` panicked a worker on the first datagram.
+        let ok = LinkShape {
+            bandwidth_bit_per_second: Some(1e6),
+            latency_ms: 50.0,
+            jitter_ms: 5.0,
+            loss: 0.01,
+            queue_ms: 1000.0,
+            seed: 0,
+        };
+        ok.validate().unwrap();
+        for bad in [
+            LinkShape {
+                latency_ms: 1e300,
+                ..ok
+            },
+            LinkShape {
+                latency_ms: f64::NAN,
+                ..ok
+            },
+            LinkShape {
+                bandwidth_bit_per_second: Some(1e-300),
+                ..ok
+            },
+            LinkShape {
+                bandwidth_bit_per_second: Some(f64::INFINITY),
+                ..ok
+            },
+            LinkShape {
+                queue_ms: 1e300,
+                ..ok
+            },
+            LinkShape {
+                jitter_ms: 60.0,
+                ..ok
+            },
+            LinkShape { loss: 1.0, ..ok },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        // The extremes that pass still give finite times.
+        let slowest = LinkShape {
+            bandwidth_bit_per_second: Some(BANDWIDTH_BIT_PER_SECOND_MIN),
+            latency_ms: DELAY_MS_MAX,
+            jitter_ms: DELAY_MS_MAX,
+            queue_ms: DELAY_MS_MAX,
+            ..ok
+        };
+        slowest.validate().unwrap();
+        let _ = Duration::from_secs_f64(
+            1500.0 * 8.0 / BANDWIDTH_BIT_PER_SECOND_MIN + 2.0 * DELAY_MS_MAX / 1e3,
+        );
     }
 }

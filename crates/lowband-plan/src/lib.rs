@@ -56,6 +56,12 @@ fn non_negative(field: &str, value: f64) -> Result<(), PlanError> {
 }
 
 const SECONDS_PER_HOUR: f64 = 3600.0;
+
+/// Largest model a plan prices (a quadrillion parameters), largest token count (1e18), and most
+/// sites: past these the arithmetic leaves the range where its dollars and hours mean anything.
+pub const PARAMS_MAX: f64 = 1e15;
+pub const TOKENS_MAX: f64 = 1e18;
+pub const SITES_MAX: usize = 10_000;
 const BYTES_PER_GB: f64 = 1e9;
 
 /// What one site (or the centralized cluster) computes with, and what it costs.
@@ -315,8 +321,23 @@ impl Scenario {
         positive("params", self.params)?;
         positive("tokens", self.tokens)?;
         positive("batch_tokens", self.batch_tokens)?;
-        if self.sites.is_empty() {
-            return Err(invalid("sites", "need at least one site (K >= 1)"));
+        for (field, value, max) in [
+            ("params", self.params, PARAMS_MAX),
+            ("tokens", self.tokens, TOKENS_MAX),
+            ("batch_tokens", self.batch_tokens, TOKENS_MAX),
+        ] {
+            if value > max {
+                return Err(invalid(
+                    field,
+                    format!("{value:e} exceeds the limit of {max:e}"),
+                ));
+            }
+        }
+        if self.sites.is_empty() || self.sites.len() > SITES_MAX {
+            return Err(invalid(
+                "sites",
+                format!("need 1 to {SITES_MAX} sites, got {}", self.sites.len()),
+            ));
         }
         for (index, site) in self.sites.iter().enumerate() {
             site.hardware

@@ -839,7 +839,8 @@ impl Coordinator {
         for &(i, _) in accepted {
             let delta = held_update(self.uplink.as_mut(), &mut self.scratch, payloads, dense, i);
             let value = delta[offset];
-            if !(value.abs() <= largest.1.abs()) {
+            // A NaN counts as the largest.
+            if value.is_nan() || value.abs() > largest.1.abs() {
                 largest = (i, value);
             }
         }

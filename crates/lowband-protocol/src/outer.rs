@@ -81,7 +81,7 @@ impl OuterOptimizer {
             momentum,
             nesterov,
         } = self.config;
-        let bad = |v: f32| !(v.abs() <= abs_max);
+        let bad = |v: f32| v.is_nan() || v.abs() > abs_max;
         if momentum == 0.0 {
             return params
                 .iter()

@@ -74,6 +74,9 @@ impl Default for RunConfig {
 
 /// Largest site count a run accepts (the protocol's own limit is a config field too).
 pub const SITES_MAX: usize = 1024;
+/// Most inner steps a run may have (a billion: token counts and schedules stay far from u64
+/// overflow).
+pub const STEPS_MAX: u64 = 1_000_000_000;
 /// Largest sync interval.
 pub const INNER_STEPS_MAX: u64 = 10_000_000;
 /// Largest number of sequences per site per step.
@@ -108,6 +111,12 @@ impl RunConfig {
             ));
         }
         at_least_one("steps", self.steps)?;
+        if self.steps > STEPS_MAX {
+            return Err((
+                "steps",
+                format!("{} exceeds the limit of {STEPS_MAX}", self.steps),
+            ));
+        }
         at_least_one("inner_steps", self.inner_steps)?;
         if self.inner_steps > INNER_STEPS_MAX {
             return Err((

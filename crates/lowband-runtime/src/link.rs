@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// In a settings file, a field left out keeps its default (a `[link]` table may set one).
+#[serde(default, deny_unknown_fields)]
 pub struct LinkProfile {
     /// Bandwidth of each site's link, each direction.
     pub bandwidth_gbit_per_s: f64,
@@ -28,14 +29,16 @@ impl Default for LinkProfile {
 
 impl LinkProfile {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.bandwidth_gbit_per_s.is_finite() && self.bandwidth_gbit_per_s > 0.0) {
-            return Err("link.bandwidth_gbit_per_s must be a positive number".into());
+        // Bounds far past any real link, so that every time and price computed from them stays
+        // a finite, printable number.
+        if !(1e-6..=1e6).contains(&self.bandwidth_gbit_per_s) {
+            return Err("link.bandwidth_gbit_per_s must be between 1e-6 (1 kbit/s) and 1e6".into());
         }
-        if !(self.latency_ms.is_finite() && self.latency_ms >= 0.0) {
-            return Err("link.latency_ms must be a number >= 0".into());
+        if !(0.0..=600_000.0).contains(&self.latency_ms) {
+            return Err("link.latency_ms must be between 0 and 600000 (10 minutes)".into());
         }
-        if !(self.price_per_gb.is_finite() && self.price_per_gb >= 0.0) {
-            return Err("link.price_per_gb must be a number >= 0".into());
+        if !(0.0..=1e6).contains(&self.price_per_gb) {
+            return Err("link.price_per_gb must be between 0 and 1e6 dollars".into());
         }
         Ok(())
     }

@@ -99,10 +99,21 @@ fn int(bits: u8) -> CodecSpec {
     }
 }
 
+/// Longest strategy spec (its name becomes a directory name, at most 255 bytes on Linux).
+pub const SPEC_CHARS_MAX: usize = 160;
+
 impl Strategy {
     /// Parse `NAME[@H][[KEY=VALUE;...]]`; without `@H`, round strategies use `default_inner_steps`.
     pub fn parse(text: &str, default_inner_steps: u64) -> Result<Strategy, String> {
         let text = text.trim();
+        // A strategy names run directories and files: keep it well inside a file name's limit.
+        if text.len() > SPEC_CHARS_MAX {
+            return Err(format!(
+                "strategy {:?}…: {} characters, at most {SPEC_CHARS_MAX}",
+                text.chars().take(40).collect::<String>(),
+                text.len()
+            ));
+        }
         let (head, overrides) = match text.split_once('[') {
             Some((head, rest)) => (
                 head,
@@ -233,6 +244,7 @@ impl Strategy {
     }
 
     fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
+        let mut seen = std::collections::BTreeSet::new();
         for item in overrides
             .split(';')
             .map(str::trim)
@@ -241,6 +253,9 @@ impl Strategy {
             let (key, value) = item
                 .split_once('=')
                 .ok_or_else(|| format!("`{item}` is not KEY=VALUE"))?;
+            if !seen.insert(key.trim()) {
+                return Err(format!("`{}` is given twice", key.trim()));
+            }
             let number = |v: &str| {
                 v.parse::<f32>()
                     .map_err(|_| format!("{key}=`{v}` is not a number"))

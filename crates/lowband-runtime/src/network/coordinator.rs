@@ -183,6 +183,7 @@ fn absorb_network(
 /// packets checked, sites joining, leaving and rejoining at any time, deadlines ticking, a
 /// checkpoint after every round when a state directory is set. Returns the run's state for
 /// `finish_rounds`.
+#[allow(clippy::too_many_arguments)] // (issue 18 turns this loop into a state machine)
 pub(super) async fn coordinate<'a>(
     mut common: Common<'a>,
     mut coordinator: Coordinator,
@@ -227,11 +228,14 @@ pub(super) async fn coordinate<'a>(
     let mut accept = Box::pin(node.accept());
     while peers.len() < site_keys.len() {
         tokio::select! {
-            accepted = &mut accept => match { accept = Box::pin(node.accept()); accepted } {
+            accepted = &mut accept => {
+                accept = Box::pin(node.accept());
+                match accepted {
                 Some(Ok(peer)) => await_join(peer, joins_tx.clone()),
                 Some(Err(e)) => log_refusal(&mut refusals, now_ms(), &e.to_string(), None),
                 None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
-            },
+                }
+            }
             Some((peer, first)) = joins.recv() => {
                 match admit(peer.key(), first, &ids, settings) {
                     Ok(id) => {

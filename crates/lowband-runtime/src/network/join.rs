@@ -214,7 +214,7 @@ mod tests {
         }
         let line = log.record(10_000, "b", None).unwrap();
         assert!(line.contains("999 more"), "{line}");
-        assert_eq!(log.summary(), "site 1: a; unknown: b");
+        assert_eq!(log.summary(), "unknown: b; site 1: a");
     }
 
     #[test]
