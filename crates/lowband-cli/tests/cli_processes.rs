@@ -419,9 +419,12 @@ fn kill_and_resume_site_1(
 /// Run `cluster` (3 sites), `kill -9` the coordinator once it has checkpointed a few rounds of
 /// `strategy_dir`, start it again with `--resume` on the same port; every process must finish.
 /// Returns the test directory and the run's summary.
+/// `signal`: `-KILL` (a crash) or `-INT` (Ctrl-C: the coordinator tells the sites it stopped,
+/// and they keep trying to reconnect).
 fn kill_and_resume_the_coordinator(
     cluster: &str,
     strategy_dir: &str,
+    signal_name: &str,
 ) -> (tempfile::TempDir, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
@@ -464,8 +467,20 @@ fn kill_and_resume_the_coordinator(
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    first.0.kill().unwrap();
-    let _ = first.0.wait();
+    signal(&first, signal_name);
+    let status = wait(&mut first, Duration::from_secs(30));
+    if signal_name == "-INT" {
+        assert_eq!(status.code(), Some(2), "{}", error_logs(dir.path()));
+        assert!(error_logs(dir.path()).contains("interrupted (Ctrl-C)"));
+        // Told at once, the sites wait for it to come back rather than ending.
+        std::thread::sleep(Duration::from_millis(500));
+        for site in &mut site_processes {
+            assert!(
+                site.0.try_wait().unwrap().is_none(),
+                "a site gave up on a stopped coordinator"
+            );
+        }
+    }
     assert!(
         !dir.path().join("out.json").exists(),
         "killed mid-run, not after the end"
@@ -488,13 +503,25 @@ fn kill_and_resume_the_coordinator(
 
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_the_sites_reconnect() {
-    let (_dir, strategy) = kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10");
+    let (_dir, strategy) = kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10", "-KILL");
     assert_eq!(
         strategy["rounds"], 100,
         "every round ran once in the report"
     );
     let loss = strategy["final_val_loss"].as_f64().unwrap();
     assert_close_to_fault_free(loss);
+}
+
+#[test]
+fn a_coordinator_interrupted_with_ctrl_c_tells_the_sites_and_resumes() {
+    // Issue 17: a coordinator that stopped did not close its connections; the sites learned it
+    // only after their idle timeout plus their reconnect budget.
+    let (_dir, strategy) = kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10", "-INT");
+    assert_eq!(
+        strategy["rounds"], 100,
+        "every round ran once in the report"
+    );
+    assert_close_to_fault_free(strategy["final_val_loss"].as_f64().unwrap());
 }
 
 #[test]
@@ -1025,7 +1052,8 @@ fn assert_close_to_streaming(strategy: &serde_json::Value, memory: &serde_json::
 /// full and train on from the first step of the round the restored coordinator opens.
 #[test]
 fn a_streaming_cluster_survives_a_coordinator_crash() {
-    let (dir, strategy) = kill_and_resume_the_coordinator(&streaming_cluster(), "streaming-h40");
+    let (dir, strategy) =
+        kill_and_resume_the_coordinator(&streaming_cluster(), "streaming-h40", "-KILL");
     let memory = streaming_in_memory(dir.path());
     assert_eq!(
         strategy["rounds"], memory["strategies"][0]["rounds"],

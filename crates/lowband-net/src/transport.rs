@@ -166,6 +166,11 @@ impl Node {
         self.endpoint.close(0u32.into(), b"bye");
     }
 
+    /// Close every connection saying why (peers see `NetError::Ended { code, reason }`).
+    pub fn close_with(&self, code: u32, reason: &str) {
+        self.endpoint.close(code.into(), reason.as_bytes());
+    }
+
     /// Wait (at most `limit`) until every connection has finished closing, so that the peers
     /// have been told before the process exits.
     pub async fn wait_closed(&self, limit: std::time::Duration) {

@@ -119,17 +119,20 @@ impl Refusal {
 
     /// End the connection saying why (the site reads it as a final error).
     pub fn close(&self, peer: &Peer) {
-        let mut reason = self.reason.clone();
-        if reason.len() > CLOSE_REASON_BYTES_MAX {
-            let mut end = CLOSE_REASON_BYTES_MAX;
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            reason.truncate(end);
-            reason.push('…');
-        }
-        peer.close_with(super::CLOSE_REFUSED as u32, &reason);
+        peer.close_with(super::CLOSE_REFUSED as u32, &close_reason(&self.reason));
     }
+}
+
+/// `reason`, cut to what a QUIC close frame carries.
+pub(super) fn close_reason(reason: &str) -> String {
+    if reason.len() <= CLOSE_REASON_BYTES_MAX {
+        return reason.to_string();
+    }
+    let mut end = CLOSE_REASON_BYTES_MAX;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &reason[..end])
 }
 
 /// Refusals as log lines, at most one per interval: a misconfigured or hostile node that

@@ -214,17 +214,34 @@ pub fn serve_coordinator(
             Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
         let node = Node::listen(identity.clone(), listen, allowed, options.limits.clone())?;
         listening(node.local_addr()?)?;
-        let (common, coordinator, sample_packets) = coordinate(
-            common,
-            coordinator,
-            &node,
-            &identity,
-            &site_keys,
-            &options,
-            &settings,
-            started,
-        )
-        .await?;
+        let outcome = tokio::select! {
+            outcome = coordinate(
+                common,
+                coordinator,
+                &node,
+                &identity,
+                &site_keys,
+                &options,
+                &settings,
+                started,
+            ) => outcome,
+            _ = tokio::signal::ctrl_c() => Err(RunError::Protocol(
+                "interrupted (Ctrl-C): the state after the last closed round is saved; continue with --resume".into(),
+            )),
+        };
+        let (common, coordinator, sample_packets) = match outcome {
+            Ok(done) => done,
+            Err(e) => {
+                // The sites learn it at once (not after their idle timeout) and keep trying to
+                // reconnect for a coordinator resumed from its state.
+                node.close_with(
+                    CLOSE_STOPPED as u32,
+                    &join::close_reason(&format!("the coordinator stopped: {e}")),
+                );
+                node.wait_closed(std::time::Duration::from_secs(2)).await;
+                return Err(e);
+            }
+        };
         node.close();
         // Tell every site the run is over before this process goes.
         node.wait_closed(std::time::Duration::from_secs(2)).await;
@@ -563,3 +580,7 @@ const CLOSE_REJOIN: u64 = 3;
 /// Refused at its join: not a site of this run, a bad join request, or other run settings (the
 /// reason names them). Final: the site stops with the reason.
 const CLOSE_REFUSED: u64 = 4;
+/// The coordinator stopped before the run's end (Ctrl-C, an error): its state after the last
+/// closed round is saved, and the sites keep trying to reconnect (`--reconnect-ms`) for it to
+/// come back with `--resume`.
+const CLOSE_STOPPED: u64 = 5;

@@ -11,7 +11,7 @@ use lowband_protocol::SiteEvent;
 use crate::driver::{train_steps, SiteRuntime};
 use crate::RunError;
 
-use super::{SiteJob, CLOSE_LEAVING, CLOSE_REFUSED, CLOSE_REJOIN};
+use super::{SiteJob, CLOSE_LEAVING, CLOSE_REFUSED, CLOSE_REJOIN, CLOSE_STOPPED};
 
 /// One site: connect, then per packet from the coordinator: H inner steps from the parameters
 /// it sent, and the update. A site that falls behind (packets queued while it trained) applies
@@ -82,8 +82,13 @@ pub(super) async fn site_task(
                 }
                 Some(Err(e)) if is_refusal(&e) => return Err(refused(&job, e)),
                 // The coordinator ended the run, or our part in it (excluded): nothing more to do.
-                Some(Err(NetError::Ended { .. })) => return Ok(()),
+                Some(Err(NetError::Ended { code, .. })) if code != CLOSE_STOPPED => return Ok(()),
                 Some(Err(NetError::Closed(_))) | None => break,
+                // The coordinator stopped (Ctrl-C, an error): it comes back with --resume.
+                Some(Err(NetError::Ended {
+                    code: CLOSE_STOPPED,
+                    ..
+                })) => break,
                 Some(Err(e)) => return Err(e.into()),
             };
             // Catch up: every packet already here is applied; only the newest is trained on.
@@ -99,8 +104,14 @@ pub(super) async fn site_task(
                         break;
                     }
                     Ok(Err(e)) if is_refusal(&e) => return Err(refused(&job, e)),
-                    Ok(Err(NetError::Ended { .. })) => return Ok(()),
-                    Ok(Err(NetError::Closed(_))) => {
+                    Ok(Err(NetError::Ended { code, .. })) if code != CLOSE_STOPPED => return Ok(()),
+                    Ok(Err(
+                        NetError::Closed(_)
+                        | NetError::Ended {
+                            code: CLOSE_STOPPED,
+                            ..
+                        },
+                    )) => {
                         closed = true;
                         break;
                     }
@@ -159,7 +170,7 @@ pub(super) async fn site_task(
                         break;
                     }
                     Err(e) if is_refusal(&e) => return Err(refused(&job, e)),
-                    Err(NetError::Ended { .. }) => return Ok(()),
+                    Err(NetError::Ended { code, .. }) if code != CLOSE_STOPPED => return Ok(()),
                     Err(_) => {
                         lost = true;
                         break;
@@ -408,8 +419,17 @@ async fn streaming_connection(
                     heard: true,
                 })),
                 Some(Err(e)) if is_refusal(&e) => Err(refused(job, e)),
-                Some(Err(NetError::Ended { .. })) => Ok(Err(StreamingEnd::Done)),
-                Some(Err(NetError::Closed(_))) | None => Ok(Err(StreamingEnd::Lost {
+                Some(Err(NetError::Ended { code, .. })) if code != CLOSE_STOPPED => {
+                    Ok(Err(StreamingEnd::Done))
+                }
+                Some(Err(
+                    NetError::Closed(_)
+                    | NetError::Ended {
+                        code: CLOSE_STOPPED,
+                        ..
+                    },
+                ))
+                | None => Ok(Err(StreamingEnd::Lost {
                     rejoin: false,
                     heard: true,
                 })),
@@ -426,7 +446,9 @@ async fn streaming_connection(
                 heard: true,
             })),
             Err(e) if is_refusal(&e) => Err(refused(job, e)),
-            Err(NetError::Ended { .. }) => Ok(Err(StreamingEnd::Done)),
+            Err(NetError::Ended { code, .. }) if code != CLOSE_STOPPED => {
+                Ok(Err(StreamingEnd::Done))
+            }
             Err(_) => Ok(Err(StreamingEnd::Lost {
                 rejoin: false,
                 heard: true,
