@@ -344,3 +344,164 @@ fn a_cluster_whose_site_process_is_killed_finishes_restarts_it_and_says_so() {
         "the report says what happened:\n{report}"
     );
 }
+
+#[test]
+fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, sites) = keys(dir.path());
+    let cases = [
+        (
+            "repeated.toml",
+            vec![sites[0].clone(), sites[0].clone()],
+            "repeats sites[0]",
+        ),
+        (
+            "coordinator_as_site.toml",
+            vec![sites[0].clone(), coordinator.clone()],
+            "is the coordinator's key",
+        ),
+    ];
+    for (file, listed, fragment) in cases {
+        cluster_file(dir.path(), file, &coordinator, &listed, CLUSTER);
+        for command in [
+            vec![
+                "coordinator",
+                "--config",
+                file,
+                "--key",
+                "coordinator.key",
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            vec![
+                "site",
+                "--config",
+                file,
+                "--key",
+                "site0.key",
+                "--join",
+                "127.0.0.1:9",
+            ],
+        ] {
+            let o = lowband(dir.path()).args(&command).output().unwrap();
+            let error = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{command:?}: {error}");
+            assert!(error.contains(fragment), "{command:?}: {error}");
+        }
+    }
+    // A key file that is a device is read no further than a key's size.
+    cluster_file(dir.path(), "cluster.toml", &coordinator, &sites, CLUSTER);
+    let o = lowband(dir.path())
+        .args([
+            "site",
+            "--config",
+            "cluster.toml",
+            "--key",
+            "/dev/zero",
+            "--join",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{error}");
+    assert!(error.contains("is not a key file"), "{error}");
+}
+
+#[test]
+fn eval_of_a_checkpoint_whose_weights_overflow_is_an_error_not_a_nan() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = lowband(dir.path())
+        .args(["init", "--preset", "tiny", "--out", "model"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Finite weights far too large for a forward pass in f32.
+    let checkpoint = lowband_engine::checkpoint::load(&dir.path().join("model")).unwrap();
+    let huge: Vec<f32> = checkpoint.params.iter().map(|p| p * 1e15).collect();
+    assert!(huge.iter().all(|p| p.is_finite()));
+    lowband_engine::checkpoint::save(
+        &dir.path().join("model"),
+        &checkpoint.config,
+        &huge,
+        None,
+        serde_json::Value::Null,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("text.txt"),
+        "some text to evaluate on, long enough for a window. ".repeat(40),
+    )
+    .unwrap();
+    let o = lowband(dir.path())
+        .args(["eval", "--checkpoint", "model", "--data", "text.txt"])
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{error} / {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(error.contains("overflow"), "{error}");
+}
+
+#[test]
+fn killing_a_cluster_ends_its_site_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Guard(
+        lowband(dir.path())
+            .args([
+                "cluster",
+                "--sites",
+                "2",
+                "--preset",
+                "tiny",
+                "--steps",
+                "100000",
+                "--inner-steps",
+                "10",
+            ])
+            .args([
+                "--site-batch",
+                "2",
+                "--corpus-bytes",
+                "60000",
+                "--strategies",
+                "diloco@10",
+                "--name",
+                "c",
+            ])
+            .stdout(error_log(dir.path(), "cluster-out"))
+            .stderr(error_log(dir.path(), "cluster"))
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    let sites = loop {
+        let sites = children_of(cluster.0.id());
+        if sites.len() == 2 {
+            break sites;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the sites never started\n{}",
+            error_logs(dir.path())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    cluster.0.kill().unwrap();
+    cluster.0.wait().unwrap();
+    let started = Instant::now();
+    while sites.iter().any(|pid| {
+        // (A zombie waiting for init to reap it counts as gone.)
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "site processes outlived their cluster"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
