@@ -275,6 +275,16 @@ fn membership_section(c: &Comparison) -> String {
                         .push(format!("joined at round {round}"));
                 }
                 Metric::Missed { round, site } => missed.entry(*site).or_default().push(*round),
+                Metric::Refused {
+                    round,
+                    site,
+                    reason,
+                } if reason.starts_with("join refused") => {
+                    lines
+                        .entry(*site)
+                        .or_default()
+                        .push(format!("{reason} (round {round})"));
+                }
                 _ => {}
             }
         }

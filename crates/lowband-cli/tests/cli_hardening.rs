@@ -192,6 +192,13 @@ fn a_site_with_other_run_settings_or_an_unlisted_key_is_refused_by_name_and_stop
         "{log}"
     );
     assert!(log.lines().count() < 20, "refusals are rate-limited: {log}");
+    // The report says the run went on without site 1, and why.
+    let report = std::fs::read_to_string(dir.path().join("runs/run/report.md")).unwrap();
+    assert!(
+        report.contains("site 1: join refused")
+            && report.contains("run.seed (coordinator 0, site 7)"),
+        "{report}"
+    );
 }
 
 #[test]

@@ -247,6 +247,10 @@ pub(super) async fn coordinate<'a>(
                     Err(refusal) => {
                         refusal.close(&peer);
                         log_refusal(&mut refusals, now_ms(), &refusal.reason, refusal.site);
+                        if let Some(site) = refusal.site {
+                            let round = coordinator.round();
+                            common.metrics.push(Metric::Refused { round, site, reason: format!("join refused: {}", refusal.reason) });
+                        }
                     }
                 }
             }
