@@ -55,6 +55,10 @@ pub struct CompareArgs {
     /// Continue from the run directory's saved state instead of starting over.
     #[arg(long)]
     pub resume: bool,
+    /// Replace the results of another run in the run directory (other strategies under the
+    /// same name); without it such a run is refused.
+    #[arg(long)]
+    pub force: bool,
     /// Size of the generated corpus when no corpus is given.
     #[arg(long, default_value_t = 8 << 20)]
     pub corpus_bytes: usize,
@@ -272,6 +276,10 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
     let run_dir = args.runs_dir.join(&name);
     let state_dir = run_dir.join("state");
     let _lock = crate::files::RunLock::acquire(&run_dir)?;
+    if !args.force {
+        let names: Vec<String> = strategies.iter().map(|s| s.name()).collect();
+        crate::files::check_not_another_run(&run_dir, &names)?;
+    }
     if !args.resume {
         lowband_runtime::state::forget_run_states(&state_dir)?;
     }

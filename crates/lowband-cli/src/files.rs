@@ -75,6 +75,33 @@ pub fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuse to overwrite the results of another run: a run directory whose `summary.json` lists
+/// other strategies than `strategies` (the same run again may replace its own results).
+pub fn check_not_another_run(run_dir: &Path, strategies: &[String]) -> Result<()> {
+    let path = run_dir.join("summary.json");
+    let Ok(text) = read_text(&path, METRICS_BYTES_MAX) else {
+        return Ok(());
+    };
+    let earlier: Vec<String> = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            v["strategies"].as_array().map(|rows| {
+                rows.iter()
+                    .filter_map(|r| r["strategy"].as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    if earlier != strategies {
+        bail!(
+            "{} holds the results of another run ({}); give this one its own --name, or pass --force to replace them",
+            run_dir.display(),
+            if earlier.is_empty() { "unreadable summary".to_string() } else { earlier.join(", ") }
+        );
+    }
+    Ok(())
+}
+
 /// Holds a run directory for one process: `RUN_DIR/lock` names this process. A second run on the
 /// same directory is refused while the holder lives; a lock left by a process that died (its
 /// pid no longer runs) is taken over. Dropped, the lock file is removed.

@@ -649,3 +649,29 @@ fn plot_puts_several_runs_on_one_chart() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn a_run_never_replaces_another_runs_results_without_force() {
+    // Issue 18 (and 17's "nothing lost"): `compare` and then `compare --strategies diloco` wrote
+    // the same run directory, and the second silently replaced the first's report.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = SMALL_RUN.to_vec();
+        args.extend(["--name", "same"]);
+        args.extend(extra);
+        lowband(&args, dir.path())
+    };
+    assert!(run(&[]).status.success());
+    let summary = || std::fs::read_to_string(dir.path().join("runs/same/summary.json")).unwrap();
+    let first = summary();
+    let o = run(&["--strategies", "diloco"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(summary(), first, "untouched");
+    assert!(
+        run(&[]).status.success(),
+        "the same run again may replace its own results"
+    );
+    assert!(run(&["--strategies", "diloco", "--force"]).status.success());
+    assert!(!summary().contains("\"ddp\""));
+}
