@@ -13,8 +13,8 @@
 //! steps = 200
 //! ```
 //! Every node builds the same split from the same corpus and seed, so a site needs only the file
-//! and its key. What is still missing for real deployments (issue 5): joins mid-run, crash
-//! recovery, checkpoints of the coordinator, link shaping.
+//! and its key; a site whose file differs from the coordinator's is refused at its join, with
+//! every differing field named (`lowband_runtime::network`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -2,8 +2,9 @@
 //!
 //! The in-memory driver ([`driver::run`]) runs K sites and the coordinator in one process,
 //! deterministically, with a [`Ledger`] of every packet's bytes and [`LinkProfile`]s that turn
-//! the ledger into emulated network time and money. The networked driver (QUIC) will drive the
-//! same protocol code.
+//! the ledger into emulated network time and money. The networked driver ([`network`]: QUIC,
+//! one process per node or every node in one process) drives the same protocol code, and a
+//! fault-free run is bitwise the in-memory one.
 
 pub mod attack;
 pub mod config;
