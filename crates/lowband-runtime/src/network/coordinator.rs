@@ -13,7 +13,7 @@ use crate::driver::{absorb, Common, Metric};
 use crate::ledger::Endpoint;
 use crate::RunError;
 
-use super::join::{admit, await_join, RefusalLog};
+use super::join::{Admission, Doorway, Refusal};
 use super::{NetworkOptions, RoundSteps, CLOSE_EXCLUDED, CLOSE_REJOIN};
 
 /// What a connection's reader forwards: the site, the connection's generation (a site that
@@ -102,12 +102,14 @@ fn spawn_reader(
     });
 }
 
-/// A new connection and its first message (the join request, or why none came).
-type Joining = (Peer, Result<Vec<u8>, NetError>);
-
-fn log_refusal(log: &mut RefusalLog, now_ms: u64, reason: &str, site: Option<u32>) {
-    if let Some(line) = log.record(now_ms, reason, site) {
-        eprintln!("{line}");
+/// A refused join in the run's metrics (the report's membership section lists it).
+fn record_join_refusal(common: &mut Common, round: u64, refusal: &Refusal) {
+    if let Some(site) = refusal.site {
+        common.metrics.push(Metric::Refused {
+            round,
+            site,
+            reason: format!("join refused: {}", refusal.reason),
+        });
     }
 }
 
@@ -219,46 +221,26 @@ pub(super) async fn coordinate<'a>(
     let now_ms = || started.elapsed().as_millis() as u64;
 
     // New connections first send their join request; each is awaited in a task of its own.
-    let (joins_tx, mut joins) = tokio::sync::mpsc::unbounded_channel::<Joining>();
-    let mut refusals = RefusalLog::default();
+    let mut door = Doorway::new(node, &ids, settings);
     let join_deadline =
         tokio::time::Instant::now() + std::time::Duration::from_millis(options.join_timeout_ms);
-    // One accept at a time, kept across loop turns: `accept` completes the QUIC handshake, so
-    // dropping it half-way would drop that connection.
-    let mut accept = Box::pin(node.accept());
     while peers.len() < site_keys.len() {
         tokio::select! {
-            accepted = &mut accept => {
-                accept = Box::pin(node.accept());
-                match accepted {
-                Some(Ok(peer)) => await_join(peer, joins_tx.clone()),
-                Some(Err(e)) => log_refusal(&mut refusals, now_ms(), &e.to_string(), None),
-                None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
-                }
-            }
-            Some((peer, first)) = joins.recv() => {
-                match admit(peer.key(), first, &ids, settings) {
-                    Ok(id) => {
-                        generation += 1;
-                        if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
-                            old.peer.close();
-                        }
-                    }
-                    Err(refusal) => {
-                        refusal.close(&peer);
-                        log_refusal(&mut refusals, now_ms(), &refusal.reason, refusal.site);
-                        if let Some(site) = refusal.site {
-                            let round = coordinator.round();
-                            common.metrics.push(Metric::Refused { round, site, reason: format!("join refused: {}", refusal.reason) });
-                        }
+            admission = door.next(now_ms()) => match admission? {
+                Admission::Admitted(id, peer) => {
+                    generation += 1;
+                    if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
+                        old.peer.close();
                     }
                 }
-            }
+                Admission::Refused(refusal) => record_join_refusal(&mut common, coordinator.round(), &refusal),
+                Admission::Pending => {}
+            },
             _ = tokio::time::sleep_until(join_deadline) => {
                 if peers.len() >= quorum {
                     break;
                 }
-                let refused = if refusals.latest.is_empty() { String::new() } else { format!("; refused: {}", refusals.summary()) };
+                let refused = if door.refusals.latest.is_empty() { String::new() } else { format!("; refused: {}", door.refusals.summary()) };
                 return Err(RunError::Protocol(format!(
                     "{} of {} sites joined within {} s (a quorum is {quorum}){refused}",
                     peers.len(),
@@ -385,24 +367,10 @@ pub(super) async fn coordinate<'a>(
             continue;
         }
         tokio::select! {
-            accepted = &mut accept => {
-                accept = Box::pin(node.accept());
-                match accepted {
-                    Some(Ok(peer)) => await_join(peer, joins_tx.clone()),
-                    Some(Err(e)) => log_refusal(&mut refusals, now_ms(), &e.to_string(), None),
-                    None => return Err(RunError::Protocol("the coordinator's endpoint closed".into())),
-                }
-            }
-            Some((peer, first)) = joins.recv() => {
-                match admit(peer.key(), first, &ids, settings) {
-                    Err(refusal) => {
-                        refusal.close(&peer);
-                        log_refusal(&mut refusals, now_ms(), &refusal.reason, refusal.site);
-                        if let Some(site) = refusal.site {
-                            common.metrics.push(Metric::Refused { round, site, reason: format!("join refused: {}", refusal.reason) });
-                        }
-                    }
-                    Ok(id) => {
+            admission = door.next(now_ms()) => match admission? {
+                    Admission::Pending => {}
+                    Admission::Refused(refusal) => record_join_refusal(&mut common, round, &refusal),
+                    Admission::Admitted(id, peer) => {
                         generation += 1;
                         if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
                             // Back before its old connection timed out: that one is over.
@@ -415,8 +383,7 @@ pub(super) async fn coordinate<'a>(
                         let actions = coordinator.handle(now_ms(), Event::SiteJoined { site: id });
                         sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
                     }
-                }
-            }
+            },
             inbound = rx.recv() => {
                 let Some((from, connection, message)) = inbound else { return Err(RunError::Protocol("every site connection closed".into())) };
                 if peers.get(&from).map(|c| c.generation) != Some(connection) {

@@ -182,12 +182,90 @@ impl RefusalLog {
     }
 }
 
+/// What came through the door.
+pub(super) enum Admission {
+    /// A listed site with the run's settings, on a new connection.
+    Admitted(u32, Peer),
+    /// A connection refused (closed with the reason, logged at most once an interval).
+    Refused(Refusal),
+    /// A connection accepted, its join request not in yet.
+    Pending,
+}
+
+/// QUIC's accept in flight (see `Doorway`).
+type Accepting<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Option<Result<Peer, NetError>>> + Send + 'a>,
+>;
+/// A new connection and its first message (the join request, or why none came).
+type Joining = (Peer, Result<Vec<u8>, NetError>);
+
+/// New connections until they are admitted: QUIC's accept (one at a time, kept across the
+/// coordinator's loop turns: it completes the handshake, and dropping it half-way would drop
+/// that connection), a task per join request, the decision, refusals closed and logged.
+/// `next` may be cancelled at any point without losing a connection.
+pub(super) struct Doorway<'a> {
+    node: &'a lowband_net::Node,
+    accept: Accepting<'a>,
+    joins_tx: tokio::sync::mpsc::UnboundedSender<Joining>,
+    joins: tokio::sync::mpsc::UnboundedReceiver<Joining>,
+    ids: &'a BTreeMap<PublicKey, u32>,
+    settings: &'a JoinRequest,
+    pub refusals: RefusalLog,
+}
+
+impl<'a> Doorway<'a> {
+    pub fn new(
+        node: &'a lowband_net::Node,
+        ids: &'a BTreeMap<PublicKey, u32>,
+        settings: &'a JoinRequest,
+    ) -> Self {
+        let (joins_tx, joins) = tokio::sync::mpsc::unbounded_channel();
+        Doorway {
+            node,
+            accept: Box::pin(node.accept()),
+            joins_tx,
+            joins,
+            ids,
+            settings,
+            refusals: RefusalLog::default(),
+        }
+    }
+
+    /// The next thing that happens at the door (`now_ms` times the refusal log).
+    pub async fn next(&mut self, now_ms: u64) -> Result<Admission, crate::RunError> {
+        tokio::select! {
+            accepted = &mut self.accept => {
+                self.accept = Box::pin(self.node.accept());
+                match accepted {
+                    Some(Ok(peer)) => {
+                        await_join(peer, self.joins_tx.clone());
+                        Ok(Admission::Pending)
+                    }
+                    Some(Err(e)) => Ok(Admission::Refused(self.refuse(now_ms, None, Refusal::new(None, e.to_string())))),
+                    None => Err(crate::RunError::Protocol("the coordinator's endpoint closed".into())),
+                }
+            }
+            Some((peer, first)) = self.joins.recv() => match admit(peer.key(), first, self.ids, self.settings) {
+                Ok(site) => Ok(Admission::Admitted(site, peer)),
+                Err(refusal) => Ok(Admission::Refused(self.refuse(now_ms, Some(&peer), refusal))),
+            },
+        }
+    }
+
+    fn refuse(&mut self, now_ms: u64, peer: Option<&Peer>, refusal: Refusal) -> Refusal {
+        if let Some(peer) = peer {
+            refusal.close(peer);
+        }
+        if let Some(line) = self.refusals.record(now_ms, &refusal.reason, refusal.site) {
+            eprintln!("{line}");
+        }
+        refusal
+    }
+}
+
 /// Wait (in a task of its own, so that a silent newcomer holds up nobody) for a new connection's
 /// first message, and hand both to the coordinator's loop.
-pub(super) fn await_join(
-    peer: Peer,
-    joins: tokio::sync::mpsc::UnboundedSender<(Peer, Result<Vec<u8>, NetError>)>,
-) {
+fn await_join(peer: Peer, joins: tokio::sync::mpsc::UnboundedSender<Joining>) {
     tokio::spawn(async move {
         let first = tokio::time::timeout(
             std::time::Duration::from_millis(JOIN_REQUEST_MS),
