@@ -329,7 +329,8 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
             _ => None,
         };
         results.push(if networked {
-            let (result, happened) = run_networked(&config, strategy.clone(), &split, launch)?;
+            let (result, happened) = run_networked(&config, strategy.clone(), &split, launch)
+                .map_err(crate::failure::ran)?;
             events.extend(
                 happened
                     .into_iter()
@@ -337,7 +338,8 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
             );
             result
         } else {
-            run_one(&config, strategy.clone(), &split, &persistence, tokens)?
+            run_one(&config, strategy.clone(), &split, &persistence, tokens)
+                .map_err(crate::failure::ran)?
         });
     }
     match driver {
@@ -353,7 +355,7 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         name: &name,
         events: &events,
     };
-    report::write_all(&comparison, &run_dir, args.json.as_deref())?;
+    report::write_all(&comparison, &run_dir, args.json.as_deref()).map_err(crate::failure::ran)?;
     Ok(Outcome {
         config,
         results,

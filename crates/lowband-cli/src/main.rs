@@ -1,5 +1,6 @@
 //! `lowband`: the command-line entry point. Library crates return typed errors; this binary turns
-//! them into one-line messages and exit code 2.
+//! them into one-line messages and exit codes (`failure.rs`: 1 a run failed, 2 usage, 3 refused
+//! input).
 
 mod alloc_count;
 mod bench;
@@ -7,6 +8,7 @@ mod cluster;
 mod compare;
 mod coordinator_bench;
 mod engine_cmds;
+mod failure;
 mod files;
 mod inspect;
 mod nodes;
@@ -151,7 +153,7 @@ fn main() {
     let cli = Cli::parse();
     if let Err(error) = run(cli) {
         eprintln!("error: {}", one_line(&error));
-        std::process::exit(2);
+        std::process::exit(failure::exit_code(&error));
     }
 }
 
@@ -161,7 +163,7 @@ fn one_line(error: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in error.chain() {
         let text = cause.to_string();
-        if !line.contains(&text) {
+        if !text.is_empty() && !line.contains(&text) {
             if !line.is_empty() {
                 line.push_str(": ");
             }

@@ -258,7 +258,8 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
             }
             Ok(())
         },
-    )?;
+    )
+    .map_err(|e| crate::failure::ran(e.into()))?;
     let results = vec![result];
     let comparison = Comparison {
         config: &cluster.config,
@@ -273,6 +274,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         &args.runs_dir.join(&args.name),
         args.json.as_deref(),
     )
+    .map_err(crate::failure::ran)
 }
 
 pub fn site(args: &SiteArgs) -> Result<()> {
@@ -309,7 +311,8 @@ pub fn site(args: &SiteArgs) -> Result<()> {
             println!("lowband site {k}: connected");
             let _ = std::io::stdout().flush();
         },
-    )?;
+    )
+    .map_err(|e| crate::failure::ran(e.into()))?;
     println!("lowband site {k}: done");
     Ok(())
 }

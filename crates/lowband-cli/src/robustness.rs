@@ -221,7 +221,8 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
                         &split,
                         &Persistence::default(),
                         &mut |_| {},
-                    )?;
+                    )
+                    .map_err(|e| crate::failure::ran(e.into()))?;
                     done.push(Cell {
                         preset: args.preset.clone(),
                         tokens: args.tokens,

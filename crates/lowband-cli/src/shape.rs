@@ -47,7 +47,7 @@ pub fn run(args: &ShapeArgs) -> Result<()> {
     };
     shape.validate()?;
     let mut first = true;
-    lowband_net::shaper::run_blocking(
+    let relayed = lowband_net::shaper::run_blocking(
         args.listen,
         args.to,
         shape,
@@ -82,6 +82,6 @@ pub fn run(args: &ShapeArgs) -> Result<()> {
             }
             let _ = std::io::stdout().flush();
         },
-    )?;
-    Ok(())
+    );
+    relayed.map_err(|e| crate::failure::ran(e.into()))
 }

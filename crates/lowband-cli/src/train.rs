@@ -99,7 +99,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         &result.final_params,
         None,
         serde_json::json!({ "strategy": result.strategy.name(), "steps": outcome.config.steps, "seed": outcome.config.seed }),
-    )?;
+    )
+    .map_err(|e| crate::failure::ran(e.into()))?;
     println!("checkpoint: {}", dir.display());
     let mut gpt = Gpt::from_params(model, result.final_params.clone())?;
     let prompt = sample_prompt(&outcome.split);

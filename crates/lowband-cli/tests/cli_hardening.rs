@@ -70,8 +70,8 @@ fn a_site_state_dir_keeps_every_file_lowband_did_not_make() {
             .unwrap();
         assert_eq!(
             o.status.code(),
-            Some(2),
-            "{}",
+            Some(1),
+            "the run failed (no coordinator): {}",
             String::from_utf8_lossy(&o.stderr)
         );
         for kept in [
@@ -155,7 +155,7 @@ fn a_site_with_other_run_settings_or_an_unlisted_key_is_refused_by_name_and_stop
         "refusals are final, not retried"
     );
     let error = String::from_utf8_lossy(&mismatched.stderr);
-    assert_eq!(mismatched.status.code(), Some(2), "{error}");
+    assert_eq!(mismatched.status.code(), Some(3), "refused input: {error}");
     for field in [
         "strategy (coordinator diloco@4, site diloco@2)",
         "run.seed (coordinator 0, site 7)",
@@ -167,7 +167,7 @@ fn a_site_with_other_run_settings_or_an_unlisted_key_is_refused_by_name_and_stop
         );
     }
     let error = String::from_utf8_lossy(&unlisted.stderr);
-    assert_eq!(unlisted.status.code(), Some(2), "{error}");
+    assert_eq!(unlisted.status.code(), Some(3), "refused input: {error}");
     assert!(error.contains("does not list your key"), "{error}");
     let stdout = String::from_utf8_lossy(&unlisted.stdout);
     assert!(
@@ -237,7 +237,7 @@ fn a_coordinator_whose_sites_are_all_gone_stops_after_its_join_timeout() {
         site.0.wait().unwrap();
     }
     let status = wait(&mut coordinator_process, Duration::from_secs(60));
-    assert_eq!(status.code(), Some(2));
+    assert_eq!(status.code(), Some(1), "the run failed");
     let log = stderr_of(dir.path(), "coordinator");
     assert!(
         log.contains("every site is gone") && log.contains("none came back within 3 s"),
@@ -392,7 +392,7 @@ fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs(
         ] {
             let o = lowband(dir.path()).args(&command).output().unwrap();
             let error = String::from_utf8_lossy(&o.stderr);
-            assert_eq!(o.status.code(), Some(2), "{command:?}: {error}");
+            assert_eq!(o.status.code(), Some(3), "{command:?}: {error}");
             assert!(error.contains(fragment), "{command:?}: {error}");
         }
     }
@@ -411,7 +411,7 @@ fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs(
         .output()
         .unwrap();
     let error = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{error}");
+    assert_eq!(o.status.code(), Some(3), "{error}");
     assert!(error.contains("is not a key file"), "{error}");
 }
 
@@ -447,7 +447,7 @@ fn eval_of_a_checkpoint_whose_weights_overflow_is_an_error_not_a_nan() {
     let error = String::from_utf8_lossy(&o.stderr);
     assert_eq!(
         o.status.code(),
-        Some(2),
+        Some(3),
         "{error} / {}",
         String::from_utf8_lossy(&o.stdout)
     );

@@ -70,7 +70,7 @@ fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
         ])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not one of the cluster's sites"));
     let mut site_processes: Vec<Guard> = (0..2)
         .map(|k| {
@@ -470,7 +470,7 @@ fn kill_and_resume_the_coordinator(
     signal(&first, signal_name);
     let status = wait(&mut first, Duration::from_secs(30));
     if signal_name == "-INT" {
-        assert_eq!(status.code(), Some(2), "{}", error_logs(dir.path()));
+        assert_eq!(status.code(), Some(1), "{}", error_logs(dir.path()));
         assert!(error_logs(dir.path()).contains("interrupted (Ctrl-C)"));
         // Told at once, the sites wait for it to come back rather than ending.
         std::thread::sleep(Duration::from_millis(500));

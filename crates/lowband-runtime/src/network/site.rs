@@ -218,10 +218,11 @@ fn is_refusal(e: &NetError) -> bool {
     )
 }
 
-/// The error a refused site stops with.
+/// The error a refused site stops with: its configuration (the cluster file, its key) is what
+/// the coordinator refused.
 fn refused(job: &SiteJob, e: NetError) -> RunError {
     let (address, key) = (job.coordinator.0, job.identity.public_key());
-    RunError::Protocol(match e {
+    let reason = match e {
         NetError::Ended { reason, .. } => {
             format!("the coordinator at {address} refused this site (key {key}): {reason}")
         }
@@ -229,7 +230,11 @@ fn refused(job: &SiteJob, e: NetError) -> RunError {
             "the coordinator at {address} refused this site's key {key} in the TLS handshake: this coordinator does not list your key (is it the coordinator your cluster file names, and is this key among its sites?) [{detail}]"
         ),
         other => format!("the coordinator at {address}: {other}"),
-    })
+    };
+    RunError::InvalidConfig {
+        field: "cluster",
+        reason,
+    }
 }
 
 /// Between two attempts to reach the coordinator.
