@@ -151,6 +151,17 @@ enum BenchCommand {
 
 fn main() {
     let cli = Cli::parse();
+    // Messages of the library crates (`tracing`): info and above on stderr; `RUST_LOG` filters
+    // (e.g. `RUST_LOG=lowband_runtime=debug`, or `warn` for less).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .init();
     if let Err(error) = run(cli) {
         eprintln!("error: {}", one_line(&error));
         std::process::exit(failure::exit_code(&error));

@@ -257,7 +257,7 @@ impl<'a> Doorway<'a> {
             refusal.close(peer);
         }
         if let Some(line) = self.refusals.record(now_ms, &refusal.reason, refusal.site) {
-            eprintln!("{line}");
+            tracing::warn!("{line}");
         }
         refusal
     }

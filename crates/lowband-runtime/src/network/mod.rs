@@ -191,7 +191,7 @@ pub fn serve_coordinator(
             Some(saved) if options.resume => {
                 let round = saved.round();
                 saved.restore_coordinator(&mut common, &mut coordinator)?;
-                println!(
+                tracing::info!(
                     "resuming {} from its saved state at round {round}",
                     strategy.name()
                 );
@@ -204,7 +204,7 @@ pub fn serve_coordinator(
                     .join(strategy.dir_name());
                 crate::state::forget_saved_state(&dir)?;
             }
-            None if options.resume => println!(
+            None if options.resume => tracing::info!(
                 "no saved state of {} to resume: starting at round 0",
                 strategy.name()
             ),
@@ -286,8 +286,8 @@ pub fn serve_site(
     if let Some(dir) = &options.state_dir {
         if options.resume {
             match crate::state::restore_site(dir, &mut state, &site_run)? {
-                Some(round) => println!("site {site}: resuming from its saved state after round {round} (optimizer, data position, error feedback)"),
-                None => println!("site {site}: no saved state to resume: starting fresh"),
+                Some(round) => tracing::info!("site {site}: resuming from its saved state after round {round} (optimizer, data position, error feedback)"),
+                None => tracing::info!("site {site}: no saved state to resume: starting fresh"),
             }
         } else {
             // Only lowband's own state files go; the directory and anything else in it stay.

@@ -299,7 +299,7 @@ fn leave_signal(enabled: bool) -> Option<tokio::sync::watch::Receiver<()>> {
 async fn leave_now(node: &Node, peer: &Peer, job: &SiteJob) {
     peer.close_with(CLOSE_LEAVING as u32, "leaving");
     node.wait_closed(std::time::Duration::from_secs(2)).await;
-    println!("site {}: left the run", job.identity.public_key());
+    tracing::info!("site {}: left the run", job.identity.public_key());
 }
 
 /// What the coordinator sends a site, as it arrives, until the connection ends (a reader task,
