@@ -149,45 +149,8 @@ struct SitePatch {
     egress_dollars_per_gb: Option<f64>,
 }
 
-/// The parts of a compare run's summary.json the planner reads.
-#[derive(Deserialize, Debug)]
-struct RunSummary {
-    name: String,
-    config: RunConfigPart,
-    strategies: Vec<StrategyPart>,
-}
-
-#[derive(Deserialize, Debug)]
-struct RunConfigPart {
-    sites: usize,
-    steps: u64,
-    link: RunLink,
-}
-
-#[derive(Deserialize, Debug)]
-struct RunLink {
-    bandwidth_gbit_per_s: f64,
-    latency_ms: f64,
-    price_per_gb: f64,
-}
-
-#[derive(Deserialize, Debug)]
-struct StrategyPart {
-    strategy: String,
-    inner_steps: u64,
-    loss_gap_vs_ddp: Option<f64>,
-    rounds: u64,
-    bits_per_param_per_round: f64,
-    /// Absent in summaries older than the codecs: derived from the bytes then.
-    bits_per_param_per_step: Option<f64>,
-    inter_site_bytes: f64,
-    params: f64,
-    #[serde(default)]
-    fragments: Option<u32>,
-    // overlap_steps below: absent in summaries written before the planner.
-    #[serde(default)]
-    overlap_steps: Option<u64>,
-}
+/// A compare run's summary.json (`report::Summary`: one definition for the writer and readers).
+type RunSummary = crate::report::Summary;
 
 fn read_summary(run: &Path) -> Result<RunSummary> {
     let path = if run.is_dir() {
@@ -219,8 +182,10 @@ fn strategies_from_summary(summary: &RunSummary) -> Result<Vec<Strategy>> {
         let syncs_per_round = s.rounds as f64 * h / summary.config.steps.max(1) as f64;
         let up = s.bits_per_param_per_round * syncs_per_round;
         let per_step = s.bits_per_param_per_step.unwrap_or(
-            s.inter_site_bytes * 8.0
-                / (summary.config.sites as f64 * s.params * summary.config.steps.max(1) as f64),
+            s.inter_site_bytes as f64 * 8.0
+                / (summary.config.sites as f64
+                    * s.params as f64
+                    * summary.config.steps.max(1) as f64),
         );
         let total = per_step * h;
         out.push(Strategy {
@@ -229,7 +194,7 @@ fn strategies_from_summary(summary: &RunSummary) -> Result<Vec<Strategy>> {
             bits_per_param_up: up,
             bits_per_param_down: Some((total - up).max(0.0)),
             pattern: Pattern::Relay,
-            fragments: s.fragments.unwrap_or(1).max(1),
+            fragments: s.fragments.unwrap_or(1).max(1) as u32,
             overlap_steps: s.overlap_steps.unwrap_or(0) as f64,
             loss_gap: gap,
         });

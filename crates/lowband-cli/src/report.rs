@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use lowband_engine::checkpoint::write_atomic;
 use lowband_runtime::{Endpoint, Metric, RunConfig, RunResult, StrategyKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub struct Comparison<'a> {
     pub config: &'a RunConfig,
@@ -20,8 +20,10 @@ pub struct Comparison<'a> {
     pub events: &'a [String],
 }
 
-/// One strategy's line of summary.json.
-#[derive(Serialize)]
+/// One strategy's line of summary.json: written by the report, read back by `plan --from-run`
+/// and the report's own snapshot test (the one definition of the format). Fields added after
+/// the first summaries default when absent.
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct StrategySummary {
     pub strategy: String,
     pub inner_steps: u64,
@@ -38,31 +40,41 @@ pub struct StrategySummary {
     pub bits_per_token: f64,
     /// Bits a site sends per parameter per round (mean over sites; DDP: per step).
     pub bits_per_param_per_round: f64,
-    /// Every inter-site bit (up and down), per site, per parameter, per inner step.
-    pub bits_per_param_per_step: f64,
+    /// Every inter-site bit (up and down), per site, per parameter, per inner step (absent in
+    /// summaries older than the codecs: derived from the bytes then).
+    pub bits_per_param_per_step: Option<f64>,
     /// Most bytes one site moved (up + down) in one sync: the link's peak load.
+    #[serde(default)]
     pub peak_sync_bytes_per_site: u64,
     pub emulated_seconds: f64,
     pub compute_seconds: f64,
     pub communication_seconds: f64,
     pub egress_dollars: f64,
+    #[serde(default)]
     pub validation_windows: usize,
     /// The coordinator's aggregator ("mean" for DDP's all-reduce).
+    #[serde(default)]
     pub aggregator: String,
     /// The codecs this run used (the sparse presets' downlink follows K); none for DDP.
+    #[serde(default)]
     pub uplink: Option<String>,
+    #[serde(default)]
     pub downlink: Option<String>,
     /// Per site: updates accepted, refused, cut hard by the aggregator; exclusion reason.
+    #[serde(default)]
     pub site_scores: Vec<SiteScoreSummary>,
     /// Over a network: bytes of the sites' training reports (losses, compute seconds), beside
     /// `inter_site_bytes` and not in it; 0 in memory.
+    #[serde(default)]
     pub telemetry_bytes: u64,
     /// Streaming: fragments synced in turn per round, and inner steps each sync overlaps.
+    #[serde(default)]
     pub fragments: Option<usize>,
+    #[serde(default)]
     pub overlap_steps: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct SiteScoreSummary {
     pub site: u32,
     pub accepted: u64,
@@ -71,13 +83,14 @@ pub struct SiteScoreSummary {
     pub excluded: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Summary<'a> {
-    name: &'a str,
-    corpus: &'a str,
-    entropy_rate_nats_per_byte: Option<f64>,
-    config: &'a RunConfig,
-    strategies: Vec<StrategySummary>,
+/// A run's summary.json.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Summary {
+    pub name: String,
+    pub corpus: String,
+    pub entropy_rate_nats_per_byte: Option<f64>,
+    pub config: RunConfig,
+    pub strategies: Vec<StrategySummary>,
 }
 
 fn summarize(c: &Comparison) -> Vec<StrategySummary> {
@@ -110,8 +123,10 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 bits_per_param_per_round: sent as f64 * 8.0
                     / (sites as f64 * r.params as f64 * r.rounds.max(1) as f64),
                 peak_sync_bytes_per_site: r.peak_sync_bytes_per_site,
-                bits_per_param_per_step: r.ledger.total_bytes() as f64 * 8.0
-                    / (sites as f64 * r.params as f64 * c.config.steps.max(1) as f64),
+                bits_per_param_per_step: Some(
+                    r.ledger.total_bytes() as f64 * 8.0
+                        / (sites as f64 * r.params as f64 * c.config.steps.max(1) as f64),
+                ),
                 emulated_seconds: r.emulated_seconds(),
                 compute_seconds: r.compute_seconds,
                 communication_seconds: r.communication_seconds,
@@ -173,7 +188,7 @@ pub fn table(rows: &[StrategySummary]) -> String {
             ratio,
             r.bits_per_token,
             r.bits_per_param_per_round,
-            r.bits_per_param_per_step,
+            r.bits_per_param_per_step.unwrap_or(f64::NAN),
             r.rounds,
             r.emulated_seconds,
             r.egress_dollars
@@ -386,10 +401,10 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
         if trust.is_empty() { "" } else { "\n" }
     );
     let summary = Summary {
-        name: c.name,
-        corpus: c.corpus,
+        name: c.name.to_string(),
+        corpus: c.corpus.to_string(),
         entropy_rate_nats_per_byte: c.floor,
-        config: c.config,
+        config: c.config.clone(),
         strategies: rows,
     };
     let summary_json = serde_json::to_vec_pretty(&summary)?;

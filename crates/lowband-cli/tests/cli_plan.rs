@@ -212,8 +212,10 @@ fn bad_input_is_refused_with_the_field_and_exit_code_2() {
     std::fs::create_dir(dir.path().join("no-ddp")).unwrap();
     write(
         "no-ddp/summary.json",
-        r#"{"name": "no-ddp", "config": {"sites": 2, "steps": 10, "link": {"bandwidth_gbit_per_s": 1.0, "latency_ms": 40.0, "price_per_gb": 0.05}},
-            "strategies": [{"strategy": "diloco@5", "inner_steps": 5, "loss_gap_vs_ddp": null, "rounds": 2, "bits_per_param_per_round": 32.0, "bits_per_param_per_step": 12.8, "inter_site_bytes": 1000, "params": 100}]}"#,
+        r#"{"name": "no-ddp", "corpus": "x", "config": {"sites": 2, "steps": 10, "link": {"bandwidth_gbit_per_s": 1.0, "latency_ms": 40.0, "price_per_gb": 0.05}},
+            "strategies": [{"strategy": "diloco@5", "inner_steps": 5, "final_val_loss": 2.0, "loss_gap_vs_ddp": null, "bytes_ratio_vs_ddp": null, "tokens": 1000,
+              "rounds": 2, "bits_per_token": 8.0, "bits_per_param_per_round": 32.0, "bits_per_param_per_step": 12.8, "inter_site_bytes": 1000, "params": 100,
+              "emulated_seconds": 1.0, "compute_seconds": 1.0, "communication_seconds": 0.0, "egress_dollars": 0.0}]}"#,
     );
     refused(
         &run(&["plan", "--params", "1B", "--from-run", "no-ddp"]),
