@@ -474,3 +474,30 @@ pub fn eval_points(r: &RunResult) -> Vec<(u64, u64, f64)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// README.md shows the default run's table; it is rendered here from that run's summary
+    /// (docs/default-run-summary.json), so the README cannot drift from what `cargo run
+    /// --release` prints. After a change to the default run or the table: run `cargo run
+    /// --release`, copy `runs/<name>/summary.json` to docs/default-run-summary.json and the
+    /// printed table into the README.
+    #[test]
+    fn the_readme_shows_the_table_the_default_run_prints() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let summary: Summary = serde_json::from_str(
+            &std::fs::read_to_string(root.join("docs/default-run-summary.json")).unwrap(),
+        )
+        .unwrap();
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let shown: String = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| strategy | val loss"))
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(shown, table(&summary.strategies));
+    }
+}
