@@ -162,8 +162,10 @@ impl Drop for RunLock {
     }
 }
 
+/// Whether another process with this pid runs (a process takes a run directory once, so a lock
+/// naming this very process was left by a dead one whose pid came round again).
 fn process_alive(pid: u32) -> bool {
-    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[cfg(test)]
@@ -193,10 +195,17 @@ mod tests {
     fn a_run_directory_is_held_by_one_run_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let first = RunLock::acquire(dir.path()).unwrap();
-        // This process holds it: a second acquire by a live process is refused...
+        // Another live process holds it: refused...
         std::fs::write(dir.path().join(LOCK_FILE), "1\n").unwrap(); // pid 1 (init) is alive
         let error = RunLock::acquire(dir.path()).unwrap_err().to_string();
         assert!(error.contains("in use by another lowband run"), "{error}");
+        // A lock naming this very process is a dead one's whose pid came round again.
+        std::fs::write(
+            dir.path().join(LOCK_FILE),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        drop(RunLock::acquire(dir.path()).unwrap());
         // ...a lock of a process that is gone is taken over.
         std::fs::write(dir.path().join(LOCK_FILE), "4294967295\n").unwrap();
         drop(first);

@@ -754,33 +754,48 @@ impl Coordinator {
                     accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
                 self.aggregator.aggregate(&deltas, &mut self.merged)
             };
+            // A merge of finite values can still overflow, or carry θ where no forward pass
+            // survives; never let it into θ (nor into the outer momentum). The update that held
+            // the largest value there is refused (and neither scored as accepted nor kept in the
+            // norm history).
+            let culprit = self
+                .outer
+                .first_out_of_range(
+                    &self.global,
+                    &self.merged,
+                    range.clone(),
+                    self.config.parameter_abs_max,
+                )
+                .map(|(parameter, merged_value)| {
+                    let (i, update_value) =
+                        self.largest_at(&accepted, &payloads, &dense, parameter - range.start);
+                    (i, parameter, merged_value, update_value)
+                });
             for ((i, _), flag) in accepted.iter().zip(&flags) {
+                if culprit.is_some_and(|c| c.0 == *i) {
+                    continue;
+                }
                 self.trust.record_accepted(sites[*i], *flag, &robustness);
                 if *flag {
                     downweighted.push(sites[*i]);
                 }
             }
-            let norms = accepted.iter().map(|(_, n)| *n).collect();
+            let norms = accepted
+                .iter()
+                .filter(|(i, _)| culprit.is_none_or(|c| c.0 != *i))
+                .map(|(_, n)| *n)
+                .collect();
             self.trust
                 .record_norms(fragment, norms, robustness.norm_history_rounds);
-            // A merge of finite values can still overflow, or carry θ where no forward pass
-            // survives; never let it into θ (nor into the outer momentum).
-            let out_of_range = self.outer.first_out_of_range(
-                &self.global,
-                &self.merged,
-                range.clone(),
-                self.config.parameter_abs_max,
-            );
-            applied = out_of_range.is_none();
-            if let Some((parameter, merged_value)) = out_of_range {
-                let culprit =
-                    self.largest_at(&accepted, &payloads, &dense, parameter - range.start);
+            applied = culprit.is_none();
+            if let Some((i, parameter, merged_value, update_value)) = culprit {
+                accepted.retain(|(a, _)| *a != i);
                 refused.push((
-                    sites[culprit.0],
+                    sites[i],
                     ProtocolError::MergeOutOfRange {
                         parameter,
                         merged_value,
-                        update_value: culprit.1,
+                        update_value,
                         limit: self.config.parameter_abs_max,
                     },
                 ));

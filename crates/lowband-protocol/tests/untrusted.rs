@@ -332,6 +332,12 @@ fn a_merge_that_would_carry_the_parameters_out_of_range_is_refused_and_its_sende
         "refused until its third refusal excludes it"
     );
     assert!(!c.members().contains(&1));
+    let score = &c.scores()[&1];
+    assert_eq!(
+        (score.accepted, score.refused),
+        (0, 3),
+        "never scored as accepted"
+    );
     // The excluded site's later rounds merged the honest two only: θ moved by about -1 a round.
     assert!(
         c.global().iter().all(|p| (-2.1..=-1.9).contains(p)),
