@@ -22,6 +22,7 @@ pub struct EngineBenchArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Seed of the model's initialization and of the benchmark's token stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print one JSON object instead of text.

@@ -41,6 +41,7 @@ pub struct CompareArgs {
     /// Text file or directory (default: the generated synthetic language).
     #[arg(long)]
     pub corpus: Option<PathBuf>,
+    /// Seed of the run (the model's initialization, the data sampling, random codecs).
     #[arg(long)]
     pub seed: Option<u64>,
     /// TOML file with any RunConfig field (and `strategies`, `corpus`); flags override it.

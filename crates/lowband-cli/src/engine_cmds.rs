@@ -13,6 +13,7 @@ pub struct InitArgs {
     /// Model preset (tiny, small, ref).
     #[arg(long, default_value = "small")]
     pub preset: String,
+    /// Seed of the initialization.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Checkpoint directory to write.
@@ -42,6 +43,7 @@ pub fn init(args: &InitArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
+    /// Checkpoint directory to evaluate.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Text file to evaluate on (its bytes are the tokens).
@@ -50,6 +52,7 @@ pub struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Print the result as JSON (loss, bits per byte, windows, tokens).
     #[arg(long)]
     pub json: bool,
 }
@@ -121,6 +124,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
+    /// Checkpoint directory to export.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Directory to write config.json and model.safetensors into.
@@ -167,8 +171,10 @@ pub fn import_hf(args: &ImportArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
+    /// Checkpoint directory to sample from.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Text the generation continues.
     #[arg(long, default_value = "\n")]
     pub prompt: String,
     /// Bytes to generate.
@@ -180,6 +186,7 @@ pub struct SampleArgs {
     /// Keep the k most likely bytes (0 = all).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
+    /// Seed of the sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }

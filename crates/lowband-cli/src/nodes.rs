@@ -144,6 +144,7 @@ pub struct CoordinatorArgs {
     /// Run directory name under --runs-dir.
     #[arg(long, default_value = "cluster")]
     name: String,
+    /// Directory that holds run directories.
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
     /// Write the machine-readable summary here too.

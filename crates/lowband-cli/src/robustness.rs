@@ -37,6 +37,7 @@ pub struct RobustnessArgs {
         default_value = "mean,median,trimmed-mean,centered-clip,clipped-mean"
     )]
     pub aggregators: String,
+    /// Model preset (tiny, small, ref).
     #[arg(long, default_value = "tiny")]
     pub preset: String,
     /// Training tokens of every run (the same at every K).
@@ -45,8 +46,10 @@ pub struct RobustnessArgs {
     /// Text file or directory (default: the generated synthetic language).
     #[arg(long)]
     pub corpus: Option<PathBuf>,
+    /// Size of the generated corpus when no corpus is given.
     #[arg(long, default_value_t = 4 << 20)]
     pub corpus_bytes: usize,
+    /// Seed of every run of the grid.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Every cell as JSON; cells already in this file are not run again (delete it to rerun).

@@ -29,6 +29,7 @@ pub struct ShapeArgs {
     /// Longest a datagram queues for the bandwidth before it is dropped.
     #[arg(long, default_value_t = 1000.0)]
     queue_ms: f64,
+    /// Seed of the loss and jitter draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write the bound address here once listening.
