@@ -130,11 +130,16 @@ fn seed_from_env() -> proptest::test_runner::RngSeed {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, rng_seed: seed_from_env(), ..ProptestConfig::default() })]
+    // At most a quarter of the cases may be discarded (scenarios the planner refuses): a generator
+    // that drifts into refused scenarios fails the suite instead of passing on nothing.
+    #![proptest_config(ProptestConfig { cases: 512, max_global_rejects: 128, rng_seed: seed_from_env(), ..ProptestConfig::default() })]
 
     #[test]
     fn more_bandwidth_never_costs_more(s in scenario(), strategy in plan_strategy_of(), factor in 1.0..100.0f64) {
-        let Ok(base) = plan_strategy(&s, &strategy) else { return Ok(()) };
+        // (A scenario the planner refuses is discarded and counted; past the bound the test fails.)
+        let base = plan_strategy(&s, &strategy);
+        prop_assume!(base.is_ok());
+        let base = base.unwrap();
         let faster = s.with_wan_bandwidth(s.slowest_link_gbit_per_second() * factor);
         no_worse(&plan_strategy(&faster, &strategy).unwrap(), &base)?;
         no_worse(&plan_decentralized_ddp(&faster).unwrap(), &plan_decentralized_ddp(&s).unwrap())?;
@@ -145,14 +150,19 @@ proptest! {
     fn cheaper_egress_never_costs_more(s in scenario(), strategy in plan_strategy_of(), price in 0.0..0.2f64, cut in 0.0..1.0f64) {
         let dear = s.with_egress_price(price);
         let cheap = s.with_egress_price(price * cut);
-        let Ok(base) = plan_strategy(&dear, &strategy) else { return Ok(()) };
+        let base = plan_strategy(&dear, &strategy);
+        prop_assume!(base.is_ok());
+        let base = base.unwrap();
         no_worse(&plan_strategy(&cheap, &strategy).unwrap(), &base)?;
         no_worse(&plan_ship_data(&cheap).unwrap(), &plan_ship_data(&dear).unwrap())?;
     }
 
     #[test]
     fn fewer_bits_never_cost_more(s in scenario(), strategy in plan_strategy_of(), cut in 0.0..1.0f64) {
-        let Ok(base) = plan_strategy(&s, &strategy) else { return Ok(()) };
+        // (A scenario the planner refuses is discarded and counted; past the bound the test fails.)
+        let base = plan_strategy(&s, &strategy);
+        prop_assume!(base.is_ok());
+        let base = base.unwrap();
         let fewer = lowband_plan::Strategy {
             bits_per_param_up: strategy.bits_per_param_up * cut.max(1e-6),
             bits_per_param_down: strategy.bits_per_param_down.map(|d| d * cut),
