@@ -71,7 +71,9 @@ pub struct Strategy {
     /// The sparse presets: the downlink keeps `sites` times the uplink's density (see
     /// [`Strategy::compression_for`]); false once `down=` is given.
     downlink_follows_sites: bool,
-    /// The bracketed overrides as written (part of the name).
+    /// The bracketed overrides in canonical form (part of the name): keys in the documented
+    /// order (`OVERRIDE_KEYS`), values as parsed and printed back, so that the same overrides
+    /// written in another order, or with a codec's defaults spelled out, are the same strategy.
     overrides: String,
 }
 
@@ -98,6 +100,21 @@ fn int(bits: u8) -> CodecSpec {
         seed: 0,
     }
 }
+
+/// The override keys, in the order the canonical name lists them (the documented order).
+const OVERRIDE_KEYS: [&str; 11] = [
+    "up",
+    "down",
+    "decay",
+    "lr",
+    "momentum",
+    "agg",
+    "norm",
+    "cos",
+    "fragments",
+    "overlap",
+    "mix",
+];
 
 /// Longest strategy spec (its name becomes a directory name, at most 255 bytes on Linux).
 pub const SPEC_CHARS_MAX: usize = 160;
@@ -243,8 +260,41 @@ impl Strategy {
         Ok(strategy)
     }
 
+    /// `key`'s value as parsed, printed back (the canonical form the name shows).
+    fn override_value(&self, key: &str, written: &str) -> String {
+        let ratio = |r: Option<Option<f32>>| match r {
+            Some(Some(x)) => x.to_string(),
+            Some(None) => "off".into(),
+            None => written.into(),
+        };
+        let outer = self.outer.unwrap_or(OuterConfig::DILOCO);
+        match key {
+            "up" => self.compression.uplink.to_string(),
+            "down" => self.compression.downlink.to_string(),
+            "decay" => self
+                .compression
+                .feedback_decay
+                .map_or("none".into(), |d| d.to_string()),
+            "lr" => outer.lr.to_string(),
+            "momentum" => outer.momentum.to_string(),
+            "agg" => self.aggregator.map_or(written.into(), |a| a.to_string()),
+            "norm" => ratio(self.norm_ratio_max),
+            "cos" => ratio(self.cosine_ratio_min),
+            "fragments" => self
+                .streaming
+                .map_or(written.into(), |s| s.fragments.to_string()),
+            "overlap" => self
+                .streaming
+                .map_or(written.into(), |s| s.overlap_steps.to_string()),
+            "mix" => self.streaming.map_or(written.into(), |s| s.mix.to_string()),
+            _ => written.into(),
+        }
+    }
+
     fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
+        // Canonical value of every key given, for the name.
+        let mut canonical: Vec<(usize, String)> = Vec::new();
         for item in overrides
             .split(';')
             .map(str::trim)
@@ -256,6 +306,7 @@ impl Strategy {
             if !seen.insert(key.trim()) {
                 return Err(format!("`{}` is given twice", key.trim()));
             }
+            let value = value.trim();
             let number = |v: &str| {
                 v.parse::<f32>()
                     .map_err(|_| format!("{key}=`{v}` is not a number"))
@@ -286,7 +337,19 @@ impl Strategy {
                 }
                 other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos (streaming: fragments, overlap, mix)")),
             }
+            let key = key.trim();
+            let order = OVERRIDE_KEYS
+                .iter()
+                .position(|k| *k == key)
+                .expect("a known key (checked above)");
+            canonical.push((order, format!("{key}={}", self.override_value(key, value))));
         }
+        canonical.sort();
+        self.overrides = canonical
+            .into_iter()
+            .map(|(_, item)| item)
+            .collect::<Vec<_>>()
+            .join(";");
         self.compression.validate()?;
         if let Some(st) = self.streaming {
             if st.fragments == 0 || st.fragments as u64 > self.inner_steps {
@@ -551,6 +614,34 @@ mod tests {
         assert!(
             Strategy::parse("diloco[norm=1]", 50).is_err(),
             "a bound must be above 1"
+        );
+    }
+
+    #[test]
+    fn the_same_overrides_written_otherwise_are_the_same_strategy() {
+        let name = |text: &str| Strategy::parse(text, 50).unwrap().name();
+        // The documented order and the codecs' defaults: the names the docs and results use.
+        let written = "sparseloco@14[up=topk:k=16,chunk=8192,values=q2;down=topk:k=64,chunk=8192,values=q2;lr=6]";
+        assert_eq!(name(written), written);
+        assert_eq!(
+            name("sparseloco@14[lr=6.0; down=topk:k=64,chunk=8192 ;up=topk:k=16,chunk=8192]"),
+            written
+        );
+        assert_eq!(
+            name("diloco[cos=off;norm=off]"),
+            "diloco@50[norm=off;cos=off]"
+        );
+        assert_eq!(
+            name("diloco[decay=0.90;agg=median]"),
+            name("diloco[agg=median;decay=0.9]")
+        );
+        assert_eq!(
+            Strategy::parse("diloco[decay=0.90;agg=median]", 50)
+                .unwrap()
+                .dir_name(),
+            Strategy::parse("diloco[agg=median;decay=0.9]", 50)
+                .unwrap()
+                .dir_name()
         );
     }
 }
