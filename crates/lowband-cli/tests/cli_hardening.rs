@@ -512,3 +512,55 @@ fn killing_a_cluster_ends_its_site_processes() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_second_live_process_with_a_sites_key_is_refused_not_swapped_in() {
+    // Issue 17: a second process with a key already connected replaced the first silently.
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, sites) = keys(dir.path());
+    let long = CLUSTER.replace("steps = 24", "steps = 1600");
+    let fast = ["--idle-timeout-ms", "1500"];
+    let (mut coordinator_process, address) = start_coordinator(
+        dir.path(),
+        &coordinator,
+        &sites,
+        &long,
+        &[&fast[..], &["--name", "run"]].concat(),
+    );
+    let mut site_processes: Vec<Guard> = (0..2)
+        .map(|k| start_site(dir.path(), k, &address, &fast))
+        .collect();
+    for site in &mut site_processes {
+        until_connected(site);
+    }
+    let second = lowband(dir.path())
+        .args([
+            "site",
+            "--config",
+            "cluster.toml",
+            "--key",
+            "site1.key",
+            "--join",
+            &address,
+        ])
+        .args(fast)
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(3), "{error}");
+    assert!(
+        error.contains("another process with this site's key is connected"),
+        "{error}"
+    );
+    all_finish(
+        dir.path(),
+        &mut site_processes,
+        &mut coordinator_process,
+        Duration::from_secs(120),
+    );
+    let report = std::fs::read_to_string(dir.path().join("runs/run/report.md")).unwrap();
+    assert!(
+        !report.contains("replaced the old one"),
+        "the first process kept its place:\n{report}"
+    );
+}

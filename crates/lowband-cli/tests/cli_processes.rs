@@ -208,22 +208,6 @@ fn long_cluster() -> String {
     format!("strategy = \"diloco@10\"\ncorpus_bytes = 200000\n[run]\n{LONG_RUN}[run.optimizer]\n{LONG_OPTIMIZER}")
 }
 
-/// Block until the site prints that it is connected; returns what it printed until then.
-fn until_connected(site: &mut Guard) -> Vec<String> {
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(site.0.stdout.take().unwrap()));
-    let mut seen = Vec::new();
-    loop {
-        let line = lines.next().expect("a site never connected").unwrap();
-        seen.push(line);
-        if seen.last().unwrap().contains("connected") {
-            break;
-        }
-    }
-    // Keep draining so that a full pipe never blocks the site.
-    std::thread::spawn(move || for _ in lines {});
-    seen
-}
-
 fn signal(child: &Guard, name: &str) {
     assert!(Command::new("kill")
         .args([name, &child.0.id().to_string()])

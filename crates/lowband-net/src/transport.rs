@@ -294,6 +294,12 @@ impl Peer {
         self.connection.close(code.into(), reason.as_bytes());
     }
 
+    /// UDP datagrams received on this connection so far (ACKs of our keep-alives included): a
+    /// count that grows only while the peer is alive.
+    pub fn datagrams_received(&self) -> u64 {
+        self.connection.stats().udp_rx.datagrams
+    }
+
     /// Whether the connection has closed (and why), without waiting.
     pub fn close_reason(&self) -> Option<NetError> {
         self.connection.close_reason().map(lost)

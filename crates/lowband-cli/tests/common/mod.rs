@@ -171,3 +171,19 @@ pub fn error_logs(dir: &Path) -> String {
         })
         .collect()
 }
+
+/// Block until the site prints that it is connected; returns what it printed until then.
+pub fn until_connected(site: &mut Guard) -> Vec<String> {
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(site.0.stdout.take().unwrap()));
+    let mut seen = Vec::new();
+    loop {
+        let line = lines.next().expect("a site never connected").unwrap();
+        seen.push(line);
+        if seen.last().unwrap().contains("connected") {
+            break;
+        }
+    }
+    // Keep draining so that a full pipe never blocks the site.
+    std::thread::spawn(move || for _ in lines {});
+    seen
+}

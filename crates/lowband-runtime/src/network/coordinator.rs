@@ -102,6 +102,14 @@ fn spawn_reader(
     });
 }
 
+/// The sites' open connections, for the door's duplicate-key check.
+fn open_connections(peers: &BTreeMap<u32, SiteConnection>) -> BTreeMap<u32, Peer> {
+    peers
+        .iter()
+        .map(|(site, c)| (*site, c.peer.clone()))
+        .collect()
+}
+
 /// A refused join in the run's metrics (the report's membership section lists it).
 fn record_join_refusal(common: &mut Common, round: u64, refusal: &Refusal) {
     if let Some(site) = refusal.site {
@@ -221,12 +229,12 @@ pub(super) async fn coordinate<'a>(
     let now_ms = || started.elapsed().as_millis() as u64;
 
     // New connections first send their join request; each is awaited in a task of its own.
-    let mut door = Doorway::new(node, &ids, settings);
+    let mut door = Doorway::new(node, &ids, settings, options.limits.keep_alive_ms);
     let join_deadline =
         tokio::time::Instant::now() + std::time::Duration::from_millis(options.join_timeout_ms);
     while peers.len() < site_keys.len() {
         tokio::select! {
-            admission = door.next(now_ms()) => match admission? {
+            admission = door.next(now_ms(), open_connections(&peers)) => match admission? {
                 Admission::Admitted(id, peer) => {
                     generation += 1;
                     if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
@@ -367,7 +375,7 @@ pub(super) async fn coordinate<'a>(
             continue;
         }
         tokio::select! {
-            admission = door.next(now_ms()) => match admission? {
+            admission = door.next(now_ms(), open_connections(&peers)) => match admission? {
                     Admission::Pending => {}
                     Admission::Refused(refusal) => record_join_refusal(&mut common, round, &refusal),
                     Admission::Admitted(id, peer) => {

@@ -198,6 +198,9 @@ type Accepting<'a> = std::pin::Pin<
 >;
 /// A new connection and its first message (the join request, or why none came).
 type Joining = (Peer, Result<Vec<u8>, NetError>);
+/// A site admitted while another connection with its key was open, and whether that one is
+/// alive.
+type Probed = (u32, Peer, bool);
 
 /// New connections until they are admitted: QUIC's accept (one at a time, kept across the
 /// coordinator's loop turns: it completes the handshake, and dropping it half-way would drop
@@ -211,6 +214,10 @@ pub(super) struct Doorway<'a> {
     ids: &'a BTreeMap<PublicKey, u32>,
     settings: &'a JoinRequest,
     pub refusals: RefusalLog,
+    probed_tx: tokio::sync::mpsc::UnboundedSender<Probed>,
+    probed: tokio::sync::mpsc::UnboundedReceiver<Probed>,
+    /// How long to watch an open connection for signs of life (two keep-alive intervals).
+    probe: std::time::Duration,
 }
 
 impl<'a> Doorway<'a> {
@@ -218,8 +225,10 @@ impl<'a> Doorway<'a> {
         node: &'a lowband_net::Node,
         ids: &'a BTreeMap<PublicKey, u32>,
         settings: &'a JoinRequest,
+        keep_alive_ms: u64,
     ) -> Self {
         let (joins_tx, joins) = tokio::sync::mpsc::unbounded_channel();
+        let (probed_tx, probed) = tokio::sync::mpsc::unbounded_channel();
         Doorway {
             node,
             accept: Box::pin(node.accept()),
@@ -228,11 +237,22 @@ impl<'a> Doorway<'a> {
             ids,
             settings,
             refusals: RefusalLog::default(),
+            probed_tx,
+            probed,
+            probe: std::time::Duration::from_millis(2 * keep_alive_ms + PROBE_MARGIN_MS),
         }
     }
 
-    /// The next thing that happens at the door (`now_ms` times the refusal log).
-    pub async fn next(&mut self, now_ms: u64) -> Result<Admission, crate::RunError> {
+    /// The next thing that happens at the door (`now_ms` times the refusal log). `connected`:
+    /// the sites' open connections. A site whose key already has an open connection is admitted
+    /// only once that connection shows no sign of life for two keep-alive intervals (a process
+    /// restarted after a crash, before its old connection timed out); while it lives, the
+    /// newcomer is refused: a second process never replaces a running one.
+    pub async fn next(
+        &mut self,
+        now_ms: u64,
+        connected: BTreeMap<u32, Peer>,
+    ) -> Result<Admission, crate::RunError> {
         tokio::select! {
             accepted = &mut self.accept => {
                 self.accept = Box::pin(self.node.accept());
@@ -246,9 +266,23 @@ impl<'a> Doorway<'a> {
                 }
             }
             Some((peer, first)) = self.joins.recv() => match admit(peer.key(), first, self.ids, self.settings) {
-                Ok(site) => Ok(Admission::Admitted(site, peer)),
+                Ok(site) => match connected.get(&site).filter(|old| old.close_reason().is_none()) {
+                    Some(old) => {
+                        probe(old.clone(), peer, site, self.probe, self.probed_tx.clone());
+                        Ok(Admission::Pending)
+                    }
+                    None => Ok(Admission::Admitted(site, peer)),
+                },
                 Err(refusal) => Ok(Admission::Refused(self.refuse(now_ms, Some(&peer), refusal))),
             },
+            Some((site, peer, alive)) = self.probed.recv() => {
+                if alive {
+                    let refusal = Refusal::new(Some(site), "another process with this site's key is connected and alive; stop it first (a restarted site is let in once its old connection is silent)".into());
+                    Ok(Admission::Refused(self.refuse(now_ms, Some(&peer), refusal)))
+                } else {
+                    Ok(Admission::Admitted(site, peer))
+                }
+            }
         }
     }
 
@@ -261,6 +295,26 @@ impl<'a> Doorway<'a> {
         }
         refusal
     }
+}
+
+/// Beyond two keep-alive intervals, when watching an open connection for signs of life.
+const PROBE_MARGIN_MS: u64 = 250;
+
+/// Watch `old` for `wait` (in a task of its own): alive if it is still open and received
+/// something (a live peer acknowledges our keep-alives).
+fn probe(
+    old: Peer,
+    new: Peer,
+    site: u32,
+    wait: std::time::Duration,
+    probed: tokio::sync::mpsc::UnboundedSender<Probed>,
+) {
+    tokio::spawn(async move {
+        let before = old.datagrams_received();
+        tokio::time::sleep(wait).await;
+        let alive = old.close_reason().is_none() && old.datagrams_received() > before;
+        let _ = probed.send((site, new, alive));
+    });
 }
 
 /// Wait (in a task of its own, so that a silent newcomer holds up nobody) for a new connection's
