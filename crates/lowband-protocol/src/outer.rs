@@ -62,7 +62,27 @@ impl OuterOptimizer {
         self.step_range(params, delta, 0..n);
     }
 
-    /// The same step on `params[range]` with `delta` for that range (a fragment).
+    /// One parameter's outer step from its value `p`, its delta `d` and its momentum `b`: the new
+    /// value and the new momentum. The one formula that both the range check and the step use.
+    #[inline]
+    fn stepped(config: OuterConfig, p: f32, d: f32, b: f32) -> (f32, f32) {
+        let OuterConfig {
+            lr,
+            momentum,
+            nesterov,
+        } = config;
+        if momentum == 0.0 {
+            return (p - lr * d, b);
+        }
+        let b = momentum * b + d;
+        let step = if nesterov {
+            lr * (d + momentum * b)
+        } else {
+            lr * b
+        };
+        (p - step, b)
+    }
+
     /// The first parameter of `range` that `step_range` would make non-finite or larger than
     /// `abs_max` in magnitude, with the value it would take (nothing is changed: a merge that
     /// fails this is refused before it touches θ or the momentum).
@@ -73,52 +93,43 @@ impl OuterOptimizer {
         range: std::ops::Range<usize>,
         abs_max: f32,
     ) -> Option<(usize, f32)> {
+        assert_eq!(range.len(), delta.len());
+        let config = self.config;
+        let bad = |value: f32| value.is_nan() || value.abs() > abs_max;
         let start = range.start;
         let params = &params[range.clone()];
-        assert_eq!(params.len(), delta.len());
-        let OuterConfig {
-            lr,
-            momentum,
-            nesterov,
-        } = self.config;
-        let bad = |v: f32| v.is_nan() || v.abs() > abs_max;
-        if momentum == 0.0 {
-            return params
+        let found = if config.momentum == 0.0 {
+            params
                 .iter()
                 .zip(delta)
-                .map(|(p, d)| p - lr * d)
-                .enumerate()
-                .find(|(_, v)| bad(*v))
-                .map(|(i, v)| (start + i, v));
-        }
-        params
-            .iter()
-            .zip(delta)
-            .zip(&self.momentum_buffer[range])
-            .map(|((p, d), b)| {
-                let b = momentum * b + d;
-                p - if nesterov {
-                    lr * (d + momentum * b)
-                } else {
-                    lr * b
-                }
-            })
-            .enumerate()
-            .find(|(_, v)| bad(*v))
-            .map(|(i, v)| (start + i, v))
+                .map(|(p, d)| Self::stepped(config, *p, *d, 0.0).0)
+                .position(bad)
+        } else {
+            params
+                .iter()
+                .zip(delta)
+                .zip(&self.momentum_buffer[range])
+                .map(|((p, d), b)| Self::stepped(config, *p, *d, *b).0)
+                .position(bad)
+        };
+        found.map(|i| {
+            let b = if config.momentum == 0.0 {
+                0.0
+            } else {
+                self.momentum_buffer[start + i]
+            };
+            (start + i, Self::stepped(config, params[i], delta[i], b).0)
+        })
     }
 
+    /// The same step on `params[range]` with `delta` for that range (a fragment).
     pub fn step_range(&mut self, params: &mut [f32], delta: &[f32], range: std::ops::Range<usize>) {
+        let config = self.config;
         let params = &mut params[range.clone()];
         assert_eq!(params.len(), delta.len());
-        let OuterConfig {
-            lr,
-            momentum,
-            nesterov,
-        } = self.config;
-        if momentum == 0.0 {
+        if config.momentum == 0.0 {
             for (p, d) in params.iter_mut().zip(delta) {
-                *p -= lr * d;
+                *p = Self::stepped(config, *p, *d, 0.0).0;
             }
             return;
         }
@@ -127,12 +138,7 @@ impl OuterOptimizer {
             .zip(delta)
             .zip(self.momentum_buffer[range].iter_mut())
         {
-            *b = momentum * *b + d;
-            *p -= if nesterov {
-                lr * (d + momentum * *b)
-            } else {
-                lr * *b
-            };
+            (*p, *b) = Self::stepped(config, *p, *d, *b);
         }
     }
 }
