@@ -7,6 +7,7 @@
 //! alter or forge them. [`Shaper`] puts an emulated WAN (bandwidth, latency, jitter, loss) between
 //! nodes on one machine. The protocol above is sans-IO: this layer moves its bytes.
 
+pub mod client;
 pub mod identity;
 pub mod shaper;
 pub mod tls;
@@ -15,6 +16,7 @@ pub mod transport;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use client::{ClientError, ClientOptions, Message, Next, SiteClient};
 pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
 pub use shaper::{LinkShape, Shaper};
 pub use tls::AllowList;

@@ -14,6 +14,8 @@
 
 pub mod aggregate;
 pub mod coordinator;
+pub mod link;
+pub mod membership;
 pub mod outer;
 pub mod site;
 pub mod trust;
@@ -21,6 +23,8 @@ pub mod wire;
 
 pub use aggregate::{Aggregator, AggregatorSpec, Mean};
 pub use coordinator::{Action, Coordinator, CoordinatorConfig, Event, RoundReport};
+pub use link::{LinkDecision, LinkEnd, LinkPolicy, SiteLink};
+pub use membership::{MemberAction, Membership};
 pub use outer::{OuterConfig, OuterOptimizer};
 pub use site::{Site, SiteAction, SiteEvent};
 pub use trust::{Robustness, SiteScore, TrustState};
@@ -137,6 +141,8 @@ pub enum ProtocolError {
     TooManySites(usize),
     #[error("the update holds a non-finite value at index {0}: local training diverged")]
     NonFiniteUpdate(usize),
+    #[error("{found} parameters given, but the run's model has {expected}")]
+    ParameterCount { expected: usize, found: usize },
     #[error("a change to the global parameters arrived before the parameters themselves")]
     NotSynced,
     #[error("update norm {norm:.4e} is outside [reference / {ratio_max}, reference x {ratio_max}] (reference {reference:.4e}: the median norm of the round, or of recent rounds when it has fewer than 3 updates)")]

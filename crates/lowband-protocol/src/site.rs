@@ -302,11 +302,12 @@ impl Site {
                         found: round,
                     });
                 }
-                assert_eq!(
-                    params.len(),
-                    self.start.len(),
-                    "trainer and protocol disagree on the parameter count"
-                );
+                if params.len() != self.start.len() {
+                    return Err(ProtocolError::ParameterCount {
+                        expected: self.start.len(),
+                        found: params.len(),
+                    });
+                }
                 let range = crate::fragment_of(&self.fragments, self.start.len(), round);
                 let delta = &mut self.delta[range.clone()];
                 for ((d, s), p) in delta

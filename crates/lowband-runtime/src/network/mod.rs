@@ -295,8 +295,14 @@ pub fn serve_site(
         }
     }
     let job = SiteJob {
-        identity,
-        coordinator,
+        client: lowband_net::ClientOptions {
+            identity,
+            coordinator,
+            limits: options.limits,
+            reconnect_ms: options.reconnect_ms,
+            join: join::join_settings(config, &strategy, site_run.corpus).encode(site),
+            leave_on_ctrl_c: true,
+        },
         shard: Arc::new(split.shards[k].clone()),
         batch: BatchShape {
             site_batch: config.site_batch,
@@ -307,16 +313,12 @@ pub fn serve_site(
         inner_steps: strategy.inner_steps,
         params: initial.len(),
         uplink: strategy.compression_for(config.sites).uplink,
-        limits: options.limits,
-        reconnect_ms: options.reconnect_ms,
         state_dir: options.state_dir,
-        leave_on_signal: true,
         streaming: strategy.streaming,
         rounds: RoundSteps::of(config, &strategy),
-        join: join::join_settings(config, &strategy, site_run.corpus).encode(site),
         run: site_run,
     };
-    runtime(2)?.block_on(any_site_task(state, job, connected))
+    any_site_task(state, job, connected)
 }
 
 /// Site k as the networked driver runs it (with its fragments when streaming).
@@ -335,15 +337,11 @@ fn network_site(
     Ok(site)
 }
 
-async fn any_site_task(
-    site: SiteRuntime,
-    job: SiteJob,
-    connected: impl FnMut(),
-) -> Result<(), RunError> {
+fn any_site_task(site: SiteRuntime, job: SiteJob, connected: impl FnMut()) -> Result<(), RunError> {
     if job.streaming.is_some() {
-        streaming_site_task(site, job, connected).await
+        streaming_site_task(site, job, connected)
     } else {
-        site_task(site, job, connected).await
+        site_task(site, job, connected)
     }
 }
 
@@ -447,8 +445,8 @@ impl RoundSteps {
 
 /// What a site task needs besides its state.
 struct SiteJob {
-    identity: Arc<Identity>,
-    coordinator: (SocketAddr, PublicKey),
+    /// How it reaches the coordinator (key, address, join request, reconnect budget, Ctrl-C).
+    client: lowband_net::ClientOptions,
     shard: Arc<Vec<u8>>,
     batch: BatchShape,
     schedule: lowband_engine::LrSchedule,
@@ -456,18 +454,11 @@ struct SiteJob {
     inner_steps: u64,
     params: usize,
     uplink: CodecSpec,
-    limits: Limits,
-    /// How long to keep trying to reach the coordinator after the connection drops mid-run.
-    reconnect_ms: u64,
     /// Where the site saves its own state after every update it sends.
     state_dir: Option<std::path::PathBuf>,
-    /// Ctrl-C / SIGINT makes the site leave the run gracefully (a process; not in-process tasks).
-    leave_on_signal: bool,
     /// Streaming DiLoCo's fragments, delay and mix (None: whole-model rounds).
     streaming: Option<crate::strategy::Streaming>,
     rounds: RoundSteps,
-    /// The join request (unsealed) the site sends first on every connection.
-    join: Vec<u8>,
     /// What the site's saved state must agree with.
     run: crate::state::SiteRun,
 }
@@ -523,8 +514,14 @@ async fn run_async(
     let mut site_tasks = Vec::new();
     for (k, site) in sites.into_iter().enumerate() {
         let job = SiteJob {
-            identity: site_identities[k].clone(),
-            coordinator: (address, coordinator_identity.public_key()),
+            client: lowband_net::ClientOptions {
+                identity: site_identities[k].clone(),
+                coordinator: (address, coordinator_identity.public_key()),
+                limits: limits.clone(),
+                reconnect_ms: 0,
+                join: settings.encode(k as u32),
+                leave_on_ctrl_c: false,
+            },
             shard: Arc::new(split.shards[k].clone()),
             batch: BatchShape {
                 site_batch: config.site_batch,
@@ -535,20 +532,17 @@ async fn run_async(
             inner_steps: strategy.inner_steps,
             params: n,
             uplink: compression.uplink,
-            limits: limits.clone(),
-            reconnect_ms: 0,
             state_dir: None,
-            leave_on_signal: false,
             streaming: strategy.streaming,
             rounds: RoundSteps::of(config, &strategy),
-            join: settings.encode(k as u32),
             run: crate::state::SiteRun {
                 corpus: common.corpus,
                 steps: config.steps,
                 rounds: RoundSteps::of(config, &strategy).rounds(),
             },
         };
-        site_tasks.push(tokio::spawn(any_site_task(site, job, || {})));
+        // A thread per site: it trains while its client's own runtime serves the connection.
+        site_tasks.push(std::thread::spawn(move || any_site_task(site, job, || {})));
     }
 
     let (common, coordinator, sample_packets) = coordinate(
@@ -564,23 +558,13 @@ async fn run_async(
     .await?;
     node.close();
     for task in site_tasks {
-        task.await
-            .map_err(|e| RunError::Protocol(format!("a site task failed: {e}")))??;
+        task.join()
+            .map_err(|_| RunError::Protocol("a site thread panicked".into()))??;
     }
     finish_rounds(common, &coordinator, sample_packets)
 }
 
-/// The close codes (as `NetError::Ended` reports them) of a site excluded for its updates (it
-/// stops), leaving on Ctrl-C, and asked to rejoin.
-const CLOSE_EXCLUDED: u64 = 1;
-const CLOSE_LEAVING: u64 = 2;
-/// (Rejoin: it fell too far behind; it reconnects and gets the current parameters in full, as
-/// after a crash.)
-const CLOSE_REJOIN: u64 = 3;
-/// Refused at its join: not a site of this run, a bad join request, or other run settings (the
-/// reason names them). Final: the site stops with the reason.
-const CLOSE_REFUSED: u64 = 4;
-/// The coordinator stopped before the run's end (Ctrl-C, an error): its state after the last
-/// closed round is saved, and the sites keep trying to reconnect (`--reconnect-ms`) for it to
-/// come back with `--resume`.
-const CLOSE_STOPPED: u64 = 5;
+use lowband_protocol::link::close::{
+    EXCLUDED as CLOSE_EXCLUDED, REFUSED as CLOSE_REFUSED, REJOIN as CLOSE_REJOIN,
+    STOPPED as CLOSE_STOPPED,
+};
