@@ -8,7 +8,9 @@
 //! nodes on one machine. The protocol above is sans-IO: this layer moves its bytes.
 
 pub mod client;
+pub mod door;
 pub mod identity;
+pub mod serve;
 pub mod shaper;
 pub mod tls;
 pub mod transport;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 
 pub use client::{ClientError, ClientOptions, Message, Next, SiteClient};
 pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
+pub use serve::{serve, Host, Record, Sends, ServeOptions};
 pub use shaper::{LinkShape, Shaper};
 pub use tls::AllowList;
 pub use transport::{Limits, Node, Peer};
@@ -54,6 +57,9 @@ pub enum NetError {
     TooLarge { bytes: usize, limit: usize },
     #[error("bad signature: the packet was not made by {0}")]
     BadSignature(PublicKey),
+    /// The coordinator stopped its run (Ctrl-C, every site gone, too few joined).
+    #[error("{0}")]
+    Stopped(String),
     #[error("invalid network config: {0}")]
     Config(String),
 }

@@ -21,9 +21,9 @@ pub enum MemberAction {
         code: u64,
         reason: String,
     },
-    /// The site is a member from now on (`Event::SiteJoined` to the coordinator; a `Joined`
-    /// line in the run's record).
-    Joined { site: SiteId },
+    /// The site is a member from now on (`Event::SiteJoined` to the coordinator). `late`: it
+    /// joined after the rounds started (a `Joined` line in the run's record).
+    Joined { site: SiteId, late: bool },
     /// The site left the round (`Event::SiteLeft`; a `Left` line with the reason).
     Left { site: SiteId, reason: String },
     /// Open the first round: enough sites are here.
@@ -112,7 +112,7 @@ impl Membership {
             }
         }
         if self.started() {
-            actions.push(MemberAction::Joined { site });
+            actions.push(MemberAction::Joined { site, late: true });
         } else if self.current.len() == self.sites {
             actions.extend(self.start());
         }
@@ -125,7 +125,7 @@ impl Membership {
         let mut actions: Vec<MemberAction> = self
             .current
             .keys()
-            .map(|&site| MemberAction::Joined { site })
+            .map(|&site| MemberAction::Joined { site, late: false })
             .collect();
         actions.push(MemberAction::Start);
         actions
@@ -231,8 +231,14 @@ mod tests {
         assert_eq!(
             m.tick(1_000, 0),
             vec![
-                MemberAction::Joined { site: 0 },
-                MemberAction::Joined { site: 2 },
+                MemberAction::Joined {
+                    site: 0,
+                    late: false
+                },
+                MemberAction::Joined {
+                    site: 2,
+                    late: false
+                },
                 MemberAction::Start
             ]
         );
@@ -247,8 +253,14 @@ mod tests {
         assert_eq!(
             actions,
             vec![
-                MemberAction::Joined { site: 0 },
-                MemberAction::Joined { site: 1 },
+                MemberAction::Joined {
+                    site: 0,
+                    late: false
+                },
+                MemberAction::Joined {
+                    site: 1,
+                    late: false
+                },
                 MemberAction::Start
             ]
         );
@@ -263,7 +275,13 @@ mod tests {
             matches!(actions[0], MemberAction::Close { generation, code: 0, .. } if generation == first)
         );
         assert!(matches!(actions[1], MemberAction::Left { site: 0, .. }));
-        assert_eq!(actions[2], MemberAction::Joined { site: 0 });
+        assert_eq!(
+            actions[2],
+            MemberAction::Joined {
+                site: 0,
+                late: true
+            }
+        );
         assert!(m.ended(0, first, "late".into()).is_empty());
         assert!(m.is_current(0, second));
         assert_eq!(m.ended(0, second, "gone".into()).len(), 1);

@@ -1,125 +1,19 @@
-//! The networked coordinator's side: a connection per site (a reader and a writer task each),
-//! the sites' training reports, and the event loop that drives `lowband_protocol::Coordinator`.
+//! The networked coordinator's books: what the network shell (`lowband_net::serve`) reports
+//! becomes the run's metrics, ledger, link time and checkpoints (`NetworkBooks`, the shell's
+//! `Host`).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Instant;
 
-use lowband_net::{open, seal, Identity, NetError, Node, Peer, PublicKey};
-use lowband_protocol::wire::{self, MessageKind, TrainingReport};
-use lowband_protocol::{Coordinator, Event};
+use bytes::Bytes;
+use lowband_net::{Host, Record};
+use lowband_protocol::wire::TrainingReport;
+use lowband_protocol::Coordinator;
 
 use crate::driver::{absorb, Common, Metric};
 use crate::ledger::Endpoint;
 use crate::RunError;
 
-use super::join::{Admission, Doorway, Refusal};
-use super::{NetworkOptions, RoundSteps, CLOSE_EXCLUDED, CLOSE_REJOIN};
-
-/// What a connection's reader forwards: the site, the connection's generation (a site that
-/// reconnects gets a new one, and what its old connection still delivers is ignored), the message.
-/// A writer that cannot deliver forwards its error the same way.
-type Inbound = (u32, u64, Result<Vec<u8>, NetError>);
-
-/// How much a site may have queued and not yet read, in copies of the fp32 parameters: past this
-/// (a hung process, a link far slower than the others) it is asked to rejoin, so that a lagging
-/// site costs the coordinator a bounded amount of memory and never holds up the others.
-const OUTBOX_MODELS: usize = 4;
-
-/// A site's connection: its generation, and the queue its writer sends in order. Every site has
-/// its own writer, so sends to K sites go out at once and a slow one delays only itself.
-struct SiteConnection {
-    generation: u64,
-    peer: Peer,
-    outbox: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
-    /// Bytes queued or in flight, not yet read by the site.
-    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl SiteConnection {
-    fn open(
-        peer: Peer,
-        site: u32,
-        generation: u64,
-        inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
-    ) -> SiteConnection {
-        spawn_reader(peer.clone(), site, generation, inbound.clone());
-        let (outbox, mut queue) = tokio::sync::mpsc::unbounded_channel::<bytes::Bytes>();
-        let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (writer, queued) = (peer.clone(), queued_bytes.clone());
-        tokio::spawn(async move {
-            while let Some(message) = queue.recv().await {
-                let length = message.len();
-                let sent = writer.send_bytes(message).await;
-                queued.fetch_sub(length, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = sent {
-                    // The site is gone (or refused what it was sent): it leaves the round.
-                    let e = match e {
-                        e @ (NetError::Closed(_) | NetError::Ended { .. }) => e,
-                        other => NetError::Closed(format!("unreachable: {other}")),
-                    };
-                    let _ = inbound.send((site, generation, Err(e)));
-                    return;
-                }
-            }
-        });
-        SiteConnection {
-            generation,
-            peer,
-            outbox,
-            queued_bytes,
-        }
-    }
-
-    /// Queue `sealed`; false if the site already has `budget` bytes waiting (it is behind).
-    fn queue(&self, sealed: bytes::Bytes, budget: usize) -> bool {
-        let waiting = self.queued_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        if waiting > 0 && waiting + sealed.len() > budget {
-            return false;
-        }
-        self.queued_bytes
-            .fetch_add(sealed.len(), std::sync::atomic::Ordering::Relaxed);
-        // A closed queue means the writer has stopped; its error is on its way as an Inbound.
-        let _ = self.outbox.send(sealed);
-        true
-    }
-}
-
-fn spawn_reader(
-    peer: Peer,
-    site: u32,
-    generation: u64,
-    tx: tokio::sync::mpsc::UnboundedSender<Inbound>,
-) {
-    tokio::spawn(async move {
-        loop {
-            let message = peer.recv().await;
-            let closed = matches!(message, Err(NetError::Closed(_) | NetError::Ended { .. }));
-            if tx.send((site, generation, message)).is_err() || closed {
-                return;
-            }
-        }
-    });
-}
-
-/// The sites' open connections, for the door's duplicate-key check.
-fn open_connections(peers: &BTreeMap<u32, SiteConnection>) -> BTreeMap<u32, Peer> {
-    peers
-        .iter()
-        .map(|(site, c)| (*site, c.peer.clone()))
-        .collect()
-}
-
-/// A refused join in the run's metrics (the report's membership section lists it).
-fn record_join_refusal(common: &mut Common, round: u64, refusal: &Refusal) {
-    if let Some(site) = refusal.site {
-        common.metrics.push(Metric::Refused {
-            round,
-            site,
-            reason: format!("join refused: {}", refusal.reason),
-        });
-    }
-}
+use super::RoundSteps;
 
 /// The training reports of the open round, by site (what arrives for a closed round is dropped).
 type Reports = BTreeMap<u64, BTreeMap<u32, TrainingReport>>;
@@ -188,289 +82,161 @@ fn absorb_network(
     Ok(sends)
 }
 
-/// The coordinator's side over the network: wait for the sites (every one, or a quorum once
-/// the join timeout passes), then run rounds until the run's steps are done: sends signed,
-/// packets checked, sites joining, leaving and rejoining at any time, deadlines ticking, a
-/// checkpoint after every round when a state directory is set. Returns the run's state for
-/// `finish_rounds`.
-#[allow(clippy::too_many_arguments)] // (issue 18 turns this loop into a state machine)
-pub(super) async fn coordinate<'a>(
-    mut common: Common<'a>,
-    mut coordinator: Coordinator,
-    node: &Node,
-    identity: &Identity,
-    site_keys: &[PublicKey],
-    options: &NetworkOptions,
-    settings: &lowband_protocol::wire::JoinRequest,
-    started: Instant,
-) -> Result<(Common<'a>, Coordinator, Vec<(String, bytes::Bytes)>), RunError> {
-    let rounds = RoundSteps::of(common.config, &common.strategy);
-    let inner_steps = common.strategy.inner_steps;
-    let overlap_steps = common.strategy.streaming.map_or(0, |s| s.overlap_steps);
-    let persistence = crate::Persistence {
-        state_dir: options.state_dir.clone(),
-        stop_after_rounds: None,
-    };
-    let quorum = if options.quorum == 0 {
-        site_keys.len()
-    } else {
-        options.quorum.min(site_keys.len())
-    };
-    let ids: BTreeMap<PublicKey, u32> = site_keys
-        .iter()
-        .enumerate()
-        .map(|(k, key)| (*key, k as u32))
-        .collect();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Inbound>();
-    let mut peers: BTreeMap<u32, SiteConnection> = BTreeMap::new();
-    let mut reports = Reports::new();
-    let outbox_budget = OUTBOX_MODELS * (4 * coordinator.global().len() + 1024);
-    let mut generation = 0u64;
-    let now_ms = || started.elapsed().as_millis() as u64;
+/// The run's side of a networked coordinator.
+pub(super) struct NetworkBooks<'a> {
+    pub common: Common<'a>,
+    persistence: crate::Persistence,
+    reports: Reports,
+    rounds: RoundSteps,
+    /// Streaming: the broadcasts of the final syncs are not counted (no site trains after them),
+    /// as in memory.
+    counted_rounds: u64,
+    /// The round whose link time is being counted, and its largest message each way.
+    link_round: u64,
+    down_bytes: u64,
+    up_bytes: u64,
+    pub sample_packets: Vec<(String, Bytes)>,
+}
 
-    // New connections first send their join request; each is awaited in a task of its own.
-    let mut door = Doorway::new(node, &ids, settings, options.limits.keep_alive_ms);
-    let join_deadline =
-        tokio::time::Instant::now() + std::time::Duration::from_millis(options.join_timeout_ms);
-    while peers.len() < site_keys.len() {
-        tokio::select! {
-            admission = door.next(now_ms(), open_connections(&peers)) => match admission? {
-                Admission::Admitted(id, peer) => {
-                    generation += 1;
-                    if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
-                        old.peer.close();
-                    }
-                }
-                Admission::Refused(refusal) => record_join_refusal(&mut common, coordinator.round(), &refusal),
-                Admission::Pending => {}
+impl<'a> NetworkBooks<'a> {
+    pub fn new(common: Common<'a>, state_dir: Option<std::path::PathBuf>, round: u64) -> Self {
+        let rounds = RoundSteps::of(common.config, &common.strategy);
+        NetworkBooks {
+            common,
+            persistence: crate::Persistence {
+                state_dir,
+                stop_after_rounds: None,
             },
-            _ = tokio::time::sleep_until(join_deadline) => {
-                if peers.len() >= quorum {
-                    break;
-                }
-                let refused = if door.refusals.latest.is_empty() { String::new() } else { format!("; refused: {}", door.refusals.summary()) };
-                return Err(RunError::Protocol(format!(
-                    "{} of {} sites joined within {} s (a quorum is {quorum}){refused}",
-                    peers.len(),
-                    site_keys.len(),
-                    options.join_timeout_ms / 1000
-                )));
-            }
-        }
-    }
-    for &id in peers.keys() {
-        coordinator.handle(now_ms(), Event::SiteJoined { site: id });
-    }
-    let mut sends = absorb_network(
-        coordinator.start(now_ms()),
-        &mut common,
-        &coordinator,
-        &persistence,
-        &mut reports,
-    )?;
-    let end_round = rounds.rounds();
-    // Streaming: the broadcasts of the final syncs are not counted (no site trains after them),
-    // as in memory.
-    let counted_rounds = if rounds.fragments == 0 {
-        u64::MAX
-    } else {
-        rounds.syncs_in_run()
-    };
-    let tick = std::time::Duration::from_millis((options.round_deadline_ms / 4).clamp(10, 1000));
-    let mut sample_packets: Vec<(String, bytes::Bytes)> = Vec::new();
-    // The largest message each way in the open round (for the link model's time).
-    let (mut link_round, mut down_bytes, mut up_bytes) = (coordinator.round(), 0u64, 0u64);
-    // When the last member went (excluded, left or lost): the run waits for a site to come back
-    // for at most `join_timeout_ms`, never without a deadline.
-    let mut alone_since: Option<tokio::time::Instant> = None;
-    loop {
-        if coordinator.round() != link_round {
-            let link = &common.config.link;
-            common.communication_seconds += if rounds.fragments == 0 {
-                link.transfer_seconds(down_bytes) + link.transfer_seconds(up_bytes)
-            } else if link_round < counted_rounds {
-                // The sites compute on while a sync travels: `overlap_steps` of their mean step
-                // time hides it.
-                let hidden = overlap_steps as f64 * common.compute_seconds
-                    / rounds.end_step(link_round).max(1) as f64;
-                (link.transfer_seconds(down_bytes) + link.transfer_seconds(up_bytes) - hidden)
-                    .max(0.0)
+            reports: Reports::new(),
+            rounds,
+            counted_rounds: if rounds.fragments == 0 {
+                u64::MAX
             } else {
-                link.transfer_seconds(up_bytes)
-            };
-            common.peak_sync_bytes = common.peak_sync_bytes.max(down_bytes + up_bytes);
-            (link_round, down_bytes, up_bytes) = (coordinator.round(), 0, 0);
-        }
-        if coordinator.round() >= end_round {
-            break;
-        }
-        // An excluded site's connection is ended with the reason (it does not try again).
-        let excluded: Vec<(u32, String)> = coordinator
-            .scores()
-            .iter()
-            .filter_map(|(site, score)| {
-                score
-                    .excluded
-                    .clone()
-                    .filter(|_| peers.contains_key(site))
-                    .map(|reason| (*site, reason))
-            })
-            .collect();
-        for (site, reason) in excluded {
-            if let Some(connection) = peers.remove(&site) {
-                connection
-                    .peer
-                    .close_with(CLOSE_EXCLUDED as u32, &format!("excluded: {reason}"));
-            }
-        }
-        let round = coordinator.round();
-        // A message every member receives alike is signed once and shared by their queues.
-        let mut last_sealed: Option<(bytes::Bytes, bytes::Bytes)> = None;
-        for (to, bytes) in std::mem::take(&mut sends) {
-            let sealed = match &last_sealed {
-                Some((message, sealed))
-                    if message.as_ptr() == bytes.as_ptr() && message.len() == bytes.len() =>
-                {
-                    sealed.clone()
-                }
-                _ => {
-                    let sealed = bytes::Bytes::from(seal(identity, &bytes));
-                    last_sealed = Some((bytes.clone(), sealed.clone()));
-                    sealed
-                }
-            };
-            if round <= counted_rounds {
-                down_bytes = down_bytes.max(sealed.len() as u64);
-                common.ledger.record(
-                    round,
-                    Endpoint::Coordinator,
-                    Endpoint::Site(to),
-                    sealed.len() as u64,
-                );
-            }
-            if to == 0 {
-                sample_packets = vec![("global".into(), bytes)];
-            }
-            let Some(connection) = peers.get(&to) else {
-                continue;
-            };
-            if !connection.queue(sealed, outbox_budget) {
-                // Too far behind: it rejoins and gets the current parameters in full.
-                let connection = peers.remove(&to).expect("looked up above");
-                connection
-                    .peer
-                    .close_with(CLOSE_REJOIN as u32, "fell too far behind: rejoin");
-                common.metrics.push(Metric::Left { round, site: to, reason: format!("fell behind by more than {OUTBOX_MODELS} copies of the parameters: asked to rejoin") });
-                let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: to });
-                sends.extend(absorb_network(
-                    actions,
-                    &mut common,
-                    &coordinator,
-                    &persistence,
-                    &mut reports,
-                )?);
-            }
-        }
-        if !sends.is_empty() {
-            continue;
-        }
-        tokio::select! {
-            admission = door.next(now_ms(), open_connections(&peers)) => match admission? {
-                    Admission::Pending => {}
-                    Admission::Refused(refusal) => record_join_refusal(&mut common, round, &refusal),
-                    Admission::Admitted(id, peer) => {
-                        generation += 1;
-                        if let Some(old) = peers.insert(id, SiteConnection::open(peer, id, generation, tx.clone())) {
-                            // Back before its old connection timed out: that one is over.
-                            old.peer.close();
-                            common.metrics.push(Metric::Left { round, site: id, reason: "a new connection with its key replaced the old one (a restarted process)".into() });
-                            let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: id });
-                            sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
-                        }
-                        common.metrics.push(Metric::Joined { round: coordinator.round(), site: id });
-                        let actions = coordinator.handle(now_ms(), Event::SiteJoined { site: id });
-                        sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
-                    }
+                rounds.syncs_in_run()
             },
-            inbound = rx.recv() => {
-                let Some((from, connection, message)) = inbound else { return Err(RunError::Protocol("every site connection closed".into())) };
-                if peers.get(&from).map(|c| c.generation) != Some(connection) {
-                    continue;
-                }
-                let sealed = match message {
-                    Ok(bytes) => bytes,
-                    Err(e @ (NetError::Closed(_) | NetError::Ended { .. })) => {
-                        let reason = e.to_string();
-                        peers.remove(&from);
-                        common.metrics.push(Metric::Left { round, site: from, reason });
-                        let actions = coordinator.handle(now_ms(), Event::SiteLeft { site: from });
-                        sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
-                        continue;
-                    }
-                    Err(e) => {
-                        common.metrics.push(Metric::Refused { round, site: from, reason: e.to_string() });
-                        continue;
-                    }
-                };
-                let packet = match open(site_keys[from as usize], &sealed) {
-                    Ok(packet) => packet,
-                    // Not signed by the site that sent it: logged as such, and handed to the
-                    // protocol as an empty (malformed) packet, which refuses and scores it, so
-                    // that it cannot stall the round.
-                    Err(e) => {
-                        common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, sealed.len() as u64);
-                        common.metrics.push(Metric::Refused { round, site: from, reason: e.to_string() });
-                        let actions = coordinator.handle(now_ms(), Event::PacketArrived { from, bytes: &[] });
-                        let actions = actions.into_iter().filter(|a| !matches!(a, lowband_protocol::Action::Rejected { .. })).collect();
-                        sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
-                        continue;
-                    }
-                };
-                // A training report (a whole, checksummed envelope of kind 4) is telemetry:
-                // recorded for the open round, never handed to the protocol. Anything else,
-                // garbage included, goes to the protocol, which refuses it and forfeits the round
-                // (so garbage cannot stall a round by looking like a report).
-                let steps_max = inner_steps as usize;
-                if let Some(message) = wire::decode(packet, 12 + 4 * steps_max).ok().filter(|m| m.kind == MessageKind::Report) {
-                    common.telemetry_bytes += sealed.len() as u64;
-                    match TrainingReport::decode(message.payload, steps_max) {
-                        // (A site that is not a member, excluded for one, trains for nobody.)
-                        Ok(report) if message.site == from && message.round == coordinator.round() && coordinator.members().contains(&from) => {
-                            reports.entry(message.round).or_default().insert(from, report);
-                        }
-                        // For a round already closed (a late site): nothing to report it in.
-                        Ok(_) if message.site == from => {}
-                        Ok(_) => common.metrics.push(Metric::Refused { round, site: from, reason: format!("training report claims site {}", message.site) }),
-                        Err(e) => common.metrics.push(Metric::Refused { round, site: from, reason: e.to_string() }),
-                    }
-                    continue;
-                }
-                common.ledger.record(round, Endpoint::Site(from), Endpoint::Coordinator, sealed.len() as u64);
-                up_bytes = up_bytes.max(sealed.len() as u64);
-                if from == 0 {
-                    sample_packets.retain(|(kind, _)| kind != "update");
-                    sample_packets.push(("update".into(), bytes::Bytes::copy_from_slice(packet)));
-                }
-                let actions = coordinator.handle(now_ms(), Event::PacketArrived { from, bytes: packet });
-                sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
-            }
-            _ = tokio::time::sleep(tick) => {
-                if coordinator.members().is_empty() && peers.is_empty() {
-                    let since = *alone_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed().as_millis() as u64 >= options.join_timeout_ms {
-                        return Err(RunError::Protocol(format!(
-                            "every site is gone at round {} (excluded, left or lost) and none came back within {} s; the state after the last closed round is saved: fix the sites and restart with --resume",
-                            coordinator.round(),
-                            options.join_timeout_ms / 1000
-                        )));
-                    }
-                } else {
-                    alone_since = None;
-                }
-                let actions = coordinator.handle(now_ms(), Event::Tick);
-                sends.extend(absorb_network(actions, &mut common, &coordinator, &persistence, &mut reports)?);
-            }
+            link_round: round,
+            down_bytes: 0,
+            up_bytes: 0,
+            sample_packets: Vec::new(),
         }
     }
-    Ok((common, coordinator, sample_packets))
+}
+
+impl Host for NetworkBooks<'_> {
+    type Error = RunError;
+
+    fn absorb(
+        &mut self,
+        actions: Vec<lowband_protocol::Action>,
+        coordinator: &Coordinator,
+    ) -> Result<lowband_net::Sends, RunError> {
+        absorb_network(
+            actions,
+            &mut self.common,
+            coordinator,
+            &self.persistence,
+            &mut self.reports,
+        )
+    }
+
+    fn record(&mut self, record: Record) {
+        self.common.metrics.push(match record {
+            Record::Joined { round, site } => Metric::Joined { round, site },
+            Record::Left {
+                round,
+                site,
+                reason,
+            } => Metric::Left {
+                round,
+                site,
+                reason,
+            },
+            Record::Refused {
+                round,
+                site,
+                reason,
+            } => Metric::Refused {
+                round,
+                site,
+                reason,
+            },
+        });
+    }
+
+    fn sent(&mut self, round: u64, to: u32, message: &Bytes, sealed_bytes: usize) {
+        if round <= self.counted_rounds {
+            self.down_bytes = self.down_bytes.max(sealed_bytes as u64);
+            self.common.ledger.record(
+                round,
+                Endpoint::Coordinator,
+                Endpoint::Site(to),
+                sealed_bytes as u64,
+            );
+        }
+        if to == 0 {
+            self.sample_packets = vec![("global".into(), message.clone())];
+        }
+    }
+
+    fn received(&mut self, round: u64, from: u32, packet: &[u8], sealed_bytes: usize) {
+        self.common.ledger.record(
+            round,
+            Endpoint::Site(from),
+            Endpoint::Coordinator,
+            sealed_bytes as u64,
+        );
+        // (An empty packet: its signature failed; counted in the ledger only.)
+        if packet.is_empty() {
+            return;
+        }
+        self.up_bytes = self.up_bytes.max(sealed_bytes as u64);
+        if from == 0 {
+            self.sample_packets.retain(|(kind, _)| kind != "update");
+            self.sample_packets
+                .push(("update".into(), Bytes::copy_from_slice(packet)));
+        }
+    }
+
+    fn report(
+        &mut self,
+        round: u64,
+        from: u32,
+        report: Option<TrainingReport>,
+        sealed_bytes: usize,
+    ) {
+        self.common.telemetry_bytes += sealed_bytes as u64;
+        if let Some(report) = report {
+            self.reports.entry(round).or_default().insert(from, report);
+        }
+    }
+
+    /// A round that changed: its link time (the emulated link's time for the largest message
+    /// each way; streaming hides up to `overlap_steps` of the sites' mean step time).
+    fn turn(&mut self, coordinator: &Coordinator) {
+        if coordinator.round() == self.link_round {
+            return;
+        }
+        let common = &mut self.common;
+        let link = &common.config.link;
+        let overlap_steps = common.strategy.streaming.map_or(0, |s| s.overlap_steps);
+        let (down, up) = (
+            link.transfer_seconds(self.down_bytes),
+            link.transfer_seconds(self.up_bytes),
+        );
+        common.communication_seconds += if self.rounds.fragments == 0 {
+            down + up
+        } else if self.link_round < self.counted_rounds {
+            let hidden = overlap_steps as f64 * common.compute_seconds
+                / self.rounds.end_step(self.link_round).max(1) as f64;
+            (down + up - hidden).max(0.0)
+        } else {
+            up
+        };
+        common.peak_sync_bytes = common.peak_sync_bytes.max(self.down_bytes + self.up_bytes);
+        (self.link_round, self.down_bytes, self.up_bytes) = (coordinator.round(), 0, 0);
+    }
+
+    fn done(&self, coordinator: &Coordinator) -> bool {
+        coordinator.round() >= self.rounds.rounds()
+    }
 }

@@ -43,11 +43,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use lowband_codec::CodecSpec;
 use lowband_data::Split;
-use lowband_net::{AllowList, Identity, Limits, NetError, Node, PublicKey};
+use lowband_net::{Identity, Limits, NetError, PublicKey};
 use lowband_protocol::{Coordinator, CoordinatorConfig};
 
 use crate::config::RunConfig;
@@ -59,12 +58,16 @@ mod coordinator;
 mod join;
 mod site;
 
-use coordinator::coordinate;
+use coordinator::NetworkBooks;
 use site::{site_task, streaming_site_task};
 
 impl From<NetError> for RunError {
     fn from(e: NetError) -> Self {
-        RunError::Protocol(format!("network: {e}"))
+        match e {
+            // The coordinator's own account of why it stopped.
+            NetError::Stopped(reason) => RunError::Protocol(reason),
+            other => RunError::Protocol(format!("network: {other}")),
+        }
     }
 }
 
@@ -111,23 +114,7 @@ pub fn run_over_loopback(
     limits: Limits,
 ) -> Result<RunResult, RunError> {
     check_networkable(config, &strategy, split)?;
-    runtime(config.sites)?.block_on(run_async(
-        config,
-        strategy,
-        split,
-        NetworkOptions::new(limits),
-    ))
-}
-
-fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, RunError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.clamp(2, 8))
-        .enable_all()
-        .build()
-        .map_err(|e| RunError::Io {
-            path: "tokio runtime".into(),
-            source: e,
-        })
+    run_loopback(config, strategy, split, NetworkOptions::new(limits))
 }
 
 fn check_networkable(
@@ -174,79 +161,73 @@ pub fn serve_coordinator(
             reason: format!("{} keys for {} sites", site_keys.len(), config.sites),
         });
     }
-    runtime(config.sites)?.block_on(async {
-        let started = Instant::now();
-        let mut common = Common::new(config, strategy.clone(), split)?;
-        let settings = join::join_settings(config, &strategy, common.corpus);
-        let initial = common.initial_params();
-        let mut coordinator = Coordinator::new(
-            coordinator_config(config, &strategy, initial.len(), &options),
-            initial,
-        )?;
-        let persistence = crate::Persistence {
-            state_dir: options.state_dir.clone(),
-            stop_after_rounds: None,
-        };
-        match crate::state::load(&persistence, &strategy)? {
-            Some(saved) if options.resume => {
-                let round = saved.round();
-                saved.restore_coordinator(&mut common, &mut coordinator)?;
-                tracing::info!(
-                    "resuming {} from its saved state at round {round}",
-                    strategy.name()
-                );
-            }
-            Some(_) => {
-                let dir = options
-                    .state_dir
-                    .as_ref()
-                    .expect("a state was loaded from it")
-                    .join(strategy.dir_name());
-                crate::state::forget_saved_state(&dir)?;
-            }
-            None if options.resume => tracing::info!(
-                "no saved state of {} to resume: starting at round 0",
+    let mut common = Common::new(config, strategy.clone(), split)?;
+    let settings = join::join_settings(config, &strategy, common.corpus);
+    let initial = common.initial_params();
+    let mut coordinator = Coordinator::new(
+        coordinator_config(config, &strategy, initial.len(), &options),
+        initial,
+    )?;
+    let persistence = crate::Persistence {
+        state_dir: options.state_dir.clone(),
+        stop_after_rounds: None,
+    };
+    match crate::state::load(&persistence, &strategy)? {
+        Some(saved) if options.resume => {
+            let round = saved.round();
+            saved.restore_coordinator(&mut common, &mut coordinator)?;
+            tracing::info!(
+                "resuming {} from its saved state at round {round}",
                 strategy.name()
-            ),
-            None => {}
+            );
         }
-        let allowed: AllowList =
-            Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
-        let node = Node::listen(identity.clone(), listen, allowed, options.limits.clone())?;
-        listening(node.local_addr()?)?;
-        let outcome = tokio::select! {
-            outcome = coordinate(
-                common,
-                coordinator,
-                &node,
-                &identity,
-                &site_keys,
-                &options,
-                &settings,
-                started,
-            ) => outcome,
-            _ = tokio::signal::ctrl_c() => Err(RunError::Protocol(
-                "interrupted (Ctrl-C): the state after the last closed round is saved; continue with --resume".into(),
-            )),
-        };
-        let (common, coordinator, sample_packets) = match outcome {
-            Ok(done) => done,
-            Err(e) => {
-                // The sites learn it at once (not after their idle timeout) and keep trying to
-                // reconnect for a coordinator resumed from its state.
-                node.close_with(
-                    CLOSE_STOPPED as u32,
-                    &join::close_reason(&format!("the coordinator stopped: {e}")),
-                );
-                node.wait_closed(std::time::Duration::from_secs(2)).await;
-                return Err(e);
-            }
-        };
-        node.close();
-        // Tell every site the run is over before this process goes.
-        node.wait_closed(std::time::Duration::from_secs(2)).await;
-        finish_rounds(common, &coordinator, sample_packets)
-    })
+        Some(_) => {
+            let dir = options
+                .state_dir
+                .as_ref()
+                .expect("a state was loaded from it")
+                .join(strategy.dir_name());
+            crate::state::forget_saved_state(&dir)?;
+        }
+        None if options.resume => tracing::info!(
+            "no saved state of {} to resume: starting at round 0",
+            strategy.name()
+        ),
+        None => {}
+    }
+    let mut books = NetworkBooks::new(common, options.state_dir.clone(), coordinator.round());
+    lowband_net::serve(
+        &mut coordinator,
+        &mut books,
+        identity,
+        &site_keys,
+        &settings,
+        listen,
+        &serve_options(config, &strategy, &options, true),
+        listening,
+    )?;
+    finish_rounds(books.common, &coordinator, books.sample_packets)
+}
+
+/// The network shell's options for this run.
+fn serve_options(
+    config: &RunConfig,
+    strategy: &Strategy,
+    options: &NetworkOptions,
+    stop_on_ctrl_c: bool,
+) -> lowband_net::ServeOptions {
+    lowband_net::ServeOptions {
+        limits: options.limits.clone(),
+        quorum: if options.quorum == 0 {
+            config.sites
+        } else {
+            options.quorum.min(config.sites)
+        },
+        round_deadline_ms: options.round_deadline_ms,
+        join_timeout_ms: options.join_timeout_ms,
+        report_steps_max: strategy.inner_steps as usize,
+        stop_on_ctrl_c,
+    }
 }
 
 /// A site process: site `site` of the run, connecting to the coordinator at `coordinator`;
@@ -475,25 +456,24 @@ pub struct SiteOptions {
     pub resume: bool,
 }
 
-async fn run_async(
+fn run_loopback(
     config: &RunConfig,
     strategy: Strategy,
     split: &Split,
     options: NetworkOptions,
 ) -> Result<RunResult, RunError> {
     let limits = options.limits.clone();
-    let started = Instant::now();
     let common = Common::new(config, strategy.clone(), split)?;
     let settings = join::join_settings(config, &strategy, common.corpus);
     let initial = common.initial_params();
     let n = initial.len();
     let compression = strategy.compression_for(config.sites);
-    let coordinator = Coordinator::new(
+    let mut coordinator = Coordinator::new(
         coordinator_config(config, &strategy, n, &options),
         initial.clone(),
     )?;
-    let sites: Vec<SiteRuntime> = (0..config.sites)
-        .map(|k| network_site(config, &strategy, &initial, k))
+    let mut sites: Vec<Option<SiteRuntime>> = (0..config.sites)
+        .map(|k| network_site(config, &strategy, &initial, k).map(Some))
         .collect::<Result<_, _>>()?;
 
     // Keys: the coordinator's, and one per site on its allow-list.
@@ -502,69 +482,75 @@ async fn run_async(
         .map(|_| Identity::generate().map(Arc::new))
         .collect::<Result<_, _>>()?;
     let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
-    let allowed: AllowList = Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
-    let node = Node::listen(
-        coordinator_identity.clone(),
-        "127.0.0.1:0".parse().expect("loopback"),
-        allowed,
-        limits.clone(),
-    )?;
-    let address = node.local_addr()?;
-
-    let mut site_tasks = Vec::new();
-    for (k, site) in sites.into_iter().enumerate() {
-        let job = SiteJob {
-            client: lowband_net::ClientOptions {
-                identity: site_identities[k].clone(),
-                coordinator: (address, coordinator_identity.public_key()),
-                limits: limits.clone(),
-                reconnect_ms: 0,
-                join: settings.encode(k as u32),
-                leave_on_ctrl_c: false,
-            },
-            shard: Arc::new(split.shards[k].clone()),
-            batch: BatchShape {
-                site_batch: config.site_batch,
-                context: common.context,
-            },
-            schedule: common.schedule,
-            steps: config.steps,
-            inner_steps: strategy.inner_steps,
-            params: n,
-            uplink: compression.uplink,
-            state_dir: None,
-            streaming: strategy.streaming,
-            rounds: RoundSteps::of(config, &strategy),
-            run: crate::state::SiteRun {
-                corpus: common.corpus,
+    let (batch, schedule) = (
+        BatchShape {
+            site_batch: config.site_batch,
+            context: common.context,
+        },
+        common.schedule,
+    );
+    let site_run = crate::state::SiteRun {
+        corpus: common.corpus,
+        steps: config.steps,
+        rounds: RoundSteps::of(config, &strategy).rounds(),
+    };
+    let mut books = NetworkBooks::new(common, None, coordinator.round());
+    let mut site_threads = Vec::new();
+    // Once the coordinator listens: a thread per site (it trains while its client's own runtime
+    // serves the connection).
+    let start_sites = |address: SocketAddr| -> Result<(), RunError> {
+        for (k, site) in sites.iter_mut().enumerate() {
+            let job = SiteJob {
+                client: lowband_net::ClientOptions {
+                    identity: site_identities[k].clone(),
+                    coordinator: (address, coordinator_identity.public_key()),
+                    limits: limits.clone(),
+                    reconnect_ms: 0,
+                    join: settings.encode(k as u32),
+                    leave_on_ctrl_c: false,
+                },
+                shard: Arc::new(split.shards[k].clone()),
+                batch,
+                schedule,
                 steps: config.steps,
-                rounds: RoundSteps::of(config, &strategy).rounds(),
-            },
-        };
-        // A thread per site: it trains while its client's own runtime serves the connection.
-        site_tasks.push(std::thread::spawn(move || any_site_task(site, job, || {})));
-    }
-
-    let (common, coordinator, sample_packets) = coordinate(
-        common,
-        coordinator,
-        &node,
-        &coordinator_identity,
+                inner_steps: strategy.inner_steps,
+                params: n,
+                uplink: compression.uplink,
+                state_dir: None,
+                streaming: strategy.streaming,
+                rounds: RoundSteps::of(config, &strategy),
+                run: site_run,
+            };
+            let site = site.take().expect("each site starts once");
+            site_threads.push(std::thread::spawn(move || any_site_task(site, job, || {})));
+        }
+        Ok(())
+    };
+    let served = lowband_net::serve(
+        &mut coordinator,
+        &mut books,
+        coordinator_identity.clone(),
         &site_keys,
-        &options,
         &settings,
-        started,
-    )
-    .await?;
-    node.close();
-    for task in site_tasks {
-        task.join()
-            .map_err(|_| RunError::Protocol("a site thread panicked".into()))??;
+        "127.0.0.1:0".parse().expect("loopback"),
+        &serve_options(config, &strategy, &options, false),
+        start_sites,
+    );
+    // (The sites end with the coordinator's connection: joined before its error is reported.)
+    let mut site_error = None;
+    for thread in site_threads {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => site_error = site_error.or(Some(e)),
+            Err(_) => {
+                site_error =
+                    site_error.or(Some(RunError::Protocol("a site thread panicked".into())))
+            }
+        }
     }
-    finish_rounds(common, &coordinator, sample_packets)
+    served?;
+    if let Some(e) = site_error {
+        return Err(e);
+    }
+    finish_rounds(books.common, &coordinator, books.sample_packets)
 }
-
-use lowband_protocol::link::close::{
-    EXCLUDED as CLOSE_EXCLUDED, REFUSED as CLOSE_REFUSED, REJOIN as CLOSE_REJOIN,
-    STOPPED as CLOSE_STOPPED,
-};
