@@ -14,7 +14,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lowband_protocol::{LinkDecision, LinkEnd, LinkPolicy, Site, SiteAction, SiteEvent, SiteLink};
+use lowband_protocol::link::close;
+use lowband_protocol::{
+    LinkDecision, LinkEnd, LinkPolicy, ProtocolError, Site, SiteAction, SiteEvent, SiteLink,
+};
 use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver};
 
 use crate::{open, seal, Identity, Limits, NetError, Node, Peer, PublicKey};
@@ -241,34 +244,50 @@ impl SiteClient {
     /// every message already queued behind it is applied too (a site that fell behind catches
     /// up), and the newest round is the one to train.
     pub fn next_round(&mut self, site: &mut Site) -> Result<Next, ClientError> {
-        let mut round = match self.next_message()? {
+        let mut next = match self.next_message()? {
             Message::Packet(packet) => self.apply(site, &packet)?,
             Message::Ended(next) => return Ok(next),
         };
-        while let Some(message) = self.try_next_message()? {
-            match message {
-                Message::Packet(packet) => round = self.apply(site, &packet)?,
+        while let Next::Train { .. } = next {
+            match self.try_next_message()? {
+                Some(Message::Packet(packet)) => next = self.apply(site, &packet)?,
                 // The connection is gone: whatever it trained now could not be sent.
-                Message::Ended(next) => return Ok(next),
+                Some(Message::Ended(end)) => return Ok(end),
+                None => break,
             }
         }
-        Ok(Next::Train { round })
+        Ok(next)
     }
 
-    /// Hand a packet from the coordinator to `site`: the round it opens.
-    pub fn apply(&self, site: &mut Site, packet: &[u8]) -> Result<u64, ClientError> {
+    /// Hand a packet from the coordinator to `site`: the round it opens (`Next::Train`), or
+    /// `Next::Lost` when it is a change to parameters the site does not hold (see `resync`).
+    pub fn apply(&mut self, site: &mut Site, packet: &[u8]) -> Result<Next, ClientError> {
         let bad = |detail: String| ClientError::BadMessage {
             address: self.options.coordinator.0,
             detail,
         };
-        match site
-            .handle(SiteEvent::PacketArrived(packet))
-            .map_err(|e| bad(e.to_string()))?
-            .as_slice()
-        {
-            [SiteAction::Train { round }] => Ok(*round),
-            other => Err(bad(format!("the site answered it with {other:?}"))),
+        match site.handle(SiteEvent::PacketArrived(packet)) {
+            Ok(actions) => match actions.as_slice() {
+                [SiteAction::Train { round }] => Ok(Next::Train { round: *round }),
+                other => Err(bad(format!("the site answered it with {other:?}"))),
+            },
+            Err(ProtocolError::NotSynced) => Ok(self.resync()),
+            Err(e) => Err(bad(e.to_string())),
         }
+    }
+
+    /// The coordinator sent a change to parameters this site does not hold (it restarted with
+    /// only the seed's): close this connection and join again to get them in full. Returns
+    /// `Next::Lost` (call `reconnect`).
+    pub fn resync(&mut self) -> Next {
+        let now_ms = self.now_ms();
+        self.link.out_of_sync(now_ms);
+        self.peer.close_with(
+            close::REJOIN as u32,
+            "out of sync: rejoining for the parameters",
+        );
+        tracing::info!("site: the coordinator's change needs parameters this site does not hold: rejoining for them in full");
+        Next::Lost
     }
 
     /// Send `message` (unsealed: it is signed here). `Ok(None)`: delivered to the transport.

@@ -245,6 +245,21 @@ impl SiteLink {
         }
     }
 
+    /// The coordinator sent a change to parameters this site does not hold (it restarted and
+    /// holds only the seed's, and a coordinator restored from its state still counted it as
+    /// synced): the site closes this connection and joins again at once, for at least
+    /// `rejoin_ms`, to get the parameters in full (a rejoining site always does).
+    pub fn out_of_sync(&mut self, now_ms: u64) -> LinkDecision {
+        if !matches!(self.state, State::Connected { .. }) {
+            debug_assert!(false, "out of sync while {:?}", self.state);
+        }
+        self.state = State::Connected {
+            heard: true,
+            until_ms: now_ms,
+        };
+        self.ended(LinkEnd::Code(close::REJOIN), now_ms)
+    }
+
     /// The site leaves (Ctrl-C): it closes with `close::LEAVING` and stops.
     pub fn leave(&mut self) -> u64 {
         self.state = State::Stopped;

@@ -154,6 +154,20 @@ impl Site {
         &self.start
     }
 
+    /// Whether this site holds the parameters a change for `round` applies to.
+    fn holds_base_of(&self, round: u64) -> bool {
+        self.synced && !(self.seed_only && round > 0)
+    }
+
+    /// Whether `packet` is a change this site cannot apply (it holds only the seed's parameters
+    /// or none): `handle` would refuse it with `NotSynced`, and the site should rejoin to get the
+    /// parameters in full. False for anything else (malformed packets included: `handle` says why).
+    pub fn needs_full_parameters(&self, packet: &[u8]) -> bool {
+        wire::decode(packet, self.payload_bytes_max()).is_ok_and(|message| {
+            message.kind == MessageKind::GlobalDelta && !self.holds_base_of(message.round)
+        })
+    }
+
     pub fn round(&self) -> Option<u64> {
         self.round
     }
@@ -266,7 +280,7 @@ impl Site {
                     // A change applies to the parameters of the round before: a site that holds only
                     // the seed's (it restarted mid-run) must get them in full first. Refusing is
                     // loud; applying would silently diverge from the cluster.
-                    if !self.synced || (self.seed_only && message.round > 0) {
+                    if !self.holds_base_of(message.round) {
                         return Err(ProtocolError::NotSynced);
                     }
                     // The change of the round this site already holds, sent again (a coordinator

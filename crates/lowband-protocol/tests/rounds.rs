@@ -417,6 +417,9 @@ fn compressed_downlink_sends_changes_and_parameters_only_to_newcomers() {
     // A newcomer joins: the next round sends it θ_sites in full.
     let mut late = Site::new(2, PARAMS);
     let forged = wire::encode(MessageKind::GlobalDelta, 1, 2, &[]);
+    assert!(late.needs_full_parameters(&forged), "it must rejoin for θ");
+    assert!(!sites[0].needs_full_parameters(&forged));
+    assert!(!late.needs_full_parameters(b"garbage"));
     assert_eq!(
         late.handle(SiteEvent::PacketArrived(&forged)),
         Err(ProtocolError::NotSynced)

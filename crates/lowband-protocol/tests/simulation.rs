@@ -1,7 +1,13 @@
 //! Deterministic simulation of the round protocol under faults: one coordinator and K sites
 //! driven by a seeded event queue with a virtual clock, over connections that behave like the
 //! networked driver's (each QUIC connection delivers in order, with random delays; a connection
-//! that fails loses what is in flight and the coordinator learns of it after a timeout).
+//! that fails loses what is in flight and both ends learn of it after a timeout).
+//!
+//! The connections are decided by the same machines the network driver runs: every site's
+//! `SiteLink` (when to try again, what a close code means, rejoining when out of sync) and the
+//! coordinator's `Membership` (generations, when the rounds start after a (re)start, whom to
+//! close with which code, stale connections ignored). The simulation only moves the bytes and
+//! the closes between them.
 //!
 //! Faults, drawn from the seed: site crashes and restarts (a restarted site has lost everything
 //! and rejoins), partitions (a site cut off for a while, then reconnected), stragglers slower than
@@ -27,8 +33,8 @@ use lowband_codec::{Codec, CodecSpec};
 use lowband_protocol::coordinator::CoordinatorState;
 use lowband_protocol::wire;
 use lowband_protocol::{
-    Action, Compression, Coordinator, CoordinatorConfig, Event, OuterConfig, Site, SiteAction,
-    SiteEvent,
+    Action, Compression, Coordinator, CoordinatorConfig, Event, LinkDecision, LinkEnd, LinkPolicy,
+    MemberAction, Membership, OuterConfig, Site, SiteAction, SiteEvent, SiteLink,
 };
 
 const PARAMS: usize = 64;
@@ -37,6 +43,13 @@ const ROUNDS: u64 = 25;
 const TIME_LIMIT_MS: u64 = 2_000_000;
 /// How long a broken connection takes to be noticed (the QUIC idle timeout).
 const DETECT_MS: u64 = 300;
+/// How long a connection attempt to a coordinator that is not there takes to fail.
+const CONNECT_MS: u64 = 40;
+/// The coordinator's wait for its sites (at the start and after a restart) and for any site to
+/// come back when all are gone: longer than any fault here lasts.
+const JOIN_TIMEOUT_MS: u64 = 12_000;
+/// A site's reconnect budget: longer than any outage here.
+const RECONNECT_MS: u64 = 30_000;
 
 /// SplitMix64: small, seedable, the same everywhere.
 struct Rng(u64);
@@ -97,16 +110,34 @@ enum Ev {
         site: u32,
         connection: u64,
     },
+    /// The site notices that its connection ended (closed with a code, or broken).
+    SiteSeesEnd {
+        site: u32,
+        connection: u64,
+        end: LinkEnd,
+    },
+    /// The site tries to connect (its `SiteLink` said when).
+    Attempt {
+        site: u32,
+        incarnation: u64,
+    },
     CoordinatorCrash,
     CoordinatorRestart,
 }
 
 struct SimSite {
     site: Option<Site>,
+    /// The site's connection decisions (a new one after a restart).
+    link: SiteLink,
     /// Bumped on restart, so that training started before a crash is ignored.
     incarnation: u64,
-    /// The connection the site is on (0: none).
+    /// The connection the site is on (0: none): the coordinator's epoch (restarts) and the
+    /// generation its `Membership` gave the connection.
     connection: u64,
+    /// When the site's current connection was made.
+    connected_ms: u64,
+    /// A connection that broke and the site has not noticed yet (its packets are lost already).
+    broken: u64,
     /// FIFO per direction: when the last packet on the connection arrives.
     last_to_site_ms: u64,
     last_to_coordinator_ms: u64,
@@ -127,9 +158,10 @@ struct Sim {
     coordinator: Option<Coordinator>,
     saved: Option<CoordinatorState>,
     sites: Vec<SimSite>,
-    next_connection: u64,
-    /// Connections the coordinator considers live, per site.
-    live: BTreeMap<u32, u64>,
+    /// The coordinator's view of the connections (None while it is down), and its epoch.
+    membership: Option<Membership>,
+    epoch: u64,
+    policy: LinkPolicy,
     last_closed: Option<u64>,
     log: Vec<String>,
     counts: Counts,
@@ -145,6 +177,9 @@ struct Counts {
     closed_without_someone: u64,
     repeated_changes: u64,
     refused_changes: u64,
+    reconnects: u64,
+    failed_attempts: u64,
+    replaced_connections: u64,
 }
 
 fn hash(values: &[f32]) -> u64 {
@@ -180,11 +215,19 @@ impl Sim {
             ..CoordinatorConfig::new(PARAMS, OuterConfig::DILOCO)
         };
         let initial: Vec<f32> = (0..PARAMS).map(|_| rng.unit()).collect();
+        let policy = LinkPolicy {
+            reconnect_ms: RECONNECT_MS,
+            retry_ms: 100 + rng.below(400),
+            rejoin_ms: LinkPolicy::REJOIN_MS,
+        };
         let sites = (0..k)
             .map(|i| SimSite {
                 site: Some(Site::with_initial(i as u32, initial.clone(), compression).unwrap()),
+                link: SiteLink::new(policy, 0),
                 incarnation: 0,
                 connection: 0,
+                broken: 0,
+                connected_ms: 0,
                 last_to_site_ms: 0,
                 last_to_coordinator_ms: 0,
                 training: None,
@@ -204,8 +247,9 @@ impl Sim {
             coordinator: Some(Coordinator::new(config, initial).unwrap()),
             saved: None,
             sites,
-            next_connection: 1,
-            live: BTreeMap::new(),
+            membership: Some(Membership::new(k, quorum, JOIN_TIMEOUT_MS, 0)),
+            epoch: 1,
+            policy,
             last_closed: None,
             log: Vec::new(),
             counts: Counts::default(),
@@ -230,17 +274,16 @@ impl Sim {
             let back = at + 50 + sim.rng.below(3_000);
             sim.at(back, Ev::CoordinatorRestart);
         }
-        for i in 0..k as u32 {
-            sim.connect(i);
+        // Every site tries to join at once; the rounds start when all are in.
+        for site in 0..k as u32 {
+            sim.at(
+                0,
+                Ev::Attempt {
+                    site,
+                    incarnation: 0,
+                },
+            );
         }
-        let actions = {
-            let c = sim.coordinator.as_mut().unwrap();
-            for i in 0..k as u32 {
-                c.handle(0, Event::SiteJoined { site: i });
-            }
-            c.start(0)
-        };
-        sim.carry_out(actions);
         sim.at(10, Ev::Tick);
         sim
     }
@@ -251,14 +294,87 @@ impl Sim {
         self.events.insert(self.seq, event);
     }
 
+    /// The site's attempt to connect reached a running coordinator: it is admitted.
     fn connect(&mut self, site: u32) {
-        let connection = self.next_connection;
-        self.next_connection += 1;
+        let membership = self.membership.as_mut().expect("a running coordinator");
+        let (generation, actions) = membership.admitted(site);
+        let connection = (self.epoch << 32) | generation;
         let s = &mut self.sites[site as usize];
+        s.link.connected();
         s.connection = connection;
+        s.connected_ms = self.now;
         s.last_to_site_ms = self.now;
         s.last_to_coordinator_ms = self.now;
-        self.live.insert(site, connection);
+        self.counts.reconnects += u64::from(s.link.connections > 1);
+        self.members(actions);
+    }
+
+    /// The coordinator's current connection of `site`, as the simulation names it.
+    fn live(&self, site: u32) -> Option<u64> {
+        let membership = self.membership.as_ref()?;
+        let connection = self.sites[site as usize].connection;
+        (connection >> 32 == self.epoch && membership.is_current(site, connection & 0xffff_ffff))
+            .then_some(connection)
+            .or_else(|| {
+                // (The site may have moved on while the coordinator still holds an older one.)
+                membership.is_connected(site).then_some(u64::MAX)
+            })
+    }
+
+    /// Carry out the membership's decisions.
+    fn members(&mut self, actions: Vec<MemberAction>) {
+        for action in actions {
+            match action {
+                MemberAction::Close {
+                    site,
+                    generation,
+                    code,
+                    ..
+                } => {
+                    self.counts.replaced_connections += u64::from(code == 0);
+                    let connection = (self.epoch << 32) | generation;
+                    let at = self.now + self.delay();
+                    self.at(
+                        at,
+                        Ev::SiteSeesEnd {
+                            site,
+                            connection,
+                            end: LinkEnd::Code(code),
+                        },
+                    );
+                }
+                MemberAction::Joined { site, .. } => {
+                    self.coordinator_event(Event::SiteJoined { site })
+                }
+                MemberAction::Left { site, .. } => self.coordinator_event(Event::SiteLeft { site }),
+                MemberAction::Start => {
+                    let now = self.now;
+                    let actions = self.coordinator.as_mut().unwrap().start(now);
+                    self.carry_out(actions);
+                }
+                MemberAction::Stop(reason) => {
+                    panic!(
+                        "the coordinator stopped although its sites come back: {reason}\n{}",
+                        self.log.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    /// What the site's link decided: try again when it said (a site never gives up here: every
+    /// outage is shorter than its budget).
+    fn decided(&mut self, site: u32, decision: LinkDecision) {
+        match decision {
+            LinkDecision::Reconnect { at_ms, .. } => {
+                let incarnation = self.sites[site as usize].incarnation;
+                self.at(at_ms, Ev::Attempt { site, incarnation });
+            }
+            other => panic!(
+                "site {site} stopped ({other:?}) although the coordinator comes back\n{}",
+                self.log.join("\n")
+            ),
+        }
     }
 
     fn delay(&mut self) -> u64 {
@@ -271,7 +387,7 @@ impl Sim {
         for action in actions {
             match action {
                 Action::Send { to, bytes } => {
-                    let Some(&connection) = self.live.get(&to) else {
+                    let Some(connection) = self.live(to) else {
                         continue;
                     };
                     let c = self.coordinator.as_ref().unwrap();
@@ -386,25 +502,24 @@ impl Sim {
     }
 
     /// A site's connection breaks: in-flight packets are lost (their connection is stale), and
-    /// the coordinator notices after `DETECT_MS`.
+    /// both ends notice after `DETECT_MS` (a site that crashed notices nothing).
     fn break_connection(&mut self, site: u32) {
-        let connection = self.sites[site as usize].connection;
-        self.sites[site as usize].connection = 0;
-        if connection != 0 {
-            self.at(self.now + DETECT_MS, Ev::Detected { site, connection });
-        }
-    }
-
-    fn rejoin(&mut self, site: u32) {
-        if self.coordinator.is_none()
-            || self.sites[site as usize].partitioned
-            || self.sites[site as usize].site.is_none()
-        {
+        let connection = std::mem::take(&mut self.sites[site as usize].connection);
+        if connection == 0 {
             return;
         }
-        self.connect(site);
-        self.coordinator_event(Event::SiteLeft { site });
-        self.coordinator_event(Event::SiteJoined { site });
+        self.sites[site as usize].broken = connection;
+        self.at(self.now + DETECT_MS, Ev::Detected { site, connection });
+        if self.sites[site as usize].site.is_some() {
+            self.at(
+                self.now + DETECT_MS,
+                Ev::SiteSeesEnd {
+                    site,
+                    connection,
+                    end: LinkEnd::Broken,
+                },
+            );
+        }
     }
 
     fn step(&mut self) -> bool {
@@ -421,7 +536,30 @@ impl Sim {
         }
         match event {
             Ev::Tick => {
-                self.coordinator_event(Event::Tick);
+                let now = self.now;
+                // No site is stranded: one that holds a connection of this coordinator, settled
+                // for longer than a loss takes to notice, is that connection's site at the
+                // coordinator too.
+                for (site, s) in self.sites.iter().enumerate() {
+                    let settled = s.connection != 0
+                        && s.connection >> 32 == self.epoch
+                        && now > s.connected_ms + 2 * DETECT_MS + 100;
+                    if let (true, Some(membership)) = (settled, self.membership.as_ref()) {
+                        assert!(
+                            membership.is_current(site as u32, s.connection & 0xffff_ffff),
+                            "site {site} is connected but the coordinator does not count it\n{}",
+                            self.log.join("\n")
+                        );
+                    }
+                }
+                if let Some(membership) = self.membership.as_mut() {
+                    let members = self.coordinator.as_ref().map_or(0, |c| c.members().len());
+                    let actions = membership.tick(now, members);
+                    self.members(actions);
+                    if self.membership.as_ref().is_some_and(|m| m.started()) {
+                        self.coordinator_event(Event::Tick);
+                    }
+                }
                 self.at(self.now + 50, Ev::Tick);
             }
             Ev::ToSite {
@@ -437,6 +575,7 @@ impl Sim {
                 let Some(protocol) = s.site.as_mut() else {
                     return true;
                 };
+                s.link.heard();
                 let repeated = wire::decode(&bytes, usize::MAX).is_ok_and(|m| {
                     m.kind == wire::MessageKind::GlobalDelta && protocol.round() == Some(m.round)
                 });
@@ -448,8 +587,13 @@ impl Sim {
                     // rejoining site gets the parameters in full.
                     Err(lowband_protocol::ProtocolError::NotSynced) => {
                         self.counts.refused_changes += 1;
-                        self.break_connection(site);
-                        self.rejoin(site);
+                        let decision = s.link.out_of_sync(self.now);
+                        // The site closes this connection itself: the coordinator learns it
+                        // at once.
+                        let connection = std::mem::take(&mut s.connection);
+                        let at = self.now + self.delay();
+                        self.at(at, Ev::Detected { site, connection });
+                        self.decided(site, decision);
                         return true;
                     }
                     Err(e) => panic!("site {site} refused the coordinator's packet: {e}"),
@@ -539,8 +683,8 @@ impl Sim {
                 connection,
                 bytes,
             } => {
-                // What a stale connection still delivers is dropped by the driver (generations).
-                if self.live.get(&site) != Some(&connection) {
+                // What a stale connection still delivers is dropped (generations).
+                if self.live(site) != Some(connection) {
                     return true;
                 }
                 assert!(wire::decode(&bytes, usize::MAX).is_ok());
@@ -565,7 +709,10 @@ impl Sim {
                 self.counts.site_restarts += 1;
                 s.site =
                     Some(Site::with_initial(site, self.initial.clone(), self.compression).unwrap());
-                self.rejoin(site);
+                s.link = SiteLink::new(self.policy, self.now);
+                (s.connection, s.broken) = (0, 0);
+                let incarnation = s.incarnation;
+                self.at(self.now, Ev::Attempt { site, incarnation });
             }
             Ev::PartitionStart { site } => {
                 self.counts.partitions += 1;
@@ -573,23 +720,54 @@ impl Sim {
                 self.break_connection(site);
             }
             Ev::PartitionEnd { site } => {
+                // The site kept its state; its link reconnects it at its next attempt.
                 self.sites[site as usize].partitioned = false;
-                // The site kept its state: it reconnects.
-                self.rejoin(site);
             }
             Ev::Detected { site, connection } => {
-                if self.live.get(&site) == Some(&connection) {
-                    self.live.remove(&site);
-                    self.coordinator_event(Event::SiteLeft { site });
+                if connection >> 32 != self.epoch {
+                    return true;
+                }
+                if let Some(membership) = self.membership.as_mut() {
+                    let actions =
+                        membership.ended(site, connection & 0xffff_ffff, "connection lost".into());
+                    self.members(actions);
+                }
+            }
+            Ev::SiteSeesEnd {
+                site,
+                connection,
+                end,
+            } => {
+                let s = &mut self.sites[site as usize];
+                if (s.connection != connection && s.broken != connection) || s.site.is_none() {
+                    return true; // an old connection, or the process is gone
+                }
+                (s.connection, s.broken) = (0, 0);
+                let decision = s.link.ended(end, self.now);
+                self.decided(site, decision);
+            }
+            Ev::Attempt { site, incarnation } => {
+                let s = &self.sites[site as usize];
+                if s.incarnation != incarnation || s.site.is_none() || s.connection != 0 {
+                    return true;
+                }
+                if self.coordinator.is_some() && !s.partitioned {
+                    self.connect(site);
+                } else {
+                    self.counts.failed_attempts += 1;
+                    let decision = self.sites[site as usize]
+                        .link
+                        .attempt_failed(LinkEnd::Broken, self.now + CONNECT_MS);
+                    self.decided(site, decision);
                 }
             }
             Ev::CoordinatorCrash => {
                 if self.coordinator.take().is_none() {
                     return true;
                 }
-                self.live.clear();
+                self.membership = None;
                 for site in 0..self.sites.len() as u32 {
-                    self.sites[site as usize].connection = 0;
+                    self.break_connection(site);
                 }
             }
             Ev::CoordinatorRestart => {
@@ -606,20 +784,16 @@ impl Sim {
                     self.last_closed = round.checked_sub(1);
                 }
                 self.coordinator = Some(c);
-                // The sites that are up reconnect (as the networked driver's sites do), then the
-                // rounds go on.
-                let up: Vec<u32> = (0..self.sites.len() as u32)
-                    .filter(|&s| {
-                        self.sites[s as usize].site.is_some() && !self.sites[s as usize].partitioned
-                    })
-                    .collect();
-                for &site in &up {
-                    self.connect(site);
-                    self.coordinator_event(Event::SiteJoined { site });
-                }
-                let now = self.now;
-                let actions = self.coordinator.as_mut().unwrap().start(now);
-                self.carry_out(actions);
+                // The sites reconnect by themselves (their links); the rounds go on once all
+                // are back, or a quorum after the join timeout.
+                self.epoch += 1;
+                let sites = self.sites.len();
+                self.membership = Some(Membership::new(
+                    sites,
+                    self.config.quorum,
+                    JOIN_TIMEOUT_MS,
+                    self.now,
+                ));
             }
         }
         true
@@ -677,6 +851,9 @@ fn the_protocol_survives_crashes_partitions_stragglers_duplicates_and_restarts()
                 total.closed_without_someone += c.closed_without_someone;
                 total.repeated_changes += c.repeated_changes;
                 total.refused_changes += c.refused_changes;
+                total.reconnects += c.reconnects;
+                total.failed_attempts += c.failed_attempts;
+                total.replaced_connections += c.replaced_connections;
             }
             Err(panic) => {
                 let message = panic
@@ -701,6 +878,13 @@ fn the_protocol_survives_crashes_partitions_stragglers_duplicates_and_restarts()
             ("rounds closed on a quorum", c.closed_without_someone, 50),
             ("re-sent changes", c.repeated_changes, 50),
             ("changes refused by restarted sites", c.refused_changes, 1),
+            ("reconnects", c.reconnects, 500),
+            ("failed connection attempts", c.failed_attempts, 200),
+            (
+                "connections replaced before they timed out",
+                c.replaced_connections,
+                10,
+            ),
         ] {
             assert!(count >= least, "only {count} {name} over the seeds");
         }

@@ -154,6 +154,10 @@ fn next_merge(
     mix: f32,
 ) -> Result<Result<u64, Next>, RunError> {
     match client.next_message()? {
+        // (A change to parameters it does not hold: it rejoins for them in full.)
+        Message::Packet(packet) if site.site.needs_full_parameters(&packet) => {
+            Ok(Err(client.resync()))
+        }
         Message::Packet(packet) => Ok(Ok(crate::driver::mix_in(site, &packet, mix)?)),
         Message::Ended(end) => Ok(Err(end)),
     }
