@@ -4,6 +4,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lowband_codec::{build, Codec, Fp32};
 
+mod close;
+mod downlink;
+
+use downlink::Downlink;
+
 use crate::aggregate::{self, Aggregator};
 use crate::outer::{OuterConfig, OuterOptimizer};
 use crate::trust::{Robustness, SiteScore, TrustState};
@@ -206,17 +211,8 @@ pub struct Coordinator {
     outer: OuterOptimizer,
     aggregator: Box<dyn Aggregator>,
     uplink: Box<dyn Codec>,
-    downlink: Box<dyn Codec>,
-    /// With a compressed downlink: the parameters as the sites hold them (θ minus what has not
-    /// been sent yet), and who holds them.
-    shared: Vec<f32>,
-    synced: BTreeSet<SiteId>,
-    change: Vec<f32>,
-    change_payload: Vec<u8>,
-    /// θ_sites and its holders as they were before the open round's broadcast: what a saved
-    /// state records, so that a restored coordinator sends that broadcast again.
-    shared_before: Vec<f32>,
-    synced_before: BTreeSet<SiteId>,
+    /// What the sites hold and what the broadcast sends them (see `Downlink`).
+    downlink: Downlink,
     members: BTreeSet<SiteId>,
     /// The next round to run (the open one, if any).
     round: u64,
@@ -229,8 +225,6 @@ pub struct Coordinator {
     scratch: Vec<f32>,
     merged: Vec<f32>,
     trust: TrustState,
-    /// The downlink codec's random state before the open round's broadcast (saved with θ_sites).
-    downlink_random_before: Option<u64>,
 }
 
 /// What a coordinator must persist to resume: the round, θ and the outer momentum.
@@ -263,21 +257,10 @@ impl Coordinator {
         }
         let outer = OuterOptimizer::new(config.outer, config.params);
         let merged = vec![0.0; config.params];
-        let changes = config.sends_changes();
         Ok(Coordinator {
             aggregator: aggregate::build(config.robustness.aggregator),
             uplink: build(&config.compression.uplink)?,
-            downlink: build(&config.compression.downlink)?,
-            shared: if changes { initial.clone() } else { Vec::new() },
-            synced: BTreeSet::new(),
-            change: if changes {
-                vec![0.0; config.params]
-            } else {
-                Vec::new()
-            },
-            change_payload: Vec::new(),
-            shared_before: if changes { initial.clone() } else { Vec::new() },
-            synced_before: BTreeSet::new(),
+            downlink: Downlink::new(&config, &initial)?,
             config,
             global: initial,
             outer,
@@ -290,7 +273,6 @@ impl Coordinator {
             scratch: Vec::new(),
             merged,
             trust: TrustState::default(),
-            downlink_random_before: None,
         })
     }
 
@@ -298,7 +280,7 @@ impl Coordinator {
     pub fn restore(&mut self, state: CoordinatorState) -> Result<(), ProtocolError> {
         let ok = state.global.len() == self.config.params
             && (state.momentum_buffer.len() == self.outer.momentum_buffer.len())
-            && state.shared.len() == self.shared.len();
+            && state.shared.len() == self.downlink.shared.len();
         if !ok {
             return Err(ProtocolError::InvalidConfig {
                 field: "state",
@@ -308,15 +290,9 @@ impl Coordinator {
         self.round = state.round;
         self.global = state.global;
         self.outer.momentum_buffer = state.momentum_buffer;
-        self.shared_before.clone_from(&state.shared);
-        self.shared = state.shared;
-        self.synced = state.synced.into_iter().collect();
-        self.synced_before = self.synced.clone();
+        self.downlink
+            .restore(state.shared, state.synced, state.downlink_random);
         self.members.retain(|s| !state.trust.is_excluded(*s));
-        if let Some(random) = state.downlink_random {
-            self.downlink.set_random_state(random);
-        }
-        self.downlink_random_before = state.downlink_random;
         self.trust = state.trust;
         self.open = None;
         Ok(())
@@ -327,10 +303,10 @@ impl Coordinator {
             round: self.round,
             global: self.global.clone(),
             momentum_buffer: self.outer.momentum_buffer.clone(),
-            shared: self.shared_before.clone(),
-            synced: self.synced_before.iter().copied().collect(),
+            shared: self.downlink.shared_before.clone(),
+            synced: self.downlink.synced_before.iter().copied().collect(),
             trust: self.trust.clone(),
-            downlink_random: self.downlink_random_before,
+            downlink_random: self.downlink.random_before,
         }
     }
 
@@ -358,7 +334,7 @@ impl Coordinator {
     /// Begin the first round with the sites that have joined so far.
     pub fn start(&mut self, now_ms: u64) -> Vec<Action> {
         if self.config.sites_start_synced && !self.started && self.round == 0 {
-            self.synced.extend(self.members.iter().copied());
+            self.downlink.synced.extend(self.members.iter().copied());
         }
         self.started = true;
         let mut actions = Vec::new();
@@ -399,7 +375,7 @@ impl Coordinator {
 
     fn remove_member(&mut self, site: SiteId) {
         self.members.remove(&site);
-        self.synced.remove(&site);
+        self.downlink.synced.remove(&site);
         if let Some(open) = &mut self.open {
             open.expected.remove(&site);
         }
@@ -452,7 +428,9 @@ impl Coordinator {
             return;
         }
         if self.config.sends_changes() {
-            self.broadcast_change(actions);
+            let range = self.changed_fragment();
+            self.downlink
+                .broadcast_change(&self.global, range, self.round, &self.members, actions);
         } else {
             let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.global.len()));
             Fp32.encode(&self.global, &mut payload);
@@ -476,17 +454,16 @@ impl Coordinator {
             expected: self.members.clone(),
             received: BTreeMap::new(),
         });
+        debug_assert!(
+            !self.config.sends_changes() || self.members.is_subset(&self.downlink.synced),
+            "after a broadcast every member holds θ_sites"
+        );
     }
 
-    /// Compressed downlink: encode θ − θ_sites, apply what the sites will decode to θ_sites, send it
-    /// to the members that hold θ_sites and θ_sites in full to those that do not.
-    fn broadcast_change(&mut self, actions: &mut Vec<Action>) {
-        self.shared_before.copy_from_slice(&self.shared);
-        self.synced_before.clone_from(&self.synced);
-        self.downlink_random_before = self.downlink.random_state();
-        // The fragment the last closed round changed (all of θ without fragments); none before
-        // the first round.
-        let range = if self.round == 0 && !self.config.fragments.is_empty() {
+    /// The fragment the last closed round changed (all of θ without fragments); none before
+    /// the first round.
+    fn changed_fragment(&self) -> std::ops::Range<usize> {
+        if self.round == 0 && !self.config.fragments.is_empty() {
             0..0
         } else {
             crate::fragment_of(
@@ -494,53 +471,7 @@ impl Coordinator {
                 self.config.params,
                 self.round.saturating_sub(1),
             )
-        };
-        let change = &mut self.change[range.clone()];
-        for ((c, g), s) in change
-            .iter_mut()
-            .zip(&self.global[range.clone()])
-            .zip(&self.shared[range.clone()])
-        {
-            *c = g - s;
         }
-        self.change_payload.clear();
-        if change.iter().any(|c| *c != 0.0) {
-            self.downlink.encode(change, &mut self.change_payload);
-            // What every synced site will add; our own encoding decodes (checked by the tests).
-            if self.downlink.decode(&self.change_payload, change).is_ok() {
-                for (s, c) in self.shared[range].iter_mut().zip(change.iter()) {
-                    *s += c;
-                }
-            } else {
-                self.change_payload.clear();
-            }
-        }
-        // Two envelopes at most, each shared by the members it goes to.
-        let (mut change, mut full): (Option<bytes::Bytes>, Option<bytes::Bytes>) = (None, None);
-        for &site in &self.members {
-            let bytes = if self.synced.contains(&site) {
-                change
-                    .get_or_insert_with(|| {
-                        wire::encode(
-                            MessageKind::GlobalDelta,
-                            self.round,
-                            wire::EVERY_SITE,
-                            &self.change_payload,
-                        )
-                        .into()
-                    })
-                    .clone()
-            } else {
-                full.get_or_insert_with(|| {
-                    let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.shared.len()));
-                    Fp32.encode(&self.shared, &mut payload);
-                    wire::encode(MessageKind::Global, self.round, wire::EVERY_SITE, &payload).into()
-                })
-                .clone()
-            };
-            actions.push(Action::Send { to: site, bytes });
-        }
-        self.synced.extend(self.members.iter().copied());
     }
 
     /// The plain mean without a direction check merges one decoded update at a time (memory
@@ -619,265 +550,5 @@ impl Coordinator {
             self.open = None;
             self.open_round(now_ms, actions);
         }
-    }
-
-    fn close_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        let open = self.open.take().expect("close_round needs an open round");
-        let range = crate::fragment_of(&self.config.fragments, self.config.params, open.round);
-        let fragment = if self.config.fragments.is_empty() {
-            0
-        } else {
-            (open.round % self.config.fragments.len() as u64) as usize
-        };
-        let robustness = self.config.robustness;
-        // The plain mean without a direction check merges one decoded update at a time (memory
-        // independent of K); robust aggregators and the direction check need every update at once.
-        let sites: Vec<SiteId> = open.received.keys().copied().collect();
-        let missing = open
-            .expected
-            .iter()
-            .filter(|s| !open.received.contains_key(s))
-            .copied()
-            .collect();
-        // Payloads (decoded again in each pass) or decoded deltas; see `Held`.
-        let (mut payloads, mut dense): (Vec<Vec<u8>>, Vec<Vec<f32>>) = (Vec::new(), Vec::new());
-        for (_, held) in open.received {
-            match held {
-                Held::Payload(payload) => payloads.push(payload),
-                Held::Decoded(delta) => dense.push(delta),
-            }
-        }
-        let one_at_a_time = dense.is_empty();
-        // Every update's norm, and (for the per-update cosine report) their sum.
-        self.scratch.resize(range.len(), 0.0);
-        let mut norms = Vec::with_capacity(sites.len());
-        let mut sum = vec![0.0f64; range.len()];
-        for i in 0..sites.len() {
-            let delta = held_update(
-                self.uplink.as_mut(),
-                &mut self.scratch,
-                &payloads,
-                &dense,
-                i,
-            );
-            norms.push(
-                delta
-                    .iter()
-                    .map(|v| (*v as f64) * (*v as f64))
-                    .sum::<f64>()
-                    .sqrt() as f32,
-            );
-            for (s, v) in sum.iter_mut().zip(delta) {
-                *s += *v as f64;
-            }
-        }
-        // The norm check, against this round's median norm (recent rounds' when it has fewer
-        // than 3 updates).
-        let reference = self.trust.reference_norm(fragment, &norms);
-        let mut accepted: Vec<(usize, f32)> = Vec::with_capacity(norms.len());
-        let mut refused = Vec::new();
-        for (i, norm) in norms.iter().enumerate() {
-            if TrustState::norm_ok(*norm, reference, robustness.norm_ratio_max) {
-                accepted.push((i, *norm));
-            } else {
-                refused.push((
-                    sites[i],
-                    ProtocolError::UpdateNorm {
-                        norm: *norm,
-                        reference,
-                        ratio_max: robustness.norm_ratio_max.unwrap_or(f32::INFINITY),
-                    },
-                ));
-            }
-        }
-        // The direction check, among the updates the norm check kept.
-        if let Some(ratio_min) = robustness.cosine_ratio_min {
-            let deltas: Vec<&[f32]> = accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
-            let cosines = crate::trust::leave_one_out_cosines(&deltas);
-            if let Some(reference) = TrustState::cosine_reference(&cosines) {
-                let mut kept = Vec::with_capacity(accepted.len());
-                for (update, cosine) in accepted.into_iter().zip(cosines) {
-                    if cosine >= ratio_min * reference {
-                        kept.push(update);
-                    } else {
-                        refused.push((
-                            sites[update.0],
-                            ProtocolError::UpdateDirection {
-                                cosine,
-                                reference,
-                                ratio_min,
-                            },
-                        ));
-                    }
-                }
-                accepted = kept;
-                refused.sort_by_key(|(site, _)| *site);
-            }
-        }
-        // The cosine of every update with the sum of the others (reported, accepted or not), and
-        // the mean of the accepted ones merged one at a time, in site order as `aggregate::Mean` sums.
-        let mut cosines = Vec::with_capacity(sites.len());
-        self.merged.resize(range.len(), 0.0);
-        let mut merged_count = 0usize;
-        for i in 0..sites.len() {
-            let delta = held_update(
-                self.uplink.as_mut(),
-                &mut self.scratch,
-                &payloads,
-                &dense,
-                i,
-            );
-            cosines.push(crate::trust::cosine_with_rest(delta, &sum));
-            if one_at_a_time && accepted.iter().any(|(a, _)| *a == i) {
-                if merged_count == 0 {
-                    self.merged.copy_from_slice(delta);
-                } else {
-                    for (m, v) in self.merged.iter_mut().zip(delta) {
-                        *m += v;
-                    }
-                }
-                merged_count += 1;
-            }
-        }
-        drop(sum);
-        let mut applied = false;
-        let mut downweighted = Vec::new();
-        if !accepted.is_empty() {
-            let flags = if one_at_a_time {
-                let scale = 1.0 / merged_count as f32;
-                for m in self.merged.iter_mut() {
-                    *m *= scale;
-                }
-                vec![false; accepted.len()]
-            } else {
-                let deltas: Vec<&[f32]> =
-                    accepted.iter().map(|(i, _)| dense[*i].as_slice()).collect();
-                self.aggregator.aggregate(&deltas, &mut self.merged)
-            };
-            // A merge of finite values can still overflow, or carry θ where no forward pass
-            // survives; never let it into θ (nor into the outer momentum). The update that held
-            // the largest value there is refused (and neither scored as accepted nor kept in the
-            // norm history).
-            let culprit = self
-                .outer
-                .first_out_of_range(
-                    &self.global,
-                    &self.merged,
-                    range.clone(),
-                    self.config.parameter_abs_max,
-                )
-                .map(|(parameter, merged_value)| {
-                    let (i, update_value) =
-                        self.largest_at(&accepted, &payloads, &dense, parameter - range.start);
-                    (i, parameter, merged_value, update_value)
-                });
-            for ((i, _), flag) in accepted.iter().zip(&flags) {
-                if culprit.is_some_and(|c| c.0 == *i) {
-                    continue;
-                }
-                self.trust.record_accepted(sites[*i], *flag, &robustness);
-                if *flag {
-                    downweighted.push(sites[*i]);
-                }
-            }
-            let norms = accepted
-                .iter()
-                .filter(|(i, _)| culprit.is_none_or(|c| c.0 != *i))
-                .map(|(_, n)| *n)
-                .collect();
-            self.trust
-                .record_norms(fragment, norms, robustness.norm_history_rounds);
-            applied = culprit.is_none();
-            if let Some((i, parameter, merged_value, update_value)) = culprit {
-                accepted.retain(|(a, _)| *a != i);
-                refused.push((
-                    sites[i],
-                    ProtocolError::MergeOutOfRange {
-                        parameter,
-                        merged_value,
-                        update_value,
-                        limit: self.config.parameter_abs_max,
-                    },
-                ));
-            } else {
-                self.outer.step_range(&mut self.global, &self.merged, range);
-            }
-        }
-        self.spare_deltas.extend(dense);
-        let delta_norm = if applied {
-            self.merged
-                .iter()
-                .map(|v| (*v as f64) * (*v as f64))
-                .sum::<f64>()
-                .sqrt() as f32
-        } else {
-            0.0
-        };
-        let contributors: Vec<SiteId> = accepted.iter().map(|(i, _)| sites[*i]).collect();
-        let refused_sites: Vec<SiteId> = refused.iter().map(|(s, _)| *s).collect();
-        let update_norms = sites.iter().copied().zip(norms.iter().copied()).collect();
-        let update_cosines = sites.iter().copied().zip(cosines).collect();
-        self.spare_payloads.extend(payloads);
-        for (site, reason) in refused {
-            self.refuse(site, reason, actions);
-        }
-        actions.push(Action::RoundClosed(RoundReport {
-            round: open.round,
-            contributors,
-            missing,
-            refused: refused_sites,
-            downweighted,
-            update_norms,
-            update_cosines,
-            delta_norm,
-            applied,
-        }));
-        self.round = open.round + 1;
-        actions.push(Action::Checkpoint { round: self.round });
-        self.open_round(now_ms, actions);
-    }
-}
-
-impl Coordinator {
-    /// Among the accepted updates (index into the round's sites), the one with the largest
-    /// magnitude at `offset` of the fragment, and its value there: the update that caused a
-    /// refused merge.
-    fn largest_at(
-        &mut self,
-        accepted: &[(usize, f32)],
-        payloads: &[Vec<u8>],
-        dense: &[Vec<f32>],
-        offset: usize,
-    ) -> (usize, f32) {
-        debug_assert!(!accepted.is_empty(), "a merge has at least one update");
-        let mut largest = (accepted[0].0, 0.0f32);
-        for &(i, _) in accepted {
-            let delta = held_update(self.uplink.as_mut(), &mut self.scratch, payloads, dense, i);
-            let value = delta[offset];
-            // A NaN counts as the largest.
-            if value.is_nan() || value.abs() > largest.1.abs() {
-                largest = (i, value);
-            }
-        }
-        largest
-    }
-}
-
-/// Update `i` of a closing round: decoded again from its payload into `scratch` (the mean held
-/// payloads) or as held (decoded on arrival).
-fn held_update<'a>(
-    uplink: &mut dyn Codec,
-    scratch: &'a mut [f32],
-    payloads: &[Vec<u8>],
-    dense: &'a [Vec<f32>],
-    i: usize,
-) -> &'a [f32] {
-    if dense.is_empty() {
-        uplink
-            .decode(&payloads[i], scratch)
-            .expect("decoded once when it arrived");
-        scratch
-    } else {
-        &dense[i]
     }
 }
