@@ -9,7 +9,7 @@ use lowband_net::{Host, Record};
 use lowband_protocol::wire::TrainingReport;
 use lowband_protocol::Coordinator;
 
-use crate::driver::{absorb, Common, Metric};
+use crate::driver::{absorb, checkpoint_due, Common, Metric, SyncBytes};
 use crate::ledger::Endpoint;
 use crate::RunError;
 
@@ -75,7 +75,11 @@ fn absorb_network(
         })
         .collect();
     let sends = absorb(actions, common, coordinator, step)?;
-    if checkpoint && persistence.state_dir.is_some() {
+    // A networked coordinator's state is its crash recovery: saved after every round.
+    if checkpoint
+        && persistence.state_dir.is_some()
+        && checkpoint_due(1, coordinator.round(), false)
+    {
         crate::state::RunState::of_coordinator(common, step, coordinator)
             .save(persistence, &common.strategy)?;
     }
@@ -93,9 +97,7 @@ pub(super) struct NetworkBooks<'a> {
     counted_rounds: u64,
     /// The round whose link time is being counted, and its largest message each way.
     link_round: u64,
-    down_bytes: u64,
-    up_bytes: u64,
-    pub sample_packets: Vec<(String, Bytes)>,
+    sync: SyncBytes,
 }
 
 impl<'a> NetworkBooks<'a> {
@@ -115,9 +117,7 @@ impl<'a> NetworkBooks<'a> {
                 rounds.syncs_in_run()
             },
             link_round: round,
-            down_bytes: 0,
-            up_bytes: 0,
-            sample_packets: Vec::new(),
+            sync: SyncBytes::default(),
         }
     }
 }
@@ -165,7 +165,7 @@ impl Host for NetworkBooks<'_> {
 
     fn sent(&mut self, round: u64, to: u32, message: &Bytes, sealed_bytes: usize) {
         if round <= self.counted_rounds {
-            self.down_bytes = self.down_bytes.max(sealed_bytes as u64);
+            self.sync.down = self.sync.down.max(sealed_bytes as u64);
             self.common.ledger.record(
                 round,
                 Endpoint::Coordinator,
@@ -174,7 +174,7 @@ impl Host for NetworkBooks<'_> {
             );
         }
         if to == 0 {
-            self.sample_packets = vec![("global".into(), message.clone())];
+            self.common.keep_sample("global", message.clone());
         }
     }
 
@@ -189,11 +189,10 @@ impl Host for NetworkBooks<'_> {
         if packet.is_empty() {
             return;
         }
-        self.up_bytes = self.up_bytes.max(sealed_bytes as u64);
+        self.sync.up = self.sync.up.max(sealed_bytes as u64);
         if from == 0 {
-            self.sample_packets.retain(|(kind, _)| kind != "update");
-            self.sample_packets
-                .push(("update".into(), Bytes::copy_from_slice(packet)));
+            self.common
+                .keep_sample("update", Bytes::copy_from_slice(packet));
         }
     }
 
@@ -210,30 +209,34 @@ impl Host for NetworkBooks<'_> {
         }
     }
 
-    /// A round that changed: its link time (the emulated link's time for the largest message
-    /// each way; streaming hides up to `overlap_steps` of the sites' mean step time).
+    /// A round that changed: its sync on the emulated link, counted as every driver counts one
+    /// (`Common::add_sync`; streaming hides up to `overlap_steps` of the sites' mean step time,
+    /// and the final syncs' broadcasts are not counted).
     fn turn(&mut self, coordinator: &Coordinator) {
         if coordinator.round() == self.link_round {
             return;
         }
-        let common = &mut self.common;
-        let link = &common.config.link;
-        let overlap_steps = common.strategy.streaming.map_or(0, |s| s.overlap_steps);
-        let (down, up) = (
-            link.transfer_seconds(self.down_bytes),
-            link.transfer_seconds(self.up_bytes),
-        );
-        common.communication_seconds += if self.rounds.fragments == 0 {
-            down + up
+        let overlap_steps = self
+            .common
+            .strategy
+            .streaming
+            .map_or(0, |s| s.overlap_steps);
+        let (overlap_steps, sync) = if self.rounds.fragments == 0 {
+            (0, self.sync)
         } else if self.link_round < self.counted_rounds {
-            let hidden = overlap_steps as f64 * common.compute_seconds
-                / self.rounds.end_step(self.link_round).max(1) as f64;
-            (down + up - hidden).max(0.0)
+            (overlap_steps, self.sync)
         } else {
-            up
+            (
+                0,
+                SyncBytes {
+                    down: 0,
+                    ..self.sync
+                },
+            )
         };
-        common.peak_sync_bytes = common.peak_sync_bytes.max(self.down_bytes + self.up_bytes);
-        (self.link_round, self.down_bytes, self.up_bytes) = (coordinator.round(), 0, 0);
+        let steps_done = self.rounds.end_step(self.link_round);
+        self.common.add_sync(sync, overlap_steps, steps_done);
+        (self.link_round, self.sync) = (coordinator.round(), SyncBytes::default());
     }
 
     fn done(&self, coordinator: &Coordinator) -> bool {

@@ -50,7 +50,7 @@ use lowband_net::{Identity, Limits, NetError, PublicKey};
 use lowband_protocol::{Coordinator, CoordinatorConfig};
 
 use crate::config::RunConfig;
-use crate::driver::{finish_rounds, new_site, BatchShape, Common, SiteRuntime};
+use crate::driver::{finish_rounds, BatchShape, Common, SiteRuntime};
 use crate::strategy::{Strategy, StrategyKind};
 use crate::{RunError, RunResult};
 
@@ -206,7 +206,7 @@ pub fn serve_coordinator(
         &serve_options(config, &strategy, &options, true),
         listening,
     )?;
-    finish_rounds(books.common, &coordinator, books.sample_packets)
+    finish_rounds(books.common, &coordinator)
 }
 
 /// The network shell's options for this run.
@@ -258,7 +258,7 @@ pub fn serve_site(
     let initial = lowband_engine::Gpt::new(model, config.seed)?
         .params()
         .to_vec();
-    let mut state = network_site(config, &strategy, &initial, k)?;
+    let mut state = crate::driver::strategy_site(config, &strategy, &initial, k)?;
     let site_run = crate::state::SiteRun {
         corpus: split.fingerprint(),
         steps: config.steps,
@@ -302,22 +302,6 @@ pub fn serve_site(
     any_site_task(state, job, connected)
 }
 
-/// Site k as the networked driver runs it (with its fragments when streaming).
-fn network_site(
-    config: &RunConfig,
-    strategy: &Strategy,
-    initial: &[f32],
-    k: usize,
-) -> Result<SiteRuntime, RunError> {
-    let mut site = new_site(config, initial, strategy.compression_for(config.sites), k)?;
-    if let Some(streaming) = strategy.streaming {
-        site.site = site
-            .site
-            .with_fragments(crate::driver::fragments(initial.len(), streaming.fragments))?;
-    }
-    Ok(site)
-}
-
 fn any_site_task(site: SiteRuntime, job: SiteJob, connected: impl FnMut()) -> Result<(), RunError> {
     if job.streaming.is_some() {
         streaming_site_task(site, job, connected)
@@ -332,25 +316,12 @@ fn coordinator_config(
     params: usize,
     options: &NetworkOptions,
 ) -> CoordinatorConfig {
-    let outer = strategy.outer.unwrap_or_else(|| config.outer(false));
     let quorum = if options.quorum == 0 {
         config.sites
     } else {
         options.quorum.min(config.sites)
     };
-    CoordinatorConfig {
-        quorum,
-        round_deadline_ms: options.round_deadline_ms,
-        sites_max: config.sites,
-        compression: strategy.compression_for(config.sites),
-        sites_start_synced: true,
-        fragments: strategy
-            .streaming
-            .map(|s| crate::driver::fragments(params, s.fragments))
-            .unwrap_or_default(),
-        robustness: strategy.robustness(config.aggregator),
-        ..CoordinatorConfig::new(params, outer)
-    }
+    crate::driver::coordinator_config(config, strategy, params, quorum, options.round_deadline_ms)
 }
 
 /// How long the coordinator waits for every listed site to connect before it gives up.
@@ -473,7 +444,7 @@ fn run_loopback(
         initial.clone(),
     )?;
     let mut sites: Vec<Option<SiteRuntime>> = (0..config.sites)
-        .map(|k| network_site(config, &strategy, &initial, k).map(Some))
+        .map(|k| crate::driver::strategy_site(config, &strategy, &initial, k).map(Some))
         .collect::<Result<_, _>>()?;
 
     // Keys: the coordinator's, and one per site on its allow-list.
@@ -552,5 +523,5 @@ fn run_loopback(
     if let Some(e) = site_error {
         return Err(e);
     }
-    finish_rounds(books.common, &coordinator, books.sample_packets)
+    finish_rounds(books.common, &coordinator)
 }

@@ -449,7 +449,6 @@ impl RunState {
         coordinator: &Coordinator,
         sites: &[SiteRuntime],
         due_step: u64,
-        step_seconds_sum: f64,
     ) -> Self {
         let mut saved = RunState::of_rounds(common, step, coordinator, sites);
         for (k, site) in sites.iter().enumerate() {
@@ -457,17 +456,19 @@ impl RunState {
                 .tensors
                 .push((format!("site{k}.params"), site.trainer.params().to_vec()));
         }
-        saved.manifest.streaming = Some((due_step, step_seconds_sum));
+        // (The second number is the run's summed step time, which the compute time already
+        // holds; kept so that the state format stays the same.)
+        saved.manifest.streaming = Some((due_step, common.compute_seconds));
         saved
     }
 
-    /// Returns the step the in-flight merge is due and the step-time sum.
+    /// Returns the step the in-flight merge is due.
     pub(crate) fn restore_streaming(
         mut self,
         common: &mut Common,
         coordinator: &mut Coordinator,
         sites: &mut [SiteRuntime],
-    ) -> Result<(u64, f64), RunError> {
+    ) -> Result<u64, RunError> {
         let streaming = self
             .manifest
             .streaming
@@ -487,7 +488,7 @@ impl RunState {
         for (site, p) in sites.iter_mut().zip(params) {
             site.trainer.params_mut().copy_from_slice(&p);
         }
-        Ok(streaming)
+        Ok(streaming.0)
     }
 
     pub(crate) fn restore_rounds(

@@ -1,0 +1,297 @@
+//! The run's books, kept the same way by every driver (in memory and over the network): metrics,
+//! the ledger, emulated compute and link time, evaluations, and what the protocol's actions mean
+//! for them.
+
+use lowband_data::Split;
+use lowband_engine::{preset, Gpt, LrSchedule};
+
+use lowband_protocol::{Action, Coordinator};
+
+use super::*;
+
+/// A sync's largest message each way, in bytes (what the link model times).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct SyncBytes {
+    pub down: u64,
+    pub up: u64,
+}
+
+/// Whether a state is saved now: every `every_rounds` closed rounds (0: never), and at the end.
+/// The in-memory drivers save every `checkpoint_every_rounds`; a networked coordinator every
+/// round (its state is its crash recovery: at most the round in flight is redone).
+pub(crate) fn checkpoint_due(every_rounds: u64, rounds_closed: u64, finished: bool) -> bool {
+    every_rounds > 0 && (rounds_closed.is_multiple_of(every_rounds) || finished)
+}
+
+/// The run: its settings and everything every driver records the same way.
+pub(crate) struct Common<'a> {
+    pub(crate) config: &'a RunConfig,
+    pub(crate) strategy: Strategy,
+    pub(super) split: &'a Split,
+    pub(crate) context: usize,
+    pub(crate) schedule: LrSchedule,
+    pub(super) evaluator: Gpt,
+    pub(super) validation: (Vec<u32>, Vec<u32>, usize),
+    pub(crate) metrics: Vec<Metric>,
+    pub(crate) ledger: Ledger,
+    pub(crate) compute_seconds: f64,
+    pub(crate) communication_seconds: f64,
+    pub(crate) next_eval_step: u64,
+    /// Largest bytes one site moved (up + down) in one sync so far.
+    pub(crate) peak_sync_bytes: u64,
+    pub(crate) telemetry_bytes: u64,
+    /// The last packets of site 0 as sent, one of each kind ("global", "update"), for
+    /// `lowband inspect packet`.
+    pub(crate) sample_packets: Vec<(String, bytes::Bytes)>,
+    /// The split's fingerprint: saved with the run state, and checked on resume.
+    pub(crate) corpus: lowband_data::CorpusFingerprint,
+    pub(super) inputs: Vec<u32>,
+    pub(super) targets: Vec<u32>,
+}
+
+impl<'a> Common<'a> {
+    pub(crate) fn new(
+        config: &'a RunConfig,
+        strategy: Strategy,
+        split: &'a Split,
+    ) -> Result<Self, RunError> {
+        let model = preset(&config.preset)?.model;
+        let context = model.context_length;
+        Ok(Common {
+            config,
+            strategy,
+            split,
+            context,
+            schedule: LrSchedule::reference(config.optimizer.lr, config.steps),
+            evaluator: Gpt::new(model, config.seed)?,
+            validation: split.validation_windows(context),
+            corpus: split.fingerprint(),
+            metrics: Vec::new(),
+            ledger: Ledger::default(),
+            compute_seconds: 0.0,
+            communication_seconds: 0.0,
+            next_eval_step: config.eval_every_steps.max(1),
+            peak_sync_bytes: 0,
+            telemetry_bytes: 0,
+            sample_packets: Vec::new(),
+            inputs: Vec::new(),
+            targets: Vec::new(),
+        })
+    }
+
+    /// The parameters every strategy starts from (the seed's initialization).
+    pub(crate) fn initial_params(&self) -> Vec<f32> {
+        self.evaluator.params().to_vec()
+    }
+
+    pub(crate) fn tokens_per_site_step(&self) -> u64 {
+        (self.config.site_batch * self.context) as u64
+    }
+
+    /// Validation loss of `params` on the first `windows` windows (all if None).
+    pub(super) fn evaluate(
+        &mut self,
+        params: &[f32],
+        windows: Option<usize>,
+    ) -> Result<(f64, usize), RunError> {
+        let (inputs, targets, count) = &self.validation;
+        let count = windows.map_or(*count, |w| w.min(*count));
+        self.evaluator.params_mut().copy_from_slice(params);
+        let loss = self.evaluator.mean_loss(
+            &inputs[..count * self.context],
+            &targets[..count * self.context],
+            count,
+            32,
+        )?;
+        Ok((loss, count))
+    }
+
+    /// Record an evaluation if `step` reached the next evaluation point.
+    pub(super) fn maybe_evaluate(&mut self, step: u64, params: &[f32]) -> Result<(), RunError> {
+        if self.config.eval_every_steps == 0
+            || step < self.next_eval_step
+            || step >= self.config.steps
+        {
+            return Ok(());
+        }
+        while self.next_eval_step <= step {
+            self.next_eval_step += self.config.eval_every_steps;
+        }
+        let (val_loss, windows) = self.evaluate(params, Some(self.config.eval_windows))?;
+        self.push_eval(step, val_loss, windows);
+        Ok(())
+    }
+
+    pub(super) fn push_eval(&mut self, step: u64, val_loss: f64, windows: usize) {
+        self.metrics.push(Metric::Eval {
+            step,
+            tokens: step * self.tokens_per_site_step() * self.config.sites as u64,
+            inter_site_bytes: self.ledger.total_bytes(),
+            emulated_seconds: self.compute_seconds + self.communication_seconds,
+            val_loss,
+            windows,
+        });
+    }
+
+    /// Train one site for `steps` inner steps from global step `first`; returns the per-step
+    /// losses summed into `losses` and the measured seconds.
+    pub(super) fn train_site(
+        &mut self,
+        site: &mut SiteRuntime,
+        shard: usize,
+        first: u64,
+        losses: &mut [f32],
+    ) -> Result<f64, RunError> {
+        let batch = BatchShape {
+            site_batch: self.config.site_batch,
+            context: self.context,
+        };
+        train_steps(
+            site,
+            &self.split.shards[shard],
+            batch,
+            &self.schedule,
+            first,
+            losses,
+            (&mut self.inputs, &mut self.targets),
+        )
+    }
+
+    pub(super) fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
+        for (i, sum) in loss_sums.iter().enumerate() {
+            let step = first + i as u64;
+            self.metrics.push(Metric::Step {
+                step,
+                loss: sum / sites as f32,
+                lr: self.schedule.lr_at(step),
+            });
+        }
+    }
+
+    pub(super) fn finish(mut self, rounds: u64, params: Vec<f32>) -> Result<RunResult, RunError> {
+        let (final_val_loss, windows) = self.evaluate(&params, None)?;
+        self.push_eval(self.config.steps, final_val_loss, windows);
+        let model = preset(&self.config.preset)?.model;
+        let tokens = self.config.steps * self.tokens_per_site_step() * self.config.sites as u64;
+        Ok(RunResult {
+            strategy: self.strategy,
+            params: model.parameter_count(),
+            tokens,
+            rounds,
+            ledger: self.ledger,
+            metrics: self.metrics,
+            final_val_loss,
+            validation_windows: windows,
+            compute_seconds: self.compute_seconds,
+            communication_seconds: self.communication_seconds,
+            final_params: params,
+            sample_packets: Vec::new(),
+            peak_sync_bytes_per_site: 0,
+            telemetry_bytes: 0,
+            site_scores: Vec::new(),
+            aggregator: "mean".into(),
+        })
+    }
+}
+
+impl Common<'_> {
+    /// Count one sync on the emulated link: the link profile's time for its largest message
+    /// each way, less what `overlap_steps` of the sites' mean step time so far hides (streaming:
+    /// the sites train on while the sync travels; 0 for rounds), never below zero; and the peak
+    /// bytes one site moved in a sync. Every driver counts a sync through this.
+    pub(crate) fn add_sync(&mut self, sync: SyncBytes, overlap_steps: u64, steps_done: u64) {
+        let link = &self.config.link;
+        let link_seconds = link.transfer_seconds(sync.down) + link.transfer_seconds(sync.up);
+        let hidden = if overlap_steps == 0 {
+            0.0
+        } else {
+            overlap_steps as f64 * self.compute_seconds / steps_done.max(1) as f64
+        };
+        self.communication_seconds += (link_seconds - hidden).max(0.0);
+        self.peak_sync_bytes = self.peak_sync_bytes.max(sync.down + sync.up);
+    }
+
+    /// Count one step's ring all-reduce (DDP): each site sends `bytes_per_site` to the next in
+    /// the ring, and the link time of reducing `bytes` over it.
+    pub(crate) fn add_all_reduce(&mut self, step: u64, bytes_per_site: u64, bytes: u64) {
+        let sites = self.config.sites;
+        for k in 0..sites as u32 {
+            let next = (k + 1) % sites as u32;
+            if next != k {
+                self.ledger.record(
+                    step,
+                    Endpoint::Site(k),
+                    Endpoint::Site(next),
+                    bytes_per_site,
+                );
+            }
+        }
+        self.communication_seconds += self.config.link.ring_all_reduce_seconds(bytes, sites);
+    }
+
+    /// Keep `bytes` as the sample packet of its kind (site 0's latest).
+    pub(crate) fn keep_sample(&mut self, kind: &str, bytes: bytes::Bytes) {
+        self.sample_packets.retain(|(k, _)| k != kind);
+        self.sample_packets.push((kind.into(), bytes));
+    }
+
+    pub(super) fn emulated_seconds(&self) -> f64 {
+        self.compute_seconds + self.communication_seconds
+    }
+}
+
+/// Carry out the coordinator's actions except sending: returns the sends (the next round's
+/// global parameters), which the round loop delivers.
+pub(crate) fn absorb(
+    actions: Vec<Action>,
+    common: &mut Common,
+    coordinator: &Coordinator,
+    step: u64,
+) -> Result<Sends, RunError> {
+    let mut sends = Vec::new();
+    // Refusals at a round's close come before its report: log them under that round.
+    let closing = actions.iter().find_map(|a| {
+        if let Action::RoundClosed(r) = a {
+            Some(r.round)
+        } else {
+            None
+        }
+    });
+    let round_of_refusal = closing.unwrap_or_else(|| coordinator.round());
+    for action in actions {
+        match action {
+            Action::Send { to, bytes } => sends.push((to, bytes)),
+            Action::RoundClosed(report) => {
+                common.metrics.push(Metric::Round {
+                    round: report.round,
+                    step,
+                    inter_site_bytes: common.ledger.total_bytes(),
+                    delta_norm: report.delta_norm,
+                    update_norms: report.update_norms,
+                    update_cosines: report.update_cosines,
+                });
+                if !report.missing.is_empty() {
+                    return Err(RunError::Protocol(format!(
+                        "round {} closed without sites {:?}",
+                        report.round, report.missing
+                    )));
+                }
+                common.maybe_evaluate(step, coordinator.global())?;
+            }
+            // The in-memory driver saves its own resumable state (see `checkpoint_every_rounds`).
+            Action::Checkpoint { .. } => {}
+            // A hostile (or broken) site: logged, scored by the coordinator, the run goes on.
+            Action::Rejected { from, reason } => common.metrics.push(Metric::Refused {
+                round: round_of_refusal,
+                site: from,
+                reason: reason.to_string(),
+            }),
+            Action::Excluded { site, reason } => common.metrics.push(Metric::Excluded {
+                round: round_of_refusal,
+                site,
+                reason,
+            }),
+        }
+    }
+    Ok(sends)
+}
