@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side training-step benchmark: lowband's engine vs PyTorch, same model, same threads.
 
-Runs `lowband bench engine --json` and `bench/torch_step.py` alternately (`--rounds` times each,
+Runs `lowband bench engine --json -` and `bench/torch_step.py` alternately (`--rounds` times each,
 so slow phases of a shared machine hit both), then prints a markdown table with the ratio
 lowband / PyTorch of mean ms per step (below 1.0: lowband is faster).
 
@@ -30,7 +30,7 @@ for preset in args.presets.split(','):
     n = str(steps.get(preset, 20))
     ours, theirs = [], []
     for _ in range(args.rounds):
-        ours.append(run([args.lowband, '--threads', str(args.threads), 'bench', 'engine', '--preset', preset, '--steps', n, '--json']))
+        ours.append(run([args.lowband, '--threads', str(args.threads), 'bench', 'engine', '--preset', preset, '--steps', n, '--json', '-']))
         theirs.append(run([sys.executable, os.path.join(here, 'torch_step.py'), '--preset', preset, '--steps', n, '--threads', str(args.threads)]))
     o_ms = statistics.mean(r['ms_per_step'] for r in ours); t_ms = statistics.mean(r['ms_per_step'] for r in theirs)
     rows.append((preset, ours[0]['params'], ours[0]['batch'], o_ms, min(r['ms_per_step_min'] for r in ours), t_ms,

@@ -25,9 +25,9 @@ pub struct EngineBenchArgs {
     /// Seed of the model's initialization and of the benchmark's token stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Print one JSON object instead of text.
+    /// Write the figures as JSON here; `-` prints them instead of the text.
     #[arg(long)]
-    pub json: bool,
+    pub json: Option<std::path::PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -120,10 +120,11 @@ pub fn run(args: &EngineBenchArgs) -> Result<()> {
         allocations_per_step,
         final_loss: loss,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
+    if args.json.as_deref() != Some(std::path::Path::new("-")) {
         print_text(&report);
+    }
+    if let Some(path) = &args.json {
+        crate::files::write_json(path, &report)?;
     }
     Ok(())
 }

@@ -18,10 +18,6 @@ use lowband_runtime::{RunConfig, RunError, RunResult, Strategy};
 
 /// Where `lowband site` processes find what they need.
 pub(crate) struct SiteLaunch {
-    pub corpus: Option<PathBuf>,
-    pub corpus_bytes: usize,
-    /// `--tuning`: the sites set the validation split aside too.
-    pub tuning: bool,
     /// Keys, cluster files, site logs and site states.
     pub dir: PathBuf,
     /// Start a site process that died again (with its saved state).
@@ -48,8 +44,7 @@ pub(crate) fn run_site_processes(
         identity.save(&dir.join(format!("site{k}.key")))?;
         site_keys.push(identity.public_key());
     }
-    let cluster_file =
-        write_cluster_file(config, &strategy, launch, &dir, &coordinator, &site_keys)?;
+    let cluster_file = write_cluster_file(config, &strategy, &dir, &coordinator, &site_keys)?;
     let started = Instant::now();
     let mut supervisor: Option<Supervisor> = None;
     let result = lowband_runtime::network::serve_coordinator(
@@ -59,7 +54,7 @@ pub(crate) fn run_site_processes(
         coordinator,
         site_keys,
         "127.0.0.1:0".parse()?,
-        lowband_runtime::network::NetworkOptions::new(lowband_net::Limits::default()),
+        lowband_runtime::network::NetworkOptions::of(config, crate::nodes::limits(config)),
         |address| {
             let launcher = Launcher {
                 executable: std::env::current_exe().map_err(|e| RunError::Io {
@@ -99,36 +94,29 @@ pub(crate) fn run_site_processes(
     Ok((result, events))
 }
 
+/// The sites' run file: this run's settings (the corpus as an absolute path), its strategy and
+/// the keys, in the one format (`crate::settings`).
 fn write_cluster_file(
     config: &RunConfig,
     strategy: &Strategy,
-    launch: &SiteLaunch,
     dir: &Path,
     coordinator: &lowband_net::Identity,
     site_keys: &[lowband_net::PublicKey],
 ) -> Result<PathBuf> {
-    let mut file = toml::Table::new();
-    file.insert("strategy".into(), strategy.name().into());
-    file.insert(
-        "coordinator".into(),
-        coordinator.public_key().to_string().into(),
-    );
-    file.insert(
-        "sites".into(),
-        toml::Value::Array(site_keys.iter().map(|k| k.to_string().into()).collect()),
-    );
-    if let Some(corpus) = &launch.corpus {
-        let absolute =
-            std::fs::canonicalize(corpus).with_context(|| format!("{}", corpus.display()))?;
-        file.insert("corpus".into(), absolute.display().to_string().into());
+    let mut run = config.clone();
+    if let Some(corpus) = &run.corpus {
+        run.corpus = Some(crate::settings::absolute(corpus)?);
     }
-    file.insert("corpus_bytes".into(), (launch.corpus_bytes as i64).into());
-    if launch.tuning {
-        file.insert("tuning".into(), true.into());
-    }
-    file.insert("run".into(), toml::Value::try_from(config)?);
+    let file = crate::settings::RunFile {
+        run,
+        strategies: Some(vec![strategy.name()]),
+        cluster: Some(crate::settings::ClusterKeys {
+            coordinator: coordinator.public_key().to_string(),
+            sites: site_keys.iter().map(|k| k.to_string()).collect(),
+        }),
+    };
     let cluster_file = dir.join("cluster.toml");
-    lowband_engine::checkpoint::write_atomic(&cluster_file, toml::to_string(&file)?.as_bytes())?;
+    lowband_engine::checkpoint::write_atomic(&cluster_file, file.to_toml()?.as_bytes())?;
     Ok(cluster_file)
 }
 
@@ -158,6 +146,9 @@ impl Launcher {
             .arg("--key")
             .arg(self.dir.join(format!("site{k}.key")))
             .args(["--join", &self.address])
+            // The engine's results depend on its thread count: the sites use this process's,
+            // so that the cluster's model is bitwise the in-memory one.
+            .args(["--threads", &rayon::current_num_threads().to_string()])
             .arg("--state-dir")
             .arg(self.dir.join(format!("site{k}-state")))
             .stdin(Stdio::null())

@@ -1,25 +1,27 @@
 //! `lowband compare`: several strategies on one budget (same corpus, model, seed and tokens),
 //! side by side with DDP; the default command.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use lowband_data::Split;
 use lowband_runtime::{run, Persistence, RunConfig, RunError, RunResult, Strategy};
 
 use crate::cluster::{run_site_processes, SiteLaunch};
+use crate::nodes::NetworkArgs;
 use crate::report::{self, Comparison};
+use crate::settings::RunFile;
 use crate::train::load_corpus;
 
+/// The settings every run command shares (`compare`, `cluster`, `train`): a run file and the
+/// flags that override it. Defaults are `RunConfig::default()`'s (shown by `--help`).
 #[derive(clap::Args, Debug, Default, Clone)]
-pub struct CompareArgs {
-    /// Strategies, comma-separated: ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco,
-    /// demo-dct; optionally NAME@H (e.g. sparseloco@30) and [overrides] (e.g.
-    /// `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;decay=0.9]`, see ARCHITECTURE.md).
-    /// Commas inside brackets belong to the strategy.
-    #[arg(long, value_parser = parse_strategy_list)]
-    pub strategies: Option<StrategyList>,
+pub struct RunArgs {
+    /// Run file (TOML: every RunConfig field, `strategies`; the format is in `lowband coordinator
+    /// --help`); the flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Number of sites (K).
     #[arg(long)]
     pub sites: Option<usize>,
@@ -38,133 +40,83 @@ pub struct CompareArgs {
     /// Sequences per site per inner step.
     #[arg(long)]
     pub site_batch: Option<usize>,
-    /// Text file or directory (default: the generated synthetic language).
-    #[arg(long)]
-    pub corpus: Option<PathBuf>,
     /// Seed of the run (the model's initialization, the data sampling, random codecs).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// TOML file with any RunConfig field (and `strategies`, `corpus`); flags override it.
+    /// Text file or directory (default: the generated synthetic language).
     #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Write the machine-readable summary here too.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Run directory name under runs/ (default: from the settings).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Continue from the run directory's saved state instead of starting over.
-    #[arg(long)]
-    pub resume: bool,
-    /// Replace the results of another run in the run directory (other strategies under the
-    /// same name); without it such a run is refused.
-    #[arg(long)]
-    pub force: bool,
+    pub corpus: Option<PathBuf>,
     /// Size of the generated corpus when no corpus is given.
-    #[arg(long, default_value_t = 8 << 20)]
-    pub corpus_bytes: usize,
+    #[arg(long)]
+    pub corpus_bytes: Option<usize>,
     /// Choose settings without touching the validation split: set it aside and hold out the
     /// last part (the same fraction) of the training split instead. For screening candidates,
     /// never for the figures a benchmark reports.
     #[arg(long)]
     pub tuning: bool,
-    /// Directory that holds run directories.
-    #[arg(long, default_value = "runs")]
-    pub runs_dir: PathBuf,
     /// Aggregator of round strategies that do not choose one with `[agg=...]`: mean, median,
     /// trimmed-mean[:trim=F], centered-clip[:iterations=L], clipped-mean.
     #[arg(long, value_parser = parse_aggregator)]
     pub aggregator: Option<lowband_protocol::AggregatorSpec>,
-    /// Make a site hostile, SITE:MODE (repeatable): signflip, scale=X, noise=S, zeros, nan,
-    /// stale, garbage; e.g. `--attack 2:scale=-10`. DDP, the reference, runs honest.
-    #[arg(long = "attack", value_parser = parse_attack)]
+    /// Hostile sites, SITE:MODE, comma-separated: signflip, scale=X, noise=S, zeros, nan, stale,
+    /// garbage; e.g. `--attacks 2:scale=-10`. DDP, the reference, runs honest.
+    #[arg(long, value_parser = parse_attack, value_delimiter = ',')]
     pub attacks: Vec<lowband_runtime::Attack>,
-    /// Stop each strategy after this many rounds as if killed (to test --resume).
-    #[arg(long, hide = true)]
+    /// Write the machine-readable summary (summary.json's content) here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Run directory name under --runs-dir (default: from the settings).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Replace the results of another run in the run directory (other strategies under the
+    /// same name); without it such a run is refused.
+    #[arg(long)]
+    pub force: bool,
+    /// Directory that holds run directories.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct CompareArgs {
+    /// Strategies, comma-separated: ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco,
+    /// demo-dct, streaming; optionally NAME@H (e.g. sparseloco@30) and [overrides] (e.g.
+    /// `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;decay=0.9]`, see ARCHITECTURE.md).
+    /// Commas inside brackets belong to the strategy.
+    #[arg(long, value_parser = parse_strategy_list)]
+    pub strategies: Option<StrategyList>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Continue from the run directory's saved state instead of starting over.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop each strategy after this many rounds (DDP: this many x inner_steps steps), saving
+    /// its state: continue later with the same command and --resume.
+    #[arg(long)]
     pub stop_after_rounds: Option<u64>,
 }
 
-/// The file form of a comparison: RunConfig's fields, plus these two.
-struct FileSettings {
-    run: RunConfig,
-    strategies: Option<Vec<String>>,
-    corpus: Option<PathBuf>,
+/// The strategies a command runs when neither the flags nor the run file name any.
+pub const STRATEGIES_DEFAULT: &str = "ddp,diloco";
+
+/// Settings after the run file and the flags: the run and its strategies.
+pub(crate) fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>)> {
+    let (config, file_strategies) = run_settings(&args.run)?;
+    let names = args
+        .strategies
+        .clone()
+        .map(|l| l.0)
+        .or(file_strategies)
+        .unwrap_or_else(|| STRATEGIES_DEFAULT.split(',').map(String::from).collect());
+    let strategies = strategies_of(&names, &config)?;
+    Ok((config, strategies))
 }
 
-fn read_config(path: &Path) -> Result<FileSettings> {
-    let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)?;
-    let mut table: toml::Table = text
-        .parse()
-        .map_err(|e| crate::files::toml_error(path, &text, &e, true))?;
-    let strategies = match table.remove("strategies") {
-        None => None,
-        Some(toml::Value::Array(items)) => Some(
-            items
-                .into_iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .context("strategies: every entry must be a string")
-                })
-                .collect::<Result<_>>()?,
-        ),
-        Some(_) => bail!(
-            "{}: strategies: must be an array of strings",
-            path.display()
-        ),
-    };
-    let corpus = match table.remove("corpus") {
-        None => None,
-        Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
-        Some(_) => bail!("{}: corpus: must be a string (a path)", path.display()),
-    };
-    // The rest is a RunConfig. Deserialize it from text (the table written back without the two
-    // keys above) so that an error carries a span, from which the field is named.
-    let rest = toml::to_string(&table)
-        .with_context(|| format!("{}: re-reading the settings", path.display()))?;
-    let run: RunConfig = toml::from_str(&rest).map_err(|e| field_error(path, &rest, &e))?;
-    Ok(FileSettings {
-        run,
-        strategies,
-        corpus,
-    })
-}
-
-/// One line naming the field: "FILE: optimizer.lr: invalid type: ...".
-fn field_error(path: &Path, text: &str, error: &toml::de::Error) -> anyhow::Error {
-    let message = error.message().trim();
-    let Some(span) = error.span() else {
-        return anyhow::anyhow!("{}: {message}", path.display());
-    };
-    let before = &text[..span.start.min(text.len())];
-    let line = text[before.rfind('\n').map_or(0, |i| i + 1)..]
-        .lines()
-        .next()
-        .unwrap_or("");
-    let table = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').to_string());
-    let key = line.split('=').next().unwrap_or("").trim();
-    let field = match (table, key.is_empty()) {
-        (Some(t), false) => format!("{t}.{key}: "),
-        (None, false) => format!("{key}: "),
-        _ => String::new(),
-    };
-    anyhow::anyhow!("{}: {field}{message}", path.display())
-}
-
-/// Settings after the file and the flags.
-fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<PathBuf>)> {
+/// The run file under the flags, checked; and the strategies the file names.
+pub(crate) fn run_settings(args: &RunArgs) -> Result<(RunConfig, Option<Vec<String>>)> {
     let file = match &args.config {
-        Some(path) => read_config(path)?,
-        None => FileSettings {
-            run: RunConfig::default(),
-            strategies: None,
-            corpus: None,
-        },
+        Some(path) => RunFile::read(path)?,
+        None => RunFile::default(),
     };
     let mut config = file.run;
     if let Some(v) = &args.preset {
@@ -191,9 +143,18 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
     if !args.attacks.is_empty() {
         config.attacks = args.attacks.clone();
     }
+    if let Some(v) = &args.corpus {
+        config.corpus = Some(v.clone());
+    }
+    if let Some(v) = args.corpus_bytes {
+        config.corpus_bytes = v;
+    }
+    if args.tuning {
+        config.tuning = true;
+    }
     config
         .validate()
-        .map_err(|(field, reason)| anyhow::anyhow!("{field}: {reason}"))?;
+        .map_err(|(field, reason)| setting_error(field, &reason))?;
     if let Some(tokens) = args.tokens {
         let context = lowband_engine::preset(&config.preset)?.model.context_length as u64;
         let per_step = config.sites as u64 * config.site_batch as u64 * context;
@@ -202,12 +163,11 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
         }
         config.steps = tokens / per_step;
     }
-    let names = args
-        .strategies
-        .clone()
-        .map(|l| l.0)
-        .or(file.strategies)
-        .unwrap_or_else(|| vec!["ddp".into(), "diloco".into()]);
+    Ok((config, file.strategies))
+}
+
+/// The named strategies, parsed (H defaults to the run's inner_steps), none twice.
+fn strategies_of(names: &[String], config: &RunConfig) -> Result<Vec<Strategy>> {
     if names.is_empty() {
         bail!("--strategies: name at least one strategy");
     }
@@ -223,7 +183,28 @@ fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>, Option<Path
             bail!("--strategies: {} is listed twice", strategy.name());
         }
     }
-    Ok((config, strategies, args.corpus.clone().or(file.corpus)))
+    Ok(strategies)
+}
+
+/// A refused setting, named as the file names it and as the flag that sets it.
+pub(crate) fn setting_error(field: &str, reason: &str) -> anyhow::Error {
+    const FLAGS: [&str; 10] = [
+        "preset",
+        "sites",
+        "site_batch",
+        "inner_steps",
+        "seed",
+        "steps",
+        "aggregator",
+        "attacks",
+        "corpus",
+        "corpus_bytes",
+    ];
+    if FLAGS.contains(&field) {
+        anyhow::anyhow!("{field} (--{}): {reason}", field.replace('_', "-"))
+    } else {
+        anyhow::anyhow!("{field}: {reason}")
+    }
 }
 
 /// What a comparison produced.
@@ -240,7 +221,7 @@ pub fn run_compare(args: &CompareArgs) -> Result<()> {
 
 /// Run the strategies, print and write the report.
 pub fn run_with(args: &CompareArgs) -> Result<Outcome> {
-    run_with_driver(args, Driver::Memory)
+    run_with_driver(args, Driver::Memory, &NetworkArgs::default())
 }
 
 /// Which driver runs the round strategies.
@@ -256,43 +237,55 @@ pub enum Driver {
     Processes { restart_sites: bool },
 }
 
-pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
-    let (config, strategies, corpus) = settings(args)?;
-    if driver != Driver::Memory && (args.resume || args.stop_after_rounds.is_some()) {
-        bail!("cluster: --resume is not supported yet (use `lowband coordinator --resume` and `lowband site --state-dir ... --resume`)");
-    }
+/// The run directory: named (`--name`, or from the settings), locked, checked not to hold
+/// another run's results, its old state forgotten unless resuming.
+struct RunDir {
+    name: String,
+    path: PathBuf,
+    _lock: crate::files::RunLock,
+}
+
+fn prepare_run_dir(
+    args: &CompareArgs,
+    config: &RunConfig,
+    strategies: &[Strategy],
+) -> Result<RunDir> {
     // A tuning run gets its own default directory, so that it never resumes (or is resumed by)
     // the run on the full corpus.
-    let name = args.name.clone().unwrap_or_else(|| {
+    let name = args.run.name.clone().unwrap_or_else(|| {
         format!(
             "{}-k{}-{}steps-seed{}{}",
             config.preset,
             config.sites,
             config.steps,
             config.seed,
-            if args.tuning { "-tuning" } else { "" }
+            if config.tuning { "-tuning" } else { "" }
         )
     });
     crate::files::check_run_name(&name)?;
-    let run_dir = args.runs_dir.join(&name);
-    let state_dir = run_dir.join("state");
-    let _lock = crate::files::RunLock::acquire(&run_dir)?;
-    if !args.force {
+    let path = args.run.runs_dir.join(&name);
+    let lock = crate::files::RunLock::acquire(&path)?;
+    if !args.run.force {
         let names: Vec<String> = strategies.iter().map(|s| s.name()).collect();
-        crate::files::check_not_another_run(&run_dir, &names)?;
+        crate::files::check_not_another_run(&path, &names)?;
     }
     if !args.resume {
-        lowband_runtime::state::forget_run_states(&state_dir)?;
+        lowband_runtime::state::forget_run_states(&path.join("state"))?;
     }
-    if let Some(json) = &args.json {
+    if let Some(json) = &args.run.json {
         crate::files::check_writable(json)?;
     }
+    Ok(RunDir {
+        name,
+        path,
+        _lock: lock,
+    })
+}
+
+/// The run's corpus and split, announced.
+fn load_split(config: &RunConfig, strategies: &[Strategy]) -> Result<(Split, String, Option<f64>)> {
     let model = lowband_engine::preset(&config.preset)?.model;
-    let (bytes, source, floor) = load_corpus(
-        corpus.as_ref(),
-        args.corpus_bytes,
-        args.tuning.then_some(config.validation_fraction),
-    )?;
+    let (bytes, source, floor) = load_corpus(config)?;
     let split = Split::new(
         &bytes,
         config.validation_fraction,
@@ -309,8 +302,22 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         split.train_bytes,
         split.validation.len()
     );
+    Ok((split, source, floor))
+}
+
+/// Run the strategies with `driver` (a cluster's `[network]` flags in `network`), print and
+/// write the report.
+pub fn run_with_driver(
+    args: &CompareArgs,
+    driver: Driver,
+    network: &NetworkArgs,
+) -> Result<Outcome> {
+    let (mut config, strategies) = settings(args)?;
+    network.apply(&mut config)?;
+    let run_dir = prepare_run_dir(args, &config, &strategies)?;
+    let (split, source, floor) = load_split(&config, &strategies)?;
     let persistence = Persistence {
-        state_dir: Some(state_dir),
+        state_dir: Some(run_dir.path.join("state")),
         stop_after_rounds: args.stop_after_rounds,
     };
     let mut results: Vec<RunResult> = Vec::new();
@@ -321,10 +328,7 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
             driver != Driver::Memory && strategy.kind == lowband_runtime::StrategyKind::Rounds;
         let launch = match driver {
             Driver::Processes { restart_sites } => Some(SiteLaunch {
-                corpus: corpus.clone(),
-                corpus_bytes: args.corpus_bytes,
-                tuning: args.tuning,
-                dir: run_dir.join("nodes"),
+                dir: run_dir.path.join("nodes"),
                 restart: restart_sites,
             }),
             _ => None,
@@ -339,13 +343,12 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
             );
             result
         } else {
-            run_one(&config, strategy.clone(), &split, &persistence, tokens)
-                .map_err(crate::failure::ran)?
+            run_one(&config, strategy.clone(), &split, &persistence).map_err(crate::failure::ran)?
         });
     }
     match driver {
         Driver::Loopback => println!("\ncluster: the round and streaming strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
-        Driver::Processes { .. } => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.join("nodes").display()),
+        Driver::Processes { .. } => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.path.join("nodes").display()),
         Driver::Memory => {}
     }
     let comparison = Comparison {
@@ -353,15 +356,16 @@ pub fn run_with_driver(args: &CompareArgs, driver: Driver) -> Result<Outcome> {
         results: &results,
         corpus: &source,
         floor,
-        name: &name,
+        name: &run_dir.name,
         events: &events,
     };
-    report::write_all(&comparison, &run_dir, args.json.as_deref()).map_err(crate::failure::ran)?;
+    report::write_all(&comparison, &run_dir.path, args.run.json.as_deref())
+        .map_err(crate::failure::ran)?;
     Ok(Outcome {
         config,
         results,
         split,
-        run_dir,
+        run_dir: run_dir.path.clone(),
     })
 }
 
@@ -406,8 +410,9 @@ fn run_one(
     strategy: Strategy,
     split: &Split,
     persistence: &Persistence,
-    tokens: u64,
 ) -> Result<RunResult> {
+    let context = lowband_engine::preset(&config.preset)?.model.context_length;
+    let tokens = config.steps * (config.sites * config.site_batch * context) as u64;
     if let Some(saved) = lowband_runtime::state::load(persistence, &strategy)? {
         println!(
             "resuming {} from its saved state at step {}",
@@ -440,7 +445,7 @@ fn run_one(
         }
         Err(RunError::Stopped { step }) => {
             bar.abandon();
-            bail!("{} stopped after {step} steps as requested; continue with the same command and --resume", strategy.name())
+            bail!("{} stopped after {step} steps as requested (its state is saved); continue with the same command and --resume", strategy.name())
         }
         Err(e) => {
             bar.abandon();

@@ -18,12 +18,13 @@ use crate::alloc_count::{live_bytes, peak_bytes, reset_peak};
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorBenchArgs {
-    /// Site counts, comma-separated.
+    /// Site counts to measure (K), comma-separated.
     #[arg(long, default_value = "4,8,16,32,64", value_delimiter = ',')]
-    sites: Vec<usize>,
-    /// Strategies as compare names them (their codecs and sync interval), separated by `;`.
-    #[arg(long, default_value = "diloco;sparseloco")]
-    strategies: String,
+    site_counts: Vec<usize>,
+    /// Strategies as compare takes them (their codecs and sync interval), comma-separated
+    /// (commas inside brackets belong to the strategy).
+    #[arg(long, default_value = "diloco,sparseloco", value_parser = crate::compare::parse_strategy_list)]
+    strategies: crate::compare::StrategyList,
     /// Aggregators, comma-separated (mean, median, trimmed-mean, centered-clip, clipped-mean).
     #[arg(long, default_value = "mean,median", value_delimiter = ',')]
     aggregators: Vec<String>,
@@ -61,12 +62,13 @@ pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
     anyhow::ensure!(args.params > 0, "--params: at least 1");
     anyhow::ensure!(args.rounds > 0, "--rounds: at least 1");
     anyhow::ensure!(
-        args.sites.iter().all(|&k| k > 0),
-        "--sites: every count at least 1"
+        args.site_counts.iter().all(|&k| k > 0),
+        "--site-counts: every count at least 1"
     );
     let strategies: Vec<lowband_runtime::Strategy> = args
         .strategies
-        .split(';')
+        .0
+        .iter()
         .map(|s| {
             lowband_runtime::Strategy::parse(s.trim(), 50)
                 .map_err(|e| anyhow::anyhow!("--strategies: {e}"))
@@ -92,7 +94,7 @@ pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
             strategy.name()
         );
         for aggregator in &aggregators {
-            for &k in &args.sites {
+            for &k in &args.site_counts {
                 let cell = measure(strategy, *aggregator, k, args.params, args.rounds)?;
                 let mb = |b: u64| b as f64 / 1e6;
                 println!(
@@ -133,7 +135,7 @@ pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        lowband_engine::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(&cells)?)?;
+        crate::files::write_json(path, &cells)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {

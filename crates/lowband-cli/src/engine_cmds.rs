@@ -52,9 +52,10 @@ pub struct EvalArgs {
     /// Windows per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Print the result as JSON (loss, bits per byte, windows, tokens).
+    /// Write the result as JSON here (loss, bits per byte, windows, tokens); `-` prints it
+    /// instead of the text line.
     #[arg(long)]
-    pub json: bool,
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -111,13 +112,14 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         windows,
         tokens: windows * context,
     };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
+    if args.json.as_deref() != Some(std::path::Path::new("-")) {
         println!(
             "loss {:.4} nats/byte ({:.4} bits/byte) over {} windows of {} bytes",
             report.loss, report.bits_per_byte, windows, context
         );
+    }
+    if let Some(path) = &args.json {
+        crate::files::write_json(path, &report)?;
     }
     Ok(())
 }

@@ -168,6 +168,18 @@ fn process_alive(pid: u32) -> bool {
     pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Write a command's machine-readable result: `-` is standard output, anything else a file
+/// (written atomically). Every `--json PATH` of the CLI goes through this.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    if path == Path::new("-") {
+        println!("{text}");
+        return Ok(());
+    }
+    lowband_engine::checkpoint::write_atomic(path, format!("{text}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

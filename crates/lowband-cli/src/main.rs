@@ -10,6 +10,7 @@ mod coordinator_bench;
 mod engine_cmds;
 mod failure;
 mod files;
+mod help;
 mod inspect;
 mod nodes;
 mod plan;
@@ -17,10 +18,11 @@ mod plot_runs;
 mod plots;
 mod report;
 mod robustness;
+mod settings;
 mod shape;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[global_allocator]
 static ALLOCATOR: alloc_count::CountingAllocator = alloc_count::CountingAllocator;
@@ -86,8 +88,14 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ClusterArgs {
+    /// Strategies, as compare takes them (round and streaming strategies run over QUIC; ddp
+    /// runs in memory as the reference).
+    #[arg(long, value_parser = compare::parse_strategy_list)]
+    strategies: Option<compare::StrategyList>,
     #[command(flatten)]
-    settings: compare::CompareArgs,
+    run: compare::RunArgs,
+    #[command(flatten)]
+    network: nodes::NetworkArgs,
     /// Run the sites as tasks of this process instead of separate processes.
     #[arg(long)]
     in_process: bool,
@@ -150,7 +158,8 @@ enum BenchCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = help::with_defaults(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Messages of the library crates (`tracing`): info and above on stderr; `RUST_LOG` filters
     // (e.g. `RUST_LOG=lowband_runtime=debug`, or `warn` for less).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -207,7 +216,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Some(Command::Compare(args)) => compare::run_compare(&args),
         Some(Command::Cluster(args)) => compare::run_with_driver(
-            &args.settings,
+            &compare::CompareArgs {
+                strategies: args.strategies,
+                run: args.run,
+                resume: false,
+                stop_after_rounds: None,
+            },
             if args.in_process {
                 compare::Driver::Loopback
             } else {
@@ -215,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     restart_sites: args.restart_sites,
                 }
             },
+            &args.network,
         )
         .map(|_| ()),
         Some(Command::Train(args)) => train::run(&args),

@@ -1,16 +1,14 @@
 //! `lowband coordinator` and `lowband site`: the nodes of a cluster as separate processes.
 //!
-//! Both read the same cluster file (TOML):
+//! Both read the same run file (`crate::settings`: the format `compare --config` reads), with
+//! exactly one round strategy and the nodes' keys in its `[cluster]` table:
 //! ```toml
-//! strategy = "diloco@50"          # one round strategy
-//! coordinator = "<64 hex digits>" # the coordinator's public key (lowband keygen)
-//! sites = ["<hex>", "<hex>"]      # site k is the k-th key; only these keys get in
-//! corpus = "kjv.txt"              # optional (default: the generated synthetic language)
-//! corpus_bytes = 8388608          # size of the generated corpus
-//! tuning = false                  # true: set the validation split aside (compare --tuning)
-//! [run]                           # any RunConfig field (sites = the number of keys)
+//! strategies = ["diloco@50"]
 //! preset = "tiny"
 //! steps = 200
+//! [cluster]
+//! coordinator = "<64 hex digits>"     # the coordinator's public key (lowband keygen)
+//! sites = ["<hex>", "<hex>"]          # site k is the k-th key; only these keys get in
 //! ```
 //! Every node builds the same split from the same corpus and seed, so a site needs only the file
 //! and its key; a site whose file differs from the coordinator's is refused at its join, with
@@ -24,99 +22,92 @@ use lowband_data::Split;
 use lowband_engine::checkpoint::write_atomic;
 use lowband_net::{Identity, Limits, PublicKey};
 use lowband_runtime::{RunConfig, Strategy};
-use serde::Deserialize;
 
 use crate::report::{self, Comparison};
+use crate::settings::RunFile;
 use crate::train::load_corpus;
 
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct ClusterFile {
-    strategy: String,
-    coordinator: String,
-    sites: Vec<String>,
-    corpus: Option<PathBuf>,
-    #[serde(default = "default_corpus_bytes")]
-    corpus_bytes: usize,
-    #[serde(default)]
-    tuning: bool,
-    #[serde(default)]
-    run: Option<RunConfig>,
-}
-
-fn default_corpus_bytes() -> usize {
-    8 << 20
-}
-
-/// A cluster file, checked: keys parse, sites match, the strategy is a round strategy.
+/// A cluster file, checked: keys parse, sites match, one round strategy.
 struct Cluster {
     config: RunConfig,
     strategy: Strategy,
     coordinator: PublicKey,
     sites: Vec<PublicKey>,
-    corpus: Option<PathBuf>,
-    corpus_bytes: usize,
-    tuning: bool,
 }
 
 fn read_cluster(path: &Path) -> Result<Cluster> {
-    let text = crate::files::read_text(path, crate::files::SETTINGS_BYTES_MAX)?;
-    let file: ClusterFile =
-        toml::from_str(&text).map_err(|e| crate::files::toml_error(path, &text, &e, false))?;
-    let coordinator: PublicKey = file
+    let file = RunFile::read(path)?;
+    let Some(keys) = file.cluster else {
+        bail!("{}: no [cluster] table: a cluster file names the coordinator's key and the sites' keys (coordinator = ..., sites = [...])", path.display());
+    };
+    let coordinator: PublicKey = keys
         .coordinator
         .parse()
-        .with_context(|| format!("{}: coordinator", path.display()))?;
-    let sites: Vec<PublicKey> = file
+        .with_context(|| format!("{}: cluster.coordinator", path.display()))?;
+    let sites: Vec<PublicKey> = keys
         .sites
         .iter()
         .enumerate()
         .map(|(k, s)| {
             s.parse()
-                .with_context(|| format!("{}: sites[{k}]", path.display()))
+                .with_context(|| format!("{}: cluster.sites[{k}]", path.display()))
         })
         .collect::<Result<_>>()?;
     if sites.is_empty() {
-        bail!("{}: sites: list at least one site key", path.display());
+        bail!(
+            "{}: cluster.sites: list at least one site key",
+            path.display()
+        );
     }
     for (k, key) in sites.iter().enumerate() {
         if *key == coordinator {
-            bail!("{}: sites[{k}] is the coordinator's key: a node is either the coordinator or a site", path.display());
+            bail!("{}: cluster.sites[{k}] is the coordinator's key: a node is either the coordinator or a site", path.display());
         }
         if let Some(first) = sites[..k].iter().position(|other| other == key) {
             bail!(
-                "{}: sites[{k}] repeats sites[{first}]: every site has its own key",
+                "{}: cluster.sites[{k}] repeats cluster.sites[{first}]: every site has its own key",
                 path.display()
             );
         }
     }
-    crate::train::check_corpus_bytes(file.corpus_bytes)
-        .map_err(|e| anyhow::anyhow!("{}: corpus_bytes: {e}", path.display()))?;
-    let mut config = file.run.unwrap_or_default();
+    let mut config = file.run;
+    let default_sites = RunConfig::default().sites;
+    if config.sites != default_sites && config.sites != sites.len() {
+        bail!(
+            "{}: sites = {} but [cluster] lists {} site keys (leave `sites` out: the keys count them)",
+            path.display(),
+            config.sites,
+            sites.len()
+        );
+    }
     config.sites = sites.len();
     config
         .validate()
-        .map_err(|(field, reason)| anyhow::anyhow!("{}: run.{field}: {reason}", path.display()))?;
-    let strategy = Strategy::parse(&file.strategy, config.inner_steps)
-        .map_err(|e| anyhow::anyhow!("{}: strategy: {e}", path.display()))?;
+        .map_err(|(field, reason)| anyhow::anyhow!("{}: {field}: {reason}", path.display()))?;
+    let strategy = match file.strategies.as_deref() {
+        Some([one]) => Strategy::parse(one, config.inner_steps)
+            .map_err(|e| anyhow::anyhow!("{}: strategies: {e}", path.display()))?,
+        Some(many) => bail!(
+            "{}: strategies: a cluster runs one strategy, the file names {}",
+            path.display(),
+            many.len()
+        ),
+        None => bail!(
+            "{}: strategies: name the cluster's strategy, e.g. strategies = [\"diloco@50\"]",
+            path.display()
+        ),
+    };
     Ok(Cluster {
         config,
         strategy,
         coordinator,
         sites,
-        corpus: file.corpus,
-        corpus_bytes: file.corpus_bytes,
-        tuning: file.tuning,
     })
 }
 
 fn split_of(cluster: &Cluster) -> Result<(Split, String, Option<f64>)> {
     let model = lowband_engine::preset(&cluster.config.preset)?.model;
-    let (bytes, source, floor) = load_corpus(
-        cluster.corpus.as_ref(),
-        cluster.corpus_bytes,
-        cluster.tuning.then_some(cluster.config.validation_fraction),
-    )?;
+    let (bytes, source, floor) = load_corpus(&cluster.config)?;
     let split = Split::new(
         &bytes,
         cluster.config.validation_fraction,
@@ -150,34 +141,72 @@ pub struct CoordinatorArgs {
     /// Write the machine-readable summary here too.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// A site silent this long (no packet, no keep-alive) is dropped and the round goes on
-    /// without it.
-    #[arg(long, default_value_t = 30_000)]
-    idle_timeout_ms: u64,
-    /// Updates that close a round once its deadline has passed (default: every site, so a
-    /// round waits for all members still connected).
-    #[arg(long)]
-    quorum: Option<usize>,
-    /// Time after a round opens at which it closes on a quorum: a straggler or a hung site
-    /// cannot hold the run longer.
-    #[arg(long, default_value_t = 600_000)]
-    round_deadline_ms: u64,
-    /// How long to wait for the sites before the first round (then start with a quorum).
-    #[arg(long, default_value_t = lowband_runtime::network::JOIN_TIMEOUT_MS)]
-    join_timeout_ms: u64,
+    #[command(flatten)]
+    network: NetworkArgs,
     /// Continue from the state saved in the run directory after every round (a coordinator
     /// restarted after a crash); without it the run starts over.
     #[arg(long)]
     resume: bool,
 }
 
-fn limits(idle_timeout_ms: u64) -> Result<Limits> {
-    anyhow::ensure!(idle_timeout_ms >= 100, "--idle-timeout-ms: at least 100");
-    Ok(Limits {
+/// The `[network]` settings as flags (each overrides the run file; defaults in `--help`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct NetworkArgs {
+    /// Updates that close a round once its deadline has passed (0: every member, so a round
+    /// waits for all members still connected).
+    #[arg(long)]
+    pub quorum: Option<usize>,
+    /// Time after a round opens at which it may close on a quorum: a straggler or a hung site
+    /// cannot hold the run longer.
+    #[arg(long)]
+    pub round_deadline_ms: Option<u64>,
+    /// How long the coordinator waits for the sites before the first round (then it starts
+    /// with a quorum), and for any site to come back when all are gone.
+    #[arg(long)]
+    pub join_timeout_ms: Option<u64>,
+    /// A peer silent this long (no packet, no keep-alive) is gone: a site is dropped and the
+    /// round goes on; a site's coordinator is lost and the site reconnects.
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// A site that lost its coordinator (or starts before it) keeps trying to reach it this
+    /// long.
+    #[arg(long)]
+    pub reconnect_ms: Option<u64>,
+}
+
+impl NetworkArgs {
+    /// The flags over the run file's `[network]`.
+    pub fn apply(&self, config: &mut RunConfig) -> Result<()> {
+        let network = &mut config.network;
+        if let Some(v) = self.quorum {
+            network.quorum = v;
+        }
+        if let Some(v) = self.round_deadline_ms {
+            network.round_deadline_ms = v;
+        }
+        if let Some(v) = self.join_timeout_ms {
+            network.join_timeout_ms = v;
+        }
+        if let Some(v) = self.idle_timeout_ms {
+            network.idle_timeout_ms = v;
+        }
+        if let Some(v) = self.reconnect_ms {
+            network.reconnect_ms = v;
+        }
+        config
+            .validate()
+            .map_err(|(field, reason)| anyhow::anyhow!("{field}: {reason}"))
+    }
+}
+
+/// The transport's limits for a run's idle timeout.
+pub fn limits(config: &RunConfig) -> Limits {
+    let idle_timeout_ms = config.network.idle_timeout_ms;
+    Limits {
         idle_timeout_ms,
         keep_alive_ms: (idle_timeout_ms / 4).max(50),
         ..Limits::default()
-    })
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -191,13 +220,8 @@ pub struct SiteArgs {
     /// The coordinator's address.
     #[arg(long)]
     join: std::net::SocketAddr,
-    /// The coordinator silent this long ends this site's connection.
-    #[arg(long, default_value_t = 30_000)]
-    idle_timeout_ms: u64,
-    /// After losing the coordinator mid-run, keep trying to reach it this long (a coordinator
-    /// restarting from its checkpoint).
-    #[arg(long, default_value_t = 60_000)]
-    reconnect_ms: u64,
+    #[command(flatten)]
+    network: NetworkArgs,
     /// Where this site saves its own state (optimizer moments, data position, error feedback)
     /// after every update.
     #[arg(long)]
@@ -210,7 +234,8 @@ pub struct SiteArgs {
 
 pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     crate::files::check_run_name(&args.name)?;
-    let cluster = read_cluster(&args.config)?;
+    let mut cluster = read_cluster(&args.config)?;
+    args.network.apply(&mut cluster.config)?;
     let run_dir = args.runs_dir.join(&args.name);
     let _lock = crate::files::RunLock::acquire(&run_dir)?;
     if let Some(json) = &args.json {
@@ -234,14 +259,10 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         cluster.config.steps
     );
     let address_file = args.address_file.clone();
-    anyhow::ensure!(args.quorum != Some(0), "--quorum: at least 1");
     let options = lowband_runtime::network::NetworkOptions {
-        quorum: args.quorum.unwrap_or(0),
-        round_deadline_ms: args.round_deadline_ms,
-        join_timeout_ms: args.join_timeout_ms,
         state_dir: Some(args.runs_dir.join(&args.name).join("coordinator-state")),
         resume: args.resume,
-        ..lowband_runtime::network::NetworkOptions::new(limits(args.idle_timeout_ms)?)
+        ..lowband_runtime::network::NetworkOptions::of(&cluster.config, limits(&cluster.config))
     };
     let result = lowband_runtime::network::serve_coordinator(
         &cluster.config,
@@ -279,7 +300,8 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
 }
 
 pub fn site(args: &SiteArgs) -> Result<()> {
-    let cluster = read_cluster(&args.config)?;
+    let mut cluster = read_cluster(&args.config)?;
+    args.network.apply(&mut cluster.config)?;
     let identity = Arc::new(Identity::load(&args.key)?);
     let Some(k) = cluster
         .sites
@@ -302,8 +324,8 @@ pub fn site(args: &SiteArgs) -> Result<()> {
         identity,
         (args.join, cluster.coordinator),
         lowband_runtime::network::SiteOptions {
-            limits: limits(args.idle_timeout_ms)?,
-            reconnect_ms: args.reconnect_ms,
+            limits: limits(&cluster.config),
+            reconnect_ms: cluster.config.network.reconnect_ms,
             state_dir: args.state_dir.clone(),
             resume: args.resume,
         },

@@ -32,7 +32,7 @@ pub struct PlanArgs {
     /// `lowband compare` run (its summary.json) instead of the published defaults.
     #[arg(long)]
     from_run: Option<PathBuf>,
-    /// Hardware preset of every site and of the centralized cluster: h100, a100.
+    /// Hardware preset of every site and of the centralized cluster: h100, a100 (default h100).
     #[arg(long)]
     hardware: Option<String>,
     /// Accelerators per site (default 64); the centralized cluster has them all.

@@ -22,15 +22,17 @@ pub struct RobustnessArgs {
     #[arg(long, value_parser = crate::compare::parse_strategy_list,
         default_value = "diloco@50,sparseloco@42[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128,chunk=4096,values=q2]")]
     pub strategies: StrategyList,
-    /// Settings as SITES:HOSTILE, comma-separated; hostile sites are 1, then every K/HOSTILE-th.
+    /// The grid's (sites, hostile sites) settings as K:HOSTILE, comma-separated; hostile sites
+    /// are 1, then every K/HOSTILE-th.
     #[arg(long, default_value = "4:1,8:2")]
-    pub sites: String,
-    /// Attack modes, comma-separated (`none` is the honest run of each aggregator).
+    pub site_grid: String,
+    /// Attack modes, comma-separated (`none` is the honest run of each aggregator); the grid
+    /// puts each on its hostile sites.
     #[arg(
         long,
         default_value = "none,signflip,scale=-10,noise=0.05,zeros,nan,stale,garbage"
     )]
-    pub attacks: String,
+    pub attack_modes: String,
     /// Aggregators, comma-separated.
     #[arg(
         long,
@@ -52,9 +54,10 @@ pub struct RobustnessArgs {
     /// Seed of every run of the grid.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Every cell as JSON; cells already in this file are not run again (delete it to rerun).
+    /// The grid's cells (JSON), read and extended: cells already in this file are not run again
+    /// (delete it to rerun), so an interrupted grid continues.
     #[arg(long, default_value = "runs/robustness.json")]
-    pub json: PathBuf,
+    pub cells: PathBuf,
     /// Run nothing: print the table and plots of the cells already in the JSON file.
     #[arg(long)]
     pub report_only: bool,
@@ -97,27 +100,27 @@ fn list(text: &str) -> Vec<String> {
 }
 
 pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
-    let settings: Vec<(usize, usize)> = list(&args.sites)
+    let settings: Vec<(usize, usize)> = list(&args.site_grid)
         .iter()
         .map(|s| {
             let (k, f) = s
                 .split_once(':')
-                .with_context(|| format!("--sites: `{s}` is not SITES:HOSTILE"))?;
+                .with_context(|| format!("--site-grid: `{s}` is not K:HOSTILE"))?;
             let (k, f): (usize, usize) = (
-                k.parse().with_context(|| format!("--sites: `{k}`"))?,
-                f.parse().with_context(|| format!("--sites: `{f}`"))?,
+                k.parse().with_context(|| format!("--site-grid: `{k}`"))?,
+                f.parse().with_context(|| format!("--site-grid: `{f}`"))?,
             );
             anyhow::ensure!(
                 k >= 2 && f >= 1 && 2 * f < k,
-                "--sites: {k}:{f}: need fewer than half hostile, at least one"
+                "--site-grid: {k}:{f}: need fewer than half hostile, at least one"
             );
             Ok((k, f))
         })
         .collect::<Result<_>>()?;
-    let attacks = list(&args.attacks);
+    let attacks = list(&args.attack_modes);
     for a in attacks.iter().filter(|a| *a != "none") {
         a.parse::<AttackMode>()
-            .map_err(|e| anyhow::anyhow!("--attacks: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--attack-modes: {e}"))?;
     }
     let aggregators: Vec<AggregatorSpec> = list(&args.aggregators)
         .iter()
@@ -139,11 +142,11 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
         bail!("--strategies: {}: give round strategies without [agg=...] (the grid sets the aggregator)", s.name());
     }
     let mut done: Vec<Cell> =
-        match lowband_data::corpus::read_bounded(&args.json, crate::files::METRICS_BYTES_MAX) {
+        match lowband_data::corpus::read_bounded(&args.cells, crate::files::METRICS_BYTES_MAX) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
                 format!(
                     "{}: not a robustness result file; delete it to start over",
-                    args.json.display()
+                    args.cells.display()
                 )
             })?,
             Err(lowband_data::DataError::Io { source, .. })
@@ -151,10 +154,14 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
             {
                 Vec::new()
             }
-            Err(e) => return Err(e).context("--json: reading the grid's earlier cells"),
+            Err(e) => return Err(e).context("--cells: reading the grid's earlier cells"),
         };
     let model = lowband_engine::preset(&args.preset)?.model;
-    let (bytes, source, _) = load_corpus(args.corpus.as_ref(), args.corpus_bytes, None)?;
+    let (bytes, source, _) = load_corpus(&RunConfig {
+        corpus: args.corpus.clone(),
+        corpus_bytes: args.corpus_bytes,
+        ..RunConfig::default()
+    })?;
     let total = strategies.len() * settings.len() * attacks.len() * aggregators.len();
     println!("lowband bench robustness: {total} runs ({} strategies x {} settings x {} attacks x {} aggregators), preset {}, {} tokens each, corpus {source}",
         strategies.len(), settings.len(), attacks.len(), aggregators.len(), args.preset, args.tokens);
@@ -248,11 +255,11 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
                             .collect(),
                         refused_updates: result.site_scores.iter().map(|(_, s)| s.refused).sum(),
                     });
-                    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if let Some(dir) = args.cells.parent().filter(|d| !d.as_os_str().is_empty()) {
                         std::fs::create_dir_all(dir)
                             .with_context(|| format!("creating {}", dir.display()))?;
                     }
-                    write_atomic(&args.json, &serde_json::to_vec_pretty(&done)?)?;
+                    write_atomic(&args.cells, &serde_json::to_vec_pretty(&done)?)?;
                     bar.inc(1);
                 }
             }
@@ -268,7 +275,7 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
         table(&cells, &strategies, &settings, &attacks, &aggregators)
     );
     let dir = args
-        .json
+        .cells
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .map(PathBuf::from)
@@ -312,7 +319,7 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
             println!("plot: {}", path.display());
         }
     }
-    println!("cells: {}", args.json.display());
+    println!("cells: {}", args.cells.display());
     Ok(())
 }
 

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use lowband_data::{read_corpus, Split, SyntheticLanguage, SyntheticSpec};
 use lowband_engine::{checkpoint, Gpt};
 
-use crate::compare::{self, CompareArgs};
+use crate::compare::{self, CompareArgs, RunArgs};
 use crate::engine_cmds::sample_text;
 
 #[derive(clap::Args, Debug)]
@@ -17,17 +17,17 @@ pub struct TrainArgs {
     #[arg(long, default_value = "diloco")]
     pub strategy: String,
     #[command(flatten)]
-    pub settings: CompareArgs,
+    pub run: RunArgs,
+    /// Continue from the run directory's saved state instead of starting over.
+    #[arg(long)]
+    pub resume: bool,
 }
 
-/// The corpus to use and, for the generated one, its entropy rate in nats per byte.
-pub fn load_corpus(
-    path: Option<&PathBuf>,
-    generated_bytes: usize,
-    tuning: Option<f64>,
-) -> Result<(Vec<u8>, String, Option<f64>)> {
-    let (mut bytes, source, floor) = read_or_generate(path, generated_bytes)?;
-    match tuning {
+/// The run's corpus (`corpus`, or the generated language of `corpus_bytes`; with `tuning`, its
+/// training split only) and, for the generated one, its entropy rate in nats per byte.
+pub fn load_corpus(config: &lowband_runtime::RunConfig) -> Result<(Vec<u8>, String, Option<f64>)> {
+    let (mut bytes, source, floor) = read_or_generate(config.corpus.as_ref(), config.corpus_bytes)?;
+    match config.tuning.then_some(config.validation_fraction) {
         None => Ok((bytes, source, floor)),
         // `--tuning`: only the training split is read on (its own last part is held out).
         Some(validation_fraction) => {
@@ -37,19 +37,6 @@ pub fn load_corpus(
             Ok((bytes, note, floor))
         }
     }
-}
-
-/// Largest generated corpus (the synthetic language is made in memory).
-pub const GENERATED_BYTES_MAX: usize = 1 << 30;
-
-/// The size of a generated corpus: 4 KiB to 1 GiB.
-pub fn check_corpus_bytes(bytes: usize) -> std::result::Result<(), String> {
-    if !(4096..=GENERATED_BYTES_MAX).contains(&bytes) {
-        return Err(format!(
-            "{bytes} is outside 4096 ..= {GENERATED_BYTES_MAX} bytes"
-        ));
-    }
-    Ok(())
 }
 
 fn read_or_generate(
@@ -62,8 +49,8 @@ fn read_or_generate(
             Ok((corpus.bytes, corpus.source, None))
         }
         None => {
-            check_corpus_bytes(generated_bytes)
-                .map_err(|e| anyhow::anyhow!("--corpus-bytes: {e}"))?;
+            lowband_runtime::config::check_corpus_bytes(generated_bytes)
+                .map_err(|e| anyhow::anyhow!("corpus_bytes: {e}"))?;
             let language = SyntheticLanguage::new(SyntheticSpec::default());
             let floor = language.entropy_rate_bits_per_byte() * std::f64::consts::LN_2;
             Ok((
@@ -76,15 +63,15 @@ fn read_or_generate(
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    if args.settings.strategies.is_some() {
-        bail!("--strategies: train runs one strategy; use --strategy (or `lowband compare`)");
-    }
     let mut settings = CompareArgs {
         strategies: Some(crate::compare::StrategyList(vec![args.strategy.clone()])),
-        ..args.settings.clone()
+        run: args.run.clone(),
+        resume: args.resume,
+        stop_after_rounds: None,
     };
-    settings.name = Some(
+    settings.run.name = Some(
         settings
+            .run
             .name
             .clone()
             .unwrap_or_else(|| format!("train-{}", args.strategy.replace('@', "-h"))),

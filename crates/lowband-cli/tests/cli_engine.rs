@@ -74,6 +74,7 @@ fn init_export_import_eval_and_sample_work_end_to_end() {
             "--data",
             &p("text.txt"),
             "--json",
+            "-",
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();

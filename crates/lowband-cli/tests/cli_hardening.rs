@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A tiny 2-site run (seconds).
-const CLUSTER: &str = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
+const CLUSTER: &str = "strategies = [\"diloco@4\"]\ncorpus_bytes = 60000\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
 
 fn keys(dir: &Path) -> (String, Vec<String>) {
     let coordinator = keygen(dir, "coordinator.key");
@@ -22,7 +22,7 @@ fn cluster_file(dir: &Path, name: &str, coordinator: &str, sites: &[String], bod
     std::fs::write(
         dir.join(name),
         format!(
-            "coordinator = \"{coordinator}\"\nsites = [{}]\n{body}",
+            "{body}\n[cluster]\ncoordinator = \"{coordinator}\"\nsites = [{}]\n",
             keys.join(", ")
         ),
     )
@@ -111,7 +111,7 @@ fn a_site_with_other_run_settings_or_an_unlisted_key_is_refused_by_name_and_stop
     let other = CLUSTER
         .replace("diloco@4", "diloco@2")
         .replace("corpus_bytes = 60000", "corpus_bytes = 70000")
-        .replace("[run]\n", "[run]\nseed = 7\n");
+        .replace("corpus_bytes = 70000", "corpus_bytes = 70000\nseed = 7");
     cluster_file(dir.path(), "other.toml", &coordinator, &sites, &other);
     // A stranger whose own file lists it, but the coordinator's does not.
     let stranger = keygen(dir.path(), "stranger.key");
@@ -360,7 +360,7 @@ fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs(
         (
             "repeated.toml",
             vec![sites[0].clone(), sites[0].clone()],
-            "repeats sites[0]",
+            "repeats cluster.sites[0]",
         ),
         (
             "coordinator_as_site.toml",
@@ -396,6 +396,28 @@ fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs(
             assert!(error.contains(fragment), "{command:?}: {error}");
         }
     }
+    // A cluster file in the old format (before compare --config and cluster files were one
+    // format) is refused with what changed.
+    std::fs::write(
+        dir.path().join("old.toml"),
+        format!("strategy = \"diloco@4\"\ncoordinator = \"{coordinator}\"\nsites = [\"{}\"]\n[run]\nsteps = 4\n", sites[0]),
+    )
+    .unwrap();
+    let o = lowband(dir.path())
+        .args([
+            "site",
+            "--config",
+            "old.toml",
+            "--key",
+            "site0.key",
+            "--join",
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    let error = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{error}");
+    assert!(error.contains("old cluster file format"), "{error}");
     // A key file that is a device is read no further than a key's size.
     cluster_file(dir.path(), "cluster.toml", &coordinator, &sites, CLUSTER);
     let o = lowband(dir.path())

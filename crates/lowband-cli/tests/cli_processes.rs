@@ -39,7 +39,7 @@ fn small_run_in_memory(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("memory.json")).unwrap()).unwrap()
 }
 
-const SMALL_CLUSTER: &str = "strategy = \"diloco@4\"\ncorpus_bytes = 60000\n[run]\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
+const SMALL_CLUSTER: &str = "strategies = [\"diloco@4\"]\ncorpus_bytes = 60000\npreset = \"tiny\"\nsteps = 24\ninner_steps = 4\nsite_batch = 2\neval_every_steps = 0\n";
 
 #[test]
 fn a_coordinator_and_two_site_processes_train_the_in_memory_model() {
@@ -127,7 +127,7 @@ fn a_site_killed_mid_run_is_dropped_and_the_run_finishes_with_the_others() {
     let sites: Vec<String> = (0..3)
         .map(|k| keygen(dir.path(), &format!("site{k}.key")))
         .collect();
-    let cluster = "strategy = \"diloco@10\"\ncorpus_bytes = 200000\n[run]\npreset = \"tiny\"\nsteps = 600\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\n";
+    let cluster = "strategies = [\"diloco@10\"]\ncorpus_bytes = 200000\npreset = \"tiny\"\nsteps = 600\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\n";
     let (mut coordinator_process, address) = start_coordinator(
         dir.path(),
         &coordinator,
@@ -205,7 +205,7 @@ fn a_site_killed_mid_run_is_dropped_and_the_run_finishes_with_the_others() {
 const LONG_RUN: &str = "preset = \"tiny\"\nsteps = 1000\ninner_steps = 10\nsite_batch = 4\neval_every_steps = 0\nlr_outer = 0.5\n";
 const LONG_OPTIMIZER: &str = "lr = 1e-3\n";
 fn long_cluster() -> String {
-    format!("strategy = \"diloco@10\"\ncorpus_bytes = 200000\n[run]\n{LONG_RUN}[run.optimizer]\n{LONG_OPTIMIZER}")
+    format!("strategies = [\"diloco@10\"]\ncorpus_bytes = 200000\n{LONG_RUN}[optimizer]\n{LONG_OPTIMIZER}")
 }
 
 fn signal(child: &Guard, name: &str) {
@@ -993,7 +993,7 @@ fn a_streaming_site_killed_mid_run_restarts_and_trains_on() {
 
 /// The streaming run of these tests (4 fragments, delay 5, a sync every 10 steps).
 fn streaming_cluster() -> String {
-    format!("strategy = \"streaming@40\"\ncorpus_bytes = 200000\n[run]\n{LONG_RUN}[run.optimizer]\n{LONG_OPTIMIZER}")
+    format!("strategies = [\"streaming@40\"]\ncorpus_bytes = 200000\n{LONG_RUN}[optimizer]\n{LONG_OPTIMIZER}")
 }
 
 /// The same streaming run in memory, fault-free.

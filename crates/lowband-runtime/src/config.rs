@@ -1,5 +1,7 @@
-//! What a run is: model, sites, budget, optimizers, data split, link profile. One TOML-able
-//! struct whose defaults are the reference protocol (`shared/reference/diloco_torch.py`).
+//! What a run is: model, sites, budget, optimizers, data (corpus, split, tuning), link profile and
+//! the network's deadlines. One TOML-able struct whose defaults are the reference protocol
+//! (`shared/reference/diloco_torch.py`): `compare --config`, the cluster file of `coordinator`,
+//! `site` and `cluster`, and a saved state all hold this type, and the CLI's flags override it.
 
 use lowband_data::ShardMode;
 use lowband_engine::OptimizerConfig;
@@ -46,6 +48,67 @@ pub struct RunConfig {
     pub aggregator: AggregatorSpec,
     /// Hostile sites for experiments, `SITE:MODE` (see `crate::attack`). DDP runs honest.
     pub attacks: Vec<Attack>,
+    /// Text file or directory to train on (None: the generated synthetic language). Each node
+    /// reads its own copy: the path is not compared between nodes, the corpus's fingerprint is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corpus: Option<std::path::PathBuf>,
+    /// Size of the generated corpus when no corpus is given.
+    pub corpus_bytes: usize,
+    /// Choose settings without touching the validation split: set it aside and hold out the
+    /// last part (the same fraction) of the training split instead. For screening candidates,
+    /// never for the figures a benchmark reports.
+    pub tuning: bool,
+    /// Deadlines and retries of a networked run (`coordinator`, `site`, `cluster`).
+    pub network: NetworkConfig,
+}
+
+/// Deadlines and retries of a networked run. They decide when things happen, not what is
+/// computed: a fault-free run gives the same model whatever they are.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Updates that close a round once its deadline has passed (0: every member, so a round
+    /// waits for all members still connected).
+    pub quorum: usize,
+    /// Time after a round opens at which it may close on a quorum: a straggler or a hung site
+    /// cannot hold the run longer.
+    pub round_deadline_ms: u64,
+    /// How long the coordinator waits for the sites before the first round (then it starts with
+    /// a quorum), and for any site to come back when all are gone.
+    pub join_timeout_ms: u64,
+    /// A peer silent this long (no packet, no keep-alive) is gone: a site is dropped and the
+    /// round goes on; a site's coordinator is lost and the site reconnects.
+    pub idle_timeout_ms: u64,
+    /// A site that lost its coordinator (or starts before it) keeps trying to reach it this
+    /// long.
+    pub reconnect_ms: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            quorum: 0,
+            round_deadline_ms: lowband_protocol::coordinator::ROUND_DEADLINE_MS_DEFAULT,
+            join_timeout_ms: 120_000,
+            idle_timeout_ms: 30_000,
+            reconnect_ms: 60_000,
+        }
+    }
+}
+
+/// Size of the generated synthetic corpus by default (8 MiB).
+pub const CORPUS_BYTES_DEFAULT: usize = 8 << 20;
+/// Largest generated corpus (the synthetic language is made in memory).
+pub const GENERATED_BYTES_MAX: usize = 1 << 30;
+
+/// The size of a generated corpus: 4 KiB to 1 GiB.
+pub fn check_corpus_bytes(bytes: usize) -> Result<(), String> {
+    if !(4096..=GENERATED_BYTES_MAX).contains(&bytes) {
+        return Err(format!(
+            "{bytes} is outside 4096 ..= {GENERATED_BYTES_MAX} bytes"
+        ));
+    }
+    Ok(())
 }
 
 impl Default for RunConfig {
@@ -68,6 +131,10 @@ impl Default for RunConfig {
             checkpoint_every_rounds: 5,
             aggregator: AggregatorSpec::Mean,
             attacks: Vec::new(),
+            corpus: None,
+            corpus_bytes: CORPUS_BYTES_DEFAULT,
+            tuning: false,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -165,7 +232,31 @@ impl RunConfig {
                 "every site is hostile: no honest run to defend".into(),
             ));
         }
+        if self.corpus.is_none() {
+            check_corpus_bytes(self.corpus_bytes).map_err(|e| ("corpus_bytes", e))?;
+        }
+        if self.network.idle_timeout_ms < 100 {
+            return Err(("network.idle_timeout_ms", "at least 100".into()));
+        }
+        if self.network.round_deadline_ms == 0 {
+            return Err(("network.round_deadline_ms", "must be at least 1".into()));
+        }
         self.link.validate().map_err(|e| ("link", e))
+    }
+
+    /// What two nodes of a run (and a run and its saved state) must agree on: every setting but
+    /// where the text comes from (`corpus`, `corpus_bytes`, `tuning`: each node reads its own
+    /// copy, and the split's fingerprint, compared beside these settings, is what must agree),
+    /// the network's deadlines (each process has its own) and the checkpoint cadence.
+    pub fn comparable(&self) -> RunConfig {
+        RunConfig {
+            checkpoint_every_rounds: 0,
+            corpus: None,
+            corpus_bytes: CORPUS_BYTES_DEFAULT,
+            tuning: false,
+            network: NetworkConfig::default(),
+            ..self.clone()
+        }
     }
 
     /// The outer optimizer: DiLoCo's Nesterov, or FedAvg's plain average.

@@ -60,7 +60,7 @@ pub fn start_coordinator(
     std::fs::write(
         dir.join("cluster.toml"),
         format!(
-            "coordinator = \"{coordinator}\"\nsites = [{}]\n{cluster}",
+            "{cluster}\n[cluster]\ncoordinator = \"{coordinator}\"\nsites = [{}]\n",
             keys.join(", ")
         ),
     )

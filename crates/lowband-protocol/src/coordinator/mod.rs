@@ -43,6 +43,9 @@ pub struct CoordinatorConfig {
     pub parameter_abs_max: f32,
 }
 
+/// Default time after a round opens at which it may close on a quorum (10 minutes).
+pub const ROUND_DEADLINE_MS_DEFAULT: u64 = 600_000;
+
 /// Default bound on every global parameter's magnitude (see `parameter_abs_max`).
 pub const PARAMETER_ABS_MAX_DEFAULT: f32 = 1e6;
 
@@ -52,7 +55,7 @@ impl CoordinatorConfig {
             params,
             outer,
             quorum: 1,
-            round_deadline_ms: 600_000,
+            round_deadline_ms: ROUND_DEADLINE_MS_DEFAULT,
             sites_max: 1024,
             compression: Compression::default(),
             sites_start_synced: false,

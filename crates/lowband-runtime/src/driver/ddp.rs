@@ -47,22 +47,18 @@ pub(super) fn run_ddp(
         });
         // (DDP's "rounds" for checkpoints and stops: every `inner_steps` steps.)
         let finished = step + 1 == config.steps;
-        let round_end = (step + 1) % config.inner_steps == 0;
-        if (round_end || finished)
-            && checkpoint_due(
-                config.checkpoint_every_rounds,
-                (step + 1) / config.inner_steps,
-                finished,
-            )
-        {
-            RunState::of_ddp(&common, step + 1, &trainer, &samplers)
-                .save(persistence, &strategy)?;
-        }
-        if persistence
-            .stop_after_rounds
-            .is_some_and(|r| step + 1 >= r * config.inner_steps)
-        {
-            return Err(RunError::Stopped { step: step + 1 });
+        if (step + 1).is_multiple_of(config.inner_steps) || finished {
+            let rounds = (step + 1) / config.inner_steps;
+            after_round(
+                persistence,
+                rounds,
+                step + 1,
+                || {
+                    RunState::of_ddp(&common, step + 1, &trainer, &samplers)
+                        .save(persistence, &strategy)
+                },
+                checkpoint_due(config.checkpoint_every_rounds, rounds, finished),
+            )?;
         }
     }
     let params = trainer.params().to_vec();

@@ -300,7 +300,8 @@ fn start_in_memory(
     absorb(coordinator.start(now_ms), common, coordinator, step)
 }
 
-/// After a round in memory: save the state when due, and stop early when asked (tests).
+/// After a round in memory: save the state when due, and stop when asked (`stop_after_rounds`:
+/// the state is saved first, so that `--resume` continues from here).
 fn after_round(
     persistence: &Persistence,
     rounds_closed: u64,
@@ -308,13 +309,13 @@ fn after_round(
     save: impl FnOnce() -> Result<(), RunError>,
     due: bool,
 ) -> Result<(), RunError> {
-    if due {
+    let stop = persistence
+        .stop_after_rounds
+        .is_some_and(|r| rounds_closed >= r);
+    if due || (stop && persistence.state_dir.is_some()) {
         save()?;
     }
-    if persistence
-        .stop_after_rounds
-        .is_some_and(|r| rounds_closed >= r)
-    {
+    if stop {
         return Err(RunError::Stopped { step });
     }
     Ok(())

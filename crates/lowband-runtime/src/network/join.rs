@@ -25,11 +25,7 @@ pub(super) fn join_settings(
     corpus: CorpusFingerprint,
 ) -> JoinRequest {
     let mut settings = BTreeMap::new();
-    let run = serde_json::to_value(RunConfig {
-        checkpoint_every_rounds: 0,
-        ..config.clone()
-    })
-    .unwrap_or(serde_json::Value::Null);
+    let run = serde_json::to_value(config.comparable()).unwrap_or(serde_json::Value::Null);
     flatten("run", &run, &mut settings);
     settings.insert("strategy".into(), strategy.name());
     settings.insert("corpus".into(), corpus.to_string());

@@ -94,12 +94,13 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
-    pub fn new(limits: Limits) -> Self {
+    /// The run's `[network]` settings, no state directory.
+    pub fn of(config: &RunConfig, limits: Limits) -> Self {
         NetworkOptions {
             limits,
-            quorum: 0,
-            round_deadline_ms: 600_000,
-            join_timeout_ms: JOIN_TIMEOUT_MS,
+            quorum: config.network.quorum,
+            round_deadline_ms: config.network.round_deadline_ms,
+            join_timeout_ms: config.network.join_timeout_ms,
             state_dir: None,
             resume: false,
         }
@@ -114,7 +115,7 @@ pub fn run_over_loopback(
     limits: Limits,
 ) -> Result<RunResult, RunError> {
     check_networkable(config, &strategy, split)?;
-    run_loopback(config, strategy, split, NetworkOptions::new(limits))
+    run_loopback(config, strategy, split, NetworkOptions::of(config, limits))
 }
 
 fn check_networkable(
@@ -323,9 +324,6 @@ fn coordinator_config(
     };
     crate::driver::coordinator_config(config, strategy, params, quorum, options.round_deadline_ms)
 }
-
-/// How long the coordinator waits for every listed site to connect before it gives up.
-pub const JOIN_TIMEOUT_MS: u64 = 120_000;
 
 /// Where a run's rounds fall in its steps. Round strategies: round r trains steps
 /// [rH, min((r + 1)H, T)). Streaming (P fragments): fragment sync r comes after step

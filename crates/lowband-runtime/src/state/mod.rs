@@ -142,10 +142,7 @@ impl RunState {
             format: FORMAT.into(),
             version: VERSION,
             strategy: common.strategy.name(),
-            config: RunConfig {
-                checkpoint_every_rounds: 0,
-                ..common.config.clone()
-            },
+            config: common.config.comparable(),
             step,
             round,
             params,
@@ -333,12 +330,7 @@ impl RunState {
     }
 
     fn restore_common(&self, common: &mut Common) -> Result<(), RunError> {
-        if self.manifest.config
-            != (RunConfig {
-                checkpoint_every_rounds: 0,
-                ..common.config.clone()
-            })
-        {
+        if self.manifest.config != common.config.comparable() {
             return Err(RunError::State(
                 "the saved state was made with other settings (model, sites, steps, seed, optimizer, data or link); rerun without --resume to start over".into(),
             ));
