@@ -3,7 +3,7 @@
 //! and a JSON file of every cell.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -99,7 +99,16 @@ fn list(text: &str) -> Vec<String> {
         .collect()
 }
 
-pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
+/// The grid's axes, parsed from the flags.
+struct Grid {
+    /// (sites, hostile sites).
+    settings: Vec<(usize, usize)>,
+    attacks: Vec<String>,
+    aggregators: Vec<AggregatorSpec>,
+    strategies: Vec<Strategy>,
+}
+
+fn parse_grid(args: &RobustnessArgs) -> Result<Grid> {
     let settings: Vec<(usize, usize)> = list(&args.site_grid)
         .iter()
         .map(|s| {
@@ -141,129 +150,49 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
     {
         bail!("--strategies: {}: give round strategies without [agg=...] (the grid sets the aggregator)", s.name());
     }
-    let mut done: Vec<Cell> =
-        match lowband_data::corpus::read_bounded(&args.cells, crate::files::METRICS_BYTES_MAX) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-                format!(
-                    "{}: not a robustness result file; delete it to start over",
-                    args.cells.display()
-                )
-            })?,
-            Err(lowband_data::DataError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                Vec::new()
-            }
-            Err(e) => return Err(e).context("--cells: reading the grid's earlier cells"),
-        };
-    let model = lowband_engine::preset(&args.preset)?.model;
+    Ok(Grid {
+        settings,
+        attacks,
+        aggregators,
+        strategies,
+    })
+}
+
+/// The cells of earlier runs of the grid (none if the file does not exist yet).
+fn read_cells(path: &Path) -> Result<Vec<Cell>> {
+    match lowband_data::corpus::read_bounded(path, crate::files::METRICS_BYTES_MAX) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{}: not a robustness result file; delete it to start over",
+                path.display()
+            )
+        }),
+        Err(lowband_data::DataError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e).context("--cells: reading the grid's earlier cells"),
+    }
+}
+
+pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
+    let grid = parse_grid(args)?;
+    let mut done = read_cells(&args.cells)?;
     let (bytes, source, _) = load_corpus(&RunConfig {
         corpus: args.corpus.clone(),
         corpus_bytes: args.corpus_bytes,
         ..RunConfig::default()
     })?;
-    let total = strategies.len() * settings.len() * attacks.len() * aggregators.len();
+    let total =
+        grid.strategies.len() * grid.settings.len() * grid.attacks.len() * grid.aggregators.len();
     println!("lowband bench robustness: {total} runs ({} strategies x {} settings x {} attacks x {} aggregators), preset {}, {} tokens each, corpus {source}",
-        strategies.len(), settings.len(), attacks.len(), aggregators.len(), args.preset, args.tokens);
+        grid.strategies.len(), grid.settings.len(), grid.attacks.len(), grid.aggregators.len(), args.preset, args.tokens);
     let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} runs  ETA {eta}  {msg}",
     )?);
-    for &(k, f) in &settings {
-        let base = RunConfig {
-            preset: args.preset.clone(),
-            sites: k,
-            seed: args.seed,
-            eval_every_steps: 0,
-            ..RunConfig::default()
-        };
-        let per_step = (k * base.site_batch * model.context_length) as u64;
-        anyhow::ensure!(
-            args.tokens >= per_step,
-            "--tokens: {} is less than one step at K = {k} ({per_step} tokens)",
-            args.tokens
-        );
-        let steps = args.tokens / per_step;
-        let split = Split::new(
-            &bytes,
-            base.validation_fraction,
-            k,
-            base.shard,
-            model.context_length,
-        )?;
-        let hostile: Vec<u32> = (0..f).map(|i| (1 + i * k / f) as u32).collect();
-        for strategy in &strategies {
-            for attack in &attacks {
-                for aggregator in &aggregators {
-                    let key = (
-                        strategy.name(),
-                        k,
-                        attack.clone(),
-                        aggregator.to_string(),
-                        args.preset.clone(),
-                        args.tokens,
-                        args.seed,
-                    );
-                    bar.set_message(format!("{} K={k} {attack} {aggregator}", strategy.name()));
-                    if args.report_only || done.iter().any(|c| c.key() == key) {
-                        bar.inc(1);
-                        continue;
-                    }
-                    let attacks = if attack == "none" {
-                        Vec::new()
-                    } else {
-                        hostile
-                            .iter()
-                            .map(|&site| Attack {
-                                site,
-                                mode: attack.parse().expect("checked"),
-                            })
-                            .collect()
-                    };
-                    let config = RunConfig {
-                        steps,
-                        aggregator: *aggregator,
-                        attacks,
-                        ..base.clone()
-                    };
-                    let result = run(
-                        &config,
-                        strategy.clone(),
-                        &split,
-                        &Persistence::default(),
-                        &mut |_| {},
-                    )
-                    .map_err(|e| crate::failure::ran(e.into()))?;
-                    done.push(Cell {
-                        preset: args.preset.clone(),
-                        tokens: args.tokens,
-                        seed: args.seed,
-                        strategy: key.0,
-                        sites: k,
-                        hostile: if attack == "none" {
-                            Vec::new()
-                        } else {
-                            hostile.clone()
-                        },
-                        attack: key.2,
-                        aggregator: key.3,
-                        final_val_loss: result.final_val_loss,
-                        excluded: result
-                            .site_scores
-                            .iter()
-                            .filter(|(_, s)| s.excluded.is_some())
-                            .map(|(k, _)| *k)
-                            .collect(),
-                        refused_updates: result.site_scores.iter().map(|(_, s)| s.refused).sum(),
-                    });
-                    if let Some(dir) = args.cells.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir)
-                            .with_context(|| format!("creating {}", dir.display()))?;
-                    }
-                    write_atomic(&args.cells, &serde_json::to_vec_pretty(&done)?)?;
-                    bar.inc(1);
-                }
-            }
-        }
+    for &(k, f) in &grid.settings {
+        run_setting(args, &grid, (k, f), &bytes, &mut done, &bar)?;
     }
     bar.finish_with_message("done");
     let cells: Vec<Cell> = done
@@ -272,16 +201,146 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
         .collect();
     println!(
         "\n{}",
-        table(&cells, &strategies, &settings, &attacks, &aggregators)
+        table(
+            &cells,
+            &grid.strategies,
+            &grid.settings,
+            &grid.attacks,
+            &grid.aggregators
+        )
     );
+    plot_grid(args, &grid, &cells)?;
+    println!("cells: {}", args.cells.display());
+    Ok(())
+}
+
+/// Every cell of one (sites, hostile) setting not run yet; each is saved as soon as it is done.
+fn run_setting(
+    args: &RobustnessArgs,
+    grid: &Grid,
+    (k, f): (usize, usize),
+    bytes: &[u8],
+    done: &mut Vec<Cell>,
+    bar: &ProgressBar,
+) -> Result<()> {
+    let model = lowband_engine::preset(&args.preset)?.model;
+    let base = RunConfig {
+        preset: args.preset.clone(),
+        sites: k,
+        seed: args.seed,
+        eval_every_steps: 0,
+        ..RunConfig::default()
+    };
+    let per_step = (k * base.site_batch * model.context_length) as u64;
+    anyhow::ensure!(
+        args.tokens >= per_step,
+        "--tokens: {} is less than one step at K = {k} ({per_step} tokens)",
+        args.tokens
+    );
+    let base = RunConfig {
+        steps: args.tokens / per_step,
+        ..base
+    };
+    let split = Split::new(
+        bytes,
+        base.validation_fraction,
+        k,
+        base.shard,
+        model.context_length,
+    )?;
+    let hostile: Vec<u32> = (0..f).map(|i| (1 + i * k / f) as u32).collect();
+    for strategy in &grid.strategies {
+        for attack in &grid.attacks {
+            for aggregator in &grid.aggregators {
+                bar.set_message(format!("{} K={k} {attack} {aggregator}", strategy.name()));
+                let key = (
+                    strategy.name(),
+                    k,
+                    attack.clone(),
+                    aggregator.to_string(),
+                    args.preset.clone(),
+                    args.tokens,
+                    args.seed,
+                );
+                if !args.report_only && !done.iter().any(|c| c.key() == key) {
+                    let hostile = if attack == "none" {
+                        Vec::new()
+                    } else {
+                        hostile.clone()
+                    };
+                    let config = RunConfig {
+                        aggregator: *aggregator,
+                        attacks: hostile
+                            .iter()
+                            .map(|&site| Attack {
+                                site,
+                                mode: attack.parse().expect("checked"),
+                            })
+                            .collect(),
+                        ..base.clone()
+                    };
+                    done.push(run_cell(args, &config, strategy, &split, hostile, key)?);
+                    if let Some(dir) = args.cells.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("creating {}", dir.display()))?;
+                    }
+                    write_atomic(&args.cells, &serde_json::to_vec_pretty(&done)?)?;
+                }
+                bar.inc(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One run of the grid, as its cell.
+fn run_cell(
+    args: &RobustnessArgs,
+    config: &RunConfig,
+    strategy: &Strategy,
+    split: &Split,
+    hostile: Vec<u32>,
+    key: (String, usize, String, String, String, u64, u64),
+) -> Result<Cell> {
+    let result = run(
+        config,
+        strategy.clone(),
+        split,
+        &Persistence::default(),
+        &mut |_| {},
+    )
+    .map_err(|e| crate::failure::ran(e.into()))?;
+    Ok(Cell {
+        preset: args.preset.clone(),
+        tokens: args.tokens,
+        seed: args.seed,
+        strategy: key.0,
+        sites: key.1,
+        hostile,
+        attack: key.2,
+        aggregator: key.3,
+        final_val_loss: result.final_val_loss,
+        excluded: result
+            .site_scores
+            .iter()
+            .filter(|(_, s)| s.excluded.is_some())
+            .map(|(k, _)| *k)
+            .collect(),
+        refused_updates: result.site_scores.iter().map(|(_, s)| s.refused).sum(),
+    })
+}
+
+/// A chart per strategy and setting: each aggregator's loss under each attack, relative to the
+/// honest run with the mean.
+fn plot_grid(args: &RobustnessArgs, grid: &Grid, cells: &[Cell]) -> Result<()> {
     let dir = args
         .cells
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .map(PathBuf::from)
         .unwrap_or_default();
-    for (i, strategy) in strategies.iter().enumerate() {
-        for &(k, f) in &settings {
+    for (i, strategy) in grid.strategies.iter().enumerate() {
+        for &(k, f) in &grid.settings {
             let find = |attack: &str, aggregator: &str| {
                 cells.iter().find(|c| {
                     c.strategy == strategy.name()
@@ -293,12 +352,13 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
             let Some(honest) = find("none", "mean") else {
                 continue;
             };
-            let series: Vec<(String, Vec<Option<f64>>)> = aggregators
+            let series: Vec<(String, Vec<Option<f64>>)> = grid
+                .aggregators
                 .iter()
                 .map(|a| {
                     (
                         a.to_string(),
-                        attacks
+                        grid.attacks
                             .iter()
                             .map(|attack| {
                                 find(attack, &a.to_string()).map(|c| {
@@ -313,13 +373,12 @@ pub fn run_grid(args: &RobustnessArgs) -> Result<()> {
             crate::plots::robustness_chart(
                 &path,
                 &format!("{}: K = {k}, {f} hostile", strategy.preset),
-                &attacks,
+                &grid.attacks,
                 &series,
             )?;
             println!("plot: {}", path.display());
         }
     }
-    println!("cells: {}", args.cells.display());
     Ok(())
 }
 

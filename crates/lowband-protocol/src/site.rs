@@ -249,110 +249,115 @@ impl Site {
 
     pub fn handle(&mut self, event: SiteEvent) -> Result<Vec<SiteAction>, ProtocolError> {
         match event {
-            SiteEvent::PacketArrived(bytes) => {
-                let message = wire::decode(bytes, self.payload_bytes_max())?;
-                if matches!(
-                    message.kind,
-                    MessageKind::Update | MessageKind::Report | MessageKind::Join
-                ) {
-                    return Err(ProtocolError::WrongKind(message.kind));
-                }
-                if message.site != self.id && message.site != wire::EVERY_SITE {
-                    return Err(ProtocolError::SiteMismatch {
-                        claimed: message.site,
-                        from: self.id,
-                    });
-                }
-                if let Some(current) = self.round {
-                    if message.round < current {
-                        return Err(ProtocolError::WrongRound {
-                            expected: current,
-                            found: message.round,
-                        });
-                    }
-                }
-                if message.kind == MessageKind::Global {
-                    // Decode into scratch first: a bad packet must not touch the held parameters.
-                    Fp32.decode(message.payload, &mut self.delta)?;
-                    self.start.copy_from_slice(&self.delta);
-                    self.synced = true;
-                } else {
-                    // A change applies to the parameters of the round before: a site that holds only
-                    // the seed's (it restarted mid-run) must get them in full first. Refusing is
-                    // loud; applying would silently diverge from the cluster.
-                    if !self.holds_base_of(message.round) {
-                        return Err(ProtocolError::NotSynced);
-                    }
-                    // The change of the round this site already holds, sent again (a coordinator
-                    // restored from the state it saved before that broadcast re-sends it,
-                    // byte for byte): it was applied once and must not be applied twice.
-                    let repeated = self.round == Some(message.round);
-                    if !message.payload.is_empty() && !repeated {
-                        let range = self.changed_by_round(message.round);
-                        if self.change.is_empty() || range.is_empty() {
-                            return Err(ProtocolError::WrongKind(message.kind));
-                        }
-                        self.downlink
-                            .decode(message.payload, &mut self.change[range.clone()])?;
-                        for (s, c) in self.start[range.clone()]
-                            .iter_mut()
-                            .zip(&self.change[range])
-                        {
-                            *s += c;
-                        }
-                    }
-                }
-                self.round = Some(message.round);
-                self.seed_only = false;
-                Ok(vec![SiteAction::Train {
-                    round: message.round,
-                }])
-            }
-            SiteEvent::TrainingDone { round, params } => {
-                let current = self.round.ok_or(ProtocolError::NoOpenRound)?;
-                if round != current {
-                    return Err(ProtocolError::WrongRound {
-                        expected: current,
-                        found: round,
-                    });
-                }
-                if params.len() != self.start.len() {
-                    return Err(ProtocolError::ParameterCount {
-                        expected: self.start.len(),
-                        found: params.len(),
-                    });
-                }
-                let range = crate::fragment_of(&self.fragments, self.start.len(), round);
-                let delta = &mut self.delta[range.clone()];
-                for ((d, s), p) in delta
-                    .iter_mut()
-                    .zip(&self.start[range.clone()])
-                    .zip(&params[range.clone()])
-                {
-                    *d = s - p;
-                }
-                if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
-                    return Err(ProtocolError::NonFiniteUpdate(range.start + i));
-                }
-                self.payload.clear();
-                let fragment = if self.fragments.is_empty() {
-                    0
-                } else {
-                    (round % self.fragments.len() as u64) as usize
-                };
-                match self.feedback.get_mut(fragment) {
-                    Some(feedback) => {
-                        feedback.encode(self.uplink.as_mut(), delta, &mut self.payload)?
-                    }
-                    None => self.uplink.encode(delta, &mut self.payload),
-                }
-                Ok(vec![SiteAction::Send(wire::encode(
-                    MessageKind::Update,
-                    round,
-                    self.id,
-                    &self.payload,
-                ))])
+            SiteEvent::PacketArrived(bytes) => self.on_packet(bytes),
+            SiteEvent::TrainingDone { round, params } => self.on_trained(round, params),
+        }
+    }
+
+    /// A message from the coordinator: the parameters in full, or a change to them.
+    fn on_packet(&mut self, bytes: &[u8]) -> Result<Vec<SiteAction>, ProtocolError> {
+        let message = wire::decode(bytes, self.payload_bytes_max())?;
+        if matches!(
+            message.kind,
+            MessageKind::Update | MessageKind::Report | MessageKind::Join
+        ) {
+            return Err(ProtocolError::WrongKind(message.kind));
+        }
+        if message.site != self.id && message.site != wire::EVERY_SITE {
+            return Err(ProtocolError::SiteMismatch {
+                claimed: message.site,
+                from: self.id,
+            });
+        }
+        if let Some(current) = self.round {
+            if message.round < current {
+                return Err(ProtocolError::WrongRound {
+                    expected: current,
+                    found: message.round,
+                });
             }
         }
+        if message.kind == MessageKind::Global {
+            // Decode into scratch first: a bad packet must not touch the held parameters.
+            Fp32.decode(message.payload, &mut self.delta)?;
+            self.start.copy_from_slice(&self.delta);
+            self.synced = true;
+        } else {
+            // A change applies to the parameters of the round before: a site that holds only
+            // the seed's (it restarted mid-run) must get them in full first. Refusing is
+            // loud; applying would silently diverge from the cluster.
+            if !self.holds_base_of(message.round) {
+                return Err(ProtocolError::NotSynced);
+            }
+            // The change of the round this site already holds, sent again (a coordinator
+            // restored from the state it saved before that broadcast re-sends it,
+            // byte for byte): it was applied once and must not be applied twice.
+            let repeated = self.round == Some(message.round);
+            if !message.payload.is_empty() && !repeated {
+                let range = self.changed_by_round(message.round);
+                if self.change.is_empty() || range.is_empty() {
+                    return Err(ProtocolError::WrongKind(message.kind));
+                }
+                self.downlink
+                    .decode(message.payload, &mut self.change[range.clone()])?;
+                for (s, c) in self.start[range.clone()]
+                    .iter_mut()
+                    .zip(&self.change[range])
+                {
+                    *s += c;
+                }
+            }
+        }
+        self.round = Some(message.round);
+        self.seed_only = false;
+        Ok(vec![SiteAction::Train {
+            round: message.round,
+        }])
+    }
+
+    /// Local training of `round` ended with `params`: the update, through the codec and its
+    /// error feedback.
+    fn on_trained(&mut self, round: u64, params: &[f32]) -> Result<Vec<SiteAction>, ProtocolError> {
+        let current = self.round.ok_or(ProtocolError::NoOpenRound)?;
+        if round != current {
+            return Err(ProtocolError::WrongRound {
+                expected: current,
+                found: round,
+            });
+        }
+        if params.len() != self.start.len() {
+            return Err(ProtocolError::ParameterCount {
+                expected: self.start.len(),
+                found: params.len(),
+            });
+        }
+        let range = crate::fragment_of(&self.fragments, self.start.len(), round);
+        let delta = &mut self.delta[range.clone()];
+        for ((d, s), p) in delta
+            .iter_mut()
+            .zip(&self.start[range.clone()])
+            .zip(&params[range.clone()])
+        {
+            *d = s - p;
+        }
+        if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
+            return Err(ProtocolError::NonFiniteUpdate(range.start + i));
+        }
+        self.payload.clear();
+        let fragment = if self.fragments.is_empty() {
+            0
+        } else {
+            (round % self.fragments.len() as u64) as usize
+        };
+        match self.feedback.get_mut(fragment) {
+            Some(feedback) => feedback.encode(self.uplink.as_mut(), delta, &mut self.payload)?,
+            None => self.uplink.encode(delta, &mut self.payload),
+        }
+        Ok(vec![SiteAction::Send(wire::encode(
+            MessageKind::Update,
+            round,
+            self.id,
+            &self.payload,
+        ))])
     }
 }

@@ -151,80 +151,7 @@ impl Strategy {
             }
             None => (head, None),
         };
-        let fedavg = Some(OuterConfig::FEDAVG);
-        let (kind, compression, outer) = match name {
-            "ddp" => (StrategyKind::Ddp, Compression::default(), None),
-            "diloco" => (StrategyKind::Rounds, Compression::default(), None),
-            "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
-            "diloco-int8" => (
-                StrategyKind::Rounds,
-                Compression {
-                    uplink: int(8),
-                    downlink: int(8),
-                    feedback_decay: None,
-                },
-                None,
-            ),
-            "diloco-4bit" | "streaming" => (
-                StrategyKind::Rounds,
-                Compression {
-                    uplink: int(4),
-                    downlink: int(4),
-                    feedback_decay: Some(1.0),
-                },
-                None,
-            ),
-            // The downlink keeps 4x the uplink's density: the merge of K = 4 sparse updates has up
-            // to 4k entries, and re-sparsifying it to k lost most of the quality (docs/results.md).
-            // The downlink written here is for K = 4; `compression_for` scales it with K.
-            "sparseloco" => {
-                let up = CodecSpec::TopK {
-                    k: 64,
-                    chunk: 4096,
-                    values: ValueCoding::Q2,
-                };
-                let down = CodecSpec::TopK {
-                    k: 256,
-                    chunk: 4096,
-                    values: ValueCoding::Q2,
-                };
-                (
-                    StrategyKind::Rounds,
-                    Compression {
-                        uplink: up,
-                        downlink: down,
-                        feedback_decay: Some(0.95),
-                    },
-                    fedavg,
-                )
-            }
-            "demo-dct" => {
-                let up = CodecSpec::DctTopK {
-                    k: 8,
-                    chunk: 256,
-                    values: ValueCoding::Sign,
-                };
-                let down = CodecSpec::DctTopK {
-                    k: 32,
-                    chunk: 256,
-                    values: ValueCoding::Sign,
-                };
-                (
-                    StrategyKind::Rounds,
-                    Compression {
-                        uplink: up,
-                        downlink: down,
-                        feedback_decay: Some(1.0),
-                    },
-                    fedavg,
-                )
-            }
-            other => {
-                return Err(format!(
-                "unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])"
-            ))
-            }
-        };
+        let (kind, compression, outer) = preset_defaults(name)?;
         if kind == StrategyKind::Ddp && (h.is_some_and(|h| h != 1) || !overrides.is_empty()) {
             return Err(
                 "ddp synchronises fp32 gradients every step; it takes no @H or overrides".into(),
@@ -441,6 +368,84 @@ impl Strategy {
             })
             .collect()
     }
+}
+
+/// A preset's kind, compression and outer optimizer (None: the run's DiLoCo outer step).
+fn preset_defaults(name: &str) -> Result<(StrategyKind, Compression, Option<OuterConfig>), String> {
+    let fedavg = Some(OuterConfig::FEDAVG);
+    Ok(match name {
+        "ddp" => (StrategyKind::Ddp, Compression::default(), None),
+        "diloco" => (StrategyKind::Rounds, Compression::default(), None),
+        "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
+        "diloco-int8" => (
+            StrategyKind::Rounds,
+            Compression {
+                uplink: int(8),
+                downlink: int(8),
+                feedback_decay: None,
+            },
+            None,
+        ),
+        "diloco-4bit" | "streaming" => (
+            StrategyKind::Rounds,
+            Compression {
+                uplink: int(4),
+                downlink: int(4),
+                feedback_decay: Some(1.0),
+            },
+            None,
+        ),
+        // The downlink keeps 4x the uplink's density: the merge of K = 4 sparse updates has up
+        // to 4k entries, and re-sparsifying it to k lost most of the quality (docs/results.md).
+        // The downlink written here is for K = 4; `compression_for` scales it with K.
+        "sparseloco" => {
+            let up = CodecSpec::TopK {
+                k: 64,
+                chunk: 4096,
+                values: ValueCoding::Q2,
+            };
+            let down = CodecSpec::TopK {
+                k: 256,
+                chunk: 4096,
+                values: ValueCoding::Q2,
+            };
+            (
+                StrategyKind::Rounds,
+                Compression {
+                    uplink: up,
+                    downlink: down,
+                    feedback_decay: Some(0.95),
+                },
+                fedavg,
+            )
+        }
+        "demo-dct" => {
+            let up = CodecSpec::DctTopK {
+                k: 8,
+                chunk: 256,
+                values: ValueCoding::Sign,
+            };
+            let down = CodecSpec::DctTopK {
+                k: 32,
+                chunk: 256,
+                values: ValueCoding::Sign,
+            };
+            (
+                StrategyKind::Rounds,
+                Compression {
+                    uplink: up,
+                    downlink: down,
+                    feedback_decay: Some(1.0),
+                },
+                fedavg,
+            )
+        }
+        other => {
+            return Err(format!(
+                "unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])"
+            ))
+        }
+    })
 }
 
 #[cfg(test)]
