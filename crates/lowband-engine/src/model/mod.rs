@@ -9,7 +9,11 @@ use rand_core::{Rng, SeedableRng};
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kernels::{self as k, row_groups};
-use crate::layout::{BlockOffsets, ParamLayout, TensorInfo};
+use crate::layout::{ParamLayout, TensorInfo};
+
+mod block;
+
+use block::tensor_pair;
 
 /// Largest activation memory a batch may ask for, in f32 values (16 GiB); a larger batch is an
 /// error, not an allocation failure.
@@ -20,43 +24,43 @@ pub const INIT_STD: f32 = 0.02;
 
 /// Activations kept by the forward pass, per layer where the backward pass needs them.
 #[derive(Default)]
-struct Activations {
-    encoded: Vec<f32>,    // (N, C)
-    ln_1: Vec<f32>,       // (L, N, C)
-    ln_1_mean: Vec<f32>,  // (L, N)
-    ln_1_rstd: Vec<f32>,  // (L, N)
-    qkv: Vec<f32>,        // (L, N, 3C)
-    atty: Vec<f32>,       // (L, N, C)
-    att: Vec<f32>,        // (L, B, NH, T, T)
-    residual_2: Vec<f32>, // (L, N, C)
-    ln_2: Vec<f32>,       // (L, N, C)
-    ln_2_mean: Vec<f32>,  // (L, N)
-    ln_2_rstd: Vec<f32>,  // (L, N)
-    fch: Vec<f32>,        // (L, N, 4C)
-    fch_gelu: Vec<f32>,   // (L, N, 4C)
-    residual_3: Vec<f32>, // (L, N, C)
-    ln_f: Vec<f32>,       // (N, C)
-    ln_f_mean: Vec<f32>,  // (N,)
-    ln_f_rstd: Vec<f32>,  // (N,)
-    logits: Vec<f32>,     // (N, V)
-    probs: Vec<f32>,      // (N, V)
-    losses: Vec<f32>,     // (N,)
+pub(crate) struct Activations {
+    pub(crate) encoded: Vec<f32>,    // (N, C)
+    pub(crate) ln_1: Vec<f32>,       // (L, N, C)
+    pub(crate) ln_1_mean: Vec<f32>,  // (L, N)
+    pub(crate) ln_1_rstd: Vec<f32>,  // (L, N)
+    pub(crate) qkv: Vec<f32>,        // (L, N, 3C)
+    pub(crate) atty: Vec<f32>,       // (L, N, C)
+    pub(crate) att: Vec<f32>,        // (L, B, NH, T, T)
+    pub(crate) residual_2: Vec<f32>, // (L, N, C)
+    pub(crate) ln_2: Vec<f32>,       // (L, N, C)
+    pub(crate) ln_2_mean: Vec<f32>,  // (L, N)
+    pub(crate) ln_2_rstd: Vec<f32>,  // (L, N)
+    pub(crate) fch: Vec<f32>,        // (L, N, 4C)
+    pub(crate) fch_gelu: Vec<f32>,   // (L, N, 4C)
+    pub(crate) residual_3: Vec<f32>, // (L, N, C)
+    pub(crate) ln_f: Vec<f32>,       // (N, C)
+    pub(crate) ln_f_mean: Vec<f32>,  // (N,)
+    pub(crate) ln_f_rstd: Vec<f32>,  // (N,)
+    pub(crate) logits: Vec<f32>,     // (N, V)
+    pub(crate) probs: Vec<f32>,      // (N, V)
+    pub(crate) losses: Vec<f32>,     // (N,)
 }
 
 /// Scratch for the backward pass, reused across layers.
 #[derive(Default)]
-struct Scratch {
-    d_residual: Vec<f32>, // (N, C)
-    d_c: Vec<f32>,        // (N, C)
-    d_qkv: Vec<f32>,      // (N, 3C)
-    d_att: Vec<f32>,      // (B, NH, T, T)
-    d_fch: Vec<f32>,      // (N, 4C)
-    d_fch_gelu: Vec<f32>, // (N, 4C)
-    d_logits: Vec<f32>,   // (N, V)
-    ones: Vec<f32>,       // (N,)
-    partials: Vec<f32>,   // (groups, 2C)
-    tokens: Vec<u32>,     // (N,)
-    targets: Vec<u32>,    // (N,)
+pub(crate) struct Scratch {
+    pub(crate) d_residual: Vec<f32>, // (N, C)
+    pub(crate) d_c: Vec<f32>,        // (N, C)
+    pub(crate) d_qkv: Vec<f32>,      // (N, 3C)
+    pub(crate) d_att: Vec<f32>,      // (B, NH, T, T)
+    pub(crate) d_fch: Vec<f32>,      // (N, 4C)
+    pub(crate) d_fch_gelu: Vec<f32>, // (N, 4C)
+    pub(crate) d_logits: Vec<f32>,   // (N, V)
+    pub(crate) ones: Vec<f32>,       // (N,)
+    pub(crate) partials: Vec<f32>,   // (groups, 2C)
+    pub(crate) tokens: Vec<u32>,     // (N,)
+    pub(crate) targets: Vec<u32>,    // (N,)
 }
 
 fn grow(buffer: &mut Vec<f32>, len: usize) {
@@ -299,75 +303,7 @@ impl Gpt {
             c,
         );
         for (l, o) in lay.blocks.iter().enumerate() {
-            let (nc, nc3, nc4, att_len) = (n * c, n * 3 * c, n * 4 * c, b * nh * t * t);
-            let residual: &[f32] = if l == 0 {
-                &a.encoded[..nc]
-            } else {
-                &a.residual_3[(l - 1) * nc..][..nc]
-            };
-            let ln_1 = &mut a.ln_1[l * nc..][..nc];
-            k::layernorm_forward(
-                ln_1,
-                &mut a.ln_1_mean[l * n..][..n],
-                &mut a.ln_1_rstd[l * n..][..n],
-                residual,
-                &p[o.ln_1_weight..][..c],
-                &p[o.ln_1_bias..][..c],
-                c,
-            );
-            let qkv = &mut a.qkv[l * nc3..][..nc3];
-            k::linear_forward(
-                qkv,
-                ln_1,
-                &p[o.qkv_weight..][..3 * c * c],
-                Some(&p[o.qkv_bias..][..3 * c]),
-                c,
-                3 * c,
-            );
-            let atty = &mut a.atty[l * nc..][..nc];
-            k::attention_forward(atty, &mut a.att[l * att_len..][..att_len], qkv, t, c, nh);
-            // residual_2 = residual + atty · Wprojᵀ + b
-            let residual_2 = &mut a.residual_2[l * nc..][..nc];
-            k::linear_forward(
-                residual_2,
-                atty,
-                &p[o.attn_proj_weight..][..c * c],
-                Some(&p[o.attn_proj_bias..][..c]),
-                c,
-                c,
-            );
-            k::residual_add(residual_2, residual);
-            let ln_2 = &mut a.ln_2[l * nc..][..nc];
-            k::layernorm_forward(
-                ln_2,
-                &mut a.ln_2_mean[l * n..][..n],
-                &mut a.ln_2_rstd[l * n..][..n],
-                residual_2,
-                &p[o.ln_2_weight..][..c],
-                &p[o.ln_2_bias..][..c],
-                c,
-            );
-            let fch = &mut a.fch[l * nc4..][..nc4];
-            k::linear_forward(
-                fch,
-                ln_2,
-                &p[o.fc_weight..][..4 * c * c],
-                Some(&p[o.fc_bias..][..4 * c]),
-                c,
-                4 * c,
-            );
-            let fch_gelu = &mut a.fch_gelu[l * nc4..][..nc4];
-            k::gelu_forward(fch_gelu, fch);
-            let residual_3 = &mut a.residual_3[l * nc..][..nc];
-            k::linear_forward(
-                residual_3,
-                fch_gelu,
-                &p[o.mlp_proj_weight..][..4 * c * c],
-                Some(&p[o.mlp_proj_bias..][..c]),
-                4 * c,
-                c,
-            );
-            k::residual_add(residual_3, residual_2);
+            block::block_forward(l, o, (b, t, c, nh), p, a);
         }
         let last_layer = self.config.layers - 1;
         let residual = &a.residual_3[last_layer * n * c..][..n * c];
@@ -491,7 +427,7 @@ impl Gpt {
             c,
         );
         for (l, o) in lay.blocks.iter().enumerate().rev() {
-            block_backward(l, o, (b, t, c, nh), p, g, a, s);
+            block::block_backward(l, o, (b, t, c, nh), p, g, a, s);
         }
         let (dwte, rest) = g.split_at_mut(lay.wpe);
         k::encoder_backward(
@@ -505,126 +441,6 @@ impl Gpt {
         );
         Ok(())
     }
-}
-
-/// Backward through block `l`: d_residual holds d(output of block l) and leaves holding d(input).
-#[allow(clippy::too_many_arguments)]
-fn block_backward(
-    l: usize,
-    o: &BlockOffsets,
-    (b, t, c, nh): (usize, usize, usize, usize),
-    p: &[f32],
-    g: &mut [f32],
-    a: &Activations,
-    s: &mut Scratch,
-) {
-    let n = b * t;
-    let (nc, nc3, nc4, att_len) = (n * c, n * 3 * c, n * 4 * c, b * nh * t * t);
-    let residual: &[f32] = if l == 0 {
-        &a.encoded[..nc]
-    } else {
-        &a.residual_3[(l - 1) * nc..][..nc]
-    };
-    let residual_2 = &a.residual_2[l * nc..][..nc];
-    // MLP: residual_3 = residual_2 + gelu(ln_2 · Wfcᵀ + b) · Wprojᵀ + b
-    let (dw, db) = tensor_pair(g, o.mlp_proj_weight, o.mlp_proj_bias, 4 * c * c);
-    k::linear_backward(
-        Some(&mut s.d_fch_gelu[..nc4]),
-        dw,
-        Some(&mut db[..c]),
-        &s.d_residual[..nc],
-        &a.fch_gelu[l * nc4..][..nc4],
-        &p[o.mlp_proj_weight..][..4 * c * c],
-        &s.ones,
-        4 * c,
-        c,
-    );
-    k::gelu_backward(
-        &mut s.d_fch[..nc4],
-        &a.fch[l * nc4..][..nc4],
-        &s.d_fch_gelu[..nc4],
-    );
-    let (dw, db) = tensor_pair(g, o.fc_weight, o.fc_bias, 4 * c * c);
-    k::linear_backward(
-        Some(&mut s.d_c[..nc]),
-        dw,
-        Some(&mut db[..4 * c]),
-        &s.d_fch[..nc4],
-        &a.ln_2[l * nc..][..nc],
-        &p[o.fc_weight..][..4 * c * c],
-        &s.ones,
-        c,
-        4 * c,
-    );
-    let (dw, db) = tensor_pair(g, o.ln_2_weight, o.ln_2_bias, c);
-    k::layernorm_backward(
-        &mut s.d_residual[..nc],
-        dw,
-        &mut db[..c],
-        &mut s.partials,
-        &s.d_c[..nc],
-        residual_2,
-        &p[o.ln_2_weight..][..c],
-        &a.ln_2_mean[l * n..][..n],
-        &a.ln_2_rstd[l * n..][..n],
-        c,
-    );
-    // Attention: residual_2 = residual + attn(ln_1 · Wqkvᵀ + b) · Wprojᵀ + b
-    let (dw, db) = tensor_pair(g, o.attn_proj_weight, o.attn_proj_bias, c * c);
-    k::linear_backward(
-        Some(&mut s.d_c[..nc]),
-        dw,
-        Some(&mut db[..c]),
-        &s.d_residual[..nc],
-        &a.atty[l * nc..][..nc],
-        &p[o.attn_proj_weight..][..c * c],
-        &s.ones,
-        c,
-        c,
-    );
-    k::attention_backward(
-        &mut s.d_qkv[..nc3],
-        &mut s.d_att[..att_len],
-        &s.d_c[..nc],
-        &a.qkv[l * nc3..][..nc3],
-        &a.att[l * att_len..][..att_len],
-        t,
-        c,
-        nh,
-    );
-    let (dw, db) = tensor_pair(g, o.qkv_weight, o.qkv_bias, 3 * c * c);
-    k::linear_backward(
-        Some(&mut s.d_c[..nc]),
-        dw,
-        Some(&mut db[..3 * c]),
-        &s.d_qkv[..nc3],
-        &a.ln_1[l * nc..][..nc],
-        &p[o.qkv_weight..][..3 * c * c],
-        &s.ones,
-        c,
-        3 * c,
-    );
-    let (dw, db) = tensor_pair(g, o.ln_1_weight, o.ln_1_bias, c);
-    k::layernorm_backward(
-        &mut s.d_residual[..nc],
-        dw,
-        &mut db[..c],
-        &mut s.partials,
-        &s.d_c[..nc],
-        residual,
-        &p[o.ln_1_weight..][..c],
-        &a.ln_1_mean[l * n..][..n],
-        &a.ln_1_rstd[l * n..][..n],
-        c,
-    );
-}
-
-/// Two disjoint mutable views: `len` elements at `first`, and everything from `second` on
-/// (`second` > `first`), e.g. a weight's gradient and its bias's.
-fn tensor_pair(g: &mut [f32], first: usize, second: usize, len: usize) -> (&mut [f32], &mut [f32]) {
-    debug_assert!(first + len <= second);
-    let (head, tail) = g.split_at_mut(second);
-    (&mut head[first..first + len], tail)
 }
 
 /// Box-Muller normals from the seeded stream (pairs; the second of the last pair may be unused).
