@@ -113,53 +113,13 @@ pub fn run(args: &CoordinatorBenchArgs) -> Result<()> {
             }
         }
     }
-    // Growth from the smallest K to the largest, per strategy and aggregator.
-    println!();
-    for pair in cells.chunk_by(|a, b| a.strategy == b.strategy && a.aggregator == b.aggregator) {
-        let (first, last) = (&pair[0], &pair[pair.len() - 1]);
-        if last.sites > first.sites {
-            let factor = last.sites as f64 / first.sites as f64;
-            let grow = |a: f64, b: f64| (b / a).ln() / factor.ln();
-            println!(
-                "{} / {}: K {} → {}: time x{:.1} (K^{:.2}), memory x{:.1} (K^{:.2}), bytes in x{:.1}",
-                first.strategy,
-                first.aggregator,
-                first.sites,
-                last.sites,
-                last.coordinator_ms_per_round / first.coordinator_ms_per_round,
-                grow(first.coordinator_ms_per_round, last.coordinator_ms_per_round),
-                (last.retained_bytes + last.transient_peak_bytes) as f64 / (first.retained_bytes + first.transient_peak_bytes) as f64,
-                grow((first.retained_bytes + first.transient_peak_bytes) as f64, (last.retained_bytes + last.transient_peak_bytes) as f64),
-                last.bytes_in_per_round as f64 / first.bytes_in_per_round as f64
-            );
-        }
-    }
+    print_growth(&cells);
     if let Some(path) = &args.json {
         crate::files::write_json(path, &cells)?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {
-        let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-        for pair in cells.chunk_by(|a, b| a.strategy == b.strategy && a.aggregator == b.aggregator)
-        {
-            series.push((
-                format!("{} / {}", pair[0].strategy, pair[0].aggregator),
-                pair.iter()
-                    .map(|c| (c.sites as f64, c.coordinator_ms_per_round))
-                    .collect(),
-            ));
-        }
-        crate::plots::log_log(
-            path,
-            &format!(
-                "coordinator time per round vs sites ({} parameters)",
-                args.params
-            ),
-            "sites (K)",
-            "coordinator ms per round",
-            &series,
-        )?;
-        println!("wrote {}", path.display());
+        plot_cells(path, &cells, args.params)?;
     }
     Ok(())
 }
@@ -171,65 +131,13 @@ fn measure(
     params: usize,
     rounds: usize,
 ) -> Result<Cell> {
-    let compression = strategy.compression_for(k);
-    let outer = strategy
-        .outer
-        .unwrap_or(lowband_protocol::OuterConfig::DILOCO);
-    let config = CoordinatorConfig {
-        quorum: k,
-        sites_max: k,
-        compression,
-        sites_start_synced: true,
-        robustness: lowband_protocol::Robustness::with(aggregator),
-        ..CoordinatorConfig::new(params, outer)
-    };
-    let initial: Vec<f32> = (0..params)
-        .map(|i| ((i as f32) * 0.618).sin() * 0.02)
-        .collect();
-    let mut sites: Vec<Site> = (0..k as u32)
-        .map(|s| Site::with_initial(s, initial.clone(), compression))
-        .collect::<Result<_, _>>()
-        .context("sites")?;
-    let mut coordinator = Coordinator::new(config, initial.clone()).context("coordinator")?;
-    let mut sends = Vec::new();
-    for s in 0..k as u32 {
-        coordinator.handle(0, Event::SiteJoined { site: s });
-    }
-    collect(coordinator.start(0), &mut sends);
+    let (mut sites, mut coordinator, mut sends) = setup(strategy, aggregator, k, params)?;
     let (mut seconds, mut bytes_in, mut bytes_out, mut transient) = (0.0, 0u64, 0u64, 0u64);
     let mut trained = vec![0.0f32; params];
     for round in 0..=rounds {
         let timed = round > 0;
-        // The sites: apply the broadcast, take one pseudo-random step, encode the update.
-        let mut updates = Vec::with_capacity(k);
-        let out: u64 = sends
-            .iter()
-            .map(|(_, b): &(u32, bytes::Bytes)| b.len() as u64)
-            .sum();
-        for (to, bytes) in sends.drain(..) {
-            let site = &mut sites[to as usize];
-            let actions = site.handle(SiteEvent::PacketArrived(&bytes))?;
-            let [SiteAction::Train { round }] = actions.as_slice() else {
-                anyhow::bail!("site {to} did not train")
-            };
-            let round = *round;
-            let mut state = 0x9E37_79B9u64 ^ ((to as u64) << 32) ^ round;
-            for (t, p) in trained.iter_mut().zip(site.round_start()) {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                // A shared direction plus the site's own noise, like real updates.
-                *t = p - 1e-3 * (p.signum() + ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5));
-            }
-            let mut actions = site.handle(SiteEvent::TrainingDone {
-                round,
-                params: &trained,
-            })?;
-            let Some(SiteAction::Send(update)) = actions.pop() else {
-                anyhow::bail!("site {to} sent nothing")
-            };
-            updates.push((to, update));
-        }
+        let out: u64 = sends.iter().map(|(_, b)| b.len() as u64).sum();
+        let updates = sites_round(&mut sites, &mut sends, &mut trained)?;
         let inbound: u64 = updates.iter().map(|(_, b)| b.len() as u64).sum();
         // The coordinator's work, timed.
         let live = live_bytes();
@@ -283,4 +191,124 @@ fn collect(actions: Vec<Action>, sends: &mut Vec<(u32, bytes::Bytes)>) {
             sends.push((to, bytes));
         }
     }
+}
+
+/// Growth from the smallest K to the largest, per strategy and aggregator.
+fn print_growth(cells: &[Cell]) {
+    println!();
+    for pair in cells.chunk_by(|a, b| a.strategy == b.strategy && a.aggregator == b.aggregator) {
+        let (first, last) = (&pair[0], &pair[pair.len() - 1]);
+        if last.sites > first.sites {
+            let factor = last.sites as f64 / first.sites as f64;
+            let grow = |a: f64, b: f64| (b / a).ln() / factor.ln();
+            println!(
+                "{} / {}: K {} → {}: time x{:.1} (K^{:.2}), memory x{:.1} (K^{:.2}), bytes in x{:.1}",
+                first.strategy,
+                first.aggregator,
+                first.sites,
+                last.sites,
+                last.coordinator_ms_per_round / first.coordinator_ms_per_round,
+                grow(first.coordinator_ms_per_round, last.coordinator_ms_per_round),
+                (last.retained_bytes + last.transient_peak_bytes) as f64 / (first.retained_bytes + first.transient_peak_bytes) as f64,
+                grow((first.retained_bytes + first.transient_peak_bytes) as f64, (last.retained_bytes + last.transient_peak_bytes) as f64),
+                last.bytes_in_per_round as f64 / first.bytes_in_per_round as f64
+            );
+        }
+    }
+}
+
+/// Coordinator time per round against K, one line per strategy and aggregator (SVG).
+fn plot_cells(path: &std::path::Path, cells: &[Cell], params: usize) -> Result<()> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for pair in cells.chunk_by(|a, b| a.strategy == b.strategy && a.aggregator == b.aggregator) {
+        series.push((
+            format!("{} / {}", pair[0].strategy, pair[0].aggregator),
+            pair.iter()
+                .map(|c| (c.sites as f64, c.coordinator_ms_per_round))
+                .collect(),
+        ));
+    }
+    crate::plots::log_log(
+        path,
+        &format!(
+            "coordinator time per round vs sites ({} parameters)",
+            params
+        ),
+        "sites (K)",
+        "coordinator ms per round",
+        &series,
+    )?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+/// The sites' side of a round (not timed): apply the broadcast, take one pseudo-random step
+/// (a shared direction plus each site's own noise, like real updates), encode the update.
+fn sites_round(
+    sites: &mut [Site],
+    sends: &mut Vec<(u32, bytes::Bytes)>,
+    trained: &mut [f32],
+) -> Result<Vec<(u32, Vec<u8>)>> {
+    let mut updates = Vec::with_capacity(sites.len());
+    for (to, bytes) in sends.drain(..) {
+        let site = &mut sites[to as usize];
+        let actions = site.handle(SiteEvent::PacketArrived(&bytes))?;
+        let [SiteAction::Train { round }] = actions.as_slice() else {
+            anyhow::bail!("site {to} did not train")
+        };
+        let round = *round;
+        let mut state = 0x9E37_79B9u64 ^ ((to as u64) << 32) ^ round;
+        for (t, p) in trained.iter_mut().zip(site.round_start()) {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *t = p - 1e-3 * (p.signum() + ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5));
+        }
+        let mut actions = site.handle(SiteEvent::TrainingDone {
+            round,
+            params: trained,
+        })?;
+        let Some(SiteAction::Send(update)) = actions.pop() else {
+            anyhow::bail!("site {to} sent nothing")
+        };
+        updates.push((to, update));
+    }
+    Ok(updates)
+}
+
+/// K sites and a coordinator with the strategy's codecs and `aggregator`, joined, the first
+/// round open (its sends).
+type Sends = Vec<(u32, bytes::Bytes)>;
+fn setup(
+    strategy: &lowband_runtime::Strategy,
+    aggregator: AggregatorSpec,
+    k: usize,
+    params: usize,
+) -> Result<(Vec<Site>, Coordinator, Sends)> {
+    let compression = strategy.compression_for(k);
+    let outer = strategy
+        .outer
+        .unwrap_or(lowband_protocol::OuterConfig::DILOCO);
+    let config = CoordinatorConfig {
+        quorum: k,
+        sites_max: k,
+        compression,
+        sites_start_synced: true,
+        robustness: lowband_protocol::Robustness::with(aggregator),
+        ..CoordinatorConfig::new(params, outer)
+    };
+    let initial: Vec<f32> = (0..params)
+        .map(|i| ((i as f32) * 0.618).sin() * 0.02)
+        .collect();
+    let sites: Vec<Site> = (0..k as u32)
+        .map(|s| Site::with_initial(s, initial.clone(), compression))
+        .collect::<Result<_, _>>()
+        .context("sites")?;
+    let mut coordinator = Coordinator::new(config, initial.clone()).context("coordinator")?;
+    let mut sends = Vec::new();
+    for s in 0..k as u32 {
+        coordinator.handle(0, Event::SiteJoined { site: s });
+    }
+    collect(coordinator.start(0), &mut sends);
+    Ok((sites, coordinator, sends))
 }

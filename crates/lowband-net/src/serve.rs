@@ -539,36 +539,7 @@ impl<'a> Shell<'a> {
             .ok()
             .filter(|m| m.kind == MessageKind::Report)
         {
-            match TrainingReport::decode(message.payload, steps_max) {
-                // (A site that is not a member, excluded for one, trains for nobody.)
-                Ok(report)
-                    if message.site == from
-                        && message.round == coordinator.round()
-                        && coordinator.members().contains(&from) =>
-                {
-                    host.report(message.round, from, Some(report), sealed.len())
-                }
-                // For a round already closed (a late site): nothing to report it in.
-                Ok(_) if message.site == from => {
-                    host.report(message.round, from, None, sealed.len())
-                }
-                Ok(_) => {
-                    host.report(message.round, from, None, sealed.len());
-                    host.record(Record::Refused {
-                        round,
-                        site: from,
-                        reason: format!("training report claims site {}", message.site),
-                    })
-                }
-                Err(e) => {
-                    host.report(message.round, from, None, sealed.len());
-                    host.record(Record::Refused {
-                        round,
-                        site: from,
-                        reason: e.to_string(),
-                    })
-                }
-            }
+            report(host, coordinator, from, message, sealed.len(), steps_max);
             return Ok(());
         }
         host.received(round, from, packet, sealed.len());
@@ -581,6 +552,47 @@ impl<'a> Shell<'a> {
         );
         self.sends.extend(host.absorb(actions, coordinator)?);
         Ok(())
+    }
+}
+
+/// A site's training report, recorded for the open round if it is a member's own (what arrives
+/// for a closed round has nothing to go in); a report that claims another site is refused.
+fn report<H: Host>(
+    host: &mut H,
+    coordinator: &Coordinator,
+    from: u32,
+    message: wire::Message<'_>,
+    sealed_bytes: usize,
+    steps_max: usize,
+) {
+    let round = coordinator.round();
+    match TrainingReport::decode(message.payload, steps_max) {
+        // (A site that is not a member, excluded for one, trains for nobody.)
+        Ok(report)
+            if message.site == from
+                && message.round == round
+                && coordinator.members().contains(&from) =>
+        {
+            host.report(message.round, from, Some(report), sealed_bytes)
+        }
+        // For a round already closed (a late site): nothing to report it in.
+        Ok(_) if message.site == from => host.report(message.round, from, None, sealed_bytes),
+        Ok(_) => {
+            host.report(message.round, from, None, sealed_bytes);
+            host.record(Record::Refused {
+                round,
+                site: from,
+                reason: format!("training report claims site {}", message.site),
+            })
+        }
+        Err(e) => {
+            host.report(message.round, from, None, sealed_bytes);
+            host.record(Record::Refused {
+                round,
+                site: from,
+                reason: e.to_string(),
+            })
+        }
     }
 }
 

@@ -276,30 +276,15 @@ pub fn serve_site(
             crate::state::forget_saved_state(dir)?;
         }
     }
-    let job = SiteJob {
-        client: lowband_net::ClientOptions {
-            identity,
-            coordinator,
-            limits: options.limits,
-            reconnect_ms: options.reconnect_ms,
-            join: join::join_settings(config, &strategy, site_run.corpus).encode(site),
-            leave_on_ctrl_c: true,
-        },
-        shard: Arc::new(split.shards[k].clone()),
-        batch: BatchShape {
-            site_batch: config.site_batch,
-            context: model.context_length,
-        },
-        schedule: lowband_engine::LrSchedule::reference(config.optimizer.lr, config.steps),
-        steps: config.steps,
-        inner_steps: strategy.inner_steps,
-        params: initial.len(),
-        uplink: strategy.compression_for(config.sites).uplink,
-        state_dir: options.state_dir,
-        streaming: strategy.streaming,
-        rounds: RoundSteps::of(config, &strategy),
-        run: site_run,
+    let client = lowband_net::ClientOptions {
+        identity,
+        coordinator,
+        limits: options.limits,
+        reconnect_ms: options.reconnect_ms,
+        join: join::join_settings(config, &strategy, site_run.corpus).encode(site),
+        leave_on_ctrl_c: true,
     };
+    let job = SiteJob::of(config, &strategy, split, k, client, options.state_dir)?;
     any_site_task(state, job, connected)
 }
 
@@ -413,6 +398,43 @@ struct SiteJob {
     run: crate::state::SiteRun,
 }
 
+impl SiteJob {
+    /// Site k's job in a run: its shard, batches, schedule, rounds and codec; how it reaches
+    /// the coordinator (`client`) and where it saves its state.
+    fn of(
+        config: &RunConfig,
+        strategy: &Strategy,
+        split: &Split,
+        k: usize,
+        client: lowband_net::ClientOptions,
+        state_dir: Option<std::path::PathBuf>,
+    ) -> Result<SiteJob, RunError> {
+        let model = lowband_engine::preset(&config.preset)?.model;
+        let rounds = RoundSteps::of(config, strategy);
+        Ok(SiteJob {
+            client,
+            shard: Arc::new(split.shards[k].clone()),
+            batch: BatchShape {
+                site_batch: config.site_batch,
+                context: model.context_length,
+            },
+            schedule: lowband_engine::LrSchedule::reference(config.optimizer.lr, config.steps),
+            steps: config.steps,
+            inner_steps: strategy.inner_steps,
+            params: model.parameter_count(),
+            uplink: strategy.compression_for(config.sites).uplink,
+            state_dir,
+            streaming: strategy.streaming,
+            rounds,
+            run: crate::state::SiteRun {
+                corpus: split.fingerprint(),
+                steps: config.steps,
+                rounds: rounds.rounds(),
+            },
+        })
+    }
+}
+
 /// How a site process behaves (the transport's own limits are in `limits`).
 #[derive(Clone, Debug)]
 pub struct SiteOptions {
@@ -435,10 +457,8 @@ fn run_loopback(
     let common = Common::new(config, strategy.clone(), split)?;
     let settings = join::join_settings(config, &strategy, common.corpus);
     let initial = common.initial_params();
-    let n = initial.len();
-    let compression = strategy.compression_for(config.sites);
     let mut coordinator = Coordinator::new(
-        coordinator_config(config, &strategy, n, &options),
+        coordinator_config(config, &strategy, initial.len(), &options),
         initial.clone(),
     )?;
     let mut sites: Vec<Option<SiteRuntime>> = (0..config.sites)
@@ -451,45 +471,21 @@ fn run_loopback(
         .map(|_| Identity::generate().map(Arc::new))
         .collect::<Result<_, _>>()?;
     let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
-    let (batch, schedule) = (
-        BatchShape {
-            site_batch: config.site_batch,
-            context: common.context,
-        },
-        common.schedule,
-    );
-    let site_run = crate::state::SiteRun {
-        corpus: common.corpus,
-        steps: config.steps,
-        rounds: RoundSteps::of(config, &strategy).rounds(),
-    };
     let mut books = NetworkBooks::new(common, None, coordinator.round());
     let mut site_threads = Vec::new();
     // Once the coordinator listens: a thread per site (it trains while its client's own runtime
     // serves the connection).
     let start_sites = |address: SocketAddr| -> Result<(), RunError> {
         for (k, site) in sites.iter_mut().enumerate() {
-            let job = SiteJob {
-                client: lowband_net::ClientOptions {
-                    identity: site_identities[k].clone(),
-                    coordinator: (address, coordinator_identity.public_key()),
-                    limits: limits.clone(),
-                    reconnect_ms: 0,
-                    join: settings.encode(k as u32),
-                    leave_on_ctrl_c: false,
-                },
-                shard: Arc::new(split.shards[k].clone()),
-                batch,
-                schedule,
-                steps: config.steps,
-                inner_steps: strategy.inner_steps,
-                params: n,
-                uplink: compression.uplink,
-                state_dir: None,
-                streaming: strategy.streaming,
-                rounds: RoundSteps::of(config, &strategy),
-                run: site_run,
+            let client = lowband_net::ClientOptions {
+                identity: site_identities[k].clone(),
+                coordinator: (address, coordinator_identity.public_key()),
+                limits: limits.clone(),
+                reconnect_ms: 0,
+                join: settings.encode(k as u32),
+                leave_on_ctrl_c: false,
             };
+            let job = SiteJob::of(config, &strategy, split, k, client, None)?;
             let site = site.take().expect("each site starts once");
             site_threads.push(std::thread::spawn(move || any_site_task(site, job, || {})));
         }
