@@ -109,68 +109,8 @@ pub(crate) fn restore_site(
             |e| RunError::State(format!("{}: {e}", target.join("state.json").display())),
         )?;
     let params = site.trainer.optimizer().m.len();
-    if manifest.format != SITE_FORMAT || manifest.version != VERSION {
-        return Err(RunError::State(format!(
-            "{}: not a version {VERSION} site state",
-            target.display()
-        )));
-    }
-    if manifest.site != site.site.id() || manifest.params != params {
-        return Err(RunError::State(format!(
-            "{}: saved for site {} with {} parameters, this is site {} with {params}",
-            target.display(),
-            manifest.site,
-            manifest.params,
-            site.site.id()
-        )));
-    }
-    if manifest.corpus != run.corpus {
-        return Err(RunError::State(format!(
-            "{}: saved on another corpus ({}; this run has {}); restart the site without --resume",
-            target.display(),
-            manifest.corpus,
-            run.corpus
-        )));
-    }
-    if manifest.round >= run.rounds || manifest.optimizer_step > run.steps {
-        return Err(RunError::State(format!(
-            "{}: out of range: round {} at optimizer step {} (the run has {} rounds of {} steps); restart the site without --resume",
-            target.display(),
-            manifest.round,
-            manifest.optimizer_step,
-            run.rounds,
-            run.steps
-        )));
-    }
-    let path = target.join("tensors.safetensors");
-    let bytes = read_limited(
-        &path,
-        (params as u64).saturating_mul(12).saturating_add(4096),
-    )?;
-    FileCheck::verify(Some(manifest.tensors_file), &path, &bytes)?;
-    let names = safetensors_names(&path, &bytes)?;
-    if names.iter().any(|(_, len)| *len != params) {
-        return Err(RunError::State(format!(
-            "{}: a saved tensor has the wrong length",
-            path.display()
-        )));
-    }
-    let expected: Vec<(String, Vec<usize>)> = names
-        .iter()
-        .map(|(n, len)| (n.clone(), vec![*len]))
-        .collect();
-    let values = tensors_from_safetensors(&path, &bytes, &expected)?;
-    let mut tensors: Vec<(String, Vec<f32>)> =
-        names.into_iter().map(|(n, _)| n).zip(values).collect();
-    if let Some((name, _)) = tensors
-        .iter()
-        .find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n == "v" && *x < 0.0)))
-    {
-        return Err(RunError::State(format!(
-            "{}: saved tensor {name} holds a non-finite (or negative second-moment) value",
-            path.display()
-        )));
-    }
+    check_site_manifest(&manifest, &target, site.site.id(), params, run)?;
+    let mut tensors = read_site_tensors(&target, &manifest, params)?;
     let mut take = |name: &str| {
         tensors
             .iter()
@@ -191,6 +131,89 @@ pub(crate) fn restore_site(
     (optimizer.m, optimizer.v, optimizer.step) = (m, v, manifest.optimizer_step);
     site.sampler = Sampler::resume(manifest.sampler.0, manifest.sampler.1);
     Ok(Some(manifest.round))
+}
+
+/// A site state's manifest must be this version's, this site's, of this parameter count, on this
+/// corpus, and within the run's rounds and steps.
+fn check_site_manifest(
+    manifest: &SiteManifest,
+    target: &Path,
+    site_id: u32,
+    params: usize,
+    run: &SiteRun,
+) -> Result<(), RunError> {
+    if manifest.format != SITE_FORMAT || manifest.version != VERSION {
+        return Err(RunError::State(format!(
+            "{}: not a version {VERSION} site state",
+            target.display()
+        )));
+    }
+    if manifest.site != site_id || manifest.params != params {
+        return Err(RunError::State(format!(
+            "{}: saved for site {} with {} parameters, this is site {} with {params}",
+            target.display(),
+            manifest.site,
+            manifest.params,
+            site_id
+        )));
+    }
+    if manifest.corpus != run.corpus {
+        return Err(RunError::State(format!(
+            "{}: saved on another corpus ({}; this run has {}); restart the site without --resume",
+            target.display(),
+            manifest.corpus,
+            run.corpus
+        )));
+    }
+    if manifest.round >= run.rounds || manifest.optimizer_step > run.steps {
+        return Err(RunError::State(format!(
+            "{}: out of range: round {} at optimizer step {} (the run has {} rounds of {} steps); restart the site without --resume",
+            target.display(),
+            manifest.round,
+            manifest.optimizer_step,
+            run.rounds,
+            run.steps
+        )));
+    }
+    Ok(())
+}
+
+/// The saved tensors (m, v and the error-feedback residual), each checked: the file's size and
+/// CRC-32, every length, every value finite (and v non-negative).
+fn read_site_tensors(
+    target: &Path,
+    manifest: &SiteManifest,
+    params: usize,
+) -> Result<Vec<(String, Vec<f32>)>, RunError> {
+    let path = target.join("tensors.safetensors");
+    let bytes = read_limited(
+        &path,
+        (params as u64).saturating_mul(12).saturating_add(4096),
+    )?;
+    FileCheck::verify(Some(manifest.tensors_file), &path, &bytes)?;
+    let names = safetensors_names(&path, &bytes)?;
+    if names.iter().any(|(_, len)| *len != params) {
+        return Err(RunError::State(format!(
+            "{}: a saved tensor has the wrong length",
+            path.display()
+        )));
+    }
+    let expected: Vec<(String, Vec<usize>)> = names
+        .iter()
+        .map(|(n, len)| (n.clone(), vec![*len]))
+        .collect();
+    let values = tensors_from_safetensors(&path, &bytes, &expected)?;
+    let tensors: Vec<(String, Vec<f32>)> = names.into_iter().map(|(n, _)| n).zip(values).collect();
+    if let Some((name, _)) = tensors
+        .iter()
+        .find(|(n, v)| v.iter().any(|x| !x.is_finite() || (n == "v" && *x < 0.0)))
+    {
+        return Err(RunError::State(format!(
+            "{}: saved tensor {name} holds a non-finite (or negative second-moment) value",
+            path.display()
+        )));
+    }
+    Ok(tensors)
 }
 
 #[cfg(test)]

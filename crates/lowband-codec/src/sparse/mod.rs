@@ -15,6 +15,10 @@ use crate::bits::{elias_fano_read, elias_fano_write, BitReader, BitWriter, Split
 use crate::dense::max_abs;
 use crate::{check_payload, count_u32, Codec, CodecError, CodecSpec, ValueCoding};
 
+mod select;
+
+use select::select_top;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     TopK,
@@ -188,169 +192,82 @@ impl Sparse {
 const BUCKETS: usize = 1 << 11;
 const BUCKET_SHIFT: u32 = 20;
 
-/// Positions of the `k` largest magnitudes of `signal`, ascending (ties: the lower index), into
-/// `positions` (length k). `candidates` and `magnitudes` are scratch.
-///
-/// The bits of |v| order like |v| for non-negative floats, so the search works on integers. A
-/// histogram of every 16th value's top bits estimates a bucket below which at most ~k/2 of the
-/// k largest can lie; one pass (16 values at a time, compared as a block) collects the index of
-/// every value from that bucket up, in index order; a selection among those finds the exact
-/// threshold, and a filter keeps the k in index order. If the estimate was too high (fewer than
-/// k collected), an exact histogram decides instead. Either way the result is the exact top k.
-fn select_top(
-    signal: &[f32],
-    k: usize,
-    candidates: &mut Vec<u32>,
-    magnitudes: &mut Vec<u32>,
-    positions: &mut [u32],
-) {
-    debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
-    const STRIDE: usize = 16;
-    let bucket_of = |v: &f32| ((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize;
-    let mut histogram = [0u32; BUCKETS];
-    for v in signal.iter().step_by(STRIDE) {
-        histogram[bucket_of(v)] += 1;
-    }
-    // Aim for about 2k candidates: the bucket where the sampled count from the top reaches 2k/16.
-    let wanted_sampled = (2 * k).div_ceil(STRIDE);
-    let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
-    while bucket > 0 && above + (histogram[bucket] as usize) < wanted_sampled {
-        above += histogram[bucket] as usize;
-        bucket -= 1;
-    }
-    collect_from(signal, bucket as u32, candidates);
-    if candidates.len() < k {
-        // The sample misled us: find the exact bucket of the k-th largest.
-        histogram.fill(0);
-        for v in signal {
-            histogram[bucket_of(v)] += 1;
-        }
-        let (mut exact, mut count) = (BUCKETS - 1, 0usize);
-        while count + (histogram[exact] as usize) < k {
-            count += histogram[exact] as usize;
-            exact -= 1;
-        }
-        collect_from(signal, exact as u32, candidates);
-    }
-    let magnitude = |i: u32| signal[i as usize].to_bits() & 0x7fff_ffff;
-    // The k-th largest magnitude among the candidates is the threshold; keep everything above it
-    // and the lowest-indexed ties.
-    magnitudes.clear();
-    magnitudes.extend(candidates.iter().map(|&i| magnitude(i)));
-    let cut = magnitudes.len() - k;
-    let threshold = *magnitudes.select_nth_unstable(cut).1;
-    let greater = magnitudes[cut + 1..]
-        .iter()
-        .filter(|m| **m > threshold)
-        .count();
-    let mut ties_needed = k - greater;
-    let mut at = 0;
-    for &i in candidates.iter() {
-        let m = magnitude(i);
-        if m > threshold || (m == threshold && ties_needed > 0) {
-            if m == threshold {
-                ties_needed -= 1;
+impl Sparse {
+    /// One chunk of the body (its values start at index `first` of the whole): scales,
+    /// positions (read, or drawn for randomk), values, then the chunk rebuilt (for dct, from its
+    /// coefficients, in units of its scale and clamped to [-1, 1] before scaling).
+    fn decode_chunk(
+        &mut self,
+        reader: &mut BitReader,
+        random: &mut SplitMix64,
+        chunk: &mut [f32],
+        first: usize,
+    ) -> Result<(), CodecError> {
+        let k = self.spec.kept_in_chunk(chunk.len());
+        let signal_len = if self.kind == Kind::Dct {
+            self.chunk
+        } else {
+            chunk.len()
+        };
+        let chunk_scale = if self.kind == Kind::Dct {
+            let s = f32::from_bits(reader.read(32));
+            if !(s.is_finite() && s > 0.0) {
+                return Err(CodecError::NonFinite { index: first });
             }
-            positions[at] = i;
-            at += 1;
+            s
+        } else {
+            1.0
+        };
+        let scales =
+            read_scales(reader, self.values).ok_or(CodecError::NonFinite { index: first })?;
+        self.positions.clear();
+        match self.kind {
+            Kind::TopK | Kind::Dct => {
+                self.positions.resize(k, 0);
+                elias_fano_read(reader, &mut self.positions, signal_len).ok_or(
+                    CodecError::Malformed("positions are not an increasing set inside the chunk"),
+                )?;
+            }
+            Kind::RandomK => {
+                Self::select_random(&mut self.positions, &mut self.taken, random, signal_len, k)
+            }
         }
+        self.kept.clear();
+        for _ in 0..k {
+            let v = read_value(reader, self.values, scales);
+            if !v.is_finite() {
+                return Err(CodecError::NonFinite { index: first });
+            }
+            self.kept.push(v);
+        }
+        chunk.fill(0.0);
+        match self.kind {
+            Kind::TopK | Kind::RandomK => {
+                for (&p, &v) in self.positions.iter().zip(&self.kept) {
+                    chunk[p as usize] = v;
+                }
+            }
+            Kind::Dct => {
+                // Reconstruct in units of the chunk's scale, where the truth lies in [-1, 1]:
+                // clamping to it never moves a value away from the truth, and keeps the final
+                // product finite even at f32::MAX.
+                for (&p, &v) in self.positions.iter().zip(&self.kept) {
+                    let row =
+                        &self.basis[p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
+                    for (o, b) in chunk.iter_mut().zip(row) {
+                        *o += v * b;
+                    }
+                }
+                for o in chunk.iter_mut() {
+                    *o = o.clamp(-1.0, 1.0) * chunk_scale;
+                }
+                if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
+                    return Err(CodecError::NonFinite { index: first + i });
+                }
+            }
+        }
+        Ok(())
     }
-    debug_assert_eq!(at, k);
-}
-
-/// The index of every value whose magnitude bucket is at least `bucket`, in index order, into
-/// `candidates`. A block of values is compared at once into a bit mask; only the set bits are
-/// visited. On x86-64 the compare uses AVX-512 or AVX2 when the CPU has them (chosen at run
-/// time; every version returns the same indices, tested).
-fn collect_from(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked on the line above).
-            return unsafe { collect_from_avx512(signal, bucket, candidates) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2 (checked on the line above).
-            return unsafe { collect_from_avx2(signal, bucket, candidates) };
-        }
-    }
-    collect_from_portable(signal, bucket, candidates)
-}
-
-/// [`collect_from_portable`] with AVX-512: one compare of 16 lanes gives the block's mask.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn collect_from_avx512(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
-    use std::arch::x86_64::*;
-    let threshold = _mm512_set1_epi32((bucket << BUCKET_SHIFT) as i32);
-    let magnitude_bits = _mm512_set1_epi32(0x7fff_ffff);
-    candidates.clear();
-    let mut blocks = signal.chunks_exact(16);
-    for (b, block) in blocks.by_ref().enumerate() {
-        // SAFETY: `block` holds exactly 16 f32 (64 bytes); the load is unaligned.
-        let lanes = unsafe { _mm512_loadu_si512(block.as_ptr().cast()) };
-        let mut mask =
-            _mm512_cmpge_epi32_mask(_mm512_and_si512(lanes, magnitude_bits), threshold) as u32;
-        while mask != 0 {
-            candidates.push((b * 16) as u32 + mask.trailing_zeros());
-            mask &= mask - 1;
-        }
-    }
-    collect_tail(signal, blocks.remainder(), bucket, candidates);
-}
-
-/// [`collect_from_portable`] with AVX2: two compares of 8 lanes per block.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn collect_from_avx2(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
-    use std::arch::x86_64::*;
-    // One below the threshold: AVX2 compares only "greater than".
-    let below = _mm256_set1_epi32((bucket << BUCKET_SHIFT) as i32 - 1);
-    let magnitude_bits = _mm256_set1_epi32(0x7fff_ffff);
-    candidates.clear();
-    let mut blocks = signal.chunks_exact(8);
-    for (b, block) in blocks.by_ref().enumerate() {
-        // SAFETY: `block` holds exactly 8 f32 (32 bytes); the load is unaligned.
-        let lanes = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
-        let above = _mm256_cmpgt_epi32(_mm256_and_si256(lanes, magnitude_bits), below);
-        let mut mask = _mm256_movemask_ps(_mm256_castsi256_ps(above)) as u32;
-        while mask != 0 {
-            candidates.push((b * 8) as u32 + mask.trailing_zeros());
-            mask &= mask - 1;
-        }
-    }
-    collect_tail(signal, blocks.remainder(), bucket, candidates);
-}
-
-/// The members among the last `tail.len()` values of `signal` (fewer than a block).
-fn collect_tail(signal: &[f32], tail: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
-    let tail_start = signal.len() - tail.len();
-    for (j, v) in tail.iter().enumerate() {
-        if (v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT >= bucket {
-            candidates.push((tail_start + j) as u32);
-        }
-    }
-}
-
-/// The loop every version computes. |v|'s bits are below 2^31, so signed compares are exact
-/// (SSE2 and AVX2 have only those).
-fn collect_from_portable(signal: &[f32], bucket: u32, candidates: &mut Vec<u32>) {
-    const BLOCK: usize = 16;
-    let threshold = (bucket << BUCKET_SHIFT) as i32;
-    let member = |v: &f32| ((v.to_bits() & 0x7fff_ffff) as i32 >= threshold) as u32;
-    candidates.clear();
-    let mut blocks = signal.chunks_exact(BLOCK);
-    for (b, block) in blocks.by_ref().enumerate() {
-        let mut mask = 0u32;
-        for (j, v) in block.iter().enumerate() {
-            mask |= member(v) << j;
-        }
-        while mask != 0 {
-            candidates.push((b * BLOCK) as u32 + mask.trailing_zeros());
-            mask &= mask - 1;
-        }
-    }
-    collect_tail(signal, blocks.remainder(), bucket, candidates);
 }
 
 impl Codec for Sparse {
@@ -442,76 +359,7 @@ impl Codec for Sparse {
         let mut random = SplitMix64(packet_seed);
         let mut reader = BitReader::new(&payload[self.spec.header_bytes()..]);
         for (c, chunk) in out.chunks_mut(self.chunk).enumerate() {
-            let first = c * self.chunk;
-            let k = self.spec.kept_in_chunk(chunk.len());
-            let signal_len = if self.kind == Kind::Dct {
-                self.chunk
-            } else {
-                chunk.len()
-            };
-            let chunk_scale = if self.kind == Kind::Dct {
-                let s = f32::from_bits(reader.read(32));
-                if !(s.is_finite() && s > 0.0) {
-                    return Err(CodecError::NonFinite { index: first });
-                }
-                s
-            } else {
-                1.0
-            };
-            let scales = read_scales(&mut reader, self.values)
-                .ok_or(CodecError::NonFinite { index: first })?;
-            self.positions.clear();
-            match self.kind {
-                Kind::TopK | Kind::Dct => {
-                    self.positions.resize(k, 0);
-                    elias_fano_read(&mut reader, &mut self.positions, signal_len).ok_or(
-                        CodecError::Malformed(
-                            "positions are not an increasing set inside the chunk",
-                        ),
-                    )?;
-                }
-                Kind::RandomK => Self::select_random(
-                    &mut self.positions,
-                    &mut self.taken,
-                    &mut random,
-                    signal_len,
-                    k,
-                ),
-            }
-            self.kept.clear();
-            for _ in 0..k {
-                let v = read_value(&mut reader, self.values, scales);
-                if !v.is_finite() {
-                    return Err(CodecError::NonFinite { index: first });
-                }
-                self.kept.push(v);
-            }
-            chunk.fill(0.0);
-            match self.kind {
-                Kind::TopK | Kind::RandomK => {
-                    for (&p, &v) in self.positions.iter().zip(&self.kept) {
-                        chunk[p as usize] = v;
-                    }
-                }
-                Kind::Dct => {
-                    // Reconstruct in units of the chunk's scale, where the truth lies in [-1, 1]:
-                    // clamping to it never moves a value away from the truth, and keeps the final
-                    // product finite even at f32::MAX.
-                    for (&p, &v) in self.positions.iter().zip(&self.kept) {
-                        let row = &self.basis
-                            [p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
-                        for (o, b) in chunk.iter_mut().zip(row) {
-                            *o += v * b;
-                        }
-                    }
-                    for o in chunk.iter_mut() {
-                        *o = o.clamp(-1.0, 1.0) * chunk_scale;
-                    }
-                    if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
-                        return Err(CodecError::NonFinite { index: first + i });
-                    }
-                }
-            }
+            self.decode_chunk(&mut reader, &mut random, chunk, c * self.chunk)?;
         }
         Ok(())
     }
@@ -625,45 +473,5 @@ fn read_value(reader: &mut BitReader, coding: ValueCoding, scales: [f32; 2]) -> 
         }
         ValueCoding::Q2 => signed(scales[(code >> 1) as usize & 1]),
         ValueCoding::Sign => signed(scales[0]),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_collect_version_finds_the_same_indices() {
-        let mut state = 7u64;
-        let signal: Vec<f32> = (0..4099)
-            .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5).powi(3);
-                if i % 97 == 0 {
-                    f32::NAN
-                } else if i % 89 == 0 {
-                    -0.0
-                } else {
-                    v
-                }
-            })
-            .collect();
-        for bucket in [0u32, 900, 1000, 1010, 1017, 2047] {
-            let mut expected = Vec::new();
-            collect_from_portable(&signal, bucket, &mut expected);
-            let mut found = Vec::new();
-            collect_from(&signal, bucket, &mut found);
-            assert_eq!(found, expected, "bucket {bucket}");
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2.
-                    unsafe { collect_from_avx2(&signal, bucket, &mut found) };
-                    assert_eq!(found, expected, "avx2, bucket {bucket}");
-                }
-            }
-        }
     }
 }
