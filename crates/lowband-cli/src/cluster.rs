@@ -235,38 +235,12 @@ impl Supervisor {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            // The run is over (or failed): the sites end by themselves once told; a site that
-            // does not within the limit, or any site of a failed run, is killed.
-            let limit = Instant::now() + Duration::from_millis(SITES_EXIT_MS);
-            for (k, child) in children.iter_mut().enumerate() {
-                if failed_flag.load(Ordering::Acquire) {
-                    let _ = child.kill();
-                }
-                loop {
-                    match child.try_wait() {
-                        Ok(Some(status)) => {
-                            if running[k]
-                                && !status.success()
-                                && !failed_flag.load(Ordering::Acquire)
-                            {
-                                note(format!(
-                                    "site {k}'s process ended with {status} after the run"
-                                ));
-                            }
-                            break;
-                        }
-                        Ok(None) if Instant::now() < limit => {
-                            std::thread::sleep(Duration::from_millis(50))
-                        }
-                        _ => {
-                            let _ = child.kill();
-                            let _ = child.wait();
-                            note(format!("site {k}'s process did not end within {} s of the run's end: killed", SITES_EXIT_MS / 1000));
-                            break;
-                        }
-                    }
-                }
-            }
+            end_sites(
+                &mut children,
+                &running,
+                failed_flag.load(Ordering::Acquire),
+                &note,
+            );
         });
         Supervisor {
             done,
@@ -282,5 +256,38 @@ impl Supervisor {
         self.done.store(true, Ordering::Release);
         let _ = self.thread.join();
         std::mem::take(&mut *self.events.lock().expect("events lock"))
+    }
+}
+
+/// The run is over (or failed): the sites end by themselves once told; a site that does not
+/// within the limit, or any site of a failed run, is killed. What happened goes to `note`.
+fn end_sites(children: &mut [Child], running: &[bool], failed: bool, note: &dyn Fn(String)) {
+    let limit = Instant::now() + Duration::from_millis(SITES_EXIT_MS);
+    for (k, child) in children.iter_mut().enumerate() {
+        if failed {
+            let _ = child.kill();
+        }
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    if running[k] && !status.success() && !failed {
+                        note(format!(
+                            "site {k}'s process ended with {status} after the run"
+                        ));
+                    }
+                    break;
+                }
+                Ok(None) if Instant::now() < limit => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    note(format!(
+                        "site {k}'s process did not end within {} s of the run's end: killed",
+                        SITES_EXIT_MS / 1000
+                    ));
+                    break;
+                }
+            }
+        }
     }
 }

@@ -20,32 +20,8 @@ const VALUES_MAX: usize = 1 << 28;
 pub fn packet(args: &PacketArgs) -> Result<()> {
     let bytes = lowband_engine::checkpoint::read_limited(&args.file, PACKET_BYTES_MAX)?;
     println!("file: {} ({} bytes)", args.file.display(), bytes.len());
-    let payload = if bytes.starts_with(&wire::MAGIC) {
-        let message = wire::decode(&bytes, u32::MAX as usize).context("envelope")?;
-        println!(
-            "envelope: version {}, kind {:?}, round {}, site {}, payload {} bytes, checksum ok",
-            wire::WIRE_VERSION,
-            message.kind,
-            message.round,
-            message.site,
-            message.payload.len()
-        );
-        if message.kind == wire::MessageKind::Report {
-            let report = wire::TrainingReport::decode(message.payload, u32::MAX as usize)
-                .context("training report")?;
-            let mean = report.losses.iter().map(|l| *l as f64).sum::<f64>()
-                / report.losses.len().max(1) as f64;
-            println!(
-                "training report: {:.3} s, {} steps, mean loss {mean:.4}",
-                report.seconds,
-                report.losses.len()
-            );
-            return Ok(());
-        }
-        message.payload
-    } else {
-        println!("envelope: none (a bare codec payload)");
-        &bytes[..]
+    let Some(payload) = envelope(&bytes)? else {
+        return Ok(());
     };
     if payload.is_empty() {
         println!("payload: empty (a global delta with no change)");
@@ -88,7 +64,44 @@ pub fn packet(args: &PacketArgs) -> Result<()> {
             info.count
         );
     }
-    let mut values = vec![0.0f32; info.count];
+    value_statistics(payload, info.count)
+}
+
+/// The envelope's fields, if the file has one; the codec payload inside (None: a training
+/// report, printed whole).
+fn envelope(bytes: &[u8]) -> Result<Option<&[u8]>> {
+    if bytes.starts_with(&wire::MAGIC) {
+        let message = wire::decode(bytes, u32::MAX as usize).context("envelope")?;
+        println!(
+            "envelope: version {}, kind {:?}, round {}, site {}, payload {} bytes, checksum ok",
+            wire::WIRE_VERSION,
+            message.kind,
+            message.round,
+            message.site,
+            message.payload.len()
+        );
+        if message.kind == wire::MessageKind::Report {
+            let report = wire::TrainingReport::decode(message.payload, u32::MAX as usize)
+                .context("training report")?;
+            let mean = report.losses.iter().map(|l| *l as f64).sum::<f64>()
+                / report.losses.len().max(1) as f64;
+            println!(
+                "training report: {:.3} s, {} steps, mean loss {mean:.4}",
+                report.seconds,
+                report.losses.len()
+            );
+            return Ok(None);
+        }
+        Ok(Some(message.payload))
+    } else {
+        println!("envelope: none (a bare codec payload)");
+        Ok(Some(bytes))
+    }
+}
+
+/// Decode the payload and print what its values look like.
+fn value_statistics(payload: &[u8], count: usize) -> Result<()> {
+    let mut values = vec![0.0f32; count];
     decode_any(payload, &mut values).context("decoding the payload")?;
     let nonzero = values.iter().filter(|v| **v != 0.0).count();
     let (min, max) = values

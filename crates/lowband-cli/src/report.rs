@@ -74,6 +74,15 @@ pub struct StrategySummary {
     pub overlap_steps: Option<u64>,
 }
 
+impl StrategySummary {
+    /// Whether this line is DDP: its name parsed into the typed strategy (the name is canonical),
+    /// not compared as a string.
+    pub fn is_ddp(&self) -> bool {
+        lowband_runtime::Strategy::parse(&self.strategy, 1)
+            .is_ok_and(|s| s.kind == lowband_runtime::StrategyKind::Ddp)
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct SiteScoreSummary {
     pub site: u32,

@@ -231,7 +231,7 @@ fn a_coordinator_whose_sites_are_all_gone_stops_after_its_join_timeout() {
         })
         .collect();
     // Both sites die mid-run and never come back.
-    std::thread::sleep(Duration::from_secs(3));
+    until_saved_at_step(dir.path(), 4);
     for site in &mut site_processes {
         site.0.kill().unwrap();
         site.0.wait().unwrap();

@@ -165,7 +165,7 @@ fn a_site_killed_mid_run_is_dropped_and_the_run_finishes_with_the_others() {
         lines.any(|l| l.unwrap().contains("connected")),
         "site 1 never connected"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    until_saved_at_step(dir.path(), 10);
     site_processes[1].0.kill().unwrap();
     for k in [0, 2] {
         assert!(
@@ -338,12 +338,7 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     until_connected(&mut site_processes[1]);
     // Restarted with the same key and its saved state: it gets the current parameters from the
     // coordinator and trains from there with its own optimizer state.
-    kill_and_resume_site_1(
-        dir.path(),
-        &mut site_processes,
-        &address,
-        Duration::from_millis(300),
-    );
+    kill_and_resume_site_1(dir.path(), &mut site_processes, &address, 1);
     all_finish(
         dir.path(),
         &mut site_processes,
@@ -362,23 +357,23 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
     assert_close_to_fault_free(loss);
 }
 
-/// Once site 1 (run with `--state-dir site1-state`) has saved its state, and `after` more: `kill -9`
-/// it, and 2.5 s later (past the 1.5 s idle timeout) start it again with `--resume`; it must say
-/// it resumed from its saved state.
-fn kill_and_resume_site_1(
-    dir: &Path,
-    site_processes: &mut [Guard],
-    address: &str,
-    after: Duration,
-) {
-    wait_for_file(
-        &dir.join("site1-state/current.json"),
-        "site 1 saved no state",
-    );
-    std::thread::sleep(after);
+/// Once site 1 (run with `--state-dir site1-state`) has saved its state `saves` times: `kill -9`
+/// it, and once the coordinator has dropped it (its 1.5 s idle timeout) start it again with
+/// `--resume`; it must say it resumed from its saved state.
+fn kill_and_resume_site_1(dir: &Path, site_processes: &mut [Guard], address: &str, saves: u64) {
+    let current = dir.join("site1-state/current.json");
+    wait_for_file(&current, "site 1 saved no state");
+    let first = saved_number(&current).unwrap_or(0);
+    wait_until(Duration::from_secs(60), "site 1 stopped saving", || {
+        saved_number(&current).is_some_and(|n| n >= first + saves - 1)
+    });
     site_processes[1].0.kill().unwrap();
     let _ = site_processes[1].0.wait();
-    std::thread::sleep(Duration::from_millis(2500));
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator never dropped the killed site 1",
+        || log_has(dir, "coordinator", "site 1 left"),
+    );
     site_processes[1] = start_site(
         dir,
         1,
@@ -450,14 +445,17 @@ fn kill_and_resume_the_coordinator(
         assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint");
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
     signal(&first, signal_name);
     let status = wait(&mut first, Duration::from_secs(30));
     if signal_name == "-INT" {
         assert_eq!(status.code(), Some(1), "{}", error_logs(dir.path()));
         assert!(error_logs(dir.path()).contains("interrupted (Ctrl-C)"));
         // Told at once, the sites wait for it to come back rather than ending.
-        std::thread::sleep(Duration::from_millis(500));
+        wait_until(
+            Duration::from_secs(10),
+            "the sites were not told the coordinator stopped",
+            || (0..3).all(|k| log_has(dir.path(), &format!("site{k}"), "lost the coordinator")),
+        );
         for site in &mut site_processes {
             assert!(
                 site.0.try_wait().unwrap().is_none(),
@@ -470,7 +468,6 @@ fn kill_and_resume_the_coordinator(
         "killed mid-run, not after the end"
     );
     std::fs::remove_file(dir.path().join("address")).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
     let mut resumed_flags = flags.to_vec();
     resumed_flags.push("--resume");
     let (mut second, _) =
@@ -532,7 +529,7 @@ fn a_hung_site_does_not_stall_the_rounds_and_rejoins_when_it_wakes() {
     for site in &mut site_processes {
         until_connected(site);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    until_saved_at_step(dir.path(), 10);
     signal(&site_processes[2], "-STOP");
     // Frozen while 8 rounds close without it (the coordinator's checkpoints tell which step it is
     // at): its unread queue passes 4 copies of the parameters. Woken then, with most of the run
@@ -768,9 +765,13 @@ fn a_site_on_another_host_is_cut_off_and_rejoins_when_its_link_returns() {
     for site in &mut site_processes {
         until_connected(site);
     }
-    std::thread::sleep(Duration::from_millis(800));
+    until_saved_at_step(dir.path(), 10);
     namespace.link(false);
-    std::thread::sleep(Duration::from_millis(4000));
+    // Down until both ends have noticed (their idle timeouts): the site is cut off for real.
+    wait_until(Duration::from_secs(60), "the cut was never noticed", || {
+        log_has(dir.path(), "coordinator", "site 2 left")
+            && log_has(dir.path(), "site2", "lost the coordinator")
+    });
     namespace.link(true);
     all_finish(
         dir.path(),
@@ -919,7 +920,7 @@ fn a_site_interrupted_with_ctrl_c_leaves_at_once() {
             &["--idle-timeout-ms", "120000"],
             &["--idle-timeout-ms", "120000"],
         );
-        std::thread::sleep(Duration::from_millis(500));
+        until_saved_at_step(dir.path(), 10);
         signal(&site_processes[1], "-INT");
         assert!(
             wait(&mut site_processes[1], Duration::from_secs(60)).success(),
@@ -965,12 +966,7 @@ fn a_streaming_site_killed_mid_run_restarts_and_trains_on() {
         &["--idle-timeout-ms", "1500", "--state-dir", "site{k}-state"],
     );
     let address = std::fs::read_to_string(dir.path().join("address")).unwrap();
-    kill_and_resume_site_1(
-        dir.path(),
-        &mut site_processes,
-        &address,
-        Duration::from_millis(1000),
-    );
+    kill_and_resume_site_1(dir.path(), &mut site_processes, &address, 3);
     all_finish(
         dir.path(),
         &mut site_processes,

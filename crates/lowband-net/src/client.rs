@@ -178,7 +178,14 @@ impl SiteClient {
     fn ended(&mut self, e: NetError) -> Result<Next, ClientError> {
         let now_ms = self.now_ms();
         match self.link.ended(link_end(&e), now_ms) {
-            LinkDecision::Reconnect { .. } => Ok(Next::Lost),
+            LinkDecision::Reconnect { until_ms, .. } => {
+                tracing::info!(
+                    "site: lost the coordinator at {} ({e}); reconnecting for up to {} s",
+                    self.options.coordinator.0,
+                    until_ms.saturating_sub(now_ms).div_ceil(1000)
+                );
+                Ok(Next::Lost)
+            }
             LinkDecision::Finished { excluded } => Ok(Next::Finished { excluded }),
             LinkDecision::Refused => Err(refused(&self.options, e)),
             LinkDecision::GaveUp => Err(ClientError::Unreachable {
@@ -315,6 +322,10 @@ impl SiteClient {
             read_from_coordinator(&self.peer)
         };
         self.reconnected = true;
+        tracing::info!(
+            "site: reconnected to the coordinator at {}",
+            self.options.coordinator.0
+        );
         Ok(())
     }
 

@@ -5,7 +5,11 @@
 //! ([`tls`]). Messages travel one per QUIC stream under a size limit ([`transport`]). Packets are
 //! also signed by the site that made them ([`seal`], [`open`]), so whoever relays them cannot
 //! alter or forge them. [`Shaper`] puts an emulated WAN (bandwidth, latency, jitter, loss) between
-//! nodes on one machine. The protocol above is sans-IO: this layer moves its bytes.
+//! nodes on one machine. The protocol above is sans-IO: this layer moves its bytes, and runs its
+//! connection machines (`lowband_protocol::{SiteLink, Membership}`) without deciding anything
+//! itself: [`SiteClient`] is a site's blocking connection to its coordinator (any training loop
+//! can drive it: lowband's engine, or a PyTorch model through the Python package), and [`serve`]
+//! is the coordinator's loop, which hands what the protocol's actions mean to a [`Host`].
 
 pub mod client;
 pub mod door;

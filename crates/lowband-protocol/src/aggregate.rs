@@ -265,76 +265,93 @@ impl Aggregator for Robust {
                 coordinatewise(deltas, out, trim_count(trim, n))
             }
             AggregatorSpec::CenteredClip { iterations } => {
-                coordinatewise(deltas, out, (n - 1) / 2);
-                let mut distances: Vec<f64> = deltas.iter().map(|d| distance(d, out)).collect();
-                let radius = median(&distances);
-                let mut factors = vec![1.0f64; n];
-                if radius > 0.0 && radius.is_finite() {
-                    self.scratch.resize(out.len(), 0.0);
-                    for _ in 0..iterations {
-                        for (f, d) in factors.iter_mut().zip(&distances) {
-                            *f = if *d > radius { radius / d } else { 1.0 };
-                        }
-                        let weights: Vec<f32> =
-                            factors.iter().map(|f| (*f / n as f64) as f32).collect();
-                        // v += Σ wᵢ (δᵢ − v), per coordinate in input order.
-                        out.par_chunks_mut(CHUNK)
-                            .enumerate()
-                            .for_each(|(c, chunk)| {
-                                let first = c * CHUNK;
-                                for (j, v) in chunk.iter_mut().enumerate() {
-                                    let mut step = 0.0f32;
-                                    for (d, w) in deltas.iter().zip(&weights) {
-                                        step += w * (d[first + j] - *v);
-                                    }
-                                    *v += step;
-                                }
-                            });
-                        for (dist, d) in distances.iter_mut().zip(deltas) {
-                            *dist = distance(d, out);
-                        }
-                    }
-                }
-                factors.iter().map(|f| *f < 0.5).collect()
+                centered_clip(deltas, out, iterations, &mut self.scratch)
             }
-            AggregatorSpec::ClippedMean => {
-                let norms: Vec<f64> = deltas
-                    .iter()
-                    .map(|d| {
-                        d.iter()
-                            .map(|v| (*v as f64) * (*v as f64))
-                            .sum::<f64>()
-                            .sqrt()
-                    })
-                    .collect();
-                let bound = median(&norms);
-                let factors: Vec<f64> = norms
-                    .iter()
-                    .map(|m| {
-                        if *m > bound && *m > 0.0 {
-                            bound / m
-                        } else {
-                            1.0
+            AggregatorSpec::ClippedMean => clipped_mean(deltas, out),
+        }
+    }
+}
+
+/// Centered clipping (Karimireddy et al. 2021): from the coordinate-wise median, `iterations`
+/// steps towards every delta, each clipped to the median distance. Returns which deltas were cut
+/// to less than half.
+fn centered_clip(
+    deltas: &[&[f32]],
+    out: &mut [f32],
+    iterations: u32,
+    scratch: &mut Vec<f32>,
+) -> Vec<bool> {
+    let n = deltas.len();
+    coordinatewise(deltas, out, (n - 1) / 2);
+    let mut distances: Vec<f64> = deltas.iter().map(|d| distance(d, out)).collect();
+    let radius = median(&distances);
+    let mut factors = vec![1.0f64; n];
+    if radius > 0.0 && radius.is_finite() {
+        scratch.resize(out.len(), 0.0);
+        for _ in 0..iterations {
+            for (f, d) in factors.iter_mut().zip(&distances) {
+                *f = if *d > radius { radius / d } else { 1.0 };
+            }
+            let weights: Vec<f32> = factors.iter().map(|f| (*f / n as f64) as f32).collect();
+            // v += Σ wᵢ (δᵢ − v), per coordinate in input order.
+            out.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let first = c * CHUNK;
+                    for (j, v) in chunk.iter_mut().enumerate() {
+                        let mut step = 0.0f32;
+                        for (d, w) in deltas.iter().zip(&weights) {
+                            step += w * (d[first + j] - *v);
                         }
-                    })
-                    .collect();
-                let weights: Vec<f32> = factors.iter().map(|f| (*f / n as f64) as f32).collect();
-                out.par_chunks_mut(CHUNK)
-                    .enumerate()
-                    .for_each(|(c, chunk)| {
-                        let first = c * CHUNK;
-                        for (j, o) in chunk.iter_mut().enumerate() {
-                            let mut sum = 0.0f32;
-                            for (d, w) in deltas.iter().zip(&weights) {
-                                sum += w * d[first + j];
-                            }
-                            *o = sum;
-                        }
-                    });
-                factors.iter().map(|f| *f < 0.5).collect()
+                        *v += step;
+                    }
+                });
+            for (dist, d) in distances.iter_mut().zip(deltas) {
+                *dist = distance(d, out);
             }
         }
     }
+    factors.iter().map(|f| *f < 0.5).collect()
+}
+
+/// The mean of the deltas, each scaled down to the median norm if above it. Returns which deltas
+/// were cut to less than half.
+fn clipped_mean(deltas: &[&[f32]], out: &mut [f32]) -> Vec<bool> {
+    let n = deltas.len();
+    let norms: Vec<f64> = deltas
+        .iter()
+        .map(|d| {
+            d.iter()
+                .map(|v| (*v as f64) * (*v as f64))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let bound = median(&norms);
+    let factors: Vec<f64> = norms
+        .iter()
+        .map(|m| {
+            if *m > bound && *m > 0.0 {
+                bound / m
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let weights: Vec<f32> = factors.iter().map(|f| (*f / n as f64) as f32).collect();
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first = c * CHUNK;
+            for (j, o) in chunk.iter_mut().enumerate() {
+                let mut sum = 0.0f32;
+                for (d, w) in deltas.iter().zip(&weights) {
+                    sum += w * d[first + j];
+                }
+                *o = sum;
+            }
+        });
+    factors.iter().map(|f| *f < 0.5).collect()
 }
 
 /// Coordinates per parallel task.

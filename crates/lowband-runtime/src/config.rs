@@ -212,26 +212,7 @@ impl RunConfig {
         if !(self.validation_fraction > 0.0 && self.validation_fraction < 1.0) {
             return Err(("validation_fraction", "must be in (0, 1)".into()));
         }
-        for (i, attack) in self.attacks.iter().enumerate() {
-            if attack.site as usize >= self.sites {
-                return Err((
-                    "attacks",
-                    format!("{attack}: there are only sites 0 to {}", self.sites - 1),
-                ));
-            }
-            if self.attacks[..i].iter().any(|a| a.site == attack.site) {
-                return Err((
-                    "attacks",
-                    format!("site {} is given two attacks", attack.site),
-                ));
-            }
-        }
-        if self.attacks.len() >= self.sites {
-            return Err((
-                "attacks",
-                "every site is hostile: no honest run to defend".into(),
-            ));
-        }
+        self.validate_attacks()?;
         if self.corpus.is_none() {
             check_corpus_bytes(self.corpus_bytes).map_err(|e| ("corpus_bytes", e))?;
         }
@@ -257,6 +238,31 @@ impl RunConfig {
             network: NetworkConfig::default(),
             ..self.clone()
         }
+    }
+
+    /// Hostile sites: each a site of the run, one attack each, and not all of them.
+    fn validate_attacks(&self) -> Result<(), (&'static str, String)> {
+        for (i, attack) in self.attacks.iter().enumerate() {
+            if attack.site as usize >= self.sites {
+                return Err((
+                    "attacks",
+                    format!("{attack}: there are only sites 0 to {}", self.sites - 1),
+                ));
+            }
+            if self.attacks[..i].iter().any(|a| a.site == attack.site) {
+                return Err((
+                    "attacks",
+                    format!("site {} is given two attacks", attack.site),
+                ));
+            }
+        }
+        if self.attacks.len() >= self.sites {
+            return Err((
+                "attacks",
+                "every site is hostile: no honest run to defend".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The outer optimizer: DiLoCo's Nesterov, or FedAvg's plain average.

@@ -101,7 +101,7 @@ fn read_summary(run: &Path) -> Result<RunSummary> {
 /// figures, so streaming's fragment syncs count once per round.
 pub(super) fn strategies_from_summary(summary: &RunSummary) -> Result<Vec<Strategy>> {
     let mut out = Vec::new();
-    for s in summary.strategies.iter().filter(|s| s.strategy != "ddp") {
+    for s in summary.strategies.iter().filter(|s| !s.is_ddp()) {
         let Some(gap) = s.loss_gap_vs_ddp else {
             bail!("--from-run: {} has no ddp run, so {}'s loss gap is unknown (run compare with ddp among --strategies)", summary.name, s.strategy);
         };

@@ -161,8 +161,8 @@ fn cost_chart(path: &Path, inputs: &Inputs) -> Result<()> {
 /// 10B and 100B parameters on its link profile (H100 sites of 64 accelerators).
 pub fn projection(summary_json: &[u8]) -> Result<String> {
     let summary: RunSummary = serde_json::from_slice(summary_json)?;
-    if !summary.strategies.iter().any(|s| s.strategy == "ddp")
-        || summary.strategies.iter().all(|s| s.strategy == "ddp")
+    if !summary.strategies.iter().any(|s| s.is_ddp())
+        || summary.strategies.iter().all(|s| s.is_ddp())
     {
         return Ok(String::new());
     }

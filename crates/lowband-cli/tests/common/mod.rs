@@ -96,6 +96,52 @@ pub fn start_coordinator(
     )
 }
 
+/// Block until `condition` holds (checked every 20 ms), at most `limit`; then fail saying `what`.
+/// Tests wait on what the nodes do, never on a fixed sleep.
+pub fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether node `name`'s stderr log (`NAME.err`) has a line containing `text`.
+pub fn log_has(dir: &Path, name: &str, text: &str) -> bool {
+    std::fs::read_to_string(dir.join(format!("{name}.err"))).is_ok_and(|log| log.contains(text))
+}
+
+/// The step of the coordinator's newest saved state (`state-STEP`) under
+/// `runs/*/coordinator-state/`, if it saved one.
+pub fn coordinator_saved(dir: &Path) -> Option<u64> {
+    let runs = std::fs::read_dir(dir.join("runs")).ok()?;
+    runs.flatten()
+        .filter_map(|run| std::fs::read_dir(run.path().join("coordinator-state")).ok())
+        .flat_map(|strategies| strategies.flatten())
+        .filter_map(|strategy| saved_number(&strategy.path().join("current.json")))
+        .max()
+}
+
+/// The N of the `state-N` a `current.json` points at (the step it was saved at).
+pub fn saved_number(current: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(current).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    value["dir"].as_str()?.strip_prefix("state-")?.parse().ok()
+}
+
+/// Block until the coordinator has saved its state at step `step` or later (rounds closed: the
+/// run is going).
+pub fn until_saved_at_step(dir: &Path, step: u64) {
+    wait_until(
+        Duration::from_secs(120),
+        &format!(
+            "the coordinator never saved its state at step {step}\n{}",
+            error_logs(dir)
+        ),
+        || coordinator_saved(dir).is_some_and(|n| n >= step),
+    );
+}
+
 /// Block until `path` exists (a node writes it once it is up).
 pub fn wait_for_file(path: &Path, what: &str) {
     let started = Instant::now();

@@ -233,21 +233,7 @@ impl Coordinator {
         }
         let robustness = self.config.robustness;
         let range = closing.range.clone();
-        let flags = if closing.one_at_a_time() {
-            debug_assert_eq!(merged_count, verdicts.accepted.len());
-            let scale = 1.0 / merged_count as f32;
-            for m in self.merged.iter_mut() {
-                *m *= scale;
-            }
-            vec![false; verdicts.accepted.len()]
-        } else {
-            let deltas: Vec<&[f32]> = verdicts
-                .accepted
-                .iter()
-                .map(|(i, _)| closing.dense[*i].as_slice())
-                .collect();
-            self.aggregator.aggregate(&deltas, &mut self.merged)
-        };
+        let flags = self.merge(closing, verdicts, merged_count);
         debug_assert_eq!(flags.len(), verdicts.accepted.len());
         // A merge of finite values can still overflow, or carry θ where no forward pass
         // survives; never let it into θ (nor into the outer momentum). The culprit is neither
@@ -307,6 +293,26 @@ impl Coordinator {
             }
         }
         merge
+    }
+
+    /// The accepted updates merged into `self.merged`: the mean's sum scaled, or the aggregator.
+    /// Returns which of them the aggregator cut hard (the mean cuts none).
+    fn merge(&mut self, closing: &Closing, verdicts: &Verdicts, merged_count: usize) -> Vec<bool> {
+        if closing.one_at_a_time() {
+            debug_assert_eq!(merged_count, verdicts.accepted.len());
+            let scale = 1.0 / merged_count as f32;
+            for m in self.merged.iter_mut() {
+                *m *= scale;
+            }
+            vec![false; verdicts.accepted.len()]
+        } else {
+            let deltas: Vec<&[f32]> = verdicts
+                .accepted
+                .iter()
+                .map(|(i, _)| closing.dense[*i].as_slice())
+                .collect();
+            self.aggregator.aggregate(&deltas, &mut self.merged)
+        }
     }
 
     /// The round's report, the refusals (scored; a site refused too often is excluded), the

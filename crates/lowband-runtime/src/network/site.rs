@@ -236,7 +236,18 @@ fn streaming_connection(
             return Ok(end);
         }
     }
-    // The final syncs: every fragment once more, so that no step is left out of the global model.
+    final_syncs(site, job, client, (round, last), (seconds, losses))
+}
+
+/// The final syncs: every fragment once more, so that no step is left out of the global model
+/// (the report of the last steps first); how the connection ended, `Finished` when done.
+fn final_syncs(
+    site: &mut SiteRuntime,
+    job: &SiteJob,
+    client: &mut SiteClient,
+    (mut round, last): (u64, u64),
+    (seconds, losses): (f64, Vec<f32>),
+) -> Result<Next, RunError> {
     if !losses.is_empty() {
         let report = TrainingReport { seconds, losses }.encode(round, site.site.id());
         if let Some(end) = send_all(client, [report])? {
