@@ -219,6 +219,16 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
     }
 
+    /// The stream `draws` values further on, without drawing them (the state is a counter: the
+    /// i-th draw depends on i alone, so the draws can be made in parallel).
+    #[inline]
+    pub fn skipped(&self, draws: u64) -> SplitMix64 {
+        SplitMix64(
+            self.0
+                .wrapping_add(draws.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        )
+    }
+
     /// Uniform in [0, bound) (Lemire's multiply-shift; the bias is below 2^-32 for our bounds).
     #[inline]
     pub fn below(&mut self, bound: u32) -> u32 {
