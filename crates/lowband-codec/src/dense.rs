@@ -417,11 +417,18 @@ impl Quantizer {
         } else {
             ((v as f64 - self.lo as f64) * self.per_unit_wide).clamp(0.0, self.levels as f64) as f32
         };
-        let code = match rounding {
-            Rounding::Nearest => position.round(),
-            Rounding::Stochastic => (position + random.next_unit_f32()).floor().min(self.levels),
-        };
-        code as u32
+        match rounding {
+            // `position.round()` for a position in [0, levels] (or NaN, which gives 0), without
+            // the rounding library call: truncation, then up at a fraction of one half or more
+            // (the fraction is exact: both are below 2^24).
+            Rounding::Nearest => {
+                let truncated = position as u32;
+                truncated + u32::from(position - truncated as f32 >= 0.5)
+            }
+            Rounding::Stochastic => {
+                (position + random.next_unit_f32()).floor().min(self.levels) as u32
+            }
+        }
     }
 }
 
