@@ -13,22 +13,11 @@
 //!
 //! Replay one seed: `LOWBAND_SIM_SEED=N cargo test -p lowband-protocol --test link`.
 
+mod common;
+
+use common::Rng;
 use lowband_protocol::link::close;
 use lowband_protocol::{LinkDecision, LinkEnd, LinkPolicy, SiteLink};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Phase {

@@ -29,6 +29,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+mod common;
+
+use common::Rng;
 use lowband_codec::{Codec, CodecSpec};
 use lowband_protocol::coordinator::CoordinatorState;
 use lowband_protocol::wire;
@@ -50,27 +53,6 @@ const CONNECT_MS: u64 = 40;
 const JOIN_TIMEOUT_MS: u64 = 12_000;
 /// A site's reconnect budget: longer than any outage here.
 const RECONNECT_MS: u64 = 30_000;
-
-/// SplitMix64: small, seedable, the same everywhere.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    }
-}
 
 #[derive(Debug)]
 enum Ev {
