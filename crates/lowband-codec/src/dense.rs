@@ -5,6 +5,7 @@
 //! bytes are the same as a one-thread pass (`tests/golden.rs`); the stochastic rounding of `int`
 //! draws value i's random number from the stream's i-th state, so it needs no order either.
 
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -121,18 +122,29 @@ impl Codec for HalfFloat {
         body.par_chunks_mut(2 * self.chunk)
             .zip(values.par_chunks(self.chunk))
             .zip(&scales)
-            .for_each(|((bytes, chunk), &scale)| {
-                for (b, &v) in bytes.chunks_exact_mut(2).zip(chunk) {
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(units, halves): &mut (Vec<f32>, Vec<u16>), ((bytes, chunk), &scale)| {
                     // Division, not a reciprocal: 1 / a subnormal scale overflows.
-                    let unit = v / scale;
-                    let bits = if brain {
-                        bf16::from_f32(unit).to_bits()
+                    units.clear();
+                    units.extend(chunk.iter().map(|&v| v / scale));
+                    halves.resize(chunk.len(), 0);
+                    // Whole slices at once: `half` converts them with the CPU's conversion
+                    // instructions when it has them (the same rounding as one at a time).
+                    if brain {
+                        halves
+                            .reinterpret_cast_mut::<bf16>()
+                            .convert_from_f32_slice(units);
                     } else {
-                        f16::from_f32(unit).to_bits()
-                    };
-                    b.copy_from_slice(&bits.to_le_bytes());
-                }
-            });
+                        halves
+                            .reinterpret_cast_mut::<f16>()
+                            .convert_from_f32_slice(units);
+                    }
+                    for (b, h) in bytes.chunks_exact_mut(2).zip(halves.iter()) {
+                        b.copy_from_slice(&h.to_le_bytes());
+                    }
+                },
+            );
     }
 
     fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
@@ -145,25 +157,30 @@ impl Codec for HalfFloat {
             out.par_chunks_mut(size)
                 .zip(halves.par_chunks(2 * size))
                 .enumerate()
-                .map(|(c, (chunk, bytes))| {
+                .map_init(Vec::new, |bits: &mut Vec<u16>, (c, (chunk, bytes))| {
                     let scale = read_f32(payload, scales_at + 4 * c);
                     if !(scale.is_finite() && scale > 0.0) {
                         return Err(CodecError::NonFinite { index: c * size });
                     }
-                    for (i, (o, b)) in chunk.iter_mut().zip(bytes.chunks_exact(2)).enumerate() {
-                        let bits = u16::from_le_bytes([b[0], b[1]]);
-                        let unit = if brain {
-                            bf16::from_bits(bits).to_f32()
-                        } else {
-                            f16::from_bits(bits).to_f32()
-                        };
-                        let v = unit * scale;
-                        if !v.is_finite() {
+                    bits.clear();
+                    bits.extend(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|b| u16::from_le_bytes([b[0], b[1]])),
+                    );
+                    // Whole slices at once (the CPU's conversion instructions when it has them).
+                    if brain {
+                        bits.reinterpret_cast::<bf16>().convert_to_f32_slice(chunk);
+                    } else {
+                        bits.reinterpret_cast::<f16>().convert_to_f32_slice(chunk);
+                    }
+                    for (i, o) in chunk.iter_mut().enumerate() {
+                        *o *= scale;
+                        if !o.is_finite() {
                             return Err(CodecError::NonFinite {
                                 index: c * size + i,
                             });
                         }
-                        *o = v;
                     }
                     Ok(())
                 }),
