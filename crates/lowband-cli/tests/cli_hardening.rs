@@ -403,30 +403,27 @@ fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs(
         format!("strategy = \"diloco@4\"\ncoordinator = \"{coordinator}\"\nsites = [\"{}\"]\n[run]\nsteps = 4\n", sites[0]),
     )
     .unwrap();
-    let o = lowband(dir.path())
-        .args([
-            "site",
-            "--config",
-            "old.toml",
-            "--key",
-            "site0.key",
-            "--join",
-            "127.0.0.1:9",
-        ])
-        .output()
-        .unwrap();
-    let error = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(3), "{error}");
-    assert!(error.contains("old cluster file format"), "{error}");
+    site_refused(
+        dir.path(),
+        "old.toml",
+        "site0.key",
+        "old cluster file format",
+    );
     // A key file that is a device is read no further than a key's size.
     cluster_file(dir.path(), "cluster.toml", &coordinator, &sites, CLUSTER);
-    let o = lowband(dir.path())
+    site_refused(dir.path(), "cluster.toml", "/dev/zero", "is not a key file");
+}
+
+/// `lowband site` with this cluster file and key is refused before it runs: exit 3, the error
+/// naming `fragment`.
+fn site_refused(dir: &Path, cluster: &str, key: &str, fragment: &str) {
+    let o = lowband(dir)
         .args([
             "site",
             "--config",
-            "cluster.toml",
+            cluster,
             "--key",
-            "/dev/zero",
+            key,
             "--join",
             "127.0.0.1:9",
         ])
@@ -434,7 +431,7 @@ fn cluster_files_and_keys_that_cannot_be_right_are_refused_before_anything_runs(
         .unwrap();
     let error = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{error}");
-    assert!(error.contains("is not a key file"), "{error}");
+    assert!(error.contains(fragment), "{error}");
 }
 
 #[test]
