@@ -17,92 +17,18 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use lowband_data::Split;
 use lowband_engine::checkpoint::write_atomic;
-use lowband_net::{Identity, Limits, PublicKey};
-use lowband_runtime::{RunConfig, Strategy};
+use lowband_net::{Identity, Limits};
+use lowband_runtime::run_file::Cluster;
+use lowband_runtime::RunConfig;
 
 use crate::report::{self, Comparison};
-use crate::settings::RunFile;
 use crate::train::load_corpus;
 
-/// A cluster file, checked: keys parse, sites match, one round strategy.
-struct Cluster {
-    config: RunConfig,
-    strategy: Strategy,
-    coordinator: PublicKey,
-    sites: Vec<PublicKey>,
-}
-
 fn read_cluster(path: &Path) -> Result<Cluster> {
-    let file = RunFile::read(path)?;
-    let Some(keys) = file.cluster else {
-        bail!("{}: no [cluster] table: a cluster file names the coordinator's key and the sites' keys (coordinator = ..., sites = [...])", path.display());
-    };
-    let coordinator: PublicKey = keys
-        .coordinator
-        .parse()
-        .with_context(|| format!("{}: cluster.coordinator", path.display()))?;
-    let sites: Vec<PublicKey> = keys
-        .sites
-        .iter()
-        .enumerate()
-        .map(|(k, s)| {
-            s.parse()
-                .with_context(|| format!("{}: cluster.sites[{k}]", path.display()))
-        })
-        .collect::<Result<_>>()?;
-    if sites.is_empty() {
-        bail!(
-            "{}: cluster.sites: list at least one site key",
-            path.display()
-        );
-    }
-    for (k, key) in sites.iter().enumerate() {
-        if *key == coordinator {
-            bail!("{}: cluster.sites[{k}] is the coordinator's key: a node is either the coordinator or a site", path.display());
-        }
-        if let Some(first) = sites[..k].iter().position(|other| other == key) {
-            bail!(
-                "{}: cluster.sites[{k}] repeats cluster.sites[{first}]: every site has its own key",
-                path.display()
-            );
-        }
-    }
-    let mut config = file.run;
-    let default_sites = RunConfig::default().sites;
-    if config.sites != default_sites && config.sites != sites.len() {
-        bail!(
-            "{}: sites = {} but [cluster] lists {} site keys (leave `sites` out: the keys count them)",
-            path.display(),
-            config.sites,
-            sites.len()
-        );
-    }
-    config.sites = sites.len();
-    config
-        .validate()
-        .map_err(|(field, reason)| anyhow::anyhow!("{}: {field}: {reason}", path.display()))?;
-    let strategy = match file.strategies.as_deref() {
-        Some([one]) => Strategy::parse(one, config.inner_steps)
-            .map_err(|e| anyhow::anyhow!("{}: strategies: {e}", path.display()))?,
-        Some(many) => bail!(
-            "{}: strategies: a cluster runs one strategy, the file names {}",
-            path.display(),
-            many.len()
-        ),
-        None => bail!(
-            "{}: strategies: name the cluster's strategy, e.g. strategies = [\"diloco@50\"]",
-            path.display()
-        ),
-    };
-    Ok(Cluster {
-        config,
-        strategy,
-        coordinator,
-        sites,
-    })
+    Ok(Cluster::read(path)?)
 }
 
 fn split_of(cluster: &Cluster) -> Result<(Split, String, Option<f64>)> {
@@ -199,14 +125,9 @@ impl NetworkArgs {
     }
 }
 
-/// The transport's limits for a run's idle timeout.
+/// The transport's limits for a run (see `lowband_runtime::network::limits`).
 pub fn limits(config: &RunConfig) -> Limits {
-    let idle_timeout_ms = config.network.idle_timeout_ms;
-    Limits {
-        idle_timeout_ms,
-        keep_alive_ms: (idle_timeout_ms / 4).max(50),
-        ..Limits::default()
-    }
+    lowband_runtime::network::limits(config)
 }
 
 #[derive(clap::Args, Debug)]
@@ -250,38 +171,22 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
             cluster.coordinator
         );
     }
-    let (split, source, floor) = split_of(&cluster)?;
-    println!(
-        "lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites",
-        cluster.strategy.name(),
-        cluster.config.sites,
-        cluster.config.preset,
-        cluster.config.steps
-    );
     let address_file = args.address_file.clone();
     let options = lowband_runtime::network::NetworkOptions {
         state_dir: Some(args.runs_dir.join(&args.name).join("coordinator-state")),
         resume: args.resume,
         ..lowband_runtime::network::NetworkOptions::of(&cluster.config, limits(&cluster.config))
     };
-    let result = lowband_runtime::network::serve_coordinator(
-        &cluster.config,
-        cluster.strategy.clone(),
-        &split,
-        identity,
-        cluster.sites.clone(),
-        args.listen,
-        options,
-        |address| {
-            println!("listening on {address}");
-            if let Some(path) = &address_file {
-                write_atomic(path, address.to_string().as_bytes())
-                    .map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
-            }
-            Ok(())
-        },
-    )
-    .map_err(|e| crate::failure::ran(e.into()))?;
+    let listening = |address: std::net::SocketAddr| {
+        println!("listening on {address}");
+        if let Some(path) = &address_file {
+            write_atomic(path, address.to_string().as_bytes())
+                .map_err(|e| lowband_runtime::RunError::Protocol(e.to_string()))?;
+        }
+        Ok(())
+    };
+    let (result, source, floor) = serve(&cluster, identity, args.listen, options, listening)?;
+    let result = result.map_err(|e| crate::failure::ran(e.into()))?;
     let results = vec![result];
     let comparison = Comparison {
         config: &cluster.config,
@@ -299,6 +204,67 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     .map_err(crate::failure::ran)
 }
 
+/// Serve the cluster's rounds: an external model's (PyTorch sites) or lowband's own. The result,
+/// the corpus's description and its entropy floor (for the report).
+fn serve(
+    cluster: &Cluster,
+    identity: Arc<Identity>,
+    listen: std::net::SocketAddr,
+    options: lowband_runtime::network::NetworkOptions,
+    listening: impl FnOnce(std::net::SocketAddr) -> Result<(), lowband_runtime::RunError>,
+) -> Result<(
+    Result<lowband_runtime::RunResult, lowband_runtime::RunError>,
+    String,
+    Option<f64>,
+)> {
+    Ok(match &cluster.config.model {
+        Some(model) => {
+            println!(
+                "lowband coordinator: {} for {} PyTorch sites, an external model of {} parameters, {} steps; waiting for the sites",
+                cluster.strategy.name(),
+                cluster.config.sites,
+                model.params,
+                cluster.config.steps
+            );
+            let result = lowband_runtime::network::serve_external_coordinator(
+                &cluster.config,
+                cluster.strategy.clone(),
+                identity,
+                cluster.sites.clone(),
+                listen,
+                options,
+                listening,
+            );
+            (
+                result,
+                "the sites' own data (an external model)".to_string(),
+                None,
+            )
+        }
+        None => {
+            let (split, source, floor) = split_of(cluster)?;
+            println!(
+                "lowband coordinator: {} for {} sites, preset {}, {} steps; waiting for the sites",
+                cluster.strategy.name(),
+                cluster.config.sites,
+                cluster.config.preset,
+                cluster.config.steps
+            );
+            let result = lowband_runtime::network::serve_coordinator(
+                &cluster.config,
+                cluster.strategy.clone(),
+                &split,
+                identity,
+                cluster.sites.clone(),
+                listen,
+                options,
+                listening,
+            );
+            (result, source, floor)
+        }
+    })
+}
+
 pub fn site(args: &SiteArgs) -> Result<()> {
     let mut cluster = read_cluster(&args.config)?;
     args.network.apply(&mut cluster.config)?;
@@ -314,6 +280,9 @@ pub fn site(args: &SiteArgs) -> Result<()> {
             identity.public_key()
         );
     };
+    if cluster.config.model.is_some() {
+        bail!("{}: this cluster trains an external model ([model]): its sites are PyTorch processes (the lowband Python package: lowband.torch), not `lowband site`", args.config.display());
+    }
     let (split, _, _) = split_of(&cluster)?;
     println!("lowband site {k}: joining {}", args.join);
     lowband_runtime::network::serve_site(

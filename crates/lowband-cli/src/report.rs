@@ -27,7 +27,12 @@ pub struct Comparison<'a> {
 pub struct StrategySummary {
     pub strategy: String,
     pub inner_steps: u64,
+    /// NaN (null in the file) for an external model: the coordinator cannot run it.
     pub final_val_loss: f64,
+    /// An external model's: the sites' mean training loss over the run's last round (what
+    /// they reported), in place of a validation loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_train_loss: Option<f64>,
     /// (loss − DDP's) / DDP's, when DDP ran.
     pub loss_gap_vs_ddp: Option<f64>,
     pub inter_site_bytes: u64,
@@ -102,6 +107,20 @@ pub struct Summary {
     pub strategies: Vec<StrategySummary>,
 }
 
+/// The mean training loss over the run's last round (its last H step metrics).
+fn last_round_train_loss(r: &RunResult) -> Option<f64> {
+    let losses: Vec<f64> = r
+        .metrics
+        .iter()
+        .filter_map(|m| match m {
+            Metric::Step { loss, .. } => Some(*loss as f64),
+            _ => None,
+        })
+        .collect();
+    let last = &losses[losses.len().saturating_sub(r.strategy.inner_steps as usize)..];
+    (!last.is_empty()).then(|| last.iter().sum::<f64>() / last.len() as f64)
+}
+
 fn summarize(c: &Comparison) -> Vec<StrategySummary> {
     let ddp = c
         .results
@@ -120,6 +139,12 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                 strategy: r.strategy.name(),
                 inner_steps: r.strategy.inner_steps,
                 final_val_loss: r.final_val_loss,
+                final_train_loss: c
+                    .config
+                    .model
+                    .is_some()
+                    .then(|| last_round_train_loss(r))
+                    .flatten(),
                 loss_gap_vs_ddp: ddp.map(|d| r.final_val_loss / d.final_val_loss - 1.0),
                 inter_site_bytes: r.ledger.total_bytes(),
                 bytes_ratio_vs_ddp: ddp
@@ -187,11 +212,16 @@ pub fn table(rows: &[StrategySummary]) -> String {
         let ratio = r
             .bytes_ratio_vs_ddp
             .map_or("-".into(), |x| format!("{x:.1}x"));
+        let loss = if r.final_val_loss.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.4}", r.final_val_loss)
+        };
         let _ = writeln!(
             out,
-            "| {} | {:.4} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
             r.strategy,
-            r.final_val_loss,
+            loss,
             gap,
             human_bytes(r.inter_site_bytes),
             ratio,
@@ -362,6 +392,18 @@ fn compact_rounds(rounds: &[u64]) -> String {
     parts.join(", ")
 }
 
+/// The notes of an external model's run (PyTorch sites).
+fn external_notes(rows: &[StrategySummary]) -> String {
+    let mut out = String::new();
+    let train = rows
+        .first()
+        .and_then(|r| r.final_train_loss)
+        .map_or("not reported".into(), |l| format!("{l:.4}"));
+    let _ = writeln!(out, "- An external model (PyTorch sites): the coordinator cannot run it, so it has no validation loss; the sites evaluate their own. Final training loss (the sites' mean over the last round, as they reported it): {train}.");
+    let _ = writeln!(out, "- Bytes, rounds and dollars are the coordinator's ledger (every envelope with its signature); emulated time is the sites' reported compute plus the link profile's time.");
+    out
+}
+
 fn notes(c: &Comparison) -> String {
     let link = c.config.link;
     let mut out = String::new();
@@ -403,7 +445,11 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let rows = summarize(c);
     let table = table(&rows);
-    let notes = notes(c);
+    let notes = if c.config.model.is_some() {
+        external_notes(&rows)
+    } else {
+        notes(c)
+    };
     let trust = trust_section(c, &rows) + &membership_section(c);
     println!(
         "\n{table}\n{trust}{}{notes}",
@@ -419,8 +465,12 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     let summary_json = serde_json::to_vec_pretty(&summary)?;
     write_atomic(&run_dir.join("summary.json"), &summary_json)?;
     // The planner on this run's own figures, projected to sizes worth paying for.
-    let projection = crate::plan::projection(&summary_json)
-        .unwrap_or_else(|error| format!("(no cost projection: {error:#})\n"));
+    let projection = if c.config.model.is_some() {
+        String::new()
+    } else {
+        crate::plan::projection(&summary_json)
+            .unwrap_or_else(|error| format!("(no cost projection: {error:#})\n"))
+    };
     if !projection.is_empty() {
         println!("{projection}");
     }

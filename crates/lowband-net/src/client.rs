@@ -251,7 +251,32 @@ impl SiteClient {
     /// every message already queued behind it is applied too (a site that fell behind catches
     /// up), and the newest round is the one to train.
     pub fn next_round(&mut self, site: &mut Site) -> Result<Next, ClientError> {
-        let mut next = match self.next_message()? {
+        let message = self.next_message()?;
+        self.catch_up(site, message)
+    }
+
+    /// `next_round`, waiting at most `timeout` for the coordinator's next message (None: nothing
+    /// came): a caller that must stay responsive (a Python interpreter checking for Ctrl-C)
+    /// calls it in a loop.
+    pub fn next_round_within(
+        &mut self,
+        site: &mut Site,
+        timeout: Duration,
+    ) -> Result<Option<Next>, ClientError> {
+        let inbox = &mut self.inbox;
+        let waited = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, inbox.recv()).await });
+        let Ok(message) = waited else {
+            return Ok(None);
+        };
+        let message = self.received(message)?;
+        self.catch_up(site, message).map(Some)
+    }
+
+    /// Apply `first` and every message already queued behind it; the newest round to train.
+    fn catch_up(&mut self, site: &mut Site, first: Message) -> Result<Next, ClientError> {
+        let mut next = match first {
             Message::Packet(packet) => self.apply(site, &packet)?,
             Message::Ended(next) => return Ok(next),
         };

@@ -300,6 +300,11 @@ impl Peer {
         self.connection.stats().udp_rx.datagrams
     }
 
+    /// Wait until the connection has closed (either side, or its idle timeout).
+    pub async fn closed(&self) {
+        self.connection.closed().await;
+    }
+
     /// Whether the connection has closed (and why), without waiting.
     pub fn close_reason(&self) -> Option<NetError> {
         self.connection.close_reason().map(lost)

@@ -50,6 +50,17 @@ impl Site {
             .expect("fp32 is always valid")
     }
 
+    /// A site that holds nothing yet and sends its updates through `compression`: the
+    /// coordinator sends it the parameters in full (fp32) first (a site whose model is not
+    /// derived from a shared seed: an external model's).
+    pub fn unsynced(
+        id: SiteId,
+        params: usize,
+        compression: Compression,
+    ) -> Result<Self, ProtocolError> {
+        Site::build(id, vec![0.0; params], false, compression)
+    }
+
     /// A site that starts from `initial`, the parameters every member derives from the shared
     /// seed (so the first round needs no broadcast).
     pub fn with_initial(

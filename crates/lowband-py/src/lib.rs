@@ -3,8 +3,24 @@
 
 use std::path::PathBuf;
 
-use pyo3::exceptions::{PyFileExistsError, PyValueError};
+use pyo3::exceptions::{PyException, PyFileExistsError, PyValueError};
 use pyo3::prelude::*;
+
+mod run_file;
+mod site;
+
+pyo3::create_exception!(
+    _native,
+    RefusedError,
+    PyException,
+    "The coordinator refused this site (its key is not listed, or its run settings or model differ from the cluster's): final, retrying cannot help."
+);
+pyo3::create_exception!(
+    _native,
+    ExcludedError,
+    PyException,
+    "The coordinator excluded this site (its updates were refused too often)."
+);
 
 /// Make a node key (ed25519) at `path` (written atomically, mode 0600) and return its public key
 /// (64 hex digits: the line a cluster file lists). An existing file is kept unless `force`: a
@@ -37,7 +53,12 @@ fn public_key(path: PathBuf) -> PyResult<String> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("RefusedError", m.py().get_type::<RefusedError>())?;
+    m.add("ExcludedError", m.py().get_type::<ExcludedError>())?;
     m.add_function(wrap_pyfunction!(keygen, m)?)?;
     m.add_function(wrap_pyfunction!(public_key, m)?)?;
+    m.add_function(wrap_pyfunction!(run_file::cluster_file, m)?)?;
+    m.add_function(wrap_pyfunction!(run_file::write_initial, m)?)?;
+    m.add_class::<site::Site>()?;
     Ok(())
 }

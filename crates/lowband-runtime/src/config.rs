@@ -60,6 +60,11 @@ pub struct RunConfig {
     pub tuning: bool,
     /// Deadlines and retries of a networked run (`coordinator`, `site`, `cluster`).
     pub network: NetworkConfig,
+    /// A model that is not lowband's engine (a PyTorch site's; see `crate::external`): the
+    /// coordinator runs its rounds on a flat buffer of this many parameters and `preset` is
+    /// not used. None: the engine's preset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<crate::external::ExternalModel>,
 }
 
 /// Deadlines and retries of a networked run. They decide when things happen, not what is
@@ -135,6 +140,7 @@ impl Default for RunConfig {
             corpus_bytes: CORPUS_BYTES_DEFAULT,
             tuning: false,
             network: NetworkConfig::default(),
+            model: None,
         }
     }
 }
@@ -194,9 +200,16 @@ impl RunConfig {
                 ),
             ));
         }
-        let params = lowband_engine::preset(&self.preset)
-            .map(|p| p.model.parameter_count() as u64)
-            .unwrap_or(0);
+        if let Some(model) = &self.model {
+            model.validate()?;
+        }
+        // (An external model's sites are not in this process.)
+        let params = match &self.model {
+            Some(_) => 0,
+            None => lowband_engine::preset(&self.preset)
+                .map(|p| p.model.parameter_count() as u64)
+                .unwrap_or(0),
+        };
         let state_bytes = params * 16 * self.sites as u64;
         if state_bytes > SITE_STATE_BYTES_MAX {
             return Err(("sites", format!("{} sites of {params} parameters need about {} GiB of model state; the limit is {} GiB", self.sites, state_bytes >> 30, SITE_STATE_BYTES_MAX >> 30)));
@@ -228,9 +241,17 @@ impl RunConfig {
     /// What two nodes of a run (and a run and its saved state) must agree on: every setting but
     /// where the text comes from (`corpus`, `corpus_bytes`, `tuning`: each node reads its own
     /// copy, and the split's fingerprint, compared beside these settings, is what must agree),
-    /// the network's deadlines (each process has its own) and the checkpoint cadence.
+    /// the network's deadlines (each process has its own), the checkpoint cadence and where an
+    /// external model's initial parameters are read from (only the coordinator reads them).
     pub fn comparable(&self) -> RunConfig {
         RunConfig {
+            model: self
+                .model
+                .clone()
+                .map(|model| crate::external::ExternalModel {
+                    initial: None,
+                    ..model
+                }),
             checkpoint_every_rounds: 0,
             corpus: None,
             corpus_bytes: CORPUS_BYTES_DEFAULT,

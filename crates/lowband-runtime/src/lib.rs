@@ -9,9 +9,11 @@
 pub mod attack;
 pub mod config;
 pub mod driver;
+pub mod external;
 pub mod ledger;
 pub mod link;
 pub mod network;
+pub mod run_file;
 pub mod state;
 pub mod strategy;
 

@@ -97,7 +97,15 @@ pub struct ServeOptions {
     pub report_steps_max: usize,
     /// Stop on Ctrl-C (a coordinator process), closing every connection with `close::STOPPED`.
     pub stop_on_ctrl_c: bool,
+    /// When the run is over, send every connected site the final global parameters (what the
+    /// last round's close broadcasts) and wait, at most `FINAL_PARAMETERS_WAIT_MS`, for each to
+    /// read them and close its connection: sites that keep the model (an external model's,
+    /// whose final parameters exist only here otherwise).
+    pub final_parameters: bool,
 }
+
+/// How long a finished run waits for its sites to read the final parameters.
+pub const FINAL_PARAMETERS_WAIT_MS: u64 = 60_000;
 
 /// How much a site may have queued and not yet read, in copies of the fp32 parameters: past this
 /// (a hung process, a link far slower than the others) it is asked to rejoin, so that a lagging
@@ -163,6 +171,13 @@ pub fn serve<H: Host>(
     })
 }
 
+/// Await every future (without a futures crate: they are few, and each only waits).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(waits: impl Iterator<Item = F>) {
+    for wait in waits {
+        wait.await;
+    }
+}
+
 /// The loop's state.
 struct Shell<'a> {
     identity: &'a Identity,
@@ -209,6 +224,25 @@ impl<'a> Shell<'a> {
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Wait until every site connection has closed (its site read the final parameters and
+    /// left), at most `FINAL_PARAMETERS_WAIT_MS`.
+    async fn wait_for_sites_to_close(&self) {
+        let waits = self
+            .peers
+            .values()
+            .map(|connection| connection.peer.closed());
+        let all = futures_join_all(waits);
+        if tokio::time::timeout(Duration::from_millis(FINAL_PARAMETERS_WAIT_MS), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "coordinator: not every site read the final parameters within {} s",
+                FINAL_PARAMETERS_WAIT_MS / 1000
+            );
+        }
     }
 
     /// The sites' open connections, for the door's duplicate-key check.
@@ -298,6 +332,10 @@ impl<'a> Shell<'a> {
             if self.membership.started() {
                 host.turn(coordinator);
                 if host.done(coordinator) {
+                    if self.options.final_parameters {
+                        self.queue_sends(coordinator, host, usize::MAX)?;
+                        self.wait_for_sites_to_close().await;
+                    }
                     return Ok(());
                 }
                 self.close_excluded(coordinator, host)?;

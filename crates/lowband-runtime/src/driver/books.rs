@@ -27,11 +27,13 @@ pub(crate) fn checkpoint_due(every_rounds: u64, rounds_closed: u64, finished: bo
 pub(crate) struct Common<'a> {
     pub(crate) config: &'a RunConfig,
     pub(crate) strategy: Strategy,
-    pub(super) split: &'a Split,
+    /// The corpus split (None: an external model, whose sites hold their own data).
+    pub(super) split: Option<&'a Split>,
     pub(crate) context: usize,
     pub(crate) schedule: LrSchedule,
-    pub(super) evaluator: Gpt,
-    pub(super) validation: (Vec<u32>, Vec<u32>, usize),
+    /// The engine model that evaluates the global parameters on the validation windows (None:
+    /// an external model, which the coordinator cannot run).
+    pub(super) evaluation: Option<Evaluation>,
     pub(crate) metrics: Vec<Metric>,
     pub(crate) ledger: Ledger,
     pub(crate) compute_seconds: f64,
@@ -49,6 +51,13 @@ pub(crate) struct Common<'a> {
     pub(super) targets: Vec<u32>,
 }
 
+/// The evaluator of an engine run: the model and the validation windows.
+pub(crate) struct Evaluation {
+    gpt: Gpt,
+    /// Inputs, targets, window count.
+    windows: (Vec<u32>, Vec<u32>, usize),
+}
+
 impl<'a> Common<'a> {
     pub(crate) fn new(
         config: &'a RunConfig,
@@ -57,15 +66,45 @@ impl<'a> Common<'a> {
     ) -> Result<Self, RunError> {
         let model = preset(&config.preset)?.model;
         let context = model.context_length;
-        Ok(Common {
+        let evaluation = Evaluation {
+            gpt: Gpt::new(model, config.seed)?,
+            windows: split.validation_windows(context),
+        };
+        Ok(Common::build(
+            config,
+            strategy,
+            Some(split),
+            Some(evaluation),
+            split.fingerprint(),
+        ))
+    }
+
+    /// The books of an external model's run (a coordinator for PyTorch sites): no corpus, no
+    /// evaluator; `fingerprint` stands for the corpus's in a saved state.
+    pub(crate) fn external(
+        config: &'a RunConfig,
+        strategy: Strategy,
+        fingerprint: lowband_data::CorpusFingerprint,
+    ) -> Self {
+        Common::build(config, strategy, None, None, fingerprint)
+    }
+
+    fn build(
+        config: &'a RunConfig,
+        strategy: Strategy,
+        split: Option<&'a Split>,
+        evaluation: Option<Evaluation>,
+        corpus: lowband_data::CorpusFingerprint,
+    ) -> Self {
+        let context = preset(&config.preset).map_or(0, |p| p.model.context_length);
+        Common {
             config,
             strategy,
             split,
             context,
             schedule: LrSchedule::reference(config.optimizer.lr, config.steps),
-            evaluator: Gpt::new(model, config.seed)?,
-            validation: split.validation_windows(context),
-            corpus: split.fingerprint(),
+            evaluation,
+            corpus,
             metrics: Vec::new(),
             ledger: Ledger::default(),
             compute_seconds: 0.0,
@@ -76,28 +115,51 @@ impl<'a> Common<'a> {
             sample_packets: Vec::new(),
             inputs: Vec::new(),
             targets: Vec::new(),
-        })
+        }
     }
 
     /// The parameters every strategy starts from (the seed's initialization).
-    pub(crate) fn initial_params(&self) -> Vec<f32> {
-        self.evaluator.params().to_vec()
+    pub(crate) fn initial_params(&self) -> Result<Vec<f32>, RunError> {
+        match &self.evaluation {
+            Some(evaluation) => Ok(evaluation.gpt.params().to_vec()),
+            None => Err(RunError::InvalidConfig {
+                field: "model",
+                reason: "an external model's initial parameters come from model.initial".into(),
+            }),
+        }
+    }
+
+    /// The corpus split: an engine run's (an external model's sites hold their own data).
+    pub(super) fn split(&self) -> Result<&'a Split, RunError> {
+        self.split.ok_or_else(|| RunError::InvalidConfig {
+            field: "model",
+            reason:
+                "an external model is trained by its own sites (lowband.torch), not by this driver"
+                    .into(),
+        })
     }
 
     pub(crate) fn tokens_per_site_step(&self) -> u64 {
-        (self.config.site_batch * self.context) as u64
+        match self.config.model.as_ref().and_then(|m| m.tokens_per_step) {
+            Some(tokens) => tokens,
+            None => (self.config.site_batch * self.context) as u64,
+        }
     }
 
-    /// Validation loss of `params` on the first `windows` windows (all if None).
+    /// Validation loss of `params` on the first `windows` windows (all if None); NaN on no
+    /// windows for an external model (its sites evaluate it, not the coordinator).
     pub(super) fn evaluate(
         &mut self,
         params: &[f32],
         windows: Option<usize>,
     ) -> Result<(f64, usize), RunError> {
-        let (inputs, targets, count) = &self.validation;
+        let Some(evaluation) = self.evaluation.as_mut() else {
+            return Ok((f64::NAN, 0));
+        };
+        let (inputs, targets, count) = &evaluation.windows;
         let count = windows.map_or(*count, |w| w.min(*count));
-        self.evaluator.params_mut().copy_from_slice(params);
-        let loss = self.evaluator.mean_loss(
+        evaluation.gpt.params_mut().copy_from_slice(params);
+        let loss = evaluation.gpt.mean_loss(
             &inputs[..count * self.context],
             &targets[..count * self.context],
             count,
@@ -109,6 +171,7 @@ impl<'a> Common<'a> {
     /// Record an evaluation if `step` reached the next evaluation point.
     pub(super) fn maybe_evaluate(&mut self, step: u64, params: &[f32]) -> Result<(), RunError> {
         if self.config.eval_every_steps == 0
+            || self.evaluation.is_none()
             || step < self.next_eval_step
             || step >= self.config.steps
         {
@@ -148,7 +211,7 @@ impl<'a> Common<'a> {
         };
         train_steps(
             site,
-            &self.split.shards[shard],
+            &self.split()?.shards[shard],
             batch,
             &self.schedule,
             first,
@@ -170,12 +233,13 @@ impl<'a> Common<'a> {
 
     pub(super) fn finish(mut self, rounds: u64, params: Vec<f32>) -> Result<RunResult, RunError> {
         let (final_val_loss, windows) = self.evaluate(&params, None)?;
-        self.push_eval(self.config.steps, final_val_loss, windows);
-        let model = preset(&self.config.preset)?.model;
+        if self.evaluation.is_some() {
+            self.push_eval(self.config.steps, final_val_loss, windows);
+        }
         let tokens = self.config.steps * self.tokens_per_site_step() * self.config.sites as u64;
         Ok(RunResult {
             strategy: self.strategy,
-            params: model.parameter_count(),
+            params: params.len(),
             tokens,
             rounds,
             ledger: self.ledger,

@@ -75,7 +75,7 @@ fn average_gradients(
     samplers: &mut [Sampler],
     sum: &mut [f32],
 ) -> Result<(f64, f32), RunError> {
-    let (config, split) = (common.config, common.split);
+    let (config, split) = (common.config, common.split()?);
     let k_sites = config.sites as u64;
     let (mut slowest, mut loss_sum) = (0.0f64, 0.0f32);
     for (k, sampler) in samplers.iter_mut().enumerate() {

@@ -337,6 +337,17 @@ pub(crate) fn strategy_site(
     Ok(site)
 }
 
+/// An external model (`[model]`) is trained by its own sites, not by lowband's engine.
+pub(crate) fn refuse_external(config: &RunConfig) -> Result<(), RunError> {
+    if config.model.is_some() {
+        return Err(RunError::InvalidConfig {
+            field: "model",
+            reason: "this run file describes an external model (a [model] table): its sites are PyTorch processes (the lowband Python package); run `lowband coordinator` with it, or remove [model] to train lowband's own model".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Run one strategy on `split` under `config`.
 pub fn run(
     config: &RunConfig,
@@ -354,10 +365,11 @@ pub fn run(
             reason: format!("{} shards for {} sites", split.shards.len(), config.sites),
         });
     }
+    refuse_external(config)?;
     let kind = strategy.kind;
     let common = Common::new(config, strategy, split)?;
     // Every strategy starts from the seed's initial parameters (the evaluator was built from them).
-    let initial = common.evaluator.params().to_vec();
+    let initial = common.initial_params()?;
     match kind {
         StrategyKind::Ddp => ddp::run_ddp(common, initial, persistence, progress),
         StrategyKind::Rounds if common.strategy.streaming.is_some() => {

@@ -18,17 +18,25 @@ use crate::config::RunConfig;
 use crate::strategy::Strategy;
 
 /// The settings a site and its coordinator must agree on: every field of the run settings (as
-/// dotted names), the strategy's canonical name and the corpus fingerprint.
-pub(super) fn join_settings(
+/// dotted names), the strategy's canonical name and the corpus fingerprint (an engine run), or
+/// the model's tensors as a digest (an external model, whose sites hold their own data: its
+/// parameter count is `run.model.params`, the site's from its own model).
+pub fn join_settings(
     config: &RunConfig,
     strategy: &Strategy,
-    corpus: CorpusFingerprint,
+    corpus: Option<CorpusFingerprint>,
 ) -> JoinRequest {
     let mut settings = BTreeMap::new();
     let run = serde_json::to_value(config.comparable()).unwrap_or(serde_json::Value::Null);
     flatten("run", &run, &mut settings);
     settings.insert("strategy".into(), strategy.name());
-    settings.insert("corpus".into(), corpus.to_string());
+    if let Some(corpus) = corpus {
+        settings.insert("corpus".into(), corpus.to_string());
+    }
+    if let Some(model) = &config.model {
+        settings.retain(|name, _| !name.starts_with("run.model.tensors"));
+        settings.insert("run.model.tensors".into(), model.tensors_digest());
+    }
     JoinRequest { settings }
 }
 
@@ -63,7 +71,7 @@ mod tests {
             validation_bytes: 1,
             validation_crc32: 1,
         };
-        let ours = join_settings(&config, &strategy, corpus);
+        let ours = join_settings(&config, &strategy, Some(corpus));
         assert_eq!(ours.settings["strategy"], "diloco@10");
         assert!(
             ours.settings.contains_key("run.seed")
@@ -73,7 +81,11 @@ mod tests {
             seed: 5,
             ..config.clone()
         };
-        let theirs = join_settings(&other, &Strategy::parse("diloco@5", 50).unwrap(), corpus);
+        let theirs = join_settings(
+            &other,
+            &Strategy::parse("diloco@5", 50).unwrap(),
+            Some(corpus),
+        );
         let differences = ours.differences(&theirs);
         assert_eq!(differences.len(), 2, "{differences:?}");
         assert!(

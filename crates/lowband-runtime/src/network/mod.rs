@@ -55,8 +55,11 @@ use crate::strategy::{Strategy, StrategyKind};
 use crate::{RunError, RunResult};
 
 mod coordinator;
-mod join;
+mod external;
+pub mod join;
 mod site;
+
+pub use external::{external_site, serve_external_coordinator, ExternalSite};
 
 use coordinator::NetworkBooks;
 use site::{site_task, streaming_site_task};
@@ -68,6 +71,24 @@ impl From<NetError> for RunError {
             NetError::Stopped(reason) => RunError::Protocol(reason),
             other => RunError::Protocol(format!("network: {other}")),
         }
+    }
+}
+
+/// The transport's limits for a run: its idle timeout (keep-alives at a quarter of it), and
+/// messages up to the parameters in fp32 and then some (at least 1 GiB).
+pub fn limits(config: &RunConfig) -> Limits {
+    let idle_timeout_ms = config.network.idle_timeout_ms;
+    let params = match &config.model {
+        Some(model) => model.params,
+        None => lowband_engine::preset(&config.preset).map_or(0, |p| p.model.parameter_count()),
+    };
+    Limits {
+        idle_timeout_ms,
+        keep_alive_ms: (idle_timeout_ms / 4).max(50),
+        message_bytes_max: Limits::default()
+            .message_bytes_max
+            .max(params.saturating_mul(4).saturating_add(1 << 20)),
+        ..Limits::default()
     }
 }
 
@@ -123,17 +144,24 @@ fn check_networkable(
     strategy: &Strategy,
     split: &Split,
 ) -> Result<(), RunError> {
-    config
-        .validate()
-        .map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
-    if strategy.kind != StrategyKind::Rounds {
-        return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round and streaming strategies (DDP runs in memory, as the reference)", strategy.name()) });
-    }
+    check_rounds(config, strategy)?;
+    crate::driver::refuse_external(config)?;
     if split.shards.len() != config.sites {
         return Err(RunError::InvalidConfig {
             field: "sites",
             reason: format!("{} shards for {} sites", split.shards.len(), config.sites),
         });
+    }
+    Ok(())
+}
+
+/// A valid run of a round or streaming strategy.
+fn check_rounds(config: &RunConfig, strategy: &Strategy) -> Result<(), RunError> {
+    config
+        .validate()
+        .map_err(|(field, reason)| RunError::InvalidConfig { field, reason })?;
+    if strategy.kind != StrategyKind::Rounds {
+        return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round and streaming strategies (DDP runs in memory, as the reference)", strategy.name()) });
     }
     Ok(())
 }
@@ -156,17 +184,51 @@ pub fn serve_coordinator(
     listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
 ) -> Result<RunResult, RunError> {
     check_networkable(config, &strategy, split)?;
-    if site_keys.len() != config.sites {
+    let common = Common::new(config, strategy.clone(), split)?;
+    let initial = common.initial_params()?;
+    let settings = join::join_settings(config, &strategy, Some(common.corpus));
+    let coordinator = Served {
+        identity,
+        site_keys,
+        listen,
+        settings,
+        sites_start_synced: true,
+    };
+    serve_books(common, initial, coordinator, options, listening)
+}
+
+/// A coordinator's node: its key, the sites it admits, where it listens, what a site's join
+/// request must say, and whether the sites start from the seed's parameters (an engine run) or
+/// are sent them (an external model).
+struct Served {
+    identity: Arc<Identity>,
+    site_keys: Vec<PublicKey>,
+    listen: SocketAddr,
+    settings: lowband_protocol::wire::JoinRequest,
+    sites_start_synced: bool,
+}
+
+/// Serve a run's rounds from `initial` with `common` as its books (resuming from a saved state
+/// when asked), then finish the run.
+fn serve_books(
+    mut common: Common,
+    initial: Vec<f32>,
+    served: Served,
+    options: NetworkOptions,
+    listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
+) -> Result<RunResult, RunError> {
+    let (config, strategy) = (common.config, common.strategy.clone());
+    if served.site_keys.len() != config.sites {
         return Err(RunError::InvalidConfig {
             field: "site_keys",
-            reason: format!("{} keys for {} sites", site_keys.len(), config.sites),
+            reason: format!("{} keys for {} sites", served.site_keys.len(), config.sites),
         });
     }
-    let mut common = Common::new(config, strategy.clone(), split)?;
-    let settings = join::join_settings(config, &strategy, common.corpus);
-    let initial = common.initial_params();
     let mut coordinator = Coordinator::new(
-        coordinator_config(config, &strategy, initial.len(), &options),
+        CoordinatorConfig {
+            sites_start_synced: served.sites_start_synced,
+            ..coordinator_config(config, &strategy, initial.len(), &options)
+        },
         initial,
     )?;
     let persistence = crate::Persistence {
@@ -197,14 +259,18 @@ pub fn serve_coordinator(
         None => {}
     }
     let mut books = NetworkBooks::new(common, options.state_dir.clone(), coordinator.round());
+    let serve_options = lowband_net::ServeOptions {
+        final_parameters: !served.sites_start_synced,
+        ..serve_options(config, &strategy, &options, true)
+    };
     lowband_net::serve(
         &mut coordinator,
         &mut books,
-        identity,
-        &site_keys,
-        &settings,
-        listen,
-        &serve_options(config, &strategy, &options, true),
+        served.identity,
+        &served.site_keys,
+        &served.settings,
+        served.listen,
+        &serve_options,
         listening,
     )?;
     finish_rounds(books.common, &coordinator)
@@ -228,6 +294,7 @@ fn serve_options(
         join_timeout_ms: options.join_timeout_ms,
         report_steps_max: strategy.inner_steps as usize,
         stop_on_ctrl_c,
+        final_parameters: false,
     }
 }
 
@@ -281,7 +348,7 @@ pub fn serve_site(
         coordinator,
         limits: options.limits,
         reconnect_ms: options.reconnect_ms,
-        join: join::join_settings(config, &strategy, site_run.corpus).encode(site),
+        join: join::join_settings(config, &strategy, Some(site_run.corpus)).encode(site),
         leave_on_ctrl_c: true,
     };
     let job = SiteJob::of(config, &strategy, split, k, client, options.state_dir)?;
@@ -455,8 +522,8 @@ fn run_loopback(
 ) -> Result<RunResult, RunError> {
     let limits = options.limits.clone();
     let common = Common::new(config, strategy.clone(), split)?;
-    let settings = join::join_settings(config, &strategy, common.corpus);
-    let initial = common.initial_params();
+    let settings = join::join_settings(config, &strategy, Some(common.corpus));
+    let initial = common.initial_params()?;
     let mut coordinator = Coordinator::new(
         coordinator_config(config, &strategy, initial.len(), &options),
         initial.clone(),

@@ -1,0 +1,348 @@
+//! `lowband._native.Site`: one PyTorch site's connection to its coordinator. Parameters cross as
+//! one flat float32 buffer by address (the Python side passes a contiguous CPU tensor's or numpy
+//! array's data pointer and keeps it alive for the call), so nothing is copied on the way in
+//! or out; the GIL is released while Rust encodes, sends, waits and decodes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lowband_net::{ClientError, Next, SiteClient};
+use lowband_protocol::wire::TrainingReport;
+use lowband_protocol::{Site as ProtocolSite, SiteAction, SiteEvent};
+use lowband_runtime::external::{ExternalModel, TensorShape};
+use lowband_runtime::network::ExternalSite;
+use lowband_runtime::run_file::Cluster;
+use pyo3::exceptions::{PyConnectionError, PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::{ExcludedError, RefusedError};
+
+/// How often a wait for the coordinator hands back to Python to check for Ctrl-C.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// A flat float32 buffer owned by the Python caller, by address. Sent across the GIL release:
+/// the caller holds the object alive and does not touch it for the duration of the call.
+#[derive(Clone, Copy)]
+struct Buffer {
+    address: usize,
+    len: usize,
+}
+
+impl Buffer {
+    fn new(address: usize, len: usize, expected: usize) -> PyResult<Buffer> {
+        if len != expected {
+            return Err(PyValueError::new_err(format!(
+                "the buffer holds {len} values, the model has {expected} parameters"
+            )));
+        }
+        if address == 0 || !address.is_multiple_of(std::mem::align_of::<f32>()) {
+            return Err(PyValueError::new_err(format!(
+                "not the address of a float32 buffer: {address:#x}"
+            )));
+        }
+        Ok(Buffer { address, len })
+    }
+
+    /// # Safety
+    /// `address` points to `len` float32 values the caller keeps alive and unaliased for the call
+    /// (the Python wrapper passes a contiguous float32 tensor it holds).
+    unsafe fn slice(&self) -> &[f32] {
+        std::slice::from_raw_parts(self.address as *const f32, self.len)
+    }
+
+    /// # Safety
+    /// As `slice`, and nothing else reads or writes it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.address as *mut f32, self.len)
+    }
+}
+
+fn client_error(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Refused(reason) => RefusedError::new_err(reason),
+        ClientError::Unreachable { .. } => PyConnectionError::new_err(e.to_string()),
+        other => PyRuntimeError::new_err(other.to_string()),
+    }
+}
+
+fn run_error(e: lowband_runtime::RunError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// One site of a run: joins the coordinator (key, cluster file, address), receives the global
+/// parameters, sends its updates through the run's codec with error feedback, and leaves.
+#[pyclass(module = "lowband._native")]
+pub struct Site {
+    /// (A mutex only to be `Sync`, as a Python object must be: methods take `&mut self`, so it
+    /// is reached with `get_mut`, never locked.)
+    inner: std::sync::Mutex<Inner>,
+    index: u32,
+    rounds: u64,
+    inner_steps: u64,
+    steps: u64,
+    params: usize,
+    strategy: String,
+    settings_json: String,
+    address: String,
+}
+
+/// The connection and the protocol state.
+struct Inner {
+    client: Option<SiteClient>,
+    site: ProtocolSite,
+}
+
+#[pymethods]
+impl Site {
+    /// Connect to the coordinator at `coordinator` (host:port) as the site whose key is `key`,
+    /// for the run in `cluster` (a run file with a `[model]` and a `[cluster]` table), with a
+    /// model of `params` parameters (and its `tensors`: (name, shape) in the flat buffer's
+    /// order). Retries for the run's `network.reconnect_ms` (or `reconnect_ms`) and raises
+    /// ConnectionError naming the address if the coordinator cannot be reached by then.
+    #[new]
+    #[pyo3(signature = (cluster, key, coordinator, params, tensors = None, reconnect_ms = None))]
+    fn new(
+        py: Python<'_>,
+        cluster: PathBuf,
+        key: PathBuf,
+        coordinator: String,
+        params: usize,
+        tensors: Option<Vec<(String, Vec<usize>)>>,
+        reconnect_ms: Option<u64>,
+    ) -> PyResult<Site> {
+        let mut cluster =
+            Cluster::read(&cluster).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        if let Some(ms) = reconnect_ms {
+            cluster.config.network.reconnect_ms = ms;
+        }
+        let identity = Arc::new(
+            lowband_net::Identity::load(&key).map_err(|e| PyValueError::new_err(e.to_string()))?,
+        );
+        let address = resolve(&coordinator)?;
+        let model = ExternalModel {
+            params,
+            initial: None,
+            tokens_per_step: None,
+            tensors: tensors
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, shape)| TensorShape { name, shape })
+                .collect(),
+        };
+        let ExternalSite {
+            index,
+            client,
+            site,
+            rounds,
+            inner_steps,
+            steps,
+        } = lowband_runtime::network::external_site(&cluster, identity, address, &model)
+            .map_err(run_error)?;
+        let settings_json = serde_json::to_string(&cluster.config)
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        let client = py
+            .detach(|| SiteClient::connect(client))
+            .map_err(client_error)?;
+        Ok(Site {
+            inner: std::sync::Mutex::new(Inner {
+                client: Some(client),
+                site,
+            }),
+            index,
+            rounds,
+            inner_steps,
+            steps,
+            params,
+            strategy: cluster.strategy.name(),
+            settings_json,
+            address: coordinator,
+        })
+    }
+
+    /// This site's number in the run (its key is the cluster's k-th).
+    #[getter]
+    fn index(&self) -> u32 {
+        self.index
+    }
+    /// Rounds in the run.
+    #[getter]
+    fn rounds(&self) -> u64 {
+        self.rounds
+    }
+    /// Inner steps per round (H).
+    #[getter]
+    fn inner_steps(&self) -> u64 {
+        self.inner_steps
+    }
+    /// Inner steps in the run (T).
+    #[getter]
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+    #[getter]
+    fn params(&self) -> usize {
+        self.params
+    }
+    /// The strategy's canonical name.
+    #[getter]
+    fn strategy(&self) -> String {
+        self.strategy.clone()
+    }
+    /// The run's settings (the run file's, as JSON).
+    fn settings_json(&self) -> String {
+        self.settings_json.clone()
+    }
+
+    /// Wait for the next round's global parameters and write them into the buffer at `address`
+    /// (`len` float32 values). Returns the round to train; a round equal to `rounds` carries
+    /// the final parameters. None: this site's part is over without them (the coordinator
+    /// stopped waiting for it). A lost connection is retried within the reconnect budget (the
+    /// coordinator then sends the current parameters in full). Ctrl-C leaves the run and raises
+    /// KeyboardInterrupt.
+    fn next_round(&mut self, py: Python<'_>, address: usize, len: usize) -> PyResult<Option<u64>> {
+        let buffer = Buffer::new(address, len, self.params)?;
+        loop {
+            let inner = self.inner();
+            let client = inner.client.as_mut().ok_or_else(gone)?;
+            let site = &mut inner.site;
+            let waited = py.detach(|| -> Result<Option<Next>, ClientError> {
+                match client.next_round_within(site, SIGNAL_CHECK)? {
+                    Some(Next::Lost) => {
+                        client.reconnect()?;
+                        Ok(None)
+                    }
+                    other => Ok(other),
+                }
+            });
+            match waited.map_err(client_error)? {
+                None => {
+                    if let Err(e) = py.check_signals() {
+                        self.leave_now(py);
+                        return Err(e);
+                    }
+                }
+                Some(Next::Train { round }) => {
+                    // SAFETY: see `Buffer`; the wrapper passes a tensor it holds for the call.
+                    unsafe { buffer.slice_mut() }.copy_from_slice(self.inner().site.round_start());
+                    return Ok(Some(round));
+                }
+                Some(Next::Finished { excluded: true }) => {
+                    self.inner().client = None;
+                    return Err(ExcludedError::new_err(format!(
+                        "the coordinator at {} excluded site {} (its updates were refused too often; see the coordinator's report)",
+                        self.address, self.index
+                    )));
+                }
+                Some(Next::Finished { excluded: false }) => {
+                    self.inner().client = None;
+                    return Ok(None);
+                }
+                Some(Next::Leave) | Some(Next::Lost) => {
+                    self.leave_now(py);
+                    return Err(PyKeyboardInterrupt::new_err("left the run"));
+                }
+            }
+        }
+    }
+
+    /// Send round `round`'s update: the trained parameters at `address` (`len` float32 values)
+    /// against the round's start, through the run's codec and error feedback, after a training
+    /// report (`seconds` of compute, the inner steps' `losses`). False if the connection was
+    /// lost (the next `next_round` reconnects; this round's work is lost).
+    #[pyo3(signature = (round, address, len, seconds = 0.0, losses = Vec::new()))]
+    fn send_update(
+        &mut self,
+        py: Python<'_>,
+        round: u64,
+        address: usize,
+        len: usize,
+        seconds: f64,
+        losses: Vec<f32>,
+    ) -> PyResult<bool> {
+        let buffer = Buffer::new(address, len, self.params)?;
+        if losses.len() as u64 > self.inner_steps {
+            return Err(PyValueError::new_err(format!(
+                "{} losses for a round of {} inner steps",
+                losses.len(),
+                self.inner_steps
+            )));
+        }
+        let index = self.index;
+        let inner = self.inner();
+        let site = &mut inner.site;
+        let client = inner.client.as_mut().ok_or_else(gone)?;
+        py.detach(|| -> Result<bool, PyErr> {
+            // SAFETY: see `Buffer`.
+            let trained = unsafe { buffer.slice() };
+            let actions = site
+                .handle(SiteEvent::TrainingDone {
+                    round,
+                    params: trained,
+                })
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let update = match actions.as_slice() {
+                [SiteAction::Send(bytes)] => bytes.clone(),
+                other => {
+                    return Err(PyRuntimeError::new_err(format!(
+                        "the site answered its training with {other:?}"
+                    )))
+                }
+            };
+            let report = TrainingReport {
+                seconds: seconds.max(0.0),
+                losses,
+            }
+            .encode(round, index);
+            for message in [report, update] {
+                if client.send(&message).map_err(client_error)?.is_some() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+
+    /// Leave the run: the coordinator learns it at once.
+    fn leave(&mut self, py: Python<'_>) {
+        self.leave_now(py);
+    }
+
+    /// Whether the site is still connected (not left, not finished).
+    #[getter]
+    fn connected(&mut self) -> bool {
+        self.inner().client.is_some()
+    }
+}
+
+impl Site {
+    fn inner(&mut self) -> &mut Inner {
+        // (Never poisoned: nothing panics while holding it, and it is never locked.)
+        self.inner.get_mut().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn leave_now(&mut self, py: Python<'_>) {
+        if let Some(client) = self.inner().client.take() {
+            py.detach(|| client.leave());
+        }
+    }
+}
+
+fn gone() -> PyErr {
+    PyRuntimeError::new_err("this site has left the run (or its run is over)")
+}
+
+/// `host:port` to an address (a name is resolved; the first address wins).
+fn resolve(address: &str) -> PyResult<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut all| all.next())
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{address:?} is not an address (host:port) that resolves"
+            ))
+        })
+}

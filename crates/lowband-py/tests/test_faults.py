@@ -1,0 +1,121 @@
+"""Faults with Python sites, each site its own process: a site killed with SIGKILL mid-run and
+started again rejoins and the run completes; the coordinator killed and resumed from its state,
+the sites reconnect by themselves; Ctrl-C in a site leaves the run cleanly and the others go on."""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+import helpers
+import lowband.torch as lt
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEP_SECONDS = 0.02
+ROUNDS_OF_5 = 24  # 120 steps: a few seconds
+
+
+class SiteProcess:
+    def __init__(self, cluster, k, out_dir):
+        self.out = os.path.join(out_dir, f"site-{k}-{time.monotonic_ns()}.pt")
+        self.log = open(os.path.join(out_dir, f"site-{k}.log"), "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "site_worker.py"), str(cluster.cluster_file),
+             str(cluster.site_keys[k]), cluster.address, str(k), str(STEP_SECONDS), self.out],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait(self, timeout=120):
+        code = self.process.wait(timeout=timeout)
+        self.log.close()
+        return code
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+    def result(self):
+        return torch.load(self.out)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Faults(unittest.TestCase):
+    def setUp(self):
+        helpers.binary()
+        self.directory = tempfile.TemporaryDirectory()
+        self.addCleanup(self.directory.cleanup)
+        self.cluster = lt.local_cluster(
+            helpers.tiny_model(), self.directory.name, sites=2, strategy="diloco@5",
+            overrides={"steps": 5 * ROUNDS_OF_5, "network": {"idle_timeout_ms": 2000, "quorum": 1,
+                                                             "round_deadline_ms": 3000}},
+        )
+        self.addCleanup(self.cluster.kill)
+
+    def sites(self):
+        sites = [SiteProcess(self.cluster, k, self.directory.name) for k in range(2)]
+        for site in sites:
+            self.addCleanup(site.kill)
+        return sites
+
+    def rounds_closed(self):
+        state = self.cluster.run_dir / "coordinator-state"
+        return sum(1 for _ in state.rglob("current.json")) > 0
+
+    def coordinator_log(self):
+        return self.cluster.log_tail(lines=400)
+
+    def test_a_site_killed_mid_run_rejoins_and_the_run_completes(self):
+        sites = self.sites()
+        wait_for(self.rounds_closed, 60, "a first round")
+        time.sleep(0.5)
+        sites[1].kill()
+        restarted = SiteProcess(self.cluster, 1, self.directory.name)
+        self.addCleanup(restarted.kill)
+        self.assertEqual(sites[0].wait(), 0)
+        self.assertEqual(restarted.wait(), 0)
+        self.assertEqual(self.cluster.wait(timeout=60), 0, self.coordinator_log())
+        # Both hold the final global parameters.
+        self.assertTrue(torch.equal(sites[0].result(), restarted.result()))
+        self.assertIn("site 1 joined", self.coordinator_log())
+
+    def test_the_coordinator_killed_and_resumed_the_sites_reconnect(self):
+        sites = self.sites()
+        wait_for(self.rounds_closed, 60, "a first round")
+        time.sleep(0.3)
+        self.cluster.kill()
+        time.sleep(0.5)
+        self.cluster.start(resume=True)
+        for site in sites:
+            self.assertEqual(site.wait(), 0)
+        self.assertEqual(self.cluster.wait(timeout=60), 0, self.coordinator_log())
+        self.assertIn("resuming", self.coordinator_log())
+        self.assertTrue(torch.equal(sites[0].result(), sites[1].result()))
+
+    def test_ctrl_c_in_a_site_leaves_cleanly_and_the_run_goes_on(self):
+        sites = self.sites()
+        wait_for(self.rounds_closed, 60, "a first round")
+        sites[1].process.send_signal(signal.SIGINT)
+        code = sites[1].wait()
+        self.assertNotEqual(code, 0)  # KeyboardInterrupt, after leaving
+        wait_for(lambda: "site 1 left" in self.coordinator_log(), 10, "the coordinator to see site 1 leave")
+        self.assertIn("leaving", self.coordinator_log())
+        self.assertEqual(sites[0].wait(), 0)
+        self.assertEqual(self.cluster.wait(timeout=60), 0, self.coordinator_log())
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,136 @@
+"""lowband.torch against plain PyTorch: a run through the package, the binary's coordinator and
+QUIC equals DiLoCo written in plain PyTorch on the same batches (fp32 codec); DDP inside a site
+(gloo); compressed strategies; bf16 parameters."""
+
+import os
+import tempfile
+import threading
+import unittest
+
+import torch
+import torch.multiprocessing as mp
+
+import helpers
+import lowband.torch as lt
+
+SITES, H, STEPS = 2, 5, 25  # 5 rounds
+
+
+def run_sites(cluster, models, data, step_seconds=0.0):
+    """Every site in a thread of this process (the GIL is released while lowband waits)."""
+    results, errors = [None] * len(models), []
+
+    def site(k):
+        try:
+            connection = cluster.site(k)
+            results[k] = helpers.train_site(models[k], connection, data[k], step_seconds)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=site, args=(k,)) for k in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+class TorchSites(unittest.TestCase):
+    def setUp(self):
+        helpers.binary()
+        self.directory = tempfile.TemporaryDirectory()
+        self.addCleanup(self.directory.cleanup)
+
+    def cluster(self, strategy, name="torch", **options):
+        cluster = lt.local_cluster(
+            helpers.tiny_model(),
+            os.path.join(self.directory.name, name),
+            name=name,
+            sites=SITES,
+            strategy=strategy,
+            overrides={"steps": STEPS, "inner_steps": H},
+            **options,
+        )
+        self.addCleanup(cluster.kill)
+        return cluster
+
+    def test_fp32_run_equals_plain_pytorch_diloco(self):
+        cluster = self.cluster(f"diloco@{H}")
+        data = [helpers.batches(k, STEPS) for k in range(SITES)]
+        results = run_sites(cluster, [helpers.tiny_model() for _ in range(SITES)], data)
+        self.assertEqual(cluster.wait(timeout=60), 0, cluster.log_tail())
+        reference = helpers.plain_diloco(SITES, H, STEPS)
+        for k, result in enumerate(results):
+            difference = helpers.relative_difference(result, reference)
+            self.assertLessEqual(difference, 1e-5, f"site {k}")
+        summary = cluster.summary()["strategies"][0]
+        self.assertEqual(summary["rounds"], STEPS // H)
+        # Every site sent 5 updates and got the initial, 4 merged and the final parameters.
+        self.assertGreater(summary["inter_site_bytes"], 2 * 10 * 4 * results[0].numel())
+        self.assertIsNotNone(summary["final_train_loss"])
+        self.assertIsNone(summary["final_val_loss"])
+        report = (cluster.run_dir / "report.md").read_text()
+        self.assertIn("An external model (PyTorch sites)", report)
+
+    def test_a_compressed_strategy_sends_less_and_sites_agree(self):
+        fp32 = self.cluster(f"diloco@{H}", name="fp32")
+        data = [helpers.batches(k, STEPS) for k in range(SITES)]
+        run_sites(fp32, [helpers.tiny_model() for _ in range(SITES)], data)
+        self.assertEqual(fp32.wait(timeout=60), 0, fp32.log_tail())
+        int8 = self.cluster(f"diloco-int8@{H}", name="int8")
+        results = run_sites(int8, [helpers.tiny_model() for _ in range(SITES)], data)
+        self.assertEqual(int8.wait(timeout=60), 0, int8.log_tail())
+        # Every site ends holding the same final global parameters.
+        self.assertTrue(torch.equal(results[0], results[1]))
+        sent = {c.name: c.summary()["strategies"][0]["inter_site_bytes"] for c in (fp32, int8)}
+        self.assertLess(sent["int8"], sent["fp32"])
+        reference = helpers.plain_diloco(SITES, H, STEPS)
+        self.assertLess(helpers.relative_difference(results[0], reference), 0.05)
+
+    def test_bf16_parameters_sync_through_float32_masters(self):
+        cluster = self.cluster(f"diloco@{H}")
+        data = [helpers.batches(k, STEPS) for k in range(SITES)]
+        models = [helpers.tiny_model(torch.bfloat16) for _ in range(SITES)]
+        results = run_sites(cluster, models, data)
+        self.assertEqual(cluster.wait(timeout=60), 0, cluster.log_tail())
+        self.assertTrue(all(p.dtype == torch.bfloat16 for p in models[0].parameters()))
+        self.assertTrue(torch.equal(results[0], results[1]))
+        reference = helpers.plain_diloco(SITES, H, STEPS)
+        self.assertLess(helpers.relative_difference(results[0], reference), 0.05)
+
+    def test_ddp_inside_a_site_over_gloo(self):
+        cluster = self.cluster(f"diloco@{H}")
+        init_file = os.path.join(self.directory.name, "gloo-init")
+        out = os.path.join(self.directory.name, "ranks")
+        os.makedirs(out)
+        context = mp.get_context("spawn")
+        ranks = [
+            context.Process(
+                target=helpers.ddp_rank,
+                args=(rank, 2, init_file, str(cluster.cluster_file), str(cluster.site_keys[0]),
+                      cluster.address, STEPS, out),
+            )
+            for rank in range(2)
+        ]
+        for process in ranks:
+            process.start()
+        other = helpers.train_site(helpers.tiny_model(), cluster.site(1), helpers.batches(1, STEPS))
+        for process in ranks:
+            process.join(timeout=120)
+            self.assertEqual(process.exitcode, 0)
+        self.assertEqual(cluster.wait(timeout=60), 0, cluster.log_tail())
+        rank0 = torch.load(os.path.join(out, "rank-0.pt"))
+        rank1 = torch.load(os.path.join(out, "rank-1.pt"))
+        # Both ranks hold the final global parameters, bitwise those the other site got.
+        self.assertTrue(torch.equal(rank0, other))
+        self.assertTrue(torch.equal(rank1, other))
+        # Two ranks on half batches each = one process on the whole batch, up to the all-reduce's
+        # rounding: the plain DiLoCo of the same data.
+        reference = helpers.plain_diloco(SITES, H, STEPS)
+        self.assertLess(helpers.relative_difference(other, reference), 1e-4)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,170 @@
+//! An external model over the network (`crate::external`): the coordinator of a run whose sites
+//! are PyTorch processes (the Python package), and what such a site needs from the run file to
+//! join it. The coordinator reads the initial parameters, sends them to every site in full when
+//! the run starts, runs the same rounds (outer step, aggregators, trust checks, deadlines,
+//! rejoins, checkpoints) and, when the run is over, sends every site the final parameters.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lowband_net::{ClientOptions, Identity, PublicKey};
+use lowband_protocol::Site;
+
+use crate::config::RunConfig;
+use crate::driver::Common;
+use crate::external::{initial_fingerprint, read_initial, ExternalModel};
+use crate::run_file::Cluster;
+use crate::strategy::Strategy;
+use crate::{RunError, RunResult};
+
+use super::{check_rounds, join, serve_books, NetworkOptions, Served};
+
+/// A run of an external model: its `[model]`, with a round strategy (streaming fragments are
+/// not offered to external sites yet).
+fn external_model<'a>(
+    config: &'a RunConfig,
+    strategy: &Strategy,
+) -> Result<&'a ExternalModel, RunError> {
+    check_rounds(config, strategy)?;
+    let Some(model) = config.model.as_ref() else {
+        return Err(RunError::InvalidConfig {
+            field: "model",
+            reason: "no [model] table: an external model's run file names its parameter count (params = N) and its initial parameters (initial = FILE)".into(),
+        });
+    };
+    if strategy.streaming.is_some() {
+        return Err(RunError::InvalidConfig {
+            field: "strategies",
+            reason: format!("{}: streaming fragments are not available to PyTorch sites yet; use a round strategy (diloco, sparseloco, ...)", strategy.name()),
+        });
+    }
+    if !config.attacks.is_empty() {
+        return Err(RunError::InvalidConfig {
+            field: "attacks",
+            reason: "hostile sites are an experiment of lowband's own engine sites".into(),
+        });
+    }
+    Ok(model)
+}
+
+/// A coordinator process for an external model: listen on `listen`, admit exactly `site_keys`,
+/// send every site the initial parameters (`model.initial`), run the rounds, send every site
+/// the final parameters, return the result (no validation loss: the coordinator cannot run the
+/// model; the report shows the losses the sites report). Resumes as `serve_coordinator` does.
+#[allow(clippy::too_many_arguments)]
+pub fn serve_external_coordinator(
+    config: &RunConfig,
+    strategy: Strategy,
+    identity: Arc<Identity>,
+    site_keys: Vec<PublicKey>,
+    listen: SocketAddr,
+    options: NetworkOptions,
+    listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
+) -> Result<RunResult, RunError> {
+    let model = external_model(config, &strategy)?;
+    let Some(path) = model.initial.as_ref() else {
+        return Err(RunError::InvalidConfig {
+            field: "model.initial",
+            reason: "name the initial parameters' file (safetensors, one f32 tensor \"params\"; lowband.torch writes it)".into(),
+        });
+    };
+    let initial = read_initial(path, model.params)?;
+    let common = Common::external(
+        config,
+        strategy.clone(),
+        initial_fingerprint(&initial, config.sites),
+    );
+    let served = Served {
+        identity,
+        site_keys,
+        listen,
+        settings: join::join_settings(config, &strategy, None),
+        sites_start_synced: false,
+    };
+    serve_books(common, initial, served, options, listening)
+}
+
+/// What a PyTorch site needs to take part: how it reaches the coordinator, its protocol state
+/// (which holds θ, encodes its updates with their error feedback and decodes the broadcasts), and
+/// the run's rounds.
+pub struct ExternalSite {
+    /// Site k of the run (its key is the cluster's k-th).
+    pub index: u32,
+    pub client: ClientOptions,
+    pub site: Site,
+    /// Rounds in the run; round r trains steps [rH, min((r + 1)H, T)).
+    pub rounds: u64,
+    pub inner_steps: u64,
+    pub steps: u64,
+}
+
+/// Site `identity` of `cluster`, with its own model `model` (its parameter count and, if known,
+/// tensors), joining the coordinator at `coordinator`. A model that differs from the cluster's is
+/// refused here, naming both (and the coordinator would refuse its join the same way).
+pub fn external_site(
+    cluster: &Cluster,
+    identity: Arc<Identity>,
+    coordinator: SocketAddr,
+    model: &ExternalModel,
+) -> Result<ExternalSite, RunError> {
+    let config = &cluster.config;
+    let ours = external_model(config, &cluster.strategy)?;
+    let key = identity.public_key();
+    let Some(index) = cluster.sites.iter().position(|k| *k == key) else {
+        return Err(RunError::InvalidConfig {
+            field: "cluster",
+            reason: format!("key {key} is not one of the cluster's sites"),
+        });
+    };
+    if model.params != ours.params {
+        return Err(RunError::InvalidConfig {
+            field: "model.params",
+            reason: format!(
+                "this model has {} parameters, the cluster's has {}",
+                model.params, ours.params
+            ),
+        });
+    }
+    if !ours.tensors.is_empty() && !model.tensors.is_empty() {
+        if let Some(difference) = model.first_tensor_difference(ours) {
+            return Err(RunError::InvalidConfig {
+                field: "model.tensors",
+                reason: format!("this model differs from the cluster's ({difference})"),
+            });
+        }
+    }
+    // The join carries this site's own model: a coordinator with another refuses it by name.
+    let mut joined = config.clone();
+    joined.model = Some(ExternalModel {
+        initial: None,
+        tokens_per_step: ours.tokens_per_step,
+        tensors: if ours.tensors.is_empty() {
+            Vec::new()
+        } else {
+            model.tensors.clone()
+        },
+        params: model.params,
+    });
+    let join = join::join_settings(&joined, &cluster.strategy, None).encode(index as u32);
+    let strategy = &cluster.strategy;
+    let site = Site::unsynced(
+        index as u32,
+        model.params,
+        strategy.compression_for(config.sites),
+    )?;
+    Ok(ExternalSite {
+        index: index as u32,
+        client: ClientOptions {
+            identity,
+            coordinator: (coordinator, cluster.coordinator),
+            limits: super::limits(config),
+            reconnect_ms: config.network.reconnect_ms,
+            join,
+            leave_on_ctrl_c: false,
+        },
+        site,
+        rounds: config.steps.div_ceil(strategy.inner_steps),
+        inner_steps: strategy.inner_steps,
+        steps: config.steps,
+    })
+}
