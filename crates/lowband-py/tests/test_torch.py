@@ -100,6 +100,22 @@ class TorchSites(unittest.TestCase):
         reference = helpers.plain_diloco(SITES, H, STEPS)
         self.assertLess(helpers.relative_difference(results[0], reference), 0.05)
 
+    def test_a_cpu_float32_model_is_synced_in_place(self):
+        cluster = self.cluster(f"diloco@{H}")
+        model = helpers.tiny_model()
+        before = helpers.flat(model)
+        site = cluster.site(0)
+        self.addCleanup(site.leave)
+        diloco = lt.DiLoCo(model, torch.optim.AdamW(model.parameters()), site)
+        self.assertTrue(diloco.zero_copy)
+        start = diloco.master.data_ptr()
+        end = start + 4 * diloco.master.numel()
+        for p in model.parameters():
+            self.assertTrue(start <= p.data_ptr() < end, "a parameter outside the flat buffer")
+        self.assertTrue(torch.equal(diloco.master, before))  # the values are kept
+        bf16 = helpers.tiny_model(torch.bfloat16)
+        self.assertFalse(lt.DiLoCo(bf16, torch.optim.AdamW(bf16.parameters()), site).zero_copy)
+
     def test_ddp_inside_a_site_over_gloo(self):
         cluster = self.cluster(f"diloco@{H}")
         init_file = os.path.join(self.directory.name, "gloo-init")

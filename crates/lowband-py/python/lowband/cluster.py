@@ -54,7 +54,7 @@ class LocalCluster:
         binary=None,
         start=True,
     ):
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.binary = find_binary(binary)
         self.name = name

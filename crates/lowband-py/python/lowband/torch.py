@@ -84,7 +84,7 @@ class DiLoCo:
     `finished` turns true once the final parameters are in the model. Leaving the block (or an
     exception, Ctrl-C included) leaves the run cleanly."""
 
-    def __init__(self, model, inner_optimizer, site, sync_every=None):
+    def __init__(self, model, inner_optimizer, site, sync_every=None, flat_views=True):
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.site = site
@@ -111,6 +111,19 @@ class DiLoCo:
                 )
         cuda = any(p.is_cuda for p in self.tensors)
         self.master = torch.empty(self.count, dtype=torch.float32, pin_memory=cuda)
+        # A single-process CPU float32 model's parameters become views of the master buffer, so
+        # lowband reads and writes them in place: nothing is copied on either way.
+        self.zero_copy = flat_views and self.world == 1 and all(
+            p.device.type == "cpu" and p.dtype == torch.float32 for p in self.tensors
+        )
+        if self.zero_copy:
+            offset = 0
+            with torch.no_grad():
+                for p in self.tensors:
+                    view = self.master[offset : offset + p.numel()].view_as(p)
+                    view.copy_(p)
+                    p.data = view
+                    offset += p.numel()
         self.round = None
         self.rounds = site.rounds if site is not None else None
         self.steps_in_round = 0
@@ -122,6 +135,8 @@ class DiLoCo:
 
     # -- the flat buffer ----------------------------------------------------------------------
     def _copy_out(self):
+        if self.zero_copy:
+            return
         offset = 0
         for p in self.tensors:
             n = p.numel()
@@ -132,6 +147,8 @@ class DiLoCo:
 
     @torch.no_grad()
     def _copy_in(self):
+        if self.zero_copy:
+            return
         offset = 0
         for p in self.tensors:
             n = p.numel()

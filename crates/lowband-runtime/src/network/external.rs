@@ -168,3 +168,95 @@ pub fn external_site(
         steps: config.steps,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(model: Option<ExternalModel>, strategy: &str) -> Cluster {
+        let config = RunConfig {
+            sites: 2,
+            steps: 10,
+            model,
+            ..RunConfig::default()
+        };
+        let keys: Vec<PublicKey> = (0..3)
+            .map(|_| Identity::generate().unwrap().public_key())
+            .collect();
+        Cluster {
+            strategy: Strategy::parse(strategy, config.inner_steps).unwrap(),
+            config,
+            coordinator: keys[0],
+            sites: keys[1..].to_vec(),
+        }
+    }
+
+    fn model(params: usize) -> ExternalModel {
+        ExternalModel {
+            params,
+            initial: None,
+            tokens_per_step: None,
+            tensors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_site_gets_its_index_rounds_and_a_join_naming_its_model() {
+        let identity = Arc::new(Identity::generate().unwrap());
+        let mut ours = cluster(Some(model(12)), "diloco@4");
+        ours.sites[1] = identity.public_key();
+        let address = "127.0.0.1:9".parse().unwrap();
+        let site = external_site(&ours, identity.clone(), address, &model(12)).unwrap();
+        assert_eq!((site.index, site.rounds, site.inner_steps), (1, 3, 4));
+        let error = external_site(&ours, identity.clone(), address, &model(13))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("this model has 13 parameters, the cluster's has 12"),
+            "{error}"
+        );
+        let stranger = Arc::new(Identity::generate().unwrap());
+        let error = external_site(&ours, stranger, address, &model(12))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("not one of the cluster's sites"), "{error}");
+    }
+
+    #[test]
+    fn engine_runs_streaming_and_attacks_are_refused_for_external_models() {
+        let identity = Arc::new(Identity::generate().unwrap());
+        let address = "127.0.0.1:9".parse().unwrap();
+        let engine = cluster(None, "diloco@4");
+        let error = external_site(&engine, identity.clone(), address, &model(12))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("no [model] table"), "{error}");
+        let streaming = cluster(
+            Some(model(12)),
+            "streaming@40[fragments=2;overlap=3;mix=0.25]",
+        );
+        let error = external_site(&streaming, identity, address, &model(12))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("streaming fragments are not available"),
+            "{error}"
+        );
+        // And the engine's drivers refuse an external model's run file.
+        let config = RunConfig {
+            model: Some(model(12)),
+            ..RunConfig::default()
+        };
+        let error = crate::driver::refuse_external(&config)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("run `lowband coordinator` with it"),
+            "{error}"
+        );
+    }
+}
