@@ -79,13 +79,6 @@ pub trait Host {
     /// Called once per loop turn: the run's books for a round that changed.
     fn turn(&mut self, coordinator: &Coordinator);
 
-    /// Called once the loop has queued what the last actions sent: work that must not delay
-    /// the sites (the coordinator's checkpoint) goes here, while they train.
-    fn sent_all(&mut self, coordinator: &Coordinator) -> Result<(), Self::Error> {
-        let _ = coordinator;
-        Ok(())
-    }
-
     /// Whether the run is over (its last round closed).
     fn done(&self, coordinator: &Coordinator) -> bool;
 }
@@ -341,16 +334,12 @@ impl<'a> Shell<'a> {
                 if host.done(coordinator) {
                     if self.options.final_parameters {
                         self.queue_sends(coordinator, host, usize::MAX)?;
-                    }
-                    host.sent_all(coordinator)?;
-                    if self.options.final_parameters {
                         self.wait_for_sites_to_close().await;
                     }
                     return Ok(());
                 }
                 self.close_excluded(coordinator, host)?;
                 self.queue_sends(coordinator, host, outbox_budget)?;
-                host.sent_all(coordinator)?;
                 if !self.sends.is_empty() {
                     continue;
                 }

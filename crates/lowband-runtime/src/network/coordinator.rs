@@ -45,8 +45,8 @@ fn absorb_network(
     actions: Vec<lowband_protocol::Action>,
     common: &mut Common,
     coordinator: &Coordinator,
+    persistence: &crate::Persistence,
     reports: &mut Reports,
-    checkpoint_at: &mut Option<u64>,
 ) -> Result<crate::driver::Sends, RunError> {
     let rounds = RoundSteps::of(common.config, &common.strategy);
     let mut checkpoint = false;
@@ -75,10 +75,13 @@ fn absorb_network(
         })
         .collect();
     let sends = absorb(actions, common, coordinator, step)?;
-    // A networked coordinator's state is its crash recovery: saved after every round, once its
-    // broadcast is on its way (`Host::sent_all`), so that the sites train while it is written.
-    if checkpoint && checkpoint_due(1, coordinator.round(), false) {
-        *checkpoint_at = Some(step);
+    // A networked coordinator's state is its crash recovery: saved after every round.
+    if checkpoint
+        && persistence.state_dir.is_some()
+        && checkpoint_due(1, coordinator.round(), false)
+    {
+        crate::state::RunState::of_coordinator(common, step, coordinator)
+            .save(persistence, &common.strategy)?;
     }
     Ok(sends)
 }
@@ -88,8 +91,6 @@ pub(super) struct NetworkBooks<'a> {
     pub common: Common<'a>,
     persistence: crate::Persistence,
     reports: Reports,
-    /// A closed round's checkpoint not yet written: the step it stands at.
-    checkpoint_at: Option<u64>,
     rounds: RoundSteps,
     /// Streaming: the broadcasts of the final syncs are not counted (no site trains after them),
     /// as in memory.
@@ -109,7 +110,6 @@ impl<'a> NetworkBooks<'a> {
                 stop_after_rounds: None,
             },
             reports: Reports::new(),
-            checkpoint_at: None,
             rounds,
             counted_rounds: if rounds.fragments == 0 {
                 u64::MAX
@@ -134,20 +134,9 @@ impl Host for NetworkBooks<'_> {
             actions,
             &mut self.common,
             coordinator,
+            &self.persistence,
             &mut self.reports,
-            &mut self.checkpoint_at,
         )
-    }
-
-    fn sent_all(&mut self, coordinator: &Coordinator) -> Result<(), RunError> {
-        let Some(step) = self.checkpoint_at.take() else {
-            return Ok(());
-        };
-        if self.persistence.state_dir.is_none() {
-            return Ok(());
-        }
-        crate::state::RunState::of_coordinator(&self.common, step, coordinator)
-            .save(&self.persistence, &self.common.strategy)
     }
 
     fn record(&mut self, record: Record) {
