@@ -60,10 +60,15 @@ class Faults(unittest.TestCase):
         self.addCleanup(self.directory.cleanup)
         self.cluster = lt.local_cluster(
             helpers.tiny_model(), self.directory.name, sites=2, strategy="diloco@5",
-            overrides={"steps": 5 * ROUNDS_OF_5, "network": {"idle_timeout_ms": 2000, "quorum": 1,
-                                                             "round_deadline_ms": 3000}},
+            overrides={"steps": 5 * ROUNDS_OF_5, "network": {"idle_timeout_ms": self.idle_timeout_ms(),
+                                                             "quorum": 1, "round_deadline_ms": 3000}},
         )
         self.addCleanup(self.cluster.kill)
+
+    def idle_timeout_ms(self):
+        # The restart test: long enough that the restarted site always finds its old connection
+        # still open (the coordinator must replace it, not end the new one).
+        return 20000 if "killed_mid_run" in self.id() else 2000
 
     def sites(self):
         sites = [SiteProcess(self.cluster, k, self.directory.name) for k in range(2)]
@@ -79,6 +84,9 @@ class Faults(unittest.TestCase):
         return self.cluster.log_tail(lines=400)
 
     def test_a_site_killed_mid_run_rejoins_and_the_run_completes(self):
+        # Restarted at once, well inside the idle timeout (20 s here): the new connection
+        # replaces the old one, which the coordinator has not yet seen die. (Before the fix, the
+        # coordinator closed the new connection instead, with "the run is over".)
         sites = self.sites()
         wait_for(self.rounds_closed, 60, "a first round")
         time.sleep(0.5)
@@ -90,6 +98,7 @@ class Faults(unittest.TestCase):
         self.assertEqual(self.cluster.wait(timeout=60), 0, self.coordinator_log())
         # Both hold the final global parameters.
         self.assertTrue(torch.equal(sites[0].result(), restarted.result()))
+        self.assertIn("replaced the old one", self.coordinator_log())
         self.assertIn("site 1 joined", self.coordinator_log())
 
     def test_the_coordinator_killed_and_resumed_the_sites_reconnect(self):

@@ -16,6 +16,8 @@ pub(super) type Inbound = (u32, u64, Result<Vec<u8>, NetError>);
 /// sends to K sites go out at once and a slow one delays only itself.
 pub(super) struct SiteConnection {
     pub(super) peer: Peer,
+    /// The membership's generation of this connection (`Membership::admitted`).
+    pub(super) generation: u64,
     outbox: tokio::sync::mpsc::UnboundedSender<Bytes>,
     /// Bytes queued or in flight, not yet read by the site.
     queued_bytes: Arc<AtomicUsize>,
@@ -50,6 +52,7 @@ impl SiteConnection {
         });
         SiteConnection {
             peer,
+            generation,
             outbox,
             queued_bytes,
         }

@@ -264,12 +264,24 @@ impl<'a> Shell<'a> {
             let now_ms = self.now_ms();
             match action {
                 MemberAction::Close {
-                    site, code, reason, ..
+                    site,
+                    generation,
+                    code,
+                    reason,
                 } => {
-                    if let Some(connection) = self.peers.remove(&site) {
-                        connection
-                            .peer
-                            .close_with(code as u32, &close_reason(&reason));
+                    // Only the connection the membership means: when a restarted site's new
+                    // connection replaces its old one, the close is the old one's (already
+                    // closed on replacement), never the new one's.
+                    if self
+                        .peers
+                        .get(&site)
+                        .is_some_and(|c| c.generation == generation)
+                    {
+                        if let Some(connection) = self.peers.remove(&site) {
+                            connection
+                                .peer
+                                .close_with(code as u32, &close_reason(&reason));
+                        }
                     }
                 }
                 MemberAction::Joined { site, late } => {
