@@ -166,6 +166,7 @@ def run_site(args):
             result["final_val_loss"] = validate(module, validation, device)
         (directory / f"site-{args.site}.json").write_text(json.dumps(result))
     if ranks > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -20,6 +20,7 @@ mod report;
 mod robustness;
 mod settings;
 mod shape;
+mod site_bench;
 mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -155,6 +156,8 @@ enum BenchCommand {
     Robustness(robustness::RobustnessArgs),
     /// The coordinator's time, memory and bytes per round as the number of sites grows.
     Coordinator(coordinator_bench::CoordinatorBenchArgs),
+    /// A site's own time per round (encode, decode, loopback transfer, copies) for a flat buffer.
+    Site(site_bench::SiteBenchArgs),
 }
 
 fn main() {
@@ -241,6 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(BenchCommand::Engine(args))) => bench::run(&args),
         Some(Command::Bench(BenchCommand::Robustness(args))) => robustness::run_grid(&args),
         Some(Command::Bench(BenchCommand::Coordinator(args))) => coordinator_bench::run(&args),
+        Some(Command::Bench(BenchCommand::Site(args))) => site_bench::run(&args),
         Some(Command::Inspect(InspectCommand::Packet(args))) => inspect::packet(&args),
         Some(Command::Keygen(args)) => keygen(&args),
         Some(Command::Plan(args)) => plan::run(&args),

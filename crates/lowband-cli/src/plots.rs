@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
-use lowband_runtime::RunResult;
+use lowband_runtime::{Metric, RunResult};
 use plotters::prelude::*;
 
 use crate::report::eval_points;
@@ -68,17 +68,77 @@ fn loss_range(series: &[LossSeries]) -> (f64, f64) {
     }
 }
 
-/// A comparison's two charts, every strategy on each.
+/// A comparison's two charts, every strategy on each: validation loss, or, for an external
+/// model's run (which the coordinator cannot evaluate), the training loss its sites reported.
 pub fn loss_curves(results: &[RunResult], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
+    let training = results.iter().all(|r| eval_points(r).is_empty());
     let series: Vec<LossSeries> = results
         .iter()
-        .map(|r| (r.strategy.name(), eval_points(r)))
+        .map(|r| {
+            let points = if training {
+                round_training_points(r)
+            } else {
+                eval_points(r)
+            };
+            (r.strategy.name(), points)
+        })
         .collect();
-    loss_curves_of(&series, by_tokens, by_bytes)
+    let loss = if training {
+        "training loss (sites' reports)"
+    } else {
+        "validation loss"
+    };
+    loss_curves_with(&series, by_tokens, by_bytes, loss)
+}
+
+/// Per round: (tokens, inter-site bytes, the sites' mean training loss over the round's steps).
+fn round_training_points(r: &RunResult) -> Vec<(u64, u64, f64)> {
+    let steps: Vec<(u64, f32)> = r
+        .metrics
+        .iter()
+        .filter_map(|m| match m {
+            Metric::Step { step, loss, .. } => Some((*step, *loss)),
+            _ => None,
+        })
+        .collect();
+    let total_steps = steps.iter().map(|s| s.0 + 1).max().unwrap_or(1);
+    let tokens_per_step = r.tokens / total_steps;
+    let mut first = 0;
+    let mut points = Vec::new();
+    for m in &r.metrics {
+        if let Metric::Round {
+            step,
+            inter_site_bytes,
+            ..
+        } = m
+        {
+            let round: Vec<f64> = steps
+                .iter()
+                .filter(|(s, _)| (first..*step).contains(s))
+                .map(|(_, l)| *l as f64)
+                .collect();
+            if !round.is_empty() {
+                let mean = round.iter().sum::<f64>() / round.len() as f64;
+                points.push((step * tokens_per_step, *inter_site_bytes, mean));
+            }
+            first = *step;
+        }
+    }
+    points
 }
 
 /// Validation loss against tokens, and against inter-site bytes (log scale), one line per series.
 pub fn loss_curves_of(series: &[LossSeries], by_tokens: &Path, by_bytes: &Path) -> Result<()> {
+    loss_curves_with(series, by_tokens, by_bytes, "validation loss")
+}
+
+/// `loss` against tokens, and against inter-site bytes (log scale), one line per series.
+fn loss_curves_with(
+    series: &[LossSeries],
+    by_tokens: &Path,
+    by_bytes: &Path,
+    loss: &str,
+) -> Result<()> {
     let (lo, hi) = loss_range(series);
     let max_tokens = series
         .iter()
@@ -88,8 +148,7 @@ pub fn loss_curves_of(series: &[LossSeries], by_tokens: &Path, by_bytes: &Path) 
         .max(1) as f64;
     plot(
         by_tokens,
-        "validation loss vs training tokens",
-        "tokens",
+        (&format!("{loss} vs training tokens"), "tokens", loss),
         0.0..max_tokens,
         lo..hi,
         series,
@@ -105,8 +164,11 @@ pub fn loss_curves_of(series: &[LossSeries], by_tokens: &Path, by_bytes: &Path) 
     // Log scale: points before the first byte was sent cannot be drawn.
     plot(
         by_bytes,
-        "validation loss vs inter-site bytes (log)",
-        "inter-site bytes",
+        (
+            &format!("{loss} vs inter-site bytes (log)"),
+            "inter-site bytes",
+            loss,
+        ),
         1e3..max_bytes * 2.0,
         lo..hi,
         series,
@@ -118,8 +180,7 @@ pub fn loss_curves_of(series: &[LossSeries], by_tokens: &Path, by_bytes: &Path) 
 #[allow(clippy::too_many_arguments)]
 fn plot(
     path: &Path,
-    title: &str,
-    x_label: &str,
+    (title, x_label, y_label): (&str, &str, &str),
     x: std::ops::Range<f64>,
     y: std::ops::Range<f64>,
     series: &[LossSeries],
@@ -139,7 +200,7 @@ fn plot(
             chart
                 .configure_mesh()
                 .x_desc(x_label)
-                .y_desc("validation loss (nats/byte)")
+                .y_desc(format!("{y_label} (nats/byte)"))
                 .x_label_formatter(&|v| si(*v))
                 .draw()
                 .map_err(e)?;

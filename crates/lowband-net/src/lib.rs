@@ -16,6 +16,7 @@ pub mod door;
 pub mod identity;
 pub mod serve;
 pub mod shaper;
+pub mod throughput;
 pub mod tls;
 pub mod transport;
 

@@ -110,4 +110,7 @@ def ddp_rank(rank, world, init_file, cluster_file, key, address, steps, out_dir)
             optimizer.zero_grad()
             diloco.step()
     torch.save(flat(model.module), os.path.join(out_dir, f"rank-{rank}.pt"))
+    # Every rank done before the group goes (one rank tearing gloo down while another still
+    # talks aborts the process).
+    dist.barrier()
     dist.destroy_process_group()

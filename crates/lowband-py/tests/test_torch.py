@@ -43,14 +43,17 @@ class TorchSites(unittest.TestCase):
         self.directory = tempfile.TemporaryDirectory()
         self.addCleanup(self.directory.cleanup)
 
-    def cluster(self, strategy, name="torch", **options):
+    def cluster(self, strategy, name="torch", overrides_network=None, **options):
+        overrides = {"steps": STEPS, "inner_steps": H}
+        if overrides_network:
+            overrides["network"] = overrides_network
         cluster = lt.local_cluster(
             helpers.tiny_model(),
             os.path.join(self.directory.name, name),
             name=name,
             sites=SITES,
             strategy=strategy,
-            overrides={"steps": STEPS, "inner_steps": H},
+            overrides=overrides,
             **options,
         )
         self.addCleanup(cluster.kill)
@@ -73,6 +76,9 @@ class TorchSites(unittest.TestCase):
         self.assertIsNone(summary["final_val_loss"])
         report = (cluster.run_dir / "report.md").read_text()
         self.assertIn("An external model (PyTorch sites)", report)
+        # The charts show the training loss the sites reported, one point per round.
+        chart = (cluster.run_dir / "loss_vs_tokens.svg").read_text()
+        self.assertIn("training loss", chart)
 
     def test_a_compressed_strategy_sends_less_and_sites_agree(self):
         fp32 = self.cluster(f"diloco@{H}", name="fp32")
@@ -99,6 +105,29 @@ class TorchSites(unittest.TestCase):
         self.assertTrue(torch.equal(results[0], results[1]))
         reference = helpers.plain_diloco(SITES, H, STEPS)
         self.assertLess(helpers.relative_difference(results[0], reference), 0.05)
+
+    def test_a_site_whose_model_goes_nan_stops_with_a_clear_error_and_the_run_goes_on(self):
+        cluster = self.cluster(f"diloco@{H}", overrides_network={"quorum": 1, "round_deadline_ms": 2000})
+        honest_result = [None]
+
+        def honest():
+            honest_result[0] = helpers.train_site(helpers.tiny_model(), cluster.site(0), helpers.batches(0, STEPS))
+
+        thread = threading.Thread(target=honest)
+        thread.start()
+        model = helpers.tiny_model()
+        with self.assertRaisesRegex(ValueError, "non-finite value at index 0: local training diverged"):
+            with lt.DiLoCo(model, torch.optim.AdamW(model.parameters()), cluster.site(1)) as diloco:
+                while not diloco.finished:
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.fill_(float("nan"))
+                    diloco.step()
+        thread.join(timeout=120)
+        self.assertEqual(cluster.wait(timeout=60), 0, cluster.log_tail())
+        # The site left (nothing of the NaNs was sent); the other finished with finite parameters.
+        self.assertIn("site 1 left", cluster.log_tail(lines=200))
+        self.assertTrue(torch.isfinite(honest_result[0]).all())
 
     def test_a_cpu_float32_model_is_synced_in_place(self):
         cluster = self.cluster(f"diloco@{H}")
