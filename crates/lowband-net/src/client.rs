@@ -103,15 +103,7 @@ impl SiteClient {
     /// Connect to the coordinator and join (retrying every `LinkPolicy::RETRY_MS` for
     /// `reconnect_ms`, at least once). A refusal is final.
     pub fn connect(options: ClientOptions) -> Result<SiteClient, ClientError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("lowband-site-net")
-            .enable_all()
-            .build()
-            .map_err(|e| NetError::Io {
-                path: "tokio runtime".into(),
-                source: e,
-            })?;
+        let runtime = crate::runtime(1, "lowband-site-net")?;
         // Any local address of the coordinator's family (a loopback-bound socket cannot reach
         // another host).
         let local: SocketAddr = if options.coordinator.0.is_ipv6() {

@@ -30,6 +30,19 @@ pub use shaper::{LinkShape, Shaper};
 pub use tls::AllowList;
 pub use transport::{Limits, Node, Peer};
 
+/// The tokio runtime every blocking entry point of this crate runs its connections on.
+fn runtime(worker_threads: usize, name: &str) -> Result<tokio::runtime::Runtime, NetError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(|e| NetError::Io {
+            path: "tokio runtime".into(),
+            source: e,
+        })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("{}: {source}", path.display())]

@@ -11,14 +11,7 @@ use crate::{Identity, Limits, NetError, Node};
 /// over one connection, each read in full at the other end; the time from the first send to the
 /// last byte read.
 pub fn loopback_transfer(message_bytes: usize, messages: usize) -> Result<Duration, NetError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| NetError::Io {
-            path: "tokio runtime".into(),
-            source: e,
-        })?;
+    let runtime = crate::runtime(2, "lowband-throughput")?;
     runtime.block_on(async {
         let limits = Limits {
             message_bytes_max: message_bytes.max(1),

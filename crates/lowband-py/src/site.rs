@@ -13,7 +13,7 @@ use lowband_protocol::{Site as ProtocolSite, SiteAction, SiteEvent};
 use lowband_runtime::external::{ExternalModel, TensorShape};
 use lowband_runtime::network::ExternalSite;
 use lowband_runtime::run_file::Cluster;
-use pyo3::exceptions::{PyConnectionError, PyKeyboardInterrupt, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::{ExcludedError, RefusedError};
@@ -239,9 +239,13 @@ impl Site {
                     self.inner().client = None;
                     return Ok(None);
                 }
-                Some(Next::Leave) | Some(Next::Lost) => {
+                // (A lost connection is retried above; Ctrl-C is Python's, checked above.)
+                Some(other @ (Next::Leave | Next::Lost)) => {
                     self.leave_now(py);
-                    return Err(PyKeyboardInterrupt::new_err("left the run"));
+                    return Err(PyRuntimeError::new_err(format!(
+                        "the connection to {} ended unexpectedly ({other:?})",
+                        self.address
+                    )));
                 }
             }
         }

@@ -128,14 +128,7 @@ pub fn serve<H: Host>(
     options: &ServeOptions,
     listening: impl FnOnce(SocketAddr) -> Result<(), H::Error>,
 ) -> Result<(), H::Error> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(site_keys.len().clamp(2, 8))
-        .enable_all()
-        .build()
-        .map_err(|e| NetError::Io {
-            path: "tokio runtime".into(),
-            source: e,
-        })?;
+    let runtime = crate::runtime(site_keys.len().clamp(2, 8), "lowband-coordinator-net")?;
     runtime.block_on(async {
         let allowed: AllowList =
             Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
@@ -169,13 +162,6 @@ pub fn serve<H: Host>(
             }
         }
     })
-}
-
-/// Await every future (without a futures crate: they are few, and each only waits).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(waits: impl Iterator<Item = F>) {
-    for wait in waits {
-        wait.await;
-    }
 }
 
 /// The loop's state.
@@ -229,11 +215,12 @@ impl<'a> Shell<'a> {
     /// Wait until every site connection has closed (its site read the final parameters and
     /// left), at most `FINAL_PARAMETERS_WAIT_MS`.
     async fn wait_for_sites_to_close(&self) {
-        let waits = self
-            .peers
-            .values()
-            .map(|connection| connection.peer.closed());
-        let all = futures_join_all(waits);
+        // One after another: the wait ends when the last has closed, whatever the order.
+        let all = async {
+            for connection in self.peers.values() {
+                connection.peer.closed().await;
+            }
+        };
         if tokio::time::timeout(Duration::from_millis(FINAL_PARAMETERS_WAIT_MS), all)
             .await
             .is_err()

@@ -94,8 +94,9 @@ class DiLoCo:
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise ValueError(f"parameter {name} is {p.dtype}: lowband syncs float32, bfloat16 and float16")
         self.count = sum(p.numel() for p in self.tensors)
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.world = dist.get_world_size() if self.rank is not None and dist.is_available() and dist.is_initialized() else 1
+        distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world = dist.get_world_size() if distributed else 1
         if self.rank == 0 and site is None:
             raise ValueError("rank 0 needs a lowband.Site (only the other ranks of a torchrun site pass None)")
         if self.rank != 0 and site is not None:
@@ -125,7 +126,8 @@ class DiLoCo:
                     p.data = view
                     offset += p.numel()
         self.round = None
-        self.rounds = site.rounds if site is not None else None
+        # (rounds, H, T: rank 0's, shared with every rank on entering.)
+        self.rounds = self.inner_steps = self.steps = None
         self.steps_in_round = 0
         self.losses = []
         self.round_started = None
