@@ -89,6 +89,18 @@ impl<'a> BitReader<'a> {
         }
     }
 
+    /// A reader whose first bit is bit `bit` of `bytes` (least significant first).
+    pub fn at(bytes: &'a [u8], bit: usize) -> Self {
+        let mut reader = BitReader {
+            bytes,
+            next_byte: bit / 8,
+            buffer: 0,
+            filled: 0,
+        };
+        reader.read((bit % 8) as u32);
+        reader
+    }
+
     #[inline]
     pub fn read(&mut self, width: u32) -> u32 {
         debug_assert!(width <= 32);

@@ -17,6 +17,31 @@ use crate::{check_payload, count_u32, read_f32, Codec, CodecError, CodecSpec};
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fp32;
 
+impl Fp32 {
+    /// Check an fp32 payload of `count` values without decoding it (header, exact length, every
+    /// value finite): a receiver that must not touch its buffer on a bad payload checks first,
+    /// then decodes in place (what decode can then not refuse).
+    pub fn check(&self, payload: &[u8], count: usize) -> Result<(), CodecError> {
+        check_payload(&CodecSpec::Fp32, payload, count)?;
+        let body = &payload[CodecSpec::Fp32.header_bytes()..];
+        first_error(
+            body.par_chunks(4 * VALUES_PER_TASK)
+                .enumerate()
+                .map(|(t, bytes)| {
+                    match bytes
+                        .chunks_exact(4)
+                        .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+                    {
+                        Some(i) => Err(CodecError::NonFinite {
+                            index: t * VALUES_PER_TASK + i,
+                        }),
+                        None => Ok(()),
+                    }
+                }),
+        )
+    }
+}
+
 impl Codec for Fp32 {
     fn spec(&self) -> &CodecSpec {
         &CodecSpec::Fp32

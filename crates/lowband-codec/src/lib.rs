@@ -98,6 +98,19 @@ pub trait Codec: Send {
     /// Decode `payload` into `out`, whose length is the expected number of values. On error
     /// `out` may hold partial data and must be discarded.
     fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError>;
+    /// Add `scale ×` what `payload` decodes to into `out` (with `scale` ±1, exactly `out ±
+    /// decoded`), touching only the values the payload carries: `Ok(true)`. The whole payload is
+    /// checked before `out` is touched, so on error `out` is unchanged. `Ok(false)` (and `out`
+    /// untouched) if this codec has no such path: the dense codecs and `dct`, whose payloads
+    /// change every value anyway; decode into a buffer instead.
+    fn decode_add(
+        &mut self,
+        _payload: &[u8],
+        _out: &mut [f32],
+        _scale: f32,
+    ) -> Result<bool, CodecError> {
+        Ok(false)
+    }
     /// Exact payload size for `count` values, in bytes (the documented formula).
     fn payload_bytes(&self, count: usize) -> usize {
         self.spec().payload_bytes(count)

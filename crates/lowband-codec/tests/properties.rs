@@ -276,6 +276,70 @@ proptest! {
     }
 }
 
+/// Inputs of 2,000 to 6,000 values: with the specs' small chunks, many groups of 32 chunks, so
+/// the sparse decoders' parallel groups (each starting at its computed bit) are all exercised.
+fn long_values() -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(value(), 2000..6000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, rng_seed: seed_from_env(), ..ProptestConfig::default() })]
+
+    #[test]
+    fn long_inputs_round_trip_across_decode_groups(spec in specs(), x in long_values()) {
+        let mut codec = build(&spec).unwrap();
+        let mut payload = Vec::new();
+        codec.encode(&x, &mut payload);
+        prop_assert_eq!(payload.len(), spec.payload_bytes(x.len()), "{}", spec);
+        let mut y = vec![f32::NAN; x.len()];
+        codec.decode(&payload, &mut y).unwrap();
+        let chunk = chunk_of(&spec, x.len());
+        for (xs, ys) in x.chunks(chunk).zip(y.chunks(chunk)) {
+            check_chunk(&spec, xs, ys)?;
+        }
+    }
+
+    /// `decode_add` is `out + scale · decode` (exactly, for scale ±1) where the codec has the
+    /// path, leaves `out` alone where it has not, and leaves it alone on any bad payload.
+    #[test]
+    fn decode_add_is_out_plus_the_decode_and_touches_nothing_on_error(
+        spec in specs(),
+        x in long_values(),
+        negate in any::<bool>(),
+        flip in (any::<prop::sample::Index>(), 0u8..8),
+    ) {
+        let mut codec = build(&spec).unwrap();
+        let mut payload = Vec::new();
+        codec.encode(&x, &mut payload);
+        let mut decoded = vec![0.0f32; x.len()];
+        codec.decode(&payload, &mut decoded).unwrap();
+        let base: Vec<f32> = (0..x.len()).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+        let scale = if negate { -1.0 } else { 1.0 };
+        let mut out = base.clone();
+        let sparse = codec.decode_add(&payload, &mut out, scale).unwrap();
+        let adds = matches!(spec, CodecSpec::TopK { .. } | CodecSpec::RandomK { .. });
+        prop_assert_eq!(sparse, adds, "{}", spec);
+        for i in 0..x.len() {
+            let expected = if sparse { base[i] + scale * decoded[i] } else { base[i] };
+            prop_assert!(out[i] == expected, "{} at {}: {} != {}", spec, i, out[i], expected);
+        }
+        // A bad payload: an error and `out` bitwise unchanged (or, rarely, a flip the codec
+        // cannot tell from a real packet: then the add of what it decodes to).
+        let mut bad = payload.clone();
+        let i = flip.0.index(bad.len());
+        bad[i] ^= 1 << flip.1;
+        let mut out = base.clone();
+        if codec.decode_add(&bad, &mut out, scale).is_err() {
+            prop_assert!(out.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let truncated = &payload[..payload.len() - 1];
+        let mut out = base.clone();
+        let result = codec.decode_add(truncated, &mut out, scale);
+        prop_assert!(result.is_err() || !adds);
+        prop_assert!(out.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
+
 #[test]
 fn encoders_are_deterministic_for_a_seed() {
     let x: Vec<f32> = (0..1000)
@@ -312,11 +376,13 @@ fn error_feedback_tracks_the_true_sum_and_its_absence_drifts() {
         let mut codec = build(&spec).unwrap();
         let mut state = ErrorFeedback::new(params, if feedback { 1.0 } else { 0.0 });
         let mut sent = vec![0.0f64; params];
+        let mut decoded = vec![0.0f32; params];
         let mut payload = Vec::new();
         for _ in 0..rounds {
             payload.clear();
             state.encode(codec.as_mut(), &delta, &mut payload).unwrap();
-            for (s, d) in sent.iter_mut().zip(state.decoded()) {
+            codec.decode(&payload, &mut decoded).unwrap();
+            for (s, d) in sent.iter_mut().zip(&decoded) {
                 *s += *d as f64;
             }
         }
@@ -349,4 +415,97 @@ fn error_feedback_tracks_the_true_sum_and_its_absence_drifts() {
         without_long > 0.2 && without_long >= without_short * 0.99,
         "without feedback: {without_short} -> {without_long}"
     );
+}
+
+/// The error feedback's one-buffer passes (the input formed in the residual, a sparse codec's
+/// kept values subtracted in place, the delta formed from two parameter vectors) give bitwise
+/// the textbook arithmetic: input = decay · residual + delta, payload = encode(input), residual =
+/// input − decode(payload), round after round, for sparse and dense codecs; a non-finite delta is
+/// refused naming its index and leaves a cleared residual.
+#[test]
+fn error_feedback_passes_are_the_textbook_arithmetic_bitwise() {
+    let params = 150_000; // several parallel tasks of 65,536 values, and a partial one
+    for text in [
+        "topk:k=16,chunk=4096,values=q2",
+        "randomk:k=6,chunk=64,values=q2",
+        "int8:chunk=64",
+        "dct:k=4,chunk=16,values=f32",
+    ] {
+        let spec: CodecSpec = text.parse().unwrap();
+        let (mut codec, mut reference_codec, mut difference_codec) = (
+            build(&spec).unwrap(),
+            build(&spec).unwrap(),
+            build(&spec).unwrap(),
+        );
+        let mut state = ErrorFeedback::new(params, 0.9);
+        let mut difference_state = ErrorFeedback::new(params, 0.9);
+        let mut residual = vec![0.0f32; params];
+        let mut input = vec![0.0f32; params];
+        let mut decoded = vec![0.0f32; params];
+        for round in 0..4 {
+            let from: Vec<f32> = (0..params)
+                .map(|i| ((i * 31 + round * 7) % 997) as f32 * 1e-3)
+                .collect();
+            let to: Vec<f32> = (0..params)
+                .map(|i| ((i * 17 + round) % 991) as f32 * 1e-3 - 0.25)
+                .collect();
+            let delta: Vec<f32> = from.iter().zip(&to).map(|(f, t)| f - t).collect();
+            let (mut payload, mut difference_payload, mut reference_payload) =
+                (Vec::new(), Vec::new(), Vec::new());
+            state.encode(codec.as_mut(), &delta, &mut payload).unwrap();
+            difference_state
+                .encode_difference(
+                    difference_codec.as_mut(),
+                    &from,
+                    &to,
+                    &mut difference_payload,
+                )
+                .unwrap();
+            for ((i, r), d) in input.iter_mut().zip(&residual).zip(&delta) {
+                *i = 0.9 * r + d;
+            }
+            reference_codec.encode(&input, &mut reference_payload);
+            reference_codec
+                .decode(&reference_payload, &mut decoded)
+                .unwrap();
+            for ((r, i), d) in residual.iter_mut().zip(&input).zip(&decoded) {
+                *r = i - d;
+            }
+            assert_eq!(payload, reference_payload, "{text} round {round}");
+            assert_eq!(
+                difference_payload, reference_payload,
+                "{text} round {round}"
+            );
+            for (a, b) in [
+                (state.residual(), &residual),
+                (difference_state.residual(), &residual),
+            ] {
+                assert!(
+                    a.iter()
+                        .zip(b.iter())
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{text} round {round}"
+                );
+            }
+        }
+        let mut to = vec![0.0f32; params];
+        to[100_000] = f32::NAN;
+        let error = difference_state
+            .encode_difference(
+                difference_codec.as_mut(),
+                &vec![0.0; params],
+                &to,
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            error,
+            lowband_codec::CodecError::NonFinite { index: 100_000 },
+            "{text}"
+        );
+        assert!(
+            difference_state.residual().iter().all(|r| *r == 0.0),
+            "{text}"
+        );
+    }
 }

@@ -1,9 +1,13 @@
 //! A site's side of a round: hold the global parameters, report the (compressed) delta.
 
-use lowband_codec::{build, Codec, ErrorFeedback, Fp32};
+use lowband_codec::{build, Codec, CodecError, ErrorFeedback, Fp32};
+use rayon::prelude::*;
 
 use crate::wire::{self, MessageKind};
 use crate::{Compression, ProtocolError, SiteId};
+
+/// Values per parallel task of the element-wise passes (256 KB of each stream).
+const VALUES_PER_TASK: usize = 1 << 16;
 
 /// Inputs to a site.
 #[derive(Debug, Clone, Copy)]
@@ -33,10 +37,16 @@ pub struct Site {
     /// they are the cluster's only before round 1 (a site restarted mid-run must not apply a
     /// change to them).
     seed_only: bool,
+    /// δ without error feedback (with it, the feedback forms δ in its own buffer); empty until
+    /// first used.
     delta: Vec<f32>,
+    /// A decoded change, for a downlink codec that cannot add its payload in place (dense ones,
+    /// `dct`); empty until first used.
     change: Vec<f32>,
     uplink: Box<dyn Codec>,
     downlink: Box<dyn Codec>,
+    /// Whether the coordinator sends changes (a compressed downlink, or fragments).
+    sends_changes: bool,
     /// One error-feedback state per fragment (one in all without fragments).
     feedback: Vec<ErrorFeedback>,
     fragments: Vec<std::ops::Range<usize>>,
@@ -95,14 +105,11 @@ impl Site {
             start,
             synced,
             seed_only: synced,
-            delta: vec![0.0; n],
-            change: if compression.sends_changes() {
-                vec![0.0; n]
-            } else {
-                Vec::new()
-            },
+            delta: Vec::new(),
+            change: Vec::new(),
             uplink: build(&compression.uplink)?,
             downlink: build(&compression.downlink)?,
+            sends_changes: compression.sends_changes(),
             feedback,
             fragments: Vec::new(),
             payload: Vec::new(),
@@ -122,9 +129,6 @@ impl Site {
                 reason,
             }
         })?;
-        if self.change.is_empty() {
-            self.change = vec![0.0; self.start.len()];
-        }
         let decay = self.feedback.first().map(|f| f.decay());
         self.feedback = match decay {
             Some(decay) => fragments
@@ -134,6 +138,7 @@ impl Site {
             None => Vec::new(),
         };
         self.fragments = fragments;
+        self.sends_changes = true;
         Ok(self)
     }
 
@@ -253,6 +258,32 @@ impl Site {
         Ok(())
     }
 
+    /// Add the coordinator's change (a checked payload) to the held parameters over `range`:
+    /// in place where the codec can (sparse), through a decoded buffer otherwise. A bad payload
+    /// leaves them untouched either way.
+    fn apply_change(
+        &mut self,
+        payload: &[u8],
+        range: std::ops::Range<usize>,
+    ) -> Result<(), ProtocolError> {
+        let start = &mut self.start[range.clone()];
+        if self.downlink.decode_add(payload, start, 1.0)? {
+            return Ok(());
+        }
+        self.change.resize(self.start.len(), 0.0);
+        let change = &mut self.change[range.clone()];
+        self.downlink.decode(payload, change)?;
+        self.start[range]
+            .par_chunks_mut(VALUES_PER_TASK)
+            .zip(change.par_chunks(VALUES_PER_TASK))
+            .for_each(|(start, change)| {
+                for (s, c) in start.iter_mut().zip(change) {
+                    *s += c;
+                }
+            });
+        Ok(())
+    }
+
     fn payload_bytes_max(&self) -> usize {
         Fp32.payload_bytes(self.start.len())
             .max(self.downlink.payload_bytes(self.start.len()))
@@ -289,9 +320,9 @@ impl Site {
             }
         }
         if message.kind == MessageKind::Global {
-            // Decode into scratch first: a bad packet must not touch the held parameters.
-            Fp32.decode(message.payload, &mut self.delta)?;
-            self.start.copy_from_slice(&self.delta);
+            // Check first: a bad packet must not touch the held parameters.
+            Fp32.check(message.payload, self.start.len())?;
+            Fp32.decode(message.payload, &mut self.start)?;
             self.synced = true;
         } else {
             // A change applies to the parameters of the round before: a site that holds only
@@ -306,17 +337,10 @@ impl Site {
             let repeated = self.round == Some(message.round);
             if !message.payload.is_empty() && !repeated {
                 let range = self.changed_by_round(message.round);
-                if self.change.is_empty() || range.is_empty() {
+                if !self.sends_changes || range.is_empty() {
                     return Err(ProtocolError::WrongKind(message.kind));
                 }
-                self.downlink
-                    .decode(message.payload, &mut self.change[range.clone()])?;
-                for (s, c) in self.start[range.clone()]
-                    .iter_mut()
-                    .zip(&self.change[range])
-                {
-                    *s += c;
-                }
+                self.apply_change(message.payload, range)?;
             }
         }
         self.round = Some(message.round);
@@ -343,26 +367,42 @@ impl Site {
             });
         }
         let range = crate::fragment_of(&self.fragments, self.start.len(), round);
-        let delta = &mut self.delta[range.clone()];
-        for ((d, s), p) in delta
-            .iter_mut()
-            .zip(&self.start[range.clone()])
-            .zip(&params[range.clone()])
-        {
-            *d = s - p;
-        }
-        if let Some(i) = delta.iter().position(|v| !v.is_finite()) {
-            return Err(ProtocolError::NonFiniteUpdate(range.start + i));
-        }
         self.payload.clear();
         let fragment = if self.fragments.is_empty() {
             0
         } else {
             (round % self.fragments.len() as u64) as usize
         };
+        let (start, trained) = (&self.start[range.clone()], &params[range.clone()]);
+        let non_finite = |index| ProtocolError::NonFiniteUpdate(range.start + index);
         match self.feedback.get_mut(fragment) {
-            Some(feedback) => feedback.encode(self.uplink.as_mut(), delta, &mut self.payload)?,
-            None => self.uplink.encode(delta, &mut self.payload),
+            Some(feedback) => feedback
+                .encode_difference(self.uplink.as_mut(), start, trained, &mut self.payload)
+                .map_err(|e| match e {
+                    CodecError::NonFinite { index } => non_finite(index),
+                    e => e.into(),
+                })?,
+            None => {
+                self.delta.resize(self.start.len(), 0.0);
+                let delta = &mut self.delta[range.clone()];
+                let bad = delta
+                    .par_chunks_mut(VALUES_PER_TASK)
+                    .zip(start.par_chunks(VALUES_PER_TASK))
+                    .zip(trained.par_chunks(VALUES_PER_TASK))
+                    .enumerate()
+                    .filter_map(|(t, ((delta, start), trained))| {
+                        for ((d, s), p) in delta.iter_mut().zip(start).zip(trained) {
+                            *d = s - p;
+                        }
+                        let i = delta.iter().position(|v| !v.is_finite())?;
+                        Some(t * VALUES_PER_TASK + i)
+                    })
+                    .min();
+                if let Some(index) = bad {
+                    return Err(non_finite(index));
+                }
+                self.uplink.encode(delta, &mut self.payload);
+            }
         }
         Ok(vec![SiteAction::Send(wire::encode(
             MessageKind::Update,

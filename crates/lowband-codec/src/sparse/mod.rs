@@ -11,10 +11,11 @@ use half::f16;
 use rayon::prelude::*;
 use rustdct::{DctPlanner, TransformType2And3};
 
-use crate::bits::{elias_fano_read, elias_fano_write, BitReader, BitWriter, SplitMix64};
+use crate::bits::{elias_fano_write, BitWriter, SplitMix64};
 use crate::dense::max_abs;
-use crate::{check_payload, count_u32, Codec, CodecError, CodecSpec, ValueCoding};
+use crate::{count_u32, Codec, CodecError, CodecSpec, ValueCoding};
 
+mod decode;
 mod select;
 
 use select::select_top;
@@ -33,9 +34,8 @@ pub struct Sparse {
     values: ValueCoding,
     /// Source of per-packet seeds (`randomk`).
     seeds: SplitMix64,
-    /// Decode scratch, sized for one chunk when the codec is built.
+    /// `randomk` encode scratch, sized for one chunk when the codec is built.
     positions: Vec<u32>,
-    kept: Vec<f32>,
     taken: Vec<u64>,
     /// Encode: one bit stream (bytes, bits) per group of chunks, written in parallel.
     group_streams: Vec<(Vec<u8>, usize)>,
@@ -84,7 +84,6 @@ impl Sparse {
             values,
             seeds: SplitMix64(seed),
             positions: Vec::with_capacity(chunk),
-            kept: Vec::with_capacity(chunk),
             taken: vec![0; chunk.div_ceil(64)],
             group_streams: Vec::new(),
             basis,
@@ -192,84 +191,6 @@ impl Sparse {
 const BUCKETS: usize = 1 << 11;
 const BUCKET_SHIFT: u32 = 20;
 
-impl Sparse {
-    /// One chunk of the body (its values start at index `first` of the whole): scales,
-    /// positions (read, or drawn for randomk), values, then the chunk rebuilt (for dct, from its
-    /// coefficients, in units of its scale and clamped to [-1, 1] before scaling).
-    fn decode_chunk(
-        &mut self,
-        reader: &mut BitReader,
-        random: &mut SplitMix64,
-        chunk: &mut [f32],
-        first: usize,
-    ) -> Result<(), CodecError> {
-        let k = self.spec.kept_in_chunk(chunk.len());
-        let signal_len = if self.kind == Kind::Dct {
-            self.chunk
-        } else {
-            chunk.len()
-        };
-        let chunk_scale = if self.kind == Kind::Dct {
-            let s = f32::from_bits(reader.read(32));
-            if !(s.is_finite() && s > 0.0) {
-                return Err(CodecError::NonFinite { index: first });
-            }
-            s
-        } else {
-            1.0
-        };
-        let scales =
-            read_scales(reader, self.values).ok_or(CodecError::NonFinite { index: first })?;
-        self.positions.clear();
-        match self.kind {
-            Kind::TopK | Kind::Dct => {
-                self.positions.resize(k, 0);
-                elias_fano_read(reader, &mut self.positions, signal_len).ok_or(
-                    CodecError::Malformed("positions are not an increasing set inside the chunk"),
-                )?;
-            }
-            Kind::RandomK => {
-                Self::select_random(&mut self.positions, &mut self.taken, random, signal_len, k)
-            }
-        }
-        self.kept.clear();
-        for _ in 0..k {
-            let v = read_value(reader, self.values, scales);
-            if !v.is_finite() {
-                return Err(CodecError::NonFinite { index: first });
-            }
-            self.kept.push(v);
-        }
-        chunk.fill(0.0);
-        match self.kind {
-            Kind::TopK | Kind::RandomK => {
-                for (&p, &v) in self.positions.iter().zip(&self.kept) {
-                    chunk[p as usize] = v;
-                }
-            }
-            Kind::Dct => {
-                // Reconstruct in units of the chunk's scale, where the truth lies in [-1, 1]:
-                // clamping to it never moves a value away from the truth, and keeps the final
-                // product finite even at f32::MAX.
-                for (&p, &v) in self.positions.iter().zip(&self.kept) {
-                    let row =
-                        &self.basis[p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
-                    for (o, b) in chunk.iter_mut().zip(row) {
-                        *o += v * b;
-                    }
-                }
-                for o in chunk.iter_mut() {
-                    *o = o.clamp(-1.0, 1.0) * chunk_scale;
-                }
-                if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
-                    return Err(CodecError::NonFinite { index: first + i });
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 impl Codec for Sparse {
     fn spec(&self) -> &CodecSpec {
         &self.spec
@@ -349,19 +270,16 @@ impl Codec for Sparse {
     }
 
     fn decode(&mut self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
-        check_payload(&self.spec, payload, out.len())?;
-        let packet_seed = match self.kind {
-            Kind::RandomK => {
-                u64::from_le_bytes(payload[15..23].try_into().expect("length checked"))
-            }
-            _ => 0,
-        };
-        let mut random = SplitMix64(packet_seed);
-        let mut reader = BitReader::new(&payload[self.spec.header_bytes()..]);
-        for (c, chunk) in out.chunks_mut(self.chunk).enumerate() {
-            self.decode_chunk(&mut reader, &mut random, chunk, c * self.chunk)?;
-        }
-        Ok(())
+        self.decode_into(payload, out)
+    }
+
+    fn decode_add(
+        &mut self,
+        payload: &[u8],
+        out: &mut [f32],
+        scale: f32,
+    ) -> Result<bool, CodecError> {
+        self.decode_add_into(payload, out, scale)
     }
 }
 
@@ -446,32 +364,5 @@ fn write_values(
             ),
             ValueCoding::Sign => writer.write(sign, 1),
         }
-    }
-}
-
-/// A chunk's value scales; `None` if any is negative or not finite.
-fn read_scales(reader: &mut BitReader, coding: ValueCoding) -> Option<[f32; 2]> {
-    let mut scales = [0.0f32; 2];
-    for s in scales.iter_mut().take(coding.scales()) {
-        *s = f32::from_bits(reader.read(32));
-        if !(s.is_finite() && *s >= 0.0) {
-            return None;
-        }
-    }
-    Some(scales)
-}
-
-fn read_value(reader: &mut BitReader, coding: ValueCoding, scales: [f32; 2]) -> f32 {
-    let code = reader.read(coding.bits());
-    let signed = |magnitude: f32| if code & 1 == 1 { -magnitude } else { magnitude };
-    match coding {
-        ValueCoding::F32 => f32::from_bits(code),
-        ValueCoding::F16 => f16::from_bits(code as u16).to_f32() * scales[0],
-        ValueCoding::Q8 | ValueCoding::Q4 => {
-            let levels = ((1u32 << (coding.bits() - 1)) - 1) as f32;
-            signed((code >> 1) as f32 / levels * scales[0])
-        }
-        ValueCoding::Q2 => signed(scales[(code >> 1) as usize & 1]),
-        ValueCoding::Sign => signed(scales[0]),
     }
 }

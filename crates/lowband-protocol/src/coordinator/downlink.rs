@@ -91,12 +91,23 @@ impl Downlink {
         self.change_payload.clear();
         if change.iter().any(|c| *c != 0.0) {
             self.codec.encode(change, &mut self.change_payload);
-            // What every synced site will add; our own encoding decodes (checked by the tests).
-            if self.codec.decode(&self.change_payload, change).is_ok() {
-                for (s, c) in self.shared[range].iter_mut().zip(change.iter()) {
-                    *s += c;
+            // What every synced site will add, the way it adds it (in place for a sparse codec);
+            // our own encoding decodes (checked by the tests).
+            let shared = &mut self.shared[range];
+            let applied = match self.codec.decode_add(&self.change_payload, shared, 1.0) {
+                Ok(true) => true,
+                Ok(false) => {
+                    let decoded = self.codec.decode(&self.change_payload, change).is_ok();
+                    if decoded {
+                        for (s, c) in shared.iter_mut().zip(change.iter()) {
+                            *s += c;
+                        }
+                    }
+                    decoded
                 }
-            } else {
+                Err(_) => false,
+            };
+            if !applied {
                 self.change_payload.clear();
             }
         }

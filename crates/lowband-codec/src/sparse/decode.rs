@@ -1,0 +1,232 @@
+//! Sparse decoding. Every full chunk of `topk` and `dct` takes the same number of bits in the
+//! stream (the size formula of `docs/wire-format.md`), so group g of chunks starts at a known bit
+//! and groups decode in parallel; `randomk` decodes chunk after chunk (its positions follow one
+//! random stream). Either way a payload's first error in stream order is the one reported.
+
+use rayon::prelude::*;
+
+use super::{Kind, Sparse, CHUNKS_PER_GROUP};
+use crate::bits::{elias_fano_read, BitReader, SplitMix64};
+use crate::{check_payload, CodecError, ValueCoding};
+
+/// One decoding thread's scratch, one chunk's worth.
+pub(super) struct DecodeScratch {
+    positions: Vec<u32>,
+    kept: Vec<f32>,
+    taken: Vec<u64>,
+    /// `dct`: the chunk's scale (the values are in its units).
+    chunk_scale: f32,
+}
+
+/// What a decode does with each chunk it has read.
+#[derive(Clone, Copy)]
+enum Apply {
+    /// Write the chunk (zeros where nothing was kept).
+    Write,
+    /// Read and check only.
+    Check,
+    /// `out[p] += scale · value` at the kept positions only (`topk`, `randomk`).
+    Add(f32),
+}
+
+impl Sparse {
+    fn decode_scratch(&self) -> DecodeScratch {
+        DecodeScratch {
+            positions: Vec::with_capacity(self.chunk),
+            kept: Vec::with_capacity(self.chunk),
+            taken: vec![0; self.chunk.div_ceil(64)],
+            chunk_scale: 1.0,
+        }
+    }
+
+    /// Bits of one full chunk in the stream.
+    fn full_chunk_bits(&self) -> usize {
+        32 * self.spec.scales_per_chunk()
+            + self.spec.index_bits(self.chunk)
+            + self.spec.kept_in_chunk(self.chunk) * self.values.bits() as usize
+    }
+
+    /// Read one chunk of `len` values (its first value is `first` of the whole): scales,
+    /// positions (read, or drawn for `randomk`) and values into `scratch`, every one checked.
+    fn read_chunk(
+        &self,
+        reader: &mut BitReader,
+        random: &mut SplitMix64,
+        len: usize,
+        first: usize,
+        scratch: &mut DecodeScratch,
+    ) -> Result<(), CodecError> {
+        let k = self.spec.kept_in_chunk(len);
+        let signal_len = if self.kind == Kind::Dct {
+            self.chunk
+        } else {
+            len
+        };
+        scratch.chunk_scale = 1.0;
+        if self.kind == Kind::Dct {
+            let s = f32::from_bits(reader.read(32));
+            if !(s.is_finite() && s > 0.0) {
+                return Err(CodecError::NonFinite { index: first });
+            }
+            scratch.chunk_scale = s;
+        }
+        let scales =
+            read_scales(reader, self.values).ok_or(CodecError::NonFinite { index: first })?;
+        match self.kind {
+            Kind::TopK | Kind::Dct => {
+                scratch.positions.clear();
+                scratch.positions.resize(k, 0);
+                elias_fano_read(reader, &mut scratch.positions, signal_len).ok_or(
+                    CodecError::Malformed("positions are not an increasing set inside the chunk"),
+                )?;
+            }
+            Kind::RandomK => Self::select_random(
+                &mut scratch.positions,
+                &mut scratch.taken,
+                random,
+                signal_len,
+                k,
+            ),
+        }
+        scratch.kept.clear();
+        for _ in 0..k {
+            let v = read_value(reader, self.values, scales);
+            if !v.is_finite() {
+                return Err(CodecError::NonFinite { index: first });
+            }
+            scratch.kept.push(v);
+        }
+        Ok(())
+    }
+
+    /// Do `apply` with a chunk read into `scratch`. `dct` rebuilds the chunk from its
+    /// coefficients in units of its scale, where the truth lies in [-1, 1]: clamping to it never
+    /// moves a value away from the truth, and keeps the final product finite even at f32::MAX.
+    fn apply_chunk(
+        &self,
+        chunk: &mut [f32],
+        first: usize,
+        scratch: &DecodeScratch,
+        apply: Apply,
+    ) -> Result<(), CodecError> {
+        let kept = scratch.positions.iter().zip(&scratch.kept);
+        match (apply, self.kind) {
+            (Apply::Check, _) => {}
+            (Apply::Add(scale), _) => {
+                debug_assert!(self.kind != Kind::Dct, "dct has no sparse add");
+                for (&p, &v) in kept {
+                    chunk[p as usize] += scale * v;
+                }
+            }
+            (Apply::Write, Kind::TopK | Kind::RandomK) => {
+                chunk.fill(0.0);
+                for (&p, &v) in kept {
+                    chunk[p as usize] = v;
+                }
+            }
+            (Apply::Write, Kind::Dct) => {
+                chunk.fill(0.0);
+                for (&p, &v) in kept {
+                    let row =
+                        &self.basis[p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
+                    for (o, b) in chunk.iter_mut().zip(row) {
+                        *o += v * b;
+                    }
+                }
+                for o in chunk.iter_mut() {
+                    *o = o.clamp(-1.0, 1.0) * scratch.chunk_scale;
+                }
+                if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
+                    return Err(CodecError::NonFinite { index: first + i });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Read every chunk of `payload` (checked against `out`'s length first) and `apply` it to
+    /// its part of `out`. On error `out` may hold partial data (none for `Apply::Check`).
+    fn decode_with(&self, payload: &[u8], out: &mut [f32], apply: Apply) -> Result<(), CodecError> {
+        check_payload(&self.spec, payload, out.len())?;
+        let body = &payload[self.spec.header_bytes()..];
+        if self.kind == Kind::RandomK {
+            let seed = u64::from_le_bytes(payload[15..23].try_into().expect("length checked"));
+            let mut random = SplitMix64(seed);
+            let mut reader = BitReader::new(body);
+            let mut scratch = self.decode_scratch();
+            for (c, chunk) in out.chunks_mut(self.chunk).enumerate() {
+                let first = c * self.chunk;
+                self.read_chunk(&mut reader, &mut random, chunk.len(), first, &mut scratch)?;
+                self.apply_chunk(chunk, first, &scratch, apply)?;
+            }
+            return Ok(());
+        }
+        let group_values = self.chunk * CHUNKS_PER_GROUP;
+        let group_bits = self.full_chunk_bits() * CHUNKS_PER_GROUP;
+        let results: Vec<Result<(), CodecError>> = out
+            .par_chunks_mut(group_values)
+            .enumerate()
+            .map_init(
+                || self.decode_scratch(),
+                |scratch, (g, group)| {
+                    let mut reader = BitReader::at(body, g * group_bits);
+                    let mut unused = SplitMix64(0);
+                    for (c, chunk) in group.chunks_mut(self.chunk).enumerate() {
+                        let first = g * group_values + c * self.chunk;
+                        self.read_chunk(&mut reader, &mut unused, chunk.len(), first, scratch)?;
+                        self.apply_chunk(chunk, first, scratch, apply)?;
+                    }
+                    Ok(())
+                },
+            )
+            .collect();
+        results.into_iter().collect()
+    }
+
+    pub(super) fn decode_into(&self, payload: &[u8], out: &mut [f32]) -> Result<(), CodecError> {
+        self.decode_with(payload, out, Apply::Write)
+    }
+
+    /// `out += scale · decoded`, touching only the kept positions; the whole payload is checked
+    /// first, so on error `out` is unchanged. `dct` has no such path (`Ok(false)`).
+    pub(super) fn decode_add_into(
+        &self,
+        payload: &[u8],
+        out: &mut [f32],
+        scale: f32,
+    ) -> Result<bool, CodecError> {
+        if self.kind == Kind::Dct {
+            return Ok(false);
+        }
+        self.decode_with(payload, out, Apply::Check)?;
+        self.decode_with(payload, out, Apply::Add(scale))?;
+        Ok(true)
+    }
+}
+
+/// A chunk's value scales; `None` if any is negative or not finite.
+fn read_scales(reader: &mut BitReader, coding: ValueCoding) -> Option<[f32; 2]> {
+    let mut scales = [0.0f32; 2];
+    for s in scales.iter_mut().take(coding.scales()) {
+        *s = f32::from_bits(reader.read(32));
+        if !(s.is_finite() && *s >= 0.0) {
+            return None;
+        }
+    }
+    Some(scales)
+}
+
+fn read_value(reader: &mut BitReader, coding: ValueCoding, scales: [f32; 2]) -> f32 {
+    let code = reader.read(coding.bits());
+    let signed = |magnitude: f32| if code & 1 == 1 { -magnitude } else { magnitude };
+    match coding {
+        ValueCoding::F32 => f32::from_bits(code),
+        ValueCoding::F16 => half::f16::from_bits(code as u16).to_f32() * scales[0],
+        ValueCoding::Q8 | ValueCoding::Q4 => {
+            let levels = ((1u32 << (coding.bits() - 1)) - 1) as f32;
+            signed((code >> 1) as f32 / levels * scales[0])
+        }
+        ValueCoding::Q2 => signed(scales[(code >> 1) as usize & 1]),
+        ValueCoding::Sign => signed(scales[0]),
+    }
+}
