@@ -72,26 +72,11 @@ fn cell(
         &payload,
     )))?;
     drop(payload);
-    // The coordinator's broadcast of each round, made once: the change in the downlink codec,
-    // or θ in fp32 (then decoding it is reading it in full).
+    // The coordinator's broadcast of each round (untimed, made the way the coordinator makes
+    // it: written into its envelope): the change in the downlink codec, or θ in fp32 (then
+    // decoding it is reading it in full).
     let compressed = compression.sends_changes();
-    let broadcast_payload = {
-        let mut payload = Vec::new();
-        if compressed {
-            for (i, v) in trained.iter_mut().enumerate() {
-                *v = 1e-3 * ((i as f32) * 7e-4).cos();
-            }
-            build(&compression.downlink)?.encode(&trained, &mut payload);
-        } else {
-            Fp32.encode(site.round_start(), &mut payload);
-        }
-        payload
-    };
-    let kind = if compressed {
-        MessageKind::GlobalDelta
-    } else {
-        MessageKind::Global
-    };
+    let mut downlink = build(&compression.downlink)?;
     let (mut encode, mut decode) = (Vec::new(), Vec::new());
     let mut up_bytes = 0;
     let mut down_bytes = 0;
@@ -107,7 +92,8 @@ fn cell(
             bail!("the site answered its training with {actions:?}");
         };
         up_bytes = update.len();
-        let message = wire::encode(kind, round as u64 + 1, wire::EVERY_SITE, &broadcast_payload);
+        drop(actions);
+        let message = broadcast(&site, downlink.as_mut(), compressed, &mut trained, round);
         down_bytes = message.len();
         let t2 = Instant::now();
         site.handle(SiteEvent::PacketArrived(&message))?;
@@ -123,6 +109,41 @@ fn cell(
         up_bytes,
         down_bytes,
     })
+}
+
+/// The coordinator's broadcast opening the round after `round` (untimed, made the way the
+/// coordinator makes it: written into its envelope): a change in the downlink codec (a made-up
+/// one, in `scratch`), or θ in fp32 (then decoding it is reading it in full).
+fn broadcast(
+    site: &Site,
+    downlink: &mut dyn Codec,
+    compressed: bool,
+    scratch: &mut [f32],
+    round: usize,
+) -> Vec<u8> {
+    let (next, params) = (round as u64 + 1, scratch.len());
+    if compressed {
+        for (i, v) in scratch.iter_mut().enumerate() {
+            *v = 1e-3 * ((i as f32) * 7e-4 + round as f32).cos();
+        }
+        let capacity = downlink.payload_bytes(params);
+        wire::encode_with(
+            MessageKind::GlobalDelta,
+            next,
+            wire::EVERY_SITE,
+            capacity,
+            |out| downlink.encode(scratch, out),
+        )
+    } else {
+        let capacity = Fp32.payload_bytes(params);
+        wire::encode_with(
+            MessageKind::Global,
+            next,
+            wire::EVERY_SITE,
+            capacity,
+            |out| Fp32.encode(site.round_start(), out),
+        )
+    }
 }
 
 /// Seconds to copy `params` floats once (a model to its flat buffer), median of 3.

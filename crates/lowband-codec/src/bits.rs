@@ -212,7 +212,7 @@ pub(crate) fn elias_fano_read(reader: &mut BitReader, out: &mut [u32], len: usiz
 /// SplitMix64: the pseudo-random stream of the wire format (random-k indices, stochastic
 /// rounding). Specified here rather than borrowed from a crate so that the index set of a
 /// `randomk` packet can never change with a dependency's version.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct SplitMix64(pub u64);
 
 impl SplitMix64 {

@@ -50,7 +50,6 @@ pub struct Site {
     /// One error-feedback state per fragment (one in all without fragments).
     feedback: Vec<ErrorFeedback>,
     fragments: Vec<std::ops::Range<usize>>,
-    payload: Vec<u8>,
 }
 
 impl Site {
@@ -112,7 +111,6 @@ impl Site {
             sends_changes: compression.sends_changes(),
             feedback,
             fragments: Vec::new(),
-            payload: Vec::new(),
         })
     }
 
@@ -367,7 +365,6 @@ impl Site {
             });
         }
         let range = crate::fragment_of(&self.fragments, self.start.len(), round);
-        self.payload.clear();
         let fragment = if self.fragments.is_empty() {
             0
         } else {
@@ -375,40 +372,50 @@ impl Site {
         };
         let (start, trained) = (&self.start[range.clone()], &params[range.clone()]);
         let non_finite = |index| ProtocolError::NonFiniteUpdate(range.start + index);
-        match self.feedback.get_mut(fragment) {
-            Some(feedback) => feedback
-                .encode_difference(self.uplink.as_mut(), start, trained, &mut self.payload)
-                .map_err(|e| match e {
-                    CodecError::NonFinite { index } => non_finite(index),
-                    e => e.into(),
-                })?,
+        let uplink = self.uplink.as_mut();
+        let capacity = uplink.payload_bytes(range.len());
+        let mut outcome = Ok(());
+        // The payload is written into the envelope in place (no copy of a 4 GB fp32 update).
+        let envelope = match self.feedback.get_mut(fragment) {
+            Some(feedback) => {
+                wire::encode_with(MessageKind::Update, round, self.id, capacity, |out| {
+                    outcome = feedback
+                        .encode_difference(uplink, start, trained, out)
+                        .map_err(|e| match e {
+                            CodecError::NonFinite { index } => non_finite(index),
+                            e => e.into(),
+                        });
+                })
+            }
             None => {
                 self.delta.resize(self.start.len(), 0.0);
                 let delta = &mut self.delta[range.clone()];
-                let bad = delta
-                    .par_chunks_mut(VALUES_PER_TASK)
-                    .zip(start.par_chunks(VALUES_PER_TASK))
-                    .zip(trained.par_chunks(VALUES_PER_TASK))
-                    .enumerate()
-                    .filter_map(|(t, ((delta, start), trained))| {
-                        for ((d, s), p) in delta.iter_mut().zip(start).zip(trained) {
-                            *d = s - p;
-                        }
-                        let i = delta.iter().position(|v| !v.is_finite())?;
-                        Some(t * VALUES_PER_TASK + i)
-                    })
-                    .min();
-                if let Some(index) = bad {
+                if let Some(index) = difference(delta, start, trained) {
                     return Err(non_finite(index));
                 }
-                self.uplink.encode(delta, &mut self.payload);
+                wire::encode_with(MessageKind::Update, round, self.id, capacity, |out| {
+                    uplink.encode(delta, out)
+                })
             }
-        }
-        Ok(vec![SiteAction::Send(wire::encode(
-            MessageKind::Update,
-            round,
-            self.id,
-            &self.payload,
-        ))])
+        };
+        outcome?;
+        Ok(vec![SiteAction::Send(envelope)])
     }
+}
+
+/// `delta = start − trained` on all threads; the index of the first non-finite value, if any.
+fn difference(delta: &mut [f32], start: &[f32], trained: &[f32]) -> Option<usize> {
+    delta
+        .par_chunks_mut(VALUES_PER_TASK)
+        .zip(start.par_chunks(VALUES_PER_TASK))
+        .zip(trained.par_chunks(VALUES_PER_TASK))
+        .enumerate()
+        .filter_map(|(t, ((delta, start), trained))| {
+            for ((d, s), p) in delta.iter_mut().zip(start).zip(trained) {
+                *d = s - p;
+            }
+            let i = delta.iter().position(|v| !v.is_finite())?;
+            Some(t * VALUES_PER_TASK + i)
+        })
+        .min()
 }

@@ -205,16 +205,32 @@ pub struct Message<'a> {
 
 /// Wrap `payload` in an envelope.
 pub fn encode(kind: MessageKind, round: u64, site: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("payload over 4 GiB");
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len() + TRAILER_BYTES);
+    encode_with(kind, round, site, payload.len(), |out| {
+        out.extend_from_slice(payload)
+    })
+}
+
+/// An envelope whose payload `write` appends in place (no copy of a large payload);
+/// `capacity` is the payload's expected size. Panics if the payload is over 4 GiB (the size
+/// field's limit; callers bound parameter counts below it).
+pub fn encode_with(
+    kind: MessageKind,
+    round: u64,
+    site: u32,
+    capacity: usize,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_BYTES + capacity + TRAILER_BYTES);
     out.extend_from_slice(&MAGIC);
     out.push(WIRE_VERSION);
     out.push(kind as u8);
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&round.to_le_bytes());
     out.extend_from_slice(&site.to_le_bytes());
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&[0; 4]);
+    write(&mut out);
+    let len = u32::try_from(out.len() - HEADER_BYTES).expect("payload over 4 GiB");
+    out[HEADER_BYTES - 4..HEADER_BYTES].copy_from_slice(&len.to_le_bytes());
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     out

@@ -120,20 +120,19 @@ impl Sparse {
                 let m = max_abs(chunk);
                 let scale = if m > 0.0 && m.is_finite() { m } else { 1.0 };
                 // Division, not a reciprocal: 1 / a subnormal scale overflows.
-                for (unit, x) in scratch
-                    .signal
-                    .iter_mut()
-                    .zip(chunk.iter().chain(std::iter::repeat(&0.0)))
-                {
+                let (values, padding) = scratch.signal.split_at_mut(chunk.len());
+                for (unit, x) in values.iter_mut().zip(chunk) {
                     *unit = x / scale;
                 }
+                padding.fill(0.0);
                 let plan = self.plan.as_ref().expect("dct has a plan");
                 plan.process_dct2_with_scratch(&mut scratch.signal, &mut scratch.transform);
                 // rustdct's DCT-II is unnormalized: scale to the orthonormal basis.
                 let n = self.chunk as f32;
                 let (first, rest) = ((1.0 / n).sqrt(), (2.0 / n).sqrt());
-                for (i, c) in scratch.signal.iter_mut().enumerate() {
-                    *c *= if i == 0 { first } else { rest };
+                scratch.signal[0] *= first;
+                for c in &mut scratch.signal[1..] {
+                    *c *= rest;
                 }
                 writer.write(scale.to_bits(), 32);
                 &scratch.signal

@@ -20,6 +20,13 @@ pub(super) fn select_top(
     positions: &mut [u32],
 ) {
     debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
+    if signal.len() <= SMALL_CHUNK {
+        // A histogram of 2,048 buckets costs more than the chunk itself: every index is a
+        // candidate.
+        candidates.clear();
+        candidates.extend(0..signal.len() as u32);
+        return keep_top(signal, k, candidates, magnitudes, positions);
+    }
     const STRIDE: usize = 16;
     let bucket_of = |v: &f32| ((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize;
     let mut histogram = [0u32; BUCKETS];
@@ -47,6 +54,20 @@ pub(super) fn select_top(
         }
         collect_from(signal, exact as u32, candidates);
     }
+    keep_top(signal, k, candidates, magnitudes, positions);
+}
+
+/// Chunks of at most this many values skip the histogram (`dct`'s chunks of up to 1,024).
+const SMALL_CHUNK: usize = 1024;
+/// The k largest magnitudes among `candidates` (indices in increasing order, at least k), ties
+/// to the lower index, into `positions` in index order.
+fn keep_top(
+    signal: &[f32],
+    k: usize,
+    candidates: &[u32],
+    magnitudes: &mut Vec<u32>,
+    positions: &mut [u32],
+) {
     let magnitude = |i: u32| signal[i as usize].to_bits() & 0x7fff_ffff;
     // The k-th largest magnitude among the candidates is the threshold; keep everything above it
     // and the lowest-indexed ties.
@@ -203,6 +224,38 @@ mod tests {
                     unsafe { collect_from_avx2(&signal, bucket, &mut found) };
                     assert_eq!(found, expected, "avx2, bucket {bucket}");
                 }
+            }
+        }
+    }
+
+    /// The selection among all indices (small chunks) and the histogram path both give the textbook top k (magnitude descending, ties to the lower index), with many ties.
+    #[test]
+    fn every_selection_path_is_the_textbook_top_k() {
+        let mut state = 11u64;
+        for len in [1usize, 7, 64, 256, 1000, 1024, 1025, 4096] {
+            let signal: Vec<f32> = (0..len)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 59) as f32 - 16.0) * 0.25 // 32 levels: ties everywhere
+                })
+                .collect();
+            for k in [1usize, 2, 8, 31, 32, 33, 64] {
+                if k > len {
+                    continue;
+                }
+                let mut order: Vec<u32> = (0..len as u32).collect();
+                order.sort_by_key(|&i| (std::cmp::Reverse(signal[i as usize].abs().to_bits()), i));
+                let mut expected = order[..k].to_vec();
+                expected.sort_unstable();
+                let (mut candidates, mut magnitudes) = (Vec::new(), Vec::new());
+                let mut found = vec![0u32; k];
+                select_top(&signal, k, &mut candidates, &mut magnitudes, &mut found);
+                assert_eq!(found, expected, "select_top, len {len}, k {k}");
+                let all: Vec<u32> = (0..len as u32).collect();
+                keep_top(&signal, k, &all, &mut magnitudes, &mut found);
+                assert_eq!(found, expected, "keep_top, len {len}, k {k}");
             }
         }
     }
