@@ -17,6 +17,7 @@ pub mod coordinator;
 pub mod link;
 pub mod membership;
 pub mod outer;
+mod par;
 pub mod site;
 pub mod trust;
 pub mod wire;

@@ -1,5 +1,6 @@
 //! Outer optimizers: how the merged delta moves the global parameters.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Outer SGD on the pseudo-gradient. DiLoCo: lr 0.7, momentum 0.9, Nesterov. FedAvg: lr 1,
@@ -98,20 +99,33 @@ impl OuterOptimizer {
         let bad = |value: f32| value.is_nan() || value.abs() > abs_max;
         let start = range.start;
         let params = &params[range.clone()];
-        let found = if config.momentum == 0.0 {
-            params
-                .iter()
-                .zip(delta)
-                .map(|(p, d)| Self::stepped(config, *p, *d, 0.0).0)
-                .position(bad)
+        let piece = crate::par::PIECE;
+        let momentum: &[f32] = if config.momentum == 0.0 {
+            &[]
         } else {
-            params
-                .iter()
-                .zip(delta)
-                .zip(&self.momentum_buffer[range])
-                .map(|((p, d), b)| Self::stepped(config, *p, *d, *b).0)
-                .position(bad)
+            &self.momentum_buffer[range]
         };
+        let found = params
+            .par_chunks(piece)
+            .zip(delta.par_chunks(piece))
+            .enumerate()
+            .filter_map(|(t, (params, delta))| {
+                let at = t * piece;
+                let position = if momentum.is_empty() {
+                    params
+                        .iter()
+                        .zip(delta)
+                        .position(|(p, d)| bad(Self::stepped(config, *p, *d, 0.0).0))
+                } else {
+                    params
+                        .iter()
+                        .zip(delta)
+                        .zip(&momentum[at..at + params.len()])
+                        .position(|((p, d), b)| bad(Self::stepped(config, *p, *d, *b).0))
+                };
+                position.map(|i| at + i)
+            })
+            .min();
         found.map(|i| {
             let b = if config.momentum == 0.0 {
                 0.0
@@ -128,18 +142,21 @@ impl OuterOptimizer {
         let params = &mut params[range.clone()];
         assert_eq!(params.len(), delta.len());
         if config.momentum == 0.0 {
-            for (p, d) in params.iter_mut().zip(delta) {
+            crate::par::zip_apply(params, delta, |p, d| {
                 *p = Self::stepped(config, *p, *d, 0.0).0;
-            }
+            });
             return;
         }
-        for ((p, d), b) in params
-            .iter_mut()
-            .zip(delta)
-            .zip(self.momentum_buffer[range].iter_mut())
-        {
-            (*p, *b) = Self::stepped(config, *p, *d, *b);
-        }
+        let momentum = &mut self.momentum_buffer[range];
+        params
+            .par_chunks_mut(crate::par::PIECE)
+            .zip(delta.par_chunks(crate::par::PIECE))
+            .zip(momentum.par_chunks_mut(crate::par::PIECE))
+            .for_each(|((params, delta), momentum)| {
+                for ((p, d), b) in params.iter_mut().zip(delta).zip(momentum.iter_mut()) {
+                    (*p, *b) = Self::stepped(config, *p, *d, *b);
+                }
+            });
     }
 }
 

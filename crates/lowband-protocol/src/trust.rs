@@ -232,22 +232,32 @@ pub fn leave_one_out_cosines(deltas: &[&[f32]]) -> Vec<f32> {
     let n = deltas.first().map_or(0, |d| d.len());
     let mut sum = vec![0.0f64; n];
     for d in deltas {
-        for (s, v) in sum.iter_mut().zip(d.iter()) {
-            *s += *v as f64;
-        }
+        crate::par::zip_apply(&mut sum, d, |s, v| *s += *v as f64);
     }
     deltas.iter().map(|d| cosine_with_rest(d, &sum)).collect()
 }
 
 /// The cosine of `delta` with `sum − delta`, where `sum` includes `delta` (0 if either is zero).
+/// Summed in f64 piece by piece, the pieces added in order (the same bits on any thread count).
 pub fn cosine_with_rest(delta: &[f32], sum: &[f64]) -> f32 {
-    let (mut dot, mut own, mut others) = (0.0f64, 0.0f64, 0.0f64);
-    for (s, v) in sum.iter().zip(delta.iter()) {
-        let (v, rest) = (*v as f64, s - *v as f64);
-        dot += v * rest;
-        own += v * v;
-        others += rest * rest;
-    }
+    use rayon::prelude::*;
+    let partials: Vec<[f64; 3]> = sum
+        .par_chunks(crate::par::PIECE)
+        .zip(delta.par_chunks(crate::par::PIECE))
+        .map(|(sum, delta)| {
+            let (mut dot, mut own, mut others) = (0.0f64, 0.0f64, 0.0f64);
+            for (s, v) in sum.iter().zip(delta.iter()) {
+                let (v, rest) = (*v as f64, s - *v as f64);
+                dot += v * rest;
+                own += v * v;
+                others += rest * rest;
+            }
+            [dot, own, others]
+        })
+        .collect();
+    let [dot, own, others] = partials
+        .into_iter()
+        .fold([0.0f64; 3], |a, p| [a[0] + p[0], a[1] + p[1], a[2] + p[2]]);
     if own > 0.0 && others > 0.0 {
         (dot / (own.sqrt() * others.sqrt())) as f32
     } else {

@@ -3,6 +3,7 @@
 //! at a time, or the aggregator), guard the range and apply the outer step, report.
 
 use lowband_codec::Codec;
+use rayon::prelude::*;
 
 use super::{Action, Coordinator, Held, OpenRound, RoundReport};
 use crate::trust::TrustState;
@@ -107,18 +108,21 @@ impl Coordinator {
     fn measure(&mut self, closing: &Closing) -> (Vec<f32>, Vec<f64>) {
         self.scratch.resize(closing.range.len(), 0.0);
         let mut norms = Vec::with_capacity(closing.sites.len());
-        let mut sum = vec![0.0f64; closing.range.len()];
+        // A lone update has no others to be compared with (its cosine is 0): no sum.
+        let lone = closing.sites.len() == 1;
+        let mut sum = vec![0.0f64; if lone { 0 } else { closing.range.len() }];
         for i in 0..closing.sites.len() {
             let delta = closing.update(self.uplink.as_mut(), &mut self.scratch, i);
-            norms.push(
-                delta
-                    .iter()
-                    .map(|v| (*v as f64) * (*v as f64))
-                    .sum::<f64>()
-                    .sqrt() as f32,
-            );
-            for (s, v) in sum.iter_mut().zip(delta) {
-                *s += *v as f64;
+            norms.push(crate::par::norm(delta));
+            if lone {
+                continue;
+            }
+            // The first update is written, not added: a fresh buffer's pages read before their
+            // first write are copied on that write, each a TLB shootdown across the threads.
+            if i == 0 {
+                crate::par::zip_apply(&mut sum, delta, |s, v| *s = *v as f64);
+            } else {
+                crate::par::zip_apply(&mut sum, delta, |s, v| *s += *v as f64);
             }
         }
         (norms, sum)
@@ -200,14 +204,16 @@ impl Coordinator {
         let mut merged_count = 0usize;
         for i in 0..closing.sites.len() {
             let delta = closing.update(self.uplink.as_mut(), &mut self.scratch, i);
-            cosines.push(crate::trust::cosine_with_rest(delta, sum));
+            cosines.push(if sum.is_empty() {
+                0.0
+            } else {
+                crate::trust::cosine_with_rest(delta, sum)
+            });
             if closing.one_at_a_time() && verdicts.accepted.iter().any(|(a, _)| *a == i) {
                 if merged_count == 0 {
-                    self.merged.copy_from_slice(delta);
+                    crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = *v);
                 } else {
-                    for (m, v) in self.merged.iter_mut().zip(delta) {
-                        *m += v;
-                    }
+                    crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += v);
                 }
                 merged_count += 1;
             }
@@ -301,9 +307,10 @@ impl Coordinator {
         if closing.one_at_a_time() {
             debug_assert_eq!(merged_count, verdicts.accepted.len());
             let scale = 1.0 / merged_count as f32;
-            for m in self.merged.iter_mut() {
-                *m *= scale;
-            }
+            self.merged
+                .par_iter_mut()
+                .with_min_len(crate::par::PIECE)
+                .for_each(|m| *m *= scale);
             vec![false; verdicts.accepted.len()]
         } else {
             let deltas: Vec<&[f32]> = verdicts
@@ -337,11 +344,7 @@ impl Coordinator {
         self.spare_deltas.extend(dense);
         self.spare_payloads.extend(payloads);
         let delta_norm = if merge.applied {
-            self.merged
-                .iter()
-                .map(|v| (*v as f64) * (*v as f64))
-                .sum::<f64>()
-                .sqrt() as f32
+            crate::par::norm(&self.merged)
         } else {
             0.0
         };

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use lowband_codec::{build, Codec, Fp32};
+use rayon::prelude::*;
 
 use super::{Action, CoordinatorConfig};
 use crate::wire::{self, MessageKind};
@@ -77,19 +78,21 @@ impl Downlink {
         actions: &mut Vec<Action>,
     ) {
         debug_assert_eq!(self.shared.len(), global.len(), "θ_sites is held in full");
-        self.shared_before.copy_from_slice(&self.shared);
+        crate::par::zip_apply(&mut self.shared_before, &self.shared, |b, s| *b = *s);
         self.synced_before.clone_from(&self.synced);
         self.random_before = self.codec.random_state();
         let change = &mut self.change[range.clone()];
-        for ((c, g), s) in change
-            .iter_mut()
-            .zip(&global[range.clone()])
-            .zip(&self.shared[range.clone()])
-        {
-            *c = g - s;
-        }
+        change
+            .par_chunks_mut(crate::par::PIECE)
+            .zip(global[range.clone()].par_chunks(crate::par::PIECE))
+            .zip(self.shared[range.clone()].par_chunks(crate::par::PIECE))
+            .for_each(|((change, global), shared)| {
+                for ((c, g), s) in change.iter_mut().zip(global).zip(shared) {
+                    *c = g - s;
+                }
+            });
         self.change_payload.clear();
-        if change.iter().any(|c| *c != 0.0) {
+        if change.par_iter().any(|c| *c != 0.0) {
             self.codec.encode(change, &mut self.change_payload);
             // What every synced site will add, the way it adds it (in place for a sparse codec);
             // our own encoding decodes (checked by the tests).
@@ -99,9 +102,7 @@ impl Downlink {
                 Ok(false) => {
                     let decoded = self.codec.decode(&self.change_payload, change).is_ok();
                     if decoded {
-                        for (s, c) in shared.iter_mut().zip(change.iter()) {
-                            *s += c;
-                        }
+                        crate::par::zip_apply(shared, change, |s, c| *s += c);
                     }
                     decoded
                 }
@@ -127,9 +128,16 @@ impl Downlink {
                     .clone()
             } else {
                 full.get_or_insert_with(|| {
-                    let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.shared.len()));
-                    Fp32.encode(&self.shared, &mut payload);
-                    wire::encode(MessageKind::Global, round, wire::EVERY_SITE, &payload).into()
+                    let capacity = Fp32.payload_bytes(self.shared.len());
+                    let shared = &self.shared;
+                    wire::encode_with(
+                        MessageKind::Global,
+                        round,
+                        wire::EVERY_SITE,
+                        capacity,
+                        |out| Fp32.encode(shared, out),
+                    )
+                    .into()
                 })
                 .clone()
             };

@@ -435,15 +435,15 @@ impl Coordinator {
             self.downlink
                 .broadcast_change(&self.global, range, self.round, &self.members, actions);
         } else {
-            let mut payload = Vec::with_capacity(Fp32.payload_bytes(self.global.len()));
-            Fp32.encode(&self.global, &mut payload);
-            let bytes = bytes::Bytes::from(wire::encode(
+            let capacity = Fp32.payload_bytes(self.global.len());
+            let global = &self.global;
+            let bytes = bytes::Bytes::from(wire::encode_with(
                 MessageKind::Global,
                 self.round,
                 wire::EVERY_SITE,
-                &payload,
+                capacity,
+                |out| Fp32.encode(global, out),
             ));
-            drop(payload);
             for &site in &self.members {
                 actions.push(Action::Send {
                     to: site,
