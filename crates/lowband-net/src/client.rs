@@ -20,7 +20,7 @@ use lowband_protocol::{
 };
 use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver};
 
-use crate::{open, seal, Identity, Limits, NetError, Node, Peer, PublicKey};
+use crate::{open, seal, seal_in_place, Identity, Limits, NetError, Node, Peer, PublicKey};
 
 /// How a site reaches its coordinator.
 #[derive(Clone)]
@@ -316,9 +316,10 @@ impl SiteClient {
 
     /// Send `message` (unsealed: it is signed here). `Ok(None)`: delivered to the transport.
     /// Otherwise what became of the connection.
-    pub fn send(&mut self, message: &[u8]) -> Result<Option<Next>, ClientError> {
-        let sealed = seal(&self.options.identity, message);
-        match self.runtime.block_on(self.peer.send(&sealed)) {
+    pub fn send(&mut self, message: Vec<u8>) -> Result<Option<Next>, ClientError> {
+        let mut sealed = message;
+        seal_in_place(&self.options.identity, &mut sealed);
+        match self.runtime.block_on(self.peer.send_bytes(sealed.into())) {
             Ok(()) => Ok(None),
             Err(e) => self.ended(e).map(Some),
         }

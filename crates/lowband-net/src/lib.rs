@@ -82,12 +82,36 @@ pub enum NetError {
     Config(String),
 }
 
-/// A packet signed by its maker: `bytes || ed25519 signature (64 bytes)`.
+/// What a packet's signature covers: a domain tag and the packet's BLAKE3 digest. Hashing on
+/// all threads first makes signing a 4 GB update cost one fast hash instead of ed25519's two
+/// SHA-512 passes over it (1.1 s to sign and 0.45 s to verify 400 MB here before), with the
+/// same guarantee as long as BLAKE3 resists collisions.
+fn signed_digest(bytes: &[u8]) -> [u8; 48] {
+    let mut hasher = blake3::Hasher::new();
+    if bytes.len() >= 1 << 20 {
+        hasher.update_rayon(bytes);
+    } else {
+        hasher.update(bytes);
+    }
+    let mut signed = [0u8; 48];
+    signed[..16].copy_from_slice(b"lowband packet 2");
+    signed[16..].copy_from_slice(hasher.finalize().as_bytes());
+    signed
+}
+
+/// A packet signed by its maker: `bytes || ed25519 signature (64 bytes)` of
+/// `"lowband packet 2" || BLAKE3(bytes)`.
 pub fn seal(identity: &Identity, bytes: &[u8]) -> Vec<u8> {
     let mut sealed = Vec::with_capacity(bytes.len() + SIGNATURE_BYTES);
     sealed.extend_from_slice(bytes);
-    sealed.extend_from_slice(&identity.sign(bytes));
+    seal_in_place(identity, &mut sealed);
     sealed
+}
+
+/// [`seal`] without a copy: the signature is appended to `bytes`.
+pub fn seal_in_place(identity: &Identity, bytes: &mut Vec<u8>) {
+    let signature = identity.sign(&signed_digest(bytes));
+    bytes.extend_from_slice(&signature);
 }
 
 /// The packet inside `sealed`, if `maker` signed it.
@@ -96,7 +120,7 @@ pub fn open(maker: PublicKey, sealed: &[u8]) -> Result<&[u8], NetError> {
         return Err(NetError::BadSignature(maker));
     }
     let (bytes, signature) = sealed.split_at(sealed.len() - SIGNATURE_BYTES);
-    if maker.verify(bytes, signature) {
+    if maker.verify(&signed_digest(bytes), signature) {
         Ok(bytes)
     } else {
         Err(NetError::BadSignature(maker))

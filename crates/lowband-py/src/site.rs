@@ -286,8 +286,8 @@ impl Site {
                     params: trained,
                 })
                 .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let update = match actions.as_slice() {
-                [SiteAction::Send(bytes)] => bytes.clone(),
+            let update = match <[SiteAction; 1]>::try_from(actions) {
+                Ok([SiteAction::Send(bytes)]) => bytes,
                 other => {
                     return Err(PyRuntimeError::new_err(format!(
                         "the site answered its training with {other:?}"
@@ -300,7 +300,7 @@ impl Site {
             }
             .encode(round, index);
             for message in [report, update] {
-                if client.send(&message).map_err(client_error)?.is_some() {
+                if client.send(message).map_err(client_error)?.is_some() {
                     return Ok(false);
                 }
             }

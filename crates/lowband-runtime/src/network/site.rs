@@ -105,7 +105,7 @@ fn send_all<const N: usize>(
     messages: [Vec<u8>; N],
 ) -> Result<Option<Next>, RunError> {
     for message in messages {
-        if let Some(end) = client.send(&message)? {
+        if let Some(end) = client.send(message)? {
             return Ok(Some(end));
         }
     }
