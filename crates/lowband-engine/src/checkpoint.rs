@@ -98,6 +98,83 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(|e| EngineError::io(path, e))
 }
 
+/// A flat f32 tensor as safetensors writes it: its bytes borrowed (a little-endian machine
+/// stores f32 as the format does), converted only on a big-endian one.
+struct F32View<'a> {
+    shape: Vec<usize>,
+    data: &'a [f32],
+}
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(bytemuck::cast_slice(self.data))
+        } else {
+            std::borrow::Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        }
+    }
+    fn data_len(&self) -> usize {
+        4 * self.data.len()
+    }
+}
+
+/// Write named f32 tensors as a safetensors file at `path`, atomically (temp, fsync, rename,
+/// fsync of the directory), streaming them from their buffers (no copy of the whole file in
+/// memory: a coordinator's 12 GB checkpoint needs none). Returns the file's size and CRC-32 (read
+/// back from the page cache).
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+) -> Result<(u64, u32)> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let views = tensors.iter().map(|(name, shape, data)| {
+        (
+            name.clone(),
+            F32View {
+                shape: shape.clone(),
+                data,
+            },
+        )
+    });
+    let result = (|| -> std::io::Result<(u64, u32)> {
+        safetensors::serialize_to_file(views, None, &tmp)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut file = File::open(&tmp)?;
+        let (mut bytes, mut crc) = (0u64, crc32fast::Hasher::new());
+        let mut buffer = vec![0u8; 1 << 22];
+        loop {
+            let read = file.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            crc.update(&buffer[..read]);
+            bytes += read as u64;
+        }
+        File::options().write(true).open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()?;
+        Ok((bytes, crc.finalize()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|e| EngineError::io(path, e))
+}
+
 /// Serialize named f32 tensors to safetensors bytes (little-endian), with metadata.
 pub fn tensors_to_safetensors(
     tensors: &[(String, Vec<usize>, &[f32])],

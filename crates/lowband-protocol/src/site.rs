@@ -174,12 +174,18 @@ impl Site {
     }
 
     /// Whether `packet` is a change this site cannot apply (it holds only the seed's parameters
-    /// or none): `handle` would refuse it with `NotSynced`, and the site should rejoin to get the
+    /// or none, or it is for a round this site has moved past): `handle` would refuse it with `NotSynced`, and the site should rejoin to get the
     /// parameters in full. False for anything else (malformed packets included: `handle` says why).
     pub fn needs_full_parameters(&self, packet: &[u8]) -> bool {
         wire::decode(packet, self.payload_bytes_max()).is_ok_and(|message| {
-            message.kind == MessageKind::GlobalDelta && !self.holds_base_of(message.round)
+            message.kind == MessageKind::GlobalDelta
+                && (!self.holds_base_of(message.round) || self.is_behind(message.round))
         })
+    }
+
+    /// Whether a message for `round` comes from a coordinator behind this site's round.
+    fn is_behind(&self, round: u64) -> bool {
+        self.round.is_some_and(|current| round < current)
     }
 
     pub fn round(&self) -> Option<u64> {
@@ -309,15 +315,15 @@ impl Site {
                 from: self.id,
             });
         }
-        if let Some(current) = self.round {
-            if message.round < current {
-                return Err(ProtocolError::WrongRound {
-                    expected: current,
-                    found: message.round,
-                });
-            }
+        if self.is_behind(message.round) && message.kind == MessageKind::GlobalDelta {
+            // A change to the parameters of a round this site has moved past (the coordinator
+            // resumed from a checkpoint older than the rounds this site trained): it cannot
+            // apply it; it rejoins for the parameters in full, which it takes (below).
+            return Err(ProtocolError::NotSynced);
         }
         if message.kind == MessageKind::Global {
+            // The parameters in full are the cluster's, whatever round this site was at: a
+            // coordinator that resumed from an older checkpoint sends an older round.
             // Check first: a bad packet must not touch the held parameters.
             Fp32.check(message.payload, self.start.len())?;
             Fp32.decode(message.payload, &mut self.start)?;

@@ -508,3 +508,48 @@ fn a_broadcast_is_one_envelope_shared_by_every_member_and_a_global_for_another_s
         }]
     ));
 }
+
+/// A coordinator that resumed from a checkpoint older than the rounds its sites trained (its
+/// checkpoints are written behind the rounds): a site ahead of it cannot apply its change to an
+/// older round, asks for the parameters in full (rejoin), and takes them with the older round.
+#[test]
+fn a_site_ahead_of_a_resumed_coordinator_rejoins_and_takes_its_older_round() {
+    let compression = lowband_protocol::Compression {
+        downlink: "int8".parse().unwrap(),
+        ..Default::default()
+    };
+    let mut site = Site::unsynced(0, PARAMS, compression).unwrap();
+    let full = |round: u64, values: &[f32]| {
+        let mut payload = Vec::new();
+        lowband_codec::Codec::encode(&mut lowband_codec::Fp32, values, &mut payload);
+        wire::encode(MessageKind::Global, round, wire::EVERY_SITE, &payload)
+    };
+    let opened = site
+        .handle(SiteEvent::PacketArrived(&full(5, &[1.0, 2.0, 3.0, 4.0])))
+        .unwrap();
+    assert_eq!(opened, vec![SiteAction::Train { round: 5 }]);
+    // The resumed coordinator's change for round 3 applies to parameters this site moved past.
+    let mut change = Vec::new();
+    let mut int8 = lowband_codec::build(&"int8".parse().unwrap()).unwrap();
+    int8.encode(&[0.5, 0.5, 0.5, 0.5], &mut change);
+    let stale = wire::encode(MessageKind::GlobalDelta, 3, wire::EVERY_SITE, &change);
+    assert!(site.needs_full_parameters(&stale));
+    assert_eq!(
+        site.handle(SiteEvent::PacketArrived(&stale)),
+        Err(ProtocolError::NotSynced)
+    );
+    assert_eq!(site.round_start(), &[1.0, 2.0, 3.0, 4.0], "nothing applied");
+    // Rejoined, it is sent the parameters in full for round 3: they are the cluster's.
+    let opened = site
+        .handle(SiteEvent::PacketArrived(&full(3, &[4.0, 3.0, 2.0, 1.0])))
+        .unwrap();
+    assert_eq!(opened, vec![SiteAction::Train { round: 3 }]);
+    assert_eq!(site.round_start(), &[4.0, 3.0, 2.0, 1.0]);
+    // And it goes on from there: round 3's change applies.
+    let next = wire::encode(MessageKind::GlobalDelta, 4, wire::EVERY_SITE, &change);
+    assert!(!site.needs_full_parameters(&next));
+    assert_eq!(
+        site.handle(SiteEvent::PacketArrived(&next)).unwrap(),
+        vec![SiteAction::Train { round: 4 }]
+    );
+}

@@ -13,6 +13,7 @@ use crate::driver::{absorb, checkpoint_due, Common, Metric, SyncBytes};
 use crate::ledger::Endpoint;
 use crate::RunError;
 
+use super::checkpoints::Checkpoints;
 use super::RoundSteps;
 
 /// The training reports of the open round, by site (what arrives for a closed round is dropped).
@@ -47,6 +48,7 @@ fn absorb_network(
     coordinator: &Coordinator,
     persistence: &crate::Persistence,
     reports: &mut Reports,
+    checkpoints: &mut Checkpoints,
 ) -> Result<crate::driver::Sends, RunError> {
     let rounds = RoundSteps::of(common.config, &common.strategy);
     let mut checkpoint = false;
@@ -75,13 +77,13 @@ fn absorb_network(
         })
         .collect();
     let sends = absorb(actions, common, coordinator, step)?;
-    // A networked coordinator's state is its crash recovery: saved after every round.
+    // A networked coordinator's state is its crash recovery: due after every round, written
+    // behind the rounds (see `Checkpoints`).
     if checkpoint
         && persistence.state_dir.is_some()
         && checkpoint_due(1, coordinator.round(), false)
     {
-        crate::state::RunState::of_coordinator(common, step, coordinator)
-            .save(persistence, &common.strategy)?;
+        checkpoints.due(common, step, coordinator, persistence)?;
     }
     Ok(sends)
 }
@@ -91,6 +93,7 @@ pub(super) struct NetworkBooks<'a> {
     pub common: Common<'a>,
     persistence: crate::Persistence,
     reports: Reports,
+    checkpoints: Checkpoints,
     rounds: RoundSteps,
     /// Streaming: the broadcasts of the final syncs are not counted (no site trains after them),
     /// as in memory.
@@ -110,6 +113,7 @@ impl<'a> NetworkBooks<'a> {
                 stop_after_rounds: None,
             },
             reports: Reports::new(),
+            checkpoints: Checkpoints::default(),
             rounds,
             counted_rounds: if rounds.fragments == 0 {
                 u64::MAX
@@ -119,6 +123,14 @@ impl<'a> NetworkBooks<'a> {
             link_round: round,
             sync: SyncBytes::default(),
         }
+    }
+}
+
+impl NetworkBooks<'_> {
+    /// The run is over: the checkpoint under way written, and the last one if it was skipped.
+    pub fn finish_checkpoints(&mut self, coordinator: &Coordinator) -> Result<(), RunError> {
+        self.checkpoints
+            .finish(&self.common, coordinator, &self.persistence)
     }
 }
 
@@ -136,6 +148,7 @@ impl Host for NetworkBooks<'_> {
             coordinator,
             &self.persistence,
             &mut self.reports,
+            &mut self.checkpoints,
         )
     }
 

@@ -54,6 +54,7 @@ use crate::driver::{finish_rounds, BatchShape, Common, SiteRuntime};
 use crate::strategy::{Strategy, StrategyKind};
 use crate::{RunError, RunResult};
 
+mod checkpoints;
 mod coordinator;
 mod external;
 pub mod join;
@@ -263,7 +264,7 @@ fn serve_books(
         final_parameters: !served.sites_start_synced,
         ..serve_options(config, &strategy, &options, true)
     };
-    lowband_net::serve(
+    let served = lowband_net::serve(
         &mut coordinator,
         &mut books,
         served.identity,
@@ -272,7 +273,11 @@ fn serve_books(
         served.listen,
         &serve_options,
         listening,
-    )?;
+    );
+    // Whatever ended the serving, the checkpoint under way is finished first.
+    let written = books.finish_checkpoints(&coordinator);
+    served?;
+    written?;
     finish_rounds(books.common, &coordinator)
 }
 

@@ -12,9 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use lowband_data::Sampler;
-use lowband_engine::checkpoint::{
-    read_limited, tensors_from_safetensors, tensors_to_safetensors, write_atomic,
-};
+use lowband_engine::checkpoint::{read_limited, tensors_from_safetensors, write_atomic};
 use lowband_engine::{CpuTrainer, Trainer};
 use lowband_protocol::coordinator::CoordinatorState;
 use lowband_protocol::{Coordinator, TrustState};
@@ -193,10 +191,12 @@ impl RunState {
             .iter()
             .map(|(n, v)| (n.clone(), vec![v.len()], v.as_slice()))
             .collect();
-        let tensors = tensors_to_safetensors(&named, None)?;
-        write_atomic(&target.join("tensors.safetensors"), &tensors)?;
+        let (bytes, crc32) = lowband_engine::checkpoint::write_safetensors_atomic(
+            &target.join("tensors.safetensors"),
+            &named,
+        )?;
         let manifest = Manifest {
-            tensors_file: Some(FileCheck::of(&tensors)),
+            tensors_file: Some(FileCheck { bytes, crc32 }),
             ..self.manifest.clone()
         };
         let json = serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?;
