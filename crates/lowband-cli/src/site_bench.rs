@@ -1,16 +1,18 @@
 //! `lowband bench site`: lowband's own time per round on a site (issue 22's overhead check):
 //! encoding the site's update (δ = θ_start − θ_trained through the uplink codec and its error
-//! feedback, in the envelope) and decoding the coordinator's broadcast into θ (the fp32
-//! parameters, or the compressed downlink's change added to them), for a flat buffer of N
-//! parameters, as a PyTorch site's Rust core does it; the transfer each way at the loopback QUIC
-//! throughput measured in the same run; and the copies between the model and the flat buffer
-//! (none for a CPU float32 model synced in place; one memcpy each way otherwise, measured). The
-//! coordinator is not in the timing (it runs elsewhere); its broadcast is made once, untimed.
+//! feedback, in the envelope, signed) and decoding the coordinator's broadcast into θ (its
+//! signature checked; the fp32 parameters, or the compressed downlink's change added to them),
+//! for a flat buffer of N parameters, as a PyTorch site's Rust core does it; the transfer each
+//! way at the loopback QUIC throughput measured in the same run; and the copies between the
+//! model and the flat buffer (none for a CPU float32 model synced in place; one memcpy each way
+//! otherwise, measured). The coordinator is not in the timing (it runs elsewhere); its broadcast
+//! is made each round, untimed.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lowband_codec::{build, Codec, Fp32};
+use lowband_net::Identity;
 use lowband_protocol::wire::{self, MessageKind};
 use lowband_protocol::{Site, SiteAction, SiteEvent};
 
@@ -80,6 +82,9 @@ fn cell(
     let (mut encode, mut decode) = (Vec::new(), Vec::new());
     let mut up_bytes = 0;
     let mut down_bytes = 0;
+    // The site signs its update, and checks the coordinator's signature on the broadcast.
+    let site_identity = Identity::generate().context("a site key")?;
+    let coordinator_identity = Identity::generate().context("a coordinator key")?;
     for round in 0..=rounds {
         train(site.round_start(), &mut trained, round);
         let t0 = Instant::now();
@@ -87,16 +92,19 @@ fn cell(
             round: round as u64,
             params: &trained,
         })?;
-        let t1 = Instant::now();
-        let [SiteAction::Send(update)] = actions.as_slice() else {
-            bail!("the site answered its training with {actions:?}");
+        let Ok([SiteAction::Send(mut update)]) = <[SiteAction; 1]>::try_from(actions) else {
+            bail!("the site did not answer its training with one update");
         };
+        lowband_net::seal_in_place(&site_identity, &mut update);
+        let t1 = Instant::now();
         up_bytes = update.len();
-        drop(actions);
-        let message = broadcast(&site, downlink.as_mut(), compressed, &mut trained, round);
+        drop(update);
+        let mut message = broadcast(&site, downlink.as_mut(), compressed, &mut trained, round);
+        lowband_net::seal_in_place(&coordinator_identity, &mut message);
         down_bytes = message.len();
         let t2 = Instant::now();
-        site.handle(SiteEvent::PacketArrived(&message))?;
+        let packet = lowband_net::open(coordinator_identity.public_key(), &message)?;
+        site.handle(SiteEvent::PacketArrived(packet))?;
         let t3 = Instant::now();
         if round > 0 {
             encode.push((t1 - t0).as_secs_f64());

@@ -30,12 +30,16 @@ pub(super) fn select_top(
     const STRIDE: usize = 16;
     let bucket_of = |v: &f32| ((v.to_bits() & 0x7fff_ffff) >> BUCKET_SHIFT) as usize;
     let mut histogram = [0u32; BUCKETS];
+    let mut top = 0;
     for v in signal.iter().step_by(STRIDE) {
-        histogram[bucket_of(v)] += 1;
+        let b = bucket_of(v);
+        histogram[b] += 1;
+        top = top.max(b);
     }
-    // Aim for about 2k candidates: the bucket where the sampled count from the top reaches 2k/16.
+    // Aim for about 2k candidates: the bucket where the sampled count from the top reaches 2k/16
+    // (the walk starts at the largest sampled bucket: the ones above it are empty).
     let wanted_sampled = (2 * k).div_ceil(STRIDE);
-    let (mut bucket, mut above) = (BUCKETS - 1, 0usize);
+    let (mut bucket, mut above) = (top, 0usize);
     while bucket > 0 && above + (histogram[bucket] as usize) < wanted_sampled {
         above += histogram[bucket] as usize;
         bucket -= 1;
