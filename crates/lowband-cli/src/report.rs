@@ -20,6 +20,11 @@ pub struct Comparison<'a> {
     pub events: &'a [String],
 }
 
+/// A number JSON wrote as null (serde_json writes NaN so): NaN again.
+fn nan_when_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+}
+
 /// One strategy's line of summary.json: written by the report, read back by `plan --from-run`
 /// and the report's own snapshot test (the one definition of the format). Fields added after
 /// the first summaries default when absent.
@@ -28,6 +33,7 @@ pub struct StrategySummary {
     pub strategy: String,
     pub inner_steps: u64,
     /// NaN (null in the file) for an external model: the coordinator cannot run it.
+    #[serde(deserialize_with = "nan_when_null")]
     pub final_val_loss: f64,
     /// An external model's: the sites' mean training loss over the run's last round (what
     /// they reported), in place of a validation loss.

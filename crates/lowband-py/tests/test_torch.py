@@ -3,6 +3,7 @@ QUIC equals DiLoCo written in plain PyTorch on the same batches (fp32 codec); DD
 (gloo); compressed strategies; bf16 parameters."""
 
 import os
+import subprocess
 import tempfile
 import threading
 import unittest
@@ -79,6 +80,13 @@ class TorchSites(unittest.TestCase):
         # The charts show the training loss the sites reported, one point per round.
         chart = (cluster.run_dir / "loss_vs_tokens.svg").read_text()
         self.assertIn("training loss", chart)
+        # The planner prices the run on its measured traffic, saying the gap is not measured.
+        plan = subprocess.run(
+            [helpers.binary(), "plan", "--params", "1B", "--from-run", str(cluster.run_dir)],
+            capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(plan.returncode, 0, plan.stderr)
+        self.assertIn("an external model: its loss gap is not measured", plan.stdout)
 
     def test_a_compressed_strategy_sends_less_and_sites_agree(self):
         fp32 = self.cluster(f"diloco@{H}", name="fp32")

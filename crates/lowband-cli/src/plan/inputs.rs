@@ -102,8 +102,13 @@ fn read_summary(run: &Path) -> Result<RunSummary> {
 pub(super) fn strategies_from_summary(summary: &RunSummary) -> Result<Vec<Strategy>> {
     let mut out = Vec::new();
     for s in summary.strategies.iter().filter(|s| !s.is_ddp()) {
-        let Some(gap) = s.loss_gap_vs_ddp else {
-            bail!("--from-run: {} has no ddp run, so {}'s loss gap is unknown (run compare with ddp among --strategies)", summary.name, s.strategy);
+        // An external model's run (PyTorch sites) has no validation loss, so no measured gap:
+        // its traffic is measured, its gap is taken as 0 (what the published strategies
+        // assume), and the plan's source line says so.
+        let gap = match (s.loss_gap_vs_ddp, s.final_train_loss) {
+            (Some(gap), _) => gap,
+            (None, Some(_)) => 0.0,
+            (None, None) => bail!("--from-run: {} has no ddp run, so {}'s loss gap is unknown (run compare with ddp among --strategies)", summary.name, s.strategy),
         };
         let h = s.inner_steps as f64;
         let syncs_per_round = s.rounds as f64 * h / summary.config.steps.max(1) as f64;
@@ -319,6 +324,13 @@ fn scenario(
 /// names its own), plus the plan file's; checked.
 fn strategies(file: &PlanFile, summary: Option<&RunSummary>) -> Result<(Vec<Strategy>, String)> {
     let (mut strategies, source) = match summary {
+        Some(run) if run.strategies.iter().any(|s| s.final_train_loss.is_some()) => (
+            strategies_from_summary(run)?,
+            format!(
+                "traffic measured in run {} (an external model: its loss gap is not measured, taken as 0 as the published strategies claim)",
+                run.name
+            ),
+        ),
         Some(run) => (
             strategies_from_summary(run)?,
             format!("strategies measured in run {}", run.name),
