@@ -86,6 +86,11 @@ pub struct Site {
     strategy: String,
     settings_json: String,
     address: String,
+    /// Where this site keeps its state across restarts (error feedback, codec stream), and the
+    /// run it belongs to; the round it had sent when it was restored from there.
+    state_dir: Option<PathBuf>,
+    run_fingerprint: u32,
+    restored_round: Option<u64>,
 }
 
 /// The connection and the protocol state.
@@ -102,7 +107,8 @@ impl Site {
     /// order). Retries for the run's `network.reconnect_ms` (or `reconnect_ms`) and raises
     /// ConnectionError naming the address if the coordinator cannot be reached by then.
     #[new]
-    #[pyo3(signature = (cluster, key, coordinator, params, tensors = None, reconnect_ms = None))]
+    #[pyo3(signature = (cluster, key, coordinator, params, tensors = None, reconnect_ms = None, state_dir = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         cluster: PathBuf,
@@ -111,6 +117,7 @@ impl Site {
         params: usize,
         tensors: Option<Vec<(String, Vec<usize>)>>,
         reconnect_ms: Option<u64>,
+        state_dir: Option<PathBuf>,
     ) -> PyResult<Site> {
         let mut cluster =
             Cluster::read(&cluster).map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -131,15 +138,24 @@ impl Site {
                 .map(|(name, shape)| TensorShape { name, shape })
                 .collect(),
         };
+        let external = lowband_runtime::network::external_site(&cluster, identity, address, &model)
+            .map_err(run_error)?;
+        let run_fingerprint = external.run_fingerprint();
         let ExternalSite {
             index,
             client,
-            site,
+            mut site,
             rounds,
             inner_steps,
             steps,
-        } = lowband_runtime::network::external_site(&cluster, identity, address, &model)
-            .map_err(run_error)?;
+        } = external;
+        let restored_round = match &state_dir {
+            Some(dir) => {
+                lowband_runtime::state::restore_external_site(dir, &mut site, run_fingerprint)
+                    .map_err(run_error)?
+            }
+            None => None,
+        };
         let settings_json = serde_json::to_string(&cluster.config)
             .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
         let client = py
@@ -158,7 +174,17 @@ impl Site {
             strategy: cluster.strategy.name(),
             settings_json,
             address: coordinator,
+            state_dir,
+            run_fingerprint,
+            restored_round,
         })
+    }
+
+    /// The round whose update this site had sent when its state was restored (None: it starts
+    /// afresh, or keeps no state).
+    #[getter]
+    fn restored_round(&self) -> Option<u64> {
+        self.restored_round
     }
 
     /// This site's number in the run (its key is the cluster's k-th).
@@ -274,6 +300,7 @@ impl Site {
             )));
         }
         let index = self.index;
+        let (state_dir, run_fingerprint) = (self.state_dir.clone(), self.run_fingerprint);
         let inner = self.inner();
         let site = &mut inner.site;
         let client = inner.client.as_mut().ok_or_else(gone)?;
@@ -303,6 +330,11 @@ impl Site {
                 if client.send(message).map_err(client_error)?.is_some() {
                     return Ok(false);
                 }
+            }
+            // Sent: what its codec kept back is saved while the coordinator merges.
+            if let Some(dir) = &state_dir {
+                lowband_runtime::state::save_external_site(dir, site, round, run_fingerprint)
+                    .map_err(run_error)?;
             }
             Ok(true)
         })

@@ -128,7 +128,7 @@ class LocalCluster:
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def site(self, k, *, params=None, tensors=None, reconnect_ms=None):
+    def site(self, k, *, params=None, tensors=None, reconnect_ms=None, state_dir=None):
         """A `lowband.Site` for site `k` (connects now)."""
         from ._site import Site
 
@@ -139,6 +139,7 @@ class LocalCluster:
             params=self.params if params is None else params,
             tensors=self.tensors if tensors is None else tensors,
             reconnect_ms=reconnect_ms,
+            state_dir=state_dir,
         )
 
     def wait(self, timeout=None):

@@ -59,11 +59,13 @@ def describe(model):
     return flat.contiguous(), [(name, list(p.shape)) for name, p in named]
 
 
-def connect(model, cluster, key, coordinator, *, reconnect_ms=None):
-    """A `lowband.Site` for this model (its parameter count and tensors go in the join)."""
+def connect(model, cluster, key, coordinator, *, reconnect_ms=None, state_dir=None):
+    """A `lowband.Site` for this model (its parameter count and tensors go in the join); with
+    `state_dir`, its error feedback survives a restart (see `lowband.Site`)."""
     _, tensors = describe(model)
     count = sum(int(torch.Size(shape).numel()) for _, shape in tensors)
-    return Site(cluster, key, coordinator, params=count, tensors=tensors, reconnect_ms=reconnect_ms)
+    return Site(cluster, key, coordinator, params=count, tensors=tensors, reconnect_ms=reconnect_ms,
+                state_dir=state_dir)
 
 
 def local_cluster(model, directory, *, sites, strategy, **options):

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use lowband_net::{ClientOptions, Identity, PublicKey};
-use lowband_protocol::Site;
+use lowband_protocol::{wire, Site};
 
 use crate::config::RunConfig;
 use crate::driver::Common;
@@ -96,6 +96,16 @@ pub struct ExternalSite {
     pub rounds: u64,
     pub inner_steps: u64,
     pub steps: u64,
+}
+
+impl ExternalSite {
+    /// This run as this site joins it (the CRC-32 of its join request: every run setting, the
+    /// strategy, the model): what its saved state must match. (Without the envelope's own
+    /// CRC-32 at its end: a message followed by its CRC always hashes to the same residue.)
+    pub fn run_fingerprint(&self) -> u32 {
+        let join = &self.client.join;
+        crc32fast::hash(&join[..join.len().saturating_sub(wire::TRAILER_BYTES)])
+    }
 }
 
 /// Site `identity` of `cluster`, with its own model `model` (its parameter count and, if known,
@@ -258,5 +268,23 @@ mod tests {
             error.contains("run `lowband coordinator` with it"),
             "{error}"
         );
+    }
+
+    /// A site's saved state belongs to one run: the fingerprint changes with any run setting.
+    #[test]
+    fn the_run_fingerprint_follows_the_settings() {
+        let identity = Arc::new(Identity::generate().unwrap());
+        let address: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut first = cluster(Some(model(12)), "sparseloco@5");
+        first.sites[0] = identity.public_key();
+        let mut second = first.clone();
+        second.config.steps += 5;
+        let fingerprint = |c: &Cluster| {
+            external_site(c, identity.clone(), address, &model(12))
+                .unwrap()
+                .run_fingerprint()
+        };
+        assert_eq!(fingerprint(&first), fingerprint(&first.clone()));
+        assert_ne!(fingerprint(&first), fingerprint(&second));
     }
 }

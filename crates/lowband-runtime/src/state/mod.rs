@@ -24,10 +24,12 @@ use crate::ledger::Ledger;
 use crate::strategy::Strategy;
 use crate::RunError;
 
+mod external_site;
 mod files;
 mod kinds;
 mod site;
 
+pub use external_site::{restore_external_site, save_external_site};
 use files::{current_state, remove_other_states};
 pub use files::{forget_run_states, forget_saved_state};
 pub(crate) use site::{restore_site, save_site, SiteRun};
