@@ -80,10 +80,12 @@ fn compare_writes_the_report_and_a_json_summary_with_every_field() {
         .lines()
         .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     assert!(metrics.contains("\"kind\":\"eval\"") && metrics.contains("\"kind\":\"round\""));
-    // The report ends with the planner on this run's own figures, and `plan --from-run` reads it.
+    // The report ends with the planner on this run's own figures (the gap priced: the published
+    // size-aware one, +0.16% at 1e10, not this toy run's), and `plan --from-run` reads it.
     assert!(
         stdout.contains("What this run's strategies would cost at scale")
-            && stdout.contains("| 1e10 | diloco@4 |"),
+            && stdout.contains("DiLoCo's published size-aware gap")
+            && stdout.contains("| 1e10 | +0.16% | diloco@4 |"),
         "{stdout}"
     );
     let plan = lowband(
