@@ -2,6 +2,9 @@
 //! them, collect what they wrote to stderr.
 #![allow(dead_code)]
 
+pub mod faults;
+pub mod namespace;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
