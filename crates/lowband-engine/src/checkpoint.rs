@@ -75,6 +75,16 @@ pub struct Checkpoint {
 /// Write `bytes` to `path` atomically: a temp file in the same directory, fsync, rename, fsync
 /// of the directory. Readers see the old file or the new one, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomically(path, |tmp| {
+        let mut file = File::create(tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })
+}
+
+/// `write` fills a temp file next to `path` (and syncs it); then the rename and the directory's
+/// fsync. On error the temp file is removed and `path` is untouched.
+fn atomically<T>(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<T>) -> Result<T> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -85,12 +95,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
+        let value = write(&tmp)?;
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        File::open(dir)?.sync_all()?;
+        Ok(value)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -132,15 +140,6 @@ pub fn write_safetensors_atomic(
     path: &Path,
     tensors: &[(String, Vec<usize>, &[f32])],
 ) -> Result<(u64, u32)> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let views = tensors.iter().map(|(name, shape, data)| {
         (
             name.clone(),
@@ -150,10 +149,10 @@ pub fn write_safetensors_atomic(
             },
         )
     });
-    let result = (|| -> std::io::Result<(u64, u32)> {
-        safetensors::serialize_to_file(views, None, &tmp)
+    atomically(path, |tmp| {
+        safetensors::serialize_to_file(views, None, tmp)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut file = File::open(&tmp)?;
+        let mut file = File::open(tmp)?;
         let (mut bytes, mut crc) = (0u64, crc32fast::Hasher::new());
         let mut buffer = vec![0u8; 1 << 22];
         loop {
@@ -164,15 +163,9 @@ pub fn write_safetensors_atomic(
             crc.update(&buffer[..read]);
             bytes += read as u64;
         }
-        File::options().write(true).open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()?;
+        file.sync_all()?;
         Ok((bytes, crc.finalize()))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|e| EngineError::io(path, e))
+    })
 }
 
 /// Serialize named f32 tensors to safetensors bytes (little-endian), with metadata.

@@ -186,17 +186,23 @@ impl Int {
     }
 }
 
+/// Whether the CPU has the AVX-512 parts the `_avx512` builds of the block loops are compiled
+/// for (checked once; cached by the standard library).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+}
+
 /// A chunk's values from its packed codes: lo + code · (hi − lo) / levels in f64, clamped to
 /// [lo, hi] (so rounding can never step outside it, or to infinity). Blocks of 64 codes are
 /// unpacked to bytes first so that the arithmetic vectorizes (AVX-512 when the CPU has it: the
 /// same IEEE operations, so the same values).
 fn dequantize(chunk: &mut [f32], bytes: &[u8], bits: u32, range: (f32, f32), levels: f64) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512dq")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-    {
+    if has_avx512() {
         // SAFETY: the CPU has these features (checked above).
         return unsafe { dequantize_avx512(chunk, bytes, bits, range, levels) };
     }
@@ -330,11 +336,7 @@ impl Quantizer {
         random: SplitMix64,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
+        if has_avx512() {
             // SAFETY: the CPU has these features (checked above).
             return unsafe { self.encode_chunk_avx512(chunk, bytes, bits, rounding, random) };
         }

@@ -6,11 +6,11 @@
 
 use std::path::Path;
 
-use lowband_engine::checkpoint::{read_limited, write_atomic, write_safetensors_atomic};
+use lowband_engine::checkpoint::{read_limited, write_safetensors_atomic};
 use lowband_protocol::Site;
 use serde::{Deserialize, Serialize};
 
-use super::files::{current_state, remove_other_states};
+use super::files::{commit_state, current_state, new_state_dir};
 use super::{FileCheck, VERSION};
 use crate::RunError;
 
@@ -34,12 +34,7 @@ struct Manifest {
 
 /// Save `site`'s state after it sent round `round`'s update, under `dir`.
 pub fn save_external_site(dir: &Path, site: &Site, round: u64, run: u32) -> Result<(), RunError> {
-    let name = format!("state-{round}");
-    let target = dir.join(&name);
-    std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
-        path: target.clone(),
-        source: e,
-    })?;
+    let (name, target) = new_state_dir(dir, round)?;
     let residual = site.feedback_residual();
     let tensors_file = match &residual {
         Some(r) => {
@@ -60,16 +55,8 @@ pub fn save_external_site(dir: &Path, site: &Site, round: u64, run: u32) -> Resu
         run,
         tensors_file,
     };
-    write_atomic(
-        &target.join("state.json"),
-        &serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?,
-    )?;
-    write_atomic(
-        &dir.join("current.json"),
-        serde_json::json!({ "dir": name }).to_string().as_bytes(),
-    )?;
-    remove_other_states(dir, &name);
-    Ok(())
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?;
+    commit_state(dir, &name, &manifest)
 }
 
 /// Restore what [`save_external_site`] saved under `dir` into `site`: the round it had sent, or

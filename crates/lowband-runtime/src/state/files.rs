@@ -8,7 +8,31 @@ use serde::Deserialize;
 
 use crate::RunError;
 
-pub(super) fn remove_other_states(dir: &Path, keep: &str) {
+/// A new state's directory under `dir`, `state-<number>/` (created): its name and path.
+pub(super) fn new_state_dir(dir: &Path, number: u64) -> Result<(String, PathBuf), RunError> {
+    let name = format!("state-{number}");
+    let target = dir.join(&name);
+    std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
+        path: target.clone(),
+        source: e,
+    })?;
+    Ok((name, target))
+}
+
+/// Make the state `name` (its data files already written) the current one: its manifest
+/// `state.json`, then the atomic switch of `current.json`, then the older states removed (the
+/// previous state survives a crash at any moment).
+pub(super) fn commit_state(dir: &Path, name: &str, manifest: &[u8]) -> Result<(), RunError> {
+    lowband_engine::checkpoint::write_atomic(&dir.join(name).join("state.json"), manifest)?;
+    lowband_engine::checkpoint::write_atomic(
+        &dir.join("current.json"),
+        serde_json::json!({ "dir": name }).to_string().as_bytes(),
+    )?;
+    remove_other_states(dir, name);
+    Ok(())
+}
+
+fn remove_other_states(dir: &Path, keep: &str) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };

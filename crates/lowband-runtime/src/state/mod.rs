@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use lowband_data::Sampler;
-use lowband_engine::checkpoint::{read_limited, tensors_from_safetensors, write_atomic};
+use lowband_engine::checkpoint::{read_limited, tensors_from_safetensors};
 use lowband_engine::{CpuTrainer, Trainer};
 use lowband_protocol::coordinator::CoordinatorState;
 use lowband_protocol::{Coordinator, TrustState};
@@ -30,7 +30,7 @@ mod kinds;
 mod site;
 
 pub use external_site::{restore_external_site, save_external_site};
-use files::{current_state, remove_other_states};
+use files::current_state;
 pub use files::{forget_run_states, forget_saved_state};
 pub(crate) use site::{restore_site, save_site, SiteRun};
 
@@ -182,12 +182,7 @@ impl RunState {
         let Some(dir) = strategy_dir(persistence, strategy) else {
             return Ok(());
         };
-        let name = format!("state-{}", self.step);
-        let target = dir.join(&name);
-        std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
-            path: target.clone(),
-            source: e,
-        })?;
+        let (name, target) = files::new_state_dir(&dir, self.step)?;
         let named: Vec<_> = self
             .tensors
             .iter()
@@ -202,13 +197,7 @@ impl RunState {
             ..self.manifest.clone()
         };
         let json = serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?;
-        write_atomic(&target.join("state.json"), &json)?;
-        write_atomic(
-            &dir.join("current.json"),
-            serde_json::json!({ "dir": name }).to_string().as_bytes(),
-        )?;
-        remove_other_states(&dir, &name);
-        Ok(())
+        files::commit_state(&dir, &name, &json)
     }
 
     fn tensor(&mut self, name: &str) -> Result<Vec<f32>, RunError> {

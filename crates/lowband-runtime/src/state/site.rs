@@ -8,7 +8,7 @@ use lowband_engine::checkpoint::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::files::{current_state, remove_other_states};
+use super::files::{commit_state, current_state, new_state_dir};
 use super::{safetensors_names, FileCheck, VERSION};
 use lowband_engine::Trainer;
 
@@ -75,23 +75,10 @@ pub(crate) fn save_site(
         corpus: run.corpus,
         tensors_file: FileCheck::of(&tensor_bytes),
     };
-    let name = format!("state-{round}");
-    let target = dir.join(&name);
-    std::fs::create_dir_all(&target).map_err(|e| RunError::Io {
-        path: target.clone(),
-        source: e,
-    })?;
+    let (name, target) = new_state_dir(dir, round)?;
     write_atomic(&target.join("tensors.safetensors"), &tensor_bytes)?;
-    write_atomic(
-        &target.join("state.json"),
-        &serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?,
-    )?;
-    write_atomic(
-        &dir.join("current.json"),
-        serde_json::json!({ "dir": name }).to_string().as_bytes(),
-    )?;
-    remove_other_states(dir, &name);
-    Ok(())
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| RunError::State(e.to_string()))?;
+    commit_state(dir, &name, &manifest)
 }
 
 /// Restore site state saved by [`save_site`] into `site`; returns the round it had reached, or
