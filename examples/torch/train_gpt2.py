@@ -149,7 +149,7 @@ def run_site(args):
     batch, steps = settings["site_batch"], settings["steps"]
     with lt.DiLoCo(model, optimizer, site) as diloco:
         while not diloco.finished:
-            step = diloco.round * diloco.inner_steps + diloco.steps_in_round
+            step = diloco.inner_step
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, optimizer_settings["lr"], steps)
             x, y = draw(shard, generator, batch)

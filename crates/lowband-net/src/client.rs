@@ -230,6 +230,22 @@ impl SiteClient {
         }
     }
 
+    /// The coordinator's next message, waiting at most `timeout` (None: nothing came): a caller
+    /// that must stay responsive (a Python interpreter checking for Ctrl-C) calls it in a loop.
+    pub fn next_message_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<Message>, ClientError> {
+        let inbox = &mut self.inbox;
+        let waited = self
+            .runtime
+            .block_on(async { tokio::time::timeout(timeout, inbox.recv()).await });
+        match waited {
+            Ok(message) => self.received(message).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// A message already here, without waiting.
     pub fn try_next_message(&mut self) -> Result<Option<Message>, ClientError> {
         match self.inbox.try_recv() {
@@ -255,15 +271,10 @@ impl SiteClient {
         site: &mut Site,
         timeout: Duration,
     ) -> Result<Option<Next>, ClientError> {
-        let inbox = &mut self.inbox;
-        let waited = self
-            .runtime
-            .block_on(async { tokio::time::timeout(timeout, inbox.recv()).await });
-        let Ok(message) = waited else {
-            return Ok(None);
-        };
-        let message = self.received(message)?;
-        self.catch_up(site, message).map(Some)
+        match self.next_message_within(timeout)? {
+            Some(message) => self.catch_up(site, message).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Apply `first` and every message already queued behind it; the newest round to train.

@@ -153,6 +153,28 @@ impl Site {
         }
     }
 
+    /// Streaming DiLoCo's mix, once the broadcast opening `round` is in: over the parameters it
+    /// changed, `local ← mix·local + (1 − mix)·global` (value by value: the same bits on any
+    /// thread count). The one formula lowband's sites and PyTorch sites use.
+    pub fn mix_changed(
+        &self,
+        round: u64,
+        local: &mut [f32],
+        mix: f32,
+    ) -> Result<(), ProtocolError> {
+        if local.len() != self.start.len() {
+            return Err(ProtocolError::ParameterCount {
+                expected: self.start.len(),
+                found: local.len(),
+            });
+        }
+        let range = self.changed_by_round(round);
+        crate::par::zip_apply(&mut local[range.clone()], &self.start[range], |l, g| {
+            *l = mix * *l + (1.0 - mix) * g
+        });
+        Ok(())
+    }
+
     /// The parameters round `round` sends the delta of: a fragment in streaming mode, all of them
     /// otherwise.
     pub fn fragment(&self, round: u64) -> std::ops::Range<usize> {

@@ -236,6 +236,22 @@ pub fn encode_with(
     out
 }
 
+/// The kind an envelope says it is, from its header alone (nothing else checked: `decode` does
+/// that): for a caller that must know what a message was after handing it on.
+pub fn peek_kind(bytes: &[u8]) -> Option<MessageKind> {
+    if bytes.len() < HEADER_BYTES || bytes[..4] != MAGIC || bytes[4] != WIRE_VERSION {
+        return None;
+    }
+    match bytes[5] {
+        1 => Some(MessageKind::Update),
+        2 => Some(MessageKind::Global),
+        3 => Some(MessageKind::GlobalDelta),
+        4 => Some(MessageKind::Report),
+        5 => Some(MessageKind::Join),
+        _ => None,
+    }
+}
+
 /// Check and open an envelope whose payload may be at most `payload_bytes_max`.
 pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, WireError> {
     if bytes.len() < HEADER_BYTES + TRAILER_BYTES {
@@ -251,13 +267,8 @@ pub fn decode(bytes: &[u8], payload_bytes_max: usize) -> Result<Message<'_>, Wir
     if bytes[4] != WIRE_VERSION {
         return Err(WireError::UnsupportedVersion(bytes[4]));
     }
-    let kind = match bytes[5] {
-        1 => MessageKind::Update,
-        2 => MessageKind::Global,
-        3 => MessageKind::GlobalDelta,
-        4 => MessageKind::Report,
-        5 => MessageKind::Join,
-        other => return Err(WireError::UnknownKind(other)),
+    let Some(kind) = peek_kind(bytes) else {
+        return Err(WireError::UnknownKind(bytes[5]));
     };
     if bytes[6] != 0 || bytes[7] != 0 {
         return Err(WireError::ReservedNotZero);

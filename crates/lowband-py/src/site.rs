@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lowband_net::{ClientError, Next, SiteClient};
-use lowband_protocol::wire::TrainingReport;
+use lowband_net::{ClientError, Message, Next, SiteClient};
+use lowband_protocol::wire::{self, MessageKind, TrainingReport};
 use lowband_protocol::{Site as ProtocolSite, SiteAction, SiteEvent};
 use lowband_runtime::external::{ExternalModel, TensorShape};
-use lowband_runtime::network::ExternalSite;
+use lowband_runtime::network::{ExternalSite, RoundSteps};
 use lowband_runtime::run_file::Cluster;
+use lowband_runtime::strategy::Streaming;
 use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -80,8 +81,11 @@ pub struct Site {
     inner: std::sync::Mutex<Inner>,
     index: u32,
     rounds: u64,
+    round_steps: RoundSteps,
     inner_steps: u64,
     steps: u64,
+    /// Streaming DiLoCo's fragments, delay and mix (None: whole-model rounds).
+    streaming: Option<Streaming>,
     params: usize,
     strategy: String,
     settings_json: String,
@@ -146,8 +150,10 @@ impl Site {
             client,
             mut site,
             rounds,
+            round_steps,
             inner_steps,
             steps,
+            streaming,
         } = external;
         let restored_round = match &state_dir {
             Some(dir) => {
@@ -168,8 +174,10 @@ impl Site {
             }),
             index,
             rounds,
+            round_steps,
             inner_steps,
             steps,
+            streaming,
             params,
             strategy: cluster.strategy.name(),
             settings_json,
@@ -210,6 +218,30 @@ impl Site {
     #[getter]
     fn params(&self) -> usize {
         self.params
+    }
+    /// Streaming DiLoCo's fragments (P; 0 for whole-model rounds).
+    #[getter]
+    fn fragments(&self) -> usize {
+        self.streaming.map_or(0, |s| s.fragments)
+    }
+    /// Streaming: inner steps between a fragment's sync and the step its merge is mixed in (τ).
+    #[getter]
+    fn overlap_steps(&self) -> u64 {
+        self.streaming.map_or(0, |s| s.overlap_steps)
+    }
+    /// Streaming: the weight of the local fragment when its merge is mixed in (α).
+    #[getter]
+    fn mix(&self) -> f32 {
+        self.streaming.map_or(0.0, |s| s.mix)
+    }
+    /// The step after which round `round`'s update is sent (streaming: fragment syncs during
+    /// training are the rounds whose end step is before `steps`; the P final syncs end at it).
+    fn end_step(&self, round: u64) -> u64 {
+        self.round_steps.end_step(round)
+    }
+    /// The first step round `round` trains.
+    fn first_step(&self, round: u64) -> u64 {
+        self.round_steps.first_step(round)
     }
     /// The strategy's canonical name.
     #[getter]
@@ -254,34 +286,19 @@ impl Site {
                     unsafe { buffer.slice_mut() }.copy_from_slice(self.inner().site.round_start());
                     return Ok(Some(round));
                 }
-                Some(Next::Finished { excluded: true }) => {
-                    self.inner().client = None;
-                    return Err(ExcludedError::new_err(format!(
-                        "the coordinator at {} excluded site {} (its updates were refused too often; see the coordinator's report)",
-                        self.address, self.index
-                    )));
-                }
-                Some(Next::Finished { excluded: false }) => {
-                    self.inner().client = None;
-                    return Ok(None);
-                }
-                // (A lost connection is retried above; Ctrl-C is Python's, checked above.)
-                Some(other @ (Next::Leave | Next::Lost)) => {
-                    self.leave_now(py);
-                    return Err(PyRuntimeError::new_err(format!(
-                        "the connection to {} ended unexpectedly ({other:?})",
-                        self.address
-                    )));
-                }
+                Some(end) => return self.ended(py, end).map(|()| None),
             }
         }
     }
 
     /// Send round `round`'s update: the trained parameters at `address` (`len` float32 values)
     /// against the round's start, through the run's codec and error feedback, after a training
-    /// report (`seconds` of compute, the inner steps' `losses`). False if the connection was
-    /// lost (the next `next_round` reconnects; this round's work is lost).
-    #[pyo3(signature = (round, address, len, seconds = 0.0, losses = Vec::new()))]
+    /// report (`seconds` of compute, the inner steps' `losses`; none with `report` false: a
+    /// streaming site's final syncs, whose steps were reported with the first). False if the
+    /// connection was lost (the next `next_round` reconnects; this round's work is lost).
+    /// Streaming: the update of round `round`'s fragment.
+    #[pyo3(signature = (round, address, len, seconds = 0.0, losses = Vec::new(), report = true))]
+    #[allow(clippy::too_many_arguments)]
     fn send_update(
         &mut self,
         py: Python<'_>,
@@ -290,6 +307,7 @@ impl Site {
         len: usize,
         seconds: f64,
         losses: Vec<f32>,
+        report: bool,
     ) -> PyResult<bool> {
         let buffer = Buffer::new(address, len, self.params)?;
         if losses.len() as u64 > self.inner_steps {
@@ -321,12 +339,14 @@ impl Site {
                     )))
                 }
             };
-            let report = TrainingReport {
-                seconds: seconds.max(0.0),
-                losses,
-            }
-            .encode(round, index);
-            for message in [report, update] {
+            let report = report.then(|| {
+                TrainingReport {
+                    seconds: seconds.max(0.0),
+                    losses,
+                }
+                .encode(round, index)
+            });
+            for message in report.into_iter().chain([update]) {
                 if client.send(message).map_err(client_error)?.is_some() {
                     return Ok(false);
                 }
@@ -338,6 +358,44 @@ impl Site {
             }
             Ok(true)
         })
+    }
+
+    /// Streaming: wait for the coordinator's next broadcast (one, never more: each merge is mixed
+    /// in at its own step) and mix it into the trained parameters at `address` (`len` float32
+    /// values): over the fragment it changed, `mix`·local + (1 − `mix`)·global. Returns (the
+    /// round it opens, whether the parameters were replaced in full): in full when they came in
+    /// full (after a reconnect or a rejoin: train on from the first step of that round) and at the
+    /// run's end (round `rounds`: the final parameters). None: the run ended without them reaching
+    /// this site. A lost connection is retried within the reconnect budget; Ctrl-C leaves the run
+    /// and raises KeyboardInterrupt.
+    fn next_merge(
+        &mut self,
+        py: Python<'_>,
+        address: usize,
+        len: usize,
+        mix: f32,
+    ) -> PyResult<Option<(u64, bool)>> {
+        let buffer = Buffer::new(address, len, self.params)?;
+        if !(0.0..=1.0).contains(&mix) {
+            return Err(PyValueError::new_err(format!("mix {mix} is not in [0, 1]")));
+        }
+        let rounds = self.rounds;
+        loop {
+            let inner = self.inner();
+            let client = inner.client.as_mut().ok_or_else(gone)?;
+            let site = &mut inner.site;
+            let waited = py.detach(|| receive_merge(client, site, buffer, mix, rounds))?;
+            match waited {
+                Waited::Nothing => {
+                    if let Err(e) = py.check_signals() {
+                        self.leave_now(py);
+                        return Err(e);
+                    }
+                }
+                Waited::Merged { round, full } => return Ok(Some((round, full))),
+                Waited::Ended(end) => return self.ended(py, end).map(|()| None),
+            }
+        }
     }
 
     /// Leave the run: the coordinator learns it at once.
@@ -353,6 +411,32 @@ impl Site {
 }
 
 impl Site {
+    /// The connection ended while this site waited for the coordinator: Ok when the run is over
+    /// for it, an exception otherwise. (A lost connection is retried where it is found; Ctrl-C
+    /// is Python's, checked there.)
+    fn ended(&mut self, py: Python<'_>, end: Next) -> PyResult<()> {
+        match end {
+            Next::Finished { excluded: true } => {
+                self.inner().client = None;
+                Err(ExcludedError::new_err(format!(
+                    "the coordinator at {} excluded site {} (its updates were refused too often; see the coordinator's report)",
+                    self.address, self.index
+                )))
+            }
+            Next::Finished { excluded: false } => {
+                self.inner().client = None;
+                Ok(())
+            }
+            other => {
+                self.leave_now(py);
+                Err(PyRuntimeError::new_err(format!(
+                    "the connection to {} ended unexpectedly ({other:?})",
+                    self.address
+                )))
+            }
+        }
+    }
+
     fn inner(&mut self) -> &mut Inner {
         // (Never poisoned: nothing panics while holding it, and it is never locked.)
         self.inner.get_mut().unwrap_or_else(|e| e.into_inner())
@@ -362,6 +446,66 @@ impl Site {
         if let Some(client) = self.inner().client.take() {
             py.detach(|| client.leave());
         }
+    }
+}
+
+/// What one wait for a streaming site's next merge came to.
+enum Waited {
+    /// Nothing yet (or a reconnect under way): check for Ctrl-C and wait again.
+    Nothing,
+    /// The merge opening `round` is in the buffer: mixed in, or the parameters in `full`.
+    Merged {
+        round: u64,
+        full: bool,
+    },
+    Ended(Next),
+}
+
+/// Wait up to `SIGNAL_CHECK` for the coordinator's next message and put it into `buffer`: a
+/// merge mixed in with `mix`, or the parameters in full (after a rejoin, or round `rounds`: the
+/// final ones). A lost connection, or a change to parameters this site does not hold, reconnects
+/// (the coordinator then sends them in full).
+fn receive_merge(
+    client: &mut SiteClient,
+    site: &mut ProtocolSite,
+    buffer: Buffer,
+    mix: f32,
+    rounds: u64,
+) -> PyResult<Waited> {
+    let Some(message) = client
+        .next_message_within(SIGNAL_CHECK)
+        .map_err(client_error)?
+    else {
+        return Ok(Waited::Nothing);
+    };
+    let packet = match message {
+        Message::Packet(packet) => packet,
+        Message::Ended(Next::Lost) => {
+            client.reconnect().map_err(client_error)?;
+            return Ok(Waited::Nothing);
+        }
+        Message::Ended(end) => return Ok(Waited::Ended(end)),
+    };
+    let full = wire::peek_kind(&packet) == Some(MessageKind::Global);
+    match client.apply(site, &packet).map_err(client_error)? {
+        Next::Train { round } => {
+            // SAFETY: see `Buffer`; the wrapper passes a tensor it holds for the call.
+            let local = unsafe { buffer.slice_mut() };
+            let full = full || round >= rounds;
+            if full {
+                local.copy_from_slice(site.round_start());
+            } else {
+                site.mix_changed(round, local, mix)
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            }
+            Ok(Waited::Merged { round, full })
+        }
+        // A change to parameters it does not hold: it rejoins for them in full.
+        Next::Lost => {
+            client.reconnect().map_err(client_error)?;
+            Ok(Waited::Nothing)
+        }
+        other => Ok(Waited::Ended(other)),
     }
 }
 

@@ -85,6 +85,67 @@ def plain_diloco(sites, inner_steps, steps, lr_outer=0.7, momentum=0.9):
     return torch.cat([t.reshape(-1) for t in theta])
 
 
+def plain_streaming(sites, inner_steps, steps, fragments, overlap, mix, lr_outer=0.7, momentum=0.9):
+    """Streaming DiLoCo in plain PyTorch on the same batches (Douillard et al., arXiv 2501.18512,
+    as lowband schedules it): fragment r mod P of the flat parameters syncs after step
+    min(max(floor((r + 1)H/P), r + 1), T) while that is before T; its merge is mixed into every
+    site `overlap` steps later (local = mix * local + (1 - mix) * global) or before the next sync;
+    then every fragment once more at T. The global parameters after the run."""
+    n = flat(tiny_model()).numel()
+    ranges = [(i * n // fragments, (i + 1) * n // fragments) for i in range(fragments)]
+
+    def end_step(r):
+        return min(max((r + 1) * inner_steps // fragments, r + 1), steps)
+
+    syncs = next(r for r in range(steps + 1) if end_step(r) >= steps)
+    theta = flat(tiny_model())
+    buffer = torch.zeros(n)
+    models = [tiny_model() for _ in range(sites)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=LR) for m in models]
+    held = [theta.clone() for _ in range(sites)]  # what each site holds of the global parameters
+    data = [batches(k, steps) for k in range(sites)]
+
+    def local(k):
+        return torch.nn.utils.parameters_to_vector(models[k].parameters()).detach()
+
+    def merge(r):
+        a, b = ranges[r % fragments]
+        delta = sum(held[k][a:b] - local(k)[a:b] for k in range(sites)) / sites
+        buffer[a:b] = momentum * buffer[a:b] + delta
+        theta[a:b] = theta[a:b] - lr_outer * (delta + momentum * buffer[a:b])
+
+    def mix_in(r, weight):
+        a, b = ranges[r % fragments]
+        for k in range(sites):
+            held[k][a:b] = theta[a:b]
+            mixed = local(k)
+            mixed[a:b] = weight * mixed[a:b] + (1 - weight) * theta[a:b]
+            torch.nn.utils.vector_to_parameters(mixed, models[k].parameters())
+
+    round, in_flight = 0, None  # (round, the step it is mixed in at)
+    for step in range(steps):
+        if in_flight is not None and in_flight[1] <= step:
+            mix_in(in_flight[0], mix)
+            in_flight = None
+        for k in range(sites):
+            x, y = data[k][step]
+            F.mse_loss(models[k](x), y).backward()
+            optimizers[k].step()
+            optimizers[k].zero_grad()
+        if step + 1 == end_step(round) and step + 1 < steps:
+            if in_flight is not None:
+                mix_in(in_flight[0], mix)
+            merge(round)
+            in_flight = (round, step + 1 + overlap)
+            round += 1
+    if in_flight is not None:
+        mix_in(in_flight[0], mix)
+    for r in range(syncs, syncs + fragments):
+        merge(r)
+        mix_in(r, 0.0)
+    return theta
+
+
 def relative_difference(a, b):
     return ((a - b).norm() / b.norm()).item()
 

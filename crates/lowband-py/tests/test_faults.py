@@ -1,6 +1,7 @@
 """Faults with Python sites, each site its own process: a site killed with SIGKILL mid-run and
 started again rejoins and the run completes; the coordinator killed and resumed from its state,
-the sites reconnect by themselves; Ctrl-C in a site leaves the run cleanly and the others go on."""
+the sites reconnect by themselves; Ctrl-C in a site leaves the run cleanly and the others go on.
+Each for a round strategy (diloco) and for Streaming DiLoCo's fragments."""
 
 import json
 import os
@@ -57,12 +58,18 @@ def wait_for(predicate, timeout, what):
 
 
 class Faults(unittest.TestCase):
+    STRATEGY = "diloco@5"
+
+    def round_after(self, step):
+        """The coordinator's round once the sync ending at `step` closed."""
+        return step // 5
+
     def setUp(self):
         helpers.binary()
         self.directory = tempfile.TemporaryDirectory()
         self.addCleanup(self.directory.cleanup)
         self.cluster = lt.local_cluster(
-            helpers.tiny_model(), self.directory.name, sites=2, strategy="diloco@5",
+            helpers.tiny_model(), self.directory.name, sites=2, strategy=self.STRATEGY,
             overrides={"steps": 5 * ROUNDS_OF_5, "network": {"idle_timeout_ms": self.idle_timeout_ms(),
                                                              "quorum": 1, "round_deadline_ms": 3000}},
         )
@@ -143,7 +150,7 @@ class Faults(unittest.TestCase):
         for site in sites:
             self.assertEqual(site.wait(), 0)
         self.assertEqual(self.cluster.wait(timeout=60), 0, self.coordinator_log())
-        self.assertIn(f"saved state at round {early_step // 5}", self.coordinator_log())
+        self.assertIn(f"saved state at round {self.round_after(early_step)}", self.coordinator_log())
         self.assertTrue(torch.equal(sites[0].result(), sites[1].result()))
 
     def test_ctrl_c_in_a_site_leaves_cleanly_and_the_run_goes_on(self):
@@ -156,6 +163,17 @@ class Faults(unittest.TestCase):
         self.assertIn("leaving", self.coordinator_log())
         self.assertEqual(sites[0].wait(), 0)
         self.assertEqual(self.cluster.wait(timeout=60), 0, self.coordinator_log())
+
+
+class StreamingFaults(Faults):
+    """The same faults with Streaming DiLoCo (2 fragments, merges mixed in 1 step later): sites
+    that never wait for a merge before it is due find the lost coordinator on a send or a merge."""
+
+    STRATEGY = "streaming@5[fragments=2;overlap=1]"
+
+    def round_after(self, step):
+        # Fragment syncs end at max(floor((r + 1) * 5 / 2), r + 1): steps 2, 5, 7, 10, ...
+        return sum(1 for r in range(step) if max((r + 1) * 5 // 2, r + 1) <= step)
 
 
 if __name__ == "__main__":

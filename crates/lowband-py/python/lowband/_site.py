@@ -86,6 +86,28 @@ class Site:
         doc="The last round it had sent when restored from `state_dir` (None: started afresh).",
     )
 
+    fragments = property(
+        lambda self: self._native.fragments,
+        doc="Streaming DiLoCo's fragments (P; 0 for whole-model rounds).",
+    )
+    overlap_steps = property(
+        lambda self: self._native.overlap_steps,
+        doc="Streaming: inner steps between a fragment's sync and the step its merge is mixed in.",
+    )
+    mix = property(
+        lambda self: self._native.mix,
+        doc="Streaming: the weight of the local fragment when its merge is mixed in.",
+    )
+
+    def end_step(self, round):
+        """The step after which round `round`'s update is sent (streaming: a fragment's sync
+        during training, or one of the P final syncs at `steps`)."""
+        return self._native.end_step(int(round))
+
+    def first_step(self, round):
+        """The first step round `round` trains."""
+        return self._native.first_step(int(round))
+
     def round_steps(self, round):
         """Inner steps round `round` trains: H, or what is left of T in the last round."""
         return max(0, min(self.inner_steps, self.steps - round * self.inner_steps))
@@ -97,14 +119,25 @@ class Site:
         address, length = buffer_address(buffer, writable=True)
         return self._native.next_round(address, length)
 
-    def send_update(self, round, buffer, seconds=0.0, losses=()):
+    def send_update(self, round, buffer, seconds=0.0, losses=(), report=True):
         """Send round `round`'s update from the trained parameters in `buffer` (with a training
-        report: `seconds` of compute and the inner steps' losses, for the coordinator's report).
-        False if the connection was lost (the next `next_round` reconnects)."""
+        report, unless `report` is false: `seconds` of compute and the inner steps' losses, for
+        the coordinator's report). Streaming: the update of the round's fragment. False if the
+        connection was lost (the next `next_round` reconnects)."""
         address, length = buffer_address(buffer, writable=False)
         return self._native.send_update(
-            int(round), address, length, float(seconds), [float(x) for x in losses]
+            int(round), address, length, float(seconds), [float(x) for x in losses], bool(report)
         )
+
+    def next_merge(self, buffer, mix=None):
+        """Streaming: wait for the coordinator's next merge and mix it into the trained
+        parameters in `buffer` (over the fragment it changed: `mix`·local + (1 − `mix`)·global;
+        `mix` defaults to the strategy's). Returns (round it opens, replaced in full): in full
+        after a reconnect or rejoin (train on from `first_step(round)`) and at the end (round
+        equal to `rounds`: the final parameters). None: the run ended without them reaching
+        this site."""
+        address, length = buffer_address(buffer, writable=True)
+        return self._native.next_merge(address, length, float(self.mix if mix is None else mix))
 
     def leave(self):
         """Leave the run (the coordinator learns it at once)."""

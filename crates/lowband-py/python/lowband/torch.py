@@ -10,6 +10,11 @@ it), waits for the coordinator's merged global parameters and writes them back i
             loss.backward(); optimizer.step(); optimizer.zero_grad()
             diloco.step(loss)
 
+With a streaming strategy (`streaming@H[fragments=P;overlap=τ;mix=α]`, Streaming DiLoCo) the
+same loop syncs one fragment of the parameters at a time, at the run's fragment steps, without
+waiting: the coordinator's merge is mixed into the model τ inner steps later (waiting only if it
+has not arrived by then), as lowband's own sites do.
+
 Inside a torchrun site (DDP over gloo or NCCL), only rank 0 holds a `Site`; pass `site=None`
 on the other ranks: they receive the merged parameters by `torch.distributed` broadcast from
 rank 0. FSDP-sharded models are refused (a site's parameters must be whole on rank 0).
@@ -128,12 +133,20 @@ class DiLoCo:
                     p.data = view
                     offset += p.numel()
         self.round = None
-        # (rounds, H, T: rank 0's, shared with every rank on entering.)
+        # (rounds, H, T, streaming's P, τ, α and the rounds' end steps: rank 0's, shared with
+        # every rank on entering.)
         self.rounds = self.inner_steps = self.steps = None
+        self.fragments, self.overlap_steps, self.mix, self.end_steps = 0, 0, 0.0, []
         self.steps_in_round = 0
         self.losses = []
         self.round_started = None
         self.finished = False
+        # Streaming: the run's inner step the model is at, the step the merge in flight is mixed
+        # in at (None: none in flight), and whether rank 0 lost its connection on a send (its
+        # next merge is then the parameters in full).
+        self.step_index = 0
+        self.due_step = None
+        self.resync = False
         # Seconds per round spent in lowband (copy out, encode, send, wait, receive, decode, copy in).
         self.sync_seconds = []
 
@@ -175,14 +188,28 @@ class DiLoCo:
         return round
 
     def _share_schedule(self):
-        """Rank 0's rounds, H and T to every rank (once, on entering)."""
+        """Rank 0's schedule to every rank (once, on entering): rounds, H, T, and streaming's
+        P, τ, α with every round's end step."""
         site = self.site
-        schedule = [site.rounds, site.inner_steps, site.steps] if site is not None else [0, 0, 0]
+        schedule = [0.0] * 7
+        if site is not None:
+            schedule = [site.rounds, site.inner_steps, site.steps, site.fragments,
+                        site.overlap_steps, site.mix, site.rounds if site.fragments else 0]
         if self.world > 1:
-            shared = torch.tensor(schedule, dtype=torch.int64, device=self.tensors[0].device)
+            shared = torch.tensor(schedule, dtype=torch.float64, device=self.tensors[0].device)
             dist.broadcast(shared, 0)
-            schedule = [int(x) for x in shared.tolist()]
-        self.rounds, self.inner_steps, self.steps = schedule
+            schedule = shared.tolist()
+        rounds, h, t, p, overlap, mix, ends = schedule
+        self.rounds, self.inner_steps, self.steps = int(rounds), int(h), int(t)
+        self.fragments, self.overlap_steps, self.mix = int(p), int(overlap), float(mix)
+        if site is not None:
+            self.end_steps = [site.end_step(r) for r in range(int(ends))]
+        else:
+            self.end_steps = [0] * int(ends)
+        if self.world > 1 and self.end_steps:
+            shared = torch.tensor(self.end_steps, dtype=torch.int64, device=self.tensors[0].device)
+            dist.broadcast(shared, 0)
+            self.end_steps = [int(x) for x in shared.tolist()]
 
     def _receive(self):
         """Wait for the next global parameters (rank 0), load them, share them with the ranks."""
@@ -203,9 +230,19 @@ class DiLoCo:
         return round
 
     # -- the loop -----------------------------------------------------------------------------
+    @property
+    def inner_step(self):
+        """The run's inner step the model trains next (0 to T - 1): what a learning-rate
+        schedule follows. It moves back after parameters are taken in full (a rejoin)."""
+        if self.fragments:
+            return self.step_index
+        return self.round * self.inner_steps + self.steps_in_round
+
     def __enter__(self):
         self._share_schedule()
-        self._receive()
+        round = self._receive()
+        if self.fragments and round is not None and not self.finished:
+            self._start_at(round)
         return self
 
     def step(self, loss=None):
@@ -215,14 +252,19 @@ class DiLoCo:
         self.steps_in_round += 1
         if loss is not None:
             self.losses.append(float(loss.detach()) if hasattr(loss, "detach") else float(loss))
-        if self.steps_in_round >= self._round_steps():
+        if self.fragments:
+            self._streaming_step()
+        elif self.steps_in_round >= self._round_steps():
             self.sync()
 
     def _round_steps(self):
         return max(1, min(self.inner_steps, self.steps - self.round * self.inner_steps))
 
     def sync(self):
-        """Send this round's update and load the next round's global parameters."""
+        """Send this round's update and load the next round's global parameters (round
+        strategies; a streaming run syncs its fragments from `step`)."""
+        if self.fragments:
+            raise RuntimeError("a streaming run syncs its fragments from step(): call step() after every inner step")
         began = time.perf_counter()
         computed = began - self.round_started
         if self.site is not None:
@@ -230,6 +272,112 @@ class DiLoCo:
             self.site.send_update(self.round, self.master, computed, self.losses[-self.inner_steps :])
         self._receive()
         self.sync_seconds.append(time.perf_counter() - began)
+
+    # -- streaming ----------------------------------------------------------------------------
+    def _start_at(self, round):
+        """Train on from the first step of `round` (the start, or parameters taken in full after
+        a reconnect); at or past T only the final syncs remain."""
+        self.round = round
+        self.step_index = 0 if round == 0 else self.end_steps[round - 1]
+        self.due_step = None
+        self.losses = []
+        if self.step_index >= self.steps:
+            self._final_syncs()
+
+    def _streaming_step(self):
+        """After inner step `step_index`: the fragment sync due there (a merge still in flight is
+        mixed in first), and the merge due before the next step."""
+        self.step_index += 1
+        if self.step_index >= self.steps:
+            if self.due_step is not None and self._merge(self.mix):
+                return
+            self._final_syncs()
+            return
+        if self.step_index == self.end_steps[self.round]:
+            if self.due_step is not None and self._merge(self.mix):
+                return
+            began = time.perf_counter()
+            self._send(report=True)
+            self.sync_seconds.append(time.perf_counter() - began)
+            self.due_step = self.step_index + self.overlap_steps
+            self.round += 1
+        if self.due_step is not None and self.due_step <= self.step_index:
+            self._merge(self.mix)
+
+    def _send(self, report):
+        """Rank 0: this round's fragment update (with the steps' report)."""
+        if self.site is None:
+            return
+        computed = time.perf_counter() - self.round_started
+        self._copy_out()
+        sent = self.site.send_update(
+            self.round, self.master, computed, self.losses[-self.inner_steps :],
+            report=report and bool(self.losses),
+        )
+        self.losses = []
+        self.round_started = time.perf_counter()
+        if not sent:
+            # The connection was lost: the next merge is the parameters in full, after reconnecting.
+            self.resync = True
+
+    def _merge(self, mix):
+        """The merge in flight, mixed into the model (rank 0 receives, every rank gets the
+        result). True if the position changed: parameters in full (train on from their round's
+        first step) or the run's end."""
+        began = time.perf_counter()
+        merged = None
+        if self.site is not None:
+            if self.resync:
+                self.resync = False
+                round = self.site.next_round(self.master)
+                merged = None if round is None else (round, True)
+            else:
+                self._copy_out()
+                merged = self.site.next_merge(self.master, mix)
+            if merged is not None:
+                self._copy_in()
+        merged = self._share_merge(merged)
+        self.due_step = None
+        self.round_started = time.perf_counter()
+        self.sync_seconds.append(time.perf_counter() - began)
+        if merged is None or merged[0] >= self.rounds:
+            self._end()
+            return True
+        round, full = merged
+        if full:
+            self._start_at(round)
+            return True
+        return False
+
+    def _share_merge(self, merged):
+        """Rank 0's merge (round, in full) and the model's parameters to every rank."""
+        if self.world == 1:
+            return merged
+        device = self.tensors[0].device
+        meta = [-1, 0] if merged is None else [merged[0], int(merged[1])]
+        meta = torch.tensor(meta, dtype=torch.int64, device=device)
+        dist.broadcast(meta, 0)
+        if meta[0].item() < 0:
+            return None
+        for p in self.tensors:
+            dist.broadcast(p.data, 0)
+        return int(meta[0].item()), bool(meta[1].item())
+
+    def _final_syncs(self):
+        """At step T: every fragment once more, back to back (the last steps' report with the
+        first), then the final parameters."""
+        report = True
+        while not self.finished and self.round < self.rounds:
+            self._send(report=report)
+            report = False
+            self.round += 1
+            if self._merge(0.0):
+                return
+
+    def _end(self):
+        self.finished = True
+        if self.site is not None:
+            self.site.leave()
 
     def __exit__(self, kind, error, traceback):
         if self.site is not None and self.site.connected:

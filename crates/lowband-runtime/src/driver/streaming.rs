@@ -190,14 +190,8 @@ pub(crate) fn mix_in(site: &mut SiteRuntime, bytes: &[u8], mix: f32) -> Result<u
             )))
         }
     };
-    let range = site.site.changed_by_round(round);
-    let (local, global) = (
-        &mut site.trainer.params_mut()[range.clone()],
-        &site.site.round_start()[range],
-    );
-    for (l, g) in local.iter_mut().zip(global) {
-        *l = mix * *l + (1.0 - mix) * g;
-    }
+    let SiteRuntime { site, trainer, .. } = site;
+    site.mix_changed(round, trainer.params_mut(), mix)?;
     Ok(round)
 }
 

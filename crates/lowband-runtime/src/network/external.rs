@@ -14,13 +14,12 @@ use crate::config::RunConfig;
 use crate::driver::Common;
 use crate::external::{initial_fingerprint, read_initial, ExternalModel};
 use crate::run_file::Cluster;
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, Streaming};
 use crate::{RunError, RunResult};
 
-use super::{check_rounds, join, serve_books, NetworkOptions, Served};
+use super::{check_rounds, join, serve_books, NetworkOptions, RoundSteps, Served};
 
-/// A run of an external model: its `[model]`, with a round strategy (streaming fragments are
-/// not offered to external sites yet).
+/// A run of an external model: its `[model]`, with a round or streaming strategy.
 fn external_model<'a>(
     config: &'a RunConfig,
     strategy: &Strategy,
@@ -32,12 +31,6 @@ fn external_model<'a>(
             reason: "no [model] table: an external model's run file names its parameter count (params = N) and its initial parameters (initial = FILE)".into(),
         });
     };
-    if strategy.streaming.is_some() {
-        return Err(RunError::InvalidConfig {
-            field: "strategies",
-            reason: format!("{}: streaming fragments are not available to PyTorch sites yet; use a round strategy (diloco, sparseloco, ...)", strategy.name()),
-        });
-    }
     if !config.attacks.is_empty() {
         return Err(RunError::InvalidConfig {
             field: "attacks",
@@ -92,10 +85,14 @@ pub struct ExternalSite {
     pub index: u32,
     pub client: ClientOptions,
     pub site: Site,
-    /// Rounds in the run; round r trains steps [rH, min((r + 1)H, T)).
+    /// Rounds in the run (streaming: the fragment syncs during training and the P final
+    /// ones); which steps each covers.
     pub rounds: u64,
+    pub round_steps: RoundSteps,
     pub inner_steps: u64,
     pub steps: u64,
+    /// Streaming DiLoCo's fragments, delay and mix (None: whole-model rounds).
+    pub streaming: Option<Streaming>,
 }
 
 impl ExternalSite {
@@ -157,11 +154,16 @@ pub fn external_site(
     });
     let join = join::join_settings(&joined, &cluster.strategy, None).encode(index as u32);
     let strategy = &cluster.strategy;
-    let site = Site::unsynced(
+    let mut site = Site::unsynced(
         index as u32,
         model.params,
         strategy.compression_for(config.sites),
     )?;
+    if let Some(streaming) = strategy.streaming {
+        // The same fragments as the coordinator's (`driver::coordinator_config`).
+        site = site.with_fragments(crate::driver::fragments(model.params, streaming.fragments))?;
+    }
+    let round_steps = RoundSteps::of(config, strategy);
     Ok(ExternalSite {
         index: index as u32,
         client: ClientOptions {
@@ -173,9 +175,11 @@ pub fn external_site(
             leave_on_ctrl_c: false,
         },
         site,
-        rounds: config.steps.div_ceil(strategy.inner_steps),
+        rounds: round_steps.rounds(),
+        round_steps,
         inner_steps: strategy.inner_steps,
         steps: config.steps,
+        streaming: strategy.streaming,
     })
 }
 
@@ -235,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn engine_runs_streaming_and_attacks_are_refused_for_external_models() {
+    fn engine_runs_are_refused_for_external_models() {
         let identity = Arc::new(Identity::generate().unwrap());
         let address = "127.0.0.1:9".parse().unwrap();
         let engine = cluster(None, "diloco@4");
@@ -244,18 +248,6 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(error.contains("no [model] table"), "{error}");
-        let streaming = cluster(
-            Some(model(12)),
-            "streaming@40[fragments=2;overlap=3;mix=0.25]",
-        );
-        let error = external_site(&streaming, identity, address, &model(12))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            error.contains("streaming fragments are not available"),
-            "{error}"
-        );
         // And the engine's drivers refuse an external model's run file.
         let config = RunConfig {
             model: Some(model(12)),
@@ -267,6 +259,29 @@ mod tests {
         assert!(
             error.contains("run `lowband coordinator` with it"),
             "{error}"
+        );
+    }
+
+    /// A streaming run's PyTorch site: the coordinator's fragments and schedule (T = 10, H = 8,
+    /// P = 2: syncs after steps 4 and 8, then 2 final syncs).
+    #[test]
+    fn a_streaming_site_gets_the_fragments_and_their_schedule() {
+        let identity = Arc::new(Identity::generate().unwrap());
+        let mut streaming = cluster(
+            Some(model(12)),
+            "streaming@8[fragments=2;overlap=3;mix=0.25]",
+        );
+        streaming.sites[0] = identity.public_key();
+        let address = "127.0.0.1:9".parse().unwrap();
+        let site = external_site(&streaming, identity, address, &model(12)).unwrap();
+        assert_eq!(site.rounds, 4);
+        let steps = &site.round_steps;
+        assert_eq!((steps.end_step(0), steps.end_step(1)), (4, 8));
+        assert_eq!((steps.syncs_in_run(), steps.first_step(2)), (2, 8));
+        assert_eq!(site.streaming.map(|s| s.overlap_steps), Some(3));
+        assert_eq!(
+            (site.site.fragment(0), site.site.fragment(3)),
+            (0..6, 6..12)
         );
     }
 

@@ -58,9 +58,11 @@ mod checkpoints;
 mod coordinator;
 mod external;
 pub mod join;
+mod round_steps;
 mod site;
 
 pub use external::{external_site, serve_external_coordinator, ExternalSite};
+pub use round_steps::RoundSteps;
 
 use coordinator::NetworkBooks;
 use site::{site_task, streaming_site_task};
@@ -380,74 +382,6 @@ fn coordinator_config(
         options.quorum.min(config.sites)
     };
     crate::driver::coordinator_config(config, strategy, params, quorum, options.round_deadline_ms)
-}
-
-/// Where a run's rounds fall in its steps. Round strategies: round r trains steps
-/// [rH, min((r + 1)H, T)). Streaming (P fragments): fragment sync r comes after step
-/// max(⌊(r + 1)H/P⌋, r + 1) while that is before T, as in the in-memory driver, then P final
-/// syncs at T (no training between them).
-#[derive(Clone, Copy, Debug)]
-struct RoundSteps {
-    steps: u64,
-    inner_steps: u64,
-    /// P; 0 for whole-model rounds.
-    fragments: u64,
-}
-
-impl RoundSteps {
-    fn of(config: &RunConfig, strategy: &Strategy) -> RoundSteps {
-        RoundSteps {
-            steps: config.steps,
-            inner_steps: strategy.inner_steps,
-            fragments: strategy.streaming.map_or(0, |s| s.fragments as u64),
-        }
-    }
-
-    /// The step after which round `round`'s updates are sent.
-    fn end_step(&self, round: u64) -> u64 {
-        if self.fragments == 0 {
-            return round
-                .saturating_add(1)
-                .saturating_mul(self.inner_steps)
-                .min(self.steps);
-        }
-        (round.saturating_add(1).saturating_mul(self.inner_steps) / self.fragments)
-            .max(round.saturating_add(1))
-            .min(self.steps)
-    }
-
-    /// The first step round `round` trains.
-    fn first_step(&self, round: u64) -> u64 {
-        if round == 0 {
-            0
-        } else {
-            self.end_step(round - 1)
-        }
-    }
-
-    /// Streaming: fragment syncs during training (those before step T); the end step grows
-    /// strictly with the round, so a binary search finds the first one at T.
-    fn syncs_in_run(&self) -> u64 {
-        let (mut low, mut high) = (0u64, self.steps);
-        while low < high {
-            let middle = low + (high - low) / 2;
-            if self.end_step(middle) < self.steps {
-                low = middle + 1
-            } else {
-                high = middle
-            }
-        }
-        low
-    }
-
-    /// Every round the coordinator runs.
-    fn rounds(&self) -> u64 {
-        if self.fragments == 0 {
-            self.steps.div_ceil(self.inner_steps)
-        } else {
-            self.syncs_in_run() + self.fragments
-        }
-    }
 }
 
 /// What a site task needs besides its state.
