@@ -34,6 +34,7 @@ pub(crate) fn run_site_processes(
     strategy: Strategy,
     split: &Split,
     launch: &SiteLaunch,
+    observer: lowband_runtime::Observer,
 ) -> Result<(RunResult, Vec<String>)> {
     let dir = launch.dir.join(strategy.dir_name());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -54,7 +55,10 @@ pub(crate) fn run_site_processes(
         coordinator,
         site_keys,
         "127.0.0.1:0".parse()?,
-        lowband_runtime::network::NetworkOptions::of(config, crate::nodes::limits(config)),
+        lowband_runtime::network::NetworkOptions {
+            observer: Some(observer),
+            ..lowband_runtime::network::NetworkOptions::of(config, crate::nodes::limits(config))
+        },
         |address| {
             let launcher = Launcher {
                 executable: std::env::current_exe().map_err(|e| RunError::Io {

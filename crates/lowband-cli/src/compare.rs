@@ -94,10 +94,14 @@ pub struct CompareArgs {
     /// its state: continue later with the same command and --resume.
     #[arg(long)]
     pub stop_after_rounds: Option<u64>,
+    /// Serve the run's live view (page, /api/state, /metrics) on PORT (loopback) or HOST:PORT
+    /// while it runs (port 0: any free port; the address is printed).
+    #[arg(long, value_parser = crate::dashboard::parse_listen)]
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 /// The strategies a command runs when neither the flags nor the run file name any.
-pub const STRATEGIES_DEFAULT: &str = "ddp,diloco";
+pub const STRATEGIES_DEFAULT: &str = "ddp,diloco,sparseloco";
 
 /// Settings after the run file and the flags: the run and its strategies.
 pub(crate) fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>)> {
@@ -316,7 +320,13 @@ pub fn run_with_driver(
     network.apply(&mut config)?;
     let run_dir = prepare_run_dir(args, &config, &strategies)?;
     let (split, source, floor) = load_split(&config, &strategies)?;
+    let watch = crate::dashboard::Watch::start(
+        &run_dir.name,
+        strategies.iter().map(|s| s.name()).collect(),
+        args.dashboard,
+    )?;
     let persistence = Persistence {
+        observer: Some(watch.observer()),
         state_dir: Some(run_dir.path.join("state")),
         stop_after_rounds: args.stop_after_rounds,
     };
@@ -334,8 +344,9 @@ pub fn run_with_driver(
             _ => None,
         };
         results.push(if networked {
-            let (result, happened) = run_networked(&config, strategy.clone(), &split, launch)
-                .map_err(crate::failure::ran)?;
+            let (result, happened) =
+                run_networked(&config, strategy.clone(), &split, launch, watch.observer())
+                    .map_err(crate::failure::ran)?;
             events.extend(
                 happened
                     .into_iter()
@@ -345,6 +356,7 @@ pub fn run_with_driver(
         } else {
             run_one(&config, strategy.clone(), &split, &persistence).map_err(crate::failure::ran)?
         });
+        watch.finished(results.last().expect("just pushed"));
     }
     match driver {
         Driver::Loopback => println!("\ncluster: the round and streaming strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
@@ -361,6 +373,7 @@ pub fn run_with_driver(
     };
     report::write_all(&comparison, &run_dir.path, args.run.json.as_deref())
         .map_err(crate::failure::ran)?;
+    watch.finish(&run_dir.path)?;
     Ok(Outcome {
         config,
         results,
@@ -374,6 +387,7 @@ fn run_networked(
     strategy: Strategy,
     split: &Split,
     launch: Option<SiteLaunch>,
+    observer: lowband_runtime::Observer,
 ) -> Result<(RunResult, Vec<String>)> {
     let spinner = ProgressBar::new_spinner()
         .with_message(format!("{} over QUIC on loopback", strategy.name()));
@@ -384,10 +398,11 @@ fn run_networked(
             strategy,
             split,
             lowband_net::Limits::default(),
+            Some(observer),
         )
         .map(|r| (r, Vec::new()))
         .map_err(anyhow::Error::from),
-        Some(launch) => run_site_processes(config, strategy, split, &launch),
+        Some(launch) => run_site_processes(config, strategy, split, &launch, observer),
     };
     match result {
         Ok((r, events)) => {

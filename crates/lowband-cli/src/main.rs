@@ -7,6 +7,7 @@ mod bench;
 mod cluster;
 mod compare;
 mod coordinator_bench;
+mod dashboard;
 mod engine_cmds;
 mod failure;
 mod files;
@@ -85,6 +86,9 @@ enum Command {
     /// Loss charts (against tokens and against inter-site bytes) of several run directories
     /// together: strategies run as separate commands, judged on one chart.
     Plot(plot_runs::PlotArgs),
+    /// Serve a finished run's live view again (its page, /api/state, /metrics) from its
+    /// events.jsonl.
+    View(dashboard::ViewArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,6 +108,9 @@ struct ClusterArgs {
     /// with the current parameters). Without it the run goes on without that site.
     #[arg(long, conflicts_with = "in_process")]
     restart_sites: bool,
+    /// Serve the run's live view (page, /api/state, /metrics) on PORT (loopback) or HOST:PORT.
+    #[arg(long, value_parser = dashboard::parse_listen)]
+    dashboard: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -224,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 run: args.run,
                 resume: false,
                 stop_after_rounds: None,
+                dashboard: args.dashboard,
             },
             if args.in_process {
                 compare::Driver::Loopback
@@ -235,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             &args.network,
         )
         .map(|_| ()),
+        Some(Command::View(args)) => dashboard::view(&args),
         Some(Command::Train(args)) => train::run(&args),
         Some(Command::Init(args)) => engine_cmds::init(&args),
         Some(Command::Eval(args)) => engine_cmds::eval(&args),

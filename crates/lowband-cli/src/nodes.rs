@@ -73,6 +73,9 @@ pub struct CoordinatorArgs {
     /// restarted after a crash); without it the run starts over.
     #[arg(long)]
     resume: bool,
+    /// Serve the run's live view (page, /api/state, /metrics) on PORT (loopback) or HOST:PORT.
+    #[arg(long, value_parser = crate::dashboard::parse_listen)]
+    dashboard: Option<std::net::SocketAddr>,
 }
 
 /// The `[network]` settings as flags (each overrides the run file; defaults in `--help`).
@@ -172,7 +175,10 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         );
     }
     let address_file = args.address_file.clone();
+    let watch =
+        crate::dashboard::Watch::start(&args.name, vec![cluster.strategy.name()], args.dashboard)?;
     let options = lowband_runtime::network::NetworkOptions {
+        observer: Some(watch.observer()),
         state_dir: Some(args.runs_dir.join(&args.name).join("coordinator-state")),
         resume: args.resume,
         ..lowband_runtime::network::NetworkOptions::of(&cluster.config, limits(&cluster.config))
@@ -187,6 +193,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
     };
     let (result, source, floor) = serve(&cluster, identity, args.listen, options, listening)?;
     let result = result.map_err(|e| crate::failure::ran(e.into()))?;
+    watch.finished(&result);
     let results = vec![result];
     let comparison = Comparison {
         config: &cluster.config,
@@ -201,7 +208,8 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<()> {
         &args.runs_dir.join(&args.name),
         args.json.as_deref(),
     )
-    .map_err(crate::failure::ran)
+    .map_err(crate::failure::ran)?;
+    watch.finish(&args.runs_dir.join(&args.name))
 }
 
 /// Serve the cluster's rounds: an external model's (PyTorch sites) or lowband's own. The result,

@@ -91,6 +91,48 @@ pub fn loss_curves(results: &[RunResult], by_tokens: &Path, by_bytes: &Path) -> 
     loss_curves_with(&series, by_tokens, by_bytes, loss)
 }
 
+/// Validation loss against emulated seconds (log), every strategy: what each reaches for the
+/// same wall-clock time on the run's link (the start, at 0 s, is off a log axis).
+pub fn loss_vs_time(results: &[RunResult], path: &Path) -> Result<()> {
+    // (Milliseconds in the series' first slot, as the plot's points are integers there.)
+    let series: Vec<LossSeries> = results
+        .iter()
+        .map(|r| {
+            let points = r
+                .metrics
+                .iter()
+                .filter_map(|m| match m {
+                    Metric::Eval {
+                        emulated_seconds,
+                        val_loss,
+                        ..
+                    } => Some(((emulated_seconds * 1e3) as u64, 0, *val_loss)),
+                    _ => None,
+                })
+                .collect();
+            (r.strategy.name(), points)
+        })
+        .collect();
+    let (lo, hi) = loss_range(&series);
+    let longest = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0 as f64 / 1e3))
+        .fold(1.0, f64::max);
+    plot(
+        path,
+        (
+            "validation loss vs emulated wall-clock time (log)",
+            "seconds (compute + link)",
+            "validation loss",
+        ),
+        0.1..longest * 1.5,
+        lo..hi,
+        &series,
+        |p| (p.0 >= 100).then_some((p.0 as f64 / 1e3, p.2)),
+        true,
+    )
+}
+
 /// Per round: (tokens, inter-site bytes, the sites' mean training loss over the round's steps).
 fn round_training_points(r: &RunResult) -> Vec<(u64, u64, f64)> {
     let steps: Vec<(u64, f32)> = r

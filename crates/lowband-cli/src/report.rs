@@ -83,6 +83,15 @@ pub struct StrategySummary {
     pub fragments: Option<usize>,
     #[serde(default)]
     pub overlap_steps: Option<u64>,
+    /// The comparison at equal time on the emulated link: when the fastest strategy of the run
+    /// finished (its emulated seconds), this strategy's latest validation loss measured by then
+    /// and the step it was measured at (None: no validation loss, an external model's run).
+    #[serde(default)]
+    pub equal_time_seconds: Option<f64>,
+    #[serde(default)]
+    pub val_loss_at_equal_time: Option<f64>,
+    #[serde(default)]
+    pub step_at_equal_time: Option<u64>,
 }
 
 impl StrategySummary {
@@ -132,6 +141,7 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
         .results
         .iter()
         .find(|r| r.strategy.kind == StrategyKind::Ddp);
+    let equal_time = equal_time_seconds(c.results);
     c.results
         .iter()
         .map(|r| {
@@ -189,9 +199,39 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                     .collect(),
                 fragments: r.strategy.streaming.as_ref().map(|s| s.fragments),
                 overlap_steps: r.strategy.streaming.as_ref().map(|s| s.overlap_steps),
+                equal_time_seconds: equal_time,
+                val_loss_at_equal_time: equal_time
+                    .and_then(|t| loss_by(r, t))
+                    .map(|(_, loss)| loss),
+                step_at_equal_time: equal_time.and_then(|t| loss_by(r, t)).map(|(step, _)| step),
             }
         })
         .collect()
+}
+
+/// When the run's fastest strategy finished, on the emulated link (None: nothing evaluated).
+fn equal_time_seconds(results: &[RunResult]) -> Option<f64> {
+    results
+        .iter()
+        .filter(|r| !eval_points(r).is_empty())
+        .map(|r| r.emulated_seconds())
+        .min_by(f64::total_cmp)
+}
+
+/// The latest validation loss of `r` measured by emulated second `seconds`, and its step.
+fn loss_by(r: &RunResult, seconds: f64) -> Option<(u64, f64)> {
+    r.metrics
+        .iter()
+        .filter_map(|m| match m {
+            Metric::Eval {
+                step,
+                emulated_seconds,
+                val_loss,
+                ..
+            } if *emulated_seconds <= seconds * (1.0 + 1e-9) => Some((*step, *val_loss)),
+            _ => None,
+        })
+        .next_back()
 }
 
 /// 1234567 → "1.2 MB" (SI units).
@@ -209,8 +249,12 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
 /// The comparison table as markdown (printed and put in report.md).
 pub fn table(rows: &[StrategySummary]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "| strategy | val loss | gap vs DDP | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round (up) | bits/param/step (all) | rounds | emulated time | egress $ |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let equal_time = rows
+        .iter()
+        .find_map(|r| r.equal_time_seconds)
+        .map_or("-".to_string(), |t| format!("{t:.1} s"));
+    let _ = writeln!(out, "| strategy | val loss | gap vs DDP | val loss at {equal_time} (equal time) | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round (up) | bits/param/step (all) | rounds | emulated time | egress $ |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let gap = r
             .loss_gap_vs_ddp
@@ -223,12 +267,17 @@ pub fn table(rows: &[StrategySummary]) -> String {
         } else {
             format!("{:.4}", r.final_val_loss)
         };
+        let at_equal_time = match (r.val_loss_at_equal_time, r.step_at_equal_time) {
+            (Some(loss), Some(step)) => format!("{loss:.4} (step {step})"),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
             r.strategy,
             loss,
             gap,
+            at_equal_time,
             human_bytes(r.inter_site_bytes),
             ratio,
             r.bits_per_token,
@@ -432,6 +481,9 @@ fn notes(c: &Comparison) -> String {
         }
     }
     let _ = writeln!(out, "- Emulated time: slowest site's measured compute on this machine + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
+    if let Some(t) = equal_time_seconds(c.results) {
+        let _ = writeln!(out, "- Equal time: the validation loss each strategy had reached (its latest evaluation, every {} steps and at the start) when the fastest finished, {t:.1} s into its emulated run; on this link that is what a strategy buys for the same wall-clock time (chart: loss_vs_time.svg). The val loss column compares at equal tokens.", c.config.eval_every_steps);
+    }
     if let Some(floor) = c.floor {
         let best = c
             .results
@@ -486,7 +538,7 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
     // The report next, before anything else that may fail (metrics, packets, charts).
     let config_toml = toml::to_string(c.config).unwrap_or_default();
     let report = format!(
-        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n{projection}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
+        "# lowband compare: {}\n\nCorpus: {}\n\n{table}\n{trust}\n{notes}\n{projection}\n![loss vs tokens](loss_vs_tokens.svg)\n![loss vs bytes](loss_vs_bytes.svg)\n![loss vs time](loss_vs_time.svg)\n\n## Settings\n\n```toml\n{config_toml}```\n",
         c.name, c.corpus
     );
     write_atomic(&run_dir.join("report.md"), report.as_bytes())?;
@@ -516,7 +568,10 @@ pub fn write_all(c: &Comparison, run_dir: &Path, json: Option<&Path>) -> Result<
         &run_dir.join("loss_vs_tokens.svg"),
         &run_dir.join("loss_vs_bytes.svg"),
     )?;
-    println!("wrote {}/ (report.md, summary.json, metrics.jsonl, loss_vs_tokens.svg, loss_vs_bytes.svg, packets/)", run_dir.display());
+    if c.config.model.is_none() {
+        crate::plots::loss_vs_time(c.results, &run_dir.join("loss_vs_time.svg"))?;
+    }
+    println!("wrote {}/ (report.md, summary.json, metrics.jsonl, events.jsonl, loss_vs_tokens.svg, loss_vs_bytes.svg, loss_vs_time.svg, packets/)", run_dir.display());
     Ok(())
 }
 

@@ -68,6 +68,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         run: args.run.clone(),
         resume: args.resume,
         stop_after_rounds: None,
+        dashboard: None,
     };
     settings.run.name = Some(
         settings

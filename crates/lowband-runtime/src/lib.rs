@@ -13,6 +13,7 @@ pub mod external;
 pub mod ledger;
 pub mod link;
 pub mod network;
+pub mod observe;
 pub mod run_file;
 pub mod state;
 pub mod strategy;
@@ -22,6 +23,7 @@ pub use config::RunConfig;
 pub use driver::{run, Metric, Persistence, Progress, RunResult};
 pub use ledger::{Endpoint, Ledger};
 pub use link::LinkProfile;
+pub use observe::{Observer, RunEvent};
 pub use strategy::{Strategy, StrategyKind};
 
 use std::path::PathBuf;

@@ -174,6 +174,7 @@ fn a_run_stopped_midway_resumes_to_exactly_the_uninterrupted_result() {
         };
         let straight = go(&c, strategy, &Persistence::default()).unwrap();
         let persistence = Persistence {
+            observer: None,
             state_dir: Some(dir.path().to_path_buf()),
             stop_after_rounds: Some(2),
         };
@@ -188,6 +189,7 @@ fn a_run_stopped_midway_resumes_to_exactly_the_uninterrupted_result() {
             &c,
             strategy,
             &Persistence {
+                observer: None,
                 state_dir: Some(dir.path().to_path_buf()),
                 stop_after_rounds: None,
             },
@@ -242,6 +244,7 @@ fn compressed_rounds_send_exactly_their_codec_sizes_and_resume_exactly() {
         assert!(r.final_val_loss.is_finite());
         let dir = tempfile::tempdir().unwrap();
         let stop = Persistence {
+            observer: None,
             state_dir: Some(dir.path().to_path_buf()),
             stop_after_rounds: Some(2),
         };
@@ -253,6 +256,7 @@ fn compressed_rounds_send_exactly_their_codec_sizes_and_resume_exactly() {
             &c,
             name,
             &Persistence {
+                observer: None,
                 state_dir: Some(dir.path().to_path_buf()),
                 stop_after_rounds: None,
             },
@@ -321,6 +325,7 @@ fn resuming_under_other_settings_or_from_a_corrupted_state_is_refused() {
         ..config(2, 12, 3)
     };
     let stop = Persistence {
+        observer: None,
         state_dir: Some(dir.path().to_path_buf()),
         stop_after_rounds: Some(2),
     };
@@ -329,6 +334,7 @@ fn resuming_under_other_settings_or_from_a_corrupted_state_is_refused() {
         Err(RunError::Stopped { .. })
     ));
     let resume = Persistence {
+        observer: None,
         state_dir: Some(dir.path().to_path_buf()),
         stop_after_rounds: None,
     };
@@ -410,9 +416,9 @@ fn randomized_codecs_resume_exactly() {
     for name in ["sparseloco[up=randomk:k=64,chunk=4096,values=q2,seed=5;down=randomk:k=256,chunk=4096,values=q2,seed=6]", "diloco-4bit[up=int4:round=stochastic,seed=3;down=int4:round=stochastic,seed=4]"] {
         let straight = go(&c, name, &Persistence::default()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let stop = Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(1) };
+        let stop = Persistence { observer: None, state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: Some(1) };
         assert!(matches!(go(&c, name, &stop), Err(RunError::Stopped { .. })), "{name}");
-        let resumed = go(&c, name, &Persistence { state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None }).unwrap();
+        let resumed = go(&c, name, &Persistence { observer: None, state_dir: Some(dir.path().to_path_buf()), stop_after_rounds: None }).unwrap();
         assert!(resumed.final_params == straight.final_params, "{name}: the resumed parameters differ");
         assert_eq!(resumed.ledger, straight.ledger, "{name}");
     }
@@ -430,6 +436,7 @@ fn a_streaming_run_stopped_midway_resumes_exactly() {
     let straight = go(&c, name, &Persistence::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let stop = Persistence {
+        observer: None,
         state_dir: Some(dir.path().to_path_buf()),
         stop_after_rounds: Some(5),
     };
@@ -438,6 +445,7 @@ fn a_streaming_run_stopped_midway_resumes_exactly() {
         &c,
         name,
         &Persistence {
+            observer: None,
             state_dir: Some(dir.path().to_path_buf()),
             stop_after_rounds: None,
         },

@@ -55,6 +55,7 @@ fn run_both(c: &RunConfig, strategy: &str) -> (RunResult, RunResult) {
         Strategy::parse(strategy, c.inner_steps).unwrap(),
         &s,
         Limits::default(),
+        None,
     )
     .unwrap();
     assert_eq!(network.rounds, memory.rounds, "{strategy}");
@@ -141,6 +142,7 @@ fn ddp_is_refused_with_a_reason() {
         Strategy::parse("ddp", 4).unwrap(),
         &s,
         Limits::default(),
+        None,
     )
     .expect_err("refused")
     .to_string();

@@ -157,6 +157,7 @@ fn an_attacked_run_resumes_to_exactly_the_uninterrupted_result() {
     let straight = go(&c, "diloco", &Persistence::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let stop = Persistence {
+        observer: None,
         state_dir: Some(dir.path().to_path_buf()),
         stop_after_rounds: Some(4),
     };
@@ -168,6 +169,7 @@ fn an_attacked_run_resumes_to_exactly_the_uninterrupted_result() {
         &c,
         "diloco",
         &Persistence {
+            observer: None,
             state_dir: Some(dir.path().to_path_buf()),
             stop_after_rounds: None,
         },

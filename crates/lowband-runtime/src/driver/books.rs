@@ -8,6 +8,7 @@ use lowband_engine::{preset, Gpt, LrSchedule};
 use lowband_protocol::{Action, Coordinator};
 
 use super::*;
+use crate::observe::{Observer, RunEvent};
 
 /// A sync's largest message each way, in bytes (what the link model times).
 #[derive(Clone, Copy, Debug, Default)]
@@ -49,6 +50,8 @@ pub(crate) struct Common<'a> {
     pub(crate) corpus: lowband_data::CorpusFingerprint,
     pub(super) inputs: Vec<u32>,
     pub(super) targets: Vec<u32>,
+    /// Who watches the run as it goes (the live view).
+    pub(crate) observer: Option<Observer>,
 }
 
 /// The evaluator of an engine run: the model and the validation windows.
@@ -115,7 +118,61 @@ impl<'a> Common<'a> {
             sample_packets: Vec::new(),
             inputs: Vec::new(),
             targets: Vec::new(),
+            observer: None,
         }
+    }
+
+    /// Let `observer` watch the run from here on: it learns the run's size and the sites' keys
+    /// (hex; none in memory) first.
+    pub(crate) fn observe(
+        &mut self,
+        observer: Option<Observer>,
+        site_keys: Vec<String>,
+        params: usize,
+    ) {
+        self.observer = observer;
+        let event = RunEvent::Started {
+            strategy: self.strategy.name(),
+            sites: self.config.sites,
+            steps: self.config.steps,
+            tokens_per_step: self.tokens_per_site_step() * self.config.sites as u64,
+            params,
+            price_per_gb: self.config.link.price_per_gb,
+            site_keys,
+        };
+        self.notify(|| event);
+    }
+
+    /// Tell the observer, if there is one (`event` is built only then).
+    pub(crate) fn notify(&self, event: impl FnOnce() -> RunEvent) {
+        if let Some(observer) = &self.observer {
+            observer.notify(&event());
+        }
+    }
+
+    /// Record a metric (and tell the observer).
+    pub(crate) fn record_metric(&mut self, metric: Metric) {
+        let emulated_seconds = self.emulated_seconds();
+        if let Some(observer) = &self.observer {
+            observer.notify(&RunEvent::Metric {
+                strategy: self.strategy.name(),
+                emulated_seconds,
+                metric: metric.clone(),
+            });
+        }
+        self.metrics.push(metric);
+    }
+
+    /// Count `bytes` on the link `from` → `to` in `round` (and tell the observer).
+    pub(crate) fn record_bytes(&mut self, round: u64, from: Endpoint, to: Endpoint, bytes: u64) {
+        self.ledger.record(round, from, to, bytes);
+        self.notify(|| RunEvent::Traffic {
+            strategy: self.strategy.name(),
+            round,
+            from,
+            to,
+            bytes,
+        });
     }
 
     /// The parameters every strategy starts from (the seed's initialization).
@@ -185,8 +242,24 @@ impl<'a> Common<'a> {
         Ok(())
     }
 
+    /// A run that starts at step 0 evaluates its initial parameters first (every strategy's
+    /// curve starts at the same point, and a loss is measured at any time of the run: what the
+    /// report's comparison at equal time reads). Nothing for an external model, or for a run
+    /// that evaluates only at its end (`eval_every_steps = 0`).
+    pub(crate) fn evaluate_initial(&mut self, params: &[f32]) -> Result<(), RunError> {
+        if self.evaluation.is_none()
+            || self.config.eval_every_steps == 0
+            || !self.metrics.is_empty()
+        {
+            return Ok(());
+        }
+        let (val_loss, windows) = self.evaluate(params, Some(self.config.eval_windows))?;
+        self.push_eval(0, val_loss, windows);
+        Ok(())
+    }
+
     pub(super) fn push_eval(&mut self, step: u64, val_loss: f64, windows: usize) {
-        self.metrics.push(Metric::Eval {
+        self.record_metric(Metric::Eval {
             step,
             tokens: step * self.tokens_per_site_step() * self.config.sites as u64,
             inter_site_bytes: self.ledger.total_bytes(),
@@ -223,10 +296,11 @@ impl<'a> Common<'a> {
     pub(super) fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
         for (i, sum) in loss_sums.iter().enumerate() {
             let step = first + i as u64;
-            self.metrics.push(Metric::Step {
+            let lr = self.schedule.lr_at(step);
+            self.record_metric(Metric::Step {
                 step,
                 loss: sum / sites as f32,
-                lr: self.schedule.lr_at(step),
+                lr,
             });
         }
     }
@@ -282,7 +356,7 @@ impl Common<'_> {
         for k in 0..sites as u32 {
             let next = (k + 1) % sites as u32;
             if next != k {
-                self.ledger.record(
+                self.record_bytes(
                     step,
                     Endpoint::Site(k),
                     Endpoint::Site(next),
@@ -326,7 +400,7 @@ pub(crate) fn absorb(
         match action {
             Action::Send { to, bytes } => sends.push((to, bytes)),
             Action::RoundClosed(report) => {
-                common.metrics.push(Metric::Round {
+                common.record_metric(Metric::Round {
                     round: report.round,
                     step,
                     inter_site_bytes: common.ledger.total_bytes(),
@@ -345,12 +419,12 @@ pub(crate) fn absorb(
             // The in-memory driver saves its own resumable state (see `checkpoint_every_rounds`).
             Action::Checkpoint { .. } => {}
             // A hostile (or broken) site: logged, scored by the coordinator, the run goes on.
-            Action::Rejected { from, reason } => common.metrics.push(Metric::Refused {
+            Action::Rejected { from, reason } => common.record_metric(Metric::Refused {
                 round: round_of_refusal,
                 site: from,
                 reason: reason.to_string(),
             }),
-            Action::Excluded { site, reason } => common.metrics.push(Metric::Excluded {
+            Action::Excluded { site, reason } => common.record_metric(Metric::Excluded {
                 round: round_of_refusal,
                 site,
                 reason,

@@ -20,6 +20,7 @@ pub(super) fn run_ddp(
         first_step = saved.step;
         saved.restore_ddp(&mut common, &mut trainer, &mut samplers)?;
     }
+    common.evaluate_initial(&initial)?;
     // Ring all-reduce of fp32 gradients: each site sends 2(K − 1)/K x 4 bytes x params per step.
     let bytes_per_site = (2 * (k_sites - 1) * 4 * n as u64) / k_sites;
     let mut sum = vec![0.0f32; n];
@@ -34,7 +35,7 @@ pub(super) fn run_ddp(
         slowest += start.elapsed().as_secs_f64();
         common.compute_seconds += slowest;
         common.add_all_reduce(step, bytes_per_site, 4 * n as u64);
-        common.metrics.push(Metric::Step {
+        common.record_metric(Metric::Step {
             step,
             loss: loss_sum / k_sites as f32,
             lr,

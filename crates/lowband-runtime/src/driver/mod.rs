@@ -136,12 +136,15 @@ impl RunResult {
     }
 }
 
-/// Where and how often to save a resumable state, and where to stop early (to test resuming).
+/// What a run keeps and tells besides its result: where to save a resumable state, where to
+/// stop early (to test resuming), and who watches it as it goes.
 #[derive(Clone, Debug, Default)]
 pub struct Persistence {
     pub state_dir: Option<std::path::PathBuf>,
     /// Stop after this many rounds as if killed (tests).
     pub stop_after_rounds: Option<u64>,
+    /// The live view's observer (every metric and ledger entry as it is recorded).
+    pub observer: Option<crate::Observer>,
 }
 
 pub(crate) struct SiteRuntime {
@@ -367,9 +370,10 @@ pub fn run(
     }
     refuse_external(config)?;
     let kind = strategy.kind;
-    let common = Common::new(config, strategy, split)?;
+    let mut common = Common::new(config, strategy, split)?;
     // Every strategy starts from the seed's initial parameters (the evaluator was built from them).
     let initial = common.initial_params()?;
+    common.observe(persistence.observer.clone(), Vec::new(), initial.len());
     match kind {
         StrategyKind::Ddp => ddp::run_ddp(common, initial, persistence, progress),
         StrategyKind::Rounds if common.strategy.streaming.is_some() => {

@@ -20,6 +20,7 @@ pub(super) fn run_rounds(
         step = saved.step;
         saved.restore_rounds(&mut common, &mut coordinator, &mut sites)?;
     }
+    common.evaluate_initial(&initial)?;
     let mut sends = start_in_memory(&mut common, &mut coordinator, step)?;
     let mut losses = vec![0.0f32; strategy.inner_steps.min(config.steps) as usize];
     while step < config.steps {
@@ -87,7 +88,7 @@ fn train_round(
         slowest_seconds: 0.0,
     };
     for (to, bytes) in sends {
-        common.ledger.record(
+        common.record_bytes(
             round,
             Endpoint::Coordinator,
             Endpoint::Site(to),
@@ -133,7 +134,7 @@ fn merge_round(
     let now_ms = (common.emulated_seconds() * 1e3) as u64;
     let mut sends = Sends::new();
     for (from, bytes) in updates {
-        common.ledger.record(
+        common.record_bytes(
             round,
             Endpoint::Site(from),
             Endpoint::Coordinator,

@@ -28,6 +28,7 @@ pub(super) fn run_streaming(
         first_step = saved.step;
         due_step = saved.restore_streaming(&mut common, &mut coordinator, &mut sites)?;
     }
+    common.evaluate_initial(&initial)?;
     let mut in_flight: Option<(u64, Sends)> = Some((
         due_step,
         start_in_memory(&mut common, &mut coordinator, first_step)?,
@@ -145,7 +146,7 @@ fn sync_fragment(
     {
         let update = site.update(round, range.clone(), &uplink)?;
         up_bytes = up_bytes.max(update.len() as u64);
-        common.ledger.record(
+        common.record_bytes(
             round,
             Endpoint::Site(k as u32),
             Endpoint::Coordinator,
@@ -215,7 +216,7 @@ fn deliver(
                 .map_err(|e| {
                     RunError::Protocol(format!("the coordinator sent a malformed broadcast: {e}"))
                 })?;
-            common.ledger.record(
+            common.record_bytes(
                 round,
                 Endpoint::Coordinator,
                 Endpoint::Site(to),

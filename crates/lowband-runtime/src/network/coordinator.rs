@@ -11,7 +11,7 @@ use lowband_protocol::Coordinator;
 
 use crate::driver::{absorb, checkpoint_due, Common, Metric, SyncBytes};
 use crate::ledger::Endpoint;
-use crate::RunError;
+use crate::{RunError, RunEvent};
 
 use super::checkpoints::Checkpoints;
 use super::RoundSteps;
@@ -31,7 +31,7 @@ fn push_reported(common: &mut Common, first_step: u64, reported: &BTreeMap<u32, 
             count += 1;
         }
         let step = first_step + i as u64;
-        common.metrics.push(Metric::Step {
+        common.record_metric(Metric::Step {
             step,
             loss: sum / count as f32,
             lr: common.schedule.lr_at(step),
@@ -62,7 +62,7 @@ fn absorb_network(
                 reports.retain(|round, _| *round > report.round);
                 push_reported(common, rounds.first_step(report.round), &reported);
                 for site in std::mem::take(&mut report.missing) {
-                    common.metrics.push(Metric::Missed {
+                    common.record_metric(Metric::Missed {
                         round: report.round,
                         site,
                     });
@@ -109,6 +109,7 @@ impl<'a> NetworkBooks<'a> {
         NetworkBooks {
             common,
             persistence: crate::Persistence {
+                observer: None,
                 state_dir,
                 stop_after_rounds: None,
             },
@@ -153,7 +154,7 @@ impl Host for NetworkBooks<'_> {
     }
 
     fn record(&mut self, record: Record) {
-        self.common.metrics.push(match record {
+        self.common.record_metric(match record {
             Record::Joined { round, site } => Metric::Joined { round, site },
             Record::Left {
                 round,
@@ -179,7 +180,7 @@ impl Host for NetworkBooks<'_> {
     fn sent(&mut self, round: u64, to: u32, message: &Bytes, sealed_bytes: usize) {
         if round <= self.counted_rounds {
             self.sync.down = self.sync.down.max(sealed_bytes as u64);
-            self.common.ledger.record(
+            self.common.record_bytes(
                 round,
                 Endpoint::Coordinator,
                 Endpoint::Site(to),
@@ -192,7 +193,7 @@ impl Host for NetworkBooks<'_> {
     }
 
     fn received(&mut self, round: u64, from: u32, packet: &[u8], sealed_bytes: usize) {
-        self.common.ledger.record(
+        self.common.record_bytes(
             round,
             Endpoint::Site(from),
             Endpoint::Coordinator,
@@ -202,6 +203,12 @@ impl Host for NetworkBooks<'_> {
         if packet.is_empty() {
             return;
         }
+        self.common.notify(|| RunEvent::Arrived {
+            strategy: self.common.strategy.name(),
+            round,
+            site: from,
+            bytes: sealed_bytes as u64,
+        });
         self.sync.up = self.sync.up.max(sealed_bytes as u64);
         if from == 0 {
             self.common
@@ -217,6 +224,14 @@ impl Host for NetworkBooks<'_> {
         sealed_bytes: usize,
     ) {
         self.common.telemetry_bytes += sealed_bytes as u64;
+        if let Some(report) = &report {
+            self.common.notify(|| RunEvent::Report {
+                strategy: self.common.strategy.name(),
+                round,
+                site: from,
+                seconds: report.seconds,
+            });
+        }
         if let Some(report) = report {
             self.reports.entry(round).or_default().insert(from, report);
         }

@@ -115,6 +115,9 @@ pub struct NetworkOptions {
     /// Continue from the state saved there (after a crash or `kill -9`: at most the round in
     /// flight is redone); without it a saved state is removed and the run starts over.
     pub resume: bool,
+    /// The live view's observer (metrics, ledger entries, the sites' reports and updates as
+    /// they arrive).
+    pub observer: Option<crate::Observer>,
 }
 
 impl NetworkOptions {
@@ -127,6 +130,7 @@ impl NetworkOptions {
             join_timeout_ms: config.network.join_timeout_ms,
             state_dir: None,
             resume: false,
+            observer: None,
         }
     }
 }
@@ -137,9 +141,14 @@ pub fn run_over_loopback(
     strategy: Strategy,
     split: &Split,
     limits: Limits,
+    observer: Option<crate::Observer>,
 ) -> Result<RunResult, RunError> {
     check_networkable(config, &strategy, split)?;
-    run_loopback(config, strategy, split, NetworkOptions::of(config, limits))
+    let options = NetworkOptions {
+        observer,
+        ..NetworkOptions::of(config, limits)
+    };
+    run_loopback(config, strategy, split, options)
 }
 
 fn check_networkable(
@@ -235,6 +244,7 @@ fn serve_books(
         initial,
     )?;
     let persistence = crate::Persistence {
+        observer: None,
         state_dir: options.state_dir.clone(),
         stop_after_rounds: None,
     };
@@ -261,6 +271,12 @@ fn serve_books(
         ),
         None => {}
     }
+    common.observe(
+        options.observer.clone(),
+        served.site_keys.iter().map(|k| k.to_string()).collect(),
+        coordinator.global().len(),
+    );
+    common.evaluate_initial(coordinator.global())?;
     let mut books = NetworkBooks::new(common, options.state_dir.clone(), coordinator.round());
     let serve_options = lowband_net::ServeOptions {
         final_parameters: !served.sites_start_synced,
@@ -460,7 +476,7 @@ fn run_loopback(
     options: NetworkOptions,
 ) -> Result<RunResult, RunError> {
     let limits = options.limits.clone();
-    let common = Common::new(config, strategy.clone(), split)?;
+    let mut common = Common::new(config, strategy.clone(), split)?;
     let settings = join::join_settings(config, &strategy, Some(common.corpus));
     let initial = common.initial_params()?;
     let mut coordinator = Coordinator::new(
@@ -477,6 +493,12 @@ fn run_loopback(
         .map(|_| Identity::generate().map(Arc::new))
         .collect::<Result<_, _>>()?;
     let site_keys: Vec<PublicKey> = site_identities.iter().map(|i| i.public_key()).collect();
+    common.observe(
+        options.observer.clone(),
+        site_keys.iter().map(|k| k.to_string()).collect(),
+        initial.len(),
+    );
+    common.evaluate_initial(&initial)?;
     let mut books = NetworkBooks::new(common, None, coordinator.round());
     let mut site_threads = Vec::new();
     // Once the coordinator listens: a thread per site (it trains while its client's own runtime
