@@ -248,6 +248,18 @@ fn a_killed_site_shows_as_gone_then_back_on_the_page() {
     for (k, key) in sites.iter().enumerate() {
         assert_eq!(shown["strategies"][0]["site_views"][k]["key"], key[..16]);
     }
+    // Each site's measured rates both ways and its merged updates, once its reports say so.
+    wait_until(
+        Duration::from_secs(60),
+        "no site measured both ways",
+        || {
+            let shown = state(&dashboard);
+            let site = &shown["strategies"][0]["site_views"][0];
+            site["up_mbit_per_s"].as_f64().is_some_and(|r| r > 0.0)
+                && site["down_mbit_per_s"].as_f64().is_some_and(|r| r > 0.0)
+                && site["accepted"].as_u64().is_some_and(|n| n >= 1)
+        },
+    );
     site_processes[1].0.kill().unwrap();
     let _ = site_processes[1].0.wait();
     wait_until(

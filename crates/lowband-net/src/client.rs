@@ -11,7 +11,7 @@
 //! and trains for the newest round only), and say which round to train.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lowband_protocol::link::close;
@@ -76,12 +76,22 @@ pub enum Message {
     Ended(Next),
 }
 
+/// What a site received from its coordinator over some time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Download {
+    pub bytes: u64,
+    /// From each message's first byte to its last, summed.
+    pub seconds: f64,
+}
+
 /// A site's connection to its coordinator.
 pub struct SiteClient {
     runtime: tokio::runtime::Runtime,
     node: Node,
     peer: Peer,
     inbox: UnboundedReceiver<Result<Vec<u8>, NetError>>,
+    /// What arrived from the coordinator since `take_download` last asked.
+    downloads: Arc<Mutex<Download>>,
     link: SiteLink,
     options: ClientOptions,
     started: Instant,
@@ -118,9 +128,10 @@ impl SiteClient {
         let started = Instant::now();
         let mut link = SiteLink::new(LinkPolicy::new(options.reconnect_ms), 0);
         let peer = runtime.block_on(join(&node, &options, &mut link, started))?;
+        let downloads = Arc::new(Mutex::new(Download::default()));
         let inbox = {
             let _inside = runtime.enter();
-            read_from_coordinator(&peer)
+            read_from_coordinator(&peer, downloads.clone())
         };
         let leave = options.leave_on_ctrl_c.then(|| {
             let (tx, rx) = tokio::sync::watch::channel(());
@@ -136,12 +147,20 @@ impl SiteClient {
             node,
             peer,
             inbox,
+            downloads,
             link,
             options,
             started,
             leave,
             reconnected: true,
         })
+    }
+
+    /// Bytes received from the coordinator, and the seconds they took from each message's first
+    /// byte to its last, since the last call: what a site's training report says of its
+    /// download (its measured rate, for the live view).
+    pub fn take_download(&mut self) -> Download {
+        std::mem::take(&mut *self.downloads.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn now_ms(&self) -> u64 {
@@ -348,7 +367,7 @@ impl SiteClient {
         ))?;
         self.inbox = {
             let _inside = self.runtime.enter();
-            read_from_coordinator(&self.peer)
+            read_from_coordinator(&self.peer, self.downloads.clone())
         };
         self.reconnected = true;
         tracing::info!(
@@ -435,12 +454,20 @@ fn refused(options: &ClientOptions, e: NetError) -> ClientError {
 
 /// What the coordinator sends, as it arrives, until the connection ends (a reader task, so that
 /// the connection is served while the site trains).
-fn read_from_coordinator(peer: &Peer) -> UnboundedReceiver<Result<Vec<u8>, NetError>> {
+fn read_from_coordinator(
+    peer: &Peer,
+    downloads: Arc<Mutex<Download>>,
+) -> UnboundedReceiver<Result<Vec<u8>, NetError>> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let reader = peer.clone();
     tokio::spawn(async move {
         loop {
-            let message = reader.recv().await;
+            let message = reader.recv_timed().await.map(|(bytes, took)| {
+                let mut download = downloads.lock().unwrap_or_else(|e| e.into_inner());
+                download.bytes += bytes.len() as u64;
+                download.seconds += took.as_secs_f64();
+                bytes
+            });
             let closed = matches!(message, Err(NetError::Closed(_) | NetError::Ended { .. }));
             if tx.send(message).is_err() || closed {
                 return;

@@ -23,7 +23,7 @@ pub mod transport;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-pub use client::{ClientError, ClientOptions, Message, Next, SiteClient};
+pub use client::{ClientError, ClientOptions, Download, Message, Next, SiteClient};
 pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
 pub use serve::{serve, Host, Record, Sends, ServeOptions};
 pub use shaper::{LinkShape, Shaper};

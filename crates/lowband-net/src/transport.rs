@@ -270,9 +270,16 @@ impl Peer {
     /// The next message. A message over the size limit is refused (its stream is stopped) and
     /// reported as `TooLarge`; the connection stays up.
     pub async fn recv(&self) -> Result<Vec<u8>, NetError> {
+        self.recv_timed().await.map(|(bytes, _)| bytes)
+    }
+
+    /// `recv`, and how long the message took to arrive from its first byte to its last (its
+    /// transfer time, without the latency before it).
+    pub async fn recv_timed(&self) -> Result<(Vec<u8>, std::time::Duration), NetError> {
         let mut stream = self.connection.accept_uni().await.map_err(lost)?;
+        let first_byte = std::time::Instant::now();
         match stream.read_to_end(self.message_bytes_max).await {
-            Ok(bytes) => Ok(bytes),
+            Ok(bytes) => Ok((bytes, first_byte.elapsed())),
             Err(quinn::ReadToEndError::TooLong) => {
                 let _ = stream.stop(1u32.into());
                 Err(NetError::TooLarge {

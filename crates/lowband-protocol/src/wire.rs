@@ -148,11 +148,18 @@ impl JoinRequest {
 ///      0    8 training seconds (f64 LE, finite, >= 0)
 ///      8    4 steps h (u32 LE)
 ///     12   4h the training loss of each step (f32 LE, finite)
+/// 12+4h    8 bytes received from the coordinator since the last report (u64 LE)
+/// 20+4h    8 seconds they took, each message from its first byte to its last (f64 LE, >= 0)
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+/// (The last 16 bytes may be absent: nothing said of the download.)
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TrainingReport {
     pub seconds: f64,
     pub losses: Vec<f32>,
+    /// What the site received since its last report, and the seconds it took (its download's
+    /// measured rate, for the live view).
+    pub received_bytes: u64,
+    pub received_seconds: f64,
 }
 
 impl TrainingReport {
@@ -163,7 +170,14 @@ impl TrainingReport {
         for loss in &self.losses {
             payload.extend_from_slice(&loss.to_le_bytes());
         }
+        payload.extend_from_slice(&self.received_bytes.to_le_bytes());
+        payload.extend_from_slice(&self.received_seconds.to_le_bytes());
         encode(MessageKind::Report, round, site, &payload)
+    }
+
+    /// The largest payload of a report for a round of at most `steps_max` steps.
+    pub fn payload_bytes_max(steps_max: usize) -> usize {
+        28 + 4 * steps_max
     }
 
     /// The report in a kind-4 message's payload, for a round of at most `steps_max` steps.
@@ -177,20 +191,36 @@ impl TrainingReport {
         if steps > steps_max {
             return bad(format!("{steps} steps, a round has at most {steps_max}"));
         }
-        if payload.len() != 12 + 4 * steps {
+        let losses_end = 12 + 4 * steps;
+        if payload.len() != losses_end && payload.len() != losses_end + 16 {
             return bad(format!("{} bytes for {steps} steps", payload.len()));
         }
         if !(seconds.is_finite() && seconds >= 0.0) {
             return bad(format!("training seconds {seconds}"));
         }
-        let losses: Vec<f32> = payload[12..]
+        let (received_bytes, received_seconds) = match payload.get(losses_end..) {
+            Some(tail) if tail.len() == 16 => (
+                u64::from_le_bytes(tail[..8].try_into().expect("8 bytes")),
+                f64::from_le_bytes(tail[8..].try_into().expect("8 bytes")),
+            ),
+            _ => (0, 0.0),
+        };
+        if !(received_seconds.is_finite() && received_seconds >= 0.0) {
+            return bad(format!("download seconds {received_seconds}"));
+        }
+        let losses: Vec<f32> = payload[12..losses_end]
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
         if let Some(loss) = losses.iter().find(|l| !l.is_finite()) {
             return bad(format!("a loss of {loss}"));
         }
-        Ok(TrainingReport { seconds, losses })
+        Ok(TrainingReport {
+            seconds,
+            losses,
+            received_bytes,
+            received_seconds,
+        })
     }
 }
 
@@ -368,11 +398,16 @@ mod tests {
         let report = TrainingReport {
             seconds: 1.25,
             losses: vec![2.5, 2.25, 2.0],
+            received_bytes: 3_400_000,
+            received_seconds: 0.5,
         };
         let bytes = report.encode(4, 1);
         let m = decode(&bytes, 1 << 10).unwrap();
         assert_eq!((m.kind, m.round, m.site), (MessageKind::Report, 4, 1));
         assert_eq!(TrainingReport::decode(m.payload, 10).unwrap(), report);
+        // Without its last 16 bytes it says nothing of the download.
+        let short = TrainingReport::decode(&m.payload[..m.payload.len() - 16], 10).unwrap();
+        assert_eq!((short.losses.len(), short.received_bytes), (3, 0));
         // More steps than a round has, a length that does not match, a non-finite value.
         assert!(matches!(
             TrainingReport::decode(m.payload, 2),
@@ -389,6 +424,7 @@ mod tests {
         let nan = TrainingReport {
             seconds: 1.0,
             losses: vec![f32::NAN],
+            ..TrainingReport::default()
         }
         .encode(0, 0);
         assert!(matches!(
@@ -397,7 +433,7 @@ mod tests {
         ));
         let negative = TrainingReport {
             seconds: -1.0,
-            losses: vec![],
+            ..TrainingReport::default()
         }
         .encode(0, 0);
         assert!(matches!(

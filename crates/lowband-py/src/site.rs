@@ -340,9 +340,12 @@ impl Site {
                 }
             };
             let report = report.then(|| {
+                let received = client.take_download();
                 TrainingReport {
                     seconds: seconds.max(0.0),
                     losses,
+                    received_bytes: received.bytes,
+                    received_seconds: received.seconds,
                 }
                 .encode(round, index)
             });

@@ -41,12 +41,18 @@ pub enum RunEvent {
         to: Endpoint,
         bytes: u64,
     },
-    /// Networked: site `site` trained `seconds` for round `round` and is sending its update.
+    /// Networked: site `site` trained `seconds` for round `round` and is sending its update;
+    /// since its last report it received `received_bytes` from the coordinator in
+    /// `received_seconds` (each message from its first byte to its last).
     Report {
         strategy: String,
         round: u64,
         site: u32,
         seconds: f64,
+        #[serde(default)]
+        received_bytes: u64,
+        #[serde(default)]
+        received_seconds: f64,
     },
     /// Networked: site `site`'s update for round `round` arrived (`bytes` on the wire; refused
     /// or not is the protocol's to say, in a later metric).

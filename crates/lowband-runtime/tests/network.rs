@@ -101,10 +101,10 @@ fn over_quic_the_run_is_bitwise_the_in_memory_run() {
             "{strategy}: the same refusals and exclusions"
         );
         // The sites' training reports (which gave the per-step losses) are counted beside the
-        // ledger: per site and round, a 28-byte envelope, 12 bytes, 4 per step and a 64-byte
+        // ledger: per site and round, a 28-byte envelope, 28 bytes, 4 per step and a 64-byte
         // signature. (The attacked run excludes its attacker after a few rounds: fewer reports.)
         let every_site_every_round =
-            c.sites as u64 * (c.steps / c.inner_steps) * (28 + 12 + 4 * c.inner_steps + 64);
+            c.sites as u64 * (c.steps / c.inner_steps) * (28 + 28 + 4 * c.inner_steps + 64);
         if attacks.is_empty() {
             assert_eq!(
                 network.telemetry_bytes, every_site_every_round,

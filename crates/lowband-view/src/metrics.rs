@@ -106,6 +106,12 @@ const FAMILIES: &[Family] = &[
         samples: |v, l, out| per_site(v, l, out, |site| site.refused as f64),
     },
     Family {
+        name: "lowband_site_accepted_total",
+        help: "A site's updates the coordinator merged.",
+        kind: "counter",
+        samples: |v, l, out| per_site(v, l, out, |site| site.accepted as f64),
+    },
+    Family {
         name: "lowband_site_compute_seconds_total",
         help: "Seconds a site reported training.",
         kind: "counter",

@@ -59,7 +59,15 @@ pub struct SiteView {
     pub bytes_down: u64,
     /// Its last update's bytes over its upload time (networked runs).
     pub up_mbit_per_s: Option<f64>,
+    /// What it received since its previous report over the time that took, as it measured
+    /// (each message from its first byte to its last; networked runs).
+    pub down_mbit_per_s: Option<f64>,
+    /// Its updates merged, and refused (the trust checks), and its last update's L2 norm and
+    /// cosine with the sum of the others' (what those checks look at).
+    pub accepted: u64,
     pub refused: u64,
+    pub norm: Option<f32>,
+    pub cosine: Option<f32>,
     pub last_reason: Option<String>,
     /// (wall second, state) of its latest state changes, oldest first.
     pub history: VecDeque<(f64, SiteState)>,
@@ -83,7 +91,11 @@ impl SiteView {
             bytes_up: 0,
             bytes_down: 0,
             up_mbit_per_s: None,
+            down_mbit_per_s: None,
+            accepted: 0,
             refused: 0,
+            norm: None,
+            cosine: None,
             last_reason: None,
             history: VecDeque::from([(wall, state)]),
             reported_at: None,
@@ -370,9 +382,14 @@ fn apply_to(view: &mut StrategyView, event: &RunEvent, wall: f64) {
             round,
             site,
             seconds,
+            received_bytes,
+            received_seconds,
             ..
         } => {
             if let Some(s) = view.site(*site) {
+                if *received_bytes > 0 && *received_seconds > 0.0 {
+                    s.down_mbit_per_s = Some(*received_bytes as f64 * 8.0 / received_seconds / 1e6);
+                }
                 s.compute_seconds += seconds;
                 s.round = Some(*round);
                 s.reported_at = Some(wall);
@@ -387,7 +404,7 @@ fn apply_to(view: &mut StrategyView, event: &RunEvent, wall: f64) {
                 if let Some(at) = s.reported_at.take() {
                     let upload = wall - at;
                     s.sending_seconds += upload;
-                    if upload > 1e-4 {
+                    if upload > 0.0 {
                         s.up_mbit_per_s = Some(*bytes as f64 * 8.0 / upload / 1e6);
                     }
                 }
@@ -467,13 +484,35 @@ fn apply_metric(view: &mut StrategyView, metric: &Metric, emulated: f64, wall: f
             wall_seconds: wall,
             loss: *val_loss,
         }),
-        Metric::Round { round, .. } => {
+        Metric::Round {
+            round,
+            update_norms,
+            update_cosines,
+            ..
+        } => {
             view.rounds = round + 1;
             let closed = view.round_view(*round);
             closed.closed_wall_seconds = Some(wall);
+            let mut merged = Vec::new();
             for arrival in &mut closed.arrivals {
                 if arrival.status == "arrived" {
                     arrival.status = "merged";
+                    merged.push(arrival.site);
+                }
+            }
+            for site in merged {
+                if let Some(s) = view.site(site) {
+                    s.accepted += 1;
+                }
+            }
+            for (site, norm) in update_norms {
+                if let Some(s) = view.site(*site) {
+                    s.norm = Some(*norm);
+                }
+            }
+            for (site, cosine) in update_cosines {
+                if let Some(s) = view.site(*site) {
+                    s.cosine = Some(*cosine);
                 }
             }
         }

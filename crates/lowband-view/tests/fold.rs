@@ -55,6 +55,8 @@ fn one_round() -> Vec<(RunEvent, f64)> {
                 round: 0,
                 site: 0,
                 seconds: 2.0,
+                received_bytes: 2_000_000,
+                received_seconds: 0.25,
             },
             2.0,
         ),
@@ -123,6 +125,9 @@ fn a_networked_round_folds_into_sites_timeline_and_totals() {
     assert_eq!(site.state, SiteState::Training);
     // Uploaded 1 MB in 0.5 s: 16 Mbit/s; waited from 2.5 s to the broadcast at 3.0 s.
     assert!((site.up_mbit_per_s.unwrap() - 16.0).abs() < 1e-9);
+    // It received 2 MB in 0.25 s: 64 Mbit/s.
+    assert!((site.down_mbit_per_s.unwrap() - 64.0).abs() < 1e-9);
+    assert_eq!((site.accepted, view.site_views[1].accepted), (1, 0));
     assert!((site.waiting_seconds - 0.5).abs() < 1e-9);
     assert_eq!(site.compute_seconds, 2.0);
     let states: Vec<SiteState> = site.history.iter().map(|(_, s)| *s).collect();

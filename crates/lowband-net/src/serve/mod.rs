@@ -506,7 +506,7 @@ impl<'a> Shell<'a> {
         // goes to the protocol, which refuses it and forfeits the round (so garbage cannot
         // stall a round by looking like a report).
         let steps_max = self.options.report_steps_max;
-        if let Some(message) = wire::decode(packet, 12 + 4 * steps_max)
+        if let Some(message) = wire::decode(packet, TrainingReport::payload_bytes_max(steps_max))
             .ok()
             .filter(|m| m.kind == MessageKind::Report)
         {

@@ -230,6 +230,8 @@ impl Host for NetworkBooks<'_> {
                 round,
                 site: from,
                 seconds: report.seconds,
+                received_bytes: report.received_bytes,
+                received_seconds: report.received_seconds,
             });
         }
         if let Some(report) = report {

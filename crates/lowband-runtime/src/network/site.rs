@@ -79,9 +79,12 @@ pub(super) fn site_task(
         }
         // The training report, then the update (the coordinator reads a connection's messages
         // in order, so the report is in before the update can close the round).
+        let received = client.take_download();
         let report = TrainingReport {
             seconds: took,
             losses,
+            received_bytes: received.bytes,
+            received_seconds: received.seconds,
         }
         .encode(round, site.site.id());
         match send_all(&mut client, [report, update])? {
@@ -215,9 +218,12 @@ fn streaming_connection(
                 return Ok(end);
             }
         }
+        let received = client.take_download();
         let report = TrainingReport {
             seconds,
             losses: std::mem::take(&mut losses),
+            received_bytes: received.bytes,
+            received_seconds: received.seconds,
         }
         .encode(round, site.site.id());
         seconds = 0.0;
@@ -249,7 +255,14 @@ fn final_syncs(
     (seconds, losses): (f64, Vec<f32>),
 ) -> Result<Next, RunError> {
     if !losses.is_empty() {
-        let report = TrainingReport { seconds, losses }.encode(round, site.site.id());
+        let received = client.take_download();
+        let report = TrainingReport {
+            seconds,
+            losses,
+            received_bytes: received.bytes,
+            received_seconds: received.seconds,
+        }
+        .encode(round, site.site.id());
         if let Some(end) = send_all(client, [report])? {
             return Ok(end);
         }

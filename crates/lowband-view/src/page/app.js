@@ -121,9 +121,12 @@ function drawSites(s) {
       text(site.sending_seconds, 2),
       text(site.waiting_seconds, 2),
       text(site.up_mbit_per_s, 1),
+      text(site.down_mbit_per_s, 1),
       bytes(site.bytes_up),
       bytes(site.bytes_down),
+      text(site.accepted),
       text(site.refused),
+      text(site.cosine, 2),
       site.last_reason ?? "",
     ];
     return element("tr", { class: "site", "data-state": site.state }, cells.map((c) => element("td", {}, [c])));
