@@ -62,6 +62,12 @@ pub struct RunArgs {
     /// garbage; e.g. `--attacks 2:scale=-10`. DDP, the reference, runs honest.
     #[arg(long, value_parser = parse_attack, value_delimiter = ',')]
     pub attacks: Vec<lowband_runtime::Attack>,
+    /// Relative compute speed of each site, comma-separated (e.g. `1,1,0.7,0.4`): the emulated
+    /// clock charges each site its measured compute over its speed, so a round waits for its
+    /// slowest site as it would across data centers of different hardware (see goodput in the
+    /// report). It changes when things happen, not what is computed.
+    #[arg(long, value_delimiter = ',')]
+    pub site_speeds: Vec<f64>,
     /// Write the machine-readable summary (summary.json's content) here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -147,6 +153,9 @@ pub(crate) fn run_settings(args: &RunArgs) -> Result<(RunConfig, Option<Vec<Stri
     if !args.attacks.is_empty() {
         config.attacks = args.attacks.clone();
     }
+    if !args.site_speeds.is_empty() {
+        config.site_speeds = args.site_speeds.clone();
+    }
     if let Some(v) = &args.corpus {
         config.corpus = Some(v.clone());
     }
@@ -192,7 +201,8 @@ fn strategies_of(names: &[String], config: &RunConfig) -> Result<Vec<Strategy>> 
 
 /// A refused setting, named as the file names it and as the flag that sets it.
 pub(crate) fn setting_error(field: &str, reason: &str) -> anyhow::Error {
-    const FLAGS: [&str; 10] = [
+    const FLAGS: [&str; 11] = [
+        "site_speeds",
         "preset",
         "sites",
         "site_batch",

@@ -9,6 +9,7 @@ mod compare;
 mod coordinator_bench;
 mod dashboard;
 mod engine_cmds;
+mod equal_time;
 mod failure;
 mod files;
 mod help;
@@ -22,6 +23,7 @@ mod robustness;
 mod settings;
 mod shape;
 mod site_bench;
+mod summary_table;
 mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};

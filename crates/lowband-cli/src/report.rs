@@ -9,6 +9,9 @@ use lowband_engine::checkpoint::write_atomic;
 use lowband_runtime::{Endpoint, Metric, RunConfig, RunResult, StrategyKind};
 use serde::{Deserialize, Serialize};
 
+use crate::equal_time::{equal_time_seconds, loss_by};
+use crate::summary_table::table;
+
 pub struct Comparison<'a> {
     pub config: &'a RunConfig,
     pub results: &'a [RunResult],
@@ -92,6 +95,12 @@ pub struct StrategySummary {
     pub val_loss_at_equal_time: Option<f64>,
     #[serde(default)]
     pub step_at_equal_time: Option<u64>,
+    /// The share of the sites' emulated time that went into merged updates (not waiting for
+    /// slower sites, not refused): the sites' mean, and each site's.
+    #[serde(default)]
+    pub goodput: Option<f64>,
+    #[serde(default)]
+    pub site_goodput: Vec<f64>,
 }
 
 impl StrategySummary {
@@ -204,91 +213,11 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                     .and_then(|t| loss_by(r, t))
                     .map(|(_, loss)| loss),
                 step_at_equal_time: equal_time.and_then(|t| loss_by(r, t)).map(|(step, _)| step),
+                goodput: (!r.site_goodput.is_empty()).then(|| r.goodput()),
+                site_goodput: r.site_goodput.clone(),
             }
         })
         .collect()
-}
-
-/// When the run's fastest strategy finished, on the emulated link (None: nothing evaluated).
-fn equal_time_seconds(results: &[RunResult]) -> Option<f64> {
-    results
-        .iter()
-        .filter(|r| !eval_points(r).is_empty())
-        .map(|r| r.emulated_seconds())
-        .min_by(f64::total_cmp)
-}
-
-/// The latest validation loss of `r` measured by emulated second `seconds`, and its step.
-fn loss_by(r: &RunResult, seconds: f64) -> Option<(u64, f64)> {
-    r.metrics
-        .iter()
-        .filter_map(|m| match m {
-            Metric::Eval {
-                step,
-                emulated_seconds,
-                val_loss,
-                ..
-            } if *emulated_seconds <= seconds * (1.0 + 1e-9) => Some((*step, *val_loss)),
-            _ => None,
-        })
-        .next_back()
-}
-
-/// 1234567 → "1.2 MB" (SI units).
-pub(crate) fn human_bytes(bytes: u64) -> String {
-    let units = ["B", "KB", "MB", "GB", "TB", "PB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < units.len() {
-        value /= 1000.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", units[unit])
-}
-
-/// The comparison table as markdown (printed and put in report.md).
-pub fn table(rows: &[StrategySummary]) -> String {
-    let mut out = String::new();
-    let equal_time = rows
-        .iter()
-        .find_map(|r| r.equal_time_seconds)
-        .map_or("-".to_string(), |t| format!("{t:.1} s"));
-    let _ = writeln!(out, "| strategy | val loss | gap vs DDP | val loss at {equal_time} (equal time) | inter-site bytes | DDP bytes / bytes | bits/token | bits/param/round (up) | bits/param/step (all) | rounds | emulated time | egress $ |");
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for r in rows {
-        let gap = r
-            .loss_gap_vs_ddp
-            .map_or("-".into(), |g| format!("{:+.1}%", g * 100.0));
-        let ratio = r
-            .bytes_ratio_vs_ddp
-            .map_or("-".into(), |x| format!("{x:.1}x"));
-        let loss = if r.final_val_loss.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.4}", r.final_val_loss)
-        };
-        let at_equal_time = match (r.val_loss_at_equal_time, r.step_at_equal_time) {
-            (Some(loss), Some(step)) => format!("{loss:.4} (step {step})"),
-            _ => "-".into(),
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.3} | {:.4} | {} | {:.1} s | {:.4} |",
-            r.strategy,
-            loss,
-            gap,
-            at_equal_time,
-            human_bytes(r.inter_site_bytes),
-            ratio,
-            r.bits_per_token,
-            r.bits_per_param_per_round,
-            r.bits_per_param_per_step.unwrap_or(f64::NAN),
-            r.rounds,
-            r.emulated_seconds,
-            r.egress_dollars
-        );
-    }
-    out
 }
 
 /// Who attacked, and what the coordinator made of every site (when there is anything to say).
@@ -481,6 +410,20 @@ fn notes(c: &Comparison) -> String {
         }
     }
     let _ = writeln!(out, "- Emulated time: slowest site's measured compute on this machine + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
+    let speeds = &c.config.site_speeds;
+    let speeds = if speeds.is_empty() {
+        "every site at the same speed".to_string()
+    } else {
+        format!(
+            "site speeds {} (each site's measured compute over its speed)",
+            speeds
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let _ = writeln!(out, "- Goodput: the share of the sites' emulated time (compute + link) that went into updates that were merged, not into waiting for the slowest site or the link, nor into refused updates; {speeds}.");
     if let Some(t) = equal_time_seconds(c.results) {
         let _ = writeln!(out, "- Equal time: the validation loss each strategy had reached (its latest evaluation, every {} steps and at the start) when the fastest finished, {t:.1} s into its emulated run; on this link that is what a strategy buys for the same wall-clock time (chart: loss_vs_time.svg). The val loss column compares at equal tokens.", c.config.eval_every_steps);
     }
@@ -593,31 +536,4 @@ pub fn eval_points(r: &RunResult) -> Vec<(u64, u64, f64)> {
             }
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// README.md shows the default run's table; it is rendered here from that run's summary
-    /// (docs/default-run-summary.json), so the README cannot drift from what `cargo run
-    /// --release` prints. After a change to the default run or the table: run `cargo run
-    /// --release`, copy `runs/<name>/summary.json` to docs/default-run-summary.json and the
-    /// printed table into the README.
-    #[test]
-    fn the_readme_shows_the_table_the_default_run_prints() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let summary: Summary = serde_json::from_str(
-            &std::fs::read_to_string(root.join("docs/default-run-summary.json")).unwrap(),
-        )
-        .unwrap();
-        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-        let shown: String = readme
-            .lines()
-            .skip_while(|l| !l.starts_with("| strategy | val loss"))
-            .take_while(|l| l.starts_with('|'))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        assert_eq!(shown, table(&summary.strategies));
-    }
 }

@@ -58,6 +58,12 @@ pub struct RunConfig {
     /// last part (the same fraction) of the training split instead. For screening candidates,
     /// never for the figures a benchmark reports.
     pub tuning: bool,
+    /// Relative compute speed of each site, in site order (empty: all 1): the emulated clock
+    /// charges site k its measured compute divided by its speed, so that sites of different
+    /// speeds can be measured on one machine (`--site-speeds 1,1,0.7,0.4`). It changes when
+    /// things happen on the emulated clock (a round waits for its slowest site), never what is
+    /// computed.
+    pub site_speeds: Vec<f64>,
     /// Deadlines and retries of a networked run (`coordinator`, `site`, `cluster`).
     pub network: NetworkConfig,
     /// A model that is not lowband's engine (a PyTorch site's; see `crate::external`): the
@@ -139,6 +145,7 @@ impl Default for RunConfig {
             corpus: None,
             corpus_bytes: CORPUS_BYTES_DEFAULT,
             tuning: false,
+            site_speeds: Vec::new(),
             network: NetworkConfig::default(),
             model: None,
         }
@@ -226,6 +233,7 @@ impl RunConfig {
             return Err(("validation_fraction", "must be in (0, 1)".into()));
         }
         self.validate_attacks()?;
+        self.validate_site_speeds()?;
         if self.corpus.is_none() {
             check_corpus_bytes(self.corpus_bytes).map_err(|e| ("corpus_bytes", e))?;
         }
@@ -259,6 +267,36 @@ impl RunConfig {
             network: NetworkConfig::default(),
             ..self.clone()
         }
+    }
+
+    /// Site k's relative compute speed (1 unless `site_speeds` says otherwise).
+    pub fn site_speed(&self, k: usize) -> f64 {
+        self.site_speeds.get(k).copied().unwrap_or(1.0)
+    }
+
+    /// One speed per site (or none), each a positive number.
+    fn validate_site_speeds(&self) -> Result<(), (&'static str, String)> {
+        if !self.site_speeds.is_empty() && self.site_speeds.len() != self.sites {
+            return Err((
+                "site_speeds",
+                format!(
+                    "{} speeds for {} sites (give one per site, or none)",
+                    self.site_speeds.len(),
+                    self.sites
+                ),
+            ));
+        }
+        if let Some(speed) = self
+            .site_speeds
+            .iter()
+            .find(|s| !(s.is_finite() && **s > 0.0 && **s <= 1000.0))
+        {
+            return Err((
+                "site_speeds",
+                format!("{speed} is not a relative speed (a number above 0, at most 1000)"),
+            ));
+        }
+        Ok(())
     }
 
     /// Hostile sites: each a site of the run, one attack each, and not all of them.

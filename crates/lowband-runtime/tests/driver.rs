@@ -297,6 +297,20 @@ fn invalid_configs_name_their_field() {
         ),
         (
             RunConfig {
+                site_speeds: vec![1.0],
+                ..config(2, 1, 1)
+            },
+            "site_speeds",
+        ),
+        (
+            RunConfig {
+                site_speeds: vec![1.0, 0.0],
+                ..config(2, 1, 1)
+            },
+            "site_speeds",
+        ),
+        (
+            RunConfig {
                 preset: "huge".into(),
                 ..config(1, 1, 1)
             },
@@ -462,4 +476,36 @@ fn a_streaming_run_stopped_midway_resumes_exactly() {
     );
     assert_eq!(resumed.rounds, straight.rounds);
     assert_eq!(resumed.metrics.len(), straight.metrics.len());
+}
+
+/// Site speeds change when things happen on the emulated clock, never what is computed; a slow
+/// site is busy for more of the run (the fast ones wait for it), and every share is in (0, 1].
+#[test]
+fn site_speeds_charge_each_site_its_own_compute_and_change_no_result() {
+    let even = config(2, 12, 4);
+    let uneven = RunConfig {
+        site_speeds: vec![1.0, 0.2],
+        ..even.clone()
+    };
+    for strategy in ["ddp", "diloco", "streaming@8[fragments=2;overlap=1]"] {
+        let a = go(&even, strategy, &Persistence::default()).unwrap();
+        let b = go(&uneven, strategy, &Persistence::default()).unwrap();
+        assert_eq!(a.final_params, b.final_params, "{strategy}");
+        assert_eq!(a.metrics.len(), b.metrics.len(), "{strategy}");
+        assert!(
+            b.compute_seconds > a.compute_seconds,
+            "{strategy}: the slow site takes longer"
+        );
+        assert_eq!(b.site_goodput.len(), 2);
+        for g in &b.site_goodput {
+            assert!(*g > 0.0 && *g <= 1.0, "{strategy}: goodput {g}");
+        }
+        // Site 1 computes 5x as long on the emulated clock: the busier share by far.
+        assert!(
+            b.site_goodput[1] > 2.0 * b.site_goodput[0],
+            "{strategy}: {:?}",
+            b.site_goodput
+        );
+        assert!((b.goodput() - (b.site_goodput[0] + b.site_goodput[1]) / 2.0).abs() < 1e-12);
+    }
 }

@@ -226,6 +226,13 @@ fn a_refused_and_excluded_site_has_no_influence_whatever_it_sent() {
                     .any(|m| matches!(m, Metric::Excluded { site: 2, .. })),
                 "{aggregator}: the attacker is excluded"
             );
+            // Its refused updates' compute is not goodput: the attacker's share is the smallest.
+            let honest = r.site_goodput[0].min(r.site_goodput[1]);
+            assert!(
+                r.site_goodput[2] < honest,
+                "{aggregator}: goodput {:?}",
+                r.site_goodput
+            );
         }
         for r in &runs[1..] {
             assert!(

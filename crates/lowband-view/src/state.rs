@@ -489,33 +489,7 @@ fn apply_metric(view: &mut StrategyView, metric: &Metric, emulated: f64, wall: f
             update_norms,
             update_cosines,
             ..
-        } => {
-            view.rounds = round + 1;
-            let closed = view.round_view(*round);
-            closed.closed_wall_seconds = Some(wall);
-            let mut merged = Vec::new();
-            for arrival in &mut closed.arrivals {
-                if arrival.status == "arrived" {
-                    arrival.status = "merged";
-                    merged.push(arrival.site);
-                }
-            }
-            for site in merged {
-                if let Some(s) = view.site(site) {
-                    s.accepted += 1;
-                }
-            }
-            for (site, norm) in update_norms {
-                if let Some(s) = view.site(*site) {
-                    s.norm = Some(*norm);
-                }
-            }
-            for (site, cosine) in update_cosines {
-                if let Some(s) = view.site(*site) {
-                    s.cosine = Some(*cosine);
-                }
-            }
-        }
+        } => round_closed(view, *round, (update_norms, update_cosines), wall),
         Metric::Refused {
             round,
             site,
@@ -555,6 +529,43 @@ fn apply_metric(view: &mut StrategyView, metric: &Metric, emulated: f64, wall: f
         }
         Metric::Missed { round, site } => {
             view.arrival(*round, *site).status = "missed";
+        }
+    }
+}
+
+/// (site, value) pairs of a round's report.
+type PerSite = [(u32, f32)];
+
+/// Round `round` closed: what arrived was merged; each site's last norm and cosine.
+fn round_closed(
+    view: &mut StrategyView,
+    round: u64,
+    (norms, cosines): (&PerSite, &PerSite),
+    wall: f64,
+) {
+    view.rounds = round + 1;
+    let closed = view.round_view(round);
+    closed.closed_wall_seconds = Some(wall);
+    let mut merged = Vec::new();
+    for arrival in &mut closed.arrivals {
+        if arrival.status == "arrived" {
+            arrival.status = "merged";
+            merged.push(arrival.site);
+        }
+    }
+    for site in merged {
+        if let Some(s) = view.site(site) {
+            s.accepted += 1;
+        }
+    }
+    for (site, norm) in norms {
+        if let Some(s) = view.site(*site) {
+            s.norm = Some(*norm);
+        }
+    }
+    for (site, cosine) in cosines {
+        if let Some(s) = view.site(*site) {
+            s.cosine = Some(*cosine);
         }
     }
 }

@@ -46,7 +46,7 @@ pub fn plans_table(plans: &[Plan]) -> String {
             (p.token_factor - 1.0) * 100.0,
             human_duration(p.wall_seconds),
             p.utilization * 100.0,
-            crate::report::human_bytes(p.wan_bytes as u64),
+            crate::summary_table::human_bytes(p.wan_bytes as u64),
             dollars(p.egress_dollars),
             dollars(p.compute_dollars),
             dollars(p.total_dollars),

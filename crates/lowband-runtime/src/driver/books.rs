@@ -52,6 +52,10 @@ pub(crate) struct Common<'a> {
     pub(super) targets: Vec<u32>,
     /// Who watches the run as it goes (the live view).
     pub(crate) observer: Option<Observer>,
+    /// Per site: emulated compute seconds that went into merged updates (goodput's numerator).
+    pub(crate) site_busy_seconds: Vec<f64>,
+    /// (round, site) of every refused update: its compute is not credited.
+    pub(crate) refused: std::collections::BTreeSet<(u64, u32)>,
 }
 
 /// The evaluator of an engine run: the model and the validation windows.
@@ -119,7 +123,26 @@ impl<'a> Common<'a> {
             inputs: Vec::new(),
             targets: Vec::new(),
             observer: None,
+            site_busy_seconds: vec![0.0; config.sites],
+            refused: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// Credit site `site`'s `seconds` of emulated compute for `round`, unless its update of that
+    /// round was refused (compute thrown away is not goodput).
+    pub(crate) fn credit(&mut self, round: u64, site: u32, seconds: f64) {
+        if self.refused.contains(&(round, site)) {
+            return;
+        }
+        if let Some(busy) = self.site_busy_seconds.get_mut(site as usize) {
+            *busy += seconds;
+        }
+    }
+
+    /// Site `site`'s emulated compute for `measured` seconds on this machine: divided by its
+    /// relative speed (`RunConfig::site_speeds`).
+    pub(crate) fn emulated_compute(&self, site: usize, measured: f64) -> f64 {
+        measured / self.config.site_speed(site)
     }
 
     /// Let `observer` watch the run from here on: it learns the run's size and the sites' keys
@@ -270,7 +293,8 @@ impl<'a> Common<'a> {
     }
 
     /// Train one site for `steps` inner steps from global step `first`; returns the per-step
-    /// losses summed into `losses` and the measured seconds.
+    /// losses summed into `losses` and the seconds on the emulated clock (measured, divided by
+    /// the site's speed).
     pub(super) fn train_site(
         &mut self,
         site: &mut SiteRuntime,
@@ -282,7 +306,7 @@ impl<'a> Common<'a> {
             site_batch: self.config.site_batch,
             context: self.context,
         };
-        train_steps(
+        let measured = train_steps(
             site,
             &self.split()?.shards[shard],
             batch,
@@ -290,7 +314,8 @@ impl<'a> Common<'a> {
             first,
             losses,
             (&mut self.inputs, &mut self.targets),
-        )
+        )?;
+        Ok(self.emulated_compute(shard, measured))
     }
 
     pub(super) fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
@@ -311,7 +336,20 @@ impl<'a> Common<'a> {
             self.push_eval(self.config.steps, final_val_loss, windows);
         }
         let tokens = self.config.steps * self.tokens_per_site_step() * self.config.sites as u64;
+        let elapsed = self.compute_seconds + self.communication_seconds;
+        let site_goodput = self
+            .site_busy_seconds
+            .iter()
+            .map(|busy| {
+                if elapsed > 0.0 {
+                    (busy / elapsed).min(1.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         Ok(RunResult {
+            site_goodput,
             strategy: self.strategy,
             params: params.len(),
             tokens,
@@ -419,11 +457,14 @@ pub(crate) fn absorb(
             // The in-memory driver saves its own resumable state (see `checkpoint_every_rounds`).
             Action::Checkpoint { .. } => {}
             // A hostile (or broken) site: logged, scored by the coordinator, the run goes on.
-            Action::Rejected { from, reason } => common.record_metric(Metric::Refused {
-                round: round_of_refusal,
-                site: from,
-                reason: reason.to_string(),
-            }),
+            Action::Rejected { from, reason } => {
+                common.refused.insert((round_of_refusal, from));
+                common.record_metric(Metric::Refused {
+                    round: round_of_refusal,
+                    site: from,
+                    reason: reason.to_string(),
+                })
+            }
             Action::Excluded { site, reason } => common.record_metric(Metric::Excluded {
                 round: round_of_refusal,
                 site,

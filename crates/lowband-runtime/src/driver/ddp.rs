@@ -26,14 +26,18 @@ pub(super) fn run_ddp(
     let mut sum = vec![0.0f32; n];
     let tokens_total = config.steps * common.tokens_per_site_step() * k_sites;
     for step in first_step..config.steps {
-        let (mut slowest, loss_sum) =
+        let (mut computed, loss_sum) =
             average_gradients(&mut common, &mut trainer, &mut samplers, &mut sum)?;
         let lr = common.schedule.lr_at(step);
         // Every site applies the same AdamW step to its own copy: part of each site's compute.
         let start = Instant::now();
         trainer.apply_gradients(lr)?;
-        slowest += start.elapsed().as_secs_f64();
-        common.compute_seconds += slowest;
+        let applied = start.elapsed().as_secs_f64();
+        for (k, seconds) in computed.iter_mut().enumerate() {
+            *seconds += common.emulated_compute(k, applied);
+            common.credit(step, k as u32, *seconds);
+        }
+        common.compute_seconds += computed.iter().copied().fold(0.0, f64::max);
         common.add_all_reduce(step, bytes_per_site, 4 * n as u64);
         common.record_metric(Metric::Step {
             step,
@@ -69,16 +73,16 @@ pub(super) fn run_ddp(
 }
 
 /// Every site's gradients on its own batch, averaged into the trainer's gradients (the
-/// all-reduce); returns the slowest site's seconds and the summed loss.
+/// all-reduce); returns each site's seconds on the emulated clock and the summed loss.
 fn average_gradients(
     common: &mut Common,
     trainer: &mut CpuTrainer,
     samplers: &mut [Sampler],
     sum: &mut [f32],
-) -> Result<(f64, f32), RunError> {
+) -> Result<(Vec<f64>, f32), RunError> {
     let (config, split) = (common.config, common.split()?);
     let k_sites = config.sites as u64;
-    let (mut slowest, mut loss_sum) = (0.0f64, 0.0f32);
+    let (mut computed, mut loss_sum) = (Vec::with_capacity(samplers.len()), 0.0f32);
     for (k, sampler) in samplers.iter_mut().enumerate() {
         let start = Instant::now();
         sampler.fill(
@@ -101,7 +105,7 @@ fn average_gradients(
         } else {
             sum.iter_mut().zip(grads).for_each(|(s, g)| *s += g);
         }
-        slowest = slowest.max(start.elapsed().as_secs_f64());
+        computed.push(common.emulated_compute(k, start.elapsed().as_secs_f64()));
     }
     let scale = 1.0 / k_sites as f32;
     trainer
@@ -109,5 +113,5 @@ fn average_gradients(
         .iter_mut()
         .zip(sum.iter())
         .for_each(|(g, s)| *g = s * scale);
-    Ok((slowest, loss_sum))
+    Ok((computed, loss_sum))
 }

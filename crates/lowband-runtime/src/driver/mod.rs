@@ -120,11 +120,22 @@ pub struct RunResult {
     /// seconds, `wire::TrainingReport`), sent beside the updates. Telemetry, not the algorithm's
     /// traffic, so not in the ledger; 0 in memory.
     pub telemetry_bytes: u64,
+    /// Per site: the share of the run's emulated time that went into updates that were merged
+    /// (not idle waiting for slower sites, not refused), between 0 and 1.
+    pub site_goodput: Vec<f64>,
 }
 
 impl RunResult {
     pub fn emulated_seconds(&self) -> f64 {
         self.compute_seconds + self.communication_seconds
+    }
+
+    /// The run's goodput: its sites' mean share of the emulated time in merged updates.
+    pub fn goodput(&self) -> f64 {
+        if self.site_goodput.is_empty() {
+            return 0.0;
+        }
+        self.site_goodput.iter().sum::<f64>() / self.site_goodput.len() as f64
     }
 
     /// Bits a site sends per token it trains on, averaged over sites.

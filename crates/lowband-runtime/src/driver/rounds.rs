@@ -44,6 +44,9 @@ pub(super) fn run_rounds(
         common.compute_seconds += trained.slowest_seconds;
         common.add_sync(trained.sync, 0, step);
         sends = merge_round(&mut common, &mut coordinator, trained.updates, round, step)?;
+        for (site, seconds) in trained.computed {
+            common.credit(round, site, seconds);
+        }
         after_round(
             persistence,
             coordinator.round(),
@@ -67,6 +70,8 @@ struct Trained {
     updates: Vec<(u32, Vec<u8>)>,
     sync: SyncBytes,
     slowest_seconds: f64,
+    /// Each site's compute on the emulated clock (credited once the round's refusals are known).
+    computed: Vec<(u32, f64)>,
 }
 
 /// Every site that was sent a packet trains the round's steps from it and makes its update.
@@ -86,6 +91,7 @@ fn train_round(
         updates: Vec::with_capacity(sends.len()),
         sync: SyncBytes::default(),
         slowest_seconds: 0.0,
+        computed: Vec::new(),
     };
     for (to, bytes) in sends {
         common.record_bytes(
@@ -105,6 +111,7 @@ fn train_round(
             .copy_from_slice(site.site.round_start());
         let seconds = common.train_site(site, to as usize, step, losses)?;
         trained.slowest_seconds = trained.slowest_seconds.max(seconds);
+        trained.computed.push((to, seconds));
         let params = site.trainer.params().len();
         let update = site.update(round, 0..params, &uplink)?;
         trained.sync.up = trained.sync.up.max(update.len() as u64);

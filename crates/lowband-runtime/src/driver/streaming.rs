@@ -15,26 +15,16 @@ pub(super) fn run_streaming(
     let streaming = strategy
         .streaming
         .expect("run_streaming needs streaming settings");
-    let n = initial.len();
-    let coordinator_config = coordinator_config(config, &strategy, n, config.sites, 600_000);
-    let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
-    let mut sites: Vec<SiteRuntime> = (0..config.sites)
-        .map(|k| strategy_site(config, &strategy, &initial, k))
-        .collect::<Result<_, _>>()?;
-    // A saved state is taken right after a sync, with its merge in flight: the restored
-    // coordinator sends that merge again, and it arrives at the step it was due.
-    let (mut first_step, mut due_step) = (0u64, 0u64);
-    if let Some(saved) = state::load(persistence, &strategy)? {
-        first_step = saved.step;
-        due_step = saved.restore_streaming(&mut common, &mut coordinator, &mut sites)?;
-    }
-    common.evaluate_initial(&initial)?;
+    let (mut coordinator, mut sites, (first_step, due_step)) =
+        start(&mut common, &initial, persistence)?;
     let mut in_flight: Option<(u64, Sends)> = Some((
         due_step,
         start_in_memory(&mut common, &mut coordinator, first_step)?,
     ));
     let tokens_total = config.steps * common.tokens_per_site_step() * config.sites as u64;
     let mut losses = [0.0f32];
+    // Each site's compute since its last sync, credited once that sync's refusals are known.
+    let mut pending = vec![0.0f64; config.sites];
     let p = streaming.fragments as u64;
     for step in first_step..config.steps {
         // A merge due now arrives before this step's training.
@@ -42,7 +32,14 @@ pub(super) fn run_streaming(
             let (_, sends) = in_flight.take().expect("checked");
             deliver(&mut common, &mut sites, sends, streaming.mix, true)?;
         }
-        let members = train_step(&mut common, &mut sites, &coordinator, step, &mut losses)?;
+        let members = train_step(
+            &mut common,
+            &mut sites,
+            &coordinator,
+            step,
+            &mut losses,
+            &mut pending,
+        )?;
         progress(Progress {
             tokens: (step + 1) * common.tokens_per_site_step() * config.sites as u64,
             tokens_total,
@@ -58,6 +55,7 @@ pub(super) fn run_streaming(
             deliver(&mut common, &mut sites, sends, streaming.mix, true)?;
         }
         let (sends, sync) = sync_fragment(&mut common, &mut coordinator, &mut sites, step + 1)?;
+        credit_pending(&mut common, round, &mut pending);
         // The sites compute on while the sync travels: `overlap_steps` of their step time hides it.
         common.add_sync(sync, streaming.overlap_steps, step + 1);
         in_flight = Some((step + 1 + streaming.overlap_steps, sends));
@@ -76,9 +74,46 @@ pub(super) fn run_streaming(
     if let Some((_, sends)) = in_flight.take() {
         deliver(&mut common, &mut sites, sends, streaming.mix, true)?;
     }
+    let round = coordinator.round();
     final_syncs(&mut common, &mut coordinator, &mut sites, p)?;
+    credit_pending(&mut common, round, &mut pending);
     // The global model: the coordinator's θ (every fragment as last merged).
     finish_rounds(common, &coordinator)
+}
+
+/// The coordinator, the sites, and (first step, step the merge in flight is due).
+type Started = (Coordinator, Vec<SiteRuntime>, (u64, u64));
+
+/// The coordinator and the sites from `initial`, or from the saved state: and the step to
+/// start at with the step the merge in flight is due. (A saved state is taken right after a
+/// sync, with its merge in flight: the restored coordinator sends that merge again, and it
+/// arrives at the step it was due.)
+fn start(
+    common: &mut Common,
+    initial: &[f32],
+    persistence: &Persistence,
+) -> Result<Started, RunError> {
+    let (config, strategy) = (common.config, common.strategy.clone());
+    let coordinator_config =
+        coordinator_config(config, &strategy, initial.len(), config.sites, 600_000);
+    let mut coordinator = Coordinator::new(coordinator_config, initial.to_vec())?;
+    let mut sites: Vec<SiteRuntime> = (0..config.sites)
+        .map(|k| strategy_site(config, &strategy, initial, k))
+        .collect::<Result<_, _>>()?;
+    let (mut first_step, mut due_step) = (0u64, 0u64);
+    if let Some(saved) = state::load(persistence, &strategy)? {
+        first_step = saved.step;
+        due_step = saved.restore_streaming(common, &mut coordinator, &mut sites)?;
+    }
+    common.evaluate_initial(initial)?;
+    Ok((coordinator, sites, (first_step, due_step)))
+}
+
+/// Credit each site's compute since its last sync to `round` (the sync it went into).
+fn credit_pending(common: &mut Common, round: u64, pending: &mut [f64]) {
+    for (k, seconds) in pending.iter_mut().enumerate() {
+        common.credit(round, k as u32, std::mem::take(seconds));
+    }
 }
 
 /// One step of every member (an excluded site is out of the run), its loss summed into
@@ -89,6 +124,7 @@ fn train_step(
     coordinator: &Coordinator,
     step: u64,
     losses: &mut [f32; 1],
+    pending: &mut [f64],
 ) -> Result<usize, RunError> {
     losses[0] = 0.0;
     let mut slowest = 0.0f64;
@@ -98,7 +134,9 @@ fn train_step(
         .enumerate()
         .filter(|(k, _)| members.contains(&(*k as u32)))
     {
-        slowest = slowest.max(common.train_site(site, k, step, losses)?);
+        let seconds = common.train_site(site, k, step, losses)?;
+        pending[k] += seconds;
+        slowest = slowest.max(seconds);
     }
     common.compute_seconds += slowest;
     common.push_steps(step, losses, members.len());

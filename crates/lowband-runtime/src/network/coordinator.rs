@@ -22,7 +22,12 @@ type Reports = BTreeMap<u64, BTreeMap<u32, TrainingReport>>;
 /// A closed round's training as its sites reported it: per step, the mean loss of the sites
 /// that reported (summed in site order, as the in-memory driver does), and the slowest site's
 /// training seconds added to the run's compute time.
-fn push_reported(common: &mut Common, first_step: u64, reported: &BTreeMap<u32, TrainingReport>) {
+/// Returns each reporting site's compute on the emulated clock (its seconds over its speed).
+fn push_reported(
+    common: &mut Common,
+    first_step: u64,
+    reported: &BTreeMap<u32, TrainingReport>,
+) -> Vec<(u32, f64)> {
     let steps = reported.values().map(|r| r.losses.len()).max().unwrap_or(0);
     for i in 0..steps {
         let (mut sum, mut count) = (0.0f32, 0usize);
@@ -37,7 +42,12 @@ fn push_reported(common: &mut Common, first_step: u64, reported: &BTreeMap<u32, 
             lr: common.schedule.lr_at(step),
         });
     }
-    common.compute_seconds += reported.values().map(|r| r.seconds).fold(0.0, f64::max);
+    let seconds: Vec<(u32, f64)> = reported
+        .iter()
+        .map(|(site, r)| (*site, common.emulated_compute(*site as usize, r.seconds)))
+        .collect();
+    common.compute_seconds += seconds.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+    seconds
 }
 
 /// The protocol's actions into the run: metrics, evaluation at a round's close, and the
@@ -53,6 +63,8 @@ fn absorb_network(
     let rounds = RoundSteps::of(common.config, &common.strategy);
     let mut checkpoint = false;
     let mut step = rounds.first_step(coordinator.round());
+    // (Each reporting site's compute, credited once the round's refusals are known.)
+    let mut credits = Vec::new();
     let actions: Vec<lowband_protocol::Action> = actions
         .into_iter()
         .filter_map(|action| match action {
@@ -60,7 +72,13 @@ fn absorb_network(
                 step = rounds.end_step(report.round);
                 let reported = reports.remove(&report.round).unwrap_or_default();
                 reports.retain(|round, _| *round > report.round);
-                push_reported(common, rounds.first_step(report.round), &reported);
+                let computed = push_reported(common, rounds.first_step(report.round), &reported);
+                credits.extend(
+                    computed
+                        .into_iter()
+                        .filter(|(site, _)| !report.missing.contains(site))
+                        .map(|(site, seconds)| (report.round, site, seconds)),
+                );
                 for site in std::mem::take(&mut report.missing) {
                     common.record_metric(Metric::Missed {
                         round: report.round,
@@ -77,6 +95,9 @@ fn absorb_network(
         })
         .collect();
     let sends = absorb(actions, common, coordinator, step)?;
+    for (round, site, seconds) in credits {
+        common.credit(round, site, seconds);
+    }
     // A networked coordinator's state is its crash recovery: due after every round, written
     // behind the rounds (see `Checkpoints`).
     if checkpoint
@@ -154,7 +175,7 @@ impl Host for NetworkBooks<'_> {
     }
 
     fn record(&mut self, record: Record) {
-        self.common.record_metric(match record {
+        let metric = match record {
             Record::Joined { round, site } => Metric::Joined { round, site },
             Record::Left {
                 round,
@@ -169,12 +190,16 @@ impl Host for NetworkBooks<'_> {
                 round,
                 site,
                 reason,
-            } => Metric::Refused {
-                round,
-                site,
-                reason,
-            },
-        });
+            } => {
+                self.common.refused.insert((round, site));
+                Metric::Refused {
+                    round,
+                    site,
+                    reason,
+                }
+            }
+        };
+        self.common.record_metric(metric);
     }
 
     fn sent(&mut self, round: u64, to: u32, message: &Bytes, sealed_bytes: usize) {

@@ -71,6 +71,10 @@ struct Manifest {
     /// times so far (how much compute hides a sync).
     #[serde(default)]
     streaming: Option<(u64, f64)>,
+    /// Per site: emulated compute seconds that went into merged updates (its goodput's
+    /// numerator).
+    #[serde(default)]
+    site_busy_seconds: Vec<f64>,
     /// The text the run trained on: a resume on another corpus is refused.
     corpus: lowband_data::CorpusFingerprint,
     /// `tensors.safetensors` as written (set by `save`): a changed byte is refused on load.
@@ -160,6 +164,7 @@ impl RunState {
             downlink_random: None,
             peak_sync_bytes: common.peak_sync_bytes,
             streaming: None,
+            site_busy_seconds: common.site_busy_seconds.clone(),
             corpus: common.corpus,
             tensors_file: None,
         };
@@ -228,6 +233,9 @@ impl RunState {
         common.communication_seconds = self.manifest.communication_seconds;
         common.next_eval_step = self.manifest.next_eval_step;
         common.peak_sync_bytes = self.manifest.peak_sync_bytes;
+        if self.manifest.site_busy_seconds.len() == common.site_busy_seconds.len() {
+            common.site_busy_seconds = self.manifest.site_busy_seconds.clone();
+        }
         Ok(())
     }
 
@@ -252,10 +260,14 @@ impl RunState {
         if let Some(step) = m.optimizer_steps.iter().find(|s| **s > steps) {
             return bad(format!("an optimizer at step {step} of {steps}"));
         }
+        let busy = m.site_busy_seconds.iter().map(|s| ("a site's busy", *s));
         for (name, seconds) in [
             ("compute", m.compute_seconds),
             ("communication", m.communication_seconds),
-        ] {
+        ]
+        .into_iter()
+        .chain(busy)
+        {
             if !(seconds.is_finite() && seconds >= 0.0) {
                 return bad(format!("{name} time {seconds} s"));
             }
