@@ -7,8 +7,35 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use lowband_net::http::{serve_http, Dashboard, HttpServer, Page};
 use lowband_runtime::{Observer, RunEvent, RunResult};
-use lowband_view::{Dashboard, Live};
+use lowband_view::Live;
+
+/// lowband-view's state, as the network crate's HTTP server reads it.
+struct LiveDashboard(Arc<Live>);
+
+impl Dashboard for LiveDashboard {
+    fn version(&self) -> u64 {
+        self.0.version()
+    }
+    fn state_json(&self, cursors: &mut Vec<(usize, usize)>) -> String {
+        self.0.to_json(cursors)
+    }
+    fn metrics_text(&self) -> String {
+        self.0.prometheus()
+    }
+}
+
+/// Serve `live`'s page, state and metrics on `listen`.
+fn serve(live: Arc<Live>, listen: SocketAddr) -> Result<HttpServer> {
+    let (index_html, app_js, app_css) = lowband_view::PAGE;
+    let page = Page {
+        index_html,
+        app_js,
+        app_css,
+    };
+    Ok(serve_http(Arc::new(LiveDashboard(live)), page, listen)?)
+}
 
 /// `--dashboard` / `--listen`: `PORT` (loopback), or `HOST:PORT` as given (`0.0.0.0:8080` to
 /// let other machines see it).
@@ -25,7 +52,7 @@ pub fn parse_listen(text: &str) -> std::result::Result<SocketAddr, String> {
 /// A run's live view: recorded always, served when asked.
 pub struct Watch {
     live: Arc<Live>,
-    dashboard: Option<Dashboard>,
+    dashboard: Option<HttpServer>,
 }
 
 impl Watch {
@@ -35,7 +62,7 @@ impl Watch {
         let live = Live::new(name, planned);
         let dashboard = match listen {
             Some(address) => {
-                let dashboard = lowband_view::serve(live.clone(), address)?;
+                let dashboard = serve(live.clone(), address)?;
                 println!("dashboard: http://{}/", dashboard.address());
                 Some(dashboard)
             }
@@ -101,7 +128,7 @@ pub fn view(args: &ViewArgs) -> Result<()> {
         |n| n.to_string_lossy().into_owned(),
     );
     let live = Live::replay(&name, &events)?;
-    let dashboard = lowband_view::serve(live, args.listen)?;
+    let dashboard = serve(live, args.listen)?;
     println!("view: http://{}/ (Ctrl-C to stop)", dashboard.address());
     dashboard.serve_forever();
     Ok(())

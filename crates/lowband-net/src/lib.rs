@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod door;
+pub mod http;
 pub mod identity;
 pub mod serve;
 pub mod shaper;

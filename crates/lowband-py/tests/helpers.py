@@ -150,6 +150,35 @@ def relative_difference(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def run_ddp_site(cluster, directory, steps):
+    """Site 0 as a torchrun-style site of 2 gloo ranks (processes), site 1 in this process; the
+    final parameters of rank 0, rank 1 and site 1. Raises if a rank fails."""
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(directory, "gloo-init")
+    out = os.path.join(directory, "ranks")
+    os.makedirs(out)
+    context = mp.get_context("spawn")
+    ranks = [
+        context.Process(
+            target=ddp_rank,
+            args=(rank, 2, init_file, str(cluster.cluster_file), str(cluster.site_keys[0]),
+                  cluster.address, steps, out),
+        )
+        for rank in range(2)
+    ]
+    for process in ranks:
+        process.start()
+    other = train_site(tiny_model(), cluster.site(1), batches(1, steps))
+    for process in ranks:
+        process.join(timeout=120)
+        if process.exitcode != 0:
+            raise AssertionError(f"a rank failed (exit code {process.exitcode})")
+    rank0 = torch.load(os.path.join(out, "rank-0.pt"))
+    rank1 = torch.load(os.path.join(out, "rank-1.pt"))
+    return rank0, rank1, other
+
+
 def ddp_rank(rank, world, init_file, cluster_file, key, address, steps, out_dir):
     """One rank of a torchrun-style site (gloo on CPU): DDP inside the site, rank 0 talks to
     the coordinator. Each rank trains on half of the site's batch; writes its final parameters."""

@@ -7,7 +7,6 @@ import tempfile
 import unittest
 
 import torch
-import torch.multiprocessing as mp
 
 import helpers
 import lowband.torch as lt
@@ -67,27 +66,8 @@ class StreamingSites(unittest.TestCase):
 
     def test_ddp_inside_a_streaming_site_over_gloo(self):
         cluster = self.cluster(EXACT, "ddp")
-        init_file = os.path.join(self.directory.name, "gloo-init")
-        out = os.path.join(self.directory.name, "ranks")
-        os.makedirs(out)
-        context = mp.get_context("spawn")
-        ranks = [
-            context.Process(
-                target=helpers.ddp_rank,
-                args=(rank, 2, init_file, str(cluster.cluster_file), str(cluster.site_keys[0]),
-                      cluster.address, STEPS, out),
-            )
-            for rank in range(2)
-        ]
-        for process in ranks:
-            process.start()
-        other = helpers.train_site(helpers.tiny_model(), cluster.site(1), helpers.batches(1, STEPS))
-        for process in ranks:
-            process.join(timeout=120)
-            self.assertEqual(process.exitcode, 0)
+        rank0, rank1, other = helpers.run_ddp_site(cluster, self.directory.name, STEPS)
         self.assertEqual(cluster.wait(timeout=60), 0, cluster.log_tail())
-        rank0 = torch.load(os.path.join(out, "rank-0.pt"))
-        rank1 = torch.load(os.path.join(out, "rank-1.pt"))
         self.assertTrue(torch.equal(rank0, other))
         self.assertTrue(torch.equal(rank1, other))
         reference = helpers.plain_streaming(SITES, H, STEPS, FRAGMENTS, OVERLAP, MIX)

@@ -9,7 +9,6 @@ import threading
 import unittest
 
 import torch
-import torch.multiprocessing as mp
 
 import helpers
 import lowband.torch as lt
@@ -155,27 +154,8 @@ class TorchSites(unittest.TestCase):
 
     def test_ddp_inside_a_site_over_gloo(self):
         cluster = self.cluster(f"diloco@{H}")
-        init_file = os.path.join(self.directory.name, "gloo-init")
-        out = os.path.join(self.directory.name, "ranks")
-        os.makedirs(out)
-        context = mp.get_context("spawn")
-        ranks = [
-            context.Process(
-                target=helpers.ddp_rank,
-                args=(rank, 2, init_file, str(cluster.cluster_file), str(cluster.site_keys[0]),
-                      cluster.address, STEPS, out),
-            )
-            for rank in range(2)
-        ]
-        for process in ranks:
-            process.start()
-        other = helpers.train_site(helpers.tiny_model(), cluster.site(1), helpers.batches(1, STEPS))
-        for process in ranks:
-            process.join(timeout=120)
-            self.assertEqual(process.exitcode, 0)
+        rank0, rank1, other = helpers.run_ddp_site(cluster, self.directory.name, STEPS)
         self.assertEqual(cluster.wait(timeout=60), 0, cluster.log_tail())
-        rank0 = torch.load(os.path.join(out, "rank-0.pt"))
-        rank1 = torch.load(os.path.join(out, "rank-1.pt"))
         # Both ranks hold the final global parameters, bitwise those the other site got.
         self.assertTrue(torch.equal(rank0, other))
         self.assertTrue(torch.equal(rank1, other))

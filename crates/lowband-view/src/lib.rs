@@ -1,12 +1,12 @@
 //! The live view of a lowband run (`--dashboard ADDR` on `compare`, `cluster` and
 //! `coordinator`; `lowband view runs/NAME` for a finished run): the run's events
-//! (`lowband_runtime::RunEvent`) folded into one state (`state`), served as a page whose script
-//! and styles are embedded in the binary, with updates pushed by server-sent events, as JSON
-//! (`/api/state`) and in the Prometheus text format (`/metrics`, `metrics`). It shows public keys
-//! only: nothing secret ever reaches it.
+//! (`lowband_runtime::RunEvent`) folded into one state (`state`), as JSON (`to_json`), in the
+//! Prometheus text format (`metrics`), and the page that shows it (`PAGE`: HTML, script and
+//! styles embedded in the binary). It shows public keys only: nothing secret ever reaches it.
 //!
-//! The run calls the observer (`Live::observer`) on its own thread; the server runs on a thread
-//! of its own (`server::serve`), so a slow or hostile client never holds up a round.
+//! The run calls the observer (`Live::observer`) on its own thread; `lowband_net::http` serves
+//! the view on a thread of its own (no async code here), so a slow or hostile client never holds
+//! up a round.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,18 +16,21 @@ use lowband_runtime::{Observer, RunEvent};
 use serde::{Deserialize, Serialize};
 
 pub mod metrics;
-pub mod server;
 pub mod state;
 
-pub use server::{serve, Dashboard};
 pub use state::ViewState;
+
+/// The page: (HTML, script, styles).
+pub const PAGE: (&str, &str, &str) = (
+    include_str!("page/index.html"),
+    include_str!("page/app.js"),
+    include_str!("page/app.css"),
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     #[error("{path}: {detail}")]
     Events { path: String, detail: String },
-    #[error("the dashboard cannot listen on {address}: {detail}")]
-    Listen { address: String, detail: String },
 }
 
 /// One line of `events.jsonl`: an event and the wall-clock second (since the run began) it
@@ -38,12 +41,10 @@ pub struct LoggedEvent {
     pub event: RunEvent,
 }
 
-/// A run's view: its state, the events it was folded from (what `events.jsonl` keeps), and the
-/// signal that something changed (what pushes follow).
+/// A run's view: its state and the events it was folded from (what `events.jsonl` keeps).
 pub struct Live {
     inner: Mutex<Inner>,
     began: Instant,
-    changed: tokio::sync::watch::Sender<u64>,
 }
 
 struct Inner {
@@ -64,7 +65,6 @@ impl Live {
                 log: Vec::new(),
             }),
             began: Instant::now(),
-            changed: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -95,7 +95,7 @@ impl Live {
         Observer::new(move |event| live.record(event.clone()))
     }
 
-    /// Fold `event` in now, keep it for `events.jsonl`, and tell the page.
+    /// Fold `event` in now and keep it for `events.jsonl`.
     pub fn record(&self, event: RunEvent) {
         let wall_seconds = self.began.elapsed().as_secs_f64();
         let mut inner = self.lock();
@@ -104,9 +104,6 @@ impl Live {
             wall_seconds,
             event,
         });
-        let version = inner.state.version;
-        drop(inner);
-        self.changed.send_replace(version);
     }
 
     /// The run is over: the page says so.
@@ -114,9 +111,11 @@ impl Live {
         let mut inner = self.lock();
         inner.state.live = false;
         inner.state.version += 1;
-        let version = inner.state.version;
-        drop(inner);
-        self.changed.send_replace(version);
+    }
+
+    /// Bumped by every change (what the page's pushes follow).
+    pub fn version(&self) -> u64 {
+        self.lock().state.version
     }
 
     /// `events.jsonl`: one `LoggedEvent` per line, in order.
@@ -145,10 +144,6 @@ impl Live {
     /// A copy of the state (tests, the CLI's end-of-run lines).
     pub fn state(&self) -> ViewState {
         self.lock().state.clone()
-    }
-
-    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
