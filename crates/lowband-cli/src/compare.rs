@@ -63,11 +63,20 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_attack, value_delimiter = ',')]
     pub attacks: Vec<lowband_runtime::Attack>,
     /// Relative compute speed of each site, comma-separated (e.g. `1,1,0.7,0.4`): the emulated
-    /// clock charges each site its measured compute over its speed, so a round waits for its
+    /// clock charges each site its steps' compute over its speed, so a round waits for its
     /// slowest site as it would across data centers of different hardware (see goodput in the
-    /// report). It changes when things happen, not what is computed.
+    /// report). It changes when things happen; an asynchronous strategy merges in that order.
     #[arg(long, value_delimiter = ',')]
     pub site_speeds: Vec<f64>,
+    /// A fault schedule for async-diloco and [quorum=N] strategies: `down:SITE@FROM-TO` (a site
+    /// goes down and comes back), `slow:SITE@FROM=FACTOR` (it slows down), at fractions of the
+    /// run, comma-separated; or `random:SEED` (a seeded schedule, printed in the report).
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// GFLOP/s of a site of speed 1: the emulated clock charges each inner step its FLOPs over
+    /// this rate (a fixed rate, so that emulated time is the same on every machine).
+    #[arg(long)]
+    pub site_gflop_per_second: Option<f64>,
     /// Write the machine-readable summary (summary.json's content) here too.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -156,6 +165,13 @@ pub(crate) fn run_settings(args: &RunArgs) -> Result<(RunConfig, Option<Vec<Stri
     if !args.site_speeds.is_empty() {
         config.site_speeds = args.site_speeds.clone();
     }
+    if let Some(v) = args.site_gflop_per_second {
+        config.site_gflop_per_second = v;
+    }
+    if let Some(text) = &args.faults {
+        config.faults = lowband_runtime::faults::parse_schedule(text, config.sites)
+            .map_err(|e| setting_error("faults", &e))?;
+    }
     if let Some(v) = &args.corpus {
         config.corpus = Some(v.clone());
     }
@@ -195,14 +211,19 @@ fn strategies_of(names: &[String], config: &RunConfig) -> Result<Vec<Strategy>> 
         if strategies[..i].iter().any(|s| s.name() == strategy.name()) {
             bail!("--strategies: {} is listed twice", strategy.name());
         }
+        if !config.faults.is_empty() && !strategy.scheduled() {
+            bail!("--faults: {} does not run on the emulated clock's schedule; a fault schedule applies to async-diloco and to round strategies with [quorum=N] (plain diloco under faults is diloco[quorum={}])", strategy.name(), config.sites);
+        }
     }
     Ok(strategies)
 }
 
 /// A refused setting, named as the file names it and as the flag that sets it.
 pub(crate) fn setting_error(field: &str, reason: &str) -> anyhow::Error {
-    const FLAGS: [&str; 11] = [
+    const FLAGS: [&str; 13] = [
+        "faults",
         "site_speeds",
+        "site_gflop_per_second",
         "preset",
         "sites",
         "site_batch",

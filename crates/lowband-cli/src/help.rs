@@ -24,6 +24,12 @@ fn run_defaults() -> Vec<(&'static str, String)> {
         ("corpus_bytes", run.corpus_bytes.to_string()),
         ("aggregator", run.aggregator.to_string()),
         ("attacks", "none (every site honest)".into()),
+        ("site_speeds", "1 for every site".into()),
+        ("faults", "none".into()),
+        (
+            "site_gflop_per_second",
+            run.site_gflop_per_second.to_string(),
+        ),
         ("strategies", crate::compare::STRATEGIES_DEFAULT.to_string()),
         ("config", "none (every setting its default)".into()),
         ("name", "from the settings".into()),

@@ -9,7 +9,7 @@ use lowband_engine::checkpoint::write_atomic;
 use lowband_runtime::{Endpoint, Metric, RunConfig, RunResult, StrategyKind};
 use serde::{Deserialize, Serialize};
 
-use crate::equal_time::{equal_time_seconds, loss_by};
+use crate::equal_time::{equal_time_seconds, equal_tokens, loss_by, loss_by_tokens};
 use crate::summary_table::table;
 
 pub struct Comparison<'a> {
@@ -95,6 +95,12 @@ pub struct StrategySummary {
     pub val_loss_at_equal_time: Option<f64>,
     #[serde(default)]
     pub step_at_equal_time: Option<u64>,
+    /// Where strategies trained different token totals: the fewest (None otherwise), and this
+    /// strategy's latest validation loss measured by then.
+    #[serde(default)]
+    pub equal_tokens: Option<u64>,
+    #[serde(default)]
+    pub val_loss_at_equal_tokens: Option<f64>,
     /// The share of the sites' emulated time that went into merged updates (not waiting for
     /// slower sites, not refused): the sites' mean, and each site's.
     #[serde(default)]
@@ -151,6 +157,7 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
         .iter()
         .find(|r| r.strategy.kind == StrategyKind::Ddp);
     let equal_time = equal_time_seconds(c.results);
+    let fewest_tokens = equal_tokens(c.results);
     c.results
         .iter()
         .map(|r| {
@@ -213,6 +220,10 @@ fn summarize(c: &Comparison) -> Vec<StrategySummary> {
                     .and_then(|t| loss_by(r, t))
                     .map(|(_, loss)| loss),
                 step_at_equal_time: equal_time.and_then(|t| loss_by(r, t)).map(|(step, _)| step),
+                equal_tokens: fewest_tokens,
+                val_loss_at_equal_tokens: fewest_tokens
+                    .and_then(|t| loss_by_tokens(r, t))
+                    .map(|(_, loss)| loss),
                 goodput: (!r.site_goodput.is_empty()).then(|| r.goodput()),
                 site_goodput: r.site_goodput.clone(),
             }
@@ -328,7 +339,7 @@ fn membership_section(c: &Comparison) -> String {
         }
         for (site, rounds) in &missed {
             lines.entry(*site).or_default().push(format!(
-                "missed {} round(s) closed on a quorum without it ({})",
+                "missed {} round(s) closed without it, on a quorum or a grace window ({})",
                 rounds.len(),
                 compact_rounds(rounds)
             ));
@@ -409,13 +420,13 @@ fn notes(c: &Comparison) -> String {
             );
         }
     }
-    let _ = writeln!(out, "- Emulated time: slowest site's measured compute on this machine + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
+    let _ = writeln!(out, "- Emulated time: each inner step's FLOPs at {} GFLOP/s per site (over its speed; a round waits for its slowest site) + link time on {} Gbit/s per site, {} ms one way; egress at ${}/GB.", c.config.site_gflop_per_second, link.bandwidth_gbit_per_s, link.latency_ms, link.price_per_gb);
     let speeds = &c.config.site_speeds;
     let speeds = if speeds.is_empty() {
         "every site at the same speed".to_string()
     } else {
         format!(
-            "site speeds {} (each site's measured compute over its speed)",
+            "site speeds {} (each site's step time is the nominal one over its speed)",
             speeds
                 .iter()
                 .map(|s| s.to_string())
@@ -423,9 +434,35 @@ fn notes(c: &Comparison) -> String {
                 .join(", ")
         )
     };
+    if !c.config.faults.is_empty() {
+        let faults: Vec<String> = c.config.faults.iter().map(|f| f.to_string()).collect();
+        let _ = writeln!(out, "- Faults (fractions of the run's emulated time; `down`: the site's steps since its last update are lost, it comes back with its own state and waits for the parameters; `slow`: its speed times the factor): {}.", faults.join(", "));
+    }
     let _ = writeln!(out, "- Goodput: the share of the sites' emulated time (compute + link) that went into updates that were merged, not into waiting for the slowest site or the link, nor into refused updates; {speeds}.");
     if let Some(t) = equal_time_seconds(c.results) {
-        let _ = writeln!(out, "- Equal time: the validation loss each strategy had reached (its latest evaluation, every {} steps and at the start) when the fastest finished, {t:.1} s into its emulated run; on this link that is what a strategy buys for the same wall-clock time (chart: loss_vs_time.svg). The val loss column compares at equal tokens.", c.config.eval_every_steps);
+        let tokens_note = if equal_tokens(c.results).is_some() {
+            "The val loss column is each strategy's end, after the tokens it trained (below)."
+        } else {
+            "The val loss column compares at equal tokens."
+        };
+        let _ = writeln!(out, "- Equal time: the validation loss each strategy had reached (its latest evaluation, every {} steps and at the start) when the fastest finished, {t:.1} s into its emulated run; on this link that is what a strategy buys for the same wall-clock time (chart: loss_vs_time.svg). {tokens_note}", c.config.eval_every_steps);
+    }
+    if let Some(fewest) = equal_tokens(c.results) {
+        let each: Vec<String> = c
+            .results
+            .iter()
+            .map(|r| {
+                let at = loss_by_tokens(r, fewest).map_or("-".into(), |(step, loss)| {
+                    format!("{loss:.4} (step {step})")
+                });
+                format!(
+                    "{} trained {} tokens, at {fewest}: {at}",
+                    r.strategy.name(),
+                    r.tokens
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "- Equal tokens: the strategies trained different totals (an asynchronous strategy's sites train for the same time, the slower ones fewer tokens); each one's latest evaluation by the fewest: {}.", each.join("; "));
     }
     if let Some(floor) = c.floor {
         let best = c

@@ -23,7 +23,7 @@ pub mod trust;
 pub mod wire;
 
 pub use aggregate::{Aggregator, AggregatorSpec, Mean};
-pub use coordinator::{Action, Coordinator, CoordinatorConfig, Event, RoundReport};
+pub use coordinator::{Action, AsyncMerge, Coordinator, CoordinatorConfig, Event, RoundReport};
 pub use link::{LinkDecision, LinkEnd, LinkPolicy, SiteLink};
 pub use membership::{MemberAction, Membership};
 pub use outer::{OuterConfig, OuterOptimizer};
@@ -128,6 +128,12 @@ pub enum ProtocolError {
     WrongKind(wire::MessageKind),
     #[error("message for round {found}, but round {expected} is open")]
     WrongRound { expected: u64, found: u64 },
+    #[error("update trained from round {round}'s parameters while round {open} is open: more than {staleness_max} rounds behind, refused (a stale update is not a hostile one: the site's trust is not affected)")]
+    TooStale {
+        round: u64,
+        open: u64,
+        staleness_max: u64,
+    },
     #[error("no round is open")]
     NoOpenRound,
     #[error("site {0} is not a member of this round")]

@@ -379,6 +379,37 @@ impl Site {
     /// Local training of `round` ended with `params`: the update, through the codec and its
     /// error feedback.
     fn on_trained(&mut self, round: u64, params: &[f32]) -> Result<Vec<SiteAction>, ProtocolError> {
+        let envelope = self.encode_update(round, None, params)?;
+        Ok(vec![SiteAction::Send(envelope)])
+    }
+
+    /// An asynchronous round's update: δ = `reference` − `params` (the site's parameters when it
+    /// began this update: the global ones it took, or where its previous update ended), tagged
+    /// with the round of the global parameters it last took (`round`), through the codec and
+    /// its error feedback. See [`carry`] for how a site takes a merge while it trains.
+    pub fn update_from(
+        &mut self,
+        round: u64,
+        reference: &[f32],
+        params: &[f32],
+    ) -> Result<Vec<u8>, ProtocolError> {
+        if reference.len() != self.start.len() {
+            return Err(ProtocolError::ParameterCount {
+                expected: self.start.len(),
+                found: reference.len(),
+            });
+        }
+        self.encode_update(round, Some(reference), params)
+    }
+
+    /// δ = start − `params` (start: `reference`, or the global parameters held) into an update
+    /// envelope.
+    fn encode_update(
+        &mut self,
+        round: u64,
+        reference: Option<&[f32]>,
+        params: &[f32],
+    ) -> Result<Vec<u8>, ProtocolError> {
         let current = self.round.ok_or(ProtocolError::NoOpenRound)?;
         if round != current {
             return Err(ProtocolError::WrongRound {
@@ -398,7 +429,8 @@ impl Site {
         } else {
             (round % self.fragments.len() as u64) as usize
         };
-        let (start, trained) = (&self.start[range.clone()], &params[range.clone()]);
+        let start = &reference.unwrap_or(&self.start)[range.clone()];
+        let trained = &params[range.clone()];
         let non_finite = |index| ProtocolError::NonFiniteUpdate(range.start + index);
         let uplink = self.uplink.as_mut();
         let capacity = uplink.payload_bytes(range.len());
@@ -427,8 +459,39 @@ impl Site {
             }
         };
         outcome?;
-        Ok(vec![SiteAction::Send(envelope)])
+        Ok(envelope)
     }
+}
+
+/// How an asynchronous site takes a merge while it trains: it trains on from the merge
+/// (`local ← global`, as a synchronous site starts each round), and the steps it took since
+/// `reference` (where its current update began) stay in its next update: `reference ← global +
+/// (reference − local)`, so that the update it sends next, reference − trained, is those steps
+/// plus the ones it trains from the merge. No step is lost or sent twice, and no site drifts
+/// toward its own data between merges. Value by value: the same bits on any thread count (and a
+/// site that took no step since its reference gets exactly the global parameters twice).
+pub fn carry(
+    local: &mut [f32],
+    reference: &mut [f32],
+    global: &[f32],
+) -> Result<(), ProtocolError> {
+    if local.len() != global.len() || reference.len() != global.len() {
+        return Err(ProtocolError::ParameterCount {
+            expected: global.len(),
+            found: local.len().min(reference.len()),
+        });
+    }
+    local
+        .par_chunks_mut(VALUES_PER_TASK)
+        .zip(reference.par_chunks_mut(VALUES_PER_TASK))
+        .zip(global.par_chunks(VALUES_PER_TASK))
+        .for_each(|((local, reference), global)| {
+            for ((l, r), g) in local.iter_mut().zip(reference.iter_mut()).zip(global) {
+                *r = g + (*r - *l);
+                *l = *g;
+            }
+        });
+    Ok(())
 }
 
 /// `delta = start − trained` on all threads; the index of the first non-finite value, if any.

@@ -59,11 +59,23 @@ pub struct RunConfig {
     /// never for the figures a benchmark reports.
     pub tuning: bool,
     /// Relative compute speed of each site, in site order (empty: all 1): the emulated clock
-    /// charges site k its measured compute divided by its speed, so that sites of different
-    /// speeds can be measured on one machine (`--site-speeds 1,1,0.7,0.4`). It changes when
-    /// things happen on the emulated clock (a round waits for its slowest site), never what is
-    /// computed.
+    /// charges site k each inner step's FLOPs over `site_gflop_per_second` times its speed, so
+    /// that sites of different speeds can be measured on one machine (`--site-speeds
+    /// 1,1,0.7,0.4`). For a synchronous strategy it changes when things happen on the emulated
+    /// clock (a round waits for its slowest site), never what is computed; an asynchronous one
+    /// merges updates in the order the clock says they arrive.
     pub site_speeds: Vec<f64>,
+    /// What a site of speed 1 computes, in GFLOP/s: the emulated clock charges an inner step of
+    /// lowband's engine its FLOPs (`ModelConfig::training_flops_per_token`) over this rate and
+    /// the site's speed. A rate, not a measurement, so that the emulated clock (and the
+    /// schedule an asynchronous strategy follows) is the same on every run and machine. The
+    /// default is the engine's measured rate on the `small` model on this project's 2-core
+    /// reference machine (docs/results.md). An external model's sites report their measured
+    /// seconds instead.
+    pub site_gflop_per_second: f64,
+    /// Sites that go down and come back or slow down mid-run (`crate::faults`): for the
+    /// strategies that run on the emulated clock's schedule (`async-diloco`, `[quorum=N]`).
+    pub faults: Vec<crate::Fault>,
     /// Deadlines and retries of a networked run (`coordinator`, `site`, `cluster`).
     pub network: NetworkConfig,
     /// A model that is not lowband's engine (a PyTorch site's; see `crate::external`): the
@@ -146,11 +158,16 @@ impl Default for RunConfig {
             corpus_bytes: CORPUS_BYTES_DEFAULT,
             tuning: false,
             site_speeds: Vec::new(),
+            site_gflop_per_second: SITE_GFLOP_PER_SECOND_DEFAULT,
+            faults: Vec::new(),
             network: NetworkConfig::default(),
             model: None,
         }
     }
 }
+
+/// Default `site_gflop_per_second`: the engine's rate on `small` here (99.9 GFLOP/s measured).
+pub const SITE_GFLOP_PER_SECOND_DEFAULT: f64 = 100.0;
 
 /// Largest site count a run accepts (the protocol's own limit is a config field too).
 pub const SITES_MAX: usize = 1024;
@@ -269,12 +286,24 @@ impl RunConfig {
         }
     }
 
+    /// Emulated seconds of one inner step of lowband's engine at speed 1 (None: an external
+    /// model, whose sites report their measured seconds).
+    pub fn step_seconds(&self) -> Option<f64> {
+        if self.model.is_some() {
+            return None;
+        }
+        let model = lowband_engine::preset(&self.preset).ok()?.model;
+        let context = model.context_length;
+        let tokens = (self.site_batch * context) as f64;
+        Some(model.training_flops_per_token(context) * tokens / (self.site_gflop_per_second * 1e9))
+    }
+
     /// Site k's relative compute speed (1 unless `site_speeds` says otherwise).
     pub fn site_speed(&self, k: usize) -> f64 {
         self.site_speeds.get(k).copied().unwrap_or(1.0)
     }
 
-    /// One speed per site (or none), each a positive number.
+    /// One speed per site (or none), each a positive number; a positive compute rate.
     fn validate_site_speeds(&self) -> Result<(), (&'static str, String)> {
         if !self.site_speeds.is_empty() && self.site_speeds.len() != self.sites {
             return Err((
@@ -294,6 +323,16 @@ impl RunConfig {
             return Err((
                 "site_speeds",
                 format!("{speed} is not a relative speed (a number above 0, at most 1000)"),
+            ));
+        }
+        for fault in &self.faults {
+            fault.validate(self.sites).map_err(|e| ("faults", e))?;
+        }
+        let rate = self.site_gflop_per_second;
+        if !(rate.is_finite() && rate > 0.0 && rate <= 1e9) {
+            return Err((
+                "site_gflop_per_second",
+                format!("{rate} is not a compute rate (GFLOP/s above 0, at most 1e9)"),
             ));
         }
         Ok(())

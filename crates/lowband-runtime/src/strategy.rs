@@ -11,6 +11,7 @@
 //! | `sparseloco` | `topk` 64 of 4096, q2 values | `topk` 64·K of 4096, q2, as changes | decay 0.95 | lr 1, no momentum |
 //! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | `dct` 8·K of 256, as changes | decay 1 | lr 1, no momentum |
 //! | `streaming` | `int4` per fragment | same, as changes | decay 1 | Nesterov |
+//! | `async-diloco` | fp32 | fp32 parameters | none | Nesterov, on a weighted merge |
 //!
 //! `streaming` (Streaming DiLoCo) splits the parameters into `fragments` (default 4) contiguous
 //! ranges (the layout keeps each block's tensors together, so these are groups of layers); one
@@ -26,6 +27,19 @@
 //! density), and keeps the coordinator's error feedback. An explicit `down=` replaces it, and a
 //! `up=` keeps the rule with the new uplink (a `randomk` uplink gets a `topk` downlink of K·k; a
 //! dense uplink, its own codec).
+//!
+//! `async-diloco` (asynchronous rounds): no site waits for another. Site k trains a time budget
+//! per update, H steps of the fastest site (H·speed_k/speed_max of its own, at least 1), sends
+//! its update and trains on; when a merge arrives it carries the progress made since onto it
+//! (`lowband_protocol::site::carry`). The coordinator closes a round once every member's update
+//! is in, or `grace` round intervals after its first update arrived (default 0.5), and merges
+//! the updates weighted by tokens and staleness; an update more than `stale` rounds behind
+//! (default 4) is refused (`lowband_protocol::AsyncMerge` states the rule). Overrides:
+//! `grace=G;stale=S`, and every codec and outer override.
+//!
+//! `quorum=N` (round strategies but streaming): a round closes on the emulated clock as soon as
+//! N updates are in; a later update of that round is refused and its compute lost (synchronous
+//! rounds with a quorum, as a networked coordinator runs them with `--quorum`).
 //!
 //! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
 //! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
@@ -68,6 +82,10 @@ pub struct Strategy {
     pub norm_ratio_max: Option<Option<f32>>,
     /// The direction check's ratio: None for the aggregator's default, Some(None) for off.
     pub cosine_ratio_min: Option<Option<f32>>,
+    /// `async-diloco`'s settings.
+    pub asynchronous: Option<Asynchronous>,
+    /// Synchronous rounds closed on the emulated clock once this many updates are in.
+    pub quorum: Option<usize>,
     /// The sparse presets: the downlink keeps `sites` times the uplink's density (see
     /// [`Strategy::compression_for`]); false once `down=` is given.
     downlink_follows_sites: bool,
@@ -88,8 +106,18 @@ pub struct Streaming {
     pub mix: f32,
 }
 
+/// Asynchronous rounds' settings (`async-diloco`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Asynchronous {
+    /// The grace window after a round's first update, in round intervals (H steps of the
+    /// fastest site).
+    pub grace: f32,
+    /// Largest staleness merged, in rounds.
+    pub staleness_max: u64,
+}
+
 const PRESETS: &str =
-    "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct, streaming";
+    "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct, streaming, async-diloco";
 
 fn int(bits: u8) -> CodecSpec {
     CodecSpec::Int {
@@ -102,7 +130,7 @@ fn int(bits: u8) -> CodecSpec {
 }
 
 /// The override keys, in the order the canonical name lists them (the documented order).
-const OVERRIDE_KEYS: [&str; 11] = [
+const OVERRIDE_KEYS: [&str; 14] = [
     "up",
     "down",
     "decay",
@@ -114,6 +142,9 @@ const OVERRIDE_KEYS: [&str; 11] = [
     "fragments",
     "overlap",
     "mix",
+    "quorum",
+    "grace",
+    "stale",
 ];
 
 /// Longest strategy spec (its name becomes a directory name, at most 255 bytes on Linux).
@@ -167,6 +198,10 @@ impl Strategy {
             overlap_steps: 5,
             mix: 0.5,
         });
+        let asynchronous = (name == "async-diloco").then_some(Asynchronous {
+            grace: 0.5,
+            staleness_max: 4,
+        });
         let downlink_follows_sites = matches!(name, "sparseloco" | "demo-dct");
         let mut strategy = Strategy {
             kind,
@@ -175,6 +210,8 @@ impl Strategy {
             compression,
             outer,
             streaming,
+            asynchronous,
+            quorum: None,
             aggregator: None,
             norm_ratio_max: None,
             cosine_ratio_min: None,
@@ -214,6 +251,13 @@ impl Strategy {
                 .streaming
                 .map_or(written.into(), |s| s.overlap_steps.to_string()),
             "mix" => self.streaming.map_or(written.into(), |s| s.mix.to_string()),
+            "quorum" => self.quorum.map_or(written.into(), |q| q.to_string()),
+            "grace" => self
+                .asynchronous
+                .map_or(written.into(), |a| a.grace.to_string()),
+            "stale" => self
+                .asynchronous
+                .map_or(written.into(), |a| a.staleness_max.to_string()),
             _ => written.into(),
         }
     }
@@ -262,7 +306,8 @@ impl Strategy {
                         _ => streaming.mix = number(value)?,
                     }
                 }
-                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos (streaming: fragments, overlap, mix)")),
+                "quorum" | "grace" | "stale" => self.apply_schedule_override(key.trim(), value)?,
+                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
             }
             let key = key.trim();
             let order = OVERRIDE_KEYS
@@ -296,6 +341,46 @@ impl Strategy {
             outer.validate()?;
         }
         self.robustness(AggregatorSpec::Mean).validate()
+    }
+
+    /// `quorum`, `grace` or `stale`: when rounds close on the emulated clock.
+    fn apply_schedule_override(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let whole = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{key}=`{v}` is not a whole number"))
+        };
+        if key == "quorum" {
+            if self.streaming.is_some() || self.asynchronous.is_some() {
+                return Err("`quorum` applies to synchronous round strategies (not streaming, not async-diloco)".into());
+            }
+            let quorum = whole(value)?;
+            if quorum == 0 {
+                return Err("quorum must be at least 1".into());
+            }
+            self.quorum = Some(quorum as usize);
+            return Ok(());
+        }
+        let asynchronous = self
+            .asynchronous
+            .as_mut()
+            .ok_or_else(|| format!("`{key}` applies to async-diloco only"))?;
+        if key == "grace" {
+            let grace: f32 = value
+                .parse()
+                .map_err(|_| format!("grace=`{value}` is not a number"))?;
+            if !(grace.is_finite() && (0.0..=100.0).contains(&grace)) {
+                return Err(format!("grace {grace} is not in [0, 100] round intervals"));
+            }
+            asynchronous.grace = grace;
+        } else {
+            asynchronous.staleness_max = whole(value)?;
+        }
+        Ok(())
+    }
+
+    /// Whether rounds run on the emulated clock's schedule (asynchronous, or with a quorum).
+    pub fn scheduled(&self) -> bool {
+        self.asynchronous.is_some() || self.quorum.is_some()
     }
 
     /// The codecs of a run with `sites` sites. The sparse presets' downlink (unless `down=` was
@@ -375,7 +460,7 @@ fn preset_defaults(name: &str) -> Result<(StrategyKind, Compression, Option<Oute
     let fedavg = Some(OuterConfig::FEDAVG);
     Ok(match name {
         "ddp" => (StrategyKind::Ddp, Compression::default(), None),
-        "diloco" => (StrategyKind::Rounds, Compression::default(), None),
+        "diloco" | "async-diloco" => (StrategyKind::Rounds, Compression::default(), None),
         "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
         "diloco-int8" => (
             StrategyKind::Rounds,

@@ -20,6 +20,11 @@ struct Closing {
     /// Payloads (the plain mean: decoded again in each pass) or decoded deltas; see `Held`.
     payloads: Vec<Vec<u8>>,
     dense: Vec<Vec<f32>>,
+    /// Asynchronous rounds: each update's staleness, weight in the merge's sum and tokens (see
+    /// `AsyncMerge`), in site order; empty for synchronous rounds.
+    staleness: Vec<u64>,
+    weights: Vec<f32>,
+    tokens: Vec<f32>,
 }
 
 impl Closing {
@@ -38,6 +43,15 @@ impl Closing {
             .filter(|s| !open.received.contains_key(s))
             .copied()
             .collect();
+        let (mut staleness, mut weights, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+        if let Some(rule) = &config.asynchronous {
+            for site in &sites {
+                let stale = open.staleness.get(site).copied().unwrap_or(0);
+                staleness.push(stale);
+                weights.push(rule.weight(*site, stale));
+                tokens.push(rule.tokens(*site) as f32);
+            }
+        }
         let (mut payloads, mut dense) = (Vec::new(), Vec::new());
         for (_, held) in open.received {
             match held {
@@ -59,7 +73,15 @@ impl Closing {
             missing,
             payloads,
             dense,
+            staleness,
+            weights,
+            tokens,
         }
+    }
+
+    /// The weight of update `i` in the merge's sum (1 in synchronous rounds).
+    fn weight(&self, i: usize) -> f32 {
+        self.weights.get(i).copied().unwrap_or(1.0)
     }
 
     /// The plain mean merges one update at a time (nothing decoded was kept).
@@ -88,7 +110,7 @@ struct Merge {
 impl Coordinator {
     pub(super) fn close_round(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
         let open = self.open.take().expect("close_round needs an open round");
-        let closing = Closing::collect(open, self);
+        let mut closing = Closing::collect(open, self);
         let (norms, sum) = self.measure(&closing);
         let mut verdicts = self.check_norms(&closing, &norms);
         self.check_directions(&closing, &mut verdicts);
@@ -99,7 +121,7 @@ impl Coordinator {
         );
         let (cosines, merged_count) = self.cosines_and_mean_sum(&closing, &verdicts, &sum);
         drop(sum);
-        let merge = self.merge_and_apply(&closing, &mut verdicts, merged_count);
+        let merge = self.merge_and_apply(&mut closing, &mut verdicts, merged_count);
         self.report(closing, verdicts, merge, norms, cosines, actions);
         self.open_round(now_ms, actions);
     }
@@ -210,10 +232,16 @@ impl Coordinator {
                 crate::trust::cosine_with_rest(delta, sum)
             });
             if closing.one_at_a_time() && verdicts.accepted.iter().any(|(a, _)| *a == i) {
-                if merged_count == 0 {
-                    crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = *v);
-                } else {
-                    crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += v);
+                let weight = closing.weight(i);
+                match (merged_count == 0, closing.weights.is_empty()) {
+                    (true, true) => crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = *v),
+                    (false, true) => crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += v),
+                    (true, false) => {
+                        crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = weight * v)
+                    }
+                    (false, false) => {
+                        crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += weight * v)
+                    }
                 }
                 merged_count += 1;
             }
@@ -226,7 +254,7 @@ impl Coordinator {
     /// momentum are kept and the update that held the largest value there is refused.
     fn merge_and_apply(
         &mut self,
-        closing: &Closing,
+        closing: &mut Closing,
         verdicts: &mut Verdicts,
         merged_count: usize,
     ) -> Merge {
@@ -303,16 +331,41 @@ impl Coordinator {
 
     /// The accepted updates merged into `self.merged`: the mean's sum scaled, or the aggregator.
     /// Returns which of them the aggregator cut hard (the mean cuts none).
-    fn merge(&mut self, closing: &Closing, verdicts: &Verdicts, merged_count: usize) -> Vec<bool> {
+    fn merge(
+        &mut self,
+        closing: &mut Closing,
+        verdicts: &Verdicts,
+        merged_count: usize,
+    ) -> Vec<bool> {
+        // Asynchronous rounds divide the weighted sum by the accepted updates' tokens.
+        let tokens: f32 = verdicts
+            .accepted
+            .iter()
+            .map(|(i, _)| closing.tokens.get(*i).copied().unwrap_or(0.0))
+            .sum();
+        let weighted = !closing.weights.is_empty();
         if closing.one_at_a_time() {
             debug_assert_eq!(merged_count, verdicts.accepted.len());
-            let scale = 1.0 / merged_count as f32;
+            let scale = if weighted {
+                1.0 / tokens
+            } else {
+                1.0 / merged_count as f32
+            };
             self.merged
                 .par_iter_mut()
                 .with_min_len(crate::par::PIECE)
                 .for_each(|m| *m *= scale);
             vec![false; verdicts.accepted.len()]
         } else {
+            if weighted {
+                // An aggregator weighs its inputs alike: each is scaled so that the mean of
+                // the scaled updates is the weighted merge above.
+                let count = verdicts.accepted.len() as f32;
+                for (i, _) in &verdicts.accepted {
+                    let scale = count * closing.weights[*i] / tokens;
+                    closing.dense[*i].iter_mut().for_each(|v| *v *= scale);
+                }
+            }
             let deltas: Vec<&[f32]> = verdicts
                 .accepted
                 .iter()
@@ -339,6 +392,7 @@ impl Coordinator {
             missing,
             payloads,
             dense,
+            staleness,
             ..
         } = closing;
         self.spare_deltas.extend(dense);
@@ -355,6 +409,7 @@ impl Coordinator {
             "no update is both merged and refused"
         );
         debug_assert!(merge.applied || contributors.is_empty() || !refused_sites.is_empty());
+        let update_staleness = sites.iter().copied().zip(staleness).collect();
         let update_norms = sites.iter().copied().zip(norms).collect();
         let update_cosines = sites.iter().copied().zip(cosines).collect();
         for (site, reason) in verdicts.refused {
@@ -368,6 +423,7 @@ impl Coordinator {
             downweighted: merge.downweighted,
             update_norms,
             update_cosines,
+            update_staleness,
             delta_norm,
             applied: merge.applied,
         }));

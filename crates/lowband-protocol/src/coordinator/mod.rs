@@ -4,8 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lowband_codec::{build, Codec, Fp32};
 
+mod arrive;
+mod asynchronous;
 mod close;
 mod downlink;
+
+pub use asynchronous::AsyncMerge;
 
 use downlink::Downlink;
 
@@ -41,6 +45,8 @@ pub struct CoordinatorConfig {
     /// excluding its site). Finite values this large already overflow a forward pass in f32
     /// (a sum of squares passes 3.4e38), so no honest run gets near it.
     pub parameter_abs_max: f32,
+    /// Asynchronous rounds (see [`AsyncMerge`]); None: synchronous rounds.
+    pub asynchronous: Option<AsyncMerge>,
 }
 
 /// Default time after a round opens at which it may close on a quorum (10 minutes).
@@ -62,6 +68,7 @@ impl CoordinatorConfig {
             fragments: Vec::new(),
             robustness: Robustness::default(),
             parameter_abs_max: PARAMETER_ABS_MAX_DEFAULT,
+            asynchronous: None,
         }
     }
 
@@ -96,6 +103,13 @@ impl CoordinatorConfig {
                 field: "robustness",
                 reason,
             })?;
+        if let Some(rule) = &self.asynchronous {
+            rule.validate()
+                .map_err(|reason| ProtocolError::InvalidConfig {
+                    field: "asynchronous",
+                    reason,
+                })?;
+        }
         crate::validate_fragments(&self.fragments, self.params).map_err(|reason| {
             ProtocolError::InvalidConfig {
                 field: "fragments",
@@ -156,6 +170,9 @@ pub struct RoundReport {
     /// Cosine of every received update with the sum of the others (its agreement with the
     /// round), in site order.
     pub update_cosines: Vec<(SiteId, f32)>,
+    /// Asynchronous rounds: every received update's staleness (rounds behind the open one), in
+    /// site order; empty in synchronous rounds.
+    pub update_staleness: Vec<(SiteId, u64)>,
     /// L2 norm of the merged delta (0 when nothing was applied).
     pub delta_norm: f32,
     /// Whether the outer step ran: false when every update was refused, or when the merge was
@@ -196,6 +213,9 @@ struct OpenRound {
     expected: BTreeSet<SiteId>,
     /// Each update, checked by a decode when it arrived.
     received: BTreeMap<SiteId, Held>,
+    /// Asynchronous rounds: each held update's staleness, and when the first arrived.
+    staleness: BTreeMap<SiteId, u64>,
+    first_arrival_ms: Option<u64>,
 }
 
 /// How the coordinator holds an update until its round closes. The plain mean keeps the codec
@@ -353,24 +373,26 @@ impl Coordinator {
                 self.remove_member(site);
                 self.maybe_close(now_ms, &mut actions);
             }
-            Event::PacketArrived { from, bytes } => match self.accept_update(from, bytes) {
-                Ok(()) => self.maybe_close(now_ms, &mut actions),
-                Err(reason) => {
-                    let forfeits = reason.forfeits_round()
-                        && self.open.as_ref().is_some_and(|o| {
-                            o.expected.contains(&from) && !o.received.contains_key(&from)
-                        });
-                    if forfeits {
-                        if let Some(open) = &mut self.open {
-                            open.expected.remove(&from);
+            Event::PacketArrived { from, bytes } => {
+                match self.accept(now_ms, from, bytes, &mut actions) {
+                    Ok(()) => self.maybe_close(now_ms, &mut actions),
+                    Err(reason) => {
+                        let forfeits = reason.forfeits_round()
+                            && self.open.as_ref().is_some_and(|o| {
+                                o.expected.contains(&from) && !o.received.contains_key(&from)
+                            });
+                        if forfeits {
+                            if let Some(open) = &mut self.open {
+                                open.expected.remove(&from);
+                            }
+                            self.refuse(from, reason, &mut actions);
+                            self.maybe_close(now_ms, &mut actions);
+                        } else {
+                            actions.push(Action::Rejected { from, reason });
                         }
-                        self.refuse(from, reason, &mut actions);
-                        self.maybe_close(now_ms, &mut actions);
-                    } else {
-                        actions.push(Action::Rejected { from, reason });
                     }
                 }
-            },
+            }
             Event::Tick => self.maybe_close(now_ms, &mut actions),
         }
         actions
@@ -456,6 +478,8 @@ impl Coordinator {
             started_ms: now_ms,
             expected: self.members.clone(),
             received: BTreeMap::new(),
+            staleness: BTreeMap::new(),
+            first_arrival_ms: None,
         });
         debug_assert!(
             !self.config.sends_changes() || self.members.is_subset(&self.downlink.synced),
@@ -474,84 +498,6 @@ impl Coordinator {
                 self.config.params,
                 self.round.saturating_sub(1),
             )
-        }
-    }
-
-    /// The plain mean without a direction check merges one decoded update at a time (memory
-    /// independent of K); robust aggregators and the direction check need every update at once.
-    fn merges_one_at_a_time(&self) -> bool {
-        self.aggregator.spec() == crate::AggregatorSpec::Mean
-            && self.config.robustness.cosine_ratio_min.is_none()
-    }
-
-    fn accept_update(&mut self, from: SiteId, bytes: &[u8]) -> Result<(), ProtocolError> {
-        let message = wire::decode(bytes, self.config.payload_bytes_max())?;
-        if message.kind != MessageKind::Update {
-            return Err(ProtocolError::WrongKind(message.kind));
-        }
-        if message.site != from {
-            return Err(ProtocolError::SiteMismatch {
-                claimed: message.site,
-                from,
-            });
-        }
-        if !self.members.contains(&from) {
-            return Err(ProtocolError::UnknownSite(from));
-        }
-        let one_at_a_time = self.merges_one_at_a_time();
-        let open = self.open.as_mut().ok_or(ProtocolError::NoOpenRound)?;
-        if message.round != open.round {
-            return Err(ProtocolError::WrongRound {
-                expected: open.round,
-                found: message.round,
-            });
-        }
-        if !open.expected.contains(&from) {
-            return Err(ProtocolError::NotInRound(from));
-        }
-        if open.received.contains_key(&from) {
-            return Err(ProtocolError::Duplicate {
-                site: from,
-                round: open.round,
-            });
-        }
-        let length =
-            crate::fragment_of(&self.config.fragments, self.config.params, open.round).len();
-        let held = if one_at_a_time {
-            self.scratch.resize(length, 0.0);
-            self.uplink.decode(message.payload, &mut self.scratch)?;
-            let mut payload = self.spare_payloads.pop().unwrap_or_default();
-            payload.clear();
-            payload.extend_from_slice(message.payload);
-            Held::Payload(payload)
-        } else {
-            let mut delta = self.spare_deltas.pop().unwrap_or_default();
-            delta.resize(length, 0.0);
-            if let Err(e) = self.uplink.decode(message.payload, &mut delta) {
-                self.spare_deltas.push(delta);
-                return Err(e.into());
-            }
-            Held::Decoded(delta)
-        };
-        open.received.insert(from, held);
-        Ok(())
-    }
-
-    fn maybe_close(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        let Some(open) = &self.open else { return };
-        let everyone = !open.received.is_empty()
-            && open.expected.iter().all(|s| open.received.contains_key(s));
-        let deadline_passed = now_ms
-            >= open
-                .started_ms
-                .saturating_add(self.config.round_deadline_ms);
-        let quorum = open.received.len() >= self.config.quorum.min(open.expected.len().max(1));
-        if everyone || (deadline_passed && quorum && !open.received.is_empty()) {
-            self.close_round(now_ms, actions);
-        } else if open.expected.is_empty() {
-            // Every member left: start again with whoever is there.
-            self.open = None;
-            self.open_round(now_ms, actions);
         }
     }
 }

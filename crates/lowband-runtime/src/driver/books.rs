@@ -56,6 +56,9 @@ pub(crate) struct Common<'a> {
     pub(crate) site_busy_seconds: Vec<f64>,
     /// (round, site) of every refused update: its compute is not credited.
     pub(crate) refused: std::collections::BTreeSet<(u64, u32)>,
+    /// Tokens the sites have trained so far, where sites train at different rates (a
+    /// scheduled strategy); None: steps x sites x tokens per site step.
+    pub(crate) tokens_trained: Option<u64>,
 }
 
 /// The evaluator of an engine run: the model and the validation windows.
@@ -125,6 +128,7 @@ impl<'a> Common<'a> {
             observer: None,
             site_busy_seconds: vec![0.0; config.sites],
             refused: std::collections::BTreeSet::new(),
+            tokens_trained: None,
         }
     }
 
@@ -139,10 +143,15 @@ impl<'a> Common<'a> {
         }
     }
 
-    /// Site `site`'s emulated compute for `measured` seconds on this machine: divided by its
-    /// relative speed (`RunConfig::site_speeds`).
-    pub(crate) fn emulated_compute(&self, site: usize, measured: f64) -> f64 {
-        measured / self.config.site_speed(site)
+    /// Site `site`'s emulated compute for `steps` inner steps (that took `measured` seconds on
+    /// this machine): the steps' nominal time (`RunConfig::step_seconds`) over its relative
+    /// speed; an external model's measured seconds over its speed.
+    pub(crate) fn emulated_compute(&self, site: usize, steps: u64, measured: f64) -> f64 {
+        let speed = self.config.site_speed(site);
+        match self.config.step_seconds() {
+            Some(step_seconds) => steps as f64 * step_seconds / speed,
+            None => measured / speed,
+        }
     }
 
     /// Let `observer` watch the run from here on: it learns the run's size and the sites' keys
@@ -284,7 +293,9 @@ impl<'a> Common<'a> {
     pub(super) fn push_eval(&mut self, step: u64, val_loss: f64, windows: usize) {
         self.record_metric(Metric::Eval {
             step,
-            tokens: step * self.tokens_per_site_step() * self.config.sites as u64,
+            tokens: self
+                .tokens_trained
+                .unwrap_or(step * self.tokens_per_site_step() * self.config.sites as u64),
             inter_site_bytes: self.ledger.total_bytes(),
             emulated_seconds: self.compute_seconds + self.communication_seconds,
             val_loss,
@@ -293,8 +304,7 @@ impl<'a> Common<'a> {
     }
 
     /// Train one site for `steps` inner steps from global step `first`; returns the per-step
-    /// losses summed into `losses` and the seconds on the emulated clock (measured, divided by
-    /// the site's speed).
+    /// losses summed into `losses` and the seconds on the emulated clock (`emulated_compute`).
     pub(super) fn train_site(
         &mut self,
         site: &mut SiteRuntime,
@@ -315,7 +325,7 @@ impl<'a> Common<'a> {
             losses,
             (&mut self.inputs, &mut self.targets),
         )?;
-        Ok(self.emulated_compute(shard, measured))
+        Ok(self.emulated_compute(shard, losses.len() as u64, measured))
     }
 
     pub(super) fn push_steps(&mut self, first: u64, loss_sums: &[f32], sites: usize) {
@@ -335,7 +345,9 @@ impl<'a> Common<'a> {
         if self.evaluation.is_some() {
             self.push_eval(self.config.steps, final_val_loss, windows);
         }
-        let tokens = self.config.steps * self.tokens_per_site_step() * self.config.sites as u64;
+        let tokens = self
+            .tokens_trained
+            .unwrap_or(self.config.steps * self.tokens_per_site_step() * self.config.sites as u64);
         let elapsed = self.compute_seconds + self.communication_seconds;
         let site_goodput = self
             .site_busy_seconds

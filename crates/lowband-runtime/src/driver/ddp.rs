@@ -34,7 +34,7 @@ pub(super) fn run_ddp(
         trainer.apply_gradients(lr)?;
         let applied = start.elapsed().as_secs_f64();
         for (k, seconds) in computed.iter_mut().enumerate() {
-            *seconds += common.emulated_compute(k, applied);
+            *seconds += common.emulated_compute(k, 0, applied);
             common.credit(step, k as u32, *seconds);
         }
         common.compute_seconds += computed.iter().copied().fold(0.0, f64::max);
@@ -105,7 +105,7 @@ fn average_gradients(
         } else {
             sum.iter_mut().zip(grads).for_each(|(s, g)| *s += g);
         }
-        computed.push(common.emulated_compute(k, start.elapsed().as_secs_f64()));
+        computed.push(common.emulated_compute(k, 1, start.elapsed().as_secs_f64()));
     }
     let scale = 1.0 / k_sites as f32;
     trainer

@@ -23,6 +23,7 @@ use crate::RunError;
 mod books;
 mod ddp;
 mod rounds;
+mod scheduled;
 mod streaming;
 
 pub(crate) use books::{absorb, checkpoint_due, Common, SyncBytes};
@@ -174,18 +175,28 @@ impl SiteRuntime {
         range: std::ops::Range<usize>,
         uplink: &CodecSpec,
     ) -> Result<Vec<u8>, RunError> {
-        let Some(attacker) = self.attacker.as_mut() else {
-            return expect_send(self.site.handle(SiteEvent::TrainingDone {
-                round,
-                params: self.trainer.params(),
-            })?);
+        self.update_from(round, None, range, uplink)
+    }
+
+    /// The update of δ = start − trained, where start is `reference` (an asynchronous site's:
+    /// where this update began) or the global parameters the site holds.
+    pub(crate) fn update_from(
+        &mut self,
+        round: u64,
+        reference: Option<&[f32]>,
+        range: std::ops::Range<usize>,
+        uplink: &CodecSpec,
+    ) -> Result<Vec<u8>, RunError> {
+        let encode = |site: &mut Site, params: &[f32]| match reference {
+            Some(reference) => Ok(site.update_from(round, reference, params)?),
+            None => expect_send(site.handle(SiteEvent::TrainingDone { round, params })?),
         };
-        let start = self.site.round_start().to_vec();
+        let Some(attacker) = self.attacker.as_mut() else {
+            return encode(&mut self.site, self.trainer.params());
+        };
+        let start = reference.unwrap_or(self.site.round_start()).to_vec();
         let sent = attacker.tamper(&start, self.trainer.params(), range.clone(), round);
-        let packet = expect_send(self.site.handle(SiteEvent::TrainingDone {
-            round,
-            params: &sent,
-        })?)?;
+        let packet = encode(&mut self.site, &sent)?;
         Ok(attacker
             .replace_packet(&packet, &start, self.trainer.params(), range, round, uplink)
             .unwrap_or(packet))
@@ -380,6 +391,16 @@ pub fn run(
         });
     }
     refuse_external(config)?;
+    if !config.faults.is_empty() && !strategy.scheduled() {
+        return Err(RunError::InvalidConfig {
+            field: "faults",
+            reason: format!(
+                "{}: a fault schedule applies to the strategies on the emulated clock's schedule (async-diloco, and [quorum=N] on a round strategy; plain diloco under faults is diloco[quorum={}])",
+                strategy.name(),
+                config.sites
+            ),
+        });
+    }
     let kind = strategy.kind;
     let mut common = Common::new(config, strategy, split)?;
     // Every strategy starts from the seed's initial parameters (the evaluator was built from them).
@@ -387,6 +408,9 @@ pub fn run(
     common.observe(persistence.observer.clone(), Vec::new(), initial.len());
     match kind {
         StrategyKind::Ddp => ddp::run_ddp(common, initial, persistence, progress),
+        StrategyKind::Rounds if common.strategy.scheduled() => {
+            scheduled::run_scheduled(common, initial, persistence, progress)
+        }
         StrategyKind::Rounds if common.strategy.streaming.is_some() => {
             streaming::run_streaming(common, initial, persistence, progress)
         }

@@ -44,7 +44,12 @@ fn push_reported(
     }
     let seconds: Vec<(u32, f64)> = reported
         .iter()
-        .map(|(site, r)| (*site, common.emulated_compute(*site as usize, r.seconds)))
+        .map(|(site, r)| {
+            (
+                *site,
+                common.emulated_compute(*site as usize, r.losses.len() as u64, r.seconds),
+            )
+        })
         .collect();
     common.compute_seconds += seconds.iter().map(|(_, s)| *s).fold(0.0, f64::max);
     seconds

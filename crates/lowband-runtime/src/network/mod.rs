@@ -175,6 +175,9 @@ fn check_rounds(config: &RunConfig, strategy: &Strategy) -> Result<(), RunError>
     if strategy.kind != StrategyKind::Rounds {
         return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round and streaming strategies (DDP runs in memory, as the reference)", strategy.name()) });
     }
+    if strategy.scheduled() {
+        return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: asynchronous rounds and in-memory quorums run on the emulated clock's schedule, in memory only for now (`lowband compare`); over the network, a synchronous strategy takes --quorum", strategy.name()) });
+    }
     Ok(())
 }
 
