@@ -553,3 +553,34 @@ fn a_site_ahead_of_a_resumed_coordinator_rejoins_and_takes_its_older_round() {
         vec![SiteAction::Train { round: 4 }]
     );
 }
+
+/// A quorum counts the members a round still expects: the update of a site that left after
+/// sending it is merged, but does not stand in for a member the round waits for.
+#[test]
+fn a_departed_sites_update_does_not_stand_in_for_a_waited_member() {
+    let mut c = coordinator(OuterConfig::FEDAVG, 3);
+    let mut sites: Vec<Site> = (0..3).map(|i| Site::new(i, PARAMS)).collect();
+    join_all(&mut c, &[0, 1, 2]);
+    let packets = sends(&c.start(0));
+    let updates = run_sites(&mut sites, &packets, |k| (k + 1) as f32);
+    // Past the deadline: sites 0 and 1 are in, then site 0 leaves.
+    for (from, bytes) in &updates[..2] {
+        c.handle(5_000, Event::PacketArrived { from: *from, bytes });
+    }
+    let actions = c.handle(5_000, Event::SiteLeft { site: 0 });
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::RoundClosed(_))),
+        "{actions:?}"
+    );
+    let (from, bytes) = &updates[2];
+    let actions = c.handle(5_000, Event::PacketArrived { from: *from, bytes });
+    let report = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::RoundClosed(r) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("every member still expected is in");
+    assert_eq!(report.contributors, vec![0, 1, 2]);
+    assert!(report.missing.is_empty());
+}

@@ -109,7 +109,15 @@ impl Coordinator {
             >= open
                 .started_ms
                 .saturating_add(self.config.round_deadline_ms);
-        let quorum = open.received.len() >= self.config.quorum.min(open.expected.len().max(1));
+        // The quorum counts the members still expected (an update from a site that left since
+        // is merged, but does not stand in for a member the round still waits for), capped at
+        // how many there are.
+        let expected_in = open
+            .received
+            .keys()
+            .filter(|s| open.expected.contains(s))
+            .count();
+        let quorum = expected_in >= self.config.quorum.min(open.expected.len().max(1));
         let close_now = match &self.config.asynchronous {
             Some(rule) => {
                 everyone
