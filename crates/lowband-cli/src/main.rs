@@ -23,6 +23,7 @@ mod robustness;
 mod settings;
 mod shape;
 mod site_bench;
+mod staleness;
 mod summary_table;
 mod train;
 

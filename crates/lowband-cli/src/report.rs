@@ -438,6 +438,9 @@ fn notes(c: &Comparison) -> String {
         let faults: Vec<String> = c.config.faults.iter().map(|f| f.to_string()).collect();
         let _ = writeln!(out, "- Faults (fractions of the run's emulated time; `down`: the site's steps since its last update are lost, it comes back with its own state and waits for the parameters; `slow`: its speed times the factor): {}.", faults.join(", "));
     }
+    for line in crate::staleness::staleness_notes(c.results) {
+        let _ = writeln!(out, "{line}");
+    }
     let _ = writeln!(out, "- Goodput: the share of the sites' emulated time (compute + link) that went into updates that were merged, not into waiting for the slowest site or the link, nor into refused updates; {speeds}.");
     if let Some(t) = equal_time_seconds(c.results) {
         let tokens_note = if equal_tokens(c.results).is_some() {

@@ -249,6 +249,39 @@ fn under_a_fault_schedule_nothing_is_lost_and_runs_replay() {
     );
 }
 
+/// The trust checks and robust aggregators hold for asynchronous rounds: a sign-flipping site
+/// is refused by the direction check and excluded; compressed codecs with error feedback run.
+#[test]
+fn asynchronous_rounds_keep_the_defences_and_take_every_codec() {
+    let hostile = RunConfig {
+        attacks: vec!["2:signflip".parse().unwrap()],
+        ..config(&[1.0, 1.0, 0.7, 0.4], 48, 8)
+    };
+    let result = go(&hostile, "async-diloco[agg=median]").unwrap();
+    let excluded = result
+        .metrics
+        .iter()
+        .any(|m| matches!(m, Metric::Excluded { site: 2, .. }));
+    assert!(excluded, "the attacker is excluded");
+    assert_eq!(
+        result.site_goodput[2], 0.0,
+        "its refused updates are not goodput"
+    );
+    let honest = config(&[1.0, 1.0, 0.7, 0.4], 48, 8);
+    for strategy in [
+        "async-diloco[up=int4;down=int4;decay=1]",
+        "async-diloco[up=topk:k=64,values=q2;down=topk:k=256,values=q2;decay=0.95;lr=1;momentum=0]",
+    ] {
+        let result = go(&honest, strategy).unwrap();
+        assert!(result.final_val_loss.is_finite(), "{strategy}");
+        assert!(
+            result.goodput() > 0.95,
+            "{strategy}: {:?}",
+            result.site_goodput
+        );
+    }
+}
+
 #[test]
 fn scheduled_strategies_refuse_what_they_cannot_do_yet() {
     assert!(Strategy::parse("streaming[quorum=3]", 8).is_err());

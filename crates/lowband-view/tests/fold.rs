@@ -101,6 +101,7 @@ fn one_round() -> Vec<(RunEvent, f64)> {
                 delta_norm: 1.0,
                 update_norms: Vec::new(),
                 update_cosines: Vec::new(),
+                update_staleness: Vec::new(),
             }),
             2.7,
         ),

@@ -457,6 +457,7 @@ pub(crate) fn absorb(
                     delta_norm: report.delta_norm,
                     update_norms: report.update_norms,
                     update_cosines: report.update_cosines,
+                    update_staleness: report.update_staleness,
                 });
                 if !report.missing.is_empty() {
                     return Err(RunError::Protocol(format!(

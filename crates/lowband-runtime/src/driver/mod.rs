@@ -48,6 +48,9 @@ pub enum Metric {
         /// (site, cosine of its update with the sum of the others).
         #[serde(default)]
         update_cosines: Vec<(u32, f32)>,
+        /// Asynchronous rounds: (site, staleness in rounds) of every update the round held.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        update_staleness: Vec<(u32, u64)>,
     },
     /// The coordinator refused a site's update (it forfeits the round).
     Refused {

@@ -284,6 +284,7 @@ impl Schedule<'_, '_> {
             delta_norm: report.delta_norm,
             update_norms: report.update_norms,
             update_cosines: report.update_cosines,
+            update_staleness: report.update_staleness,
         });
         self.common.maybe_evaluate(step, self.coordinator.global())
     }
