@@ -59,3 +59,34 @@ pub(crate) fn loss_by_tokens(r: &RunResult, tokens: u64) -> Option<(u64, f64)> {
         })
         .next_back()
 }
+
+/// The report's notes on the comparison at equal time and (where strategies trained different
+/// totals) at equal tokens.
+pub(crate) fn notes(results: &[RunResult], eval_every_steps: u64) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = equal_time_seconds(results) {
+        let tokens_note = if equal_tokens(results).is_some() {
+            "The val loss column is each strategy's end, after the tokens it trained (below)."
+        } else {
+            "The val loss column compares at equal tokens."
+        };
+        out.push(format!("- Equal time: the validation loss each strategy had reached (its latest evaluation, every {} steps and at the start) when the fastest finished, {t:.1} s into its emulated run; on this link that is what a strategy buys for the same wall-clock time (chart: loss_vs_time.svg). {tokens_note}", eval_every_steps));
+    }
+    if let Some(fewest) = equal_tokens(results) {
+        let each: Vec<String> = results
+            .iter()
+            .map(|r| {
+                let at = loss_by_tokens(r, fewest).map_or("-".into(), |(step, loss)| {
+                    format!("{loss:.4} (step {step})")
+                });
+                format!(
+                    "{} trained {} tokens, at {fewest}: {at}",
+                    r.strategy.name(),
+                    r.tokens
+                )
+            })
+            .collect();
+        out.push(format!("- Equal tokens: the strategies trained different totals (an asynchronous strategy's sites train for the same time, the slower ones fewer tokens); each one's latest evaluation by the fewest: {}.", each.join("; ")));
+    }
+    out
+}

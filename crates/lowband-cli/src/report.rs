@@ -442,30 +442,8 @@ fn notes(c: &Comparison) -> String {
         let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(out, "- Goodput: the share of the sites' emulated time (compute + link) that went into updates that were merged, not into waiting for the slowest site or the link, nor into refused updates; {speeds}.");
-    if let Some(t) = equal_time_seconds(c.results) {
-        let tokens_note = if equal_tokens(c.results).is_some() {
-            "The val loss column is each strategy's end, after the tokens it trained (below)."
-        } else {
-            "The val loss column compares at equal tokens."
-        };
-        let _ = writeln!(out, "- Equal time: the validation loss each strategy had reached (its latest evaluation, every {} steps and at the start) when the fastest finished, {t:.1} s into its emulated run; on this link that is what a strategy buys for the same wall-clock time (chart: loss_vs_time.svg). {tokens_note}", c.config.eval_every_steps);
-    }
-    if let Some(fewest) = equal_tokens(c.results) {
-        let each: Vec<String> = c
-            .results
-            .iter()
-            .map(|r| {
-                let at = loss_by_tokens(r, fewest).map_or("-".into(), |(step, loss)| {
-                    format!("{loss:.4} (step {step})")
-                });
-                format!(
-                    "{} trained {} tokens, at {fewest}: {at}",
-                    r.strategy.name(),
-                    r.tokens
-                )
-            })
-            .collect();
-        let _ = writeln!(out, "- Equal tokens: the strategies trained different totals (an asynchronous strategy's sites train for the same time, the slower ones fewer tokens); each one's latest evaluation by the fewest: {}.", each.join("; "));
+    for line in crate::equal_time::notes(c.results, c.config.eval_every_steps) {
+        let _ = writeln!(out, "{line}");
     }
     if let Some(floor) = c.floor {
         let best = c
