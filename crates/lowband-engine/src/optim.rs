@@ -21,6 +21,9 @@ pub struct OptimizerConfig {
     pub weight_decay: f32,
     /// Global gradient-norm clip; 0 disables clipping.
     pub grad_clip: f32,
+    /// Muon for the hidden 2-D weights (`crate::muon`); None: AdamW for every tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub muon: Option<crate::muon::MuonConfig>,
 }
 
 impl Default for OptimizerConfig {
@@ -32,6 +35,7 @@ impl Default for OptimizerConfig {
             eps: 1e-8,
             weight_decay: 0.1,
             grad_clip: 1.0,
+            muon: None,
         }
     }
 }
@@ -74,7 +78,11 @@ impl OptimizerConfig {
             "grad_clip",
             self.grad_clip.is_finite() && self.grad_clip >= 0.0,
             "must be a finite number >= 0 (0 disables)",
-        )
+        )?;
+        match &self.muon {
+            Some(muon) => muon.validate(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -112,7 +120,8 @@ impl LrSchedule {
     }
 }
 
-/// AdamW moments in the parameter layout, and the step count.
+/// AdamW moments in the parameter layout, and the step count. With Muon, a Muon weight's
+/// momentum is its `m` (its `v` stays 0): the state keeps one format.
 #[derive(Clone, Debug)]
 pub struct AdamW {
     pub config: OptimizerConfig,
@@ -121,6 +130,7 @@ pub struct AdamW {
     /// Steps taken so far (bias correction uses step + 1 on the next one).
     pub step: u64,
     norm_partials: Vec<f64>,
+    muon_scratch: crate::muon::Scratch,
 }
 
 /// What one optimizer step did.
@@ -141,6 +151,7 @@ impl AdamW {
             v: vec![0.0; params],
             step: 0,
             norm_partials: Vec::new(),
+            muon_scratch: Default::default(),
         }
     }
 
@@ -178,6 +189,22 @@ impl AdamW {
         let step_size = (lr as f64 / bias_correction1) as f32;
         let bias_correction2_sqrt = bias_correction2.sqrt() as f32;
         for tensor in tensors {
+            if let Some(muon) = c.muon.filter(|_| crate::muon::applies_to(tensor)) {
+                // Muon's rate follows the schedule: its peak x (this step's lr / AdamW's peak).
+                let scale = if c.lr > 0.0 { lr / c.lr } else { 0.0 };
+                let r = tensor.range();
+                crate::muon::step(
+                    &muon,
+                    tensor,
+                    &mut params[r.clone()],
+                    &grads[r.clone()],
+                    grad_scale,
+                    &mut self.m[r],
+                    (muon.lr * scale, c.weight_decay),
+                    &mut self.muon_scratch,
+                );
+                continue;
+            }
             let decay = if tensor.weight_decay {
                 1.0 - lr * c.weight_decay
             } else {

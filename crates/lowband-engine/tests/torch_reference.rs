@@ -134,3 +134,105 @@ fn engine_matches_pytorch_and_transformers_on_identical_weights() {
     // The `small` preset's shapes, a short batch: full-width attention over 64 positions.
     run_case(lowband_engine::preset("small").unwrap().model, 2, 64);
 }
+
+/// Muon (hidden 2-D weights) with AdamW (the rest) against `torch.optim.Muon` + `AdamW` on the
+/// same parameters and gradients, three steps at three learning rates: `bench/torch_muon.py`.
+#[test]
+fn muon_matches_pytorch() {
+    if !torch_available() {
+        assert!(
+            std::env::var("LOWBAND_REQUIRE_TORCH").is_err(),
+            "LOWBAND_REQUIRE_TORCH is set but {} cannot import torch",
+            python()
+        );
+        let reason = format!(
+            "SKIPPED: {} cannot import torch (set LOWBAND_PYTHON)",
+            python()
+        );
+        println!("{reason}");
+        record_skip("muon_matches_pytorch", &reason);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = lowband_engine::preset("small").unwrap().model;
+    let model = Gpt::new(config, 5).unwrap();
+    let optimizer = OptimizerConfig {
+        lr: 3e-3,
+        grad_clip: 0.0,
+        muon: Some(lowband_engine::MuonConfig::default()),
+        ..OptimizerConfig::default()
+    };
+    let mut trainer = CpuTrainer::new(model, optimizer).unwrap();
+    let tensors = trainer.tensors().to_vec();
+    let initial = trainer.params().to_vec();
+    let learning_rates = [3e-3f32, 1.5e-3, 3e-4];
+    let mut saved: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
+        .iter()
+        .map(|t| {
+            (
+                format!("initial.{}", t.name),
+                t.shape.clone(),
+                initial[t.range()].to_vec(),
+            )
+        })
+        .collect();
+    let mut state = 7u64;
+    for (step, &lr) in learning_rates.iter().enumerate() {
+        let grads: Vec<f32> = (0..initial.len())
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+            })
+            .collect();
+        trainer.grads_mut().copy_from_slice(&grads);
+        trainer.apply_gradients(lr).unwrap();
+        for t in &tensors {
+            saved.push((
+                format!("grad.{step}.{}", t.name),
+                t.shape.clone(),
+                grads[t.range()].to_vec(),
+            ));
+            saved.push((
+                format!("after.{step}.{}", t.name),
+                t.shape.clone(),
+                trainer.params()[t.range()].to_vec(),
+            ));
+        }
+    }
+    let named: Vec<(String, Vec<usize>, &[f32])> = saved
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
+    write_atomic(
+        &dir.path().join("case.safetensors"),
+        &tensors_to_safetensors(&named, None).unwrap(),
+    )
+    .unwrap();
+    let described: Vec<serde_json::Value> = tensors
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "name": t.name, "muon": lowband_engine::muon::applies_to(t), "decay": t.weight_decay,
+            })
+        })
+        .collect();
+    let case = serde_json::json!({
+        "tensors": described, "optimizer": optimizer, "learning_rates": learning_rates,
+    });
+    write_atomic(&dir.path().join("case.json"), case.to_string().as_bytes()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_muon.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.status.success(),
+        "PyTorch's Muon disagrees:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -509,3 +509,35 @@ fn site_speeds_charge_each_site_its_own_compute_and_change_no_result() {
         assert!((b.goodput() - (b.site_goodput[0] + b.site_goodput[1]) / 2.0).abs() < 1e-12);
     }
 }
+
+/// Muon as the sites' inner optimizer: a run trains, differs from AdamW's, and a run stopped
+/// midway resumes to exactly the uninterrupted one (Muon's momentum is saved with the sites'
+/// optimizer state).
+#[test]
+fn muon_inner_optimizer_trains_and_resumes_exactly() {
+    let mut c = RunConfig {
+        checkpoint_every_rounds: 1,
+        ..config(2, 12, 3)
+    };
+    let adamw = go(&c, "diloco", &Persistence::default()).unwrap();
+    c.optimizer.muon = Some(lowband_engine::MuonConfig::default());
+    let straight = go(&c, "diloco", &Persistence::default()).unwrap();
+    assert_ne!(straight.final_params, adamw.final_params);
+    assert!(straight.final_val_loss.is_finite());
+    let dir = tempfile::tempdir().unwrap();
+    let stop = Persistence {
+        observer: None,
+        state_dir: Some(dir.path().to_path_buf()),
+        stop_after_rounds: Some(2),
+    };
+    assert!(matches!(
+        go(&c, "diloco", &stop),
+        Err(RunError::Stopped { step: 6 })
+    ));
+    let resume = Persistence {
+        stop_after_rounds: None,
+        ..stop
+    };
+    let resumed = go(&c, "diloco", &resume).unwrap();
+    assert_eq!(resumed.final_params, straight.final_params);
+}
