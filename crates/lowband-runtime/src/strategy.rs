@@ -44,6 +44,10 @@
 //! Round strategies sync every `inner_steps` (H) unless the name says `@H`. Any of it can be
 //! overridden in brackets: `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;down=topk:k=128;decay=0.9;lr=0.8;momentum=0.5]`.
 //!
+//! The sites' inner optimizer: `inner=muon` (Muon on the hidden 2-D weights, AdamW on the rest;
+//! `muon_lr=X` its peak learning rate, default 0.02) or `inner=adamw`; default: the run's
+//! `[optimizer]`.
+//!
 //! Untrusted sites: `agg=median` (or `trimmed-mean`, `trimmed-mean:trim=0.25`, `centered-clip`,
 //! `clipped-mean`, `mean`) picks the aggregator (default: the run's `aggregator`, the mean), and
 //! `norm=X` or `norm=off` the bound on an update's norm relative to its round (default 4), and
@@ -86,6 +90,9 @@ pub struct Strategy {
     pub asynchronous: Option<Asynchronous>,
     /// Synchronous rounds closed on the emulated clock once this many updates are in.
     pub quorum: Option<usize>,
+    /// The sites' inner optimizer: None for the run's (`[optimizer]`), Some(None) for AdamW,
+    /// Some(Some(muon)) for Muon on the hidden weights (`inner=muon`, `muon_lr=X`).
+    pub inner_muon: Option<Option<lowband_engine::MuonConfig>>,
     /// The sparse presets: the downlink keeps `sites` times the uplink's density (see
     /// [`Strategy::compression_for`]); false once `down=` is given.
     downlink_follows_sites: bool,
@@ -130,7 +137,7 @@ fn int(bits: u8) -> CodecSpec {
 }
 
 /// The override keys, in the order the canonical name lists them (the documented order).
-const OVERRIDE_KEYS: [&str; 14] = [
+const OVERRIDE_KEYS: [&str; 16] = [
     "up",
     "down",
     "decay",
@@ -145,6 +152,8 @@ const OVERRIDE_KEYS: [&str; 14] = [
     "quorum",
     "grace",
     "stale",
+    "inner",
+    "muon_lr",
 ];
 
 /// Longest strategy spec (its name becomes a directory name, at most 255 bytes on Linux).
@@ -212,6 +221,7 @@ impl Strategy {
             streaming,
             asynchronous,
             quorum: None,
+            inner_muon: None,
             aggregator: None,
             norm_ratio_max: None,
             cosine_ratio_min: None,
@@ -258,6 +268,15 @@ impl Strategy {
             "stale" => self
                 .asynchronous
                 .map_or(written.into(), |a| a.staleness_max.to_string()),
+            "inner" => match self.inner_muon {
+                Some(Some(_)) => "muon".into(),
+                Some(None) => "adamw".into(),
+                None => written.into(),
+            },
+            "muon_lr" => match self.inner_muon {
+                Some(Some(muon)) => muon.lr.to_string(),
+                _ => written.into(),
+            },
             _ => written.into(),
         }
     }
@@ -307,7 +326,8 @@ impl Strategy {
                     }
                 }
                 "quorum" | "grace" | "stale" => self.apply_schedule_override(key.trim(), value)?,
-                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
+                "inner" | "muon_lr" => self.apply_inner_override(key.trim(), value)?,
+                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum, inner, muon_lr (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
             }
             let key = key.trim();
             let order = OVERRIDE_KEYS
@@ -376,6 +396,50 @@ impl Strategy {
             asynchronous.staleness_max = whole(value)?;
         }
         Ok(())
+    }
+
+    /// `inner=adamw|muon` or `muon_lr=X` (Muon with that peak learning rate).
+    fn apply_inner_override(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let muon = lowband_engine::MuonConfig::default();
+        match (key, value) {
+            ("inner", "adamw") if !matches!(self.inner_muon, Some(Some(_))) => {
+                self.inner_muon = Some(None)
+            }
+            ("inner", "muon") => {
+                self.inner_muon
+                    .get_or_insert(Some(muon))
+                    .get_or_insert(muon);
+            }
+            ("inner", other) if other != "adamw" => {
+                return Err(format!("inner=`{other}`: adamw or muon"))
+            }
+            ("muon_lr", _) if self.inner_muon != Some(None) => {
+                let lr: f32 = value
+                    .parse()
+                    .map_err(|_| format!("muon_lr=`{value}` is not a number"))?;
+                let inner = self
+                    .inner_muon
+                    .get_or_insert(Some(muon))
+                    .get_or_insert(muon);
+                inner.lr = lr;
+                inner
+                    .validate()
+                    .map_err(|e| format!("muon_lr=`{value}`: {e}"))?;
+            }
+            _ => return Err("inner=adamw contradicts muon_lr".into()),
+        }
+        Ok(())
+    }
+
+    /// The sites' optimizer under this strategy, given the run's.
+    pub fn inner_optimizer(
+        &self,
+        run: lowband_engine::OptimizerConfig,
+    ) -> lowband_engine::OptimizerConfig {
+        match self.inner_muon {
+            Some(muon) => lowband_engine::OptimizerConfig { muon, ..run },
+            None => run,
+        }
     }
 
     /// Whether rounds run on the emulated clock's schedule (asynchronous, or with a quorum).

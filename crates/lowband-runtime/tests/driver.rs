@@ -541,3 +541,38 @@ fn muon_inner_optimizer_trains_and_resumes_exactly() {
     let resumed = go(&c, "diloco", &resume).unwrap();
     assert_eq!(resumed.final_params, straight.final_params);
 }
+
+/// `inner=muon` picks Muon for one strategy of a run, beside AdamW in another: the same as the
+/// run-wide `[optimizer.muon]`, bit for bit.
+#[test]
+fn a_strategy_can_pick_muon_for_its_sites() {
+    let c = config(2, 12, 3);
+    let picked = go(
+        &c,
+        "diloco[inner=muon;muon_lr=0.01]",
+        &Persistence::default(),
+    )
+    .unwrap();
+    let mut run_wide = c.clone();
+    run_wide.optimizer.muon = Some(lowband_engine::MuonConfig {
+        lr: 0.01,
+        ..Default::default()
+    });
+    let everywhere = go(&run_wide, "diloco", &Persistence::default()).unwrap();
+    assert_eq!(picked.final_params, everywhere.final_params);
+    let adamw = go(&run_wide, "diloco[inner=adamw]", &Persistence::default()).unwrap();
+    assert_eq!(
+        adamw.final_params,
+        go(&c, "diloco", &Persistence::default())
+            .unwrap()
+            .final_params
+    );
+    assert_eq!(
+        Strategy::parse("diloco[muon_lr=0.01;inner=muon]", 3)
+            .unwrap()
+            .name(),
+        "diloco@3[inner=muon;muon_lr=0.01]"
+    );
+    assert!(Strategy::parse("diloco[inner=sgd]", 3).is_err());
+    assert!(Strategy::parse("diloco[inner=adamw;muon_lr=0.01]", 3).is_err());
+}

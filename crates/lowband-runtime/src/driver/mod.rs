@@ -254,35 +254,39 @@ fn site_sampler(config: &RunConfig, k: usize) -> Sampler {
     Sampler::new(config.seed.wrapping_mul(1000).wrapping_add(k as u64))
 }
 
-fn new_trainer(config: &RunConfig, initial: &[f32]) -> Result<CpuTrainer, RunError> {
+fn new_trainer(
+    config: &RunConfig,
+    optimizer: lowband_engine::OptimizerConfig,
+    initial: &[f32],
+) -> Result<CpuTrainer, RunError> {
     let model = preset(&config.preset)?.model;
     Ok(CpuTrainer::new(
         Gpt::from_params(model, initial.to_vec())?,
-        config.optimizer,
+        optimizer,
     )?)
 }
 
 pub(crate) fn new_sites(
     config: &RunConfig,
+    strategy: &Strategy,
     initial: &[f32],
-    compression: Compression,
 ) -> Result<Vec<SiteRuntime>, RunError> {
     (0..config.sites)
-        .map(|k| new_site(config, initial, compression, k))
+        .map(|k| strategy_site(config, strategy, initial, k))
         .collect()
 }
 
 /// Site k of a run: its protocol state, trainer, data stream and (if hostile) attacker.
 pub(crate) fn new_site(
     config: &RunConfig,
+    (compression, optimizer): (Compression, lowband_engine::OptimizerConfig),
     initial: &[f32],
-    compression: Compression,
     k: usize,
 ) -> Result<SiteRuntime, RunError> {
     let site = Site::with_initial(k as u32, initial.to_vec(), compression)?;
     Ok(SiteRuntime {
         site,
-        trainer: new_trainer(config, initial)?,
+        trainer: new_trainer(config, optimizer, initial)?,
         sampler: site_sampler(config, k),
         attacker: attacker_of(config, k),
     })
@@ -356,7 +360,11 @@ pub(crate) fn strategy_site(
     initial: &[f32],
     k: usize,
 ) -> Result<SiteRuntime, RunError> {
-    let mut site = new_site(config, initial, strategy.compression_for(config.sites), k)?;
+    let settings = (
+        strategy.compression_for(config.sites),
+        strategy.inner_optimizer(config.optimizer),
+    );
+    let mut site = new_site(config, settings, initial, k)?;
     if let Some(streaming) = strategy.streaming {
         site.site = site
             .site

@@ -11,10 +11,9 @@ pub(super) fn run_rounds(
 ) -> Result<RunResult, RunError> {
     let (config, strategy) = (common.config, common.strategy.clone());
     let n = initial.len();
-    let compression = strategy.compression_for(config.sites);
     let coordinator_config = coordinator_config(config, &strategy, n, config.sites, 600_000);
     let mut coordinator = Coordinator::new(coordinator_config, initial.clone())?;
-    let mut sites = new_sites(config, &initial, compression)?;
+    let mut sites = new_sites(config, &strategy, &initial)?;
     let mut step = 0u64;
     if let Some(saved) = state::load(persistence, &strategy)? {
         step = saved.step;

@@ -226,7 +226,7 @@ mod tests {
             downlink: lowband_codec::CodecSpec::Fp32,
             feedback_decay: Some(0.9),
         };
-        new_site(&config, &initial, compression, k).unwrap()
+        new_site(&config, (compression, config.optimizer), &initial, k).unwrap()
     }
 
     fn run() -> SiteRun {
