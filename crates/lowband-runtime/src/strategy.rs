@@ -325,8 +325,7 @@ impl Strategy {
                         _ => streaming.mix = number(value)?,
                     }
                 }
-                "quorum" | "grace" | "stale" => self.apply_schedule_override(key.trim(), value)?,
-                "inner" | "muon_lr" => self.apply_inner_override(key.trim(), value)?,
+                "quorum" | "grace" | "stale" | "inner" | "muon_lr" => self.apply_late_override(key.trim(), value)?,
                 other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum, inner, muon_lr (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
             }
             let key = key.trim();
@@ -361,6 +360,14 @@ impl Strategy {
             outer.validate()?;
         }
         self.robustness(AggregatorSpec::Mean).validate()
+    }
+
+    /// The overrides added with asynchronous rounds and Muon.
+    fn apply_late_override(&mut self, key: &str, value: &str) -> Result<(), String> {
+        match key {
+            "inner" | "muon_lr" => self.apply_inner_override(key, value),
+            _ => self.apply_schedule_override(key, value),
+        }
     }
 
     /// `quorum`, `grace` or `stale`: when rounds close on the emulated clock.
