@@ -111,23 +111,29 @@ fn record_skip(name: &str, reason: &str) {
     let _ = std::fs::write(dir.join(name), reason);
 }
 
+/// Without a Python that has torch, transformers and safetensors: say SKIPPED, record it, and
+/// return true (a failure when `LOWBAND_REQUIRE_TORCH` is set).
+fn skipped_without_torch(name: &str) -> bool {
+    if torch_available() {
+        return false;
+    }
+    assert!(
+        std::env::var("LOWBAND_REQUIRE_TORCH").is_err(),
+        "LOWBAND_REQUIRE_TORCH is set but {} cannot import torch and transformers",
+        python()
+    );
+    let reason = format!(
+        "SKIPPED: {} cannot import torch, transformers and safetensors (set LOWBAND_PYTHON)",
+        python()
+    );
+    println!("{reason}");
+    record_skip(name, &reason);
+    true
+}
+
 #[test]
 fn engine_matches_pytorch_and_transformers_on_identical_weights() {
-    if !torch_available() {
-        assert!(
-            std::env::var("LOWBAND_REQUIRE_TORCH").is_err(),
-            "LOWBAND_REQUIRE_TORCH is set but {} cannot import torch and transformers",
-            python()
-        );
-        let reason = format!(
-            "SKIPPED: {} cannot import torch, transformers and safetensors (set LOWBAND_PYTHON)",
-            python()
-        );
-        println!("{reason}");
-        record_skip(
-            "engine_matches_pytorch_and_transformers_on_identical_weights",
-            &reason,
-        );
+    if skipped_without_torch("engine_matches_pytorch_and_transformers_on_identical_weights") {
         return;
     }
     run_case(common::tiny(), 4, 32);
@@ -139,18 +145,7 @@ fn engine_matches_pytorch_and_transformers_on_identical_weights() {
 /// same parameters and gradients, three steps at three learning rates: `bench/torch_muon.py`.
 #[test]
 fn muon_matches_pytorch() {
-    if !torch_available() {
-        assert!(
-            std::env::var("LOWBAND_REQUIRE_TORCH").is_err(),
-            "LOWBAND_REQUIRE_TORCH is set but {} cannot import torch",
-            python()
-        );
-        let reason = format!(
-            "SKIPPED: {} cannot import torch (set LOWBAND_PYTHON)",
-            python()
-        );
-        println!("{reason}");
-        record_skip("muon_matches_pytorch", &reason);
+    if skipped_without_torch("muon_matches_pytorch") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
