@@ -130,9 +130,10 @@ class Faults(unittest.TestCase):
         self.assertIn("resuming", self.coordinator_log())
         self.assertTrue(torch.equal(sites[0].result(), sites[1].result()))
 
-    def saved_step(self):
-        """The step of the coordinator's last complete checkpoint (0 before the first)."""
-        state = self.cluster.run_dir / "coordinator-state"
+    def saved_step(self, state=None):
+        """The step of the coordinator's last complete checkpoint (0 before the first), in
+        `state` (default: the run's coordinator-state)."""
+        state = state or self.cluster.run_dir / "coordinator-state"
         for current in state.rglob("current.json"):
             return int(json.loads(current.read_text())["dir"].removeprefix("state-"))
         return 0
@@ -147,7 +148,9 @@ class Faults(unittest.TestCase):
         early = pathlib.Path(self.directory.name) / "early-state"
         wait_for(lambda: self.saved_step() >= 5, 60, "a first checkpoint")
         shutil.copytree(state, early)
-        early_step = self.saved_step()
+        # (Read from the copy: the coordinator may save again between the copy and a read of
+        # its own directory.)
+        early_step = self.saved_step(early)
         wait_for(lambda: self.saved_step() >= early_step + 15, 60, "three more rounds")
         self.cluster.kill()
         shutil.rmtree(state)
