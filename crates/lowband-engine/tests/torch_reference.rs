@@ -89,15 +89,20 @@ fn run_case(config: ModelConfig, b: usize, t: usize) {
         "optimizer": optimizer, "learning_rates": learning_rates,
     });
     write_atomic(&dir.path().join("case.json"), case.to_string().as_bytes()).unwrap();
+    run_check(&script(), dir.path(), "PyTorch reference");
+}
+
+/// Run the Python check `script` on the case in `dir`; it must agree.
+fn run_check(script: &Path, dir: &Path, what: &str) {
     let output = Command::new(python())
-        .arg(script())
-        .arg(dir.path())
+        .arg(script)
+        .arg(dir)
         .output()
         .unwrap();
     println!("{}", String::from_utf8_lossy(&output.stdout));
     assert!(
         output.status.success(),
-        "PyTorch reference disagrees:\n{}\n{}",
+        "{what} disagrees:\n{}\n{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
@@ -218,16 +223,5 @@ fn muon_matches_pytorch() {
     });
     write_atomic(&dir.path().join("case.json"), case.to_string().as_bytes()).unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_muon.py");
-    let output = Command::new(python())
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    println!("{}", String::from_utf8_lossy(&output.stdout));
-    assert!(
-        output.status.success(),
-        "PyTorch's Muon disagrees:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_check(&script, dir.path(), "PyTorch's Muon");
 }

@@ -232,16 +232,12 @@ impl Coordinator {
                 crate::trust::cosine_with_rest(delta, sum)
             });
             if closing.one_at_a_time() && verdicts.accepted.iter().any(|(a, _)| *a == i) {
+                // (A synchronous round's weight is 1: x · 1 is x, bit for bit.)
                 let weight = closing.weight(i);
-                match (merged_count == 0, closing.weights.is_empty()) {
-                    (true, true) => crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = *v),
-                    (false, true) => crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += v),
-                    (true, false) => {
-                        crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = weight * v)
-                    }
-                    (false, false) => {
-                        crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += weight * v)
-                    }
+                if merged_count == 0 {
+                    crate::par::zip_apply(&mut self.merged, delta, |m, v| *m = weight * v);
+                } else {
+                    crate::par::zip_apply(&mut self.merged, delta, |m, v| *m += weight * v);
                 }
                 merged_count += 1;
             }

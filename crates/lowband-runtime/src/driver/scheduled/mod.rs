@@ -94,6 +94,8 @@ impl<'c, 'a> Schedule<'c, 'a> {
                 reason: "asynchronous rounds need lowband's engine (a nominal step time)".into(),
             })?;
         let (fastest, pacer) = fastest_site(config);
+        // The fastest site's step: the unit of the run's steps, budgets and grace window.
+        let nominal = step_seconds / fastest;
         let h = strategy.inner_steps.min(config.steps);
         let asynchronous = strategy.asynchronous;
         let sites = clocked_sites(config, &strategy, &initial, step_seconds)?;
@@ -104,8 +106,8 @@ impl<'c, 'a> Schedule<'c, 'a> {
         let tokens = common.tokens_per_site_step();
         // The coordinator's clock counts milliseconds: a grace window is at least one (updates
         // that arrive in the same millisecond are merged together).
-        let grace_ms = asynchronous
-            .map(|a| ((a.grace as f64 * h as f64 * step_seconds / fastest * 1e3) as u64).max(1));
+        let grace_ms =
+            asynchronous.map(|a| ((a.grace as f64 * h as f64 * nominal * 1e3) as u64).max(1));
         coordinator_config.asynchronous =
             asynchronous.zip(grace_ms).map(|(a, grace_ms)| AsyncMerge {
                 site_tokens: sites.iter().map(|s| s.interval * tokens).collect(),
@@ -125,8 +127,8 @@ impl<'c, 'a> Schedule<'c, 'a> {
             queue: Queue::default(),
             pacer,
             grace_seconds,
-            mark_seconds: h as f64 * step_seconds / fastest,
-            deadline: config.steps as f64 * step_seconds / fastest,
+            mark_seconds: h as f64 * nominal,
+            deadline: config.steps as f64 * nominal,
             last_step_metric: None,
             faults: config.faults.clone(),
             rounds_total: config.steps.div_ceil(h),
