@@ -95,7 +95,7 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct CompareArgs {
     /// Strategies, comma-separated: ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco,
-    /// demo-dct, streaming; optionally NAME@H (e.g. sparseloco@30) and [overrides] (e.g.
+    /// frugal, demo-dct, streaming, async-diloco; optionally NAME@H (e.g. sparseloco@30) and [overrides] (e.g.
     /// `sparseloco@30[up=topk:k=32,chunk=4096,values=q2;decay=0.9]`, see ARCHITECTURE.md).
     /// Commas inside brackets belong to the strategy.
     #[arg(long, value_parser = parse_strategy_list)]

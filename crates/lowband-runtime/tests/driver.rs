@@ -576,3 +576,21 @@ fn a_strategy_can_pick_muon_for_its_sites() {
     assert!(Strategy::parse("diloco[inner=sgd]", 3).is_err());
     assert!(Strategy::parse("diloco[inner=adamw;muon_lr=0.01]", 3).is_err());
 }
+
+/// `ddp[inner=muon]` (the reference for Muon sites) is DDP with the run-wide Muon, bit for bit,
+/// and differs from AdamW's DDP.
+#[test]
+fn ddp_takes_muon_as_its_optimizer() {
+    let c = config(2, 6, 3);
+    let picked = go(&c, "ddp[inner=muon;muon_lr=0.01]", &Persistence::default()).unwrap();
+    let mut run_wide = c.clone();
+    run_wide.optimizer.muon = Some(lowband_engine::MuonConfig {
+        lr: 0.01,
+        ..Default::default()
+    });
+    let everywhere = go(&run_wide, "ddp", &Persistence::default()).unwrap();
+    assert_eq!(picked.final_params, everywhere.final_params);
+    let adamw = go(&c, "ddp", &Persistence::default()).unwrap();
+    assert_ne!(picked.final_params, adamw.final_params);
+    assert!(picked.final_val_loss.is_finite());
+}

@@ -11,7 +11,7 @@ pub(super) fn run_ddp(
     let (config, strategy) = (common.config, common.strategy.clone());
     // One trainer stands for all sites: in DDP every site holds the same parameters and optimizer
     // state; each site has its own data stream.
-    let mut trainer = new_trainer(config, config.optimizer, &initial)?;
+    let mut trainer = new_trainer(config, strategy.inner_optimizer(config.optimizer), &initial)?;
     let mut samplers: Vec<Sampler> = (0..config.sites).map(|k| site_sampler(config, k)).collect();
     let n = initial.len();
     let k_sites = config.sites as u64;

@@ -9,6 +9,7 @@
 //! | `diloco-int8` | `int8` (chunk 4096, min/max, nearest) | same, as changes | none | Nesterov |
 //! | `diloco-4bit` | `int4` (chunk 4096, min/max, nearest) | same, as changes | decay 1 | Nesterov |
 //! | `sparseloco` | `topk` 64 of 4096, q2 values | `topk` 64·K of 4096, q2, as changes | decay 0.95 | lr 1, no momentum |
+//! | `frugal` (H = 14) | `topk` 16 of 8192, q2 | `topk` 16·K of 8192, q2, as changes | decay 0.95 | lr 4, no momentum; Muon (lr 0.0075) inside |
 //! | `demo-dct` | `dct` 8 of 256 coefficients, sign values | `dct` 8·K of 256, as changes | decay 1 | lr 1, no momentum |
 //! | `streaming` | `int4` per fragment | same, as changes | decay 1 | Nesterov |
 //! | `async-diloco` | fp32 | fp32 parameters | none | Nesterov, on a weighted merge |
@@ -125,8 +126,17 @@ pub struct Asynchronous {
     pub staleness_max: u64,
 }
 
-const PRESETS: &str =
-    "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, demo-dct, streaming, async-diloco";
+const PRESETS: &str = "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, frugal, demo-dct, streaming, async-diloco";
+
+/// `frugal`'s round length, outer learning rate and inner Muon, picked with `--tuning` on the
+/// long benchmark's corpus (docs/results.md, "Compression that costs nothing").
+const FRUGAL_INNER_STEPS: u64 = 14;
+const FRUGAL_LR_OUTER: f32 = 4.0;
+const FRUGAL_MUON: lowband_engine::MuonConfig = lowband_engine::MuonConfig {
+    lr: 0.0075,
+    momentum: 0.95,
+    ns_steps: 5,
+};
 
 fn int(bits: u8) -> CodecSpec {
     CodecSpec::Int {
@@ -194,15 +204,18 @@ impl Strategy {
             None => (head, None),
         };
         let (kind, compression, outer) = preset_defaults(name)?;
-        if kind == StrategyKind::Ddp && (h.is_some_and(|h| h != 1) || !overrides.is_empty()) {
-            return Err(
-                "ddp synchronises fp32 gradients every step; it takes no @H or overrides".into(),
-            );
+        // DDP takes only the inner optimizer (`ddp[inner=muon]`, the reference for Muon sites).
+        let inner_only = overrides
+            .split(';')
+            .filter_map(|item| item.split_once('='))
+            .all(|(key, _)| matches!(key.trim(), "inner" | "muon_lr"));
+        if kind == StrategyKind::Ddp && (h.is_some_and(|h| h != 1) || !inner_only) {
+            return Err("ddp synchronises fp32 gradients every step; it takes no @H and no overrides but inner=muon;muon_lr=X".into());
         }
-        let inner_steps = if kind == StrategyKind::Ddp {
-            1
-        } else {
-            h.unwrap_or(default_inner_steps)
+        let inner_steps = match kind {
+            StrategyKind::Ddp => 1,
+            _ if name == "frugal" => h.unwrap_or(FRUGAL_INNER_STEPS),
+            _ => h.unwrap_or(default_inner_steps),
         };
         let streaming = (name == "streaming").then_some(Streaming {
             fragments: 4,
@@ -213,7 +226,7 @@ impl Strategy {
             grace: 0.5,
             staleness_max: 4,
         });
-        let downlink_follows_sites = matches!(name, "sparseloco" | "demo-dct");
+        let downlink_follows_sites = matches!(name, "sparseloco" | "demo-dct" | "frugal");
         let mut strategy = Strategy {
             kind,
             preset: name.to_string(),
@@ -223,7 +236,7 @@ impl Strategy {
             streaming,
             asynchronous,
             quorum: None,
-            inner_muon: None,
+            inner_muon: (name == "frugal").then_some(Some(FRUGAL_MUON)),
             aggregator: None,
             norm_ratio_max: None,
             cosine_ratio_min: None,
@@ -327,7 +340,10 @@ impl Strategy {
                         _ => streaming.mix = number(value)?,
                     }
                 }
-                "quorum" | "grace" | "stale" | "inner" | "muon_lr" => self.apply_late_override(key.trim(), value)?,
+                "quorum" | "grace" | "stale" | "inner" | "muon_lr" => {
+                    let muon_lr_given = key.trim() != "muon_lr" && seen.contains("muon_lr");
+                    self.apply_late_override(key.trim(), value, muon_lr_given)?
+                }
                 other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum, inner, muon_lr (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
             }
             let key = key.trim();
@@ -410,7 +426,8 @@ impl Strategy {
     /// The name used in reports and state directories: `ddp`, `diloco@50`, `sparseloco@30[...]`.
     pub fn name(&self) -> String {
         match self.kind {
-            StrategyKind::Ddp => "ddp".into(),
+            StrategyKind::Ddp if self.overrides.is_empty() => "ddp".into(),
+            StrategyKind::Ddp => format!("ddp[{}]", self.overrides),
             StrategyKind::Rounds if self.overrides.is_empty() => {
                 format!("{}@{}", self.preset, self.inner_steps)
             }
@@ -485,6 +502,25 @@ fn preset_defaults(name: &str) -> Result<(StrategyKind, Compression, Option<Oute
                 fedavg,
             )
         }
+        // `frugal`: the long benchmark's pick (docs/results.md, issue 19), H = 14 and Muon inside
+        // (in `Strategy::parse`). The downlink written here is for K = 4, as sparseloco's.
+        "frugal" => {
+            let topk = |k| CodecSpec::TopK {
+                k,
+                chunk: 8192,
+                values: ValueCoding::Q2,
+            };
+            let outer = OuterConfig {
+                lr: FRUGAL_LR_OUTER,
+                ..OuterConfig::FEDAVG
+            };
+            let compression = Compression {
+                uplink: topk(16),
+                downlink: topk(64),
+                feedback_decay: Some(0.95),
+            };
+            (StrategyKind::Rounds, compression, Some(outer))
+        }
         "demo-dct" => {
             let up = CodecSpec::DctTopK {
                 k: 8,
@@ -549,6 +585,28 @@ mod tests {
         );
         assert!(Strategy::parse("ddp@5", 50).is_err());
         assert!(Strategy::parse("ddp[up=int8]", 50).is_err());
+        assert!(Strategy::parse("ddp[inner=muon;lr=2]", 50).is_err());
+        let frugal = Strategy::parse("frugal", 50).unwrap();
+        assert_eq!(frugal.name(), "frugal@14");
+        assert_eq!(frugal.inner_muon, Some(Some(FRUGAL_MUON)));
+        assert_eq!(frugal.outer.unwrap().lr, FRUGAL_LR_OUTER);
+        let topk = |k| CodecSpec::TopK {
+            k,
+            chunk: 8192,
+            values: ValueCoding::Q2,
+        };
+        assert_eq!(frugal.compression_for(4).downlink, topk(64));
+        assert_eq!(frugal.compression_for(8).downlink, topk(128));
+        let with_adamw = Strategy::parse("frugal@20[inner=adamw]", 50).unwrap();
+        assert_eq!(
+            (with_adamw.inner_steps, with_adamw.inner_muon),
+            (20, Some(None))
+        );
+        assert!(Strategy::parse("frugal[muon_lr=0.01;inner=adamw]", 50).is_err());
+        assert!(Strategy::parse("frugal[inner=adamw;muon_lr=0.01]", 50).is_err());
+        let muon_ddp = Strategy::parse("ddp[muon_lr=0.01]", 50).unwrap();
+        assert_eq!(muon_ddp.name(), "ddp[muon_lr=0.01]");
+        assert_eq!(muon_ddp.inner_muon.unwrap().unwrap().lr, 0.01);
         assert!(Strategy::parse("diloco@0", 50).is_err());
         assert!(Strategy::parse("diloco@x", 50).is_err());
         assert!(Strategy::parse("sparseloco[up=topk:k=0]", 50).is_err());

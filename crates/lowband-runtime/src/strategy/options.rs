@@ -5,9 +5,15 @@ use super::Strategy;
 
 impl Strategy {
     /// The overrides added with asynchronous rounds and Muon.
-    pub(super) fn apply_late_override(&mut self, key: &str, value: &str) -> Result<(), String> {
+    /// `muon_lr_given`: whether `muon_lr` is among the overrides already read.
+    pub(super) fn apply_late_override(
+        &mut self,
+        key: &str,
+        value: &str,
+        muon_lr_given: bool,
+    ) -> Result<(), String> {
         match key {
-            "inner" | "muon_lr" => self.apply_inner_override(key, value),
+            "inner" | "muon_lr" => self.apply_inner_override(key, value, muon_lr_given),
             _ => self.apply_schedule_override(key, value),
         }
     }
@@ -48,12 +54,16 @@ impl Strategy {
     }
 
     /// `inner=adamw|muon` or `muon_lr=X` (Muon with that peak learning rate).
-    fn apply_inner_override(&mut self, key: &str, value: &str) -> Result<(), String> {
+    /// A preset's own Muon (`frugal`) gives way to `inner=adamw`; an explicit `muon_lr` does not.
+    fn apply_inner_override(
+        &mut self,
+        key: &str,
+        value: &str,
+        muon_lr_given: bool,
+    ) -> Result<(), String> {
         let muon = lowband_engine::MuonConfig::default();
         match (key, value) {
-            ("inner", "adamw") if !matches!(self.inner_muon, Some(Some(_))) => {
-                self.inner_muon = Some(None)
-            }
+            ("inner", "adamw") if !muon_lr_given => self.inner_muon = Some(None),
             ("inner", "muon") => {
                 self.inner_muon
                     .get_or_insert(Some(muon))
