@@ -584,3 +584,69 @@ fn a_departed_sites_update_does_not_stand_in_for_a_waited_member() {
     assert_eq!(report.contributors, vec![0, 1, 2]);
     assert!(report.missing.is_empty());
 }
+
+/// Positions that cost no bits: with `randomk` both ways from one seed, every site and the
+/// coordinator's downlink draw the same positions each round (one packet each per round), so the
+/// merge of the sites' packets is sparse exactly where the broadcast looks, and with f32 values
+/// the broadcast carries all of it: the sites hold the coordinator's θ after every round (a
+/// downlink on other positions would leave the merge in its error feedback instead).
+#[test]
+fn shared_random_positions_carry_the_whole_merge_down() {
+    use lowband_protocol::Compression;
+    let spec: lowband_codec::CodecSpec = "randomk:k=4,chunk=16,values=f32,seed=7".parse().unwrap();
+    let compression = Compression {
+        uplink: spec,
+        downlink: spec,
+        feedback_decay: Some(1.0),
+    };
+    let params = 64;
+    let config = CoordinatorConfig {
+        quorum: 2,
+        round_deadline_ms: 1_000,
+        compression,
+        sites_start_synced: true,
+        ..CoordinatorConfig::new(params, OuterConfig::FEDAVG)
+    };
+    let initial: Vec<f32> = (0..params).map(|i| i as f32 * 0.01).collect();
+    let mut c = Coordinator::new(config, initial.clone()).unwrap();
+    let mut sites: Vec<Site> = (0..2)
+        .map(|i| Site::with_initial(i, initial.clone(), compression).unwrap())
+        .collect();
+    join_all(&mut c, &[0, 1]);
+    let mut packets = sends(&c.start(0));
+    for round in 0..6u64 {
+        let mut updates = Vec::new();
+        for (to, bytes) in &packets {
+            let site = &mut sites[*to as usize];
+            let actions = site.handle(SiteEvent::PacketArrived(bytes)).unwrap();
+            let SiteAction::Train { round: started } = actions[0] else {
+                panic!("expected Train")
+            };
+            assert_eq!(started, round);
+            assert_eq!(site.round_start(), c.global(), "round {round}");
+            let step = 0.25 * (*to + 1) as f32;
+            let trained: Vec<f32> = site.round_start().iter().map(|p| p - step).collect();
+            let actions = site
+                .handle(SiteEvent::TrainingDone {
+                    round,
+                    params: &trained,
+                })
+                .unwrap();
+            let SiteAction::Send(update) = &actions[0] else {
+                panic!("expected Send")
+            };
+            updates.push((*to, update.clone()));
+        }
+        packets = updates
+            .iter()
+            .flat_map(|(from, bytes)| {
+                sends(&c.handle(
+                    10 * (round + 1),
+                    Event::PacketArrived { from: *from, bytes },
+                ))
+            })
+            .collect();
+        assert_eq!(packets.len(), 2, "round {round} closed");
+    }
+    assert_ne!(c.global(), &initial[..]);
+}
