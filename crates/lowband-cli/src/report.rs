@@ -328,6 +328,7 @@ fn membership_section(c: &Comparison) -> String {
                     round,
                     site,
                     reason,
+                    ..
                 } if reason.starts_with("join refused") => {
                     lines
                         .entry(*site)

@@ -22,9 +22,9 @@ pub(crate) fn staleness_notes(results: &[RunResult]) -> Vec<String> {
                             *by_staleness.entry(*staleness).or_default() += 1;
                         }
                     }
-                    Metric::Refused { reason, .. } if reason.contains("rounds behind") => {
-                        too_stale += 1
-                    }
+                    Metric::Refused {
+                        too_stale: true, ..
+                    } => too_stale += 1,
                     _ => {}
                 }
             }

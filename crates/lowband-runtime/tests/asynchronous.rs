@@ -155,7 +155,12 @@ fn stale_updates_are_merged_down_weighted_or_refused_with_their_reason() {
         .metrics
         .iter()
         .filter_map(|m| match m {
-            Metric::Refused { reason, .. } => Some(reason),
+            Metric::Refused {
+                reason, too_stale, ..
+            } => {
+                assert!(*too_stale, "typed as a staleness refusal: {reason}");
+                Some(reason)
+            }
             _ => None,
         })
         .collect();

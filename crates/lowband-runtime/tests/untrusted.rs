@@ -52,7 +52,14 @@ fn refusals(r: &RunResult) -> Vec<(u64, u32)> {
     r.metrics
         .iter()
         .filter_map(|m| {
-            if let Metric::Refused { round, site, .. } = m {
+            if let Metric::Refused {
+                round,
+                site,
+                too_stale,
+                ..
+            } = m
+            {
+                assert!(!too_stale, "a hostile update is not a stale one");
                 Some((*round, *site))
             } else {
                 None

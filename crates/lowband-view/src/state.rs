@@ -494,6 +494,7 @@ fn apply_metric(view: &mut StrategyView, metric: &Metric, emulated: f64, wall: f
             round,
             site,
             reason,
+            ..
         } => {
             let arrival = view.arrival(*round, *site);
             arrival.status = "refused";

@@ -82,6 +82,7 @@ fn one_round() -> Vec<(RunEvent, f64)> {
                 round: 0,
                 site: 1,
                 reason: "norm 1e9 above the bound".into(),
+                too_stale: false,
             }),
             2.6,
         ),

@@ -472,11 +472,7 @@ pub(crate) fn absorb(
             // A hostile (or broken) site: logged, scored by the coordinator, the run goes on.
             Action::Rejected { from, reason } => {
                 common.refused.insert((round_of_refusal, from));
-                common.record_metric(Metric::Refused {
-                    round: round_of_refusal,
-                    site: from,
-                    reason: reason.to_string(),
-                })
+                common.record_metric(Metric::refused(round_of_refusal, from, &reason))
             }
             Action::Excluded { site, reason } => common.record_metric(Metric::Excluded {
                 round: round_of_refusal,

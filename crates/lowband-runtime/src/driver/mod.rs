@@ -57,6 +57,10 @@ pub enum Metric {
         round: u64,
         site: u32,
         reason: String,
+        /// Asynchronous rounds: refused for staleness alone (`ProtocolError::TooStale`), not
+        /// for what the update holds.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        too_stale: bool,
     },
     /// The coordinator excluded a site for repeated refusals.
     Excluded {
@@ -83,6 +87,18 @@ pub enum Metric {
         val_loss: f64,
         windows: usize,
     },
+}
+
+impl Metric {
+    /// The coordinator refused `site`'s update of `round` for `reason`.
+    pub fn refused(round: u64, site: u32, reason: &lowband_protocol::ProtocolError) -> Metric {
+        Metric::Refused {
+            round,
+            site,
+            reason: reason.to_string(),
+            too_stale: matches!(reason, lowband_protocol::ProtocolError::TooStale { .. }),
+        }
+    }
 }
 
 /// Progress for a display: tokens trained so far of the total, and the latest mean loss.

@@ -201,6 +201,8 @@ impl Host for NetworkBooks<'_> {
                     round,
                     site,
                     reason,
+                    // The networked coordinator runs no asynchronous rounds.
+                    too_stale: false,
                 }
             }
         };

@@ -224,11 +224,8 @@ impl Schedule<'_, '_> {
                 Action::Rejected { from, reason } => {
                     rejections += usize::from(arriving.is_some_and(|(s, _)| s == from));
                     self.common.refused.insert((round_of_refusal, from));
-                    self.common.record_metric(Metric::Refused {
-                        round: round_of_refusal,
-                        site: from,
-                        reason: reason.to_string(),
-                    });
+                    self.common
+                        .record_metric(Metric::refused(round_of_refusal, from, &reason));
                 }
                 Action::Excluded { site, reason } => self.common.record_metric(Metric::Excluded {
                     round: round_of_refusal,
