@@ -116,7 +116,7 @@ pub struct CompareArgs {
 }
 
 /// The strategies a command runs when neither the flags nor the run file name any.
-pub const STRATEGIES_DEFAULT: &str = "ddp,diloco,sparseloco";
+pub const STRATEGIES_DEFAULT: &str = "ddp,diloco,frugal";
 
 /// Settings after the run file and the flags: the run and its strategies.
 pub(crate) fn settings(args: &CompareArgs) -> Result<(RunConfig, Vec<Strategy>)> {
