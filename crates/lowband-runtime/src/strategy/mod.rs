@@ -56,9 +56,15 @@
 //! mean, off for the mean; see `lowband_protocol::trust`.
 
 mod options;
+mod presets;
 
-use lowband_codec::{CodecSpec, Range, Rounding, ValueCoding};
+use lowband_codec::CodecSpec;
+#[cfg(test)]
+use lowband_codec::ValueCoding;
 use lowband_protocol::{AggregatorSpec, Compression, OuterConfig, Robustness};
+#[cfg(test)]
+use presets::{int, FRUGAL_LR_OUTER};
+use presets::{preset_defaults, FRUGAL_INNER_STEPS, FRUGAL_MUON};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StrategyKind {
@@ -124,28 +130,6 @@ pub struct Asynchronous {
     pub grace: f32,
     /// Largest staleness merged, in rounds.
     pub staleness_max: u64,
-}
-
-const PRESETS: &str = "ddp, diloco, fedavg, diloco-int8, diloco-4bit, sparseloco, frugal, demo-dct, streaming, async-diloco";
-
-/// `frugal`'s round length, outer learning rate and inner Muon, picked with `--tuning` on the
-/// long benchmark's corpus (docs/results.md, "Compression that costs nothing").
-const FRUGAL_INNER_STEPS: u64 = 14;
-const FRUGAL_LR_OUTER: f32 = 4.0;
-const FRUGAL_MUON: lowband_engine::MuonConfig = lowband_engine::MuonConfig {
-    lr: 0.0075,
-    momentum: 0.95,
-    ns_steps: 5,
-};
-
-fn int(bits: u8) -> CodecSpec {
-    CodecSpec::Int {
-        bits,
-        chunk: 4096,
-        range: Range::MinMax,
-        rounding: Rounding::Nearest,
-        seed: 0,
-    }
 }
 
 /// The override keys, in the order the canonical name lists them (the documented order).
@@ -296,6 +280,49 @@ impl Strategy {
         }
     }
 
+    /// One `key=value` override (`muon_lr_given`: `muon_lr` is among those read before).
+    fn apply_override(
+        &mut self,
+        key: &str,
+        value: &str,
+        muon_lr_given: bool,
+    ) -> Result<(), String> {
+        let number = |v: &str| {
+            v.parse::<f32>()
+                .map_err(|_| format!("{key}=`{v}` is not a number"))
+        };
+        match key.trim() {
+            "up" => self.compression.uplink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
+            "down" => {
+                self.compression.downlink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?;
+                self.downlink_follows_sites = false;
+            }
+            "decay" => self.compression.feedback_decay = if value == "none" { None } else { Some(number(value)?) },
+            "lr" => self.outer.get_or_insert(OuterConfig::DILOCO).lr = number(value)?,
+            "momentum" => {
+                let outer = self.outer.get_or_insert(OuterConfig::DILOCO);
+                outer.momentum = number(value)?;
+                outer.nesterov = outer.momentum > 0.0;
+            }
+            "agg" => self.aggregator = Some(value.parse()?),
+            "norm" => self.norm_ratio_max = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
+            "cos" => self.cosine_ratio_min = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
+            "fragments" | "overlap" | "mix" => {
+                let streaming = self.streaming.as_mut().ok_or_else(|| format!("`{key}` applies to the streaming strategy only"))?;
+                match key.trim() {
+                    "fragments" => streaming.fragments = value.parse().map_err(|_| format!("fragments=`{value}` is not a whole number"))?,
+                    "overlap" => streaming.overlap_steps = value.parse().map_err(|_| format!("overlap=`{value}` is not a whole number"))?,
+                    _ => streaming.mix = number(value)?,
+                }
+            }
+            "quorum" | "grace" | "stale" | "inner" | "muon_lr" => {
+                self.apply_late_override(key, value, muon_lr_given)?
+            }
+            other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum, inner, muon_lr (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
+        }
+        Ok(())
+    }
+
     fn apply_overrides(&mut self, overrides: &str) -> Result<(), String> {
         let mut seen = std::collections::BTreeSet::new();
         // Canonical value of every key given, for the name.
@@ -312,40 +339,8 @@ impl Strategy {
                 return Err(format!("`{}` is given twice", key.trim()));
             }
             let value = value.trim();
-            let number = |v: &str| {
-                v.parse::<f32>()
-                    .map_err(|_| format!("{key}=`{v}` is not a number"))
-            };
-            match key.trim() {
-                "up" => self.compression.uplink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?,
-                "down" => {
-                    self.compression.downlink = value.parse().map_err(|e: lowband_codec::CodecError| e.to_string())?;
-                    self.downlink_follows_sites = false;
-                }
-                "decay" => self.compression.feedback_decay = if value == "none" { None } else { Some(number(value)?) },
-                "lr" => self.outer.get_or_insert(OuterConfig::DILOCO).lr = number(value)?,
-                "momentum" => {
-                    let outer = self.outer.get_or_insert(OuterConfig::DILOCO);
-                    outer.momentum = number(value)?;
-                    outer.nesterov = outer.momentum > 0.0;
-                }
-                "agg" => self.aggregator = Some(value.parse()?),
-                "norm" => self.norm_ratio_max = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
-                "cos" => self.cosine_ratio_min = Some(if value.trim() == "off" { None } else { Some(number(value)?) }),
-                "fragments" | "overlap" | "mix" => {
-                    let streaming = self.streaming.as_mut().ok_or_else(|| format!("`{key}` applies to the streaming strategy only"))?;
-                    match key.trim() {
-                        "fragments" => streaming.fragments = value.parse().map_err(|_| format!("fragments=`{value}` is not a whole number"))?,
-                        "overlap" => streaming.overlap_steps = value.parse().map_err(|_| format!("overlap=`{value}` is not a whole number"))?,
-                        _ => streaming.mix = number(value)?,
-                    }
-                }
-                "quorum" | "grace" | "stale" | "inner" | "muon_lr" => {
-                    let muon_lr_given = key.trim() != "muon_lr" && seen.contains("muon_lr");
-                    self.apply_late_override(key.trim(), value, muon_lr_given)?
-                }
-                other => return Err(format!("unknown override `{other}`; known: up, down, decay, lr, momentum, agg, norm, cos, quorum, inner, muon_lr (streaming: fragments, overlap, mix; async-diloco: grace, stale)")),
-            }
+            let muon_lr_given = key.trim() != "muon_lr" && seen.contains("muon_lr");
+            self.apply_override(key.trim(), value, muon_lr_given)?;
             let key = key.trim();
             let order = OVERRIDE_KEYS
                 .iter()
@@ -451,103 +446,6 @@ impl Strategy {
             })
             .collect()
     }
-}
-
-/// A preset's kind, compression and outer optimizer (None: the run's DiLoCo outer step).
-fn preset_defaults(name: &str) -> Result<(StrategyKind, Compression, Option<OuterConfig>), String> {
-    let fedavg = Some(OuterConfig::FEDAVG);
-    Ok(match name {
-        "ddp" => (StrategyKind::Ddp, Compression::default(), None),
-        "diloco" | "async-diloco" => (StrategyKind::Rounds, Compression::default(), None),
-        "fedavg" => (StrategyKind::Rounds, Compression::default(), fedavg),
-        "diloco-int8" => (
-            StrategyKind::Rounds,
-            Compression {
-                uplink: int(8),
-                downlink: int(8),
-                feedback_decay: None,
-            },
-            None,
-        ),
-        "diloco-4bit" | "streaming" => (
-            StrategyKind::Rounds,
-            Compression {
-                uplink: int(4),
-                downlink: int(4),
-                feedback_decay: Some(1.0),
-            },
-            None,
-        ),
-        // The downlink keeps 4x the uplink's density: the merge of K = 4 sparse updates has up
-        // to 4k entries, and re-sparsifying it to k lost most of the quality (docs/results.md).
-        // The downlink written here is for K = 4; `compression_for` scales it with K.
-        "sparseloco" => {
-            let up = CodecSpec::TopK {
-                k: 64,
-                chunk: 4096,
-                values: ValueCoding::Q2,
-            };
-            let down = CodecSpec::TopK {
-                k: 256,
-                chunk: 4096,
-                values: ValueCoding::Q2,
-            };
-            (
-                StrategyKind::Rounds,
-                Compression {
-                    uplink: up,
-                    downlink: down,
-                    feedback_decay: Some(0.95),
-                },
-                fedavg,
-            )
-        }
-        // `frugal`: the long benchmark's pick (docs/results.md, issue 19), H = 14 and Muon inside
-        // (in `Strategy::parse`). The downlink written here is for K = 4, as sparseloco's.
-        "frugal" => {
-            let topk = |k| CodecSpec::TopK {
-                k,
-                chunk: 8192,
-                values: ValueCoding::Q2,
-            };
-            let outer = OuterConfig {
-                lr: FRUGAL_LR_OUTER,
-                ..OuterConfig::FEDAVG
-            };
-            let compression = Compression {
-                uplink: topk(16),
-                downlink: topk(64),
-                feedback_decay: Some(0.95),
-            };
-            (StrategyKind::Rounds, compression, Some(outer))
-        }
-        "demo-dct" => {
-            let up = CodecSpec::DctTopK {
-                k: 8,
-                chunk: 256,
-                values: ValueCoding::Sign,
-            };
-            let down = CodecSpec::DctTopK {
-                k: 32,
-                chunk: 256,
-                values: ValueCoding::Sign,
-            };
-            (
-                StrategyKind::Rounds,
-                Compression {
-                    uplink: up,
-                    downlink: down,
-                    feedback_decay: Some(1.0),
-                },
-                fedavg,
-            )
-        }
-        other => {
-            return Err(format!(
-                "unknown strategy {other:?}; known: {PRESETS} (optionally NAME@H and [overrides])"
-            ))
-        }
-    })
 }
 
 #[cfg(test)]
