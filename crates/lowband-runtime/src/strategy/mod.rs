@@ -63,8 +63,8 @@ use lowband_codec::CodecSpec;
 use lowband_codec::ValueCoding;
 use lowband_protocol::{AggregatorSpec, Compression, OuterConfig, Robustness};
 #[cfg(test)]
-use presets::{int, FRUGAL_LR_OUTER};
-use presets::{preset_defaults, FRUGAL_INNER_STEPS, FRUGAL_MUON};
+use presets::{int, FRUGAL_LR_OUTER, FRUGAL_MUON};
+use presets::{preset_defaults, preset_inner};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StrategyKind {
@@ -196,10 +196,10 @@ impl Strategy {
         if kind == StrategyKind::Ddp && (h.is_some_and(|h| h != 1) || !inner_only) {
             return Err("ddp synchronises fp32 gradients every step; it takes no @H and no overrides but inner=muon;muon_lr=X".into());
         }
+        let (preset_h, inner_muon) = preset_inner(name);
         let inner_steps = match kind {
             StrategyKind::Ddp => 1,
-            _ if name == "frugal" => h.unwrap_or(FRUGAL_INNER_STEPS),
-            _ => h.unwrap_or(default_inner_steps),
+            _ => h.or(preset_h).unwrap_or(default_inner_steps),
         };
         let streaming = (name == "streaming").then_some(Streaming {
             fragments: 4,
@@ -220,7 +220,7 @@ impl Strategy {
             streaming,
             asynchronous,
             quorum: None,
-            inner_muon: (name == "frugal").then_some(Some(FRUGAL_MUON)),
+            inner_muon,
             aggregator: None,
             norm_ratio_max: None,
             cosine_ratio_min: None,

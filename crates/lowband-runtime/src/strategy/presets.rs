@@ -19,6 +19,17 @@ pub(super) const FRUGAL_MUON: lowband_engine::MuonConfig = lowband_engine::MuonC
 
 type Defaults = (StrategyKind, Compression, Option<OuterConfig>);
 
+/// What a preset sets beside its codecs: its own H (None: the run's `inner_steps`) and its
+/// sites' optimizer (None: the run's), as `Strategy::inner_muon` holds it.
+pub(super) fn preset_inner(
+    name: &str,
+) -> (Option<u64>, Option<Option<lowband_engine::MuonConfig>>) {
+    match name {
+        "frugal" => (Some(FRUGAL_INNER_STEPS), Some(Some(FRUGAL_MUON))),
+        _ => (None, None),
+    }
+}
+
 /// A preset's kind, compression and outer optimizer (None: the run's DiLoCo outer step).
 pub(super) fn preset_defaults(name: &str) -> Result<Defaults, String> {
     let fedavg = Some(OuterConfig::FEDAVG);
@@ -68,8 +79,7 @@ fn sparse_preset(name: &str) -> Defaults {
     };
     let (uplink, downlink, feedback_decay, lr) = match name {
         "sparseloco" => (topk(64, 4096), topk(256, 4096), 0.95, 1.0),
-        // The long benchmark's pick (docs/results.md, issue 19); its H = 14 and Muon inside are
-        // set in `Strategy::parse`.
+        // The long benchmark's pick (docs/results.md, issue 19); its H and Muon: `preset_inner`.
         "frugal" => (topk(16, 8192), topk(64, 8192), 0.95, FRUGAL_LR_OUTER),
         _ => (dct(8), dct(32), 1.0, 1.0),
     };
