@@ -78,13 +78,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     atomically(path, |tmp| {
         let mut file = File::create(tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()
+        sync(&file)
     })
+}
+
+/// fsync a file we wrote; a device or a pipe (written in place) has nothing to sync (fsync on
+/// /dev/null fails with EINVAL).
+fn sync(file: &File) -> std::io::Result<()> {
+    if file.metadata()?.is_file() {
+        file.sync_all()
+    } else {
+        Ok(())
+    }
+}
+
+fn is_regular_or_absent(path: &Path) -> bool {
+    fs::metadata(path).map_or(true, |meta| meta.is_file())
 }
 
 /// `write` fills a temp file next to `path` (and syncs it); then the rename and the directory's
 /// fsync. On error the temp file is removed and `path` is untouched.
+///
+/// A `path` that names a symlink replaces the file it points to (the link stays); one that names a
+/// device, a pipe or a socket (`--summary /dev/null`, `/dev/stdout`) is written in place, since a
+/// rename would replace the device node itself (as root, /dev/null would become a regular file);
+/// a directory is refused.
 fn atomically<T>(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<T>) -> Result<T> {
+    let resolved;
+    let path = match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let error = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
+            return Err(EngineError::io(path, error));
+        }
+        Ok(meta) if !meta.is_file() => return write(path).map_err(|e| EngineError::io(path, e)),
+        Ok(_) => {
+            resolved = fs::canonicalize(path).map_err(|e| EngineError::io(path, e))?;
+            resolved.as_path()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => path,
+        Err(e) => return Err(EngineError::io(path, e)),
+    };
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -150,6 +183,13 @@ pub fn write_safetensors_atomic(
         )
     });
     atomically(path, |tmp| {
+        if !is_regular_or_absent(tmp) {
+            // A device or a pipe (written in place, see `atomically`): nothing to read back.
+            let bytes = safetensors::serialize(views, None)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            File::create(tmp)?.write_all(&bytes)?;
+            return Ok((bytes.len() as u64, crc32fast::hash(&bytes)));
+        }
         safetensors::serialize_to_file(views, None, tmp)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut file = File::open(tmp)?;
@@ -163,7 +203,7 @@ pub fn write_safetensors_atomic(
             crc.update(&buffer[..read]);
             bytes += read as u64;
         }
-        file.sync_all()?;
+        sync(&file)?;
         Ok((bytes, crc.finalize()))
     })
 }

@@ -349,3 +349,48 @@ fn loss_decreases_on_text_within_a_bounded_number_of_steps() {
     assert!(first.unwrap() > 5.0, "starts near uniform: {first:?}");
     assert!(last < 1.5, "after 150 steps the loss is {last}");
 }
+
+/// `--summary /dev/null` as root must not turn the null device into a regular file: a path that
+/// names a pipe or a device is written in place, a symlink's target is replaced (the link stays),
+/// a directory is refused and left alone.
+#[cfg(unix)]
+#[test]
+fn atomic_writes_keep_pipes_symlinks_and_directories_what_they_are() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+
+    let pipe = dir.path().join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let reader = {
+        let pipe = pipe.clone();
+        std::thread::spawn(move || fs::read(pipe).unwrap())
+    };
+    checkpoint::write_atomic(&pipe, b"through the pipe").unwrap();
+    // Checked before joining: a pipe replaced by a file would leave the reader waiting forever.
+    assert!(fs::symlink_metadata(&pipe).unwrap().file_type().is_fifo());
+    assert_eq!(reader.join().unwrap(), b"through the pipe");
+
+    let target = dir.path().join("target.json");
+    fs::write(&target, b"old").unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    checkpoint::write_atomic(&link, b"new").unwrap();
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(&target).unwrap(), b"new");
+
+    let error = checkpoint::write_atomic(dir.path(), b"x").unwrap_err();
+    assert!(error.to_string().contains("directory"), "{error}");
+    assert!(dir.path().is_dir());
+    let names: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 3, "no temp file left behind: {names:?}");
+}
