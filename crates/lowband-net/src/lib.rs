@@ -17,6 +17,7 @@ pub mod http;
 pub mod identity;
 pub mod serve;
 pub mod shaper;
+pub mod switchboard;
 pub mod throughput;
 pub mod tls;
 pub mod transport;
@@ -28,6 +29,7 @@ pub use client::{ClientError, ClientOptions, Download, Message, Next, SiteClient
 pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
 pub use serve::{serve, Host, Record, Sends, ServeOptions};
 pub use shaper::{LinkShape, Shaper};
+pub use switchboard::{Received, Switchboard};
 pub use tls::AllowList;
 pub use transport::{Limits, Node, Peer};
 

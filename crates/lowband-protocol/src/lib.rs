@@ -14,6 +14,7 @@
 
 pub mod aggregate;
 pub mod coordinator;
+pub mod cue;
 pub mod link;
 pub mod membership;
 pub mod outer;

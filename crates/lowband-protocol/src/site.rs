@@ -327,7 +327,7 @@ impl Site {
         let message = wire::decode(bytes, self.payload_bytes_max())?;
         if matches!(
             message.kind,
-            MessageKind::Update | MessageKind::Report | MessageKind::Join
+            MessageKind::Update | MessageKind::Report | MessageKind::Join | MessageKind::Cue
         ) {
             return Err(ProtocolError::WrongKind(message.kind));
         }

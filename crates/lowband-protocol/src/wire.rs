@@ -6,7 +6,9 @@
 //!      4    1 format version (1)
 //!      5    1 kind (1 = update: site -> coordinator, 2 = global: coordinator -> site,
 //!                  3 = global delta: coordinator -> site, a change to add; empty = no change,
-//!                  4 = training report: site -> coordinator, see `TrainingReport`)
+//!                  4 = training report: site -> coordinator, see `TrainingReport`,
+//!                  5 = join request: site -> coordinator, see `JoinRequest`,
+//!                  6 = cue: coordinator -> site in a scheduled run, see `crate::cue`)
 //!      6    2 reserved, must be 0
 //!      8    8 round (u64 LE)
 //!     16    4 site id (u32 LE): the sender of an update, the addressee of a global
@@ -42,6 +44,9 @@ pub enum MessageKind {
     /// A site's first message on a connection (`JoinRequest`): the run settings it was started
     /// with, which the coordinator compares with its own before it admits the site.
     Join = 5,
+    /// What a site of a scheduled run (asynchronous rounds, a quorum on the emulated clock) does
+    /// at its next step (`crate::cue::Cue`): the coordinator keeps the run's schedule.
+    Cue = 6,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +71,8 @@ pub enum WireError {
     BadReport(String),
     #[error("join request: {0}")]
     BadJoin(String),
+    #[error("cue: {0}")]
+    BadCue(String),
 }
 
 /// Largest join request payload.
@@ -278,6 +285,7 @@ pub fn peek_kind(bytes: &[u8]) -> Option<MessageKind> {
         3 => Some(MessageKind::GlobalDelta),
         4 => Some(MessageKind::Report),
         5 => Some(MessageKind::Join),
+        6 => Some(MessageKind::Cue),
         _ => None,
     }
 }

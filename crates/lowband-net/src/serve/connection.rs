@@ -10,21 +10,21 @@ use crate::{NetError, Peer};
 
 /// What a connection's reader forwards: the site, the connection's generation, the message. A
 /// writer that cannot deliver forwards its error the same way.
-pub(super) type Inbound = (u32, u64, Result<Vec<u8>, NetError>);
+pub(crate) type Inbound = (u32, u64, Result<Vec<u8>, NetError>);
 
 /// A site's connection: the queue its writer sends in order. Every site has its own writer, so
 /// sends to K sites go out at once and a slow one delays only itself.
-pub(super) struct SiteConnection {
-    pub(super) peer: Peer,
+pub(crate) struct SiteConnection {
+    pub(crate) peer: Peer,
     /// The membership's generation of this connection (`Membership::admitted`).
-    pub(super) generation: u64,
+    pub(crate) generation: u64,
     outbox: tokio::sync::mpsc::UnboundedSender<Bytes>,
     /// Bytes queued or in flight, not yet read by the site.
     queued_bytes: Arc<AtomicUsize>,
 }
 
 impl SiteConnection {
-    pub(super) fn open(
+    pub(crate) fn open(
         peer: Peer,
         site: u32,
         generation: u64,
@@ -59,7 +59,7 @@ impl SiteConnection {
     }
 
     /// Queue `sealed`; false if the site already has `budget` bytes waiting (it is behind).
-    pub(super) fn queue(&self, sealed: Bytes, budget: usize) -> bool {
+    pub(crate) fn queue(&self, sealed: Bytes, budget: usize) -> bool {
         let waiting = self.queued_bytes.load(Ordering::Relaxed);
         if waiting > 0 && waiting + sealed.len() > budget {
             return false;

@@ -15,7 +15,7 @@ use lowband_protocol::link::close;
 use lowband_protocol::wire::{self, JoinRequest, MessageKind, TrainingReport};
 use lowband_protocol::{Action, Coordinator, Event, MemberAction, Membership};
 
-mod connection;
+pub(crate) mod connection;
 
 use connection::{Inbound, SiteConnection};
 

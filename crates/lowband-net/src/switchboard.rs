@@ -1,0 +1,217 @@
+//! The coordinator's network for a scheduled run (asynchronous rounds, or a quorum on the
+//! emulated clock): every site admitted before the run starts, then a blocking handle that sends
+//! a site a message (signed, queued to its own writer: it never waits) and waits for the next
+//! message of one particular site (its signature checked). In such a run the coordinator keeps
+//! the schedule and takes each site's messages in the schedule's order, not as they come:
+//! what another site sends meanwhile waits in its queue here.
+//!
+//! A site whose connection ends stops the run with the reason (the sites' state is not saved
+//! mid-schedule: such a run cannot resume yet), as does Ctrl-C in a coordinator process.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use lowband_protocol::link::close;
+use lowband_protocol::wire::JoinRequest;
+
+use crate::door::{close_reason, Admission, Doorway};
+use crate::serve::connection::{Inbound, SiteConnection};
+use crate::{open, seal, AllowList, Identity, Limits, NetError, Node, PublicKey};
+
+/// A message a site sent: opened (its signature checked), and its size on the wire.
+pub struct Received {
+    pub packet: Vec<u8>,
+    pub sealed_bytes: usize,
+}
+
+/// The coordinator's side of a scheduled run's connections.
+pub struct Switchboard {
+    runtime: tokio::runtime::Runtime,
+    node: Node,
+    identity: Arc<Identity>,
+    site_keys: Vec<PublicKey>,
+    connections: BTreeMap<u32, SiteConnection>,
+    inbound: tokio::sync::mpsc::UnboundedReceiver<Inbound>,
+    /// Per site, what it sent and was not asked for yet, in order.
+    received: Vec<VecDeque<Received>>,
+    stop_on_ctrl_c: bool,
+}
+
+impl Switchboard {
+    /// Listen on `listen` with `identity` and admit exactly `site_keys` (site k is the k-th) whose
+    /// join request equals `settings`: every one of them, within `join_timeout_ms` (a scheduled
+    /// run starts with all its sites). `listening` is told the bound address first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open<E: From<NetError>>(
+        identity: Arc<Identity>,
+        site_keys: &[PublicKey],
+        settings: &JoinRequest,
+        listen: SocketAddr,
+        limits: &Limits,
+        join_timeout_ms: u64,
+        stop_on_ctrl_c: bool,
+        listening: impl FnOnce(SocketAddr) -> Result<(), E>,
+    ) -> Result<Switchboard, E> {
+        let runtime = crate::runtime(site_keys.len().clamp(2, 8), "lowband-coordinator-net")?;
+        let allowed: AllowList =
+            Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
+        let node = {
+            let _entered = runtime.enter();
+            Node::listen(identity.clone(), listen, allowed, limits.clone())?
+        };
+        listening(node.local_addr()?)?;
+        let (inbound_tx, inbound) = tokio::sync::mpsc::unbounded_channel();
+        let connections = runtime.block_on(admit_every_site(
+            &node,
+            site_keys,
+            settings,
+            limits,
+            join_timeout_ms,
+            inbound_tx,
+        ));
+        let connections = match connections {
+            Ok(connections) => connections,
+            Err(e) => {
+                node.close_with(close::STOPPED as u32, &close_reason(&e.to_string()));
+                return Err(e.into());
+            }
+        };
+        Ok(Switchboard {
+            runtime,
+            node,
+            identity,
+            site_keys: site_keys.to_vec(),
+            connections,
+            inbound,
+            received: site_keys.iter().map(|_| VecDeque::new()).collect(),
+            stop_on_ctrl_c,
+        })
+    }
+
+    /// Sign `message` and queue it to site `to`; its size on the wire.
+    pub fn send(&mut self, to: u32, message: &[u8]) -> usize {
+        let sealed = Bytes::from(seal(&self.identity, message));
+        let length = sealed.len();
+        if let Some(connection) = self.connections.get(&to) {
+            let _entered = self.runtime.enter();
+            // (A writer that fails reports it through the site's inbound: `next_from` sees it.)
+            connection.queue(sealed, usize::MAX);
+        }
+        length
+    }
+
+    /// The next message of site `from`, waiting for it as long as its connection lives.
+    pub fn next_from(&mut self, from: u32) -> Result<Received, NetError> {
+        loop {
+            if let Some(received) = self.received[from as usize].pop_front() {
+                return Ok(received);
+            }
+            let inbound = &mut self.inbound;
+            let next = self.runtime.block_on(async {
+                if self.stop_on_ctrl_c {
+                    tokio::select! {
+                        next = inbound.recv() => Ok(next),
+                        _ = tokio::signal::ctrl_c() => Err(NetError::Stopped(
+                            "interrupted (Ctrl-C); a scheduled run cannot be resumed yet".into(),
+                        )),
+                    }
+                } else {
+                    Ok(inbound.recv().await)
+                }
+            })?;
+            let Some((site, _generation, message)) = next else {
+                return Err(NetError::Closed("every site connection closed".into()));
+            };
+            let sealed = message.map_err(|e| {
+                NetError::Stopped(format!(
+                    "site {site}'s connection ended mid-run ({e}); a scheduled run needs every site to the end and cannot be resumed yet"
+                ))
+            })?;
+            let packet = open(self.site_keys[site as usize], &sealed)
+                .map_err(|e| {
+                    NetError::Stopped(format!("site {site} sent a message it did not sign: {e}"))
+                })?
+                .to_vec();
+            self.received[site as usize].push_back(Received {
+                packet,
+                sealed_bytes: sealed.len(),
+            });
+        }
+    }
+
+    /// The run is over: every site learns it (its connection closes normally).
+    pub fn finish(self) {
+        self.node.close();
+        self.runtime
+            .block_on(self.node.wait_closed(Duration::from_secs(2)));
+    }
+
+    /// The run stopped with `reason`: every site learns it at once.
+    pub fn stop(self, reason: &str) {
+        self.node.close_with(
+            close::STOPPED as u32,
+            &close_reason(&format!("the coordinator stopped: {reason}")),
+        );
+        self.runtime
+            .block_on(self.node.wait_closed(Duration::from_secs(2)));
+    }
+}
+
+/// Admit every site (each once; a refused connection is closed with its reason and logged), or
+/// say who is missing once `join_timeout_ms` has passed.
+async fn admit_every_site(
+    node: &Node,
+    site_keys: &[PublicKey],
+    settings: &JoinRequest,
+    limits: &Limits,
+    join_timeout_ms: u64,
+    inbound: tokio::sync::mpsc::UnboundedSender<Inbound>,
+) -> Result<BTreeMap<u32, SiteConnection>, NetError> {
+    let ids: BTreeMap<PublicKey, u32> = site_keys
+        .iter()
+        .enumerate()
+        .map(|(k, key)| (*key, k as u32))
+        .collect();
+    let mut door = Doorway::new(node, ids, settings.clone(), limits.keep_alive_ms);
+    let mut connections = BTreeMap::new();
+    let started = Instant::now();
+    let deadline = started + Duration::from_millis(join_timeout_ms);
+    while connections.len() < site_keys.len() {
+        let now_ms = started.elapsed().as_millis() as u64;
+        let open = connections
+            .iter()
+            .map(|(site, c): (&u32, &SiteConnection)| (*site, c.peer.clone()))
+            .collect();
+        let admission = tokio::time::timeout_at(deadline.into(), door.next(now_ms, open)).await;
+        match admission {
+            Ok(Ok(Admission::Admitted(site, peer))) => {
+                let connection = SiteConnection::open(peer, site, 0, inbound.clone());
+                if let Some(old) = connections.insert(site, connection) {
+                    old.peer.close();
+                }
+            }
+            Ok(Ok(Admission::Pending | Admission::Refused(_))) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let missing: Vec<String> = (0..site_keys.len() as u32)
+                    .filter(|k| !connections.contains_key(k))
+                    .map(|k| k.to_string())
+                    .collect();
+                let refused = if door.refusals.latest.is_empty() {
+                    String::new()
+                } else {
+                    format!("; refused: {}", door.refusals.summary())
+                };
+                return Err(NetError::Stopped(format!(
+                    "a scheduled run starts with every site, and site(s) {} did not join within {} s{refused}",
+                    missing.join(", "),
+                    join_timeout_ms / 1000
+                )));
+            }
+        }
+    }
+    Ok(connections)
+}
