@@ -390,8 +390,8 @@ pub fn run_with_driver(
         watch.finished(results.last().expect("just pushed"));
     }
     match driver {
-        Driver::Loopback => println!("\ncluster: the round and streaming strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
-        Driver::Processes { .. } => println!("\ncluster: the round and streaming strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.path.join("nodes").display()),
+        Driver::Loopback => println!("\ncluster: the round, streaming and scheduled strategies ran as a coordinator and {} sites on loopback QUIC (nodes of this one process, ed25519 keys, every packet signed: bytes include 64 per packet); ddp ran in memory as the reference.", config.sites),
+        Driver::Processes { .. } => println!("\ncluster: the round, streaming and scheduled strategies ran as this coordinator and {} `lowband site` processes on loopback QUIC (ed25519 keys, every packet signed: bytes include 64 per packet; keys, cluster files and site logs in {}); ddp ran in memory as the reference.", config.sites, run_dir.path.join("nodes").display()),
         Driver::Memory => {}
     }
     let comparison = Comparison {

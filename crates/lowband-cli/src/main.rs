@@ -96,8 +96,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ClusterArgs {
-    /// Strategies, as compare takes them (round and streaming strategies run over QUIC; ddp
-    /// runs in memory as the reference).
+    /// Strategies, as compare takes them (round, streaming and scheduled strategies, async-diloco and
+    /// [quorum=N], run over QUIC; ddp runs in memory as the reference).
     #[arg(long, value_parser = compare::parse_strategy_list)]
     strategies: Option<compare::StrategyList>,
     #[command(flatten)]

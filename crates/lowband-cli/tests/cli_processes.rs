@@ -266,3 +266,64 @@ fn over_a_lossy_shaped_wan_the_cluster_trains_the_in_memory_model() {
         "bitwise the same model across the shaped links"
     );
 }
+
+/// `cluster` runs the strategies on the emulated clock's schedule (async-diloco, a quorum) over
+/// `lowband site` processes, with sites of different speeds and an emulated fault schedule: the
+/// same models, goodput and refusals as `compare` in memory.
+#[test]
+fn cluster_runs_scheduled_strategies_across_processes_as_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |command: &str, json: &str| {
+        let o = lowband(dir.path())
+            .args([
+                command,
+                "--preset",
+                "tiny",
+                "--steps",
+                "32",
+                "--inner-steps",
+                "8",
+                "--site-batch",
+                "2",
+                "--corpus-bytes",
+                "60000",
+                "--site-speeds",
+                "1,1,0.7,0.4",
+                "--faults",
+                "down:1@0.3-0.5,slow:2@0.4=0.5",
+                "--site-gflop-per-second",
+                "0.1",
+                "--strategies",
+                "async-diloco,diloco[quorum=3]",
+                "--json",
+                json,
+                "--name",
+                command,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(json)).unwrap()).unwrap();
+        summary
+    };
+    let cluster = run("cluster", "cluster.json");
+    let memory = run("compare", "memory.json");
+    for i in 0..2 {
+        let (c, m) = (&cluster["strategies"][i], &memory["strategies"][i]);
+        for field in [
+            "strategy",
+            "final_val_loss",
+            "goodput",
+            "site_goodput",
+            "rounds",
+        ] {
+            assert_eq!(c[field], m[field], "{}: {field}", m["strategy"]);
+        }
+        assert!(
+            c["telemetry_bytes"].as_u64().unwrap() > 0,
+            "{}",
+            m["strategy"]
+        );
+    }
+}

@@ -187,3 +187,68 @@ fn one_site_sending_a_huge_finite_update_is_refused_and_the_honest_sites_train_o
         );
     }
 }
+
+/// Scheduled runs over QUIC: the coordinator keeps the emulated clock's schedule and cues its
+/// sites step by step; with sites of different speeds and an emulated fault schedule (a site down
+/// for a fifth of the run, another slowed down), the run is bitwise the in-memory one: the same
+/// parameters, ledger (plus signatures), per-step losses, refusals and goodput.
+#[test]
+fn scheduled_runs_over_quic_are_bitwise_the_in_memory_runs() {
+    let faults = lowband_runtime::faults::parse_schedule("down:1@0.3-0.5,slow:2@0.4=0.5", 4);
+    let c = RunConfig {
+        site_speeds: vec![1.0, 1.0, 0.7, 0.4],
+        // Steps of a tenth of a second on the emulated clock (as in tests/asynchronous.rs).
+        site_gflop_per_second: 0.1,
+        faults: faults.unwrap(),
+        steps: 32,
+        inner_steps: 8,
+        ..config(4, &[], "mean")
+    };
+    for strategy in [
+        "async-diloco",
+        "diloco[quorum=3]",
+        "async-diloco[up=int4;down=int4;decay=1]",
+    ] {
+        let (network, memory) = run_both(&c, strategy);
+        assert_eq!(network.site_goodput, memory.site_goodput, "{strategy}");
+        assert_eq!(network.goodput(), memory.goodput(), "{strategy}");
+        assert_eq!(network.site_scores, memory.site_scores, "{strategy}");
+        assert!(
+            network.telemetry_bytes > 0,
+            "{strategy}: the cues and step reports"
+        );
+        let refusals = |r: &RunResult| {
+            r.metrics
+                .iter()
+                .filter(|m| matches!(m, Metric::Refused { .. }))
+                .count()
+        };
+        assert_eq!(refusals(&network), refusals(&memory), "{strategy}");
+    }
+}
+
+#[test]
+fn a_scheduled_run_over_the_network_refuses_to_resume() {
+    let c = RunConfig {
+        site_gflop_per_second: 0.1,
+        ..config(2, &[], "mean")
+    };
+    let options = lowband_runtime::network::NetworkOptions {
+        resume: true,
+        ..lowband_runtime::network::NetworkOptions::of(&c, Limits::default())
+    };
+    let identity = std::sync::Arc::new(lowband_net::Identity::generate().unwrap());
+    let error = lowband_runtime::network::serve_coordinator(
+        &c,
+        Strategy::parse("async-diloco", c.inner_steps).unwrap(),
+        &split(&c),
+        identity,
+        vec![],
+        "127.0.0.1:0".parse().unwrap(),
+        options,
+        |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("cannot be saved and resumed yet"), "{error}");
+}

@@ -24,6 +24,8 @@ mod books;
 mod ddp;
 mod rounds;
 mod scheduled;
+
+pub(crate) use scheduled::{run_scheduled_remote, CuedSite, Cues};
 mod streaming;
 
 pub(crate) use books::{absorb, checkpoint_due, Common, SyncBytes};

@@ -59,6 +59,7 @@ mod coordinator;
 mod external;
 pub mod join;
 mod round_steps;
+mod scheduled;
 mod site;
 
 pub use external::{external_site, serve_external_coordinator, ExternalSite};
@@ -148,6 +149,9 @@ pub fn run_over_loopback(
         observer,
         ..NetworkOptions::of(config, limits)
     };
+    if strategy.scheduled() {
+        return scheduled::run_loopback_scheduled(config, strategy, split, options);
+    }
     run_loopback(config, strategy, split, options)
 }
 
@@ -167,7 +171,7 @@ fn check_networkable(
     Ok(())
 }
 
-/// A valid run of a round or streaming strategy.
+/// A valid run of a round, streaming or scheduled strategy.
 fn check_rounds(config: &RunConfig, strategy: &Strategy) -> Result<(), RunError> {
     config
         .validate()
@@ -175,8 +179,8 @@ fn check_rounds(config: &RunConfig, strategy: &Strategy) -> Result<(), RunError>
     if strategy.kind != StrategyKind::Rounds {
         return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: the networked driver runs round and streaming strategies (DDP runs in memory, as the reference)", strategy.name()) });
     }
-    if strategy.scheduled() {
-        return Err(RunError::InvalidConfig { field: "strategy", reason: format!("{}: asynchronous rounds and in-memory quorums run on the emulated clock's schedule, in memory only for now (`lowband compare`); over the network, a synchronous strategy takes --quorum", strategy.name()) });
+    if !config.faults.is_empty() && !strategy.scheduled() {
+        return Err(RunError::InvalidConfig { field: "faults", reason: format!("{}: an emulated fault schedule applies to the strategies on the emulated clock's schedule (async-diloco, [quorum=N]); over the network, kill and restart the processes themselves", strategy.name()) });
     }
     Ok(())
 }
@@ -209,6 +213,9 @@ pub fn serve_coordinator(
         settings,
         sites_start_synced: true,
     };
+    if strategy.scheduled() {
+        return scheduled::serve_scheduled(common, initial, coordinator, options, true, listening);
+    }
     serve_books(common, initial, coordinator, options, listening)
 }
 
@@ -352,6 +359,12 @@ pub fn serve_site(
     let initial = lowband_engine::Gpt::new(model, config.seed)?
         .params()
         .to_vec();
+    if strategy.scheduled() && options.resume {
+        return Err(RunError::InvalidConfig {
+            field: "resume",
+            reason: format!("{}: a site of a scheduled run cannot save and resume its state yet (the run is not saved either): start it without --resume", strategy.name()),
+        });
+    }
     let mut state = crate::driver::strategy_site(config, &strategy, &initial, k)?;
     let site_run = crate::state::SiteRun {
         corpus: split.fingerprint(),
@@ -377,12 +390,16 @@ pub fn serve_site(
         join: join::join_settings(config, &strategy, Some(site_run.corpus)).encode(site),
         leave_on_ctrl_c: true,
     };
-    let job = SiteJob::of(config, &strategy, split, k, client, options.state_dir)?;
+    // (A scheduled site saves nothing: its run cannot be resumed yet.)
+    let state_dir = options.state_dir.filter(|_| !strategy.scheduled());
+    let job = SiteJob::of(config, &strategy, split, k, client, state_dir)?;
     any_site_task(state, job, connected)
 }
 
 fn any_site_task(site: SiteRuntime, job: SiteJob, connected: impl FnMut()) -> Result<(), RunError> {
-    if job.streaming.is_some() {
+    if job.scheduled {
+        scheduled::scheduled_site_task(site, job, connected)
+    } else if job.streaming.is_some() {
         streaming_site_task(site, job, connected)
     } else {
         site_task(site, job, connected)
@@ -421,6 +438,9 @@ struct SiteJob {
     rounds: RoundSteps,
     /// What the site's saved state must agree with.
     run: crate::state::SiteRun,
+    /// A scheduled run (the coordinator cues every step), and an asynchronous one.
+    scheduled: bool,
+    asynchronous: bool,
 }
 
 impl SiteJob {
@@ -456,6 +476,8 @@ impl SiteJob {
                 steps: config.steps,
                 rounds: rounds.rounds(),
             },
+            scheduled: strategy.scheduled(),
+            asynchronous: strategy.asynchronous.is_some(),
         })
     }
 }
@@ -508,14 +530,8 @@ fn run_loopback(
     // serves the connection).
     let start_sites = |address: SocketAddr| -> Result<(), RunError> {
         for (k, site) in sites.iter_mut().enumerate() {
-            let client = lowband_net::ClientOptions {
-                identity: site_identities[k].clone(),
-                coordinator: (address, coordinator_identity.public_key()),
-                limits: limits.clone(),
-                reconnect_ms: 0,
-                join: settings.encode(k as u32),
-                leave_on_ctrl_c: false,
-            };
+            let coordinator = (address, coordinator_identity.public_key());
+            let client = loopback_client(&site_identities[k], coordinator, &limits, &settings, k);
             let job = SiteJob::of(config, &strategy, split, k, client, None)?;
             let site = site.take().expect("each site starts once");
             site_threads.push(std::thread::spawn(move || any_site_task(site, job, || {})));
@@ -533,20 +549,44 @@ fn run_loopback(
         start_sites,
     );
     // (The sites end with the coordinator's connection: joined before its error is reported.)
-    let mut site_error = None;
-    for thread in site_threads {
-        match thread.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => site_error = site_error.or(Some(e)),
-            Err(_) => {
-                site_error =
-                    site_error.or(Some(RunError::Protocol("a site thread panicked".into())))
-            }
-        }
-    }
+    let site_error = join_site_threads(site_threads);
     served?;
     if let Some(e) = site_error {
         return Err(e);
     }
     finish_rounds(books.common, &coordinator)
+}
+
+/// Site k's connection in a loopback run (no reconnects, no Ctrl-C of its own).
+fn loopback_client(
+    identity: &Arc<Identity>,
+    coordinator: (SocketAddr, PublicKey),
+    limits: &Limits,
+    settings: &lowband_protocol::wire::JoinRequest,
+    k: usize,
+) -> lowband_net::ClientOptions {
+    lowband_net::ClientOptions {
+        identity: identity.clone(),
+        coordinator,
+        limits: limits.clone(),
+        reconnect_ms: 0,
+        join: settings.encode(k as u32),
+        leave_on_ctrl_c: false,
+    }
+}
+
+/// Wait for a loopback run's site threads; the first error of any.
+fn join_site_threads(
+    threads: Vec<std::thread::JoinHandle<Result<(), RunError>>>,
+) -> Option<RunError> {
+    let mut site_error = None;
+    for thread in threads {
+        let outcome = thread
+            .join()
+            .unwrap_or_else(|_| Err(RunError::Protocol("a site thread panicked".into())));
+        if let Err(e) = outcome {
+            site_error = site_error.or(Some(e));
+        }
+    }
+    site_error
 }

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::Fault;
+use lowband_protocol::cue::Cue;
 
 impl Schedule<'_, '_> {
     /// Every fault onto the queue, at its fraction of the run's time.
@@ -35,12 +36,16 @@ impl Schedule<'_, '_> {
     fn go_down(&mut self, at: f64, k: usize) -> Result<(), RunError> {
         let site = &mut self.sites[k];
         site.down = true;
-        let params = site.runtime.trainer.params_mut();
-        if !site.reference.is_empty() {
-            params.copy_from_slice(&site.reference);
-        } else if site.training.take().is_some() {
-            params.copy_from_slice(site.runtime.site.round_start());
+        let revert = site.revert();
+        match (&mut site.body, &mut self.remote) {
+            (Some(body), _) => body.down(revert),
+            (None, Some(remote)) => {
+                let round = self.coordinator.round();
+                remote.cue(&mut self.common, k, round, Cue::Down(revert));
+            }
+            (None, None) => unreachable!("a site trains here or is cued"),
         }
+        let site = &mut self.sites[k];
         site.since_send = 0;
         site.busy_unsent = 0.0;
         site.held_round = None;

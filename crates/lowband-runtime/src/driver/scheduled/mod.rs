@@ -8,17 +8,24 @@
 //! scheduled): the schedule, and with it which update goes into which round, is a pure function
 //! of the settings and the seed, never of this machine's speed.
 //!
-//! Not yet: saving and resuming such a run (its updates in flight would have to be saved), and
-//! the networked driver (`cluster` refuses these strategies).
+//! The sites train here, or over the network (`remote`): there the schedule stays with the
+//! coordinator and cues every site step by step, so that a networked run is bitwise this one.
+//! Not yet: saving and resuming such a run (its updates in flight would have to be saved).
 
 mod faults;
 mod queue;
+mod remote;
 mod site;
+
+pub(crate) use remote::Cues;
+pub(crate) use site::CuedSite;
 
 use std::collections::BTreeMap;
 
+use lowband_protocol::cue::Cue;
 use lowband_protocol::{Action, AsyncMerge};
 use queue::{Happening, Queue, COORDINATOR};
+use remote::Remote;
 use site::Clocked;
 
 use super::*;
@@ -49,6 +56,8 @@ struct Schedule<'c, 'a> {
     last_close: f64,
     compute_end: f64,
     progress: &'c mut dyn FnMut(Progress),
+    /// The sites train over the network: the schedule cues them (None: they train here).
+    remote: Option<Remote<'c>>,
 }
 
 pub(super) fn run_scheduled(
@@ -66,7 +75,27 @@ pub(super) fn run_scheduled(
             ),
         });
     }
-    let mut schedule = Schedule::new(common, initial, progress)?;
+    run_schedule(Schedule::new(common, initial, progress, None)?)
+}
+
+/// A scheduled run whose sites train elsewhere: `cues` reaches them (site k's `CuedSite` is
+/// built as `strategy_site` builds it here, from the same initial parameters).
+pub(crate) fn run_scheduled_remote(
+    common: Common,
+    initial: Vec<f32>,
+    cues: &mut dyn Cues,
+) -> Result<RunResult, RunError> {
+    let mut progress = |_: Progress| {};
+    let sites = common.config.sites;
+    run_schedule(Schedule::new(
+        common,
+        initial,
+        &mut progress,
+        Some(Remote::new(cues, sites)),
+    )?)
+}
+
+fn run_schedule(mut schedule: Schedule) -> Result<RunResult, RunError> {
     schedule.start()?;
     while let Some((at, happening)) = schedule.queue.pop() {
         if schedule.finished() {
@@ -83,6 +112,7 @@ impl<'c, 'a> Schedule<'c, 'a> {
         mut common: Common<'a>,
         initial: Vec<f32>,
         progress: &'c mut dyn FnMut(Progress),
+        remote: Option<Remote<'c>>,
     ) -> Result<Self, RunError> {
         let config = common.config;
         let strategy = common.strategy.clone();
@@ -98,7 +128,7 @@ impl<'c, 'a> Schedule<'c, 'a> {
         let nominal = step_seconds / fastest;
         let h = strategy.inner_steps.min(config.steps);
         let asynchronous = strategy.asynchronous;
-        let sites = clocked_sites(config, &strategy, &initial, step_seconds)?;
+        let sites = clocked_sites(config, &strategy, &initial, step_seconds, remote.is_none())?;
         let mut coordinator_config = coordinator_config(config, &strategy, n, config.sites, 0);
         if let Some(quorum) = strategy.quorum {
             coordinator_config.quorum = quorum;
@@ -136,6 +166,7 @@ impl<'c, 'a> Schedule<'c, 'a> {
             last_close: 0.0,
             compute_end: 0.0,
             progress,
+            remote,
         })
     }
 
@@ -155,11 +186,18 @@ impl<'c, 'a> Schedule<'c, 'a> {
             let Action::Send { to, bytes } = action else {
                 continue;
             };
-            let length = bytes.len() as u64;
+            let length = self.deliver(to as usize, &bytes);
             self.common
                 .record_bytes(0, Endpoint::Coordinator, Endpoint::Site(to), length);
             let site = &mut self.sites[to as usize];
-            site.runtime.site.handle(SiteEvent::PacketArrived(&bytes))?;
+            match (&mut site.body, &mut self.remote) {
+                (Some(body), _) => {
+                    body.start(&bytes)?;
+                }
+                (None, Some(remote)) => remote.cue(&mut self.common, to as usize, 0, Cue::Start),
+                (None, None) => unreachable!("a site trains here or is cued"),
+            }
+            let site = &mut self.sites[to as usize];
             site.held_round = Some(0);
             site.idle = false;
             self.queue.push(0.0, Happening::Step(to as usize));
@@ -187,11 +225,12 @@ impl<'c, 'a> Schedule<'c, 'a> {
                     return Ok(()); // it is down or has finished: not delivered
                 }
                 let round = self.coordinator.round();
+                let length = self.deliver(to, &bytes);
                 self.common.record_bytes(
                     round,
                     Endpoint::Coordinator,
                     Endpoint::Site(to as u32),
-                    bytes.len() as u64,
+                    length,
                 );
                 if to == 0 {
                     self.common.keep_sample("global", bytes.clone());
@@ -204,7 +243,11 @@ impl<'c, 'a> Schedule<'c, 'a> {
                 }
                 Ok(())
             }
-            Happening::Update { from, bytes } => self.update_arrives(at, from, bytes),
+            Happening::Update {
+                from,
+                bytes,
+                wire_bytes,
+            } => self.update_arrives(at, from, bytes, wire_bytes),
             Happening::Tick => {
                 let actions = self.coordinator.handle(Self::ms(at), Event::Tick);
                 self.absorb(at, actions, None)
@@ -214,6 +257,15 @@ impl<'c, 'a> Schedule<'c, 'a> {
 
     fn ms(at: f64) -> u64 {
         (at * 1e3) as u64
+    }
+
+    /// A global message reaches site `to` now: a networked site is sent it (it takes it when
+    /// cued). Its size as the ledger counts it (on the wire, over the network).
+    fn deliver(&mut self, to: usize, bytes: &[u8]) -> u64 {
+        match &mut self.remote {
+            Some(remote) => remote.send(to, bytes),
+            None => bytes.len() as u64,
+        }
     }
 }
 
@@ -233,6 +285,7 @@ fn clocked_sites(
     strategy: &Strategy,
     initial: &[f32],
     step_seconds: f64,
+    train_here: bool,
 ) -> Result<Vec<Clocked>, RunError> {
     let (fastest, _) = fastest_site(config);
     let h = strategy.inner_steps.min(config.steps);
@@ -249,13 +302,17 @@ fn clocked_sites(
             ),
             None => (h, config.steps),
         };
+        let asynchronous = strategy.asynchronous.is_some();
+        let body = match train_here {
+            true => Some(CuedSite::new(
+                strategy_site(config, strategy, initial, k)?,
+                asynchronous,
+            )),
+            false => None,
+        };
         sites.push(Clocked {
-            runtime: strategy_site(config, strategy, initial, k)?,
-            reference: if strategy.asynchronous.is_some() {
-                initial.to_vec()
-            } else {
-                Vec::new()
-            },
+            body,
+            asynchronous,
             step_seconds: step_seconds / speed,
             interval,
             steps_total,

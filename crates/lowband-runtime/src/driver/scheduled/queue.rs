@@ -9,8 +9,12 @@ use std::collections::{BTreeMap, BinaryHeap};
 /// Something that happens at a time on the emulated clock.
 #[derive(Debug)]
 pub(super) enum Happening {
-    /// An update reaches the coordinator.
-    Update { from: u32, bytes: Vec<u8> },
+    /// An update reaches the coordinator (`wire_bytes`: its size as the ledger counts it).
+    Update {
+        from: u32,
+        bytes: Vec<u8>,
+        wire_bytes: u64,
+    },
     /// The coordinator looks at its clock (a grace window may have ended).
     Tick,
     /// Fault `i` of the run's schedule begins.

@@ -11,21 +11,26 @@ impl Schedule<'_, '_> {
             self.sites[k].idle = true;
             return Ok(());
         }
-        self.sites[k].take_inbox()?;
+        let take = self.sites[k].take_inbox()?;
         let Some((round, lr_step, due)) = self.next_step(at, k) else {
+            if take > 0 {
+                self.cue(k, Cue::Take(take));
+            }
             self.sites[k].idle = true;
             return Ok(());
         };
-        let mut losses = [0.0f32];
-        self.common
-            .train_site(&mut self.sites[k].runtime, k, lr_step, &mut losses)?;
+        if let Some(body) = &mut self.sites[k].body {
+            let mut losses = [0.0f32];
+            self.common
+                .train_site(&mut body.runtime, k, lr_step, &mut losses)?;
+            self.sites[k].last_loss = Some(losses[0]);
+        }
         let deadline = self.deadline * (1.0 + 1e-9);
         let asynchronous = self.grace_seconds.is_some();
         let site = &mut self.sites[k];
         site.busy_unsent += site.step_seconds;
         site.steps_done += 1;
         site.since_send += 1;
-        site.last_loss = Some(losses[0]);
         let end = at + site.step_seconds;
         // An asynchronous site's last step: the next would end past the run's time.
         site.finished = asynchronous && end + site.step_seconds > deadline;
@@ -33,7 +38,16 @@ impl Schedule<'_, '_> {
         if k == self.pacer {
             self.pacer_stepped(lr_step);
         }
-        if self.update_due(k, end, due) {
+        let send = self.update_due(k, end, due).then_some(round);
+        self.cue(
+            k,
+            Cue::Step {
+                take,
+                lr_step,
+                send,
+            },
+        );
+        if let Some(round) = send {
             self.send(end, k, round)?;
         }
         let site = &mut self.sites[k];
@@ -43,6 +57,14 @@ impl Schedule<'_, '_> {
             self.queue.push(end, Happening::Step(k));
         }
         Ok(())
+    }
+
+    /// Cue site k, if it trains over the network (a site trained here needs no cue).
+    fn cue(&mut self, k: usize, cue: Cue) {
+        if let Some(remote) = &mut self.remote {
+            let round = self.coordinator.round();
+            remote.cue(&mut self.common, k, round, cue);
+        }
     }
 
     /// Whether site k's step ending at `end` ends an update. Synchronous: its round's `due`
@@ -96,14 +118,25 @@ impl Schedule<'_, '_> {
             return;
         }
         self.last_step_metric = Some(step);
-        let losses: Vec<f32> = self.sites.iter().filter_map(|s| s.last_loss).collect();
-        let mean = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
         let lr = self.common.schedule.lr_at(step);
-        self.common.record_metric(Metric::Step {
-            step,
-            loss: mean,
-            lr,
-        });
+        let mean = match &mut self.remote {
+            // The sites' losses come with their reports: recorded once they are in.
+            Some(remote) => {
+                let done: Vec<u64> = self.sites.iter().map(|s| s.steps_done).collect();
+                remote.step_metric(&mut self.common, step, lr, &done);
+                remote.last_mean
+            }
+            None => {
+                let losses: Vec<f32> = self.sites.iter().filter_map(|s| s.last_loss).collect();
+                let mean = losses.iter().sum::<f32>() / losses.len().max(1) as f32;
+                self.common.record_metric(Metric::Step {
+                    step,
+                    loss: mean,
+                    lr,
+                });
+                mean
+            }
+        };
         let tokens_per_step = self.common.tokens_per_site_step();
         let done: u64 = self.sites.iter().map(|s| s.steps_done).sum();
         let total: u64 = match self.grace_seconds {
@@ -125,20 +158,20 @@ impl Schedule<'_, '_> {
             .strategy
             .compression_for(self.sites.len())
             .uplink;
+        let (bytes, wire_bytes) = match (&mut self.sites[k].body, &mut self.remote) {
+            (Some(body), _) => {
+                let bytes = body.update(round, &uplink)?;
+                let length = bytes.len() as u64;
+                (bytes, length)
+            }
+            (None, Some(remote)) => remote.update_from(&mut self.common, k)?,
+            (None, None) => unreachable!("a site trains here or is cued"),
+        };
         let site = &mut self.sites[k];
-        let n = site.runtime.trainer.params().len();
-        let bytes = if site.reference.is_empty() {
+        if !site.asynchronous {
             site.training = None;
             site.sent_round = Some(round);
-            site.runtime.update(round, 0..n, &uplink)?
-        } else {
-            let bytes = site
-                .runtime
-                .update_from(round, Some(&site.reference), 0..n, &uplink)?;
-            site.reference
-                .copy_from_slice(site.runtime.trainer.params());
-            bytes
-        };
+        }
         site.since_send = 0;
         site.in_flight
             .push_back(std::mem::take(&mut site.busy_unsent));
@@ -149,7 +182,14 @@ impl Schedule<'_, '_> {
         let seconds = self.common.config.link.transfer_seconds(bytes.len() as u64);
         let arrival = self.queue.arrival((k as u32, COORDINATOR), at, seconds);
         let from = k as u32;
-        self.queue.push(arrival, Happening::Update { from, bytes });
+        self.queue.push(
+            arrival,
+            Happening::Update {
+                from,
+                bytes,
+                wire_bytes,
+            },
+        );
         Ok(())
     }
 
@@ -160,11 +200,15 @@ impl Schedule<'_, '_> {
         at: f64,
         from: u32,
         bytes: Vec<u8>,
+        wire_bytes: u64,
     ) -> Result<(), RunError> {
         let round = self.coordinator.round();
-        let length = bytes.len() as u64;
-        self.common
-            .record_bytes(round, Endpoint::Site(from), Endpoint::Coordinator, length);
+        self.common.record_bytes(
+            round,
+            Endpoint::Site(from),
+            Endpoint::Coordinator,
+            wire_bytes,
+        );
         let credit = self.sites[from as usize]
             .in_flight
             .pop_front()
@@ -288,6 +332,9 @@ impl Schedule<'_, '_> {
 
     /// The run's end (its last round closed): compute until the last step, the rest the link's.
     pub(super) fn finish(mut self) -> Result<RunResult, RunError> {
+        if let Some(remote) = &mut self.remote {
+            remote.collect_all(&mut self.common)?;
+        }
         let end = self.last_close;
         let compute = self.compute_end.min(end);
         self.common.compute_seconds = compute;
