@@ -1,8 +1,9 @@
-//! Fuzz the envelope, the training report and a site's handling of whatever arrives: never a
-//! panic.
+//! Fuzz the envelope, the training report, the cue and a site's handling of whatever arrives:
+//! never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use lowband_protocol::cue::Cue;
 use lowband_protocol::wire::{self, MessageKind, TrainingReport};
 use lowband_protocol::{Compression, Site, SiteEvent};
 
@@ -11,8 +12,12 @@ fuzz_target!(|data: &[u8]| {
         if message.kind == MessageKind::Report {
             let _ = TrainingReport::decode(message.payload, 64);
         }
+        if message.kind == MessageKind::Cue {
+            let _ = Cue::decode(message.payload);
+        }
     }
     let _ = TrainingReport::decode(data, 64);
+    let _ = Cue::decode(data);
     let compression = Compression {
         uplink: "topk:k=4,chunk=64".parse().unwrap(),
         downlink: "topk:k=4,chunk=64".parse().unwrap(),
