@@ -25,6 +25,12 @@ fn external_model<'a>(
     strategy: &Strategy,
 ) -> Result<&'a ExternalModel, RunError> {
     check_rounds(config, strategy)?;
+    if strategy.scheduled() {
+        return Err(RunError::InvalidConfig {
+            field: "strategy",
+            reason: format!("{}: asynchronous rounds and quorums run on the emulated clock's schedule, which needs lowband's engine (a nominal step time per site); an external model runs round and streaming strategies", strategy.name()),
+        });
+    }
     let Some(model) = config.model.as_ref() else {
         return Err(RunError::InvalidConfig {
             field: "model",
@@ -248,6 +254,14 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(error.contains("no [model] table"), "{error}");
+        // The emulated clock's schedule needs the engine's nominal step time.
+        let mut scheduled = cluster(Some(model(12)), "async-diloco@4");
+        scheduled.sites[0] = identity.public_key();
+        let error = external_site(&scheduled, identity.clone(), address, &model(12))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("needs lowband's engine"), "{error}");
         // And the engine's drivers refuse an external model's run file.
         let config = RunConfig {
             model: Some(model(12)),
