@@ -266,6 +266,12 @@ impl Site {
         Ok(())
     }
 
+    /// Continue from a saved state: the round of the parameters it holds (set by `restore`'s
+    /// caller after `restore`, which does not know it).
+    pub fn restore_round(&mut self, round: Option<u64>) {
+        self.round = round;
+    }
+
     /// Continue the error feedback from a saved residual, without claiming to hold the cluster's
     /// parameters (a restarted site gets them from the coordinator when it rejoins).
     pub fn restore_feedback(&mut self, residual: &[f32]) -> Result<(), ProtocolError> {

@@ -33,6 +33,14 @@ fn config(speeds: &[f64], steps: u64, inner_steps: u64) -> RunConfig {
 }
 
 fn go(config: &RunConfig, strategy: &str) -> Result<RunResult, RunError> {
+    go_with(config, strategy, &Persistence::default())
+}
+
+fn go_with(
+    config: &RunConfig,
+    strategy: &str,
+    persistence: &Persistence,
+) -> Result<RunResult, RunError> {
     let text = SyntheticLanguage::new(SyntheticSpec {
         words: 100,
         ..SyntheticSpec::default()
@@ -51,7 +59,7 @@ fn go(config: &RunConfig, strategy: &str) -> Result<RunResult, RunError> {
         config,
         Strategy::parse(strategy, config.inner_steps).unwrap(),
         &split,
-        &Persistence::default(),
+        persistence,
         &mut |_| {},
     )
 }
@@ -297,19 +305,64 @@ fn scheduled_strategies_refuse_what_they_cannot_do_yet() {
         .unwrap()
         .name();
     assert_eq!(name, "async-diloco@8[grace=0.25;stale=2]");
-    let config = config(&[1.0; 2], 8, 4);
-    let text = vec![b'a'; 20_000];
-    let split = Split::new(&text, 0.05, 2, ShardMode::NonIid, 32).unwrap();
-    let stop = Persistence {
-        stop_after_rounds: Some(1),
-        ..Persistence::default()
+}
+
+/// A scheduled run stopped after a few rounds (saved at the first quiet moment) and resumed ends
+/// bitwise where the uninterrupted run ends, with the same metrics, ledger and goodput: under
+/// different speeds and a fault schedule, with a compressed downlink and error feedback, for
+/// asynchronous rounds and a quorum. A resume under other settings is refused.
+#[test]
+fn a_scheduled_run_stopped_and_resumed_is_the_uninterrupted_run() {
+    let faults = lowband_runtime::faults::parse_schedule("down:1@0.3-0.5,slow:2@0.4=0.5", 4);
+    let config = RunConfig {
+        faults: faults.unwrap(),
+        checkpoint_every_rounds: 2,
+        ..config(&[1.0, 1.0, 0.7, 0.4], 48, 8)
     };
-    let strategy = Strategy::parse("async-diloco", 4).unwrap();
-    let error = run(&config, strategy, &split, &stop, &mut |_| {}).unwrap_err();
-    assert!(
-        error
-            .to_string()
-            .contains("cannot be stopped and resumed yet"),
-        "{error}"
-    );
+    let sparse =
+        "async-diloco[up=topk:k=64,values=q2;down=topk:k=256,values=q2;decay=0.95;lr=1;momentum=0]";
+    for strategy in ["async-diloco", "diloco[quorum=3]", sparse] {
+        let whole = go(&config, strategy).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let saving = |stop: Option<u64>| Persistence {
+            state_dir: Some(dir.path().to_path_buf()),
+            stop_after_rounds: stop,
+            ..Persistence::default()
+        };
+        let stopped = go_with(&config, strategy, &saving(Some(3))).unwrap_err();
+        assert!(
+            matches!(stopped, RunError::Stopped { .. }),
+            "{strategy}: {stopped}"
+        );
+        // Saved mid-run, at a quiet moment at or after round 3.
+        let parsed = Strategy::parse(strategy, config.inner_steps).unwrap();
+        let saved = lowband_runtime::state::load(&saving(None), &parsed)
+            .unwrap()
+            .expect("a saved state");
+        assert!(
+            saved.round() >= 3 && saved.step < config.steps,
+            "{strategy}"
+        );
+        let resumed = go_with(&config, strategy, &saving(None)).unwrap();
+        assert!(
+            resumed.final_params == whole.final_params,
+            "{strategy}: parameters differ"
+        );
+        assert_eq!(resumed.metrics, whole.metrics, "{strategy}");
+        assert_eq!(
+            resumed.ledger.total_bytes(),
+            whole.ledger.total_bytes(),
+            "{strategy}"
+        );
+        assert_eq!(resumed.site_goodput, whole.site_goodput, "{strategy}");
+        assert_eq!(resumed.rounds, whole.rounds, "{strategy}");
+        let other = RunConfig {
+            seed: 7,
+            ..config.clone()
+        };
+        let error = go_with(&other, strategy, &saving(None))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("other settings"), "{strategy}: {error}");
+    }
 }

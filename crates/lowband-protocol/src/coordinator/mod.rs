@@ -336,6 +336,10 @@ impl Coordinator {
     pub fn global(&self) -> &[f32] {
         &self.global
     }
+    /// Whether the open round holds an update (a scheduled run is saved only when none is).
+    pub fn holds_updates(&self) -> bool {
+        self.open.as_ref().is_some_and(|o| !o.received.is_empty())
+    }
     pub fn round(&self) -> u64 {
         self.round
     }

@@ -29,6 +29,17 @@ impl RunState {
         coordinator: &Coordinator,
         sites: &[SiteRuntime],
     ) -> Self {
+        let sites: Vec<&SiteRuntime> = sites.iter().collect();
+        Self::of_round_sites(common, step, coordinator, &sites)
+    }
+
+    /// `of_rounds` over sites held anywhere.
+    pub(super) fn of_round_sites(
+        common: &Common,
+        step: u64,
+        coordinator: &Coordinator,
+        sites: &[&SiteRuntime],
+    ) -> Self {
         let state = coordinator.state();
         let n = state.global.len();
         let mut tensors = vec![
@@ -117,7 +128,11 @@ impl RunState {
     }
 
     /// AdamW state `k` of the saved run into `trainer`.
-    fn restore_optimizer(&mut self, k: usize, trainer: &mut CpuTrainer) -> Result<(), RunError> {
+    pub(super) fn restore_optimizer(
+        &mut self,
+        k: usize,
+        trainer: &mut CpuTrainer,
+    ) -> Result<(), RunError> {
         let step = *self
             .manifest
             .optimizer_steps
@@ -133,7 +148,7 @@ impl RunState {
     }
 
     /// The data streams, continued where they stopped (lengths were checked).
-    fn restore_samplers<'s>(&self, samplers: impl Iterator<Item = &'s mut Sampler>) {
+    pub(super) fn restore_samplers<'s>(&self, samplers: impl Iterator<Item = &'s mut Sampler>) {
         for (sampler, &(seed, drawn)) in samplers.zip(&self.manifest.samplers) {
             *sampler = Sampler::resume(seed, drawn);
         }

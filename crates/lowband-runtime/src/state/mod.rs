@@ -27,11 +27,13 @@ use crate::RunError;
 mod external_site;
 mod files;
 mod kinds;
+mod scheduled;
 mod site;
 
 pub use external_site::{restore_external_site, save_external_site};
 use files::current_state;
 pub use files::{forget_run_states, forget_saved_state};
+pub(crate) use scheduled::{ClockedState, PendingEvent, PendingKind, SavedSite, ScheduleState};
 pub(crate) use site::{restore_site, save_site, SiteRun};
 
 const FORMAT: &str = "lowband-run-state";
@@ -75,6 +77,9 @@ struct Manifest {
     /// numerator).
     #[serde(default)]
     site_busy_seconds: Vec<f64>,
+    /// A scheduled run: the schedule's account at the quiet moment it was saved.
+    #[serde(default)]
+    schedule: Option<scheduled::ScheduleState>,
     /// The text the run trained on: a resume on another corpus is refused.
     corpus: lowband_data::CorpusFingerprint,
     /// `tensors.safetensors` as written (set by `save`): a changed byte is refused on load.
@@ -165,6 +170,7 @@ impl RunState {
             peak_sync_bytes: common.peak_sync_bytes,
             streaming: None,
             site_busy_seconds: common.site_busy_seconds.clone(),
+            schedule: None,
             corpus: common.corpus,
             tensors_file: None,
         };
@@ -345,13 +351,19 @@ pub fn load(persistence: &Persistence, strategy: &Strategy) -> Result<Option<Run
     }
     let path = target.join("tensors.safetensors");
     // global, momentum, shared; per site m, v, an error-feedback residual, a stale update and
-    // (streaming) its own parameters.
+    // (streaming, scheduled) its own parameters; scheduled, also the parameters it holds and where
+    // its update began.
+    let per_site = if manifest.schedule.is_some() { 7 } else { 5 };
     let bytes = read_limited(
         &path,
         (manifest.params as u64)
             .saturating_mul(4)
             .saturating_add(1024)
-            .saturating_mul(5u64.saturating_mul(manifest.sites as u64).saturating_add(3)),
+            .saturating_mul(
+                (per_site as u64)
+                    .saturating_mul(manifest.sites as u64)
+                    .saturating_add(3),
+            ),
     )?;
     FileCheck::verify(manifest.tensors_file, &path, &bytes)?;
     let names = safetensors_names(&path, &bytes)?;

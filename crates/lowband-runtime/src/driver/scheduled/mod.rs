@@ -13,6 +13,7 @@
 //! Not yet: saving and resuming such a run (its updates in flight would have to be saved).
 
 mod faults;
+mod persist;
 mod queue;
 mod remote;
 mod site;
@@ -58,6 +59,8 @@ struct Schedule<'c, 'a> {
     progress: &'c mut dyn FnMut(Progress),
     /// The sites train over the network: the schedule cues them (None: they train here).
     remote: Option<Remote<'c>>,
+    /// The round count at which the next save is due (`checkpoint_every_rounds`).
+    next_save_round: u64,
 }
 
 pub(super) fn run_scheduled(
@@ -66,16 +69,13 @@ pub(super) fn run_scheduled(
     persistence: &Persistence,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<RunResult, RunError> {
-    if persistence.stop_after_rounds.is_some() {
-        return Err(RunError::InvalidConfig {
-            field: "strategies",
-            reason: format!(
-                "{} cannot be stopped and resumed yet (its updates in flight are not saved)",
-                common.strategy.name()
-            ),
-        });
+    let strategy = common.strategy.clone();
+    let mut schedule = Schedule::new(common, initial, progress, None)?;
+    match crate::state::load(persistence, &strategy)? {
+        Some(saved) => schedule.resume(saved)?,
+        None => schedule.start()?,
     }
-    run_schedule(Schedule::new(common, initial, progress, None)?)
+    run_schedule(schedule, persistence)
 }
 
 /// A scheduled run whose sites train elsewhere: `cues` reaches them (site k's `CuedSite` is
@@ -87,22 +87,20 @@ pub(crate) fn run_scheduled_remote(
 ) -> Result<RunResult, RunError> {
     let mut progress = |_: Progress| {};
     let sites = common.config.sites;
-    run_schedule(Schedule::new(
-        common,
-        initial,
-        &mut progress,
-        Some(Remote::new(cues, sites)),
-    )?)
+    let remote = Some(Remote::new(cues, sites));
+    let mut schedule = Schedule::new(common, initial, &mut progress, remote)?;
+    schedule.start()?;
+    run_schedule(schedule, &Persistence::default())
 }
 
-fn run_schedule(mut schedule: Schedule) -> Result<RunResult, RunError> {
-    schedule.start()?;
+fn run_schedule(mut schedule: Schedule, persistence: &Persistence) -> Result<RunResult, RunError> {
     while let Some((at, happening)) = schedule.queue.pop() {
         if schedule.finished() {
             break;
         }
         schedule.common.compute_seconds = at;
         schedule.happen(at, happening)?;
+        schedule.maybe_save(persistence)?;
     }
     schedule.finish()
 }
@@ -167,6 +165,7 @@ impl<'c, 'a> Schedule<'c, 'a> {
             compute_end: 0.0,
             progress,
             remote,
+            next_save_round: config.checkpoint_every_rounds,
         })
     }
 

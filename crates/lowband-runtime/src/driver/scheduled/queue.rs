@@ -108,4 +108,64 @@ impl Queue {
         self.link_arrival.insert(link, at);
         at
     }
+
+    /// Whether no update or message is on a link.
+    pub(super) fn nothing_on_links(&self) -> bool {
+        !(self.heap.iter())
+            .any(|e| matches!(e.what, Happening::Update { .. } | Happening::Message { .. }))
+    }
+
+    /// The events to come (none on a link: see `nothing_on_links`), in their order.
+    pub(super) fn pending(&self) -> Vec<crate::state::PendingEvent> {
+        let mut entries: Vec<&Entry> = self.heap.iter().collect();
+        entries.sort_by(|a, b| a.key(b));
+        (entries.into_iter())
+            .filter_map(|e| crate::state::PendingEvent::of(e.at, e.order, &e.what))
+            .collect()
+    }
+
+    pub(super) fn order(&self) -> u64 {
+        self.order
+    }
+
+    pub(super) fn link_arrivals(&self) -> Vec<(Link, f64)> {
+        self.link_arrival.iter().map(|(l, at)| (*l, *at)).collect()
+    }
+
+    /// Back to a saved queue: its events (each with its place in the order), its order counter
+    /// and its links' latest arrivals; sites and faults named by index must exist.
+    pub(super) fn restore(
+        &mut self,
+        events: impl Iterator<Item = (f64, u64, Happening)>,
+        order: u64,
+        link_arrivals: &[(Link, f64)],
+        sites: usize,
+        faults: usize,
+    ) -> Result<(), super::RunError> {
+        let bad = |why: String| {
+            Err(super::RunError::State(format!(
+                "the saved schedule: {why}; rerun without --resume to start over"
+            )))
+        };
+        self.heap.clear();
+        for (at, event_order, what) in events {
+            let in_range = match &what {
+                Happening::Step(k) | Happening::Rejoin(k) => *k < sites,
+                Happening::Fault(i) => *i < faults,
+                _ => true,
+            };
+            if !(in_range && at.is_finite() && at >= 0.0) || event_order > order {
+                return bad(format!("an event {what:?} at {at} s, order {event_order}"));
+            }
+            self.heap.push(Entry {
+                at,
+                rank: what.rank(),
+                order: event_order,
+                what,
+            });
+        }
+        self.order = order;
+        self.link_arrival = link_arrivals.iter().copied().collect();
+        Ok(())
+    }
 }

@@ -159,6 +159,25 @@ impl CuedSite {
         Ok(bytes)
     }
 
+    /// Asynchronous: where the current update began.
+    pub(crate) fn reference(&self) -> Option<&[f32]> {
+        (!self.reference.is_empty()).then_some(self.reference.as_slice())
+    }
+
+    /// A saved reference back (one exactly when the site is asynchronous).
+    pub(crate) fn set_reference(&mut self, saved: Option<Vec<f32>>) -> Result<(), RunError> {
+        match saved {
+            Some(saved) if saved.len() == self.reference.len() => self.reference = saved,
+            None if self.reference.is_empty() => {}
+            _ => {
+                return Err(RunError::State(
+                    "a site's saved reference does not match the strategy".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
     /// Down: what it trained since `revert`'s point is lost.
     pub(crate) fn down(&mut self, revert: Revert) {
         let params = self.runtime.trainer.params_mut();
