@@ -38,6 +38,8 @@ pub struct Switchboard {
     /// Per site, what it sent and was not asked for yet, in order.
     received: Vec<VecDeque<Received>>,
     stop_on_ctrl_c: bool,
+    /// How long `next_from` waits for a message (any site's) before the run stops.
+    wait_ms: u64,
 }
 
 impl Switchboard {
@@ -88,7 +90,14 @@ impl Switchboard {
             inbound,
             received: site_keys.iter().map(|_| VecDeque::new()).collect(),
             stop_on_ctrl_c,
+            wait_ms: u64::MAX / 4,
         })
+    }
+
+    /// `next_from` waits at most `wait_ms` for a message (any site's) before the run stops.
+    pub fn with_wait_ms(mut self, wait_ms: u64) -> Switchboard {
+        self.wait_ms = wait_ms;
+        self
     }
 
     /// Sign `message` and queue it to site `to`; its size on the wire.
@@ -103,23 +112,32 @@ impl Switchboard {
         length
     }
 
-    /// The next message of site `from`, waiting for it as long as its connection lives.
+    /// The next message of site `from`, waiting for it as long as its connection lives and a
+    /// message from some site comes within `wait_ms`.
     pub fn next_from(&mut self, from: u32) -> Result<Received, NetError> {
         loop {
             if let Some(received) = self.received[from as usize].pop_front() {
                 return Ok(received);
             }
             let inbound = &mut self.inbound;
+            let wait = Duration::from_millis(self.wait_ms);
+            let stopped = || {
+                NetError::Stopped(format!(
+                    "site {from} sent nothing for {:.1} s while the schedule waited for it (a hung site would stall a scheduled run: it stops instead)",
+                    wait.as_secs_f64()
+                ))
+            };
             let next = self.runtime.block_on(async {
+                let recv = tokio::time::timeout(wait, inbound.recv());
                 if self.stop_on_ctrl_c {
                     tokio::select! {
-                        next = inbound.recv() => Ok(next),
+                        next = recv => next.map_err(|_| stopped()),
                         _ = tokio::signal::ctrl_c() => Err(NetError::Stopped(
                             "interrupted (Ctrl-C); a scheduled run cannot be resumed yet".into(),
                         )),
                     }
                 } else {
-                    Ok(inbound.recv().await)
+                    recv.await.map_err(|_| stopped())
                 }
             })?;
             let Some((site, _generation, message)) = next else {
@@ -130,11 +148,15 @@ impl Switchboard {
                     "site {site}'s connection ended mid-run ({e}); a scheduled run needs every site to the end and cannot be resumed yet"
                 ))
             })?;
-            let packet = open(self.site_keys[site as usize], &sealed)
-                .map_err(|e| {
-                    NetError::Stopped(format!("site {site} sent a message it did not sign: {e}"))
-                })?
-                .to_vec();
+            // Not signed by its site: handed on as an empty (malformed) packet, which the
+            // protocol refuses and scores, as the coordinator's loop does.
+            let packet = match open(self.site_keys[site as usize], &sealed) {
+                Ok(packet) => packet.to_vec(),
+                Err(e) => {
+                    tracing::warn!("site {site} sent a message it did not sign: {e}");
+                    Vec::new()
+                }
+            };
             self.received[site as usize].push_back(Received {
                 packet,
                 sealed_bytes: sealed.len(),

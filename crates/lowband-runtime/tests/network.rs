@@ -225,6 +225,21 @@ fn scheduled_runs_over_quic_are_bitwise_the_in_memory_runs() {
         };
         assert_eq!(refusals(&network), refusals(&memory), "{strategy}");
     }
+    // A site whose updates are garbage is refused and scored as in memory; the run goes on.
+    let hostile = RunConfig {
+        attacks: vec!["2:garbage".parse().unwrap()],
+        ..c.clone()
+    };
+    let (network, memory) = run_both(&hostile, "async-diloco");
+    assert_eq!(network.site_scores, memory.site_scores);
+    assert!(
+        network
+            .site_scores
+            .iter()
+            .any(|(site, score)| *site == 2 && score.refused > 0),
+        "{:?}",
+        network.site_scores
+    );
 }
 
 #[test]

@@ -9,8 +9,11 @@
 //! in memory. The sites still train in parallel: the schedule waits only for an update it
 //! needs, and cues run ahead of it.
 //!
-//! Not yet: a site whose connection ends, or a coordinator stopped, ends the run (nothing of a
-//! scheduled run is saved to resume from); every site joins before the run starts.
+//! A hostile site is refused and scored as in memory: whatever it sends where its update is due
+//! (garbage, a packet it did not sign) goes to the protocol as its update. Not yet: a site whose
+//! connection ends, one silent for the round deadline while the schedule waits for it, or a
+//! coordinator stopped, ends the run (nothing of a networked scheduled run is saved to resume
+//! from); every site joins before the run starts.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -85,7 +88,9 @@ pub(super) fn serve_scheduled(
         stop_on_ctrl_c,
         listening,
     )?;
-    let mut board = Board(board);
+    // A site that goes silent while the schedule waits for it stops the run after the round
+    // deadline (a hung process still answers QUIC's keep-alives).
+    let mut board = Board(board.with_wait_ms(options.round_deadline_ms));
     match crate::driver::run_scheduled_remote(common, initial, &mut board) {
         Ok(result) => {
             board.0.finish();

@@ -33,6 +33,8 @@ pub(super) struct Remote<'c> {
     /// Per site, the steps it was cued.
     cued: Vec<u64>,
     pending: VecDeque<PendingStep>,
+    /// Per site: it sent something else where a step report was due (its losses stop there).
+    silent: Vec<bool>,
     /// The latest recorded step loss (for the progress bar).
     pub(super) last_mean: f32,
 }
@@ -44,6 +46,7 @@ impl<'c> Remote<'c> {
             losses: vec![Vec::new(); sites],
             cued: vec![0; sites],
             pending: VecDeque::new(),
+            silent: vec![false; sites],
             last_mean: f32::NAN,
         }
     }
@@ -88,14 +91,10 @@ impl<'c> Remote<'c> {
     ) -> Result<(Vec<u8>, u64), RunError> {
         loop {
             let (packet, sealed) = self.cues.next_from(from as u32)?;
-            match wire::peek_kind(&packet) {
-                Some(MessageKind::Report) => self.report(common, from, &packet, sealed)?,
-                Some(MessageKind::Update) => return Ok((packet, sealed as u64)),
-                other => {
-                    return Err(RunError::Protocol(format!(
-                        "site {from} sent {other:?} where a step report or an update was due"
-                    )))
-                }
+            if !self.report(common, from, &packet, sealed) {
+                // The update, or what stands for it: garbage too goes to the protocol, which
+                // refuses it and scores the site (as in memory), so that it cannot stall the run.
+                return Ok((packet, sealed as u64));
             }
         }
     }
@@ -103,46 +102,45 @@ impl<'c> Remote<'c> {
     /// Every cued step's loss in (the run's end), and every step metric recorded.
     pub(super) fn collect_all(&mut self, common: &mut Common) -> Result<(), RunError> {
         for k in 0..self.losses.len() {
-            while (self.losses[k].len() as u64) < self.cued[k] {
+            while !self.silent[k] && (self.losses[k].len() as u64) < self.cued[k] {
                 let (packet, sealed) = self.cues.next_from(k as u32)?;
-                if wire::peek_kind(&packet) != Some(MessageKind::Report) {
-                    return Err(RunError::Protocol(format!(
-                        "site {k} sent something other than the step report due"
-                    )));
+                if !self.report(common, k, &packet, sealed) {
+                    tracing::warn!(
+                        "site {k} sent something other than the step report due: its remaining step losses are left out of the step metrics"
+                    );
+                    common.telemetry_bytes += sealed as u64;
+                    self.silent[k] = true;
                 }
-                self.report(common, k, &packet, sealed)?;
             }
         }
         self.record_ready(common);
         Ok(())
     }
 
-    fn report(
-        &mut self,
-        common: &mut Common,
-        from: usize,
-        packet: &[u8],
-        sealed: usize,
-    ) -> Result<(), RunError> {
-        let bad = |why: String| RunError::Protocol(format!("site {from}'s step report: {why}"));
-        let message = wire::decode(packet, TrainingReport::payload_bytes_max(1))
-            .map_err(|e| bad(e.to_string()))?;
-        let report = TrainingReport::decode(message.payload, 1).map_err(|e| bad(e.to_string()))?;
-        let [loss] = report.losses[..] else {
-            return Err(bad(format!("{} losses, one was due", report.losses.len())));
+    /// Whether `packet` is site `from`'s report of the next step it was cued (then recorded).
+    fn report(&mut self, common: &mut Common, from: usize, packet: &[u8], sealed: usize) -> bool {
+        let Ok(message) = wire::decode(packet, TrainingReport::payload_bytes_max(1)) else {
+            return false;
         };
-        if message.site as usize != from || self.losses[from].len() as u64 >= self.cued[from] {
-            return Err(bad("not the report of a step it was cued".into()));
+        let loss = match TrainingReport::decode(message.payload, 1) {
+            Ok(report) if report.losses.len() == 1 => report.losses[0],
+            _ => return false,
+        };
+        let due = (self.losses[from].len() as u64) < self.cued[from];
+        if message.kind != MessageKind::Report || message.site as usize != from || !due {
+            return false;
         }
         self.losses[from].push(loss);
         common.telemetry_bytes += sealed as u64;
         self.record_ready(common);
-        Ok(())
+        true
     }
 
     fn record_ready(&mut self, common: &mut Common) {
         while let Some(pending) = self.pending.front() {
+            // (A site that stopped reporting is left out.)
             let losses: Option<Vec<f32>> = (pending.wanted.iter())
+                .filter(|(k, i)| !self.silent[*k] || (*i as usize) < self.losses[*k].len())
                 .map(|(k, i)| self.losses[*k].get(*i as usize).copied())
                 .collect();
             let Some(losses) = losses else {
