@@ -364,5 +364,31 @@ fn a_scheduled_run_stopped_and_resumed_is_the_uninterrupted_run() {
             .unwrap_err()
             .to_string();
         assert!(error.contains("other settings"), "{strategy}: {error}");
+        // A schedule edited by hand so that a site's step takes 0 s (its clock would never
+        // move) is refused, not run.
+        let manifest = state_json(dir.path());
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        state["schedule"]["sites"][0]["step_seconds"] = 0.0.into();
+        std::fs::write(&manifest, serde_json::to_vec(&state).unwrap()).unwrap();
+        let error = go_with(&config, strategy, &saving(None))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("out of range"), "{strategy}: {error}");
     }
+}
+
+/// The one saved state's manifest under `dir`.
+fn state_json(dir: &std::path::Path) -> std::path::PathBuf {
+    let strategy_dir = std::fs::read_dir(dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let current: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(strategy_dir.join("current.json")).unwrap()).unwrap();
+    strategy_dir
+        .join(current["dir"].as_str().unwrap())
+        .join("state.json")
 }

@@ -108,11 +108,7 @@ impl RunState {
     ) -> Result<(), RunError> {
         self.check(0, coordinator.global().len())?;
         self.restore_common(common)?;
-        let shared = if self.tensors.iter().any(|(n, _)| n == "shared") {
-            self.tensor("shared")?
-        } else {
-            Vec::new()
-        };
+        let shared = self.optional_tensor("shared")?.unwrap_or_default();
         let trust = self.manifest.trust.take().unwrap_or_default();
         let state = CoordinatorState {
             round: self.manifest.round,
@@ -220,6 +216,24 @@ impl RunState {
         Ok(streaming.0)
     }
 
+    /// Site k's optimizer, codec stream and (a hostile site's) stale update; its error-feedback
+    /// residual, if one was saved, for the caller to restore with the parameters it holds.
+    pub(super) fn restore_site_parts(
+        &mut self,
+        k: usize,
+        site: &mut SiteRuntime,
+    ) -> Result<Option<Vec<f32>>, RunError> {
+        self.restore_optimizer(k, &mut site.trainer)?;
+        if let Some(Some(random)) = self.manifest.site_codec_random.get(k) {
+            site.site.set_codec_random_state(*random);
+        }
+        let stale = self.optional_tensor(&format!("site{k}.stale"))?;
+        if let Some(attacker) = site.attacker.as_mut() {
+            attacker.stale = stale.or(attacker.stale.take());
+        }
+        self.optional_tensor(&format!("site{k}.residual"))
+    }
+
     pub(crate) fn restore_rounds(
         mut self,
         common: &mut Common,
@@ -228,12 +242,9 @@ impl RunState {
     ) -> Result<(), RunError> {
         self.check(sites.len(), coordinator.global().len())?;
         self.restore_common(common)?;
-        let has_shared = self.tensors.iter().any(|(n, _)| n == "shared");
-        let shared = if has_shared {
-            self.tensor("shared")?
-        } else {
-            Vec::new()
-        };
+        let shared = self.optional_tensor("shared")?;
+        let has_shared = shared.is_some();
+        let shared = shared.unwrap_or_default();
         let synced = if has_shared {
             (0..sites.len() as u32).collect()
         } else {
@@ -251,24 +262,7 @@ impl RunState {
         };
         coordinator.restore(state)?;
         for (k, site) in sites.iter_mut().enumerate() {
-            self.restore_optimizer(k, &mut site.trainer)?;
-            if let Some(Some(random)) = self.manifest.site_codec_random.get(k) {
-                site.site.set_codec_random_state(*random);
-            }
-            let residual_name = format!("site{k}.residual");
-            let residual = if self.tensors.iter().any(|(n, _)| *n == residual_name) {
-                Some(self.tensor(&residual_name)?)
-            } else {
-                None
-            };
-            let stale_name = format!("site{k}.stale");
-            if let Some(attacker) = site
-                .attacker
-                .as_mut()
-                .filter(|_| self.tensors.iter().any(|(n, _)| *n == stale_name))
-            {
-                attacker.stale = Some(self.tensor(&stale_name)?);
-            }
+            let residual = self.restore_site_parts(k, site)?;
             if has_shared || residual.is_some() {
                 let start = if has_shared {
                     shared.clone()

@@ -220,6 +220,14 @@ impl RunState {
         Ok(std::mem::take(&mut self.tensors[i].1))
     }
 
+    /// A tensor the state holds only for some runs (None: not saved).
+    fn optional_tensor(&mut self, name: &str) -> Result<Option<Vec<f32>>, RunError> {
+        match self.tensors.iter().any(|(n, _)| n == name) {
+            true => self.tensor(name).map(Some),
+            false => Ok(None),
+        }
+    }
+
     fn restore_common(&self, common: &mut Common) -> Result<(), RunError> {
         if self.manifest.config != common.config.comparable() {
             return Err(RunError::State(

@@ -63,6 +63,53 @@ pub(crate) struct ScheduleState {
     pub refused: Vec<(u64, u32)>,
 }
 
+impl ScheduleState {
+    /// Every count and time within what a run of `steps` steps and `sites` sites can reach: a
+    /// state edited or damaged by hand must not overflow the schedule's arithmetic, stop its
+    /// clock (a step of 0 s) or name a site that is not there.
+    fn check(&self, steps: u64, sites: usize) -> Result<(), RunError> {
+        let bad = |what: String| {
+            Err(RunError::State(format!(
+                "the saved schedule is out of range: {what}; rerun without --resume to start over"
+            )))
+        };
+        // (A slowed or resumed site may pass its nominal budget by a little, never twice over.)
+        let count_max = steps.saturating_mul(2);
+        for (k, site) in self.sites.iter().enumerate() {
+            let counts = [site.steps_done, site.since_send, site.marks_sent]
+                .into_iter()
+                .chain(
+                    [site.held_round, site.sent_round, site.site_round]
+                        .into_iter()
+                        .flatten(),
+                )
+                .chain(site.training.into_iter().flat_map(|(round, h)| [round, h]));
+            if let Some(count) = counts.into_iter().find(|c| *c > count_max) {
+                return bad(format!(
+                    "site {k}: a count of {count} in a {steps}-step run"
+                ));
+            }
+            let step_ok = site.step_seconds.is_finite() && site.step_seconds > 0.0;
+            let busy_ok = site.busy_unsent.is_finite() && site.busy_unsent >= 0.0;
+            if !(step_ok && busy_ok) {
+                return bad(format!(
+                    "site {k}: a step of {} s, {} s unsent",
+                    site.step_seconds, site.busy_unsent
+                ));
+            }
+        }
+        let times = [self.last_close, self.compute_end];
+        if !times.iter().all(|t| t.is_finite() && *t >= 0.0) {
+            return bad(format!("times {times:?}"));
+        }
+        let named = self.members.iter().chain(&self.synced);
+        if let Some(site) = named.into_iter().find(|s| **s as usize >= sites) {
+            return bad(format!("site {site} of {sites}"));
+        }
+        Ok(())
+    }
+}
+
 /// A site's model side as the state saves it: its runtime, and (asynchronous) where its
 /// current update began.
 pub(crate) struct SavedSite<'s> {
@@ -123,14 +170,12 @@ impl RunState {
                 sites.len()
             )));
         }
+        schedule.check(common.config.steps, sites.len())?;
         self.restore_common(common)?;
         for site in &schedule.members {
             coordinator.handle(0, lowband_protocol::Event::SiteJoined { site: *site });
         }
-        let shared = match self.tensors.iter().any(|(name, _)| name == "shared") {
-            true => self.tensor("shared")?,
-            false => Vec::new(),
-        };
+        let shared = self.optional_tensor("shared")?.unwrap_or_default();
         let state = CoordinatorState {
             round: self.manifest.round,
             global: self.tensor("global")?,
@@ -146,38 +191,20 @@ impl RunState {
         let mut references = Vec::with_capacity(sites.len());
         for (k, site) in sites.iter_mut().enumerate() {
             self.restore_site_of_schedule(k, site)?;
-            let name = format!("site{k}.reference");
-            references.push(match self.tensors.iter().any(|(n, _)| *n == name) {
-                true => Some(self.tensor(&name)?),
-                false => None,
-            });
+            references.push(self.optional_tensor(&format!("site{k}.reference"))?);
         }
         self.restore_samplers(sites.iter_mut().map(|s| &mut s.sampler));
         Ok((schedule, references))
     }
 
-    /// Site k's optimizer, codec stream, residual, held parameters and own parameters.
+    /// Site k's optimizer, codec stream, residual (`restore_site_parts`), held parameters and own
+    /// parameters.
     fn restore_site_of_schedule(
         &mut self,
         k: usize,
         site: &mut SiteRuntime,
     ) -> Result<(), RunError> {
-        self.restore_optimizer(k, &mut site.trainer)?;
-        if let Some(Some(random)) = self.manifest.site_codec_random.get(k) {
-            site.site.set_codec_random_state(*random);
-        }
-        let residual_name = format!("site{k}.residual");
-        let residual = match self.tensors.iter().any(|(n, _)| *n == residual_name) {
-            true => Some(self.tensor(&residual_name)?),
-            false => None,
-        };
-        let stale_name = format!("site{k}.stale");
-        if self.tensors.iter().any(|(n, _)| *n == stale_name) {
-            let stale = self.tensor(&stale_name)?;
-            if let Some(attacker) = site.attacker.as_mut() {
-                attacker.stale = Some(stale);
-            }
-        }
+        let residual = self.restore_site_parts(k, site)?;
         let start = self.tensor(&format!("site{k}.start"))?;
         site.site.restore(&start, residual.as_deref())?;
         let params = self.tensor(&format!("site{k}.params"))?;

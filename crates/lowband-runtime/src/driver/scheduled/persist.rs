@@ -138,14 +138,7 @@ impl Clocked {
         saved: &ClockedState,
         reference: Option<Vec<f32>>,
     ) -> Result<(), RunError> {
-        let times_ok = [saved.step_seconds, saved.busy_unsent]
-            .iter()
-            .all(|t| t.is_finite() && *t >= 0.0);
-        if !times_ok || saved.steps_done > self.steps_total.max(1) * 2 {
-            return Err(RunError::State(
-                "the saved schedule is out of range; rerun without --resume to start over".into(),
-            ));
-        }
+        // (Its ranges were checked with the state: `ScheduleState::check`.)
         if let Some(body) = &mut self.body {
             body.set_reference(reference)?;
             body.runtime.site.restore_round(saved.site_round);
