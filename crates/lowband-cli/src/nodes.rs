@@ -70,7 +70,8 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     network: NetworkArgs,
     /// Continue from the state saved in the run directory after every round (a coordinator
-    /// restarted after a crash); without it the run starts over.
+    /// restarted after a crash; a scheduled run's: at its last save, which its sites restore
+    /// theirs of); without it the run starts over.
     #[arg(long)]
     resume: bool,
     /// Serve the run's live view (page, /api/state, /metrics) on PORT (loopback) or HOST:PORT.
@@ -147,11 +148,13 @@ pub struct SiteArgs {
     #[command(flatten)]
     network: NetworkArgs,
     /// Where this site saves its own state (optimizer moments, data position, error feedback)
-    /// after every update.
+    /// after every update; in a scheduled run (async-diloco, [quorum=N]) its whole model side,
+    /// when the coordinator cues it (without one, such a run is not saved).
     #[arg(long)]
     state_dir: Option<PathBuf>,
     /// Continue from the state saved in --state-dir (a site restarted after a crash); it gets the
-    /// current parameters from the coordinator when it rejoins.
+    /// current parameters from the coordinator when it rejoins (a scheduled run's coordinator
+    /// cues it to restore its save of the moment the run resumes from).
     #[arg(long, requires = "state_dir")]
     resume: bool,
 }

@@ -108,7 +108,8 @@ fn a_site_killed_mid_run_restarts_rejoins_and_catches_up() {
 
 #[test]
 fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_the_sites_reconnect() {
-    let (_dir, strategy) = kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10", "-KILL");
+    let (_dir, strategy) =
+        kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10", "-KILL", &[]);
     assert_eq!(
         strategy["rounds"], 100,
         "every round ran once in the report"
@@ -121,7 +122,8 @@ fn a_coordinator_killed_mid_run_resumes_from_its_checkpoint_and_the_sites_reconn
 fn a_coordinator_interrupted_with_ctrl_c_tells_the_sites_and_resumes() {
     // Issue 17: a coordinator that stopped did not close its connections; the sites learned it
     // only after their idle timeout plus their reconnect budget.
-    let (_dir, strategy) = kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10", "-INT");
+    let (_dir, strategy) =
+        kill_and_resume_the_coordinator(&long_cluster(), "diloco-h10", "-INT", &[]);
     assert_eq!(
         strategy["rounds"], 100,
         "every round ran once in the report"

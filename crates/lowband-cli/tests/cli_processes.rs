@@ -327,3 +327,107 @@ fn cluster_runs_scheduled_strategies_across_processes_as_in_memory() {
         );
     }
 }
+
+/// The scheduled run of the resume tests: 3 sites of different speeds, one down for a while,
+/// saved every 2 rounds.
+const SCHEDULED_RUN: &str = "strategies = [\"async-diloco@8\"]\ncorpus_bytes = 60000\npreset = \"tiny\"\nsites = 3\nsteps = 600\ninner_steps = 8\nsite_batch = 2\neval_every_steps = 0\ncheckpoint_every_rounds = 2\nsite_speeds = [1.0, 0.7, 0.4]\nsite_gflop_per_second = 0.1\nfaults = [\"down:1@0.3-0.4\"]\n";
+
+/// A resumed run's summary is the uninterrupted run's in memory, bitwise; every site restored
+/// its save.
+fn assert_resumed_as_in_memory(dir: &Path, resumed: &serde_json::Value) {
+    for k in 0..3 {
+        assert!(
+            log_has(dir, &format!("site{k}"), "resumed from its save of round"),
+            "site {k} did not restore its save\n{}",
+            error_logs(dir)
+        );
+    }
+    std::fs::write(dir.join("run.toml"), SCHEDULED_RUN).unwrap();
+    let o = lowband(dir)
+        .args(["compare", "--config", "run.toml", "--json", "memory.json"])
+        .args(["--name", "memory"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let memory: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("memory.json")).unwrap()).unwrap();
+    let memory = &memory["strategies"][0];
+    for field in [
+        "strategy",
+        "final_val_loss",
+        "goodput",
+        "site_goodput",
+        "rounds",
+    ] {
+        assert_eq!(resumed[field], memory[field], "{field}");
+    }
+}
+
+/// A scheduled run over site processes whose coordinator is killed (`kill -9`) mid-run and
+/// started again with `--resume` goes on from its last save (every site, still running,
+/// reconnects and restores its own save of that moment when cued) and ends bitwise as the same
+/// run uninterrupted in memory: the same final loss, goodput and rounds.
+#[test]
+fn a_scheduled_run_whose_coordinator_is_killed_resumes_and_ends_as_in_memory() {
+    let (dir, resumed) = common::faults::kill_and_resume_the_coordinator(
+        SCHEDULED_RUN,
+        "async-diloco-h8",
+        "-KILL",
+        &["--state-dir", "site{k}-state"],
+    );
+    assert_resumed_as_in_memory(dir.path(), &resumed);
+}
+
+/// A site process killed mid-run stops a scheduled run (it needs every site); the coordinator
+/// and that site started again with `--resume` go on from the last save, bitwise as in memory.
+#[test]
+fn a_scheduled_run_stopped_by_a_dead_site_resumes_and_ends_as_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = fixed_loopback_address();
+    let coordinator_flags = ["--idle-timeout-ms", "1500", "--listen", listen.as_str()];
+    let site_flags = [
+        "--idle-timeout-ms",
+        "1500",
+        "--reconnect-ms",
+        "60000",
+        "--state-dir",
+        "site{k}-state",
+    ];
+    let (mut first, mut sites) =
+        common::faults::start_cluster(dir.path(), SCHEDULED_RUN, &coordinator_flags, &site_flags);
+    let saved = dir
+        .path()
+        .join("runs/cluster/coordinator-state/async-diloco-h8/current.json");
+    wait_until(Duration::from_secs(60), "no save", || saved.exists());
+    sites[1].0.kill().unwrap();
+    let _ = sites[1].0.wait();
+    // The coordinator stops (a scheduled run needs every site) and says why.
+    assert_eq!(wait(&mut first, Duration::from_secs(30)).code(), Some(1));
+    assert!(
+        log_has(dir.path(), "coordinator", "connection ended mid-run"),
+        "{}",
+        error_logs(dir.path())
+    );
+    assert!(!dir.path().join("out.json").exists(), "stopped mid-run");
+    std::fs::remove_file(dir.path().join("address")).unwrap();
+    let mut resumed_flags = coordinator_flags.to_vec();
+    resumed_flags.push("--resume");
+    let (mut second, address) = launch_coordinator(dir.path(), &resumed_flags);
+    let own: Vec<String> = (site_flags.iter())
+        .map(|f| f.replace("{k}", "1"))
+        .chain(["--resume".to_string()])
+        .collect();
+    sites[1] = start_site(
+        dir.path(),
+        1,
+        &address,
+        &own.iter().map(|f| f.as_str()).collect::<Vec<_>>(),
+    );
+    all_finish(
+        dir.path(),
+        &mut sites,
+        &mut second,
+        Duration::from_secs(180),
+    );
+    assert_resumed_as_in_memory(dir.path(), &common::faults::summary(dir.path()));
+}

@@ -90,7 +90,7 @@ fn assert_close_to_streaming(strategy: &serde_json::Value, memory: &serde_json::
 #[test]
 fn a_streaming_cluster_survives_a_coordinator_crash() {
     let (dir, strategy) =
-        kill_and_resume_the_coordinator(&streaming_cluster(), "streaming-h40", "-KILL");
+        kill_and_resume_the_coordinator(&streaming_cluster(), "streaming-h40", "-KILL", &[]);
     let memory = streaming_in_memory(dir.path());
     assert_eq!(
         strategy["rounds"], memory["strategies"][0]["rounds"],

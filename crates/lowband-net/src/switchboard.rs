@@ -5,8 +5,9 @@
 //! the schedule and takes each site's messages in the schedule's order, not as they come:
 //! what another site sends meanwhile waits in its queue here.
 //!
-//! A site whose connection ends stops the run with the reason (the sites' state is not saved
-//! mid-schedule: such a run cannot resume yet), as does Ctrl-C in a coordinator process.
+//! A site whose connection ends stops the run with the reason, as does Ctrl-C in a coordinator
+//! process; the run continues from its last save when the coordinator is started again with
+//! `--resume` (the runtime saves it: its sites save their own state when cued).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -133,7 +134,7 @@ impl Switchboard {
                     tokio::select! {
                         next = recv => next.map_err(|_| stopped()),
                         _ = tokio::signal::ctrl_c() => Err(NetError::Stopped(
-                            "interrupted (Ctrl-C); a scheduled run cannot be resumed yet".into(),
+                            "interrupted (Ctrl-C): started again with --resume, a run with a state directory continues from its last save".into(),
                         )),
                     }
                 } else {
@@ -145,7 +146,7 @@ impl Switchboard {
             };
             let sealed = message.map_err(|e| {
                 NetError::Stopped(format!(
-                    "site {site}'s connection ended mid-run ({e}); a scheduled run needs every site to the end and cannot be resumed yet"
+                    "site {site}'s connection ended mid-run ({e}); a scheduled run needs every site: start it again (with --resume) and the coordinator with --resume to continue from the last save"
                 ))
             })?;
             // Not signed by its site: handed on as an empty (malformed) packet, which the

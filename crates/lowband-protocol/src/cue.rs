@@ -26,11 +26,22 @@
 //! take: (the globals a step would take first, when no step follows: a site that waits or has
 //!        finished)
 //!      1    4 globals to take (u32 LE)
+//! save: (at a quiet moment of the schedule: nothing in flight, every global taken) save the
+//!        site's state as the envelope's round's, and keep no other saved state but `keep`'s
+//!      1    8 the round of the last save the coordinator committed (u64 LE; u64::MAX: none)
+//! restore: (first, on a resumed run) continue from the state saved as the envelope's round's
+//! answer: (the site's, to save or restore; the envelope carries the cue's round)
+//!      1    1 1 = done, 0 = not done (no state directory, a write or a check failed: its log says)
 //! ```
+//!
+//! A networked scheduled run is saved in two phases: the coordinator cues every site to save at
+//! a quiet moment, waits for every answer, and only then writes its own state (whose atomic
+//! switch is the commit point). A site keeps its new state and the last committed one, so that a
+//! coordinator that dies between the two phases resumes from a save every site still holds.
 
 use crate::wire::{self, MessageKind, WireError};
 
-/// No update after this step.
+/// No update after this step (and no committed save to keep).
 const NO_SEND: u64 = u64::MAX;
 
 /// Where a site that goes down goes back to.
@@ -60,6 +71,13 @@ pub enum Cue {
     Down(Revert),
     /// Take `take` globals; no step follows.
     Take(u32),
+    /// Save the site's state as the envelope round's; keep only it and the save of round `keep`
+    /// (the last one the coordinator committed).
+    Save { keep: Option<u64> },
+    /// Continue from the state saved as the envelope round's (a resumed run's first cue).
+    Restore,
+    /// A site's answer to `Save` or `Restore`: whether it did it.
+    Answer(bool),
 }
 
 impl Cue {
@@ -93,6 +111,12 @@ impl Cue {
                 payload.push(4);
                 payload.extend_from_slice(&take.to_le_bytes());
             }
+            Cue::Save { keep } => {
+                payload.push(5);
+                payload.extend_from_slice(&keep.unwrap_or(NO_SEND).to_le_bytes());
+            }
+            Cue::Restore => payload.push(6),
+            Cue::Answer(done) => payload.extend_from_slice(&[7, done as u8]),
         }
         wire::encode(MessageKind::Cue, round, site, &payload)
     }
@@ -119,6 +143,14 @@ impl Cue {
                 other => return bad(format!("revert {other}")),
             })),
             [4, a, b, c, d] => Ok(Cue::Take(u32::from_le_bytes([*a, *b, *c, *d]))),
+            [5, ..] if payload.len() == 9 => {
+                let keep = u64_at(1);
+                Ok(Cue::Save {
+                    keep: (keep != NO_SEND).then_some(keep),
+                })
+            }
+            [6] => Ok(Cue::Restore),
+            [7, done @ (0 | 1)] => Ok(Cue::Answer(*done == 1)),
             [] => bad("empty".into()),
             [what, ..] => bad(format!("{} bytes for what {what}", payload.len())),
         }
@@ -147,6 +179,11 @@ mod tests {
             Cue::Down(Revert::Reference),
             Cue::Down(Revert::RoundStart),
             Cue::Take(3),
+            Cue::Save { keep: Some(4) },
+            Cue::Save { keep: None },
+            Cue::Restore,
+            Cue::Answer(true),
+            Cue::Answer(false),
         ] {
             let bytes = cue.encode(3, 1);
             let message = wire::decode(&bytes, Cue::PAYLOAD_BYTES_MAX).unwrap();
@@ -164,6 +201,10 @@ mod tests {
             &[3, 3],
             &[3],
             &[4, 1],
+            &[5, 0, 0],
+            &[6, 0],
+            &[7, 2],
+            &[7],
             &[9; 21],
         ] {
             assert!(

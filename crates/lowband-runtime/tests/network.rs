@@ -241,29 +241,3 @@ fn scheduled_runs_over_quic_are_bitwise_the_in_memory_runs() {
         network.site_scores
     );
 }
-
-#[test]
-fn a_scheduled_run_over_the_network_refuses_to_resume() {
-    let c = RunConfig {
-        site_gflop_per_second: 0.1,
-        ..config(2, &[], "mean")
-    };
-    let options = lowband_runtime::network::NetworkOptions {
-        resume: true,
-        ..lowband_runtime::network::NetworkOptions::of(&c, Limits::default())
-    };
-    let identity = std::sync::Arc::new(lowband_net::Identity::generate().unwrap());
-    let error = lowband_runtime::network::serve_coordinator(
-        &c,
-        Strategy::parse("async-diloco", c.inner_steps).unwrap(),
-        &split(&c),
-        identity,
-        vec![],
-        "127.0.0.1:0".parse().unwrap(),
-        options,
-        |_| Ok(()),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(error.contains("cannot be saved and resumed yet"), "{error}");
-}

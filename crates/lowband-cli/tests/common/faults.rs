@@ -116,33 +116,29 @@ pub fn kill_and_resume_site_1(dir: &Path, site_processes: &mut [Guard], address:
 /// Returns the test directory and the run's summary.
 /// `signal`: `-KILL` (a crash) or `-INT` (Ctrl-C: the coordinator tells the sites it stopped,
 /// and they keep trying to reconnect).
+/// `site_flags`: more flags of every site (`{k}` becomes its number).
 pub fn kill_and_resume_the_coordinator(
     cluster: &str,
     strategy_dir: &str,
     signal_name: &str,
+    site_flags: &[&str],
 ) -> (tempfile::TempDir, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = keygen(dir.path(), "coordinator.key");
     let sites: Vec<String> = (0..3)
         .map(|k| keygen(dir.path(), &format!("site{k}.key")))
         .collect();
-    // A fixed port, so that the sites find the restarted coordinator where they left it.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = fixed_loopback_address();
     let flags = ["--idle-timeout-ms", "1500", "--listen", listen.as_str()];
     let (mut first, address) = start_coordinator(dir.path(), &coordinator, &sites, cluster, &flags);
     let mut site_processes: Vec<Guard> = (0..3)
         .map(|k| {
-            start_site(
-                dir.path(),
-                k,
-                &address,
-                &["--idle-timeout-ms", "1500", "--reconnect-ms", "60000"],
-            )
+            let mut flags = vec!["--idle-timeout-ms", "1500", "--reconnect-ms", "60000"];
+            let own: Vec<String> = (site_flags.iter())
+                .map(|f| f.replace("{k}", &k.to_string()))
+                .collect();
+            flags.extend(own.iter().map(|f| f.as_str()));
+            start_site(dir.path(), k, &address, &flags)
         })
         .collect();
     for site in &mut site_processes {

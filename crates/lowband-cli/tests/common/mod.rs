@@ -68,6 +68,22 @@ pub fn start_coordinator(
         ),
     )
     .unwrap();
+    launch_coordinator(dir, extra)
+}
+
+/// A loopback address with a free port, fixed so that sites find a restarted coordinator where
+/// they left it.
+pub fn fixed_loopback_address() -> String {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Start `lowband coordinator` on the cluster file already in `dir` (a restart); its address.
+pub fn launch_coordinator(dir: &Path, extra: &[&str]) -> (Guard, String) {
     let mut args = vec![
         "coordinator",
         "--config",

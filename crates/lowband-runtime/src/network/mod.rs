@@ -359,12 +359,6 @@ pub fn serve_site(
     let initial = lowband_engine::Gpt::new(model, config.seed)?
         .params()
         .to_vec();
-    if strategy.scheduled() && options.resume {
-        return Err(RunError::InvalidConfig {
-            field: "resume",
-            reason: format!("{}: a site of a scheduled run cannot save and resume its state yet (the run is not saved either): start it without --resume", strategy.name()),
-        });
-    }
     let mut state = crate::driver::strategy_site(config, &strategy, &initial, k)?;
     let site_run = crate::state::SiteRun {
         corpus: split.fingerprint(),
@@ -372,7 +366,11 @@ pub fn serve_site(
         rounds: RoundSteps::of(config, &strategy).rounds(),
     };
     if let Some(dir) = &options.state_dir {
-        if options.resume {
+        if options.resume && strategy.scheduled() {
+            tracing::info!(
+                "site {site}: keeps its saves; the coordinator cues which to resume from"
+            );
+        } else if options.resume {
             match crate::state::restore_site(dir, &mut state, &site_run)? {
                 Some(round) => tracing::info!("site {site}: resuming from its saved state after round {round} (optimizer, data position, error feedback)"),
                 None => tracing::info!("site {site}: no saved state to resume: starting fresh"),
@@ -390,9 +388,7 @@ pub fn serve_site(
         join: join::join_settings(config, &strategy, Some(site_run.corpus)).encode(site),
         leave_on_ctrl_c: true,
     };
-    // (A scheduled site saves nothing: its run cannot be resumed yet.)
-    let state_dir = options.state_dir.filter(|_| !strategy.scheduled());
-    let job = SiteJob::of(config, &strategy, split, k, client, state_dir)?;
+    let job = SiteJob::of(config, &strategy, split, k, client, options.state_dir)?;
     any_site_task(state, job, connected)
 }
 
@@ -431,7 +427,7 @@ struct SiteJob {
     inner_steps: u64,
     params: usize,
     uplink: CodecSpec,
-    /// Where the site saves its own state after every update it sends.
+    /// Where the site saves its own state after every update it sends (scheduled: when cued).
     state_dir: Option<std::path::PathBuf>,
     /// Streaming DiLoCo's fragments, delay and mix (None: whole-model rounds).
     streaming: Option<crate::strategy::Streaming>,

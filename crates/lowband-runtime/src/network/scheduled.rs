@@ -10,10 +10,13 @@
 //! needs, and cues run ahead of it.
 //!
 //! A hostile site is refused and scored as in memory: whatever it sends where its update is due
-//! (garbage, a packet it did not sign) goes to the protocol as its update. Not yet: a site whose
-//! connection ends, one silent for the round deadline while the schedule waits for it, or a
-//! coordinator stopped, ends the run (nothing of a networked scheduled run is saved to resume
-//! from); every site joins before the run starts.
+//! (garbage, a packet it did not sign) goes to the protocol as its update. A site whose
+//! connection ends, or one silent for the round deadline while the schedule waits for it, stops
+//! the run; every site joins before the run starts. With a state directory the run is saved at
+//! quiet moments (every site saves its own state when cued, then the coordinator commits its
+//! own: `driver::scheduled::persist`); a coordinator started again with `resume` cues every site
+//! to restore its save of that moment and goes on, bitwise the uninterrupted run. The sites
+//! reconnect by themselves (a site process that died is started again with `--resume`).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -57,22 +60,39 @@ pub(super) fn serve_scheduled(
     stop_on_ctrl_c: bool,
     listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
 ) -> Result<RunResult, RunError> {
-    if options.resume {
-        return Err(RunError::InvalidConfig {
-            field: "resume",
-            reason: format!(
-                "{} cannot be saved and resumed yet (its updates in flight are not saved): start it again without --resume",
-                common.strategy.name()
-            ),
-        });
-    }
-    if let Some(dir) = &options.state_dir {
-        tracing::warn!(
-            "{}: a scheduled run saves no state (it cannot be resumed yet): nothing goes to {}",
-            common.strategy.name(),
-            dir.display()
-        );
-    }
+    let strategy = common.strategy.clone();
+    let persistence = crate::Persistence {
+        observer: None,
+        state_dir: options.state_dir.clone(),
+        stop_after_rounds: None,
+    };
+    let saved = match crate::state::load(&persistence, &strategy)? {
+        Some(saved) if options.resume => {
+            tracing::info!(
+                "resuming {} from its save of round {} (the sites restore theirs)",
+                strategy.name(),
+                saved.round()
+            );
+            Some(saved)
+        }
+        Some(_) => {
+            let dir = (options
+                .state_dir
+                .as_ref()
+                .expect("a state was loaded from it"))
+            .join(strategy.dir_name());
+            crate::state::forget_saved_state(&dir)?;
+            None
+        }
+        None if options.resume => {
+            tracing::info!(
+                "no saved state of {} to resume: starting at round 0",
+                strategy.name()
+            );
+            None
+        }
+        None => None,
+    };
     common.observe(
         options.observer.clone(),
         served.site_keys.iter().map(|k| k.to_string()).collect(),
@@ -91,7 +111,7 @@ pub(super) fn serve_scheduled(
     // A site that goes silent while the schedule waits for it stops the run after the round
     // deadline (a hung process still answers QUIC's keep-alives).
     let mut board = Board(board.with_wait_ms(options.round_deadline_ms));
-    match crate::driver::run_scheduled_remote(common, initial, &mut board) {
+    match crate::driver::run_scheduled_remote(common, initial, &mut board, &persistence, saved) {
         Ok(result) => {
             board.0.finish();
             Ok(result)
@@ -104,74 +124,200 @@ pub(super) fn serve_scheduled(
 }
 
 /// A site of a scheduled run: connect, then train as cued, in order, until the run is over.
+/// When the coordinator stops or dies mid-run the site reconnects (for its `reconnect_ms`): a
+/// coordinator resumed from its last save cues it to restore its own save of that moment.
 pub(super) fn scheduled_site_task(
     site: SiteRuntime,
     job: SiteJob,
     mut connected: impl FnMut(),
 ) -> Result<(), RunError> {
-    let mut client = SiteClient::connect(job.client.clone())?;
+    let client = SiteClient::connect(job.client.clone())?;
     connected();
-    let asynchronous = job.asynchronous;
-    let mut cued = CuedSite::new(site, asynchronous);
-    let mut globals: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut buffers = (Vec::new(), Vec::new());
+    let mut task = CuedTask {
+        cued: CuedSite::new(site, job.asynchronous),
+        client,
+        globals: VecDeque::new(),
+        buffers: (Vec::new(), Vec::new()),
+        started: false,
+        job,
+    };
     loop {
-        let packet = match client.next_message()? {
+        let packet = match task.client.next_message()? {
             Message::Packet(packet) => packet,
             Message::Ended(Next::Leave) => {
-                client.leave();
+                task.client.leave();
                 return Ok(());
             }
             Message::Ended(Next::Finished { .. } | Next::Train { .. }) => return Ok(()),
             Message::Ended(Next::Lost) => {
-                return Err(RunError::Protocol(
-                    "lost the coordinator mid-run: a scheduled run cannot be resumed yet".into(),
-                ))
+                task.reconnect()?;
+                continue;
             }
         };
         if wire::peek_kind(&packet) != Some(MessageKind::Cue) {
-            globals.push_back(packet);
+            task.globals.push_back(packet);
             continue;
         }
         let message = wire::decode(&packet, Cue::PAYLOAD_BYTES_MAX)
             .map_err(|e| RunError::Protocol(format!("a cue: {e}")))?;
-        let mut take = |count: u32, cued: &mut CuedSite| -> Result<(), RunError> {
-            for _ in 0..count {
-                let global = globals.pop_front().ok_or_else(|| {
-                    RunError::Protocol("cued to take a global message it was not sent".into())
-                })?;
-                cued.take(&global)?;
+        let cue = Cue::decode(message.payload).map_err(|e| RunError::Protocol(e.to_string()))?;
+        match task.follow(cue, message.round)? {
+            Flow::Going => {}
+            Flow::Ended => return Ok(()),
+            Flow::Lost => task.reconnect()?,
+            Flow::Leave => {
+                task.client.leave();
+                return Ok(());
             }
-            Ok(())
-        };
-        match Cue::decode(message.payload).map_err(|e| RunError::Protocol(e.to_string()))? {
+        }
+    }
+}
+
+/// What a site does after a cue: goes on, or its connection ended (the run is over, the
+/// coordinator was lost, or it leaves: Ctrl-C).
+#[derive(PartialEq)]
+enum Flow {
+    Going,
+    Ended,
+    Lost,
+    Leave,
+}
+
+/// A scheduled site at work: its model side, its connection, the globals received and not yet
+/// taken.
+struct CuedTask {
+    cued: CuedSite,
+    client: SiteClient,
+    globals: VecDeque<Vec<u8>>,
+    buffers: (Vec<u32>, Vec<u32>),
+    /// It has started (or restored a save): a second start means the coordinator began anew.
+    started: bool,
+    job: SiteJob,
+}
+
+impl CuedTask {
+    fn follow(&mut self, cue: Cue, round: u64) -> Result<Flow, RunError> {
+        match cue {
             Cue::Start => {
-                let global = globals.pop_front().ok_or_else(|| {
+                if self.started {
+                    return Err(RunError::Protocol("the coordinator started the run over (it was not resumed from its save): start this site again, without --resume".into()));
+                }
+                let global = self.globals.pop_front().ok_or_else(|| {
                     RunError::Protocol("cued to start before the parameters came".into())
                 })?;
-                cued.start(&global)?;
+                self.cued.start(&global)?;
+                self.started = true;
             }
-            Cue::Take(count) => take(count, &mut cued)?,
+            Cue::Take(count) => self.take(count)?,
             Cue::Down(revert) => {
-                cued.down(revert);
-                globals.clear();
+                self.cued.down(revert);
+                self.globals.clear();
             }
             Cue::Step {
                 take: count,
                 lr_step,
                 send,
             } => {
-                take(count, &mut cued)?;
-                let messages = cued_step(&mut cued, &job, lr_step, send, &mut buffers)?;
+                self.take(count)?;
+                let messages =
+                    cued_step(&mut self.cued, &self.job, lr_step, send, &mut self.buffers)?;
                 for message in messages {
-                    if let Some(end) = client.send(message)? {
-                        if end == Next::Leave {
-                            client.leave();
-                        }
-                        return Ok(());
+                    let flow = self.send(message)?;
+                    if flow != Flow::Going {
+                        return Ok(flow);
                     }
                 }
             }
+            Cue::Save { keep } => {
+                let done = self.save(round, keep);
+                return self.send(Cue::Answer(done).encode(round, self.cued.runtime.site.id()));
+            }
+            Cue::Restore => {
+                self.globals.clear();
+                let done = self.restore(round);
+                self.started |= done;
+                return self.send(Cue::Answer(done).encode(round, self.cued.runtime.site.id()));
+            }
+            Cue::Answer(_) => {
+                return Err(RunError::Protocol(
+                    "the coordinator sent a site's answer".into(),
+                ))
+            }
+        }
+        Ok(Flow::Going)
+    }
+
+    /// The coordinator stopped or died: reconnect (for the site's `reconnect_ms`). What the lost
+    /// coordinator sent and this site did not take goes with it; a coordinator resumed from its
+    /// last save cues it to restore its own save of that moment.
+    fn reconnect(&mut self) -> Result<(), RunError> {
+        self.client.reconnect()?;
+        self.globals.clear();
+        Ok(())
+    }
+
+    /// Take the next `count` globals received, in order.
+    fn take(&mut self, count: u32) -> Result<(), RunError> {
+        for _ in 0..count {
+            let global = self.globals.pop_front().ok_or_else(|| {
+                RunError::Protocol("cued to take a global message it was not sent".into())
+            })?;
+            self.cued.take(&global)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, message: Vec<u8>) -> Result<Flow, RunError> {
+        Ok(match self.client.send(message)? {
+            None => Flow::Going,
+            Some(Next::Leave) => Flow::Leave,
+            Some(Next::Lost) => Flow::Lost,
+            Some(Next::Finished { .. } | Next::Train { .. }) => Flow::Ended,
+        })
+    }
+
+    /// Save as round `round`'s (keeping `keep`'s): whether it was saved (why not is logged).
+    fn save(&self, round: u64, keep: Option<u64>) -> bool {
+        let site = self.cued.runtime.site.id();
+        let Some(dir) = &self.job.state_dir else {
+            tracing::warn!("site {site}: cued to save its state, but it has no --state-dir: the run is not saved");
+            return false;
+        };
+        let saved = crate::state::save_cued_site(dir, &self.cued, round, keep, self.job.cued_run());
+        if let Err(e) = &saved {
+            tracing::error!("site {site}: saving its state failed: {e}; the run is not saved");
+        }
+        saved.is_ok()
+    }
+
+    /// Continue from the save of round `round`: whether it did (why not is logged).
+    fn restore(&mut self, round: u64) -> bool {
+        let site = self.cued.runtime.site.id();
+        let Some(dir) = self.job.state_dir.clone() else {
+            tracing::error!("site {site}: cued to resume from its save of round {round}, but it has no --state-dir");
+            return false;
+        };
+        let run = self.job.cued_run();
+        match crate::state::restore_cued_site(&dir, &mut self.cued, round, run) {
+            Ok(()) => {
+                tracing::info!("site {site}: resumed from its save of round {round}");
+                true
+            }
+            Err(e) => {
+                tracing::error!("site {site}: cannot resume from its save of round {round}: {e}");
+                false
+            }
+        }
+    }
+}
+
+impl SiteJob {
+    /// What a scheduled site's save belongs to: its join request (every run setting, the
+    /// strategy, the corpus, the site) and the run's steps.
+    fn cued_run(&self) -> crate::state::CuedRun {
+        crate::state::CuedRun {
+            join_crc32: crc32fast::hash(&self.client.join),
+            steps: self.steps,
         }
     }
 }

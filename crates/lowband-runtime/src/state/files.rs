@@ -23,22 +23,32 @@ pub(super) fn new_state_dir(dir: &Path, number: u64) -> Result<(String, PathBuf)
 /// `state.json`, then the atomic switch of `current.json`, then the older states removed (the
 /// previous state survives a crash at any moment).
 pub(super) fn commit_state(dir: &Path, name: &str, manifest: &[u8]) -> Result<(), RunError> {
+    commit_state_keeping(dir, name, manifest, None)
+}
+
+/// `commit_state`, keeping the state `also_keep` too (a scheduled site's last committed save).
+pub(super) fn commit_state_keeping(
+    dir: &Path,
+    name: &str,
+    manifest: &[u8],
+    also_keep: Option<&str>,
+) -> Result<(), RunError> {
     lowband_engine::checkpoint::write_atomic(&dir.join(name).join("state.json"), manifest)?;
     lowband_engine::checkpoint::write_atomic(
         &dir.join("current.json"),
         serde_json::json!({ "dir": name }).to_string().as_bytes(),
     )?;
-    remove_other_states(dir, name);
+    remove_other_states(dir, name, also_keep);
     Ok(())
 }
 
-fn remove_other_states(dir: &Path, keep: &str) {
+fn remove_other_states(dir: &Path, keep: &str, also_keep: Option<&str>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if is_state_dir_name(&name) && name != keep {
+        if is_state_dir_name(&name) && name != keep && Some(name.as_str()) != also_keep {
             let _ = remove_state_dir(&entry.path());
         }
     }

@@ -24,12 +24,14 @@ use crate::ledger::Ledger;
 use crate::strategy::Strategy;
 use crate::RunError;
 
+mod cued_site;
 mod external_site;
 mod files;
 mod kinds;
 mod scheduled;
 mod site;
 
+pub(crate) use cued_site::{restore_cued_site, save_cued_site, CuedRun};
 pub use external_site::{restore_external_site, save_external_site};
 use files::current_state;
 pub use files::{forget_run_states, forget_saved_state};

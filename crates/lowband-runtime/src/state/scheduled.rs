@@ -147,15 +147,23 @@ impl RunState {
     }
 
     /// Back into a fresh coordinator (its saved members joined, the open round's broadcast made
-    /// again and dropped: the sites took it before the save) and fresh sites; returns the
-    /// schedule's account and, per site, where its current update began (asynchronous).
+    /// again and dropped: the sites took it before the save) and fresh sites (none: they train
+    /// elsewhere); returns the schedule's account of its `clocked` sites and, per site, where
+    /// its current update began (asynchronous; None for a site trained elsewhere).
     pub(crate) fn restore_scheduled(
         mut self,
         common: &mut Common,
         coordinator: &mut Coordinator,
         sites: &mut [&mut SiteRuntime],
+        clocked: usize,
     ) -> Result<(ScheduleState, References), RunError> {
         let n = coordinator.global().len();
+        // (A networked run's sites save their own state: its state holds none of theirs.)
+        match (sites.is_empty(), self.manifest.sites == 0) {
+            (true, false) => return Err(RunError::State("the saved state is an in-memory run's: a networked run resumes only from its own (its sites save theirs); rerun without --resume to start over".into())),
+            (false, true) => return Err(RunError::State("the saved state is a networked run's (its sites saved their own state): resume it over the network, or rerun without --resume to start over".into())),
+            _ => {}
+        }
         self.check(sites.len(), n)?;
         let Some(schedule) = self.manifest.schedule.take() else {
             return Err(RunError::State(
@@ -163,14 +171,13 @@ impl RunState {
                     .into(),
             ));
         };
-        if schedule.sites.len() != sites.len() {
+        if schedule.sites.len() != clocked {
             return Err(RunError::State(format!(
-                "the saved schedule has {} sites for {}",
+                "the saved schedule has {} sites for {clocked}",
                 schedule.sites.len(),
-                sites.len()
             )));
         }
-        schedule.check(common.config.steps, sites.len())?;
+        schedule.check(common.config.steps, clocked)?;
         self.restore_common(common)?;
         for site in &schedule.members {
             coordinator.handle(0, lowband_protocol::Event::SiteJoined { site: *site });
@@ -188,10 +195,10 @@ impl RunState {
         coordinator.restore(state)?;
         let _broadcast_taken_before_the_save =
             coordinator.start((schedule.last_close * 1e3) as u64);
-        let mut references = Vec::with_capacity(sites.len());
+        let mut references = vec![None; clocked];
         for (k, site) in sites.iter_mut().enumerate() {
             self.restore_site_of_schedule(k, site)?;
-            references.push(self.optional_tensor(&format!("site{k}.reference"))?);
+            references[k] = self.optional_tensor(&format!("site{k}.reference"))?;
         }
         self.restore_samplers(sites.iter_mut().map(|s| &mut s.sampler));
         Ok((schedule, references))

@@ -97,7 +97,7 @@ pub(crate) fn restore_site(
         )?;
     let params = site.trainer.optimizer().m.len();
     check_site_manifest(&manifest, &target, site.site.id(), params, run)?;
-    let mut tensors = read_site_tensors(&target, &manifest, params)?;
+    let mut tensors = read_site_tensors(&target, manifest.tensors_file, params, 3)?;
     let mut take = |name: &str| {
         tensors
             .iter()
@@ -165,19 +165,24 @@ fn check_site_manifest(
     Ok(())
 }
 
-/// The saved tensors (m, v and the error-feedback residual), each checked: the file's size and
-/// CRC-32, every length, every value finite (and v non-negative).
-fn read_site_tensors(
+/// A site's saved tensors (at most `tensors_max` of them, each of `params` values: m, v, an
+/// error-feedback residual, ...), each checked: the file's size and CRC-32 as its manifest
+/// recorded them, every length, every value finite (and v non-negative).
+pub(super) fn read_site_tensors(
     target: &Path,
-    manifest: &SiteManifest,
+    tensors_file: FileCheck,
     params: usize,
+    tensors_max: u64,
 ) -> Result<Vec<(String, Vec<f32>)>, RunError> {
     let path = target.join("tensors.safetensors");
     let bytes = read_limited(
         &path,
-        (params as u64).saturating_mul(12).saturating_add(4096),
+        (params as u64)
+            .saturating_mul(4)
+            .saturating_mul(tensors_max)
+            .saturating_add(4096),
     )?;
-    FileCheck::verify(Some(manifest.tensors_file), &path, &bytes)?;
+    FileCheck::verify(Some(tensors_file), &path, &bytes)?;
     let names = safetensors_names(&path, &bytes)?;
     if names.iter().any(|(_, len)| *len != params) {
         return Err(RunError::State(format!(
@@ -204,13 +209,14 @@ fn read_site_tensors(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::config::RunConfig;
     use crate::driver::new_site;
     use crate::state::forget_saved_state;
 
-    fn site(k: usize) -> SiteRuntime {
+    /// Site k of a 2-site tiny run with top-k and error feedback.
+    pub(in crate::state) fn site(k: usize) -> SiteRuntime {
         let config = RunConfig {
             preset: "tiny".into(),
             sites: 2,

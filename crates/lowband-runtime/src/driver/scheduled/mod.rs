@@ -10,7 +10,7 @@
 //!
 //! The sites train here, or over the network (`remote`): there the schedule stays with the
 //! coordinator and cues every site step by step, so that a networked run is bitwise this one.
-//! Not yet: saving and resuming such a run (its updates in flight would have to be saved).
+//! Saved and resumed at quiet moments (`persist`), in memory and over the network.
 
 mod faults;
 mod persist;
@@ -61,6 +61,8 @@ struct Schedule<'c, 'a> {
     remote: Option<Remote<'c>>,
     /// The round count at which the next save is due (`checkpoint_every_rounds`).
     next_save_round: u64,
+    /// The round of the last save committed (networked sites keep their save of it).
+    committed_save: Option<u64>,
 }
 
 pub(super) fn run_scheduled(
@@ -79,18 +81,27 @@ pub(super) fn run_scheduled(
 }
 
 /// A scheduled run whose sites train elsewhere: `cues` reaches them (site k's `CuedSite` is
-/// built as `strategy_site` builds it here, from the same initial parameters).
+/// built as `strategy_site` builds it here, from the same initial parameters). Saved as
+/// `persistence` says (each site saves its own state when cued); resumed from `saved`.
 pub(crate) fn run_scheduled_remote(
     common: Common,
     initial: Vec<f32>,
     cues: &mut dyn Cues,
+    persistence: &Persistence,
+    saved: Option<crate::state::RunState>,
 ) -> Result<RunResult, RunError> {
     let mut progress = |_: Progress| {};
     let sites = common.config.sites;
     let remote = Some(Remote::new(cues, sites));
     let mut schedule = Schedule::new(common, initial, &mut progress, remote)?;
-    schedule.start()?;
-    run_schedule(schedule, &Persistence::default())
+    match saved {
+        Some(saved) => {
+            schedule.resume(saved)?;
+            schedule.restore_sites()?;
+        }
+        None => schedule.start()?,
+    }
+    run_schedule(schedule, persistence)
 }
 
 fn run_schedule(mut schedule: Schedule, persistence: &Persistence) -> Result<RunResult, RunError> {
@@ -166,6 +177,7 @@ impl<'c, 'a> Schedule<'c, 'a> {
             progress,
             remote,
             next_save_round: config.checkpoint_every_rounds,
+            committed_save: None,
         })
     }
 

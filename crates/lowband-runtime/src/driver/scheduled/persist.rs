@@ -5,6 +5,12 @@
 //! order, are all that is left of the schedule (`state::ScheduleState`). Such moments come once a
 //! round when the link's round trip is shorter than the time budget of an update; a save that is
 //! due waits for the next one.
+//!
+//! Over the network the sites' model sides live in their processes: at the quiet moment each is
+//! cued to save its own (`Cue::Save`), and once every one has answered that it did, the
+//! coordinator writes its state, whose commit is the save's (two phases; a site keeps its new save
+//! and the last committed one). Resumed, the coordinator cues every site to restore its save of
+//! that round before the schedule goes on.
 
 use super::*;
 use crate::state::{ClockedState, PendingEvent, PendingKind, RunState, SavedSite, ScheduleState};
@@ -30,8 +36,11 @@ impl Schedule<'_, '_> {
             return Ok(());
         }
         if saving {
-            let strategy = self.common.strategy.clone();
-            self.snapshot().save(persistence, &strategy)?;
+            if self.sites_saved(rounds)? {
+                let strategy = self.common.strategy.clone();
+                self.snapshot().save(persistence, &strategy)?;
+                self.committed_save = Some(rounds);
+            }
             self.next_save_round = next_due(rounds, every);
         }
         if stop {
@@ -39,6 +48,55 @@ impl Schedule<'_, '_> {
                 step: self.sites[self.pacer].steps_done,
             });
         }
+        Ok(())
+    }
+
+    /// Networked sites: cue each to save as round `round`'s; whether every one did (the first
+    /// phase). Sites trained here are saved with the coordinator's state.
+    fn sites_saved(&mut self, round: u64) -> Result<bool, RunError> {
+        let Some(remote) = &mut self.remote else {
+            return Ok(true);
+        };
+        let keep = self.committed_save;
+        for k in 0..self.sites.len() {
+            remote.cue(&mut self.common, k, round, Cue::Save { keep });
+        }
+        let mut unsaved = Vec::new();
+        for k in 0..self.sites.len() {
+            if !remote.answer_from(&mut self.common, k, round)? {
+                unsaved.push(k.to_string());
+            }
+        }
+        if !unsaved.is_empty() {
+            tracing::warn!(
+                "{}: not saved at round {round}: site(s) {} did not save their state (their logs say why); the last save stays the one to resume from",
+                self.common.strategy.name(),
+                unsaved.join(", ")
+            );
+        }
+        Ok(unsaved.is_empty())
+    }
+
+    /// Networked sites, resumed: cue each to restore its save of the coordinator's round.
+    pub(super) fn restore_sites(&mut self) -> Result<(), RunError> {
+        let Some(remote) = &mut self.remote else {
+            return Ok(());
+        };
+        let round = self.coordinator.round();
+        for k in 0..self.sites.len() {
+            remote.cue(&mut self.common, k, round, Cue::Restore);
+        }
+        for k in 0..self.sites.len() {
+            if !remote.answer_from(&mut self.common, k, round)? {
+                return Err(RunError::State(format!(
+                    "site {k} cannot resume from its save of round {round} (its log says why): start it with --resume and the --state-dir it saved in, or start the run over without --resume"
+                )));
+            }
+        }
+        let done: Vec<u64> = self.sites.iter().map(|s| s.steps_done).collect();
+        let last: Vec<Option<f32>> = self.sites.iter().map(|s| s.last_loss).collect();
+        remote.resume_at(&done, &last);
+        self.committed_save = Some(round);
         Ok(())
     }
 
@@ -70,12 +128,17 @@ impl Schedule<'_, '_> {
 
     /// Continue from `saved` instead of starting.
     pub(super) fn resume(&mut self, saved: RunState) -> Result<(), RunError> {
+        let clocked = self.sites.len();
         let mut runtimes: Vec<&mut SiteRuntime> = (self.sites.iter_mut())
             .filter_map(|s| s.body.as_mut())
             .map(|body| &mut body.runtime)
             .collect();
-        let (state, references) =
-            saved.restore_scheduled(&mut self.common, &mut self.coordinator, &mut runtimes)?;
+        let (state, references) = saved.restore_scheduled(
+            &mut self.common,
+            &mut self.coordinator,
+            &mut runtimes,
+            clocked,
+        )?;
         for ((site, clocked), reference) in self.sites.iter_mut().zip(&state.sites).zip(references)
         {
             site.restore(clocked, reference)?;

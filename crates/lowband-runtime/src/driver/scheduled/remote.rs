@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 
+use lowband_protocol::cue::Cue;
 use lowband_protocol::wire::{self, MessageKind, TrainingReport};
 
 use super::super::{Common, Metric, RunError};
@@ -58,14 +59,8 @@ impl<'c> Remote<'c> {
 
     /// Cue site `to`: a step (counted: its loss will come) or anything else. The cue's bytes
     /// are telemetry.
-    pub(super) fn cue(
-        &mut self,
-        common: &mut Common,
-        to: usize,
-        round: u64,
-        cue: lowband_protocol::cue::Cue,
-    ) {
-        if matches!(cue, lowband_protocol::cue::Cue::Step { .. }) {
+    pub(super) fn cue(&mut self, common: &mut Common, to: usize, round: u64, cue: Cue) {
+        if matches!(cue, Cue::Step { .. }) {
             self.cued[to] += 1;
         }
         let bytes = cue.encode(round, to as u32);
@@ -96,6 +91,45 @@ impl<'c> Remote<'c> {
                 // refuses it and scores the site (as in memory), so that it cannot stall the run.
                 return Ok((packet, sealed as u64));
             }
+        }
+    }
+
+    /// Site `from`'s answer to the save or restore cued for `round`, after the step reports sent
+    /// before it: whether it did it. Anything else where the answer is due counts as not done.
+    pub(super) fn answer_from(
+        &mut self,
+        common: &mut Common,
+        from: usize,
+        round: u64,
+    ) -> Result<bool, RunError> {
+        loop {
+            let (packet, sealed) = self.cues.next_from(from as u32)?;
+            if self.report(common, from, &packet, sealed) {
+                continue;
+            }
+            common.telemetry_bytes += sealed as u64;
+            let answer = wire::decode(&packet, Cue::PAYLOAD_BYTES_MAX)
+                .ok()
+                .filter(|m| m.kind == MessageKind::Cue && m.site as usize == from)
+                .filter(|m| m.round == round)
+                .and_then(|m| Cue::decode(m.payload).ok());
+            return Ok(match answer {
+                Some(Cue::Answer(done)) => done,
+                _ => {
+                    tracing::warn!("site {from} sent something other than its answer to a save or restore: taken as not done");
+                    false
+                }
+            });
+        }
+    }
+
+    /// Resumed: every site had trained `done` steps (its last loss `last`), all reported.
+    pub(super) fn resume_at(&mut self, done: &[u64], last: &[Option<f32>]) {
+        for (k, (&done, last)) in done.iter().zip(last).enumerate() {
+            // (Only the last loss is ever read again: a step metric's site that has not stepped
+            // since takes it, as in memory.)
+            self.losses[k] = vec![last.unwrap_or(f32::NAN); done as usize];
+            self.cued[k] = done;
         }
     }
 
