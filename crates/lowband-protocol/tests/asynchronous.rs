@@ -1,4 +1,4 @@
-//! Asynchronous rounds (`AsyncMerge`): token- and staleness-weighted merges, the stale bound,
+//! Asynchronous rounds (`AsyncMerge`): merges of every token alike, staleness-weighted, the stale bound,
 //! the grace window, a site's second update closing the round, and the carry of a site's
 //! progress onto a merge. Driven by hand with a virtual clock, no IO.
 
@@ -52,8 +52,9 @@ fn closed(actions: &[Action]) -> Vec<RoundReport> {
 }
 
 #[test]
-fn fresh_updates_merge_as_the_token_weighted_mean() {
-    // Tokens 2 : 1 : 1; δ = 1, 4, 7: (2·1 + 4 + 7) / 4 = 3.25; FedAvg: θ = 0 − 3.25.
+fn fresh_updates_merge_as_one_budget_of_their_per_token_rate() {
+    // Tokens 2 : 1 : 1, budget 2; δ = 1, 4, 7: every token alike, (1 + 4 + 7) / 4 tokens per
+    // token, times the budget: 6; FedAvg: θ = 0 − 6. (The token-weighted mean would be 3.25.)
     let mut c = coordinator(vec![2, 1, 1], 4);
     let first = arrive(&mut c, 10, 0, &update(0, 0, 1.0));
     assert!(first.is_empty(), "{first:?}");
@@ -65,7 +66,24 @@ fn fresh_updates_merge_as_the_token_weighted_mean() {
         "every member in: the round closes at once"
     );
     assert_eq!(reports[0].update_staleness, vec![(0, 0), (1, 0), (2, 0)]);
-    assert_eq!(c.global(), &[-3.25; PARAMS]);
+    assert_eq!(c.global(), &[-6.0; PARAMS]);
+}
+
+#[test]
+fn a_round_with_less_than_a_budget_is_not_scaled_up() {
+    // Budget 4; the slow site alone (1 token, δ = 2) after the grace window: merged as it is,
+    // not stretched to the budget: θ = −2.
+    let mut c = coordinator(vec![4, 1, 4], 4);
+    let first = arrive(&mut c, 0, 1, &update(1, 0, 2.0));
+    assert!(closed(&first).is_empty(), "{first:?}");
+    let tick = c.handle(GRACE_MS, Event::Tick);
+    assert_eq!(closed(&tick).len(), 1, "{tick:?}");
+    assert_eq!(c.global(), &[-2.0; PARAMS]);
+    // Then two, fresh (5 tokens ≥ the budget): (3 + 8) / 5 · 4 = 8.8, θ = −10.8.
+    arrive(&mut c, 1_000, 0, &update(0, 1, 3.0));
+    arrive(&mut c, 1_010, 1, &update(1, 1, 8.0));
+    assert_eq!(closed(&c.handle(1_000 + GRACE_MS, Event::Tick)).len(), 1);
+    assert!((c.global()[0] + 10.8).abs() < 1e-5, "{:?}", c.global());
 }
 
 #[test]
@@ -175,7 +193,7 @@ impl Rng {
 /// with random delays (so updates arrive reordered, also one site's own), one site is always
 /// last (its updates take longer than the grace window), sites leave and come back, and
 /// some updates arrive after their site left. Against the stated rule, every time: each
-/// closed round merged exactly the updates held (weights tokens / (1 + staleness), staleness
+/// closed round merged exactly the updates held (weights budget / (1 + staleness) over at least a budget's tokens, staleness
 /// within the bound), each refusal is for the rule's reason, nothing held is left behind at
 /// the end. Returns θ for the replay check.
 fn timeline(seed: u64, coverage: &mut Coverage) -> f32 {
@@ -345,11 +363,13 @@ fn check(
                     assert_eq!(*stale, report.round - round);
                     assert!(*stale <= staleness_max);
                     coverage.stale_merged += u64::from(*stale > 0);
-                    let weight = tokens[*site as usize] as f64 / (1 + stale) as f64;
+                    let budget = *tokens.iter().max().unwrap() as f64;
+                    let weight = budget / (1 + stale) as f64;
                     sum += weight * value as f64;
                     total += tokens[*site as usize] as f64;
                 }
-                let expected = before as f64 - sum / total;
+                let budget = *tokens.iter().max().unwrap() as f64;
+                let expected = before as f64 - sum / total.max(budget);
                 assert!(
                     (c.global()[0] as f64 - expected).abs() < 1e-4,
                     "{} vs {expected}",

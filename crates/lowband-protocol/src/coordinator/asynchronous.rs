@@ -6,10 +6,21 @@
 //! The rule, stated once: an update from site k, trained from the parameters of round b and
 //! held by the open round r, has staleness s = r − b. It is refused (`TooStale`, not counted
 //! against the site's trust: slowness is not hostility) when s > `staleness_max`, and otherwise
-//! weighs w = tokens_k / (1 + s). The merged pseudo-gradient is Σ w_i δ_i / Σ tokens_i over the
-//! accepted updates: the token-weighted mean when every update is fresh, and a stale update pulls
-//! with a fraction of its weight instead of being rescaled up. A site's second update while its
-//! first is still held closes the round first (a round holds one update per site).
+//! merged as B · Σ_i δ_i / (1 + s_i) / max(Σ_i tokens_i, B) over the accepted updates, where B
+//! is the budget: the most tokens any site trains per update (the fastest site's). With fresh
+//! updates that is every token weighing the same (the updates' sum over their tokens, a
+//! per-token rate) times one budget: the merge is as long as a fastest site's update, as a
+//! synchronous round's mean is. A slow site's shorter update counts for its tokens, and a round
+//! holding less than one budget's tokens (a lone slow update, after a grace window) is never
+//! scaled up past the updates' sum. A stale update pulls with a fraction of its weight. With
+//! equal speeds this is the mean of the updates, bit for bit the same as tokens / (1 + s)
+//! weights over Σ tokens. A site's second update while its first is still held closes the
+//! round first (a round holds one update per site).
+//!
+//! Measured (docs/results.md, issue 21): the earlier rule, weights tokens_k / (1 + s) over Σ
+//! tokens (the token-weighted mean: a fast site's tokens weigh more, and the merge is shorter
+//! than a fastest site's update), ended 3.4% higher on KJV with speeds 1, 1, 0.7, 0.4 at 4,000
+//! steps (`--tuning`).
 
 use crate::{ProtocolError, SiteId};
 
@@ -56,9 +67,14 @@ impl AsyncMerge {
         Ok(staleness)
     }
 
-    /// Each update's weight in the merge's sum (tokens over 1 + staleness), and the sum's
-    /// divisor (the tokens of the accepted updates).
-    pub(super) fn weight(&self, site: SiteId, staleness: u64) -> f32 {
-        self.tokens(site) as f32 / (1 + staleness) as f32
+    /// The budget: the most tokens a site trains per update.
+    pub fn budget(&self) -> u64 {
+        self.site_tokens.iter().copied().max().unwrap_or(1).max(1)
+    }
+
+    /// An update's weight in the merge's sum: the budget over 1 + staleness (the sum's divisor
+    /// is the accepted updates' tokens, at least one budget).
+    pub(super) fn weight(&self, staleness: u64) -> f32 {
+        self.budget() as f32 / (1 + staleness) as f32
     }
 }

@@ -25,6 +25,8 @@ struct Closing {
     staleness: Vec<u64>,
     weights: Vec<f32>,
     tokens: Vec<f32>,
+    /// Asynchronous rounds: the budget, the fewest tokens the merge's divisor counts (0 else).
+    budget: f32,
 }
 
 impl Closing {
@@ -44,11 +46,15 @@ impl Closing {
             .copied()
             .collect();
         let (mut staleness, mut weights, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
+        let budget = config
+            .asynchronous
+            .as_ref()
+            .map_or(0.0, |r| r.budget() as f32);
         if let Some(rule) = &config.asynchronous {
             for site in &sites {
                 let stale = open.staleness.get(site).copied().unwrap_or(0);
                 staleness.push(stale);
-                weights.push(rule.weight(*site, stale));
+                weights.push(rule.weight(stale));
                 tokens.push(rule.tokens(*site) as f32);
             }
         }
@@ -76,6 +82,7 @@ impl Closing {
             staleness,
             weights,
             tokens,
+            budget,
         }
     }
 
@@ -333,12 +340,14 @@ impl Coordinator {
         verdicts: &Verdicts,
         merged_count: usize,
     ) -> Vec<bool> {
-        // Asynchronous rounds divide the weighted sum by the accepted updates' tokens.
+        // Asynchronous rounds divide the weighted sum by the accepted updates' tokens, at least
+        // one budget's (`AsyncMerge`).
         let tokens: f32 = verdicts
             .accepted
             .iter()
             .map(|(i, _)| closing.tokens.get(*i).copied().unwrap_or(0.0))
-            .sum();
+            .sum::<f32>()
+            .max(closing.budget);
         let weighted = !closing.weights.is_empty();
         if closing.one_at_a_time() {
             debug_assert_eq!(merged_count, verdicts.accepted.len());
