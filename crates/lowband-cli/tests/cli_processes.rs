@@ -361,6 +361,19 @@ fn assert_resumed_as_in_memory(dir: &Path, resumed: &serde_json::Value) {
     ] {
         assert_eq!(resumed[field], memory[field], "{field}");
     }
+    // Every step's loss too (the ones before the save come from the saved state, the first ones
+    // after it average the saved latest loss of the sites that have not stepped again yet).
+    let steps = |run: &str| -> Vec<(u64, f64)> {
+        let text = std::fs::read_to_string(dir.join(format!("runs/{run}/metrics.jsonl"))).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|m| m["kind"] == "step")
+            .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let (network, in_memory) = (steps("cluster"), steps("memory"));
+    assert_eq!(network.len(), in_memory.len());
+    assert_eq!(network, in_memory, "the per-step losses");
 }
 
 /// A scheduled run over site processes whose coordinator is killed (`kill -9`) mid-run and

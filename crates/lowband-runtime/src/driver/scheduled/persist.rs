@@ -67,6 +67,11 @@ impl Schedule<'_, '_> {
                 unsaved.push(k.to_string());
             }
         }
+        // (The schedule keeps no losses of sites trained elsewhere: a save keeps their latest,
+        // which the step metrics after a resume average until those sites step again.)
+        for (k, site) in self.sites.iter_mut().enumerate() {
+            site.last_loss = remote.latest_loss(k);
+        }
         if !unsaved.is_empty() {
             tracing::warn!(
                 "{}: not saved at round {round}: site(s) {} did not save their state (their logs say why); the last save stays the one to resume from",

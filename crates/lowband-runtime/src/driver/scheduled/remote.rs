@@ -123,6 +123,11 @@ impl<'c> Remote<'c> {
         }
     }
 
+    /// Site k's latest reported step loss.
+    pub(super) fn latest_loss(&self, k: usize) -> Option<f32> {
+        self.losses[k].last().copied()
+    }
+
     /// Resumed: every site had trained `done` steps (its last loss `last`), all reported.
     pub(super) fn resume_at(&mut self, done: &[u64], last: &[Option<f32>]) {
         for (k, (&done, last)) in done.iter().zip(last).enumerate() {
