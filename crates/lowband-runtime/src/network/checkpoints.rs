@@ -16,6 +16,44 @@ use crate::driver::Common;
 use crate::state::RunState;
 use crate::{Persistence, RunError, Strategy};
 
+/// A networked coordinator's saved state of `strategy` under `options.state_dir`, to resume from
+/// when `options.resume` asks; without it a saved state is forgotten (lowband's own files only)
+/// and the run starts over. Also the persistence the run saves with.
+pub(super) fn saved_to_resume(
+    options: &super::NetworkOptions,
+    strategy: &Strategy,
+) -> Result<(Persistence, Option<RunState>), RunError> {
+    let persistence = Persistence {
+        observer: None,
+        state_dir: options.state_dir.clone(),
+        stop_after_rounds: None,
+    };
+    let saved = match crate::state::load(&persistence, strategy)? {
+        Some(saved) if options.resume => {
+            let round = saved.round();
+            tracing::info!(
+                "resuming {} from its save of round {round}",
+                strategy.name()
+            );
+            Some(saved)
+        }
+        Some(_) => {
+            let dir = (options.state_dir.as_ref())
+                .expect("a state was loaded from it")
+                .join(strategy.dir_name());
+            crate::state::forget_saved_state(&dir)?;
+            None
+        }
+        None if options.resume => {
+            let name = strategy.name();
+            tracing::info!("no saved state of {name} to resume: starting at round 0");
+            None
+        }
+        None => None,
+    };
+    Ok((persistence, saved))
+}
+
 #[derive(Default)]
 pub(super) struct Checkpoints {
     writing: Option<JoinHandle<Result<(), RunError>>>,

@@ -253,33 +253,8 @@ fn serve_books(
         },
         initial,
     )?;
-    let persistence = crate::Persistence {
-        observer: None,
-        state_dir: options.state_dir.clone(),
-        stop_after_rounds: None,
-    };
-    match crate::state::load(&persistence, &strategy)? {
-        Some(saved) if options.resume => {
-            let round = saved.round();
-            saved.restore_coordinator(&mut common, &mut coordinator)?;
-            tracing::info!(
-                "resuming {} from its saved state at round {round}",
-                strategy.name()
-            );
-        }
-        Some(_) => {
-            let dir = options
-                .state_dir
-                .as_ref()
-                .expect("a state was loaded from it")
-                .join(strategy.dir_name());
-            crate::state::forget_saved_state(&dir)?;
-        }
-        None if options.resume => tracing::info!(
-            "no saved state of {} to resume: starting at round 0",
-            strategy.name()
-        ),
-        None => {}
+    if let (_, Some(saved)) = checkpoints::saved_to_resume(&options, &strategy)? {
+        saved.restore_coordinator(&mut common, &mut coordinator)?;
     }
     common.observe(
         options.observer.clone(),

@@ -61,38 +61,7 @@ pub(super) fn serve_scheduled(
     listening: impl FnOnce(SocketAddr) -> Result<(), RunError>,
 ) -> Result<RunResult, RunError> {
     let strategy = common.strategy.clone();
-    let persistence = crate::Persistence {
-        observer: None,
-        state_dir: options.state_dir.clone(),
-        stop_after_rounds: None,
-    };
-    let saved = match crate::state::load(&persistence, &strategy)? {
-        Some(saved) if options.resume => {
-            tracing::info!(
-                "resuming {} from its save of round {} (the sites restore theirs)",
-                strategy.name(),
-                saved.round()
-            );
-            Some(saved)
-        }
-        Some(_) => {
-            let dir = (options
-                .state_dir
-                .as_ref()
-                .expect("a state was loaded from it"))
-            .join(strategy.dir_name());
-            crate::state::forget_saved_state(&dir)?;
-            None
-        }
-        None if options.resume => {
-            tracing::info!(
-                "no saved state of {} to resume: starting at round 0",
-                strategy.name()
-            );
-            None
-        }
-        None => None,
-    };
+    let (persistence, saved) = super::checkpoints::saved_to_resume(&options, &strategy)?;
     common.observe(
         options.observer.clone(),
         served.site_keys.iter().map(|k| k.to_string()).collect(),
