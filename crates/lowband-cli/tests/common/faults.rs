@@ -190,6 +190,12 @@ pub fn kill_and_resume_the_coordinator(
         &mut second,
         Duration::from_secs(180),
     );
+    // Users (and the Python package's tests) read which save it resumed from.
+    assert!(
+        error_logs(dir.path()).contains("from its saved state at round"),
+        "{}",
+        error_logs(dir.path())
+    );
     let strategy = summary(dir.path());
     (dir, strategy)
 }

@@ -32,7 +32,7 @@ pub(super) fn saved_to_resume(
         Some(saved) if options.resume => {
             let round = saved.round();
             tracing::info!(
-                "resuming {} from its save of round {round}",
+                "resuming {} from its saved state at round {round}",
                 strategy.name()
             );
             Some(saved)
