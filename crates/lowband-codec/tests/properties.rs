@@ -41,6 +41,13 @@ const SPECS: &[&str] = &[
     "dct:k=4,chunk=16,values=f32",
     "dct:k=16,chunk=16,values=f32",
     "dct:k=3,chunk=32,values=sign",
+    // Batched encode at its smallest lengths, and with k above the one-pass selection's 32.
+    "dct:k=2,chunk=2,values=f32",
+    "dct:k=3,chunk=8,values=f32",
+    "dct:k=40,chunk=64,values=q8",
+    // A length that is not a power of two: rustdct's transform.
+    "dct:k=5,chunk=24,values=f32",
+    "dct:k=24,chunk=24,values=f32",
 ];
 
 fn specs() -> impl Strategy<Value = CodecSpec> {

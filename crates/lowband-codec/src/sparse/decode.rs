@@ -124,21 +124,41 @@ impl Sparse {
                     chunk[p as usize] = v;
                 }
             }
-            (Apply::Write, Kind::Dct) => {
-                chunk.fill(0.0);
-                for (&p, &v) in kept {
-                    let row =
-                        &self.basis[p as usize * self.chunk..p as usize * self.chunk + chunk.len()];
-                    for (o, b) in chunk.iter_mut().zip(row) {
-                        *o += v * b;
-                    }
+            (Apply::Write, Kind::Dct) => self.inverse_dct(chunk, first, scratch)?,
+        }
+        Ok(())
+    }
+
+    /// `dct`: the chunk from its kept coefficients, `BLOCK` values at a time: each block sums
+    /// its part of every kept basis row in a local array (the same additions, in the same order,
+    /// as row after row over the whole chunk), then clamps, scales and checks it in one pass.
+    fn inverse_dct(
+        &self,
+        chunk: &mut [f32],
+        first: usize,
+        scratch: &DecodeScratch,
+    ) -> Result<(), CodecError> {
+        const BLOCK: usize = 64;
+        for (b, out) in chunk.chunks_mut(BLOCK).enumerate() {
+            let start = b * BLOCK;
+            let mut sum = [0.0f32; BLOCK];
+            let sum = &mut sum[..out.len()];
+            for (&p, &v) in scratch.positions.iter().zip(&scratch.kept) {
+                let row = p as usize * self.chunk + start;
+                for (s, basis) in sum.iter_mut().zip(&self.basis[row..row + out.len()]) {
+                    *s += v * basis;
                 }
-                for o in chunk.iter_mut() {
-                    *o = o.clamp(-1.0, 1.0) * scratch.chunk_scale;
-                }
-                if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
-                    return Err(CodecError::NonFinite { index: first + i });
-                }
+            }
+            let mut finite = true;
+            for (o, s) in out.iter_mut().zip(sum.iter()) {
+                *o = s.clamp(-1.0, 1.0) * scratch.chunk_scale;
+                finite &= o.is_finite();
+            }
+            if !finite {
+                let i = out.iter().position(|v| !v.is_finite()).expect("one is not");
+                return Err(CodecError::NonFinite {
+                    index: first + start + i,
+                });
             }
         }
         Ok(())

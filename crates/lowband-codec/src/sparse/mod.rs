@@ -15,10 +15,12 @@ use crate::bits::{elias_fano_write, BitWriter, SplitMix64};
 use crate::dense::max_abs;
 use crate::{count_u32, Codec, CodecError, CodecSpec, ValueCoding};
 
+mod dct;
 mod decode;
 mod select;
 
-use select::select_top;
+use dct::{Batch, BatchDct, LANES};
+use select::{select_top, FEW};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -40,9 +42,11 @@ pub struct Sparse {
     /// Encode: one bit stream (bytes, bits) per group of chunks, written in parallel.
     group_streams: Vec<(Vec<u8>, usize)>,
     /// `dct`: basis[k · chunk + n] = a_k cos(π (2n + 1) k / (2 · chunk)), orthonormal (decode),
-    /// and a fast DCT-II plan (encode).
+    /// and rustdct's DCT-II plan (encode of a chunk length that is not a power of two).
     basis: Vec<f32>,
     plan: Option<Arc<dyn TransformType2And3<f32>>>,
+    /// `dct` with a power-of-two chunk: the batched encode (`dct.rs`) in place of `plan`.
+    batch_plan: Option<BatchDct>,
 }
 
 /// Per-thread encode scratch.
@@ -53,6 +57,7 @@ struct Scratch {
     kept: Vec<f32>,
     signal: Vec<f32>,
     transform: Vec<f32>,
+    batch: Option<Batch>,
 }
 
 /// Chunks per parallel encode task (32 × 4,096 values: 512 KB of input).
@@ -72,10 +77,11 @@ impl Sparse {
             _ => unreachable!("Sparse is built for sparse codecs only"),
         };
         let chunk = chunk as usize;
-        let (basis, plan) = if kind == Kind::Dct {
-            (dct_basis(chunk), Some(DctPlanner::new().plan_dct2(chunk)))
-        } else {
-            (Vec::new(), None)
+        let batch_plan = (kind == Kind::Dct).then(|| BatchDct::new(chunk)).flatten();
+        let (basis, plan) = match kind {
+            Kind::Dct if batch_plan.is_some() => (dct_basis(chunk), None),
+            Kind::Dct => (dct_basis(chunk), Some(DctPlanner::new().plan_dct2(chunk))),
+            _ => (Vec::new(), None),
         };
         Sparse {
             spec,
@@ -88,6 +94,7 @@ impl Sparse {
             group_streams: Vec::new(),
             basis,
             plan,
+            batch_plan,
         }
     }
 
@@ -105,6 +112,41 @@ impl Sparse {
             kept: Vec::with_capacity(self.chunk),
             signal,
             transform: vec![0.0; transform],
+            batch: self.batch_plan.as_ref().map(|p| p.batch()),
+        }
+    }
+
+    /// Up to `LANES` consecutive `dct` chunks into the bit stream, transformed and selected
+    /// together (`dct.rs`), each written as [`Self::encode_chunk`] writes one.
+    fn encode_dct_batch(&self, chunks: &[f32], scratch: &mut Scratch, writer: &mut BitWriter) {
+        let plan = self.batch_plan.as_ref().expect("a batched dct");
+        let k = self.spec.kept_in_chunk(self.chunk);
+        let Scratch {
+            candidates,
+            magnitudes,
+            positions,
+            kept,
+            signal,
+            batch,
+            ..
+        } = scratch;
+        let batch = batch.as_mut().expect("a batched dct's scratch");
+        plan.run(chunks, k, batch);
+        positions.resize(k, 0);
+        for lane in 0..chunks.len().div_ceil(self.chunk) {
+            writer.write(batch.scales[lane].to_bits(), 32);
+            if k <= FEW {
+                batch.top(lane, positions);
+            } else {
+                for (s, row) in signal.iter_mut().zip(&batch.data) {
+                    *s = row[lane];
+                }
+                select_top(signal, k, candidates, magnitudes, positions);
+            }
+            kept.clear();
+            kept.extend(positions.iter().map(|&p| batch.data[p as usize][lane]));
+            let coded = Some((positions.as_slice(), self.chunk, true));
+            write_values(writer, self.values, kept, magnitudes, coded);
         }
     }
 
@@ -253,8 +295,14 @@ impl Codec for Sparse {
                     |scratch, (group, (bytes, bits))| {
                         bytes.clear();
                         let mut group_writer = BitWriter::new(bytes);
-                        for chunk in group.chunks(this.chunk) {
-                            this.encode_chunk(chunk, scratch, &mut group_writer);
+                        if this.batch_plan.is_some() {
+                            for chunks in group.chunks(this.chunk * LANES) {
+                                this.encode_dct_batch(chunks, scratch, &mut group_writer);
+                            }
+                        } else {
+                            for chunk in group.chunks(this.chunk) {
+                                this.encode_chunk(chunk, scratch, &mut group_writer);
+                            }
                         }
                         *bits = group_writer.bit_len();
                         group_writer.finish();

@@ -21,8 +21,11 @@ pub(super) fn select_top(
 ) {
     debug_assert!(k >= 1 && k <= signal.len() && positions.len() == k);
     if signal.len() <= SMALL_CHUNK {
-        // A histogram of 2,048 buckets costs more than the chunk itself: every index is a
-        // candidate.
+        // A histogram of 2,048 buckets costs more than the chunk itself.
+        if k <= FEW {
+            return running_top(signal, k, positions);
+        }
+        // Every index is a candidate.
         candidates.clear();
         candidates.extend(0..signal.len() as u32);
         return keep_top(signal, k, candidates, magnitudes, positions);
@@ -63,6 +66,106 @@ pub(super) fn select_top(
 
 /// Chunks of at most this many values skip the histogram (`dct`'s chunks of up to 1,024).
 const SMALL_CHUNK: usize = 1024;
+/// In such a chunk, up to this many kept values are found in one pass ([`running_top`]).
+pub(super) const FEW: usize = 32;
+
+/// The k largest magnitudes of `signal` (ties to the lower index) in one pass, into `positions`
+/// in index order: the best k so far are held, and a value enters only if it beats the worst of
+/// them (one compare per value, rarely taken once the k are large).
+fn running_top(signal: &[f32], k: usize, positions: &mut [u32]) {
+    let magnitude = |v: &f32| v.to_bits() & 0x7fff_ffff;
+    let mut top = RunningTop::start(signal[..k].iter().map(magnitude));
+    for (i, v) in signal.iter().enumerate().skip(k) {
+        if magnitude(v) > top.threshold() {
+            top.enter(magnitude(v), i as u32);
+        }
+    }
+    top.positions(positions);
+}
+
+/// The k (at most [`FEW`]) largest magnitudes offered so far, in index order of offering, as
+/// keys `magnitude << 32 | !index` in increasing order: the first is the worst held (the
+/// smallest magnitude, of equal ones the highest index). A newcomer has the highest index so
+/// far, so it loses every tie: it enters only with a magnitude above the worst's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RunningTop {
+    keys: [u64; FEW],
+    k: usize,
+}
+
+impl RunningTop {
+    /// Held: the first k magnitudes (indices 0..k).
+    #[inline(always)]
+    pub(super) fn start(magnitudes: impl Iterator<Item = u32>) -> RunningTop {
+        let mut keys = [u64::MAX; FEW];
+        let mut k = 0;
+        for (key, magnitude) in keys.iter_mut().zip(magnitudes) {
+            *key = Self::key(magnitude, k as u32);
+            k += 1;
+        }
+        debug_assert!(k >= 1);
+        keys[..k].sort_unstable();
+        RunningTop { keys, k }
+    }
+
+    /// Held: the given (magnitude, index) pairs, k of them, distinct indices.
+    #[inline(always)]
+    pub(super) fn from_pairs(pairs: impl Iterator<Item = (u32, u32)>) -> RunningTop {
+        let mut keys = [u64::MAX; FEW];
+        let mut k = 0;
+        for (key, (magnitude, index)) in keys.iter_mut().zip(pairs) {
+            *key = Self::key(magnitude, index);
+            k += 1;
+        }
+        debug_assert!(k >= 1);
+        keys[..k].sort_unstable();
+        RunningTop { keys, k }
+    }
+
+    /// Offer a value not held, in any order: it enters if it ranks above the worst held
+    /// (larger magnitude, or equal and a lower index).
+    #[inline(always)]
+    pub(super) fn offer(&mut self, magnitude: u32, index: u32) {
+        if Self::key(magnitude, index) > self.keys[0] {
+            self.enter(magnitude, index);
+        }
+    }
+
+    #[inline(always)]
+    fn key(magnitude: u32, index: u32) -> u64 {
+        (magnitude as u64) << 32 | !index as u64
+    }
+
+    /// The magnitude a newcomer must exceed.
+    #[inline(always)]
+    pub(super) fn threshold(&self) -> u32 {
+        (self.keys[0] >> 32) as u32
+    }
+
+    /// A newcomer that ranks above the worst held: the worst leaves and the newcomer takes its place in the
+    /// order, without branches (slot j becomes min(a[j+1], max(a[j], x)), the worst's a[0] counted
+    /// as below everything and a[k] above).
+    #[inline(always)]
+    pub(super) fn enter(&mut self, magnitude: u32, index: u32) {
+        let x = Self::key(magnitude, index);
+        let keys = &mut self.keys[..self.k];
+        let last = keys.len() - 1;
+        for j in 0..last {
+            let below = if j == 0 { 0 } else { keys[j] };
+            keys[j] = keys[j + 1].min(below.max(x));
+        }
+        keys[last] = keys[last].max(x);
+    }
+
+    /// The held indices, increasing, into `positions` (length k).
+    pub(super) fn positions(&self, positions: &mut [u32]) {
+        for (position, key) in positions.iter_mut().zip(&self.keys[..self.k]) {
+            *position = !(*key as u32);
+        }
+        positions.sort_unstable();
+    }
+}
+
 /// The k largest magnitudes among `candidates` (indices in increasing order, at least k), ties
 /// to the lower index, into `positions` in index order.
 fn keep_top(
@@ -260,6 +363,11 @@ mod tests {
                 let all: Vec<u32> = (0..len as u32).collect();
                 keep_top(&signal, k, &all, &mut magnitudes, &mut found);
                 assert_eq!(found, expected, "keep_top, len {len}, k {k}");
+                if k <= FEW {
+                    found.fill(u32::MAX);
+                    running_top(&signal, k, &mut found);
+                    assert_eq!(found, expected, "running_top, len {len}, k {k}");
+                }
             }
         }
     }
