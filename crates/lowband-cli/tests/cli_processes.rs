@@ -391,6 +391,19 @@ fn a_scheduled_run_whose_coordinator_is_killed_resumes_and_ends_as_in_memory() {
     assert_resumed_as_in_memory(dir.path(), &resumed);
 }
 
+/// The same with Ctrl-C: the interrupted coordinator tells the sites it stopped, they wait for
+/// it to come back, and the resumed run ends bitwise as in memory.
+#[test]
+fn a_scheduled_run_whose_coordinator_is_interrupted_resumes_and_ends_as_in_memory() {
+    let (dir, resumed) = common::faults::kill_and_resume_the_coordinator(
+        SCHEDULED_RUN,
+        "async-diloco-h8",
+        "-INT",
+        &["--state-dir", "site{k}-state"],
+    );
+    assert_resumed_as_in_memory(dir.path(), &resumed);
+}
+
 /// A site process killed mid-run stops a scheduled run (it needs every site); the coordinator
 /// and that site started again with `--resume` go on from the last save, bitwise as in memory.
 #[test]
