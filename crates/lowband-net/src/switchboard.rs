@@ -38,7 +38,10 @@ pub struct Switchboard {
     inbound: tokio::sync::mpsc::UnboundedReceiver<Inbound>,
     /// Per site, what it sent and was not asked for yet, in order.
     received: Vec<VecDeque<Received>>,
-    stop_on_ctrl_c: bool,
+    /// With `stop_on_ctrl_c`: becomes true once Ctrl-C is pressed. One listener for the whole
+    /// run, from the sites' admission on, so that a Ctrl-C between two waits is not lost (a
+    /// listener made anew in each wait missed those, and the run went on to its end).
+    interrupted: Option<tokio::sync::watch::Receiver<bool>>,
     /// How long `next_from` waits for a message (any site's) before the run stops.
     wait_ms: u64,
 }
@@ -82,6 +85,14 @@ impl Switchboard {
                 return Err(e.into());
             }
         };
+        let interrupted = match stop_on_ctrl_c.then(|| listen_for_ctrl_c(&runtime)) {
+            Some(Err(e)) => {
+                node.close_with(close::STOPPED as u32, &close_reason(&e.to_string()));
+                return Err(e.into());
+            }
+            Some(Ok(interrupted)) => Some(interrupted),
+            None => None,
+        };
         Ok(Switchboard {
             runtime,
             node,
@@ -90,7 +101,7 @@ impl Switchboard {
             connections,
             inbound,
             received: site_keys.iter().map(|_| VecDeque::new()).collect(),
-            stop_on_ctrl_c,
+            interrupted,
             wait_ms: u64::MAX / 4,
         })
     }
@@ -128,17 +139,18 @@ impl Switchboard {
                     wait.as_secs_f64()
                 ))
             };
+            let interrupted = self.interrupted.clone();
             let next = self.runtime.block_on(async {
                 let recv = tokio::time::timeout(wait, inbound.recv());
-                if self.stop_on_ctrl_c {
-                    tokio::select! {
+                match interrupted {
+                    Some(mut interrupted) => tokio::select! {
                         next = recv => next.map_err(|_| stopped()),
-                        _ = tokio::signal::ctrl_c() => Err(NetError::Stopped(
+                        // (A listener that ended without a Ctrl-C disables this branch.)
+                        Ok(_) = interrupted.wait_for(|pressed| *pressed) => Err(NetError::Stopped(
                             "interrupted (Ctrl-C): started again with --resume, a run with a state directory continues from its last save".into(),
                         )),
-                    }
-                } else {
-                    recv.await.map_err(|_| stopped())
+                    },
+                    None => recv.await.map_err(|_| stopped()),
                 }
             })?;
             let Some((site, _generation, message)) = next else {
@@ -237,4 +249,35 @@ async fn admit_every_site(
         }
     }
     Ok(connections)
+}
+
+/// A flag that becomes true when this process gets Ctrl-C, listened to from now on (on Unix the
+/// SIGINT handler is registered before this returns).
+fn listen_for_ctrl_c(
+    runtime: &tokio::runtime::Runtime,
+) -> Result<tokio::sync::watch::Receiver<bool>, NetError> {
+    let (pressed, interrupted) = tokio::sync::watch::channel(false);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigint = {
+            let _entered = runtime.enter();
+            signal(SignalKind::interrupt()).map_err(|source| NetError::Io {
+                path: "the Ctrl-C (SIGINT) handler".into(),
+                source,
+            })?
+        };
+        runtime.spawn(async move {
+            if sigint.recv().await.is_some() {
+                let _ = pressed.send(true);
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    runtime.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = pressed.send(true);
+        }
+    });
+    Ok(interrupted)
 }
