@@ -1,6 +1,6 @@
-//! Asynchronous rounds (`AsyncMerge`): merges of every token alike, staleness-weighted, the stale bound,
-//! the grace window, a site's second update closing the round, and the carry of a site's
-//! progress onto a merge. Driven by hand with a virtual clock, no IO.
+//! Asynchronous rounds (`AsyncMerge`): merges of every token alike, staleness-weighted, the
+//! stale bound, the grace window, a site's second update closing the round, and the carry of a
+//! site's progress onto a merge. Driven by hand with a virtual clock, no IO.
 
 use lowband_codec::{Codec, Fp32};
 use lowband_protocol::site::carry;
@@ -193,9 +193,9 @@ impl Rng {
 /// with random delays (so updates arrive reordered, also one site's own), one site is always
 /// last (its updates take longer than the grace window), sites leave and come back, and
 /// some updates arrive after their site left. Against the stated rule, every time: each
-/// closed round merged exactly the updates held (weights budget / (1 + staleness) over at least a budget's tokens, staleness
-/// within the bound), each refusal is for the rule's reason, nothing held is left behind at
-/// the end. Returns θ for the replay check.
+/// closed round merged exactly the updates held (weights budget / (1 + staleness), over at
+/// least a budget's tokens; staleness within the bound), each refusal is for the rule's reason,
+/// nothing held is left behind at the end. Returns θ for the replay check.
 fn timeline(seed: u64, coverage: &mut Coverage) -> f32 {
     let mut model = Model {
         held: Default::default(),

@@ -67,7 +67,7 @@ impl BatchDct {
         Batch {
             data: vec![[0.0; LANES]; self.n],
             other: vec![[0.0; LANES]; self.n],
-            held: [RunningTop::start(std::iter::once(0)); LANES],
+            held: [RunningTop::from_pairs(std::iter::once((0, 0))); LANES],
             scales: [1.0; LANES],
         }
     }

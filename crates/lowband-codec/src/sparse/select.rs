@@ -74,7 +74,7 @@ pub(super) const FEW: usize = 32;
 /// them (one compare per value, rarely taken once the k are large).
 fn running_top(signal: &[f32], k: usize, positions: &mut [u32]) {
     let magnitude = |v: &f32| v.to_bits() & 0x7fff_ffff;
-    let mut top = RunningTop::start(signal[..k].iter().map(magnitude));
+    let mut top = RunningTop::from_pairs(signal[..k].iter().map(magnitude).zip(0..));
     for (i, v) in signal.iter().enumerate().skip(k) {
         if magnitude(v) > top.threshold() {
             top.enter(magnitude(v), i as u32);
@@ -94,20 +94,6 @@ pub(super) struct RunningTop {
 }
 
 impl RunningTop {
-    /// Held: the first k magnitudes (indices 0..k).
-    #[inline(always)]
-    pub(super) fn start(magnitudes: impl Iterator<Item = u32>) -> RunningTop {
-        let mut keys = [u64::MAX; FEW];
-        let mut k = 0;
-        for (key, magnitude) in keys.iter_mut().zip(magnitudes) {
-            *key = Self::key(magnitude, k as u32);
-            k += 1;
-        }
-        debug_assert!(k >= 1);
-        keys[..k].sort_unstable();
-        RunningTop { keys, k }
-    }
-
     /// Held: the given (magnitude, index) pairs, k of them, distinct indices.
     #[inline(always)]
     pub(super) fn from_pairs(pairs: impl Iterator<Item = (u32, u32)>) -> RunningTop {

@@ -35,8 +35,8 @@
 //! (`lowband_protocol::site::carry`). The coordinator closes a round once every member's update
 //! is in, or `grace` round intervals after its first update arrived (default 0.5), and merges
 //! the updates with every token alike (one budget long) and weighted by staleness; an update
-//! more than `stale` rounds behind
-//! (default 4) is refused (`lowband_protocol::AsyncMerge` states the rule). Overrides:
+//! more than `stale` rounds behind (default 4) is refused (`lowband_protocol::AsyncMerge` states
+//! the rule). Overrides:
 //! `grace=G;stale=S`, and every codec and outer override.
 //!
 //! `quorum=N` (round strategies but streaming): a round closes on the emulated clock as soon as
