@@ -53,20 +53,24 @@ impl<'a> BitWriter<'a> {
             return;
         }
         let masked = (value as u64) & ((1u64 << width) - 1);
+        // Fewer than 32 bits are pending, so they and the new ones fit the buffer; whole words
+        // go out 4 bytes at a time (least significant first, as byte by byte would).
         self.buffer |= masked << self.filled;
         self.filled += width;
-        while self.filled >= 8 {
-            self.out.push(self.buffer as u8);
-            self.buffer >>= 8;
-            self.filled -= 8;
+        if self.filled >= 32 {
+            self.out
+                .extend_from_slice(&(self.buffer as u32).to_le_bytes());
+            self.buffer >>= 32;
+            self.filled -= 32;
         }
     }
 
-    /// Flush the last partial byte (zero padded).
+    /// Flush the pending bits, the last partial byte zero padded.
     pub fn finish(mut self) {
-        if self.filled > 0 {
+        while self.filled > 0 {
             self.out.push(self.buffer as u8);
-            self.filled = 0;
+            self.buffer >>= 8;
+            self.filled = self.filled.saturating_sub(8);
         }
     }
 }
@@ -148,29 +152,23 @@ pub(crate) fn elias_fano_write(writer: &mut BitWriter, positions: &[u32], len: u
     for &p in positions {
         writer.write(p, low);
     }
-    // Upper parts in unary: position i's high part h sets bit h + i of a (k + max_high)-bit vector.
+    // Upper parts in unary: position i's high part h sets bit h + i of a (k + max_high)-bit
+    // vector, written 32 bits at a time (positions ascend, so the bits do).
     let upper_len = k + ((len - 1) >> low);
-    let mut next_one = positions
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (p >> low) as usize + i)
-        .peekable();
-    let mut word = 0u32;
-    let mut word_bits = 0u32;
-    for bit in 0..upper_len {
-        let one = next_one.peek() == Some(&bit);
-        if one {
-            next_one.next();
-        }
-        word |= (one as u32) << word_bits;
-        word_bits += 1;
-        if word_bits == 32 {
+    let (mut word, mut word_start) = (0u32, 0usize);
+    for (i, &p) in positions.iter().enumerate() {
+        let bit = (p >> low) as usize + i;
+        while bit >= word_start + 32 {
             writer.write(word, 32);
-            word = 0;
-            word_bits = 0;
+            (word, word_start) = (0, word_start + 32);
         }
+        word |= 1 << (bit - word_start);
     }
-    writer.write(word, word_bits);
+    while word_start + 32 <= upper_len {
+        writer.write(word, 32);
+        (word, word_start) = (0, word_start + 32);
+    }
+    writer.write(word, (upper_len - word_start) as u32);
 }
 
 /// Read `out.len()` positions in `[0, len)`; `None` if the code is not a strictly increasing set.

@@ -356,11 +356,17 @@ fn write_values(
     scratch: &mut Vec<u32>,
     positions: Option<(&[u32], usize, bool)>,
 ) {
-    let magnitude_max = max_abs(kept);
-    let unit = if magnitude_max > 0.0 && magnitude_max.is_finite() {
-        magnitude_max
-    } else {
-        1.0
+    // The unit of the codings that scale by the largest kept magnitude (unused by the others).
+    let unit = match coding {
+        ValueCoding::F16 | ValueCoding::Q8 | ValueCoding::Q4 => {
+            let magnitude_max = max_abs(kept);
+            if magnitude_max > 0.0 && magnitude_max.is_finite() {
+                magnitude_max
+            } else {
+                1.0
+            }
+        }
+        ValueCoding::F32 | ValueCoding::Q2 | ValueCoding::Sign => 1.0,
     };
     let mut median_bits = 0u32;
     match coding {
@@ -394,6 +400,15 @@ fn write_values(
         if coded {
             elias_fano_write(writer, positions, len);
         }
+    }
+    if coding == ValueCoding::Sign {
+        // One bit a value, 32 to a write.
+        for part in kept.chunks(32) {
+            let signs = (part.iter().enumerate())
+                .fold(0u32, |word, (i, &v)| word | ((v < 0.0) as u32) << i);
+            writer.write(signs, part.len() as u32);
+        }
+        return;
     }
     for &v in kept {
         let sign = (v < 0.0) as u32;

@@ -108,6 +108,19 @@ impl RunningTop {
         RunningTop { keys, k }
     }
 
+    /// Held: the keys ([`Self::key`]) of k values in increasing order, distinct indices.
+    #[inline(always)]
+    pub(super) fn from_sorted_keys(sorted: impl Iterator<Item = u64>) -> RunningTop {
+        let mut keys = [u64::MAX; FEW];
+        let mut k = 0;
+        for (key, sorted) in keys.iter_mut().zip(sorted) {
+            *key = sorted;
+            k += 1;
+        }
+        debug_assert!(k >= 1 && keys[..k].is_sorted());
+        RunningTop { keys, k }
+    }
+
     /// Offer a value not held, in any order: it enters if it ranks above the worst held
     /// (larger magnitude, or equal and a lower index).
     #[inline(always)]
@@ -117,9 +130,16 @@ impl RunningTop {
         }
     }
 
+    /// The order of held values: by magnitude, then the lower index first.
     #[inline(always)]
-    fn key(magnitude: u32, index: u32) -> u64 {
+    pub(super) fn key(magnitude: u32, index: u32) -> u64 {
         (magnitude as u64) << 32 | !index as u64
+    }
+
+    /// The index a key was made with.
+    #[inline(always)]
+    pub(super) fn index_of(key: u64) -> u32 {
+        !(key as u32)
     }
 
     /// The magnitude a newcomer must exceed.
@@ -145,10 +165,37 @@ impl RunningTop {
 
     /// The held indices, increasing, into `positions` (length k).
     pub(super) fn positions(&self, positions: &mut [u32]) {
-        for (position, key) in positions.iter_mut().zip(&self.keys[..self.k]) {
-            *position = !(*key as u32);
+        // Put in order through a bit set of the indices (they are below SMALL_CHUNK here, but
+        // any index is handled: by a sort).
+        const WORDS: usize = SMALL_CHUNK / 64;
+        let keys = &self.keys[..self.k];
+        let last = keys
+            .iter()
+            .map(|&key| Self::index_of(key))
+            .max()
+            .unwrap_or(0) as usize;
+        if last >= SMALL_CHUNK {
+            for (position, &key) in positions.iter_mut().zip(keys) {
+                *position = Self::index_of(key);
+            }
+            return positions.sort_unstable();
         }
-        positions.sort_unstable();
+        let mut set = [0u64; WORDS];
+        let set = &mut set[..=last / 64];
+        for &key in keys {
+            let index = Self::index_of(key) as usize;
+            set[index / 64] |= 1 << (index % 64);
+        }
+        let mut out = positions.iter_mut();
+        for (w, &word) in set.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                if let Some(position) = out.next() {
+                    *position = (w * 64) as u32 + word.trailing_zeros();
+                }
+                word &= word - 1;
+            }
+        }
     }
 }
 
