@@ -42,6 +42,7 @@ impl Int {
         }
     }
 
+    #[inline(always)]
     fn range_of(&self, chunk: &[f32]) -> (f32, f32) {
         let (min, max) = min_max(chunk);
         if !(min.is_finite() && max.is_finite()) {
@@ -108,12 +109,8 @@ impl Codec for Int {
             .zip(table.par_chunks_mut(8))
             .enumerate()
             .for_each(|(c, ((bytes, chunk), range_bytes))| {
-                let (lo, hi) = this.range_of(chunk);
-                range_bytes[..4].copy_from_slice(&lo.to_le_bytes());
-                range_bytes[4..].copy_from_slice(&hi.to_le_bytes());
-                let quantizer = Quantizer::of((lo, hi), levels);
                 let random = stream.skipped((c * size) as u64);
-                quantizer.encode_chunk(chunk, bytes, bits, rounding, random);
+                this.encode_chunk(chunk, range_bytes, bytes, levels, random);
             });
         if rounding == Rounding::Stochastic {
             self.random = stream.skipped(values.len() as u64);
@@ -144,6 +141,54 @@ impl Codec for Int {
 }
 
 impl Int {
+    /// One chunk of a byte-aligned packet: its range into `range_bytes` (lo, hi) and its codes
+    /// into `bytes`; `random` is the stream's state at the chunk's first value. On a CPU with
+    /// AVX-512, all of it is compiled for AVX-512 (the same IEEE operations, so the same bytes).
+    fn encode_chunk(
+        &self,
+        chunk: &[f32],
+        range_bytes: &mut [u8],
+        bytes: &mut [u8],
+        levels: f32,
+        random: SplitMix64,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: the CPU has these features (checked above).
+            return unsafe { self.encode_chunk_avx512(chunk, range_bytes, bytes, levels, random) };
+        }
+        self.encode_chunk_portable(chunk, range_bytes, bytes, levels, random)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
+    fn encode_chunk_avx512(
+        &self,
+        chunk: &[f32],
+        range_bytes: &mut [u8],
+        bytes: &mut [u8],
+        levels: f32,
+        random: SplitMix64,
+    ) {
+        self.encode_chunk_portable(chunk, range_bytes, bytes, levels, random)
+    }
+
+    #[inline(always)]
+    fn encode_chunk_portable(
+        &self,
+        chunk: &[f32],
+        range_bytes: &mut [u8],
+        bytes: &mut [u8],
+        levels: f32,
+        random: SplitMix64,
+    ) {
+        let (lo, hi) = self.range_of(chunk);
+        range_bytes[..4].copy_from_slice(&lo.to_le_bytes());
+        range_bytes[4..].copy_from_slice(&hi.to_le_bytes());
+        let quantizer = Quantizer::of((lo, hi), levels);
+        quantizer.encode_codes(chunk, bytes, self.bits, self.rounding, random);
+    }
+
     /// Whether every chunk's codes start on a byte (then chunks are encoded and decoded in
     /// parallel; otherwise one bit stream runs through them).
     fn byte_aligned(&self) -> bool {
@@ -326,40 +371,11 @@ impl Quantizer {
 
     /// A chunk's codes into `bytes` (packed as [`pack_codes`] does), in blocks of 64 values whose
     /// loops the compiler can vectorize (the fast path of [`Quantizer::code`], same arithmetic);
-    /// `random` is the stream's state at the chunk's first value.
-    fn encode_chunk(
-        &self,
-        chunk: &[f32],
-        bytes: &mut [u8],
-        bits: u32,
-        rounding: Rounding,
-        random: SplitMix64,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: the CPU has these features (checked above).
-            return unsafe { self.encode_chunk_avx512(chunk, bytes, bits, rounding, random) };
-        }
-        self.encode_chunk_portable(chunk, bytes, bits, rounding, random)
-    }
-
-    /// [`Quantizer::encode_chunk_portable`] compiled for AVX-512 (16 lanes, and the random
-    /// stream's 64-bit multiplies in vectors): the same IEEE operations, so the same bytes.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512dq,avx512bw,avx512vl")]
-    fn encode_chunk_avx512(
-        &self,
-        chunk: &[f32],
-        bytes: &mut [u8],
-        bits: u32,
-        rounding: Rounding,
-        random: SplitMix64,
-    ) {
-        self.encode_chunk_portable(chunk, bytes, bits, rounding, random)
-    }
-
+    /// `random` is the stream's state at the chunk's first value. Inlined into
+    /// [`Int::encode_chunk`]'s builds (AVX-512: 16 lanes, and the random stream's 64-bit
+    /// multiplies in vectors).
     #[inline(always)]
-    fn encode_chunk_portable(
+    fn encode_codes(
         &self,
         chunk: &[f32],
         bytes: &mut [u8],
@@ -405,18 +421,18 @@ impl Quantizer {
 
 /// ⌊x⌋ capped at `levels` for x = position + u in [0, levels + 1) (truncation is the floor
 /// there, without the library call); NaN (a NaN input) gives `levels`, as `f32::min` did.
-#[inline]
+#[inline(always)]
 fn stochastic_level(x: f32, levels: f32) -> u32 {
-    if x.is_nan() {
-        levels as u32
-    } else {
-        // x < 256 here: the signed conversion is exact and vectorizes.
-        (x as i32).min(levels as i32) as u32
-    }
+    // `min` gives `levels` for NaN, `max` keeps a (never seen) negative x at 0.
+    let level = x.min(levels).max(0.0);
+    // SAFETY: 0 <= level <= levels < 256, finite, so its truncation fits an i32. (The checked
+    // `as` conversion made the compiler take the lanes one by one.)
+    unsafe { level.to_int_unchecked::<i32>() as u32 }
 }
 
 /// The smallest and largest value of `values` ignoring NaN (±infinity when there is none), in
 /// 8 lanes so that the loop vectorizes.
+#[inline(always)]
 fn min_max(values: &[f32]) -> (f32, f32) {
     let mut lo = [f32::INFINITY; 8];
     let mut hi = [f32::NEG_INFINITY; 8];
@@ -441,7 +457,7 @@ fn min_max(values: &[f32]) -> (f32, f32) {
 /// Codes of `bits` bits (8, 4 or 2), one per byte of `codes`, into `bytes`, least significant
 /// bits first (as `BitWriter` lays them out); a last byte's unused bits are 0. One loop per
 /// width (they vectorize).
-#[inline]
+#[inline(always)]
 fn pack_codes(bytes: &mut [u8], codes: &[u8], bits: u32) {
     match bits {
         8 => bytes.copy_from_slice(codes),
@@ -537,7 +553,8 @@ mod tests {
     }
 
     /// The portable block loops give the bytes and values of the dispatched ones (AVX-512 on
-    /// this machine), for every width and rounding, ordinary, huge and denormal ranges.
+    /// this machine), for every width, rounding and range rule, with ordinary, huge, denormal and
+    /// NaN values.
     #[test]
     fn the_portable_loops_are_the_dispatched_ones() {
         let mut values = input(10_000);
@@ -546,22 +563,40 @@ mod tests {
         for (i, v) in values[7_000..7_300].iter_mut().enumerate() {
             *v = f32::from_bits(1 + i as u32 * 3); // denormals
         }
-        for bits in [8u32, 4, 2] {
+        for i in [8_001, 8_002, 8_050, 8_099] {
+            values[i] = f32::NAN;
+        }
+        for bits in [8u8, 4, 2] {
             let levels = ((1u32 << bits) - 1) as f32;
             for rounding in [Rounding::Nearest, Rounding::Stochastic] {
-                for (c, chunk) in values.chunks(100).enumerate() {
-                    let range = min_max(chunk);
-                    let quantizer = Quantizer::of(range, levels);
-                    let random = SplitMix64(11).skipped(c as u64 * 100);
-                    let len = (chunk.len() * bits as usize).div_ceil(8);
-                    let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
-                    quantizer.encode_chunk(chunk, &mut a, bits, rounding, random);
-                    quantizer.encode_chunk_portable(chunk, &mut b, bits, rounding, random);
-                    assert_eq!(a, b, "bits {bits}, chunk {c}");
-                    let (mut x, mut y) = (vec![0f32; chunk.len()], vec![0f32; chunk.len()]);
-                    dequantize(&mut x, &a, bits, range, levels as f64);
-                    dequantize_portable(&mut y, &a, bits, range, levels as f64);
-                    assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+                for range in [Range::MinMax, Range::Std(2.0)] {
+                    let spec = CodecSpec::Int {
+                        bits,
+                        chunk: 100,
+                        range,
+                        rounding,
+                        seed: 11,
+                    };
+                    let int = Int::new(spec);
+                    for (c, chunk) in values.chunks(100).enumerate() {
+                        let random = SplitMix64(11).skipped(c as u64 * 100);
+                        let len = (chunk.len() * bits as usize).div_ceil(8);
+                        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+                        let (mut range_a, mut range_b) = ([0u8; 8], [0u8; 8]);
+                        int.encode_chunk(chunk, &mut range_a, &mut a, levels, random);
+                        int.encode_chunk_portable(chunk, &mut range_b, &mut b, levels, random);
+                        assert_eq!(
+                            (a.as_slice(), range_a),
+                            (b.as_slice(), range_b),
+                            "{spec}, chunk {c}"
+                        );
+                        let lo = f32::from_le_bytes(range_a[..4].try_into().unwrap());
+                        let hi = f32::from_le_bytes(range_a[4..].try_into().unwrap());
+                        let (mut x, mut y) = (vec![0f32; chunk.len()], vec![0f32; chunk.len()]);
+                        dequantize(&mut x, &a, bits as u32, (lo, hi), levels as f64);
+                        dequantize_portable(&mut y, &a, bits as u32, (lo, hi), levels as f64);
+                        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+                    }
                 }
             }
         }
