@@ -132,7 +132,34 @@ impl Sparse {
     /// `dct`: the chunk from its kept coefficients, `BLOCK` values at a time: each block sums
     /// its part of every kept basis row in a local array (the same additions, in the same order,
     /// as row after row over the whole chunk), then clamps, scales and checks it in one pass.
+    /// Compiled for AVX-512 too, chosen at run time (the same IEEE operations: the same bits).
     fn inverse_dct(
+        &self,
+        chunk: &mut [f32],
+        first: usize,
+        scratch: &DecodeScratch,
+    ) -> Result<(), CodecError> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked on the line above).
+            return unsafe { self.inverse_dct_avx512(chunk, first, scratch) };
+        }
+        self.inverse_dct_portable(chunk, first, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn inverse_dct_avx512(
+        &self,
+        chunk: &mut [f32],
+        first: usize,
+        scratch: &DecodeScratch,
+    ) -> Result<(), CodecError> {
+        self.inverse_dct_portable(chunk, first, scratch)
+    }
+
+    #[inline(always)]
+    fn inverse_dct_portable(
         &self,
         chunk: &mut [f32],
         first: usize,
@@ -248,5 +275,50 @@ fn read_value(reader: &mut BitReader, coding: ValueCoding, scales: [f32; 2]) -> 
         }
         ValueCoding::Q2 => signed(scales[(code >> 1) as usize & 1]),
         ValueCoding::Sign => signed(scales[0]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CodecSpec;
+
+    /// The AVX-512 build of the inverse DCT gives the portable one's bits, with values that
+    /// clamp, whole and short blocks, and scales up to near f32::MAX.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn both_builds_of_the_inverse_dct_agree_bitwise() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            // Counted by `.ci/run` as the integration tests' skips are (`target/tmp`).
+            let reason =
+                "SKIPPED: the CPU has no AVX-512F; the portable inverse DCT is the only one";
+            eprintln!("{reason}");
+            let dir = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/tmp/lowband-skipped"
+            );
+            let _ = std::fs::create_dir_all(dir);
+            let _ = std::fs::write(format!("{dir}/both_builds_of_the_inverse_dct"), reason);
+            return;
+        }
+        for (chunk, scale) in [(256usize, 0.37f32), (100, 3e38), (24, 1.0)] {
+            let spec: CodecSpec = format!("dct:k=5,chunk={chunk},values=f32").parse().unwrap();
+            let codec = Sparse::new(spec);
+            let mut scratch = codec.decode_scratch();
+            scratch.positions = vec![0, 1, 7, 13, chunk as u32 - 1];
+            scratch.kept = vec![20.0, -15.5, 0.31, 17.0, -0.02];
+            scratch.chunk_scale = scale;
+            let (mut wide, mut portable) = (vec![0.0; chunk], vec![0.0; chunk]);
+            // SAFETY: the CPU has AVX-512F.
+            let wide_result = unsafe { codec.inverse_dct_avx512(&mut wide, 0, &scratch) };
+            let portable_result = codec.inverse_dct_portable(&mut portable, 0, &scratch);
+            assert_eq!(format!("{wide_result:?}"), format!("{portable_result:?}"));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wide), bits(&portable), "chunk {chunk}");
+            assert!(
+                portable.iter().any(|v| v.abs() == scale),
+                "some value clamps"
+            );
+        }
     }
 }
