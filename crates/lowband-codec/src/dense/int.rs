@@ -391,9 +391,11 @@ impl Quantizer {
             match (rounding, self.fast) {
                 (Rounding::Nearest, true) => {
                     for (c, &v) in codes.iter_mut().zip(block) {
-                        let position = ((v - self.lo) * self.per_unit).clamp(0.0, self.levels);
-                        // In [0, 255] (NaN: 0 either way): the signed conversion vectorizes.
-                        let truncated = position as i32;
+                        // `clamp` with NaN taken to 0 (`max` returns the number), as `as` did.
+                        let position = ((v - self.lo) * self.per_unit).max(0.0).min(self.levels);
+                        // SAFETY: 0 <= position <= levels < 256, finite, so its truncation fits
+                        // an i32. (The checked `as` made the compiler take lanes one by one.)
+                        let truncated = unsafe { position.to_int_unchecked::<i32>() };
                         *c = (truncated + i32::from(position - truncated as f32 >= 0.5)) as u8;
                     }
                 }
