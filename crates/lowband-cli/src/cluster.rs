@@ -4,7 +4,10 @@
 //! `--restart-sites` it is started again with `--resume` (it keeps its optimizer state, data
 //! position and error feedback, and rejoins with the current parameters). A dead site never
 //! loses the run: the coordinator goes on with the others (a round waits for a lost site at most
-//! the idle timeout). Site processes end with this process (they get SIGTERM when it dies).
+//! the idle timeout). When every site process has died and none is left running, the supervisor
+//! stops the coordinator at once with their exit statuses (`lowband_net::Abort`) instead of
+//! letting it wait for them until its join timeout. Site processes end with this process (they
+//! get SIGTERM when it dies).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,6 +51,9 @@ pub(crate) fn run_site_processes(
     let cluster_file = write_cluster_file(config, &strategy, &dir, &coordinator, &site_keys)?;
     let started = Instant::now();
     let mut supervisor: Option<Supervisor> = None;
+    // The supervisor stops the coordinator when every site process has died, rather than let
+    // it wait for them until its join timeout.
+    let abort = lowband_net::Abort::new();
     let result = lowband_runtime::network::serve_coordinator(
         config,
         strategy.clone(),
@@ -57,6 +63,7 @@ pub(crate) fn run_site_processes(
         "127.0.0.1:0".parse()?,
         lowband_runtime::network::NetworkOptions {
             observer: Some(observer),
+            abort: Some(abort.clone()),
             ..lowband_runtime::network::NetworkOptions::of(config, crate::nodes::limits(config))
         },
         |address| {
@@ -75,7 +82,7 @@ pub(crate) fn run_site_processes(
             supervisor = Some(Supervisor::start(
                 launcher,
                 children,
-                launch.restart,
+                (launch.restart, abort),
                 started,
             ));
             Ok(())
@@ -198,10 +205,12 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// Watch `children`; with `restart`, start a dead one again; `abort` the run once every
+    /// one of them has died (none left running, none ended well).
     fn start(
         launcher: Launcher,
         mut children: Vec<Child>,
-        restart: bool,
+        (restart, abort): (bool, lowband_net::Abort),
         started: Instant,
     ) -> Supervisor {
         let done = Arc::new(AtomicBool::new(false));
@@ -211,7 +220,11 @@ impl Supervisor {
         let thread = std::thread::spawn(move || {
             let note = |line: String| log.lock().expect("events lock").push(line);
             let mut running: Vec<bool> = vec![true; children.len()];
+            let mut deaths: Vec<Option<String>> = vec![None; children.len()];
             while !done_flag.load(Ordering::Acquire) {
+                if let Some(reason) = all_died(&running, &deaths) {
+                    abort.abort(reason);
+                }
                 for (k, child) in children.iter_mut().enumerate() {
                     if !running[k] {
                         continue;
@@ -220,9 +233,14 @@ impl Supervisor {
                         continue;
                     };
                     running[k] = false;
-                    if status.success() || done_flag.load(Ordering::Acquire) {
+                    if status.success() {
+                        deaths[k] = None;
                         continue;
                     }
+                    if done_flag.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    deaths[k] = Some(status.to_string());
                     let at = started.elapsed().as_secs_f64();
                     if !restart {
                         note(format!("site {k}'s process died ({status}) {at:.1} s into the run; the run went on without it (see {})", launcher.dir.join(format!("site{k}.log")).display()));
@@ -261,6 +279,21 @@ impl Supervisor {
         let _ = self.thread.join();
         std::mem::take(&mut *self.events.lock().expect("events lock"))
     }
+}
+
+/// Why the run must stop, when no site process is left running and each one died (a site that
+/// ended well means the run is ending).
+fn all_died(running: &[bool], deaths: &[Option<String>]) -> Option<String> {
+    if running.iter().any(|&r| r) || deaths.iter().any(Option::is_none) {
+        return None;
+    }
+    let how: Vec<String> = (deaths.iter().enumerate())
+        .map(|(k, death)| format!("site {k}: {}", death.as_deref().unwrap_or("?")))
+        .collect();
+    Some(format!(
+        "every site process died and none is left to train ({}; why: site<k>.log)",
+        how.join(", ")
+    ))
 }
 
 /// The run is over (or failed): the sites end by themselves once told; a site that does not

@@ -583,3 +583,52 @@ fn a_second_live_process_with_a_sites_key_is_refused_not_swapped_in() {
         "the first process kept its place:\n{report}"
     );
 }
+
+#[test]
+fn a_cluster_whose_site_processes_all_die_stops_at_once_and_says_why() {
+    // It used to wait for them until the join timeout (120 s), then said they had not joined.
+    // Every site's state directory is taken by a file, so each site process fails at start.
+    for (strategy, dir_name) in [
+        ("diloco@10", "diloco-h10"),
+        ("async-diloco@10", "async-diloco-h10"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = dir.path().join("runs/c/nodes").join(dir_name);
+        std::fs::create_dir_all(&nodes).unwrap();
+        for k in 0..3 {
+            std::fs::write(nodes.join(format!("site{k}-state")), b"not a directory").unwrap();
+        }
+        let started = Instant::now();
+        let mut cluster = Guard(
+            lowband(dir.path())
+                .args([
+                    "cluster", "--sites", "3", "--preset", "tiny", "--steps", "100",
+                ])
+                .args([
+                    "--inner-steps",
+                    "10",
+                    "--site-batch",
+                    "2",
+                    "--corpus-bytes",
+                    "60000",
+                ])
+                .args(["--strategies", strategy, "--name", "c"])
+                .stdout(error_log(dir.path(), "cluster-out"))
+                .stderr(error_log(dir.path(), "cluster"))
+                .spawn()
+                .unwrap(),
+        );
+        let status = wait(&mut cluster, Duration::from_secs(100));
+        assert!(!status.success(), "{strategy}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{strategy}: stopped after {:?}, not at once",
+            started.elapsed()
+        );
+        let stderr = stderr_of(dir.path(), "cluster");
+        assert!(
+            stderr.contains("every site process died") && stderr.contains("site 2: exit status: 1"),
+            "{strategy}: says why:\n{stderr}"
+        );
+    }
+}

@@ -11,6 +11,7 @@
 //! can drive it: lowband's engine, or a PyTorch model through the Python package), and [`serve`]
 //! is the coordinator's loop, which hands what the protocol's actions mean to a [`Host`].
 
+pub mod abort;
 pub mod client;
 pub mod door;
 pub mod http;
@@ -25,11 +26,12 @@ pub mod transport;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use abort::Abort;
 pub use client::{ClientError, ClientOptions, Download, Message, Next, SiteClient};
 pub use identity::{Identity, PublicKey, SIGNATURE_BYTES};
 pub use serve::{serve, Host, Record, Sends, ServeOptions};
 pub use shaper::{LinkShape, Shaper};
-pub use switchboard::{Received, Switchboard};
+pub use switchboard::{Received, Stops, Switchboard};
 pub use tls::AllowList;
 pub use transport::{Limits, Node, Peer};
 

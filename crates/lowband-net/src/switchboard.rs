@@ -20,7 +20,7 @@ use lowband_protocol::wire::JoinRequest;
 
 use crate::door::{close_reason, Admission, Doorway};
 use crate::serve::connection::{Inbound, SiteConnection};
-use crate::{open, seal, AllowList, Identity, Limits, NetError, Node, PublicKey};
+use crate::{open, seal, Abort, AllowList, Identity, Limits, NetError, Node, PublicKey};
 
 /// A message a site sent: opened (its signature checked), and its size on the wire.
 pub struct Received {
@@ -42,8 +42,18 @@ pub struct Switchboard {
     /// run, from the sites' admission on, so that a Ctrl-C between two waits is not lost (a
     /// listener made anew in each wait missed those, and the run went on to its end).
     interrupted: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Stops the run from outside, with its reason.
+    abort: Option<Abort>,
     /// How long `next_from` waits for a message (any site's) before the run stops.
     wait_ms: u64,
+}
+
+/// What stops a scheduled run besides its sites: Ctrl-C (a coordinator process) and an
+/// [`Abort`] from another thread.
+#[derive(Clone, Debug, Default)]
+pub struct Stops {
+    pub on_ctrl_c: bool,
+    pub abort: Option<Abort>,
 }
 
 impl Switchboard {
@@ -58,9 +68,10 @@ impl Switchboard {
         listen: SocketAddr,
         limits: &Limits,
         join_timeout_ms: u64,
-        stop_on_ctrl_c: bool,
+        stops: Stops,
         listening: impl FnOnce(SocketAddr) -> Result<(), E>,
     ) -> Result<Switchboard, E> {
+        let Stops { on_ctrl_c, abort } = stops;
         let runtime = crate::runtime(site_keys.len().clamp(2, 8), "lowband-coordinator-net")?;
         let allowed: AllowList =
             Arc::new(std::sync::RwLock::new(site_keys.iter().copied().collect()));
@@ -70,14 +81,19 @@ impl Switchboard {
         };
         listening(node.local_addr()?)?;
         let (inbound_tx, inbound) = tokio::sync::mpsc::unbounded_channel();
-        let connections = runtime.block_on(admit_every_site(
-            &node,
-            site_keys,
-            settings,
-            limits,
-            join_timeout_ms,
-            inbound_tx,
-        ));
+        let connections = runtime.block_on(async {
+            tokio::select! {
+                connections = admit_every_site(
+                    &node,
+                    site_keys,
+                    settings,
+                    limits,
+                    join_timeout_ms,
+                    inbound_tx,
+                ) => connections,
+                reason = crate::abort::aborted(abort.as_ref()) => Err(NetError::Stopped(reason)),
+            }
+        });
         let connections = match connections {
             Ok(connections) => connections,
             Err(e) => {
@@ -85,7 +101,7 @@ impl Switchboard {
                 return Err(e.into());
             }
         };
-        let interrupted = match stop_on_ctrl_c.then(|| listen_for_ctrl_c(&runtime)) {
+        let interrupted = match on_ctrl_c.then(|| listen_for_ctrl_c(&runtime)) {
             Some(Err(e)) => {
                 node.close_with(close::STOPPED as u32, &close_reason(&e.to_string()));
                 return Err(e.into());
@@ -102,6 +118,7 @@ impl Switchboard {
             inbound,
             received: site_keys.iter().map(|_| VecDeque::new()).collect(),
             interrupted,
+            abort,
             wait_ms: u64::MAX / 4,
         })
     }
@@ -140,17 +157,25 @@ impl Switchboard {
                 ))
             };
             let interrupted = self.interrupted.clone();
+            let abort = self.abort.as_ref();
             let next = self.runtime.block_on(async {
                 let recv = tokio::time::timeout(wait, inbound.recv());
-                match interrupted {
-                    Some(mut interrupted) => tokio::select! {
-                        next = recv => next.map_err(|_| stopped()),
-                        // (A listener that ended without a Ctrl-C disables this branch.)
-                        Ok(_) = interrupted.wait_for(|pressed| *pressed) => Err(NetError::Stopped(
-                            "interrupted (Ctrl-C): started again with --resume, a run with a state directory continues from its last save".into(),
-                        )),
-                    },
-                    None => recv.await.map_err(|_| stopped()),
+                let pressed = async {
+                    match interrupted {
+                        // (A listener that ended without a Ctrl-C never fires.)
+                        Some(mut interrupted) => match interrupted.wait_for(|p| *p).await {
+                            Ok(_) => (),
+                            Err(_) => std::future::pending().await,
+                        },
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    next = recv => next.map_err(|_| stopped()),
+                    () = pressed => Err(NetError::Stopped(
+                        "interrupted (Ctrl-C): started again with --resume, a run with a state directory continues from its last save".into(),
+                    )),
+                    reason = crate::abort::aborted(abort) => Err(NetError::Stopped(reason)),
                 }
             })?;
             let Some((site, _generation, message)) = next else {

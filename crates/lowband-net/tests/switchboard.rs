@@ -45,7 +45,7 @@ fn a_site_is_heard_in_order_and_a_silent_one_stops_the_run_after_the_wait() {
         "127.0.0.1:0".parse().unwrap(),
         &Limits::default(),
         10_000,
-        false,
+        lowband_net::Stops::default(),
         |address| {
             address_tx.send(address).unwrap();
             Ok(())
@@ -67,4 +67,43 @@ fn a_site_is_heard_in_order_and_a_silent_one_stops_the_run_after_the_wait() {
     board.finish();
     done_tx.send(()).unwrap();
     client.join().unwrap();
+}
+
+/// An abort from another thread ends the wait for the sites at once, with its reason (not after
+/// the join timeout with "did not join").
+#[test]
+fn an_abort_ends_the_wait_for_sites_that_never_join() {
+    let coordinator = Arc::new(Identity::generate().unwrap());
+    let site = Identity::generate().unwrap();
+    let settings = JoinRequest {
+        settings: [("run.seed".to_string(), "1".to_string())].into(),
+    };
+    let abort = lowband_net::Abort::new();
+    let started = std::time::Instant::now();
+    let aborter = abort.clone();
+    let result = Switchboard::open::<lowband_net::NetError>(
+        coordinator,
+        &[site.public_key()],
+        &settings,
+        "127.0.0.1:0".parse().unwrap(),
+        &Limits::default(),
+        600_000,
+        lowband_net::Stops {
+            on_ctrl_c: false,
+            abort: Some(abort),
+        },
+        move |_address| {
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                aborter.abort("every site process died");
+            });
+            Ok(())
+        },
+    );
+    let error = result.err().expect("an aborted admission is an error");
+    assert!(
+        error.to_string().contains("every site process died"),
+        "{error}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
 }

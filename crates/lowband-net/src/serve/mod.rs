@@ -102,6 +102,8 @@ pub struct ServeOptions {
     /// read them and close its connection: sites that keep the model (an external model's,
     /// whose final parameters exist only here otherwise).
     pub final_parameters: bool,
+    /// Stop the run from outside, with a reason (e.g. every site process died).
+    pub abort: Option<crate::Abort>,
 }
 
 /// How long a finished run waits for its sites to read the final parameters.
@@ -114,9 +116,9 @@ pub const OUTBOX_MODELS: usize = 4;
 
 /// Serve a run's rounds: listen on `listen` with `identity`, admit exactly `site_keys` (site k is
 /// the k-th) whose join request equals `settings`, and drive `coordinator` until the host says
-/// the run is done. `listening` is told the bound address first. On an error (or Ctrl-C) every
-/// site learns it at once (`close::STOPPED`) and keeps trying to reconnect for a coordinator
-/// resumed from its state.
+/// the run is done. `listening` is told the bound address first. On an error (or Ctrl-C, or an
+/// abort) every site learns it at once (`close::STOPPED`) and keeps trying to reconnect for a
+/// coordinator resumed from its state.
 #[allow(clippy::too_many_arguments)]
 pub fn serve<H: Host>(
     coordinator: &mut Coordinator,
@@ -135,15 +137,14 @@ pub fn serve<H: Host>(
         let node = Node::listen(identity.clone(), listen, allowed, options.limits.clone())?;
         listening(node.local_addr()?)?;
         let shell = Shell::new(&node, &identity, site_keys, settings, options);
-        let outcome = if options.stop_on_ctrl_c {
-            tokio::select! {
-                outcome = shell.run(coordinator, host) => outcome,
-                _ = tokio::signal::ctrl_c() => Err(NetError::Stopped(
-                    "interrupted (Ctrl-C): the state after the last closed round is saved; continue with --resume".into(),
-                ).into()),
+        let outcome = tokio::select! {
+            outcome = shell.run(coordinator, host) => outcome,
+            _ = tokio::signal::ctrl_c(), if options.stop_on_ctrl_c => Err(NetError::Stopped(
+                "interrupted (Ctrl-C): the state after the last closed round is saved; continue with --resume".into(),
+            ).into()),
+            reason = crate::abort::aborted(options.abort.as_ref()) => {
+                Err(NetError::Stopped(reason).into())
             }
-        } else {
-            shell.run(coordinator, host).await
         };
         match outcome {
             Ok(()) => {

@@ -119,6 +119,8 @@ pub struct NetworkOptions {
     /// The live view's observer (metrics, ledger entries, the sites' reports and updates as
     /// they arrive).
     pub observer: Option<crate::Observer>,
+    /// Stops the coordinator from outside with a reason (`cluster`: every site process died).
+    pub abort: Option<lowband_net::Abort>,
 }
 
 impl NetworkOptions {
@@ -132,6 +134,7 @@ impl NetworkOptions {
             state_dir: None,
             resume: false,
             observer: None,
+            abort: None,
         }
     }
 }
@@ -303,6 +306,7 @@ fn serve_options(
         report_steps_max: strategy.inner_steps as usize,
         stop_on_ctrl_c,
         final_parameters: false,
+        abort: options.abort.clone(),
     }
 }
 

@@ -74,7 +74,10 @@ pub(super) fn serve_scheduled(
         served.listen,
         &options.limits,
         options.join_timeout_ms,
-        stop_on_ctrl_c,
+        lowband_net::Stops {
+            on_ctrl_c: stop_on_ctrl_c,
+            abort: options.abort.clone(),
+        },
         listening,
     )?;
     // A site that goes silent while the schedule waits for it stops the run after the round
