@@ -111,6 +111,7 @@ pub(super) fn scheduled_site_task(
         globals: VecDeque::new(),
         buffers: (Vec::new(), Vec::new()),
         started: false,
+        said_unsaved: false,
         job,
     };
     loop {
@@ -164,6 +165,8 @@ struct CuedTask {
     buffers: (Vec<u32>, Vec<u32>),
     /// It has started (or restored a save): a second start means the coordinator began anew.
     started: bool,
+    /// It said once that it cannot save (no `--state-dir`): not at every save cue.
+    said_unsaved: bool,
     job: SiteJob,
 }
 
@@ -249,10 +252,12 @@ impl CuedTask {
     }
 
     /// Save as round `round`'s (keeping `keep`'s): whether it was saved (why not is logged).
-    fn save(&self, round: u64, keep: Option<u64>) -> bool {
+    fn save(&mut self, round: u64, keep: Option<u64>) -> bool {
         let site = self.cued.runtime.site.id();
         let Some(dir) = &self.job.state_dir else {
-            tracing::warn!("site {site}: cued to save its state, but it has no --state-dir: the run is not saved");
+            if !std::mem::replace(&mut self.said_unsaved, true) {
+                tracing::warn!("site {site}: cued to save its state, but it has no --state-dir: the run is not saved (said once; every later save cue is skipped the same way)");
+            }
             return false;
         };
         let saved = crate::state::save_cued_site(dir, &self.cued, round, keep, self.job.cued_run());
