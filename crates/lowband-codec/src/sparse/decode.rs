@@ -289,16 +289,10 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn both_builds_of_the_inverse_dct_agree_bitwise() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
-            // Counted by `.ci/run` as the integration tests' skips are (`target/tmp`).
-            let reason =
-                "SKIPPED: the CPU has no AVX-512F; the portable inverse DCT is the only one";
-            eprintln!("{reason}");
-            let dir = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../target/tmp/lowband-skipped"
+            crate::record_skip(
+                "both_builds_of_the_inverse_dct",
+                "SKIPPED: the CPU has no AVX-512F; the portable inverse DCT is the only one",
             );
-            let _ = std::fs::create_dir_all(dir);
-            let _ = std::fs::write(format!("{dir}/both_builds_of_the_inverse_dct"), reason);
             return;
         }
         for (chunk, scale) in [(256usize, 0.37f32), (100, 3e38), (24, 1.0)] {

@@ -271,15 +271,10 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn the_transposing_load_is_the_portable_one_bitwise() {
         if !std::arch::is_x86_feature_detected!("avx512f") {
-            // Counted by `.ci/run` as the integration tests' skips are (`target/tmp`).
-            let reason = "SKIPPED: the CPU has no AVX-512F; the portable load is the only one";
-            eprintln!("{reason}");
-            let dir = concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../target/tmp/lowband-skipped"
+            crate::record_skip(
+                "the_transposing_load",
+                "SKIPPED: the CPU has no AVX-512F; the portable load is the only one",
             );
-            let _ = std::fs::create_dir_all(dir);
-            let _ = std::fs::write(format!("{dir}/the_transposing_load"), reason);
             return;
         }
         for n in [16usize, 32, 256] {
