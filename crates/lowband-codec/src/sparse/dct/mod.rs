@@ -174,40 +174,12 @@ impl BatchDct {
             std::mem::swap(&mut from, &mut to);
             passes += 1;
         }
-        // The last level writes orthonormal coefficients (each level's own factor is 1).
-        let scaling = |m: usize| {
-            if m == n {
-                (self.first, self.rest)
-            } else {
-                (1.0, 1.0)
-            }
-        };
-        let half = self.factors[levels - 1][0];
-        if bottom == 8 {
-            let (eight, four) = (&self.factors[levels - 3], &self.factors[levels - 2]);
-            let (first, rest) = scaling(8);
-            for block in from.chunks_exact_mut(8) {
-                eight_block(block, eight, four, half, first, rest);
-            }
-        } else {
-            for pair in from.chunks_exact_mut(2) {
-                pair_block(pair, half);
-            }
-            if n == 2 {
-                for (row, factor) in from.iter_mut().zip([self.first, self.rest]) {
-                    let mut scaled = *row;
-                    for value in scaled.iter_mut() {
-                        *value *= factor;
-                    }
-                    *row = scaled;
-                }
-            }
-        }
+        self.bottom_blocks(from, bottom);
         // Merge: X[2k] = A[k], X[2k+1] = B[k] + B[k+1] (m = 2 · bottom, …, n), paired from the
         // top (the first level alone if their number is odd).
         let mut m = 2 * bottom;
         if split_levels.len() % 2 == 1 {
-            let (first, rest) = scaling(m);
+            let (first, rest) = self.scaling(m);
             for (x, out) in from.chunks_exact(m).zip(to.chunks_exact_mut(m)) {
                 merge_block(x, out, first, rest);
             }
@@ -216,7 +188,7 @@ impl BatchDct {
             m *= 2;
         }
         while m < n {
-            let (first, rest) = scaling(2 * m);
+            let (first, rest) = self.scaling(2 * m);
             for (x, out) in from.chunks_exact(2 * m).zip(to.chunks_exact_mut(2 * m)) {
                 merge_two_levels(x, out, first, rest);
             }
@@ -226,6 +198,44 @@ impl BatchDct {
         }
         // Split and merge passes are as many, so the result is back in `data`.
         debug_assert_eq!(passes % 2, 0);
+    }
+
+    /// The bottom levels of every block of `bottom` rows (8, or 2 for n = 2) in place.
+    #[inline(always)]
+    fn bottom_blocks(&self, rows: &mut [Lanes], bottom: usize) {
+        let levels = self.factors.len();
+        let half = self.factors[levels - 1][0];
+        if bottom == 8 {
+            let (eight, four) = (&self.factors[levels - 3], &self.factors[levels - 2]);
+            let (first, rest) = self.scaling(8);
+            for block in rows.chunks_exact_mut(8) {
+                eight_block(block, eight, four, half, first, rest);
+            }
+            return;
+        }
+        for pair in rows.chunks_exact_mut(2) {
+            pair_block(pair, half);
+        }
+        if self.n == 2 {
+            for (row, factor) in rows.iter_mut().zip([self.first, self.rest]) {
+                let mut scaled = *row;
+                for value in scaled.iter_mut() {
+                    *value *= factor;
+                }
+                *row = scaled;
+            }
+        }
+    }
+
+    /// The scalings of a merge level of blocks of m: the last level (m = n) writes orthonormal
+    /// coefficients, the others none (each level's own factor is 1).
+    #[inline(always)]
+    fn scaling(&self, m: usize) -> (f32, f32) {
+        if m == self.n {
+            (self.first, self.rest)
+        } else {
+            (1.0, 1.0)
+        }
     }
 }
 
