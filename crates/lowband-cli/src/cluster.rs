@@ -4,10 +4,11 @@
 //! `--restart-sites` it is started again with `--resume` (it keeps its optimizer state, data
 //! position and error feedback, and rejoins with the current parameters). A dead site never
 //! loses the run: the coordinator goes on with the others (a round waits for a lost site at most
-//! the idle timeout). When every site process has died and none is left running, the supervisor
-//! stops the coordinator at once with their exit statuses (`lowband_net::Abort`) instead of
-//! letting it wait for them until its join timeout. Site processes end with this process (they
-//! get SIGTERM when it dies).
+//! the idle timeout). A site process that dies 3 times within a minute is not restarted again.
+//! When every site process has died and none is left running, the supervisor stops the
+//! coordinator at once with their exit statuses (`lowband_net::Abort`) instead of letting it
+//! wait for them until its join timeout. Site processes end with this process (they get SIGTERM
+//! when it dies).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -219,47 +220,37 @@ impl Supervisor {
         let (done_flag, failed_flag, log) = (done.clone(), failed.clone(), events.clone());
         let thread = std::thread::spawn(move || {
             let note = |line: String| log.lock().expect("events lock").push(line);
-            let mut running: Vec<bool> = vec![true; children.len()];
-            let mut deaths: Vec<Option<String>> = vec![None; children.len()];
+            let mut sites = Watched::new(children.len());
             while !done_flag.load(Ordering::Acquire) {
-                if let Some(reason) = all_died(&running, &deaths) {
+                if let Some(reason) = all_died(&sites.running, &sites.deaths) {
                     abort.abort(reason);
                 }
                 for (k, child) in children.iter_mut().enumerate() {
-                    if !running[k] {
+                    if !sites.running[k] {
                         continue;
                     }
                     let Ok(Some(status)) = child.try_wait() else {
                         continue;
                     };
-                    running[k] = false;
+                    sites.running[k] = false;
                     if status.success() {
-                        deaths[k] = None;
+                        sites.deaths[k] = None;
                         continue;
                     }
                     if done_flag.load(Ordering::Acquire) {
                         continue;
                     }
-                    deaths[k] = Some(status.to_string());
                     let at = started.elapsed().as_secs_f64();
-                    if !restart {
-                        note(format!("site {k}'s process died ({status}) {at:.1} s into the run; the run went on without it (see {})", launcher.dir.join(format!("site{k}.log")).display()));
-                        continue;
-                    }
-                    match launcher.spawn(k, true) {
-                        Ok(again) => {
-                            note(format!("site {k}'s process died ({status}) {at:.1} s into the run; restarted with its saved state (--restart-sites)"));
-                            *child = again;
-                            running[k] = true;
-                        }
-                        Err(e) => note(format!("site {k}'s process died ({status}) {at:.1} s into the run; restarting it failed: {e}")),
+                    let died = format!("site {k}'s process died ({status}) {at:.1} s into the run");
+                    if let Some(again) = sites.died(k, status, restart, &launcher, died, &note) {
+                        *child = again;
                     }
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
             end_sites(
                 &mut children,
-                &running,
+                &sites.running,
                 failed_flag.load(Ordering::Acquire),
                 &note,
             );
@@ -278,6 +269,72 @@ impl Supervisor {
         self.done.store(true, Ordering::Release);
         let _ = self.thread.join();
         std::mem::take(&mut *self.events.lock().expect("events lock"))
+    }
+}
+
+/// A site process that dies this many times within `DEATHS_WINDOW_SECS` is not started again
+/// (it would fail the same way for ever: a bad setting, a full disk).
+const DEATHS_MAX: usize = 3;
+const DEATHS_WINDOW_SECS: u64 = 60;
+
+/// The supervisor's account of the site processes.
+struct Watched {
+    running: Vec<bool>,
+    /// How each one that is not running died (None: it ended well, or is running).
+    deaths: Vec<Option<String>>,
+    /// When each died within the last `DEATHS_WINDOW_SECS`.
+    recent_deaths: Vec<Vec<Instant>>,
+}
+
+impl Watched {
+    fn new(sites: usize) -> Watched {
+        Watched {
+            running: vec![true; sites],
+            deaths: vec![None; sites],
+            recent_deaths: vec![Vec::new(); sites],
+        }
+    }
+
+    /// Site k's process died (`died` says how and when): with `restart`, start it again unless
+    /// it keeps dying at start. What happened goes to `note`.
+    fn died(
+        &mut self,
+        k: usize,
+        status: std::process::ExitStatus,
+        restart: bool,
+        launcher: &Launcher,
+        died: String,
+        note: &dyn Fn(String),
+    ) -> Option<Child> {
+        self.deaths[k] = Some(status.to_string());
+        let log = launcher.dir.join(format!("site{k}.log"));
+        if !restart {
+            note(format!(
+                "{died}; the run went on without it (see {})",
+                log.display()
+            ));
+            return None;
+        }
+        let recent = &mut self.recent_deaths[k];
+        recent.retain(|at| at.elapsed() < Duration::from_secs(DEATHS_WINDOW_SECS));
+        recent.push(Instant::now());
+        if recent.len() >= DEATHS_MAX {
+            note(format!("{died}; not restarted: it died {DEATHS_MAX} times within {DEATHS_WINDOW_SECS} s (see {})", log.display()));
+            return None;
+        }
+        match launcher.spawn(k, true) {
+            Ok(again) => {
+                note(format!(
+                    "{died}; restarted with its saved state (--restart-sites)"
+                ));
+                self.running[k] = true;
+                Some(again)
+            }
+            Err(e) => {
+                note(format!("{died}; restarting it failed: {e}"));
+                None
+            }
+        }
     }
 }
 

@@ -146,6 +146,13 @@ pub fn forget_run_states(state_dir: &Path) -> Result<(), RunError> {
 
 /// The directory `current.json` in `dir` points to (the committed state), if there is one.
 pub(super) fn current_state(dir: &Path) -> Result<Option<PathBuf>, RunError> {
+    // (A file in its place would read as "nothing saved", and the first save would fail.)
+    if dir.exists() && !dir.is_dir() {
+        return Err(RunError::State(format!(
+            "{}: not a directory (a state directory must be one)",
+            dir.display()
+        )));
+    }
     let current = dir.join("current.json");
     if !current.exists() {
         return Ok(None);
@@ -163,4 +170,20 @@ pub(super) fn current_state(dir: &Path) -> Result<Option<PathBuf>, RunError> {
         )));
     }
     Ok(Some(dir.join(&pointer.dir)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_where_the_state_directory_should_be_is_an_error_not_nothing_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(current_state(&dir.path().join("absent")).unwrap().is_none());
+        assert!(current_state(dir.path()).unwrap().is_none());
+        let file = dir.path().join("state");
+        std::fs::write(&file, b"a file").unwrap();
+        let error = current_state(&file).unwrap_err().to_string();
+        assert!(error.contains("not a directory"), "{error}");
+    }
 }
