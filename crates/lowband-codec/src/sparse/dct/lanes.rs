@@ -46,6 +46,9 @@ fn load_portable(chunks: &[f32], data: &mut [Lanes]) -> Lanes {
 /// 64-bit, then two rounds of 128-bit lane shuffles) and written as 16 rows. The largest
 /// magnitudes are the same as the portable loop's: `max_ps(|v|, largest)` returns `largest`
 /// when |v| is NaN, and `largest` is never NaN.
+///
+/// # Safety
+/// The CPU has AVX-512F, `data.len()` is a multiple of 16 and `chunks.len()` is 16 times it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn load_tiles(chunks: &[f32], data: &mut [Lanes]) -> Lanes {
