@@ -36,29 +36,32 @@ fn go(config: &RunConfig, strategy: &str) -> Result<RunResult, RunError> {
     go_with(config, strategy, &Persistence::default())
 }
 
-fn go_with(
-    config: &RunConfig,
-    strategy: &str,
-    persistence: &Persistence,
-) -> Result<RunResult, RunError> {
+fn split(config: &RunConfig) -> Split {
     let text = SyntheticLanguage::new(SyntheticSpec {
         words: 100,
         ..SyntheticSpec::default()
     })
     .generate(60_000, 3);
     let context = preset("tiny").unwrap().model.context_length;
-    let split = Split::new(
+    Split::new(
         &text,
         config.validation_fraction,
         config.sites,
         ShardMode::NonIid,
         context,
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn go_with(
+    config: &RunConfig,
+    strategy: &str,
+    persistence: &Persistence,
+) -> Result<RunResult, RunError> {
     run(
         config,
         Strategy::parse(strategy, config.inner_steps).unwrap(),
-        &split,
+        &split(config),
         persistence,
         &mut |_| {},
     )
@@ -391,4 +394,51 @@ fn state_json(dir: &std::path::Path) -> std::path::PathBuf {
     strategy_dir
         .join(current["dir"].as_str().unwrap())
         .join("state.json")
+}
+
+/// A networked coordinator asked to resume a scheduled run from a state it cannot continue (here
+/// an in-memory run's) says so before it admits any site: it used to wait for every site to
+/// join (up to its join timeout) and only then refuse.
+#[test]
+fn a_networked_scheduled_resume_is_refused_before_the_sites_join() {
+    let config = RunConfig {
+        checkpoint_every_rounds: 2,
+        ..config(&[1.0, 0.7], 48, 8)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let persistence = Persistence {
+        state_dir: Some(dir.path().to_path_buf()),
+        stop_after_rounds: Some(3),
+        ..Persistence::default()
+    };
+    assert!(go_with(&config, "async-diloco", &persistence).is_err());
+    let site_keys = (0..2)
+        .map(|_| lowband_net::Identity::generate().unwrap().public_key())
+        .collect();
+    let started = std::time::Instant::now();
+    let refused = lowband_runtime::network::serve_coordinator(
+        &config,
+        Strategy::parse("async-diloco", config.inner_steps).unwrap(),
+        &split(&config),
+        std::sync::Arc::new(lowband_net::Identity::generate().unwrap()),
+        site_keys,
+        "127.0.0.1:0".parse().unwrap(),
+        lowband_runtime::network::NetworkOptions {
+            state_dir: Some(dir.path().to_path_buf()),
+            resume: true,
+            ..lowband_runtime::network::NetworkOptions::of(
+                &config,
+                lowband_runtime::network::limits(&config),
+            )
+        },
+        |_| Ok(()),
+    )
+    .unwrap_err();
+    assert!(refused.to_string().contains("in-memory run's"), "{refused}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "refused after {:?}, not at once (join timeout {} ms)",
+        started.elapsed(),
+        config.network.join_timeout_ms
+    );
 }

@@ -62,6 +62,10 @@ pub(super) fn serve_scheduled(
 ) -> Result<RunResult, RunError> {
     let strategy = common.strategy.clone();
     let (persistence, saved) = super::checkpoints::saved_to_resume(&options, &strategy)?;
+    if let Some(saved) = &saved {
+        // Refused before any site is admitted (the sites train elsewhere: 0 here).
+        saved.check_scheduled(&common, 0, initial.len(), common.config.sites)?;
+    }
     common.observe(
         options.observer.clone(),
         served.site_keys.iter().map(|k| k.to_string()).collect(),

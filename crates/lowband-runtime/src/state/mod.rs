@@ -230,7 +230,8 @@ impl RunState {
         }
     }
 
-    fn restore_common(&self, common: &mut Common) -> Result<(), RunError> {
+    /// This state's settings, corpus and counters are those of `common`'s run.
+    fn check_common(&self, common: &Common) -> Result<(), RunError> {
         if self.manifest.config != common.config.comparable() {
             return Err(RunError::State(
                 "the saved state was made with other settings (model, sites, steps, seed, optimizer, data or link); rerun without --resume to start over".into(),
@@ -242,7 +243,11 @@ impl RunState {
                 self.manifest.corpus, common.corpus
             )));
         }
-        self.check_ranges(&common.strategy)?;
+        self.check_ranges(&common.strategy)
+    }
+
+    fn restore_common(&self, common: &mut Common) -> Result<(), RunError> {
+        self.check_common(common)?;
         common.metrics = self.manifest.metrics.clone();
         common.ledger = self.manifest.ledger.clone();
         common.compute_seconds = self.manifest.compute_seconds;

@@ -150,22 +150,25 @@ impl RunState {
     /// again and dropped: the sites took it before the save) and fresh sites (none: they train
     /// elsewhere); returns the schedule's account of its `clocked` sites and, per site, where
     /// its current update began (asynchronous; None for a site trained elsewhere).
-    pub(crate) fn restore_scheduled(
-        mut self,
-        common: &mut Common,
-        coordinator: &mut Coordinator,
-        sites: &mut [&mut SiteRuntime],
+    /// Whether this state can resume `common`'s scheduled run: `sites` trained here (0: a
+    /// networked run), `params` parameters, `clocked` sites on the schedule. Everything
+    /// `restore_scheduled` checks, without changing anything, so that a networked coordinator
+    /// refuses a state before its sites are admitted, not after.
+    pub(crate) fn check_scheduled(
+        &self,
+        common: &Common,
+        sites: usize,
+        params: usize,
         clocked: usize,
-    ) -> Result<(ScheduleState, References), RunError> {
-        let n = coordinator.global().len();
+    ) -> Result<(), RunError> {
         // (A networked run's sites save their own state: its state holds none of theirs.)
-        match (sites.is_empty(), self.manifest.sites == 0) {
+        match (sites == 0, self.manifest.sites == 0) {
             (true, false) => return Err(RunError::State("the saved state is an in-memory run's: a networked run resumes only from its own (its sites save theirs); rerun without --resume to start over".into())),
             (false, true) => return Err(RunError::State("the saved state is a networked run's (its sites saved their own state): resume it over the network, or rerun without --resume to start over".into())),
             _ => {}
         }
-        self.check(sites.len(), n)?;
-        let Some(schedule) = self.manifest.schedule.take() else {
+        self.check(sites, params)?;
+        let Some(schedule) = &self.manifest.schedule else {
             return Err(RunError::State(
                 "the saved state is not a scheduled run's; rerun without --resume to start over"
                     .into(),
@@ -178,6 +181,19 @@ impl RunState {
             )));
         }
         schedule.check(common.config.steps, clocked)?;
+        self.check_common(common)
+    }
+
+    pub(crate) fn restore_scheduled(
+        mut self,
+        common: &mut Common,
+        coordinator: &mut Coordinator,
+        sites: &mut [&mut SiteRuntime],
+        clocked: usize,
+    ) -> Result<(ScheduleState, References), RunError> {
+        let n = coordinator.global().len();
+        self.check_scheduled(common, sites.len(), n, clocked)?;
+        let schedule = self.manifest.schedule.take().expect("checked above");
         self.restore_common(common)?;
         for site in &schedule.members {
             coordinator.handle(0, lowband_protocol::Event::SiteJoined { site: *site });
