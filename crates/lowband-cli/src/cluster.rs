@@ -221,8 +221,13 @@ impl Supervisor {
         let thread = std::thread::spawn(move || {
             let note = |line: String| log.lock().expect("events lock").push(line);
             let mut sites = Watched::new(children.len());
+            let mut aborted = false;
             while !done_flag.load(Ordering::Acquire) {
                 if let Some(reason) = all_died(&sites.running, &sites.deaths) {
+                    if !std::mem::replace(&mut aborted, true) {
+                        let at = started.elapsed().as_secs_f64();
+                        note(format!("no site process was left running {at:.1} s into the run: the coordinator stopped"));
+                    }
                     abort.abort(reason);
                 }
                 for (k, child) in children.iter_mut().enumerate() {

@@ -633,8 +633,12 @@ fn a_cluster_whose_site_processes_all_die_stops_at_once_and_says_why() {
             stderr.contains("every site process died") && stderr.contains("site 2: exit status: "),
             "{strategy}: says why:\n{stderr}"
         );
+        let stdout = stderr_of(dir.path(), "cluster-out");
+        assert!(
+            stdout.contains("no site process was left running"),
+            "{strategy}: the events say the run stopped:\n{stdout}"
+        );
         if restart {
-            let stdout = stderr_of(dir.path(), "cluster-out");
             assert!(
                 stdout.contains("restarted with its saved state")
                     && stdout.contains("not restarted: it died 3 times within 60 s"),
